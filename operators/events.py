@@ -1,0 +1,208 @@
+"""Event store: every electron of a scan, kept for compressed storage as canonical CSR.
+
+Examples
+--------
+>>> from operators.events import EventStore
+>>> op = EventStore(scan_shape=(7, 9), frame_shape=(32, 40), frames_per_position=2)
+>>> state = op.new_state()        # then op.process(state, chunk) per chunk, op.merge(...)
+>>> op.drop_duplicates(state)     # optional: also re-run other operators via op.iter_chunks
+0
+>>> offsets, indices = op.finalize(state)
+>>> offsets.shape                 # one CSR row per stored frame: position*fpp + k
+(127,)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+from numba import njit
+
+from .base import Operator, State
+from .chunk import Chunk
+from .completeness import repeat_mask
+from .kernels import NJIT, shape2, sort_segments
+
+
+@njit(**NJIT)
+def _sort_check_kernel(offsets, indices, n_pix):
+    """Sort every frame's events in place; return how many are >= n_pix."""
+    bad = 0
+    for e in range(indices.shape[0]):
+        if np.int64(indices[e]) >= n_pix:
+            bad += 1
+    sort_segments(offsets, indices)
+    return bad
+
+
+@njit(**NJIT)
+def _count_kernel(stored, offsets, counts):
+    for i in range(stored.shape[0]):
+        s = stored[i]
+        if s >= 0:
+            counts[s] += offsets[i + 1] - offsets[i]
+
+
+@njit(**NJIT)
+def _scatter_kernel(stored, offsets, indices, cursor, out):
+    for i in range(stored.shape[0]):
+        s = stored[i]
+        if s < 0:
+            continue
+        c = cursor[s]
+        for e in range(offsets[i], offsets[i + 1]):
+            out[c] = indices[e]
+            c += 1
+        cursor[s] = c
+
+
+class EventStore(Operator):
+    """Keeps every event of a scan; finalizes to one CSR over the stored frames.
+
+    Parameters
+    ----------
+    scan_shape : (ny, nx) probe positions.
+    frame_shape : (h, w) detector pixels.
+    frames_per_position : fpp.
+    flyback : flyback frames per scan row (their events are kept until finalize drops them).
+    name : operator name.
+
+    Notes
+    -----
+    State ``{"chunks": list[Chunk]}``: copies of the chunks as they arrived, with the events of
+    every frame part sorted by pixel index (canonical, and compresses better). ``merge``
+    concatenates the lists. ``finalize`` returns ``(offsets, indices)``: stored frame
+    ``position*fpp + frame % fpp`` (flyback frames dropped), the parts of all sources of a
+    frame together and sorted, frames never received empty; offsets (ny*nx*fpp + 1,) int64,
+    indices uint32 flat detector pixel y*w + x. Unlike other operators, finalize returns these
+    two arrays rather than Results.
+    """
+
+    def __init__(self, scan_shape, frame_shape, frames_per_position=1, flyback=0, name="events"):
+        self.name = name
+        self.scan_shape = shape2(scan_shape, "scan_shape")
+        self.frame_shape = shape2(frame_shape, "frame_shape")
+        self.fpp = int(frames_per_position)
+        self.flyback = int(flyback)
+        if self.fpp < 1 or self.flyback < 0:
+            raise ValueError(f"EventStore: need frames_per_position >= 1 and flyback >= 0, got "
+                             f"{frames_per_position}, {flyback}")
+        ny, nx = self.scan_shape
+        self.n_frames = ny * (nx + self.flyback) * self.fpp
+        self.n_positions = ny * nx
+        self.n_pixels = self.frame_shape[0] * self.frame_shape[1]
+
+    def positions_of(self, frames: np.ndarray) -> np.ndarray:
+        """Flat scan position of each frame number; -1 for flyback frames."""
+        ny, nx = self.scan_shape
+        raster = np.asarray(frames, dtype=np.int64) // self.fpp
+        row, col = np.divmod(raster, nx + self.flyback)
+        return np.where(col < nx, row * nx + col, -1)
+
+    def stored_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Stored CSR row (position*fpp + frame % fpp) of each frame number; -1 for flyback."""
+        frames = np.asarray(frames, dtype=np.int64)
+        pos = self.positions_of(frames)
+        return np.where(pos >= 0, pos * self.fpp + frames % self.fpp, -1)
+
+    def new_state(self) -> State:
+        return {"chunks": []}
+
+    def process(self, state: State, chunk: Chunk) -> None:
+        """Store a sorted copy of ``chunk`` (flyback frames included).
+
+        Raises ValueError, storing nothing, if frames, positions or pixel indices are
+        inconsistent with the scan.
+        """
+        where = f"EventStore {self.name!r}"
+        frames = np.asarray(chunk.frames, dtype=np.int64)
+        if len(frames) and (frames.min() < 0 or frames.max() >= self.n_frames):
+            raise ValueError(f"{where}: frame numbers {frames.min()}..{frames.max()} outside the "
+                             f"scan's 0..{self.n_frames - 1}")
+        if len(frames) and int(np.min(chunk.sources)) < 0:
+            raise ValueError(f"{where}: negative source numbers in the chunk")
+        if not np.array_equal(self.positions_of(frames), chunk.positions):
+            raise ValueError(f"{where}: chunk positions disagree with its frame numbers for "
+                             f"scan {self.scan_shape}, fpp {self.fpp}, flyback {self.flyback}")
+        indices = np.array(chunk.indices, dtype=np.uint32, copy=True)
+        offsets = np.array(chunk.offsets, dtype=np.int64, copy=True)
+        bad = _sort_check_kernel(offsets, indices, np.int64(self.n_pixels))
+        if bad:
+            raise ValueError(f"{where}: {bad} event(s) with a pixel index >= {self.n_pixels} "
+                             f"(the detector size); chunk not stored")
+        state["chunks"].append(Chunk(frames.copy(), np.array(chunk.sources, dtype=np.int16),
+                                     np.array(chunk.positions, dtype=np.int64), offsets, indices))
+
+    def merge(self, dest: State, src: State) -> None:
+        """Concatenate the stored chunk lists (the chunks are shared, not copied)."""
+        dest["chunks"].extend(src["chunks"])
+
+    def iter_chunks(self, state: State) -> Iterator[Chunk]:
+        """The stored chunks in stored order, e.g. to re-run other operators after
+        :meth:`drop_duplicates`."""
+        yield from state["chunks"]
+
+    def drop_frames(self, state: State, keep_mask_fn: Callable[[Chunk], np.ndarray]) -> int:
+        """Keep only the frame parts where ``keep_mask_fn(chunk)`` ((n,) bool) is True.
+
+        Chunks are visited in stored order. Returns the number of frame parts dropped.
+        """
+        dropped = 0
+        kept = []
+        for c in state["chunks"]:
+            keep = np.asarray(keep_mask_fn(c), dtype=bool)
+            if keep.shape != (c.n_frames,):
+                raise ValueError(f"EventStore.drop_frames: keep mask of shape {keep.shape} for a "
+                                 f"chunk of {c.n_frames} frames")
+            n_drop = int(c.n_frames - np.count_nonzero(keep))
+            dropped += n_drop
+            if n_drop == 0:
+                kept.append(c)
+            elif n_drop < c.n_frames:
+                kept.append(c.select(keep))
+        state["chunks"][:] = kept
+        return dropped
+
+    def _seen(self, state: State) -> np.ndarray:
+        n_src = max((int(c.sources.max()) + 1 for c in state["chunks"] if c.n_frames), default=1)
+        return np.zeros((n_src, self.n_frames), dtype=bool)
+
+    def drop_duplicates(self, state: State) -> int:
+        """Drop every repeated copy of a (source, frame) part, keeping the first stored.
+
+        Returns the number of frame parts dropped.
+        """
+        seen = self._seen(state)
+        return self.drop_frames(state, lambda c: ~repeat_mask(c.frames, c.sources, seen))
+
+    def finalize(self, state: State, duplicates: str = "drop") -> tuple[np.ndarray, np.ndarray]:
+        """Canonical CSR of the scan: ``(offsets (ny*nx*fpp + 1,) int64, indices uint32)``.
+
+        duplicates : "drop" (default) keeps one copy of each (source, frame) part (the first
+            stored) so a repeated frame is not counted twice; "keep" keeps all copies.
+        The result does not depend on chunking, merge or arrival order.
+        """
+        if duplicates not in ("drop", "keep"):
+            raise ValueError(f"EventStore.finalize: duplicates must be 'drop' or 'keep', "
+                             f"got {duplicates!r}")
+        chunks = state["chunks"]
+        seen = self._seen(state) if duplicates == "drop" else None
+        n_stored = self.n_positions * self.fpp
+        counts = np.zeros(n_stored, dtype=np.int64)
+        stored = []
+        for c in chunks:
+            sf = self.stored_frames(c.frames)
+            if seen is not None:
+                sf[repeat_mask(c.frames, c.sources, seen)] = -1
+            stored.append(sf)
+            _count_kernel(sf, c.offsets, counts)
+        offsets = np.zeros(n_stored + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        indices = np.empty(int(offsets[-1]), dtype=np.uint32)
+        cursor = offsets[:-1].copy()
+        for c, sf in zip(chunks, stored):
+            _scatter_kernel(sf, c.offsets, c.indices, cursor, indices)
+        # Parts of one frame from several sources, or arriving in any order, end up sorted.
+        sort_segments(offsets, indices)
+        return offsets, indices

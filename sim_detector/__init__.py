@@ -1,0 +1,4 @@
+"""Detector emulator: specimens, a fast forward model, and a ZeroMQ publisher.
+
+Knows nothing of dask or operators; it imports only the wire protocol (``stream.protocol``).
+"""

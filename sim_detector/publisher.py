@@ -1,0 +1,240 @@
+"""Publish electron-counted frames with the stemstream/1 wire protocol over ZeroMQ PUSH sockets.
+
+One bound PUSH socket per source; source k binds the port of ``bind`` plus k. With several
+sources every frame is split into detector row stripes (sectors), as the 4D Camera reads out
+its 4 sectors of 144 rows, and each source sends only its stripe of every frame. Frames are
+sent from prepared buffers (no per-frame Python work) in batches of ``batch`` frames, paced to
+a target rate or as fast as the receivers take them (PUSH blocks instead of dropping).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
+
+import numba
+import numpy as np
+import zmq
+
+from stream.protocol import (Geometry, encode_abort, encode_end, encode_frames, encode_start)
+
+
+class BindError(RuntimeError):
+    """A source could not bind its address (port in use, bad interface, bad URL)."""
+
+
+def source_addresses(bind: str, n_sources: int) -> list[str]:
+    """``tcp://host:port`` → the n addresses ``tcp://host:port+k``, k = 0..n-1."""
+    parts = urlsplit(bind)
+    if parts.scheme != "tcp" or parts.port is None:
+        raise ValueError(f"--bind {bind!r} must look like tcp://HOST:PORT, e.g. tcp://127.0.0.1:6001")
+    if not 0 < parts.port <= 65535 - (n_sources - 1):
+        raise ValueError(f"--bind port {parts.port} leaves no room for {n_sources} sources (ports up to 65535)")
+    return [f"tcp://{parts.hostname}:{parts.port + k}" for k in range(n_sources)]
+
+
+def sector_rows(height: int, n_sources: int) -> list[tuple[int, int]]:
+    """Row stripes (row0, row1) of the detector for each source; as equal as possible."""
+    if not 1 <= n_sources <= height:
+        raise ValueError(f"{n_sources} sources cannot split a detector of {height} rows")
+    edges = np.linspace(0, height, n_sources + 1).round().astype(int)
+    return [(int(edges[k]), int(edges[k + 1])) for k in range(n_sources)]
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_by_rows(counts, indices, width, row_edges):
+    """Stable split of every frame's events into row stripes.
+
+    counts (n,) uint32, indices (m,) uint32 → per-source counts (s, n) uint32 and indices
+    concatenated source by source (source k's events are out[starts[k]:starts[k+1]]).
+    """
+    n_src = len(row_edges) - 1
+    n = len(counts)
+    src_of_row = np.empty(row_edges[-1], np.int64)
+    for k in range(n_src):
+        src_of_row[row_edges[k]:row_edges[k + 1]] = k
+    out_counts = np.zeros((n_src, n), np.uint32)
+    pos = 0
+    for f in range(n):
+        for e in range(pos, pos + counts[f]):
+            out_counts[src_of_row[indices[e] // width], f] += 1
+        pos += counts[f]
+    totals = np.zeros(n_src + 1, np.int64)
+    for k in range(n_src):
+        totals[k + 1] = totals[k] + out_counts[k].sum()
+    cursor = totals[:-1].copy()
+    out = np.empty(len(indices), np.uint32)
+    pos = 0
+    for f in range(n):
+        for e in range(pos, pos + counts[f]):
+            k = src_of_row[indices[e] // width]
+            out[cursor[k]] = indices[e]
+            cursor[k] += 1
+        pos += counts[f]
+    return out_counts, out, totals
+
+
+@dataclass
+class SourceFrames:
+    """Prepared per-source buffers for one scan: counts (n_frames,) and indices, uint32,
+    with offsets (n_frames + 1,) int64 into indices."""
+
+    geometry: Geometry
+    counts: np.ndarray
+    indices: np.ndarray
+    offsets: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.offsets = np.zeros(len(self.counts) + 1, np.int64)
+        np.cumsum(self.counts, out=self.offsets[1:])
+
+
+def prepare_sources(counts: np.ndarray, indices: np.ndarray, geometry: Geometry,
+                    n_sources: int) -> list[SourceFrames]:
+    """Split a scan's frames (counts (n_frames,), indices) into ``n_sources`` row sectors."""
+    counts = np.ascontiguousarray(counts, dtype=np.uint32)
+    indices = np.ascontiguousarray(indices, dtype=np.uint32)
+    if len(counts) != geometry.n_frames:
+        raise ValueError(f"{len(counts)} frames given, the geometry needs {geometry.n_frames}")
+    sectors = sector_rows(geometry.frame_shape[0], n_sources)
+    geoms = [replace(geometry, n_sources=n_sources, sector=sec) for sec in sectors]
+    if n_sources == 1:
+        return [SourceFrames(geoms[0], counts, indices)]
+    edges = np.array([s[0] for s in sectors] + [sectors[-1][1]], np.int64)
+    src_counts, out, totals = _split_by_rows(counts, indices, geometry.frame_shape[1], edges)
+    return [SourceFrames(geoms[k], src_counts[k], out[totals[k]:totals[k + 1]])
+            for k in range(n_sources)]
+
+
+@dataclass
+class PublishStats:
+    scan_id: str
+    frames: int = 0
+    events: int = 0
+    messages: int = 0
+    seconds: float = 0.0
+    aborted: str | None = None
+
+    @property
+    def rate(self) -> float:
+        """Achieved frames/s."""
+        return self.frames / self.seconds if self.seconds > 0 else float("nan")
+
+
+class Publisher:
+    """Bound PUSH sockets, one per source. Use as a context manager.
+
+    bind: ``tcp://HOST:PORT``; source k binds PORT + k.
+    sndhwm: messages queued per socket before ``send`` blocks (back-pressure, never drops).
+    """
+
+    def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0):
+        self.addresses = source_addresses(bind, n_sources)
+        self.n_sources = n_sources
+        self._ctx = zmq.Context()
+        self._socks = []
+        try:
+            for addr in self.addresses:
+                s = self._ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.SNDHWM, sndhwm)
+                s.setsockopt(zmq.LINGER, int(linger_s * 1000))
+                self._socks.append(s)
+                try:
+                    s.bind(addr)
+                except zmq.ZMQError as e:
+                    hint = ("another program (an emulator or replay still running?) uses it; "
+                            "pick another --bind port" if e.errno == zmq.EADDRINUSE else
+                            "check the host and port")
+                    raise BindError(f"cannot bind {addr}: {e.strerror}; {hint}") from None
+        except BaseException:
+            self.close(linger_s=0)
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self, linger_s: float | None = None):
+        for s in self._socks:
+            if linger_s is not None:
+                s.setsockopt(zmq.LINGER, int(linger_s * 1000))
+            s.close()
+        self._socks = []
+        self._ctx.term()
+
+    def wait_for_receivers(self, timeout_s: float | None = None, notify=None) -> bool:
+        """Block until every source has a connected receiver (or timeout); True if all have."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        for s in self._socks:
+            poller.register(s, zmq.POLLOUT)
+        waited = 0.0
+        while True:
+            ready = dict(poller.poll(500))
+            if all(ready.get(s, 0) & zmq.POLLOUT for s in self._socks):
+                return True
+            waited += 0.5
+            if notify and waited % 5 == 0:
+                notify(f"waiting for receivers to connect to {', '.join(self.addresses)} ...")
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+
+    def publish_scan(self, scan_id: str, sources: list[SourceFrames], metadata: dict,
+                     rate: float | None = None, batch: int = 512, progress=None) -> PublishStats:
+        """Send start, all frames in batches, then end, on every source.
+
+        rate: target frames/s, or None for as fast as the receivers take them.
+        progress: optional callable(frames_sent, n_frames) called about 4 times a second.
+        On KeyboardInterrupt or any error an ``abort`` goes out on every source, then the
+        exception propagates.
+        """
+        if len(sources) != self.n_sources:
+            raise ValueError(f"{len(sources)} prepared sources for {self.n_sources} sockets")
+        n_frames = sources[0].geometry.n_frames
+        stats = PublishStats(scan_id)
+        for k, (s, src) in enumerate(zip(self._socks, sources)):
+            s.send_multipart(encode_start(scan_id, k, src.geometry, metadata))
+        t0 = time.perf_counter()
+        next_report = t0 + 0.25
+        try:
+            for lo in range(0, n_frames, batch):
+                hi = min(lo + batch, n_frames)
+                for k, (s, src) in enumerate(zip(self._socks, sources)):
+                    a, b = src.offsets[lo], src.offsets[hi]
+                    s.send_multipart(encode_frames(scan_id, k, src.geometry, lo,
+                                                   src.counts[lo:hi], src.indices[a:b]),
+                                     copy=False)
+                    stats.events += int(b - a)
+                    stats.messages += 1
+                stats.frames = hi
+                now = time.perf_counter()
+                if rate:
+                    ahead = t0 + stats.frames / rate - now
+                    if ahead > 0:
+                        time.sleep(ahead)
+                if progress and now >= next_report:
+                    progress(hi, n_frames)
+                    next_report = now + 0.25
+            for k, s in enumerate(self._socks):
+                s.send_multipart(encode_end(scan_id, k, stats.frames))
+        except BaseException as e:
+            stats.aborted = "interrupted by the operator (Ctrl-C)" if isinstance(e, KeyboardInterrupt) \
+                else f"emulator error: {type(e).__name__}: {e}"
+            self.abort(scan_id, stats.aborted)
+            raise
+        finally:
+            stats.seconds = time.perf_counter() - t0
+        if progress:
+            progress(n_frames, n_frames)
+        return stats
+
+    def abort(self, scan_id: str, reason: str) -> None:
+        """Tell every receiver that this scan will not complete."""
+        for k, s in enumerate(self._socks):
+            try:
+                s.send_multipart(encode_abort(scan_id, k, reason), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # a full queue must not hide the original error

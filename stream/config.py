@@ -1,0 +1,326 @@
+"""Pipeline configuration: a TOML file, overridable by command-line flags, and the operators
+it builds for each scan.
+
+Every section and key is optional; see ``docs/CONFIG.md`` and ``deploy/pipeline.example.toml``.
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from operators.apertures import RealSpaceApertures, load_aperture_masks, rect_mask
+from operators.com import CenterOfMass
+from operators.completeness import Completeness
+from operators.diffraction import DiffractionSum
+from operators.events import EventStore
+from operators.virtual import VirtualDetectors, annulus_mask, check_masks, disk_mask, load_masks
+
+from .protocol import Geometry
+
+
+class ConfigError(ValueError):
+    """A configuration the pipeline cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class DetectorSpec:
+    """Overrides of the calibration the stream carries."""
+
+    mrad_per_px: float | None = None
+    convergence_mrad: float | None = None
+    center: list[float] | None = None
+
+
+@dataclass
+class VirtualSpec:
+    """One virtual detector: a disk, an annulus, or a stack of masks from a .npy file."""
+
+    name: str = ""
+    shape: str = "disk"  # disk | annulus | masks
+    radius_px: float | None = None
+    radius_mrad: float | None = None
+    inner_px: float | None = None
+    inner_mrad: float | None = None
+    outer_px: float | None = None
+    outer_mrad: float | None = None
+    file: str | None = None
+    names: list[str] | None = None
+    masks: np.ndarray | None = field(default=None, repr=False)  # loaded from ``file``
+
+
+@dataclass
+class ComSpec:
+    enabled: bool = True
+    radius_px: float | None = None
+    radius_mrad: float | None = None
+    rotation_deg: float = 0.0
+    flip: bool = False
+
+
+@dataclass
+class ApertureSpec:
+    """A real-space aperture: a rectangle [y0, y1, x0, x1) of probe positions or a mask file."""
+
+    name: str = ""
+    rect: list[int] | None = None
+    file: str | None = None
+
+
+@dataclass
+class ChunkingSpec:
+    max_frames: int = 4096
+    max_bytes: int = 32_000_000
+    max_latency_ms: float = 50.0
+
+
+@dataclass
+class ScanSpec:
+    timeout_s: float = 5.0  # close an unfinished scan this long after its last message
+
+
+@dataclass
+class ClusterSpec:
+    scheduler: str | None = None  # address of a running scheduler; None starts a LocalCluster
+    workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+
+
+@dataclass
+class OutputSpec:
+    dir: str = "out"
+    previews: bool = True
+    compression_level: int = 1
+
+
+@dataclass
+class LiveSpec:
+    rate_hz: float = 2.0
+    publish: str | None = None  # bind address of the live results PUB socket, e.g. tcp://127.0.0.1:6100
+
+
+@dataclass
+class PipelineConfig:
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
+    virtual: list[VirtualSpec] = field(default_factory=list)
+    com: ComSpec = field(default_factory=ComSpec)
+    diffraction_sum: bool = True
+    aperture: list[ApertureSpec] = field(default_factory=list)
+    chunking: ChunkingSpec = field(default_factory=ChunkingSpec)
+    scan: ScanSpec = field(default_factory=ScanSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    live: LiveSpec = field(default_factory=LiveSpec)
+    path: str | None = None  # where it was read from, for messages and provenance
+
+    def to_dict(self) -> dict:
+        """Plain values for provenance (mask arrays summarised by shape)."""
+        d = asdict(self)
+        for v in d["virtual"]:
+            if v.get("masks") is not None:
+                v["masks"] = f"array{list(np.shape(v['masks']))}"
+        return d
+
+
+_SECTIONS = {"detector": DetectorSpec, "com": ComSpec, "chunking": ChunkingSpec,
+             "scan": ScanSpec, "cluster": ClusterSpec, "output": OutputSpec, "live": LiveSpec}
+_LISTS = {"virtual": VirtualSpec, "aperture": ApertureSpec}
+
+
+def _build(cls, table: dict, where: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
+    known = {f.name for f in fields(cls)} - {"masks"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"valid keys are {', '.join(sorted(known))}")
+    return cls(**table)
+
+
+def load_config(path: str | Path | None = None) -> PipelineConfig:
+    """Read a pipeline TOML file (None: all defaults) and check it; raises ConfigError."""
+    if path is None:
+        return validate(PipelineConfig())
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    cfg = PipelineConfig(path=str(path))
+    for key, value in doc.items():
+        where = f"{path} [{key}]"
+        if key in _SECTIONS:
+            setattr(cfg, key, _build(_SECTIONS[key], value, where))
+        elif key in _LISTS:
+            if not isinstance(value, list):
+                raise ConfigError(f"{where} must be an array of tables: write [[{key}]]")
+            setattr(cfg, key, [_build(_LISTS[key], v, f"{path} [[{key}]] #{i + 1}")
+                               for i, v in enumerate(value)])
+        elif key == "diffraction_sum":
+            cfg.diffraction_sum = bool(value)
+        else:
+            raise ConfigError(f"{path}: unknown section [{key}]; valid sections are "
+                              f"{', '.join(sorted([*_SECTIONS, *_LISTS, 'diffraction_sum']))}")
+    return validate(cfg, base=path.parent)
+
+
+def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
+    """Check values and load mask files (relative paths are relative to the config file)."""
+    where = cfg.path or "configuration"
+    base = base or Path.cwd()
+    names = set()
+    for i, v in enumerate(cfg.virtual):
+        label = f"{where} [[virtual]] #{i + 1} ({v.name or 'unnamed'})"
+        if not v.name:
+            raise ConfigError(f"{label}: needs a name (it becomes the result's name)")
+        if v.shape not in ("disk", "annulus", "masks"):
+            raise ConfigError(f"{label}: shape {v.shape!r} must be disk, annulus or masks")
+        if v.shape == "disk" and (v.radius_px is None) == (v.radius_mrad is None):
+            raise ConfigError(f"{label}: a disk needs exactly one of radius_px, radius_mrad")
+        if v.shape == "annulus":
+            for edge in ("inner", "outer"):
+                if (getattr(v, f"{edge}_px") is None) == (getattr(v, f"{edge}_mrad") is None):
+                    raise ConfigError(f"{label}: an annulus needs exactly one of {edge}_px, {edge}_mrad")
+        if v.shape == "masks":
+            if not v.file:
+                raise ConfigError(f"{label}: shape 'masks' needs file = 'masks.npy' ((k, h, w) or (h, w))")
+            try:
+                v.masks = load_masks(base / v.file)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"{label}: {e}") from None
+            if v.masks.ndim == 2:
+                v.masks = v.masks[None]
+            k = len(v.masks)
+            v.names = v.names or ([v.name] if k == 1 else [f"{v.name}_{j}" for j in range(k)])
+            if len(v.names) != k:
+                raise ConfigError(f"{label}: {len(v.names)} names for {k} masks")
+        for n in (v.names if v.shape == "masks" else [v.name]):
+            if n in names:
+                raise ConfigError(f"{where}: two virtual detectors are named {n!r}")
+            names.add(n)
+    for i, a in enumerate(cfg.aperture):
+        label = f"{where} [[aperture]] #{i + 1} ({a.name or 'unnamed'})"
+        if not a.name:
+            raise ConfigError(f"{label}: needs a name")
+        if (a.rect is None) == (a.file is None):
+            raise ConfigError(f"{label}: give exactly one of rect = [y0, y1, x0, x1] or file = 'mask.npy'")
+        if a.rect is not None and (len(a.rect) != 4 or a.rect[0] >= a.rect[1] or a.rect[2] >= a.rect[3]):
+            raise ConfigError(f"{label}: rect {a.rect} must be [y0, y1, x0, x1] with y0 < y1 and x0 < x1")
+        if a.file:
+            a.file = str(base / a.file)
+            if not Path(a.file).is_file():
+                raise ConfigError(f"{label}: mask file {a.file} does not exist")
+    if len({a.name for a in cfg.aperture}) != len(cfg.aperture):
+        raise ConfigError(f"{where}: aperture names must be distinct")
+    checks = [(cfg.chunking.max_frames >= 1, "[chunking] max_frames must be >= 1"),
+              (cfg.chunking.max_bytes >= 1, "[chunking] max_bytes must be >= 1"),
+              (cfg.chunking.max_latency_ms > 0, "[chunking] max_latency_ms must be > 0"),
+              (cfg.scan.timeout_s > 0, "[scan] timeout_s must be > 0"),
+              (cfg.cluster.workers >= 1, "[cluster] workers must be >= 1"),
+              (cfg.cluster.threads_per_worker >= 1, "[cluster] threads_per_worker must be >= 1"),
+              (0 <= cfg.output.compression_level <= 9, "[output] compression_level must be 0..9"),
+              (cfg.live.rate_hz >= 0, "[live] rate_hz must be >= 0 (0 turns live results off)"),
+              (cfg.com.radius_px is None or cfg.com.radius_px > 0, "[com] radius_px must be > 0"),
+              (cfg.com.radius_mrad is None or cfg.com.radius_mrad > 0, "[com] radius_mrad must be > 0")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+    return cfg
+
+
+# ------------------------------------------------------------------ operators per scan
+
+@dataclass(frozen=True)
+class Calibration:
+    """Detector calibration in effect for one scan: configuration overrides the stream."""
+
+    center: tuple[float, float]
+    mrad_per_px: float | None
+    convergence_mrad: float | None
+
+    def px(self, value_px, value_mrad, what: str) -> float:
+        if value_px is not None:
+            return float(value_px)
+        if self.mrad_per_px is None:
+            raise ConfigError(f"{what} is given in mrad but neither the stream nor [detector] "
+                              "gives mrad_per_px; set [detector] mrad_per_px or give it in px")
+        return float(value_mrad) / self.mrad_per_px
+
+    @property
+    def bf_radius_px(self) -> float | None:
+        if self.mrad_per_px and self.convergence_mrad:
+            return self.convergence_mrad / self.mrad_per_px
+        return None
+
+
+def calibration(cfg: PipelineConfig, g: Geometry) -> Calibration:
+    h, w = g.frame_shape
+    d = cfg.detector
+    center = d.center or g.center or ((h - 1) / 2, (w - 1) / 2)
+    return Calibration((float(center[0]), float(center[1])), d.mrad_per_px or g.mrad_per_px,
+                       d.convergence_mrad or g.convergence_mrad)
+
+
+def default_virtual(cal: Calibration, frame_shape) -> list[VirtualSpec]:
+    """Bright field (disk of the convergence angle) and annular dark field (twice the
+    bright-field radius out to the detector's inscribed circle). Without a calibration the
+    bright-field radius is an eighth of the detector's smaller side."""
+    edge = min(frame_shape) / 2
+    r_bf = cal.bf_radius_px or edge / 4
+    return [VirtualSpec(name="bf", shape="disk", radius_px=r_bf),
+            VirtualSpec(name="adf", shape="annulus", inner_px=min(2 * r_bf, edge - 1), outer_px=edge)]
+
+
+def build_operators(cfg: PipelineConfig, g: Geometry) -> list:
+    """The operators of one scan, in processing order. Raises ConfigError when the
+    configuration does not fit this scan's geometry."""
+    cal = calibration(cfg, g)
+    shape = g.frame_shape
+    masks, names = [], []
+    for v in cfg.virtual or default_virtual(cal, shape):
+        label = f"virtual detector {v.name!r}"
+        if v.shape == "disk":
+            masks.append(disk_mask(shape, cal.center, cal.px(v.radius_px, v.radius_mrad, label)))
+            names.append(v.name)
+        elif v.shape == "annulus":
+            masks.append(annulus_mask(shape, cal.center, cal.px(v.inner_px, v.inner_mrad, label),
+                                      cal.px(v.outer_px, v.outer_mrad, label)))
+            names.append(v.name)
+    ops = []
+    if masks:
+        ops.append(VirtualDetectors(np.stack(masks), names, g.scan_shape, name="virtual"))
+    for i, v in enumerate(m for m in cfg.virtual if m.shape == "masks"):
+        try:
+            check_masks(v.masks, shape, v.file)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        ops.append(VirtualDetectors(v.masks, v.names, g.scan_shape, name=f"masks_{v.name}"))
+    if cfg.com.enabled:
+        c = cfg.com
+        radius = None if c.radius_px is None and c.radius_mrad is None else \
+            cal.px(c.radius_px, c.radius_mrad, "[com] radius")
+        ops.append(CenterOfMass(g.scan_shape, shape, center=cal.center, radius=radius,
+                                mrad_per_px=cal.mrad_per_px, rotation_deg=c.rotation_deg, flip=c.flip))
+    if cfg.diffraction_sum:
+        ops.append(DiffractionSum(shape))
+    if cfg.aperture:
+        ap_masks = []
+        for a in cfg.aperture:
+            try:
+                ap_masks.append(rect_mask(g.scan_shape, *a.rect) if a.rect is not None
+                                else load_aperture_masks(a.file, g.scan_shape))
+            except ValueError as e:
+                raise ConfigError(f"aperture {a.name!r}: {e}") from None
+        ops.append(RealSpaceApertures(np.stack(ap_masks), [a.name for a in cfg.aperture], shape))
+    ops.append(Completeness(g.n_sources, g.scan_shape, g.frames_per_position, g.flyback))
+    ops.append(EventStore(g.scan_shape, shape, g.frames_per_position, g.flyback))
+    return ops

@@ -1,0 +1,134 @@
+"""Finalize a closed scan on one worker: merge the workers' states, finalize every operator,
+write the scan file and its previews. Returns a small summary (and the result images)."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from operators.completeness import Completeness
+from operators.events import EventStore
+
+from . import __version__
+from .config import PipelineConfig, build_operators
+from .previews import write_previews, write_summary_figure
+from .protocol import Geometry
+from .receiver import WorkerScan
+from .storage import write_scan
+
+
+@dataclass
+class ScanInfo:
+    """What the coordinator knows of a closed scan."""
+
+    scan_id: str
+    geometry: Geometry
+    metadata: dict
+    close_reason: str  # complete | timeout | abort
+    abort_reason: str = ""
+    frames_sent: dict = field(default_factory=dict)
+    rejects: int = 0
+    timings: dict = field(default_factory=dict)  # wall-clock seconds since the epoch
+    workers: list = field(default_factory=list)
+
+
+@dataclass
+class ScanResult:
+    """A finalized scan as the session returns it."""
+
+    scan_id: str
+    path: Path | None
+    status: str  # complete | incomplete | failed
+    reason: str
+    n_frames: int = 0
+    frames_received: int = 0
+    n_missing: int = 0
+    missing_frames: list = field(default_factory=list)  # the first 100,000
+    missing_ranges: list = field(default_factory=list)  # [first, stop) runs, all of them
+    n_duplicated: int = 0
+    duplicated_frames: list = field(default_factory=list)
+    duplicated_ranges: list = field(default_factory=list)
+    events: int = 0
+    results: dict = field(default_factory=dict)  # name -> np.ndarray
+    timings: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+    previews: list = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+def merge_states(worker_scans: list[WorkerScan], config: PipelineConfig, geometry: Geometry):
+    """Operators of the scan and their merged state (any order; integer sums exact)."""
+    held = [ws for ws in worker_scans if ws.operators]
+    if not held:  # no frame arrived anywhere: empty but well-formed results
+        ops = build_operators(config, geometry)
+        return ops, {op.name: op.new_state() for op in ops}
+    ops, states = held[0].operators, held[0].states
+    for ws in held[1:]:
+        for op in ops:
+            op.merge(states[op.name], ws.states[op.name])
+    return ops, states
+
+
+def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
+    t0 = time.time()
+    ops, states = merge_states(list(worker_scans), config, info.geometry)
+    results, completeness, summary = {}, {}, {}
+    offsets = indices = None
+    for op in ops:
+        if isinstance(op, EventStore):
+            offsets, indices = op.finalize(states[op.name])
+        elif isinstance(op, Completeness):
+            completeness = op.finalize(states[op.name])
+            summary = op.summary(states[op.name])
+        else:
+            results.update(op.finalize(states[op.name]))
+    errors = [e for ws in worker_scans for e in ws.errors]
+    n_missing = summary["n_missing"]
+    status = "complete" if info.close_reason == "complete" and not n_missing and not errors else "incomplete"
+    reason = {"complete": "all frames arrived" if not n_missing else
+              f"{n_missing} frames never arrived",
+              "timeout": f"no message for {config.scan.timeout_s} s; closed with what arrived",
+              "abort": f"aborted by the source: {info.abort_reason}"}[info.close_reason]
+    if errors:
+        reason += f"; {len(errors)} operator errors: {errors[0]}"
+    t_merged = time.time()
+    out_dir = Path(config.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{info.scan_id}.h5"
+    timings = dict(info.timings, finalize_start=t0, merged=t_merged)
+    provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
+                  "numpy": np.__version__, "host": socket.gethostname(), "workers": info.workers,
+                  "config": config.to_dict(), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
+                  "rejected_messages": info.rejects, "operator_errors": errors}
+    write_scan(path, scan_id=info.scan_id, status=status, reason=reason,
+               geometry=info.geometry.for_sector(None).to_wire(), metadata=info.metadata,
+               results=results, offsets=offsets, indices=indices, completeness=completeness,
+               completeness_summary={k: v for k, v in summary.items()
+                                     if not k.endswith(("_frames", "_ranges"))},  # those are datasets
+               provenance={**provenance, "timings": timings},
+               compression_level=config.output.compression_level)
+    timings["written"] = time.time()
+    previews = []
+    if config.output.previews:
+        previews = write_previews(out_dir / "previews", info.scan_id, results)
+        pf = completeness.get("position_frames")
+        previews.append(write_summary_figure(
+            out_dir / "previews" / f"{info.scan_id}_summary.png", f"{info.scan_id} ({status})",
+            results, pf.data if pf is not None else None,
+            info.geometry.frames_per_position * info.geometry.n_sources))
+    timings["previews"] = time.time()
+    return ScanResult(info.scan_id, path, status, reason, n_frames=info.geometry.n_frames,
+                      frames_received=summary["n_frames_received"],
+                      **{f"{a}_{b}": summary[f"{a}_{b}"] for a in ("missing", "duplicated")
+                         for b in ("frames", "ranges")},
+                      n_missing=n_missing, n_duplicated=summary["n_duplicated"],
+                      events=int(len(indices)), results={k: r.data for k, r in results.items()},
+                      timings=timings, errors=errors, previews=[str(p) for p in previews])

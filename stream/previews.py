@@ -1,0 +1,69 @@
+"""PNG previews: one image per scan-shaped result, log-scaled detector-shaped results, and a
+one-page summary figure per scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _scaled(data: np.ndarray, kind: str) -> tuple[np.ndarray, float, float]:
+    """Image to display (log for detector-shaped data, NaN shown as the low end) and the
+    0.5 / 99.5 percentile display range."""
+    data = np.asarray(data, dtype=np.float64)
+    if kind.startswith("sig"):
+        data = np.log1p(np.clip(data, 0, None))  # diffraction spans decades
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros_like(data), 0.0, 1.0
+    lo, hi = np.percentile(data[finite], [0.5, 99.5])
+    return np.where(finite, data, lo), lo, (hi if hi > lo else lo + 1)
+
+
+def write_previews(directory: str | Path, stem: str, results: dict) -> list[Path]:
+    """``<stem>_<name>.png`` for every 2D result of kind nav or sig; returns the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, res in results.items():
+        if res.kind not in ("nav", "sig") or np.ndim(res.data) != 2:
+            continue
+        img, vmin, vmax = _scaled(res.data, res.kind)
+        path = directory / f"{stem}_{name}.png"
+        plt.imsave(path, img, cmap="magma" if res.kind == "sig" else "gray", vmin=vmin, vmax=vmax)
+        written.append(path)
+    return written
+
+
+def write_summary_figure(path: str | Path, title: str, results: dict, position_frames=None,
+                         expected_per_position: int | None = None) -> Path:
+    """A single figure: every nav image, the diffraction sum (log) and the completeness map."""
+    panels = [(n, r) for n, r in results.items() if r.kind in ("nav", "sig") and np.ndim(r.data) == 2
+              and not n.startswith("com_sum") and n != "com_n"]
+    if position_frames is not None:
+        panels.append(("frames received", None))
+    ncol = min(4, len(panels)) or 1
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.2 * nrow), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, res) in zip(axes.flat, panels):
+        if res is None:
+            im = ax.imshow(position_frames, cmap="viridis", vmin=0,
+                           vmax=expected_per_position or None, interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        else:
+            img, vmin, vmax = _scaled(res.data, res.kind)
+            ax.imshow(img, cmap="magma" if res.kind == "sig" else "gray", vmin=vmin, vmax=vmax,
+                      interpolation="nearest")
+        ax.set_title(name + (" (log)" if res is not None and res.kind == "sig" else ""), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

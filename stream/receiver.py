@@ -1,0 +1,277 @@
+"""A receiver: one PULL socket connected to every source, running inside a dask worker.
+
+It decodes messages without copying, groups the frames of each scan into chunks (bounded by
+frames, bytes and latency), runs the scan's operators on each chunk in this process and keeps
+the resulting per-scan state here. Only small reports (frame ranges, counters) and, at the
+live rate, partial images go to the coordinator; the events themselves stay until the scan is
+closed and the coordinator's finalize task takes this worker's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from operators.chunk import Chunk
+
+from . import control
+from .config import PipelineConfig, build_operators
+from .protocol import Geometry, Message, ProtocolError, decode, frame_positions
+
+log = logging.getLogger("stemstream.receiver")
+
+# Receiver-level reject reasons on top of the protocol's own.
+LATE = "late"  # a message of a scan that is already closed
+OPERATOR_ERROR = "operator_error"
+
+
+@dataclass
+class ScanWork:
+    """One scan as seen by one receiver: its operators, their states, and pending messages."""
+
+    scan_id: str
+    geometry: Geometry
+    operators: list
+    states: dict
+    pending: list = field(default_factory=list)
+    pending_frames: int = 0
+    pending_bytes: int = 0
+    oldest: float = 0.0
+    dirty: bool = False  # changed since the last live snapshot
+    errors: list = field(default_factory=list)
+
+
+@dataclass
+class WorkerScan:
+    """What a receiver hands over when a scan closes: its operators and their states."""
+
+    scan_id: str
+    worker: str
+    geometry: Geometry | None
+    operators: list
+    states: dict
+    errors: list
+
+
+class Receiver:
+    """Receive, decode, chunk and process frames of every scan that arrives.
+
+    connect: source addresses (``tcp://host:port``), one PULL socket connects to all of them.
+    control: address of the coordinator's report socket.
+    worker: a name for reports and logs (the dask worker address).
+    """
+
+    def __init__(self, connect: list[str], control_address: str, config: PipelineConfig,
+                 worker: str = "receiver", rcvhwm: int = 64):
+        self.connect = list(connect)
+        self.control_address = control_address
+        self.config = config
+        self.worker = worker
+        self.rcvhwm = rcvhwm
+        self._scans: dict[str, ScanWork] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed scan ids
+        self._rejects: dict[str, int] = defaultdict(int)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"stemstream-receiver", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"receiver on {self.worker} did not start within {timeout_s} s")
+        if self._error:
+            raise self._error
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout_s)
+
+    # -------------------------------------------------------------- called from other threads
+    def close_scan(self, scan_id: str) -> WorkerScan:
+        """Process what is pending for ``scan_id``, forget it here, and return its state.
+
+        Later messages of this scan are rejected as late. A receiver that never saw the scan
+        returns an empty WorkerScan."""
+        with self._lock:
+            self._closed[scan_id] = None
+            while len(self._closed) > 4096:
+                self._closed.popitem(last=False)
+            work = self._scans.pop(scan_id, None)
+            if work is None:
+                return WorkerScan(scan_id, self.worker, None, [], {}, [])
+            self._flush(work)
+            return WorkerScan(scan_id, self.worker, work.geometry, work.operators, work.states,
+                              work.errors)
+
+    def rejects(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._rejects)
+
+    # -------------------------------------------------------------- the receive loop
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        try:
+            pull = ctx.socket(zmq.PULL)
+            pull.setsockopt(zmq.RCVHWM, self.rcvhwm)
+            pull.setsockopt(zmq.LINGER, 0)
+            for addr in self.connect:
+                pull.connect(addr)
+            report = ctx.socket(zmq.PUSH)
+            report.setsockopt(zmq.LINGER, 2000)
+            report.connect(self.control_address)
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            self._error = e
+            self._ready.set()
+            return
+        self._report = report
+        self._send({"kind": "hello", "connect": self.connect})
+        self._ready.set()
+        live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
+        next_live = time.monotonic() + (live_period or 0)
+        poll_ms = max(1, int(self.config.chunking.max_latency_ms / 2))
+        try:
+            while not self._stop.is_set():
+                if pull.poll(poll_ms):
+                    # Drain what is queued before looking at the clocks again.
+                    for _ in range(64):
+                        try:
+                            parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(parts)
+                now = time.monotonic()
+                with self._lock:
+                    latency = self.config.chunking.max_latency_ms / 1000
+                    for work in list(self._scans.values()):
+                        if work.pending and now - work.oldest >= latency:
+                            self._flush(work)
+                if live_period and now >= next_live:
+                    self._send_live()
+                    next_live = now + live_period
+        finally:
+            pull.close()
+            report.close()
+
+    def _send(self, header: dict, arrays=None) -> None:
+        # Copies: live arrays keep changing after send returns.
+        self._report.send_multipart(control.encode(dict(header, worker=self.worker), arrays))
+
+    def _reject(self, reason: str, detail: str, scan_id: str | None = None) -> None:
+        with self._lock:
+            self._rejects[reason] += 1
+            first = self._rejects[reason] == 1
+        if first:  # once per reason; the counts tell the rest
+            log.warning("rejected message (%s): %s; further rejects of this kind are only counted",
+                        reason, detail)
+        self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id})
+
+    def _handle(self, parts) -> None:
+        try:
+            msg = decode(parts)
+        except ProtocolError as e:
+            self._reject(e.reason, e.detail)
+            return
+        with self._lock:
+            if msg.scan_id in self._closed:
+                self._reject(LATE, f"{msg.kind} message of scan {msg.scan_id}, which is closed",
+                             msg.scan_id)
+                return
+            if msg.kind == "start":
+                work = self._open(msg)
+                if work is not None:
+                    self._send({"kind": "start", "scan_id": msg.scan_id, "source": msg.source,
+                                "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
+            elif msg.kind == "frames":
+                work = self._open(msg)
+                if work is None:
+                    return
+                work.pending.append(msg)
+                if not work.pending_frames:
+                    work.oldest = time.monotonic()
+                work.pending_frames += msg.count
+                work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
+                chunking = self.config.chunking
+                if work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes:
+                    self._flush(work)
+            elif msg.kind == "end":
+                self._send({"kind": "end", "scan_id": msg.scan_id, "source": msg.source,
+                            "frames_sent": msg.header["frames_sent"]})
+            else:
+                self._send({"kind": "abort", "scan_id": msg.scan_id, "source": msg.source,
+                            "reason": msg.header.get("reason", "")})
+
+    def _open(self, msg: Message) -> ScanWork | None:
+        """The scan's work, created from the message's geometry on first sight."""
+        work = self._scans.get(msg.scan_id)
+        if work is not None:
+            if not work.geometry.same_scan(msg.geometry):
+                self._reject("bad_geometry", f"scan {msg.scan_id}: geometry {msg.geometry} disagrees "
+                             f"with {work.geometry} seen before", msg.scan_id)
+                return None
+            return work
+        geometry = msg.geometry.for_sector(None)
+        try:
+            operators = build_operators(self.config, geometry)
+        except ValueError as e:
+            self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
+            return None
+        work = ScanWork(msg.scan_id, geometry, operators, {op.name: op.new_state() for op in operators})
+        self._scans[msg.scan_id] = work
+        self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
+        return work
+
+    def _flush(self, work: ScanWork) -> None:
+        """Turn the pending messages of a scan into one chunk and run its operators."""
+        if not work.pending:
+            return
+        msgs, work.pending = work.pending, []
+        work.pending_frames = work.pending_bytes = 0
+        chunk = chunk_from_messages(msgs, work.geometry)
+        try:
+            for op in work.operators:
+                op.process(work.states[op.name], chunk)
+        except Exception as e:  # noqa: BLE001 - a bug in one operator must not stop the receiver
+            log.exception("operator failed on scan %s", work.scan_id)
+            work.errors.append(f"{type(e).__name__}: {e}")
+            self._reject(OPERATOR_ERROR, f"scan {work.scan_id}: {type(e).__name__}: {e}", work.scan_id)
+        work.dirty = True
+        self._send({"kind": "frames", "scan_id": work.scan_id,
+                    "ranges": [[m.source, m.first, m.count] for m in msgs],
+                    "events": int(chunk.n_events)})
+
+    def _send_live(self) -> None:
+        with self._lock:
+            for work in self._scans.values():
+                if not work.dirty:
+                    continue
+                work.dirty = False
+                arrays = {f"{op.name}/{key}": value
+                          for op in work.operators if getattr(op, "live", True)
+                          and op.name not in ("events", "completeness")
+                          for key, value in work.states[op.name].items()
+                          if isinstance(value, np.ndarray)}
+                self._send({"kind": "live", "scan_id": work.scan_id}, arrays)
+
+
+def chunk_from_messages(msgs: list[Message], geometry: Geometry) -> Chunk:
+    """One chunk from decoded ``frames`` messages (of one scan, any sources)."""
+    counts = np.concatenate([m.counts for m in msgs]) if len(msgs) > 1 else msgs[0].counts
+    indices = np.concatenate([m.indices for m in msgs]) if len(msgs) > 1 else msgs[0].indices
+    n = np.array([m.count for m in msgs])
+    firsts = np.repeat(np.array([m.first for m in msgs], np.int64), n)
+    # frame = first of its message + its rank inside the message
+    within = np.arange(len(firsts), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+    frames = firsts + within
+    sources = np.repeat(np.array([m.source for m in msgs], np.int16), n)
+    return Chunk.from_counts(frames, sources, frame_positions(frames, geometry), counts, indices)

@@ -1,0 +1,377 @@
+"""A processing session: receivers on a dask cluster, the scan coordinator, live results.
+
+    with Session(connect=["tcp://127.0.0.1:6001"], out="out") as s:
+        r = s.wait()                   # the next scan to finish, as a ScanResult
+        r.results["bf"]                # (ny, nx) bright-field image
+
+The session starts a LocalCluster (or joins ``scheduler``), installs a receiver in every
+worker, follows each scan from the receivers' reports, and finalizes every closed scan with
+tasks on the workers that hold its state. Bulk data never reaches this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import zmq
+
+from . import control
+from .config import PipelineConfig, build_operators, load_config
+from .finalize import ScanInfo, ScanResult, finalize_scan
+from .lifecycle import DONE, ScanStatus, ScanTracker
+from .worker import ReceiverPlugin, close_on_worker, keep_owned_frames, received_counts
+
+log = logging.getLogger("stemstream.session")
+LIVE_PROTO = "stemstream-live/1"
+
+
+def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
+    """``tcp://h:p`` with ``sources`` N → the N addresses tcp://h:p … tcp://h:p+N-1."""
+    if sources <= 1:
+        return list(connect)
+    out = []
+    for addr in connect:
+        head, _, port = addr.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"--connect {addr!r} must end with :PORT to expand to {sources} sources")
+        out += [f"{head}:{int(port) + k}" for k in range(sources)]
+    return out
+
+
+class Console:
+    """Progress lines: one per active scan about once a second, and one per finished scan."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self._last = 0.0
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def progress(self, scans: list[ScanStatus], rejects: dict) -> None:
+        now = time.time()
+        if not self.enabled or now - self._last < 1.0:
+            return
+        self._last = now
+        for st in scans:
+            if st.geometry is None:
+                continue
+            elapsed = max(1e-9, (st.last_frame_time or now) - (st.first_frame_time or now))
+            rate = st.frames_received / elapsed if st.frames_received > 1 else 0.0
+            self.say(f"[{st.scan_id}] {st.frames_received:>9,}/{st.n_frames:,} frames "
+                     f"({100 * st.frames_received / st.n_frames:5.1f}%)  {st.events / 1e6:8.2f} M e-  "
+                     f"{rate / 1e3:7.1f} kframes/s  missing {st.missing_so_far():,}  "
+                     f"duplicated {st.duplicates:,}  rejected {sum(rejects.values()):,}")
+
+
+class Session:
+    """Process every scan that arrives from the given sources until closed.
+
+    connect: source addresses the receivers connect to (see ``expand_sources``).
+    config: a PipelineConfig or a path to a TOML file; ``out``, ``scheduler`` and ``workers``
+        override its [output] dir and [cluster] settings.
+    client: an existing distributed.Client to use (the session neither starts nor stops it).
+    """
+
+    def __init__(self, connect: list[str], out: str | None = None,
+                 config: PipelineConfig | str | None = None, scheduler: str | None = None,
+                 workers: int | None = None, client=None, console: bool = True):
+        cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+        if out is not None:
+            cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
+        if scheduler is not None or workers is not None:
+            cfg = replace(cfg, cluster=replace(cfg.cluster, scheduler=scheduler or cfg.cluster.scheduler,
+                                               workers=workers or cfg.cluster.workers))
+        if not connect:
+            raise ValueError("no source to connect to: give at least one --connect tcp://HOST:PORT")
+        self.config = cfg
+        self.connect = list(connect)
+        self.console = Console(console)
+        self._client = client
+        self._own_client = client is None
+        self._cluster = None
+        self._tracker = ScanTracker(cfg.scan.timeout_s, clock=time.time)
+        self._results: dict[str, ScanResult] = {}
+        self._order: list[str] = []
+        self._waited: set[str] = set()
+        self._cond = threading.Condition()
+        self._live: dict[str, dict[str, dict]] = {}  # scan -> worker -> arrays
+        self._live_ops: dict[str, list] = {}
+        self._live_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # PUB messages from other threads
+        self._stop = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stemstream-finalize")
+        self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
+        self._thread = None
+        self.workers: list[str] = []
+
+    # -------------------------------------------------------------- start / stop
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self) -> "Session":
+        from distributed import Client, LocalCluster
+
+        cl = self.config.cluster
+        if self._client is None:
+            if cl.scheduler:
+                self._client = Client(cl.scheduler)
+            else:
+                self._cluster = LocalCluster(n_workers=cl.workers, threads_per_worker=cl.threads_per_worker,
+                                             processes=True, host="127.0.0.1", dashboard_address=":0",
+                                             memory_limit=cl.memory_limit)
+                self._client = Client(self._cluster)
+        host = self._control_host()
+        self._ctx = zmq.Context()
+        self._pull = self._ctx.socket(zmq.PULL)
+        port = self._pull.bind_to_random_port(f"tcp://{host}")
+        self.control_address = f"tcp://{host}:{port}"
+        self._pub = None
+        if self.config.live.publish:
+            self._pub = self._ctx.socket(zmq.PUB)
+            self._pub.bind(self.config.live.publish)
+        plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config)
+        self._client.register_plugin(plugin, name=self._plugin_name)
+        self.workers = sorted(self._client.scheduler_info()["workers"])
+        self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
+        self._thread.start()
+        self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
+                         f"{', '.join(self.connect)}; writing to {self.config.output.dir}")
+        return self
+
+    def _control_host(self) -> str:
+        """The address workers can reach this process at."""
+        if self._cluster is not None:
+            return "127.0.0.1"
+        from distributed.utils import get_ip
+        from urllib.parse import urlsplit
+        sched = urlsplit(self._client.scheduler.address.replace("tcp://", "http://")).hostname
+        return "127.0.0.1" if sched in ("127.0.0.1", "localhost") else get_ip(sched)
+
+    def close(self) -> None:
+        """Stop receiving; scans already closing are finished first."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)
+        self._executor.shutdown(wait=True)
+        if self._client is not None:
+            try:
+                self._client.unregister_worker_plugin(self._plugin_name)
+            except Exception as e:  # noqa: BLE001 - shutting down anyway
+                log.debug("unregistering the receiver plugin failed: %s", e)
+        for s in (self._pull, self._pub):
+            if s is not None:
+                s.close(linger=0)
+        self._ctx.term()
+        if self._own_client and self._client is not None:
+            self._client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+
+    # -------------------------------------------------------------- results
+    def wait(self, scan_id: str | None = None, timeout: float | None = None) -> ScanResult:
+        """The ScanResult of ``scan_id``, or of the next finished scan not yet waited for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if scan_id is not None and scan_id in self._results:
+                    self._waited.add(scan_id)
+                    return self._results[scan_id]
+                if scan_id is None:
+                    for sid in self._order:
+                        if sid not in self._waited:
+                            self._waited.add(sid)
+                            return self._results[sid]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no finished scan {scan_id or ''} within {timeout} s")
+                self._cond.wait(remaining if remaining is not None else 1.0)
+
+    @property
+    def results(self) -> dict[str, ScanResult]:
+        with self._cond:
+            return dict(self._results)
+
+    def status(self) -> list[dict]:
+        """Plain-value status of every scan seen (for dashboards and tests)."""
+        return [{"scan_id": s.scan_id, "state": s.state, "frames_received": s.frames_received,
+                 "n_frames": s.n_frames, "events": s.events, "missing_so_far": s.missing_so_far(),
+                 "duplicates": s.duplicates} for s in list(self._tracker.scans.values())]
+
+    def rejects(self) -> dict[str, int]:
+        return dict(self._tracker.rejects)
+
+    def live(self, scan_id: str) -> dict[str, np.ndarray]:
+        """Partial results of a scan that is still running (merged over workers)."""
+        with self._live_lock:
+            parts = [dict(p) for p in self._live.get(scan_id, {}).values()]
+            ops = self._live_ops.get(scan_id)
+        if not parts or ops is None:
+            return {}
+        states = {}
+        for arrays in parts:
+            for key, value in arrays.items():
+                states[key] = states[key] + value if key in states else value.copy()
+        out = {}
+        for op in ops:
+            state = {k.split("/", 1)[1]: v for k, v in states.items() if k.startswith(op.name + "/")}
+            if state:
+                out.update({name: r.data for name, r in op.finalize(state).items()})
+        return out
+
+    # -------------------------------------------------------------- the coordinator loop
+    def _loop(self) -> None:
+        live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
+        next_live = time.time()
+        warned = set()
+        while not self._stop.is_set():
+            if self._pull.poll(50):
+                for _ in range(1000):
+                    try:
+                        parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_report(*control.decode(parts), warned)
+            for st in self._tracker.due():
+                self._executor.submit(self._finalize, st)
+            self.console.progress(self._tracker.active(), self._tracker.rejects)
+            if live_period and time.time() >= next_live:
+                next_live = time.time() + live_period
+                self._publish_live()
+            while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
+                parts = self._outbox.get()
+                if self._pub is not None:
+                    self._pub.send_multipart(parts)
+
+    def _on_report(self, report: dict, arrays: dict, warned: set) -> None:
+        kind = report["kind"]
+        if kind == "live":
+            sid = report["scan_id"]
+            st = self._tracker.scans.get(sid)
+            if st is not None and st.state != DONE and st.geometry is not None:
+                with self._live_lock:
+                    if sid not in self._live_ops:
+                        try:
+                            self._live_ops[sid] = [op for op in build_operators(self.config, st.geometry)
+                                                   if op.name not in ("events", "completeness")]
+                        except ValueError:
+                            self._live_ops[sid] = []
+                    self._live.setdefault(sid, {})[report["worker"]] = arrays
+            return
+        if kind == "reject" and report["reason"] not in warned:
+            warned.add(report["reason"])
+            self.console.say(f"WARNING: rejected a message ({report['reason']}): {report['detail']} "
+                             "(further rejects of this kind are counted, not shown)")
+        st = self._tracker.handle(report)
+        if kind == "abort" and st is not None:
+            self.console.say(f"[{st.scan_id}] aborted by source {report['source']}: {report.get('reason')}")
+
+    def _publish_live(self) -> None:
+        if self._pub is None:
+            return
+        for st in self._tracker.active():
+            images = self.live(st.scan_id)
+            if images:
+                header = {"proto": LIVE_PROTO, "kind": "live", "scan_id": st.scan_id,
+                          "frames_received": st.frames_received, "n_frames": st.n_frames,
+                          "events": st.events, "missing_so_far": st.missing_so_far()}
+                self._pub.send_multipart(control.encode(header, images))
+
+    # -------------------------------------------------------------- finalization
+    def _finalize(self, st: ScanStatus) -> None:
+        try:
+            result = self._run_finalize(st)
+        except Exception as e:  # noqa: BLE001 - reported, and the session goes on
+            log.exception("finalizing scan %s failed", st.scan_id)
+            result = ScanResult(st.scan_id, None, "failed", f"finalize failed: {type(e).__name__}: {e}")
+        st.state = DONE
+        with self._live_lock:
+            self._live.pop(st.scan_id, None)
+            self._live_ops.pop(st.scan_id, None)
+        self._report_result(st, result)
+        with self._cond:
+            self._results[st.scan_id] = result
+            self._order.append(st.scan_id)
+            self._cond.notify_all()
+
+    def _run_finalize(self, st: ScanStatus) -> ScanResult:
+        client = self._client
+        workers = sorted(client.scheduler_info()["workers"])
+        closed = [client.submit(close_on_worker, self._plugin_name, st.scan_id, workers=[w],
+                                allow_other_workers=False, pure=False) for w in workers]
+        if st.geometry is None:  # nothing but rejects or an abort before any geometry
+            client.gather(closed)
+            return ScanResult(st.scan_id, None, "failed",
+                              f"closed ({st.close_reason}) before any valid message gave its geometry")
+        counts = client.gather([client.submit(received_counts, f, workers=[w], pure=False)
+                                for f, w in zip(closed, workers)])
+        closed = self._drop_duplicates(closed, counts, workers)
+        sizes = [0 if c is None else int(c.sum()) for c in counts]
+        writer = workers[int(np.argmax(sizes))]  # the others' states travel to it
+        info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
+                        dict(st.frames_sent), st.rejects,
+                        {"opened": st.opened, "first_frame": st.first_frame_time,
+                         "last_frame": st.last_frame_time, "closed": st.closed_time}, workers)
+        future = client.submit(finalize_scan, info, self.config, *closed, workers=[writer], pure=False)
+        return future.result()
+
+    def _drop_duplicates(self, closed, counts, workers):
+        """Frames that arrived more than once (on one worker or several) are kept once: by the
+        first worker holding a copy; the others recompute without theirs."""
+        held = [c for c in counts if c is not None]
+        if not held or max(int(c.max(initial=0)) for c in held) <= 1 and \
+                int(np.sum([c > 0 for c in held], axis=0).max(initial=0)) <= 1:
+            return closed
+        claimed = np.zeros(held[0].shape, bool)
+        out = []
+        for f, c, w in zip(closed, counts, workers):
+            if c is None:
+                out.append(f)
+                continue
+            own = (c > 0) & ~claimed
+            claimed |= own
+            out.append(self._client.submit(keep_owned_frames, f, own, workers=[w], pure=False))
+        return out
+
+    def _report_result(self, st: ScanStatus, r: ScanResult) -> None:
+        if r.status == "failed":
+            self.console.say(f"ERROR [{r.scan_id}] {r.reason}")
+            return
+        t = r.timings
+        span = (t.get("last_frame") or 0) - (t.get("first_frame") or 0)
+        rate = f"{r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
+        lag = t["written"] - t["last_frame"] if t.get("last_frame") else float("nan")
+        self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "
+                         f"{r.events / 1e6:.2f} M e- ({rate}); {r.path} written {lag:.2f} s after the last frame")
+        if r.n_missing:
+            self.console.say(f"WARNING [{r.scan_id}] {r.n_missing:,} frames never arrived: "
+                             f"{_ranges_text(r.missing_ranges)}; see /completeness in {r.path}")
+        if r.n_duplicated:
+            self.console.say(f"WARNING [{r.scan_id}] {r.n_duplicated:,} frames arrived more "
+                             f"than once and were counted once: {_ranges_text(r.duplicated_ranges)}")
+        if self._pub is not None:
+            header = {"proto": LIVE_PROTO, "kind": "done", "scan_id": r.scan_id, "status": r.status,
+                      "reason": r.reason, "path": str(r.path), "frames_received": r.frames_received,
+                      "n_frames": r.n_frames, "events": r.events}
+            self._outbox.put(control.encode(header))
+
+
+def _ranges_text(ranges, limit: int = 8) -> str:
+    """'3-7, 12, 40-41' from [first, stop) runs, shortened after ``limit`` runs."""
+    parts = [f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in ranges]
+    more = f", ... ({len(parts) - limit} more ranges)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more

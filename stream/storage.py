@@ -1,0 +1,130 @@
+"""One HDF5 file per scan: events (CSR), results, completeness, metadata, provenance.
+
+The layout is documented in ``docs/FORMAT.md``. A file is written under a temporary name and
+renamed only when everything is in it, so a file named ``<scan_id>.h5`` is never half-written;
+its root attribute ``status`` says whether the scan itself was complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "stemstream-scan"
+FORMAT_VERSION = 1
+EVENTS_CHUNK = 1 << 20  # events per HDF5 chunk (4 MiB of uint32)
+
+
+class ScanFileError(ValueError):
+    """A file that is not a readable stemstream scan file; the message names path and problem."""
+
+
+def _attr_value(v):
+    """A value HDF5 can hold as an attribute, or None (then the caller stores JSON)."""
+    if isinstance(v, (bool, np.bool_)):
+        return np.bool_(v)
+    if isinstance(v, (int, float, np.integer, np.floating, str)):
+        return v
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return np.asarray(v)
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v):
+        return np.asarray(v, dtype=h5py.string_dtype())
+    return None
+
+
+def write_attrs(group: h5py.Group, mapping: dict) -> None:
+    """Plain values as attributes, nested maps as subgroups, anything else as JSON text."""
+    for key, value in mapping.items():
+        key = str(key)
+        if isinstance(value, dict):
+            write_attrs(group.require_group(key), value)
+            continue
+        v = _attr_value(value)
+        group.attrs[key] = v if v is not None else json.dumps(value, default=str)
+
+
+def read_attrs(group: h5py.Group) -> dict:
+    out = {}
+    for key, value in group.attrs.items():
+        out[key] = value.tolist() if isinstance(value, np.ndarray) else \
+            (value.item() if isinstance(value, np.generic) else value)
+    for key, sub in group.items():
+        if isinstance(sub, h5py.Group):
+            out[key] = read_attrs(sub)
+    return out
+
+
+def write_scan(path: str | Path, *, scan_id: str, status: str, reason: str, geometry: dict,
+               metadata: dict, results: dict, offsets: np.ndarray, indices: np.ndarray,
+               completeness: dict, completeness_summary: dict, provenance: dict,
+               compression_level: int = 1) -> Path:
+    """Write a scan file atomically and return its path.
+
+    results, completeness: name → operators.base.Result. offsets (n_frames + 1,), indices
+    uint32: the events in CSR layout, frames in order position·fpp + k.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    comp = dict(compression="gzip", compression_opts=compression_level, shuffle=True) \
+        if compression_level > 0 else {}
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
+                       status=status, reason=reason)
+        write_attrs(f.create_group("geometry"), geometry)
+        write_attrs(f.create_group("metadata"), metadata)
+        ev = f.create_group("events")
+        ev.attrs.update(layout="csr", sorted_within_frame=True, n_events=len(indices),
+                        frame_shape=geometry["frame_shape"], scan_shape=geometry["scan_shape"],
+                        frames_per_position=geometry["frames_per_position"])
+        ev.create_dataset("offsets", data=np.asarray(offsets, np.uint64),
+                          chunks=(min(len(offsets), 1 << 18),), **comp)
+        ev.create_dataset("indices", data=np.asarray(indices, np.uint32),
+                          chunks=(max(1, min(len(indices), EVENTS_CHUNK)),), **comp)
+        for group_name, items in (("results", results), ("completeness", completeness)):
+            g = f.create_group(group_name)
+            for name, res in items.items():
+                d = g.create_dataset(name, data=res.data)
+                d.attrs.update(kind=res.kind, unit=res.unit, description=res.description)
+                write_attrs(d, res.attrs)
+        write_attrs(f["completeness"], completeness_summary)
+        write_attrs(f.create_group("provenance"), provenance)
+    os.replace(tmp, path)
+    return path
+
+
+def open_scan(path: str | Path) -> h5py.File:
+    """Open a scan file for reading; ScanFileError with the path and the reason otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScanFileError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ScanFileError(f"{path}: not an HDF5 file ({e})") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise ScanFileError(f"{path}: not a stemstream scan file (root attribute format is "
+                            f"{f.attrs.get('format')!r}, expected {FORMAT!r})")
+    return f
+
+
+def describe(path: str | Path) -> dict:
+    """Everything ``stemstream info`` shows, as plain values."""
+    with open_scan(path) as f:
+        out = {"path": str(path), **read_attrs(f)}
+        for key in ("results", "completeness"):
+            out[key] = out.get(key, {})
+            for name, d in f[key].items():
+                out[key][name] = {"shape": list(d.shape), "dtype": str(d.dtype),
+                                  **{k: (v.item() if isinstance(v, np.generic) else v)
+                                     for k, v in d.attrs.items() if k in ("kind", "unit", "description")}}
+        ev = f["events"]
+        out["events"] = {"n_frames": int(ev["offsets"].shape[0] - 1), "n_events": int(ev.attrs["n_events"]),
+                         "stored_bytes": int(ev["indices"].id.get_storage_size()
+                                             + ev["offsets"].id.get_storage_size())}
+        out["file_bytes"] = Path(path).stat().st_size
+    return out

@@ -1,0 +1,152 @@
+"""Shared fixtures: real dask clusters (separate worker processes) and a scripted detector.
+
+Every server binds 127.0.0.1 on free ports and is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from sim_detector.publisher import prepare_sources
+from stream.net import free_port_block
+from stream.protocol import Geometry, encode_abort, encode_end, encode_frames, encode_start
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _cluster(n_workers):
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address=":0", memory_limit="4GB")
+    client = Client(cluster)
+    return cluster, client
+
+
+@pytest.fixture(scope="session")
+def client2():
+    """A LocalCluster with two worker processes, shared by the whole test session."""
+    cluster, client = _cluster(2)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=["1worker", "3workers"])
+def client_1_or_3(request):
+    cluster, client = _cluster(request.param)
+    yield client
+    client.close()
+    cluster.close()
+
+
+class ScriptedSource:
+    """A detector under the test's control: bound PUSH sockets, one per source, sending
+    exactly the messages a test asks for (good, duplicated, missing, malformed)."""
+
+    def __init__(self, n_sources: int = 1):
+        self.n_sources = n_sources
+        port = free_port_block(n_sources)
+        self.addresses = [f"tcp://127.0.0.1:{port + k}" for k in range(n_sources)]
+        self.ctx = zmq.Context()
+        self.socks = []
+        for a in self.addresses:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 2000)
+            s.bind(a)
+            self.socks.append(s)
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+        self.ctx.term()
+
+    def wait_for_receivers(self, timeout_s=30):
+        poller = zmq.Poller()
+        for s in self.socks:
+            poller.register(s, zmq.POLLOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = dict(poller.poll(100))
+            if all(ready.get(s, 0) & zmq.POLLOUT for s in self.socks):
+                time.sleep(0.2)  # let every receiver finish connecting, so round-robin spreads
+                return
+        raise TimeoutError("no receiver connected")
+
+    def send(self, source: int, parts) -> None:
+        self.socks[source].send_multipart(parts)
+
+    def start(self, scan_id, geometry, metadata=None):
+        for k, prepared in enumerate(self._geoms(geometry)):
+            self.send(k, encode_start(scan_id, k, prepared, metadata or {}))
+
+    def _geoms(self, geometry):
+        return [p.geometry for p in prepare_sources(np.zeros(geometry.n_frames, np.uint32),
+                                                    np.zeros(0, np.uint32), geometry, self.n_sources)]
+
+    def frames(self, scan_id, geometry, counts, indices, batch=16, only=None, order=None):
+        """Send frames (all, or the frame numbers in ``only``) of every source in batches;
+        ``order`` shuffles the batches. Returns the frame numbers sent."""
+        sources = prepare_sources(counts, indices, geometry, self.n_sources)
+        sel = np.arange(geometry.n_frames) if only is None else np.asarray(sorted(only))
+        runs = np.split(sel, np.flatnonzero(np.diff(sel) != 1) + 1) if len(sel) else []
+        batches = [(r[i], min(len(r) - i, batch)) for r in runs for i in range(0, len(r), batch)]
+        if order is not None:
+            batches = [batches[i] for i in order(len(batches))]
+        for first, n in batches:
+            first = int(first)
+            for k, src in enumerate(sources):
+                a, b = src.offsets[first], src.offsets[first + n]
+                self.send(k, encode_frames(scan_id, k, src.geometry, first,
+                                           src.counts[first:first + n], src.indices[a:b]))
+        return sel
+
+    def end(self, scan_id, frames_sent):
+        for k in range(self.n_sources):
+            self.send(k, encode_end(scan_id, k, frames_sent))
+
+    def abort(self, scan_id, reason):
+        for k in range(self.n_sources):
+            self.send(k, encode_abort(scan_id, k, reason))
+
+
+@pytest.fixture
+def scripted_source():
+    made = []
+
+    def make(n_sources=1):
+        s = ScriptedSource(n_sources)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+# ---------------------------------------------------------------- dense references
+
+def dense_frames(counts, indices, frame_shape):
+    """(n_frames, h, w) int64 dense frames from CSR events, the plain numpy way."""
+    n = len(counts)
+    frames = np.zeros((n, frame_shape[0] * frame_shape[1]), np.int64)
+    rows = np.repeat(np.arange(n), counts)
+    np.add.at(frames, (rows, indices.astype(np.int64)), 1)
+    return frames.reshape(n, *frame_shape)
+
+
+def dense_scan(counts, indices, geometry: Geometry, keep=None):
+    """(ny, nx, h, w) int64: the frames of every position summed over frames per position,
+    flyback frames dropped; ``keep`` (n_frames,) bool selects frames."""
+    frames = dense_frames(counts, indices, geometry.frame_shape)
+    if keep is not None:
+        frames = frames * keep[:, None, None]
+    ny, nxr = geometry.raster_shape
+    frames = frames.reshape(ny, nxr, geometry.frames_per_position, *geometry.frame_shape).sum(axis=2)
+    return frames[:, :geometry.scan_shape[1]]

@@ -1,0 +1,162 @@
+import numpy as np
+import pytest
+
+from operators.chunk import Chunk
+from operators.completeness import repeat_mask
+from operators.diffraction import DiffractionSum
+from operators.events import EventStore
+from operators.virtual import VirtualDetectors, disk_mask
+
+try:
+    from test_op_common import GEOMETRIES, make_scan, run, split_variants
+except ImportError:
+    from tests.test_op_common import GEOMETRIES, make_scan, run, split_variants
+
+
+def reference_csr(scan, lost_frames=()):
+    """Stored-frame CSR from the scan's own frames: position*fpp + k, flyback dropped, each
+    frame's events sorted (a plain Python loop: the reference, not the code under test)."""
+    rows = [[] for _ in range(scan.n_positions * scan.fpp)]
+    for f in range(scan.n_frames):
+        p = int(scan.positions(f))
+        if p >= 0 and f not in lost_frames:
+            rows[p * scan.fpp + f % scan.fpp] = sorted(
+                scan.indices[scan.offsets[f]:scan.offsets[f + 1]].tolist())
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return offsets, np.array([i for r in rows for i in r], dtype=np.uint32)
+
+
+def csr_to_dense(offsets, indices, n_pixels):
+    dense = np.zeros((len(offsets) - 1, n_pixels), dtype=np.int64)
+    np.add.at(dense, (np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)),
+                      indices.astype(np.int64)), 1)
+    return dense
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_round_trip_gives_back_the_dense_frames(geo):
+    scan = make_scan(61, **geo)
+    op = EventStore(scan.scan_shape, scan.frame_shape, scan.fpp, scan.flyback)
+    rng = np.random.default_rng(0)
+    offsets, indices = op.finalize(run(op, scan.chunks(rng, n_sources=4), rng, n_states=3))
+    assert offsets.dtype == np.int64 and indices.dtype == np.uint32
+    assert offsets.shape == (scan.n_positions * scan.fpp + 1,)
+    # Dense frames in stored order from the independent dense builder.
+    dense = scan.dense_frames()
+    pos = scan.positions(np.arange(scan.n_frames))
+    keep = pos >= 0
+    stored = pos[keep] * scan.fpp + np.arange(scan.n_frames)[keep] % scan.fpp
+    ref = np.zeros((scan.n_positions * scan.fpp, scan.n_pixels), dtype=np.int64)
+    ref[stored] = dense[keep]
+    np.testing.assert_array_equal(csr_to_dense(offsets, indices, scan.n_pixels), ref)
+    ref_off, ref_idx = reference_csr(scan)
+    np.testing.assert_array_equal(offsets, ref_off)
+    np.testing.assert_array_equal(indices, ref_idx)
+
+
+def test_canonical_whatever_the_chunking():
+    scan = make_scan(7, fpp=2, flyback=1)
+    op = EventStore(scan.scan_shape, scan.frame_shape, 2, 1)
+    outs = [op.finalize(run(op, c, np.random.default_rng(n), n))
+            for _, c, n in split_variants(scan)]
+    for off, idx in outs[1:]:
+        np.testing.assert_array_equal(off, outs[0][0])
+        np.testing.assert_array_equal(idx, outs[0][1])
+
+
+def test_stored_chunks_are_sorted_copies():
+    op = EventStore((1, 2), (4, 4))
+    idx = np.array([9, 3, 3, 1, 15, 2], np.uint32)
+    chunk = Chunk.from_counts([0, 1], [0, 0], [0, 1], [4, 2], idx)
+    state = op.new_state()
+    op.process(state, chunk)
+    assert chunk.indices.tolist() == [9, 3, 3, 1, 15, 2]   # the caller's buffer is untouched
+    (stored,) = op.iter_chunks(state)
+    assert stored.indices.tolist() == [1, 3, 3, 9, 2, 15]
+    offsets, indices = op.finalize(state)
+    assert offsets.tolist() == [0, 4, 6] and indices.tolist() == [1, 3, 3, 9, 2, 15]
+
+
+def test_duplicates_and_missing_frames():
+    scan = make_scan(13, fpp=2, flyback=1)
+    n_sources = 2
+    n_parts = scan.n_frames * n_sources
+    rng = np.random.default_rng(4)
+    rep = np.ones(n_parts, dtype=np.int64)
+    dup = rng.choice(n_parts, 15, replace=False)
+    rep[dup] = 2
+    lost = [f for f in range(scan.n_frames) if f % 17 == 3 and scan.positions(f) >= 0]
+    rep.reshape(scan.n_frames, n_sources)[lost] = 0     # both sectors of these frames lost
+    op = EventStore(scan.scan_shape, scan.frame_shape, 2, 1)
+    chunks = scan.chunks(rng, n_sources=n_sources, repeat=rep)
+
+    ref_off, ref_idx = reference_csr(scan, lost_frames=set(lost))
+    state = run(op, chunks, rng, n_states=2)
+    offsets, indices = op.finalize(state)                # duplicates dropped by default
+    np.testing.assert_array_equal(offsets, ref_off)
+    np.testing.assert_array_equal(indices, ref_idx)
+    for f in lost:
+        s = int(scan.positions(f)) * 2 + f % 2
+        assert offsets[s] == offsets[s + 1]              # never-received frames are empty
+    frames, _, counts, _ = scan.parts(n_sources)
+    twice = (rep == 2) & (scan.positions(frames) >= 0)
+    assert counts[twice].sum() > 0
+    kept_all = op.finalize(state, duplicates="keep")[1]
+    assert len(kept_all) == len(indices) + counts[twice].sum()
+
+    # Drop the copies, then re-run another operator over the stored events: it agrees with
+    # the dense reference of the scan without duplicates.
+    assert op.drop_duplicates(state) == int((rep == 2).sum()) > 0
+    assert op.drop_duplicates(state) == 0
+    ds = DiffractionSum(scan.frame_shape)
+    ds_state = ds.new_state()
+    for c in op.iter_chunks(state):
+        ds.process(ds_state, c)
+    dense = scan.dense_frames()
+    pos = scan.positions(np.arange(scan.n_frames))
+    good = (pos >= 0) & ~np.isin(np.arange(scan.n_frames), lost)
+    np.testing.assert_array_equal(ds.finalize(ds_state)["diffraction_sum"].data.ravel(),
+                                  dense[good].sum(axis=0))
+
+
+def test_repeat_mask_removes_duplicates_before_other_operators():
+    scan = make_scan(17)
+    n_parts = scan.n_frames * 3
+    rep = np.where(np.arange(n_parts) % 5 == 0, 2, 1)
+    rng = np.random.default_rng(0)
+    chunks = scan.chunks(rng, n_sources=3, repeat=rep)
+    masks = disk_mask(scan.frame_shape, radius=8)[None]
+    op = VirtualDetectors(masks, ["bf"], scan.scan_shape)
+    seen = np.zeros((3, scan.n_frames), dtype=bool)
+    state = op.new_state()
+    for c in chunks:
+        op.process(state, c.select(~repeat_mask(c.frames, c.sources, seen)))
+    ref = scan.dense_positions() @ masks.reshape(-1).astype(np.int64)
+    np.testing.assert_array_equal(op.finalize(state)["bf"].data.ravel(), ref)
+
+
+def test_drop_frames_with_a_custom_mask():
+    scan = make_scan(19, fpp=1, flyback=1)
+    op = EventStore(scan.scan_shape, scan.frame_shape, 1, 1)
+    state = run(op, scan.chunks(np.random.default_rng(1)), np.random.default_rng(2))
+    n_fly = scan.scan_shape[0]
+    assert op.drop_frames(state, lambda c: c.positions >= 0) == n_fly
+    assert all((c.positions >= 0).all() for c in op.iter_chunks(state))
+    with pytest.raises(ValueError, match="keep mask"):
+        op.drop_frames(state, lambda c: np.ones(c.n_frames + 1, bool))
+
+
+def test_bad_chunks_are_not_stored():
+    op = EventStore((2, 2), (4, 4), flyback=1)
+    state = op.new_state()
+    with pytest.raises(ValueError, match="pixel index >= 16"):
+        op.process(state, Chunk.from_counts([0], [0], [0], [2], np.array([1, 16], np.uint32)))
+    with pytest.raises(ValueError, match="positions disagree"):
+        op.process(state, Chunk.from_counts([2], [0], [2], [0], np.zeros(0, np.uint32)))
+    with pytest.raises(ValueError, match="outside the scan"):
+        op.process(state, Chunk.from_counts([6], [0], [-1], [0], np.zeros(0, np.uint32)))
+    with pytest.raises(ValueError, match="negative source"):
+        op.process(state, Chunk.from_counts([0], [-1], [0], [0], np.zeros(0, np.uint32)))
+    assert state["chunks"] == []
+    offsets, indices = op.finalize(state)
+    assert offsets.tolist() == [0, 0, 0, 0, 0] and len(indices) == 0

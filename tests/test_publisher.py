@@ -1,0 +1,124 @@
+"""Publisher: sector splitting, frames over real sockets, rate control, bind errors."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from sim_detector.publisher import BindError, Publisher, prepare_sources, sector_rows
+from stream.net import free_port_block
+from stream.protocol import Geometry, decode
+
+
+def random_scan(rng, geometry, mean=30):
+    counts = rng.poisson(mean, geometry.n_frames).astype(np.uint32)
+    counts[rng.integers(0, geometry.n_frames, 5)] = 0  # some empty frames
+    indices = rng.integers(0, geometry.n_pixels, int(counts.sum())).astype(np.uint32)
+    return counts, indices
+
+
+def frames_as_sets(counts, indices):
+    offsets = np.r_[0, np.cumsum(counts)]
+    return [np.sort(indices[offsets[i]:offsets[i + 1]]) for i in range(len(counts))]
+
+
+@pytest.mark.parametrize("n_sources", [1, 2, 4])
+def test_sector_split_recombines_exactly(n_sources):
+    rng = np.random.default_rng(n_sources)
+    g = Geometry((6, 7), (20, 16), frames_per_position=2, flyback=1)
+    counts, indices = random_scan(rng, g)
+    sources = prepare_sources(counts, indices, g, n_sources)
+    assert [s.geometry.sector for s in sources] == sector_rows(20, n_sources)
+    for s in sources:
+        rows = s.indices // 16
+        assert rows.min(initial=s.geometry.sector[0]) >= s.geometry.sector[0]
+        assert rows.max(initial=0) < s.geometry.sector[1]
+    whole = frames_as_sets(counts, indices)
+    parts = [frames_as_sets(s.counts, s.indices) for s in sources]
+    for f in range(g.n_frames):
+        np.testing.assert_array_equal(np.sort(np.concatenate([p[f] for p in parts])), whole[f])
+
+
+def test_sector_rows_cover_the_detector():
+    assert sector_rows(576, 4) == [(0, 144), (144, 288), (288, 432), (432, 576)]
+    with pytest.raises(ValueError, match="sources"):
+        sector_rows(3, 4)
+
+
+def receive_all(addresses, stop_after_ends, timeout_s=20):
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    for a in addresses:
+        pull.connect(a)
+    got, times, ends = [], [], 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while ends < stop_after_ends and time.monotonic() < deadline:
+            if pull.poll(100):
+                m = decode(pull.recv_multipart(copy=False))
+                times.append(time.perf_counter())
+                got.append(m)
+                ends += m.kind == "end"
+    finally:
+        pull.close(0)
+    return got, times
+
+
+def publish_in_thread(pub, *args, **kw):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("stats", pub.publish_scan(*args, **kw)))
+    t.start()
+    return t, out
+
+
+def test_frames_arrive_exactly_over_real_sockets():
+    rng = np.random.default_rng(7)
+    g = Geometry((5, 8), (24, 24), mrad_per_px=0.4, convergence_mrad=10.0, center=(11.5, 11.5))
+    counts, indices = random_scan(rng, g)
+    port = free_port_block(2)
+    with Publisher(f"tcp://127.0.0.1:{port}", n_sources=2) as pub:
+        sources = prepare_sources(counts, indices, g, 2)
+        t, out = publish_in_thread(pub, "scan-a", sources, {"dose": 30}, rate=None, batch=7)
+        msgs, _ = receive_all(pub.addresses, stop_after_ends=2)
+        t.join()
+    kinds = [m.kind for m in msgs]
+    assert kinds.count("start") == 2 and kinds.count("end") == 2
+    assert all(m.metadata == {"dose": 30} for m in msgs if m.kind == "start")
+    assert all(m.header["frames_sent"] == g.n_frames for m in msgs if m.kind == "end")
+    rebuilt = [[] for _ in range(g.n_frames)]
+    for m in msgs:
+        if m.kind == "frames":
+            assert m.geometry.mrad_per_px == 0.4 and m.geometry.n_sources == 2
+            off = np.r_[0, np.cumsum(m.counts)]
+            for i in range(m.count):
+                rebuilt[m.first + i].append(m.indices[off[i]:off[i + 1]])
+    whole = frames_as_sets(counts, indices)
+    for f in range(g.n_frames):
+        np.testing.assert_array_equal(np.sort(np.concatenate(rebuilt[f])), whole[f])
+    assert out["stats"].events == len(indices)
+
+
+def test_rate_control_within_5_percent_at_87k_frames_per_second():
+    rng = np.random.default_rng(3)
+    g = Geometry((290, 300), (64, 64))  # 87,000 frames: one second at the target rate
+    counts, indices = random_scan(rng, g, mean=10)
+    port = free_port_block(1)
+    with Publisher(f"tcp://127.0.0.1:{port}") as pub:
+        sources = prepare_sources(counts, indices, g, 1)
+        t, out = publish_in_thread(pub, "rate", sources, {}, rate=87_000, batch=512)
+        msgs, times = receive_all(pub.addresses, stop_after_ends=1)
+        t.join()
+    frame_msgs = [(m, tm) for m, tm in zip(msgs, times) if m.kind == "frames"]
+    (m0, t0), (m1, t1) = frame_msgs[0], frame_msgs[-1]
+    measured = (m1.first + m1.count - m0.first - m0.count) / (t1 - t0)  # frames after the first message
+    assert abs(measured / 87_000 - 1) < 0.05, measured
+    assert abs(out["stats"].rate / 87_000 - 1) < 0.05, out["stats"].rate
+
+
+def test_port_in_use_is_a_clear_error():
+    port = free_port_block(1)
+    with Publisher(f"tcp://127.0.0.1:{port}"):
+        with pytest.raises(BindError, match=f"cannot bind tcp://127.0.0.1:{port}.*another --bind port"):
+            Publisher(f"tcp://127.0.0.1:{port}")
