@@ -63,6 +63,11 @@ class ComSpec:
 
 
 @dataclass
+class DiffractionSpec:
+    enabled: bool = True
+
+
+@dataclass
 class ApertureSpec:
     """A real-space aperture: a rectangle [y0, y1, x0, x1) of probe positions or a mask file."""
 
@@ -109,7 +114,7 @@ class PipelineConfig:
     detector: DetectorSpec = field(default_factory=DetectorSpec)
     virtual: list[VirtualSpec] = field(default_factory=list)
     com: ComSpec = field(default_factory=ComSpec)
-    diffraction_sum: bool = True
+    diffraction_sum: DiffractionSpec = field(default_factory=DiffractionSpec)
     aperture: list[ApertureSpec] = field(default_factory=list)
     chunking: ChunkingSpec = field(default_factory=ChunkingSpec)
     scan: ScanSpec = field(default_factory=ScanSpec)
@@ -127,7 +132,8 @@ class PipelineConfig:
         return d
 
 
-_SECTIONS = {"detector": DetectorSpec, "com": ComSpec, "chunking": ChunkingSpec,
+_SECTIONS = {"detector": DetectorSpec, "com": ComSpec, "diffraction_sum": DiffractionSpec,
+             "chunking": ChunkingSpec,
              "scan": ScanSpec, "cluster": ClusterSpec, "output": OutputSpec, "live": LiveSpec}
 _LISTS = {"virtual": VirtualSpec, "aperture": ApertureSpec}
 
@@ -165,11 +171,9 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
                 raise ConfigError(f"{where} must be an array of tables: write [[{key}]]")
             setattr(cfg, key, [_build(_LISTS[key], v, f"{path} [[{key}]] #{i + 1}")
                                for i, v in enumerate(value)])
-        elif key == "diffraction_sum":
-            cfg.diffraction_sum = bool(value)
         else:
             raise ConfigError(f"{path}: unknown section [{key}]; valid sections are "
-                              f"{', '.join(sorted([*_SECTIONS, *_LISTS, 'diffraction_sum']))}")
+                              f"{', '.join(sorted([*_SECTIONS, *_LISTS]))}")
     return validate(cfg, base=path.parent)
 
 
@@ -310,7 +314,7 @@ def build_operators(cfg: PipelineConfig, g: Geometry) -> list:
             cal.px(c.radius_px, c.radius_mrad, "[com] radius")
         ops.append(CenterOfMass(g.scan_shape, shape, center=cal.center, radius=radius,
                                 mrad_per_px=cal.mrad_per_px, rotation_deg=c.rotation_deg, flip=c.flip))
-    if cfg.diffraction_sum:
+    if cfg.diffraction_sum.enabled:
         ops.append(DiffractionSum(shape))
     if cfg.aperture:
         ap_masks = []

@@ -18,7 +18,8 @@ def add_demo_args(p) -> None:
     p.add_argument("--specimen", default="mgo", help="emulated specimen (default mgo)")
     p.add_argument("--scan", type=_shape, default=(128, 128), metavar="NYxNX", help="probe positions (default 128x128)")
     p.add_argument("--detector", type=_shape, default=(576, 576), metavar="HxW", help="detector (default 576x576)")
-    p.add_argument("--dose", type=float, default=100.0, metavar="e/frame", help="mean electrons per frame (default 100)")
+    p.add_argument("--dose", type=float, default=500.0, metavar="e/frame",
+                   help="mean electrons per frame (default 500: atomic columns visible in one scan)")
     p.add_argument("--rate", default="87000", metavar="FRAMES/S|max", help="emulator frame rate (default 87000)")
     p.add_argument("--sources", type=int, default=4, help="emulator sources / detector sectors (default 4)")
     p.add_argument("--workers", type=int, default=2, help="local dask worker processes (default 2)")
@@ -65,7 +66,7 @@ def summary(result, truth_path: Path, seconds: float) -> str:
         with h5py.File(truth_path, "r") as f:
             group = f[result.scan_id]
             expected = {k: group["expected"][k][()] for k in group["expected"]}
-        for name, key in (("bf", "bf"), ("adf", "adf")):
+        for name, key in (("bf", "bf"), ("adf", "adf"), ("com_x", "com_x"), ("com_y", "com_y")):
             if name in result.results and key in expected:
                 r = np.corrcoef(result.results[name].ravel(), expected[key].ravel())[0, 1]
                 lines.append(f"  {name:<4}: correlation with the noiseless truth {r:.3f}")

@@ -44,7 +44,7 @@ def write_summary_figure(path: str | Path, title: str, results: dict, position_f
                          expected_per_position: int | None = None) -> Path:
     """A single figure: every nav image, the diffraction sum (log) and the completeness map."""
     panels = [(n, r) for n, r in results.items() if r.kind in ("nav", "sig") and np.ndim(r.data) == 2
-              and not n.startswith("com_sum") and n != "com_n"]
+              and not n.startswith("com_sum") and not n.endswith("_mrad") and n != "com_n"]
     if position_frames is not None:
         panels.append(("frames received", None))
     ncol = min(4, len(panels)) or 1

@@ -1,0 +1,257 @@
+"""``stemstream simulate``: generate scans of a specimen and publish them like the detector would."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import numpy as np
+
+from stream.protocol import Geometry
+
+from .publisher import BindError, Publisher, prepare_sources, source_addresses
+
+
+class SimulateError(ValueError):
+    """A bad argument or input file; printed as one line, exit code 2."""
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxCOLUMNS, e.g. 128x128") from None
+    if a < 1 or b < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sizes must be at least 1")
+    return (a, b)
+
+
+def _rate(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames/s or 'max'") from None
+    if not r > 0:
+        raise argparse.ArgumentTypeError("the rate must be > 0 frames/s (or 'max')")
+    return r
+
+
+def _nonneg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return v
+
+
+def _positive(text: str) -> float:
+    v = _nonneg(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def parse_tilts(text: str) -> list[float]:
+    """'START:STOP:STEP' in degrees, STOP included: '-60:60:3' → -60, -57, …, 60."""
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:STOP:STEP in degrees, e.g. -60:60:3") from None
+    if step <= 0 or stop < start or max(abs(start), abs(stop)) > 90:
+        raise argparse.ArgumentTypeError(f"{text!r}: need STEP > 0, START <= STOP, and angles within ±90°")
+    n = int(np.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 6) for i in range(n)]
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    from .specimens import SPECIMENS
+
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.epilog = ("Example: stemstream simulate --specimen mgo --scan 128x128 --dose 200 --rate 87000 "
+                "--sources 4 --truth truth.h5. Each source k binds the port of --bind plus k; start "
+                "'stemstream process --connect tcp://127.0.0.1:6001 --sources 4' to receive. "
+                "Physics and presets: docs/EMULATOR.md.")
+    g = p.add_argument_group("specimen and scan")
+    g.add_argument("--specimen", default="mgo", metavar="NAME|FILE",
+                   help=f"one of {', '.join(SPECIMENS)}, or a file of atom positions (.mat, .xyz, .csv)")
+    g.add_argument("--size", type=_positive, metavar="Å", help="particle or crystal size (pt-particle, cluster)")
+    g.add_argument("--scan", type=_shape, default=(128, 128), metavar="NYxNX", help="probe positions: rows x columns")
+    g.add_argument("--step", type=_positive, metavar="Å", help="scan step (default: the specimen's preset)")
+    g.add_argument("--frames-per-position", type=int, default=1, metavar="N", help="detector frames per probe position")
+    g.add_argument("--flyback", type=int, default=0, metavar="N",
+                   help="extra flyback columns per scan row, as the 4D Camera records them")
+    g.add_argument("--tilts", type=parse_tilts, metavar="START:STOP:STEP",
+                   help="a tilt series: one scan per tilt angle (degrees, about the y axis)")
+    g.add_argument("--scans", type=int, default=1, metavar="N", help="scans in sequence (each tilt series N times)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; same seed, same electrons")
+    g = p.add_argument_group("beam and detector")
+    g.add_argument("--energy", type=_positive, metavar="keV", help="beam energy (default 300)")
+    g.add_argument("--convergence", type=_positive, metavar="mrad", help="probe convergence semi-angle")
+    g.add_argument("--probe", type=_positive, metavar="Å", help="probe FWHM (default: diffraction limit)")
+    g.add_argument("--dose", type=_nonneg, metavar="e/frame",
+                   help="mean electrons per frame (default: the specimen's preset, 200)")
+    g.add_argument("--detector", type=_shape, default=(576, 576), metavar="HxW", help="detector pixels")
+    g.add_argument("--mrad-per-px", type=_positive, metavar="mrad", help="detector calibration")
+    g.add_argument("--dark-rate", type=_nonneg, default=0.0, metavar="e/frame", help="mean dark counts per frame")
+    g.add_argument("--hot-pixels", type=int, default=0, metavar="N", help="hot pixels (fire in most frames)")
+    g.add_argument("--dead-pixels", type=int, default=0, metavar="N", help="dead pixels (never count)")
+    g = p.add_argument_group("publishing")
+    g.add_argument("--bind", default="tcp://127.0.0.1:6001", metavar="tcp://HOST:PORT",
+                   help="address of source 0; source k binds PORT+k")
+    g.add_argument("--sources", type=int, default=1, metavar="N",
+                   help="split every frame into N detector row stripes, one source each (4D Camera: 4)")
+    g.add_argument("--rate", type=_rate, default=87000.0, metavar="FRAMES/S|max", help="target frame rate")
+    g.add_argument("--batch", type=int, default=512, metavar="N", help="frames per message")
+    g.add_argument("--scan-id", metavar="PREFIX", help="scan ids are PREFIX-0000, PREFIX-0001, … (default: date-time)")
+    g.add_argument("--truth", metavar="FILE.h5", help="write the ground truth of every scan there")
+    g.add_argument("--wait", type=_nonneg, default=0, metavar="S",
+                   help="give up if no receiver connects within S seconds (0: wait forever)")
+    g.add_argument("--quiet", action="store_true", help="only the final summary")
+
+
+def _check(args) -> None:
+    problems = [(args.sources < 1, "--sources must be at least 1"),
+                (args.sources > args.detector[0], f"--sources {args.sources} exceeds the detector's {args.detector[0]} rows"),
+                (args.frames_per_position < 1, "--frames-per-position must be at least 1"),
+                (args.flyback < 0, "--flyback must be >= 0"),
+                (args.scans < 1, "--scans must be at least 1"),
+                (args.batch < 1, "--batch must be at least 1"),
+                (args.hot_pixels < 0 or args.dead_pixels < 0, "--hot-pixels and --dead-pixels must be >= 0")]
+    for bad, message in problems:
+        if bad:
+            raise SimulateError(message)
+    try:
+        source_addresses(args.bind, args.sources)
+    except ValueError as e:
+        raise SimulateError(str(e)) from None
+
+
+def _models(args):
+    """Specimen and simulation settings from the arguments and the specimen's presets."""
+    from .simulate import Beam, Detector, ScanSpec, presets
+    from .specimens import make_specimen
+
+    params = {"size_A": args.size} if args.size else {}
+    try:
+        specimen = make_specimen(args.specimen, seed=args.seed, **params)
+    except (ValueError, OSError) as e:
+        raise SimulateError(str(e)) from None
+    pre = presets(specimen.name)
+    beam = Beam(**{**pre.get("beam", {}), **{k: v for k, v in dict(
+        energy_keV=args.energy, convergence_mrad=args.convergence, probe_fwhm_A=args.probe,
+        dose=args.dose).items() if v is not None}})
+    det = Detector(**{**pre.get("detector", {}), **{k: v for k, v in dict(
+        shape=args.detector, mrad_per_px=args.mrad_per_px, dark_rate=args.dark_rate,
+        hot_pixels=args.hot_pixels, dead_pixels=args.dead_pixels).items() if v is not None}})
+    scan = ScanSpec(**{**pre.get("scan", {}), **{k: v for k, v in dict(
+        shape=args.scan, step_A=args.step, frames_per_position=args.frames_per_position,
+        flyback=args.flyback).items() if v is not None}})
+    return specimen, beam, det, scan
+
+
+def _geometry(sim) -> Geometry:
+    md = sim.metadata
+    h, w = sim.frame_shape
+    return Geometry(tuple(sim.scan_shape), tuple(sim.frame_shape), sim.frames_per_position,
+                    flyback=sim.flyback, mrad_per_px=md.get("mrad_per_px"),
+                    convergence_mrad=md.get("convergence_mrad"), center=((h - 1) / 2, (w - 1) / 2))
+
+
+def run_simulate(args) -> int:
+    """Generate and publish every requested scan. Returns the exit code."""
+    from .simulate import simulate_scan
+
+    def say(text):
+        if not args.quiet:
+            print(text, flush=True)
+
+    try:
+        _check(args)
+        specimen, beam, det, scan = _models(args)
+        publisher = Publisher(args.bind, args.sources)
+    except (SimulateError, BindError) as e:
+        print(f"stemstream simulate: error: {e}", file=sys.stderr)
+        return 2
+    prefix = args.scan_id or datetime.now().strftime("%Y%m%d-%H%M%S")
+    tilts = args.tilts or [None]
+    series_id = f"{prefix}-tilt" if args.tilts else None
+    jobs = [(k, i, t) for k in range(args.scans) for i, t in enumerate(tilts)]
+
+    def generate(job):
+        k, i, tilt = job
+        t0 = time.perf_counter()
+        sim = simulate_scan(specimen, beam, det, scan, seed=args.seed + len(tilts) * k + i,
+                            tilt_deg=tilt, with_expected=bool(args.truth))
+        return sim, prepare_sources(sim.counts, sim.indices, _geometry(sim), args.sources), \
+            time.perf_counter() - t0
+
+    totals = {"frames": 0, "events": 0, "seconds": 0.0}
+    truth_file = None
+    try:
+        if args.truth:
+            import h5py
+            try:
+                truth_file = h5py.File(args.truth, "w")
+            except OSError as e:
+                raise SimulateError(f"cannot write --truth {args.truth}: {e}") from None
+        say(f"simulate: {specimen.name}, {len(jobs)} scan(s) of {scan.shape[0]}x{scan.shape[1]} positions, "
+            f"detector {det.shape[0]}x{det.shape[1]}, {beam.dose:g} e-/frame, sources on "
+            f"{', '.join(publisher.addresses)}")
+        with ThreadPoolExecutor(1) as pool:  # generate the next scan while this one streams
+            pending = pool.submit(generate, jobs[0])
+            for n, job in enumerate(jobs):
+                sim, sources, gen_s = pending.result()
+                if n + 1 < len(jobs):
+                    pending = pool.submit(generate, jobs[n + 1])
+                scan_id = f"{prefix}-{n:04d}"
+                metadata = dict(sim.metadata, scan_id=scan_id, time=datetime.now().isoformat(timespec="seconds"))
+                if series_id:
+                    metadata.update(series_id=series_id, series_index=job[1], series_length=len(tilts))
+                if truth_file is not None:
+                    sim.truth.write(truth_file.create_group(scan_id))
+                say(f"[{scan_id}] generated {len(sim.counts):,} frames, {len(sim.indices):,} electrons "
+                    f"in {gen_s:.1f} s" + (f"; tilt {job[2]:+.1f}°" if job[2] is not None else ""))
+                if not publisher.wait_for_receivers(args.wait or None, notify=say):
+                    raise SimulateError(f"no receiver connected to {publisher.addresses[0]} within {args.wait} s; "
+                                        "start 'stemstream process' first or raise --wait")
+                progress = None if args.quiet else _progress_printer(scan_id)
+                st = publisher.publish_scan(scan_id, sources, metadata, rate=args.rate,
+                                            batch=args.batch, progress=progress)
+                totals["frames"] += st.frames
+                totals["events"] += st.events
+                totals["seconds"] += st.seconds
+                say(f"[{scan_id}] sent {st.frames:,} frames, {st.events:,} electrons in {st.seconds:.2f} s "
+                    f"({st.rate:,.0f} frames/s)")
+    except SimulateError as e:
+        print(f"stemstream simulate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stemstream simulate: interrupted; receivers were sent an abort", file=sys.stderr)
+        return 130
+    finally:
+        if truth_file is not None:
+            truth_file.close()
+        publisher.close()
+    rate = totals["frames"] / totals["seconds"] if totals["seconds"] else float("nan")
+    print(f"simulate: done: {len(jobs)} scan(s), {totals['frames']:,} frames, {totals['events']:,} electrons "
+          f"in {totals['seconds']:.2f} s of streaming ({rate:,.0f} frames/s)"
+          + (f"; truth in {args.truth}" if args.truth else ""), flush=True)
+    return 0
+
+
+def _progress_printer(scan_id: str):
+    last = [0.0]
+
+    def progress(done, total):
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or done == total:
+            last[0] = now
+            print(f"[{scan_id}] streaming {done:,}/{total:,} frames ({100 * done / total:.0f}%)", flush=True)
+    return progress

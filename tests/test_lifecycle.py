@@ -1,0 +1,91 @@
+"""Scan tracker: when a scan closes, from receiver reports alone (no sockets, no dask)."""
+
+from stream.lifecycle import CLOSING, ScanTracker
+from stream.protocol import Geometry
+
+G = Geometry((4, 5), (8, 8), n_sources=2)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def reports(tracker, *items):
+    for r in items:
+        tracker.handle({"worker": "w0", **r})
+
+
+def frames(sid, source, first, count):
+    return {"kind": "frames", "scan_id": sid, "ranges": [[source, first, count]], "events": count}
+
+
+def geometry(sid):
+    return {"kind": "geometry", "scan_id": sid, "geometry": G.to_wire()}
+
+
+def test_closes_when_every_source_ended_and_every_frame_arrived():
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    reports(t, geometry("a"), frames("a", 0, 0, 20), frames("a", 1, 0, 15),
+            {"kind": "end", "scan_id": "a", "source": 0, "frames_sent": 20},
+            {"kind": "end", "scan_id": "a", "source": 1, "frames_sent": 20})
+    assert t.due() == []  # source 1 still owes frames 15..19
+    assert t.scans["a"].missing_so_far() == 5
+    reports(t, frames("a", 1, 15, 5))
+    [st] = t.due()
+    assert (st.scan_id, st.close_reason, st.state) == ("a", "complete", CLOSING)
+    assert t.due() == []  # returned once
+
+
+def test_frames_may_arrive_after_the_end_message():
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    reports(t, geometry("a"), {"kind": "end", "scan_id": "a", "source": 0, "frames_sent": 20},
+            {"kind": "end", "scan_id": "a", "source": 1, "frames_sent": 20}, frames("a", 0, 0, 20))
+    assert t.due() == []
+    reports(t, frames("a", 1, 0, 20))
+    assert [s.close_reason for s in t.due()] == ["complete"]
+
+
+def test_duplicates_do_not_count_as_progress():
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    reports(t, geometry("a"), frames("a", 0, 0, 20), frames("a", 1, 0, 10), frames("a", 1, 0, 10),
+            {"kind": "end", "scan_id": "a", "source": 0, "frames_sent": 20},
+            {"kind": "end", "scan_id": "a", "source": 1, "frames_sent": 20})
+    assert t.due() == []
+    assert t.scans["a"].duplicates == 10
+    assert t.scans["a"].frames_received == (20 + 10) // 2
+
+
+def test_timeout_after_silence_and_abort_at_once():
+    clock = Clock()
+    t = ScanTracker(timeout_s=5, clock=clock)
+    reports(t, geometry("a"), frames("a", 0, 0, 3), geometry("b"),
+            {"kind": "abort", "scan_id": "b", "source": 1, "reason": "beam blanked"})
+    assert [(s.scan_id, s.close_reason) for s in t.due()] == [("b", "abort")]
+    assert t.scans["b"].abort_reason == "beam blanked"
+    clock.t += 4.9
+    assert t.due() == []
+    clock.t += 0.2
+    assert [(s.scan_id, s.close_reason) for s in t.due()] == [("a", "timeout")]
+
+
+def test_reports_of_a_closing_scan_change_nothing():
+    clock = Clock()
+    t = ScanTracker(timeout_s=1, clock=clock)
+    reports(t, geometry("a"), frames("a", 0, 0, 3))
+    clock.t += 2
+    t.due()
+    before = t.scans["a"].frames_received
+    reports(t, frames("a", 0, 3, 5), geometry("c"))
+    assert t.scans["a"].frames_received == before
+    assert set(t.scans) == {"a", "c"}
+
+
+def test_rejects_are_counted_by_reason():
+    t = ScanTracker()
+    for reason in ("not_msgpack", "late", "late"):
+        t.handle({"kind": "reject", "reason": reason, "detail": "", "scan_id": None, "worker": "w"})
+    assert t.rejects == {"not_msgpack": 1, "late": 2}
