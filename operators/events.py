@@ -5,8 +5,6 @@ Examples
 >>> from operators.events import EventStore
 >>> op = EventStore(scan_shape=(7, 9), frame_shape=(32, 40), frames_per_position=2)
 >>> state = op.new_state()        # then op.process(state, chunk) per chunk, op.merge(...)
->>> op.drop_duplicates(state)     # optional: also re-run other operators via op.iter_chunks
-0
 >>> offsets, indices = op.finalize(state)
 >>> offsets.shape                 # one CSR row per stored frame: position*fpp + k
 (127,)
@@ -14,14 +12,13 @@ Examples
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from numba import njit
 
 from .base import Operator, State
 from .chunk import Chunk
-from .completeness import repeat_mask
 from .kernels import NJIT, shape2, sort_segments
 
 
@@ -45,10 +42,11 @@ def _count_kernel(stored, offsets, counts):
 
 
 @njit(**NJIT)
-def _scatter_kernel(stored, offsets, indices, cursor, out):
+def _scatter_kernel(stored, sources, source, offsets, indices, cursor, out):
+    """Append the events of this chunk's parts from ``source`` to their stored frames."""
     for i in range(stored.shape[0]):
         s = stored[i]
-        if s < 0:
+        if s < 0 or sources[i] != source:
             continue
         c = cursor[s]
         for e in range(offsets[i], offsets[i + 1]):
@@ -139,70 +137,34 @@ class EventStore(Operator):
         dest["chunks"].extend(src["chunks"])
 
     def iter_chunks(self, state: State) -> Iterator[Chunk]:
-        """The stored chunks in stored order, e.g. to re-run other operators after
-        :meth:`drop_duplicates`."""
+        """The stored chunks in stored order, e.g. to re-run other operators over them."""
         yield from state["chunks"]
 
-    def drop_frames(self, state: State, keep_mask_fn: Callable[[Chunk], np.ndarray]) -> int:
-        """Keep only the frame parts where ``keep_mask_fn(chunk)`` ((n,) bool) is True.
-
-        Chunks are visited in stored order. Returns the number of frame parts dropped.
-        """
-        dropped = 0
-        kept = []
-        for c in state["chunks"]:
-            keep = np.asarray(keep_mask_fn(c), dtype=bool)
-            if keep.shape != (c.n_frames,):
-                raise ValueError(f"EventStore.drop_frames: keep mask of shape {keep.shape} for a "
-                                 f"chunk of {c.n_frames} frames")
-            n_drop = int(c.n_frames - np.count_nonzero(keep))
-            dropped += n_drop
-            if n_drop == 0:
-                kept.append(c)
-            elif n_drop < c.n_frames:
-                kept.append(c.select(keep))
-        state["chunks"][:] = kept
-        return dropped
-
-    def _seen(self, state: State) -> np.ndarray:
-        n_src = max((int(c.sources.max()) + 1 for c in state["chunks"] if c.n_frames), default=1)
-        return np.zeros((n_src, self.n_frames), dtype=bool)
-
-    def drop_duplicates(self, state: State) -> int:
-        """Drop every repeated copy of a (source, frame) part, keeping the first stored.
-
-        Returns the number of frame parts dropped.
-        """
-        seen = self._seen(state)
-        return self.drop_frames(state, lambda c: ~repeat_mask(c.frames, c.sources, seen))
-
-    def finalize(self, state: State, duplicates: str = "drop") -> tuple[np.ndarray, np.ndarray]:
+    def finalize(self, state: State) -> tuple[np.ndarray, np.ndarray]:
         """Canonical CSR of the scan: ``(offsets (ny*nx*fpp + 1,) int64, indices uint32)``.
 
-        duplicates : "drop" (default) keeps one copy of each (source, frame) part (the first
-            stored) so a repeated frame is not counted twice; "keep" keeps all copies.
-        The result does not depend on chunking, merge or arrival order.
+        Every stored copy is kept: drop repeated (source, frame) parts before (see
+        ``completeness.repeat_mask``). The result does not depend on chunking, merge or
+        arrival order.
         """
-        if duplicates not in ("drop", "keep"):
-            raise ValueError(f"EventStore.finalize: duplicates must be 'drop' or 'keep', "
-                             f"got {duplicates!r}")
         chunks = state["chunks"]
-        seen = self._seen(state) if duplicates == "drop" else None
         n_stored = self.n_positions * self.fpp
         counts = np.zeros(n_stored, dtype=np.int64)
         stored = []
         for c in chunks:
             sf = self.stored_frames(c.frames)
-            if seen is not None:
-                sf[repeat_mask(c.frames, c.sources, seen)] = -1
             stored.append(sf)
             _count_kernel(sf, c.offsets, counts)
         offsets = np.zeros(n_stored + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         indices = np.empty(int(offsets[-1]), dtype=np.uint32)
         cursor = offsets[:-1].copy()
-        for c, sf in zip(chunks, stored):
-            _scatter_kernel(sf, c.offsets, c.indices, cursor, indices)
-        # Parts of one frame from several sources, or arriving in any order, end up sorted.
+        # Source by source: sectors are row stripes, so with sorted parts each frame comes out
+        # sorted already when sources number their stripes top to bottom; sort_segments then
+        # only checks. Any other numbering is sorted there.
+        n_sources = max((int(c.sources.max()) + 1 for c in chunks if c.n_frames), default=0)
+        for source in range(n_sources):
+            for c, sf in zip(chunks, stored):
+                _scatter_kernel(sf, c.sources, source, c.offsets, c.indices, cursor, indices)
         sort_segments(offsets, indices)
         return offsets, indices

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.completeness import Completeness
+from operators.completeness import Completeness, repeat_mask
 from operators.events import EventStore
 
 from . import __version__
@@ -77,9 +77,56 @@ def merge_states(worker_scans: list[WorkerScan], config: PipelineConfig, geometr
     return ops, states
 
 
+def received_counts(ws: WorkerScan) -> np.ndarray | None:
+    """(n_sources, n_frames) uint16 copies of each (source, frame) this worker holds."""
+    for op in ws.operators:
+        if isinstance(op, Completeness):
+            return ws.states[op.name]["received"]
+    return None
+
+
+def keep_owned_frames(ws: WorkerScan, own: np.ndarray) -> WorkerScan:
+    """Keep one copy of each (source, frame) for which ``own`` (n_sources, n_frames) bool is
+    True and none of the others, then recompute every operator from the kept events.
+
+    Used only when a frame arrived more than once, so that duplicated frames count once.
+    Completeness keeps counting every copy that arrived."""
+    store = next(op for op in ws.operators if isinstance(op, EventStore))
+    seen = ~own  # frames owned elsewhere count as already seen: every copy here is dropped
+    fresh = {op.name: op.new_state() for op in ws.operators if not isinstance(op, Completeness)}
+    for chunk in store.iter_chunks(ws.states[store.name]):
+        kept = chunk.select(~repeat_mask(chunk.frames, chunk.sources, seen))
+        for op in ws.operators:
+            if op.name in fresh:
+                op.process(fresh[op.name], kept)
+    states = {**ws.states, **fresh}
+    return WorkerScan(ws.scan_id, ws.worker, ws.geometry, ws.operators, states, ws.errors)
+
+
+def drop_duplicates(worker_scans: list[WorkerScan]) -> list[WorkerScan]:
+    """Frames that arrived more than once (on one worker or on several) count once: the first
+    worker holding a copy keeps one, every other copy is dropped and the states of the
+    workers concerned are recomputed from their stored events (rare, so not optimised)."""
+    counts = [received_counts(ws) for ws in worker_scans]
+    held = [c for c in counts if c is not None]
+    if not held or (max(int(c.max(initial=0)) for c in held) <= 1
+                    and int(sum((c > 0).astype(np.int64) for c in held).max(initial=0)) <= 1):
+        return worker_scans
+    claimed = np.zeros(held[0].shape, bool)
+    out = []
+    for ws, c in zip(worker_scans, counts):
+        if c is None:
+            out.append(ws)
+            continue
+        own = (c > 0) & ~claimed
+        claimed |= own
+        out.append(keep_owned_frames(ws, own))
+    return out
+
+
 def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
     t0 = time.time()
-    ops, states = merge_states(list(worker_scans), config, info.geometry)
+    ops, states = merge_states(drop_duplicates(list(worker_scans)), config, info.geometry)
     results, completeness, summary = {}, {}, {}
     offsets = indices = None
     for op in ops:

@@ -32,7 +32,7 @@ class ScanStatus:
     abort_reason: str = ""
     frames_sent: dict = field(default_factory=dict)  # source -> frames its end announced
     events: int = 0
-    workers: set = field(default_factory=set)
+    worker_events: dict = field(default_factory=dict)  # worker -> electrons it processed
     first_frame_time: float | None = None
     last_frame_time: float | None = None
     closed_time: float | None = None
@@ -107,7 +107,8 @@ class ScanTracker:
         if existing is not None and existing.state != RECEIVING:
             return None  # the receivers reject late messages; nothing more changes this scan
         st = self._scan(sid)
-        st.workers.add(report.get("worker"))
+        worker = report.get("worker")
+        st.worker_events[worker] = st.worker_events.get(worker, 0)
         if kind == "start":
             self._set_geometry(st, report["geometry"])
             st.metadata = st.metadata or report.get("metadata", {})
@@ -118,6 +119,7 @@ class ScanTracker:
             st.first_frame_time = st.first_frame_time or now
             st.last_frame_time = now
             st.events += report["events"]
+            st.worker_events[worker] += report["events"]
             if st._received is not None:
                 rec = st._received["received"]
                 for source, first, count in report["ranges"]:

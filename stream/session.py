@@ -27,7 +27,7 @@ from . import control
 from .config import PipelineConfig, build_operators, load_config
 from .finalize import ScanInfo, ScanResult, finalize_scan
 from .lifecycle import DONE, ScanStatus, ScanTracker
-from .worker import ReceiverPlugin, close_on_worker, keep_owned_frames, received_counts
+from .worker import ReceiverPlugin, close_on_worker
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
@@ -309,6 +309,8 @@ class Session:
             self._cond.notify_all()
 
     def _run_finalize(self, st: ScanStatus) -> ScanResult:
+        """Close the scan on every worker (its state stays there), then finalize it on the
+        worker that processed most of its electrons: only the others' states travel."""
         client = self._client
         workers = sorted(client.scheduler_info()["workers"])
         closed = [client.submit(close_on_worker, self._plugin_name, st.scan_id, workers=[w],
@@ -317,35 +319,13 @@ class Session:
             client.gather(closed)
             return ScanResult(st.scan_id, None, "failed",
                               f"closed ({st.close_reason}) before any valid message gave its geometry")
-        counts = client.gather([client.submit(received_counts, f, workers=[w], pure=False)
-                                for f, w in zip(closed, workers)])
-        closed = self._drop_duplicates(closed, counts, workers)
-        sizes = [0 if c is None else int(c.sum()) for c in counts]
-        writer = workers[int(np.argmax(sizes))]  # the others' states travel to it
+        writer = max(workers, key=lambda w: st.worker_events.get(w, 0))
         info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
                         dict(st.frames_sent), st.rejects,
                         {"opened": st.opened, "first_frame": st.first_frame_time,
                          "last_frame": st.last_frame_time, "closed": st.closed_time}, workers)
         future = client.submit(finalize_scan, info, self.config, *closed, workers=[writer], pure=False)
         return future.result()
-
-    def _drop_duplicates(self, closed, counts, workers):
-        """Frames that arrived more than once (on one worker or several) are kept once: by the
-        first worker holding a copy; the others recompute without theirs."""
-        held = [c for c in counts if c is not None]
-        if not held or max(int(c.max(initial=0)) for c in held) <= 1 and \
-                int(np.sum([c > 0 for c in held], axis=0).max(initial=0)) <= 1:
-            return closed
-        claimed = np.zeros(held[0].shape, bool)
-        out = []
-        for f, c, w in zip(closed, counts, workers):
-            if c is None:
-                out.append(f)
-                continue
-            own = (c > 0) & ~claimed
-            claimed |= own
-            out.append(self._client.submit(keep_owned_frames, f, own, workers=[w], pure=False))
-        return out
 
     def _report_result(self, st: ScanStatus, r: ScanResult) -> None:
         if r.status == "failed":

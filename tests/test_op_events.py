@@ -92,22 +92,22 @@ def test_duplicates_and_missing_frames():
 
     ref_off, ref_idx = reference_csr(scan, lost_frames=set(lost))
     state = run(op, chunks, rng, n_states=2)
-    offsets, indices = op.finalize(state)                # duplicates dropped by default
+    frames, _, counts, _ = scan.parts(n_sources)
+    twice = (rep == 2) & (scan.positions(frames) >= 0)
+    assert counts[twice].sum() > 0
+    kept_all = op.finalize(state)[1]                     # every stored copy is kept
+    assert len(kept_all) == len(ref_idx) + counts[twice].sum()
+
+    # Drop the repeated copies as the pipeline does, then finalize and re-run another
+    # operator over the stored events: both agree with the dense reference.
+    seen = np.zeros((n_sources, scan.n_frames), dtype=bool)
+    state["chunks"] = [c.select(~repeat_mask(c.frames, c.sources, seen)) for c in op.iter_chunks(state)]
+    offsets, indices = op.finalize(state)
     np.testing.assert_array_equal(offsets, ref_off)
     np.testing.assert_array_equal(indices, ref_idx)
     for f in lost:
         s = int(scan.positions(f)) * 2 + f % 2
         assert offsets[s] == offsets[s + 1]              # never-received frames are empty
-    frames, _, counts, _ = scan.parts(n_sources)
-    twice = (rep == 2) & (scan.positions(frames) >= 0)
-    assert counts[twice].sum() > 0
-    kept_all = op.finalize(state, duplicates="keep")[1]
-    assert len(kept_all) == len(indices) + counts[twice].sum()
-
-    # Drop the copies, then re-run another operator over the stored events: it agrees with
-    # the dense reference of the scan without duplicates.
-    assert op.drop_duplicates(state) == int((rep == 2).sum()) > 0
-    assert op.drop_duplicates(state) == 0
     ds = DiffractionSum(scan.frame_shape)
     ds_state = ds.new_state()
     for c in op.iter_chunks(state):
@@ -133,17 +133,6 @@ def test_repeat_mask_removes_duplicates_before_other_operators():
         op.process(state, c.select(~repeat_mask(c.frames, c.sources, seen)))
     ref = scan.dense_positions() @ masks.reshape(-1).astype(np.int64)
     np.testing.assert_array_equal(op.finalize(state)["bf"].data.ravel(), ref)
-
-
-def test_drop_frames_with_a_custom_mask():
-    scan = make_scan(19, fpp=1, flyback=1)
-    op = EventStore(scan.scan_shape, scan.frame_shape, 1, 1)
-    state = run(op, scan.chunks(np.random.default_rng(1)), np.random.default_rng(2))
-    n_fly = scan.scan_shape[0]
-    assert op.drop_frames(state, lambda c: c.positions >= 0) == n_fly
-    assert all((c.positions >= 0).all() for c in op.iter_chunks(state))
-    with pytest.raises(ValueError, match="keep mask"):
-        op.drop_frames(state, lambda c: np.ones(c.n_frames + 1, bool))
 
 
 def test_bad_chunks_are_not_stored():
