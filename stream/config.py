@@ -320,10 +320,14 @@ def build_operators(cfg: PipelineConfig, g: Geometry) -> list:
         ap_masks = []
         for a in cfg.aperture:
             try:
-                ap_masks.append(rect_mask(g.scan_shape, *a.rect) if a.rect is not None
-                                else load_aperture_masks(a.file, g.scan_shape))
+                mask = rect_mask(g.scan_shape, *a.rect) if a.rect is not None \
+                    else load_aperture_masks(a.file, g.scan_shape)
             except ValueError as e:
                 raise ConfigError(f"aperture {a.name!r}: {e}") from None
+            if mask.ndim == 3 and len(mask) != 1:
+                raise ConfigError(f"aperture {a.name!r}: {a.file} holds {len(mask)} masks; give "
+                                  "one (ny, nx) mask per [[aperture]]")
+            ap_masks.append(mask.reshape(g.scan_shape))
         ops.append(RealSpaceApertures(np.stack(ap_masks), [a.name for a in cfg.aperture], shape))
     ops.append(Completeness(g.n_sources, g.scan_shape, g.frames_per_position, g.flyback))
     ops.append(EventStore(g.scan_shape, shape, g.frames_per_position, g.flyback))

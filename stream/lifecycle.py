@@ -37,6 +37,7 @@ class ScanStatus:
     last_frame_time: float | None = None
     closed_time: float | None = None
     rejects: int = 0
+    errors: list = field(default_factory=list)  # why the scan's operators failed, if they did
     _completeness: Completeness | None = None
     _received: dict | None = None
     _distinct: np.ndarray | None = None  # distinct frames received per source
@@ -97,8 +98,11 @@ class ScanTracker:
         if kind == "reject":
             self.rejects[report["reason"]] = self.rejects.get(report["reason"], 0) + 1
             sid = report.get("scan_id")
-            if sid and sid in self.scans:
-                self.scans[sid].rejects += 1
+            if sid:  # a reject that names its scan is part of that scan's story
+                st = self.scans.get(sid) or self._scan(sid)
+                st.rejects += 1
+                if report["reason"] == "operator_error" and len(st.errors) < 5:
+                    st.errors.append(report.get("detail", ""))
             return None
         if kind not in ("start", "frames", "end", "abort", "geometry"):
             return None

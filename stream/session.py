@@ -53,6 +53,7 @@ class Console:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._last = 0.0
+        self._seen: dict[str, tuple[float, int]] = {}  # scan -> (time, frames) at the last line
 
     def say(self, text: str) -> None:
         if self.enabled:
@@ -66,8 +67,9 @@ class Console:
         for st in scans:
             if st.geometry is None:
                 continue
-            elapsed = max(1e-9, (st.last_frame_time or now) - (st.first_frame_time or now))
-            rate = st.frames_received / elapsed if st.frames_received > 1 else 0.0
+            t0, f0 = self._seen.get(st.scan_id, (st.opened, 0))
+            rate = (st.frames_received - f0) / max(1e-9, now - t0)  # since the last line
+            self._seen[st.scan_id] = (now, st.frames_received)
             self.say(f"[{st.scan_id}] {st.frames_received:>9,}/{st.n_frames:,} frames "
                      f"({100 * st.frames_received / st.n_frames:5.1f}%)  {st.events / 1e6:8.2f} M e-  "
                      f"{rate / 1e3:7.1f} kframes/s  missing {st.missing_so_far():,}  "
@@ -317,8 +319,8 @@ class Session:
                                 allow_other_workers=False, pure=False) for w in workers]
         if st.geometry is None:  # nothing but rejects or an abort before any geometry
             client.gather(closed)
-            return ScanResult(st.scan_id, None, "failed",
-                              f"closed ({st.close_reason}) before any valid message gave its geometry")
+            why = st.errors[0] if st.errors else "no valid message gave its geometry"
+            return ScanResult(st.scan_id, None, "failed", f"closed ({st.close_reason}): {why}")
         writer = max(workers, key=lambda w: st.worker_events.get(w, 0))
         info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
                         dict(st.frames_sent), st.rejects,
@@ -332,7 +334,7 @@ class Session:
             self.console.say(f"ERROR [{r.scan_id}] {r.reason}")
             return
         t = r.timings
-        span = (t.get("last_frame") or 0) - (t.get("first_frame") or 0)
+        span = (t.get("last_frame") or 0) - t["opened"]  # first message to last frame processed
         rate = f"{r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
         lag = t["written"] - t["last_frame"] if t.get("last_frame") else float("nan")
         self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "

@@ -44,6 +44,19 @@ def synthetic_events(geometry, seed=0, dose=40):
     return counts, (y * w + x).astype(np.uint32)
 
 
+def emulated_events(seed=0, dose=40):
+    """Events of the detector emulator for GEOM: an MgO slab, 4 mrad probe, 0.5 mrad/px."""
+    from sim_detector.simulate import Beam, Detector, ScanSpec, simulate_scan
+    from sim_detector.specimens import make_specimen
+    sim = simulate_scan(make_specimen("mgo", seed=seed),
+                        Beam(convergence_mrad=GEOM.convergence_mrad, dose=dose),
+                        Detector(shape=GEOM.frame_shape, mrad_per_px=GEOM.mrad_per_px),
+                        ScanSpec(shape=GEOM.scan_shape, frames_per_position=GEOM.frames_per_position,
+                                 flyback=GEOM.flyback), seed=seed, with_expected=False)
+    assert (sim.scan_shape, sim.frame_shape) == (GEOM.scan_shape, GEOM.frame_shape)
+    return sim.counts, sim.indices
+
+
 def reference(counts, indices, geometry, keep=None, weights=None):
     """Every result the pipeline must produce, computed densely in plain numpy."""
     d = dense_scan(counts, indices, geometry, keep)  # (ny, nx, h, w)
@@ -128,7 +141,7 @@ def assert_events_stored(path, counts, indices, geometry, keep=None):
 
 @pytest.mark.parametrize("n_sources", [1, 2, 4])
 def test_exact_with_two_workers(client2, scripted_source, tmp_path, n_sources):
-    counts, indices = synthetic_events(GEOM, seed=n_sources)
+    counts, indices = emulated_events(seed=n_sources)
     weights = np.random.default_rng(5).random(GEOM.frame_shape)
     src = scripted_source(n_sources)
     with Session(src.addresses, config=config(tmp_path, weights), client=client2, console=False) as s:
@@ -141,6 +154,7 @@ def test_exact_with_two_workers(client2, scripted_source, tmp_path, n_sources):
     assert r.status == "complete", r.reason
     assert r.frames_received == GEOM.n_frames and not r.missing_frames
     assert r.events == int(counts.sum() - counts.reshape(12, 11, 2)[:, 10].sum())  # flyback dropped
+    assert r.results["adf"].sum() > 0 and r.results["bf"].sum() > 0  # the emulator gives contrast
     assert_matches(r, reference(counts, indices, GEOM, weights=weights), r.path)
     assert_events_stored(r.path, counts, indices, GEOM)
     with h5py.File(r.path, "r") as f:
@@ -151,7 +165,7 @@ def test_exact_with_two_workers(client2, scripted_source, tmp_path, n_sources):
 
 
 def test_exact_with_one_and_three_workers(client_1_or_3, scripted_source, tmp_path):
-    counts, indices = synthetic_events(GEOM, seed=11)
+    counts, indices = emulated_events(seed=11)
     src = scripted_source(4)
     n_workers = len(client_1_or_3.scheduler_info()["workers"])
     with Session(src.addresses, config=config(tmp_path), client=client_1_or_3, console=False) as s:
@@ -340,3 +354,54 @@ def test_live_results_fill_in_while_the_scan_runs(client2, scripted_source, tmp_
     sub.close(0)
     assert header["kind"] == "done" and header["path"] == str(r.path)
     assert_matches(r, reference(counts, indices, GEOM))
+
+
+def test_one_aperture_per_grain_of_the_cluster_specimen(client2, scripted_source, tmp_path):
+    """The crystallographer's case: a real-space aperture drawn over each crystal of the
+    emulated `cluster` (from the truth's grain map, as .npy mask files) gives exactly the
+    summed pattern of that crystal's probe positions, computed here in plain numpy."""
+    from test_sim_cluster import ALPHA, H, MRAD_PER_PX, W, aperture_pattern
+
+    from sim_detector.simulate import Beam, Detector, ScanSpec, simulate_scan
+    from sim_detector.specimens import make_specimen
+    spec = make_specimen("cluster", seed=0)
+    sim = simulate_scan(spec, Beam(dose=100.0, convergence_mrad=ALPHA),
+                        Detector(shape=(H, W), mrad_per_px=MRAD_PER_PX), ScanSpec(shape=(24, 24)),
+                        seed=2, with_expected=False)
+    g = Geometry(sim.scan_shape, sim.frame_shape, mrad_per_px=MRAD_PER_PX, convergence_mrad=ALPHA)
+    grain_map = sim.truth.grain_map
+    names = []
+    for k in range(len(spec.grains)):
+        if (grain_map == k).sum():
+            np.save(tmp_path / f"grain{k}.npy", grain_map == k)
+            names.append(k)
+    cfg = PipelineConfig(aperture=[ApertureSpec(name=f"grain{k}", file=f"grain{k}.npy") for k in names],
+                         output=OutputSpec(dir=str(tmp_path / "out"), previews=False))
+    cfg = validate(cfg, base=tmp_path)
+    src = scripted_source(4)
+    with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+        src.wait_for_receivers()
+        src.start("cluster", g)
+        src.frames("cluster", g, sim.counts, sim.indices, batch=32)
+        src.end("cluster", g.n_frames)
+        r = s.wait("cluster", timeout=60)
+    assert r.status == "complete" and len(names) >= 3
+    for k in names:
+        np.testing.assert_array_equal(r.results[f"aperture_grain{k}"], aperture_pattern(sim, grain_map == k))
+
+
+def test_a_scan_the_configuration_cannot_process_fails_with_the_reason(client2, scripted_source, tmp_path, capsys):
+    counts, indices = synthetic_events(GEOM, seed=12)
+    uncalibrated = Geometry(GEOM.scan_shape, GEOM.frame_shape, GEOM.frames_per_position, flyback=GEOM.flyback)
+    cfg = config(tmp_path, timeout_s=1.0)  # its adf is given in mrad
+    src = scripted_source(1)
+    with Session(src.addresses, config=cfg, client=client2) as s:
+        src.wait_for_receivers()
+        src.start("nocal", uncalibrated)
+        src.frames("nocal", uncalibrated, counts, indices)
+        src.end("nocal", uncalibrated.n_frames)
+        r = s.wait("nocal", timeout=30)
+    assert r.status == "failed" and r.path is None
+    assert "mrad_per_px" in r.reason and "virtual detector 'adf'" in r.reason
+    out = capsys.readouterr().out
+    assert "ERROR [nocal]" in out and "set [detector] mrad_per_px" in out
