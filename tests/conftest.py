@@ -17,7 +17,10 @@ from sim_detector.publisher import prepare_sources
 from stream.net import free_port_block
 from stream.protocol import Geometry, encode_abort, encode_end, encode_frames, encode_start
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data of the repo
+TA_MODEL = SHARED_DATA / "aet-amorphous" / "Ta_film_atomic_model.mat"
+needs_shared_data = pytest.mark.skipif(not TA_MODEL.is_file(),
+                                       reason=f"published data not found at {SHARED_DATA}")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 

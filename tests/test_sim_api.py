@@ -6,6 +6,7 @@ import pytest
 
 from sim_detector.simulate import (Beam, Detector, ScanSpec, SimulatedScan, presets,
                                    simulate_scan)
+from conftest import TA_MODEL, needs_shared_data
 from sim_detector.specimens import SPECIMENS, make_specimen
 
 SMALL = dict(detector=Detector(shape=(48, 48), mrad_per_px=1.0), scan=ScanSpec(shape=(6, 7)))
@@ -104,13 +105,14 @@ def test_bad_settings_raise_clear_errors(kwargs, match):
         simulate_scan(spec, **args)
 
 
+@needs_shared_data
 def test_cli_style_parameters():
     # one size_A for every built-in specimen (the CLI's --size)
     for name in SPECIMENS:
         s = make_specimen(name, size_A=14.0)
         assert len(s.Z) > 10
     with pytest.raises(ValueError, match="do not apply to a file"):
-        make_specimen("/work/shared/data/aet-amorphous/Ta_film_atomic_model.mat", size_A=3.0)
+        make_specimen(str(TA_MODEL), size_A=3.0)
 
 
 @pytest.mark.slow

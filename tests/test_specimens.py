@@ -5,9 +5,9 @@ import pytest
 import scipy.io
 from scipy.spatial import cKDTree
 
+from conftest import TA_MODEL as TA_MAT, needs_shared_data
 from sim_detector.specimens import SPECIMENS, Specimen, make_specimen
 
-TA_MAT = "/work/shared/data/aet-amorphous/Ta_film_atomic_model.mat"
 A_MGO, A_PT = 4.212, 3.924
 
 
@@ -163,8 +163,9 @@ def test_same_seed_same_atoms():
         not np.array_equal(c.positions, make_specimen("mgo", seed=7).positions)
 
 
+@needs_shared_data
 def test_reads_ta_model():
-    s = make_specimen(TA_MAT)
+    s = make_specimen(str(TA_MAT))
     raw = scipy.io.loadmat(TA_MAT)["model"]
     assert raw.shape == (3, 8284)
     assert s.positions.shape == (8284, 3)
