@@ -36,25 +36,32 @@ def _rate(text: str) -> float | None:
         r = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames/s or 'max'") from None
-    if not r > 0:
+    if not (np.isfinite(r) and r > 0):
         raise argparse.ArgumentTypeError("the rate must be > 0 frames/s (or 'max')")
     return r
 
 
-def _nonneg(text: str) -> float:
+def _number(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0:
+    if not np.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def _nonneg(text: str) -> float:
+    v = _number(text)
+    if v < 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
     return v
 
 
 def _positive(text: str) -> float:
-    v = _nonneg(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    v = _number(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return v
 
 
@@ -70,10 +77,21 @@ def parse_tilts(text: str) -> list[float]:
     return [round(start + i * step, 6) for i in range(n)]
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Show a default only where the help does not already say it and there is one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        default = "x".join(map(str, action.default)) if isinstance(action.default, tuple) else action.default
+        return f"{text} (default: {default})"
+
+
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
     from .specimens import SPECIMENS
 
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.formatter_class = _DefaultsFormatter
     p.epilog = ("Example: stemstream simulate --specimen mgo --scan 128x128 --dose 200 --rate 87000 "
                 "--sources 4 --truth truth.h5. Each source k binds the port of --bind plus k; start "
                 "'stemstream process --connect tcp://127.0.0.1:6001 --sources 4' to receive. "
@@ -123,7 +141,10 @@ def _check(args) -> None:
                 (args.flyback < 0, "--flyback must be >= 0"),
                 (args.scans < 1, "--scans must be at least 1"),
                 (args.batch < 1, "--batch must be at least 1"),
-                (args.hot_pixels < 0 or args.dead_pixels < 0, "--hot-pixels and --dead-pixels must be >= 0")]
+                (args.hot_pixels < 0 or args.dead_pixels < 0, "--hot-pixels and --dead-pixels must be >= 0"),
+                (args.detector[0] * args.detector[1] > 2**32,
+                 f"--detector {args.detector[0]}x{args.detector[1]} has more pixels than a uint32 "
+                 "pixel index can address (2^32)")]
     for bad, message in problems:
         if bad:
             raise SimulateError(message)
@@ -207,7 +228,10 @@ def run_simulate(args) -> int:
         with ThreadPoolExecutor(1) as pool:  # generate the next scan while this one streams
             pending = pool.submit(generate, jobs[0])
             for n, job in enumerate(jobs):
-                sim, sources, gen_s = pending.result()
+                try:
+                    sim, sources, gen_s = pending.result()
+                except ValueError as e:  # the model refuses a parameter the user chose
+                    raise SimulateError(str(e)) from None
                 if n + 1 < len(jobs):
                     pending = pool.submit(generate, jobs[n + 1])
                 scan_id = f"{prefix}-{n:04d}"

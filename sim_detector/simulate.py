@@ -98,16 +98,19 @@ class SimulatedScan:
 
 _BEAM_20 = {"energy_keV": 300.0, "convergence_mrad": 20.0, "probe_fwhm_A": None, "dose": 200.0}
 _PRESETS = {
-    "mgo": {"beam": _BEAM_20, "detector": {"shape": (576, 576), "mrad_per_px": 0.5},
+    "mgo": {"beam": _BEAM_20, "detector": {"shape": (576, 576), "mrad_per_px": None},
             "scan": {"shape": (128, 128), "step_A": None, "fov_margin_A": 2.0}},
-    "pt-particle": {"beam": _BEAM_20, "detector": {"shape": (576, 576), "mrad_per_px": 0.5},
+    "pt-particle": {"beam": _BEAM_20, "detector": {"shape": (576, 576), "mrad_per_px": None},
                     "scan": {"shape": (128, 128), "step_A": None, "fov_margin_A": 3.0}},
     "cluster": {"beam": {**_BEAM_20, "convergence_mrad": 2.5},
-                "detector": {"shape": (576, 576), "mrad_per_px": 0.2},
+                "detector": {"shape": (576, 576), "mrad_per_px": None},
                 "scan": {"shape": (128, 128), "step_A": None, "fov_margin_A": 0.0}},
-    "amorphous": {"beam": _BEAM_20, "detector": {"shape": (576, 576), "mrad_per_px": 0.5},
+    "amorphous": {"beam": _BEAM_20, "detector": {"shape": (576, 576), "mrad_per_px": None},
                   "scan": {"shape": (128, 128), "step_A": None, "fov_margin_A": 3.0}},
 }
+# Scattering angle at the detector's inscribed edge: the calibration follows the detector size
+# (a binned or smaller detector covers the same angles), 0.5 and 0.2 mrad/px at 576 x 576.
+EDGE_MRAD = {"mgo": 144.0, "pt-particle": 144.0, "cluster": 57.6, "amorphous": 144.0, "file": 144.0}
 _PRESETS["file"] = _PRESETS["amorphous"]
 
 
@@ -118,9 +121,10 @@ def presets(specimen_name: str) -> dict:
     override what the user gave.
 
     mgo, pt-particle, amorphous: 300 keV, α = 20 mrad (diffraction-limited probe, FWHM
-    0.51 Å), 200 e⁻/frame, 0.5 mrad/px (r_BF = 40 px, detector edge at 144 mrad).
+    0.51 Å), 200 e⁻/frame, detector edge at 144 mrad (0.5 mrad/px, r_BF = 40 px on 576²).
     cluster: 300 keV, α = 2.5 mrad (nanobeam diffraction: probe 4.1 Å, disks separated),
-    0.2 mrad/px (r_BF = 12.5 px, edge at 57.6 mrad). Scan step: the field of view fits the
+    edge at 57.6 mrad (0.2 mrad/px, r_BF = 12.5 px on 576²). The calibration (mrad_per_px
+    None) follows the detector size: edge angle / (min(h, w) / 2). Scan step: the field of view fits the
     specimen at any tilt about y, plus a margin (mgo 2 Å, particle/amorphous 3 Å).
     """
     key = str(specimen_name).lower()
@@ -235,9 +239,9 @@ def prepare_scan(specimen: Specimen, beam: Beam = Beam(), detector: Detector = D
     """Evaluate the model for every probe position (see :func:`simulate_scan`)."""
     _check(beam, detector, scan)
     pre = presets(_preset_key(specimen))
-    m = float(detector.mrad_per_px if detector.mrad_per_px is not None
-              else pre["detector"]["mrad_per_px"])
     h, w = (int(v) for v in detector.shape)
+    m = float(detector.mrad_per_px if detector.mrad_per_px is not None
+              else EDGE_MRAD[_preset_key(specimen)] / (min(h, w) / 2))
     ny, nx = (int(v) for v in scan.shape)
     E, alpha = float(beam.energy_keV), float(beam.convergence_mrad)
     lam = model.wavelength_A(E)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -118,9 +119,11 @@ def format_info(d: dict) -> str:
     g = d.get("geometry", {})
     c = d.get("completeness", {})
     ev = d["events"]
+    def shape(v):
+        return "x".join(str(x) for x in v) if isinstance(v, list) else str(v)
     lines = [f"{d['path']}: scan {d['scan_id']} — {d['status']} ({d['reason']})",
-             f"  scan {g.get('scan_shape')} positions × {g.get('frames_per_position')} frames, "
-             f"detector {g.get('frame_shape')}, {g.get('n_sources')} sources",
+             f"  scan {shape(g.get('scan_shape'))} positions, {g.get('frames_per_position')} frame(s) each, "
+             f"detector {shape(g.get('frame_shape'))} px, {g.get('n_sources')} source(s)",
              f"  events: {ev['n_events']:,} in {ev['n_frames']:,} frames; "
              f"{ev['stored_bytes'] / max(1, ev['n_events']):.2f} bytes/electron on disk; file {d['file_bytes'] / 1e6:.1f} MB"]
     if "n_missing" in c or "n_duplicated" in c:
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stemstream {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `stemstream info FILE | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

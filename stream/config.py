@@ -138,14 +138,32 @@ _SECTIONS = {"detector": DetectorSpec, "com": ComSpec, "diffraction_sum": Diffra
 _LISTS = {"virtual": VirtualSpec, "aperture": ApertureSpec}
 
 
+_TOML_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "list": (list,)}
+
+
+def _type_ok(value, annotation: str) -> bool:
+    """Does a TOML value fit a field annotated like 'float | None' or 'list[int] | None'?"""
+    if value is None:
+        return "None" in annotation
+    for part in annotation.split("|"):
+        allowed = _TOML_TYPES.get(part.strip().split("[")[0])
+        if allowed and isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+            return True
+    return False
+
+
 def _build(cls, table: dict, where: str):
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
-    known = {f.name for f in fields(cls)} - {"masks"}
-    unknown = set(table) - known
+    known = {f.name: f.type for f in fields(cls) if f.name != "masks"}
+    unknown = set(table) - set(known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
                           f"valid keys are {', '.join(sorted(known))}")
+    for key, value in table.items():
+        if not _type_ok(value, known[key]):
+            raise ConfigError(f"{where}: {key} = {value!r} has the wrong type; expected "
+                              f"{known[key].replace(' | None', '').replace('str', 'a string')}")
     return cls(**table)
 
 
@@ -172,7 +190,10 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
             setattr(cfg, key, [_build(_LISTS[key], v, f"{path} [[{key}]] #{i + 1}")
                                for i, v in enumerate(value)])
         else:
-            raise ConfigError(f"{path}: unknown section [{key}]; valid sections are "
+            homes = [name for name, c in {**_SECTIONS, **_LISTS}.items()
+                     if key in {f.name for f in fields(c)}]
+            hint = f" (did you mean {key} under [{homes[0]}]?)" if homes else ""
+            raise ConfigError(f"{path}: unknown section [{key}]{hint}; valid sections are "
                               f"{', '.join(sorted([*_SECTIONS, *_LISTS]))}")
     return validate(cfg, base=path.parent)
 
@@ -275,13 +296,17 @@ def calibration(cfg: PipelineConfig, g: Geometry) -> Calibration:
 
 
 def default_virtual(cal: Calibration, frame_shape) -> list[VirtualSpec]:
-    """Bright field (disk of the convergence angle) and annular dark field (twice the
-    bright-field radius out to the detector's inscribed circle). Without a calibration the
-    bright-field radius is an eighth of the detector's smaller side."""
+    """Bright field: the disk of the convergence angle. Annular dark field: from twice the
+    bright-field radius (or halfway between the disk and the detector edge, when twice does
+    not fit) to the detector's inscribed circle; none when the disk fills the detector.
+    Without a calibration the bright-field radius is an eighth of the detector's smaller side."""
     edge = min(frame_shape) / 2
     r_bf = cal.bf_radius_px or edge / 4
-    return [VirtualSpec(name="bf", shape="disk", radius_px=r_bf),
-            VirtualSpec(name="adf", shape="annulus", inner_px=min(2 * r_bf, edge - 1), outer_px=edge)]
+    out = [VirtualSpec(name="bf", shape="disk", radius_px=r_bf)]
+    if r_bf < edge - 1:
+        out.append(VirtualSpec(name="adf", shape="annulus", inner_px=min(2 * r_bf, (r_bf + edge) / 2),
+                               outer_px=edge))
+    return out
 
 
 def build_operators(cfg: PipelineConfig, g: Geometry) -> list:

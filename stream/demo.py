@@ -12,15 +12,16 @@ import numpy as np
 
 
 def add_demo_args(p) -> None:
-    from sim_detector.cli import _shape
+    from sim_detector.cli import _nonneg, _rate, _shape
 
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory (default demo-out)")
     p.add_argument("--specimen", default="mgo", help="emulated specimen (default mgo)")
     p.add_argument("--scan", type=_shape, default=(128, 128), metavar="NYxNX", help="probe positions (default 128x128)")
     p.add_argument("--detector", type=_shape, default=(576, 576), metavar="HxW", help="detector (default 576x576)")
-    p.add_argument("--dose", type=float, default=500.0, metavar="e/frame",
+    p.add_argument("--dose", type=_nonneg, default=500.0, metavar="e/frame",
                    help="mean electrons per frame (default 500: atomic columns visible in one scan)")
-    p.add_argument("--rate", default="87000", metavar="FRAMES/S|max", help="emulator frame rate (default 87000)")
+    p.add_argument("--rate", type=_rate, default=87000.0, metavar="FRAMES/S|max",
+                   help="emulator frame rate (default 87000)")
     p.add_argument("--sources", type=int, default=4, help="emulator sources / detector sectors (default 4)")
     p.add_argument("--workers", type=int, default=2, help="local dask worker processes (default 2)")
 
@@ -40,19 +41,35 @@ def run_demo(args) -> int:
                  config=None) as session:
         cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", args.specimen,
                "--scan", f"{args.scan[0]}x{args.scan[1]}", "--detector", f"{args.detector[0]}x{args.detector[1]}",
-               "--dose", str(args.dose), "--rate", str(args.rate), "--sources", str(args.sources),
-               "--bind", bind, "--truth", str(truth), "--scan-id", "demo", "--wait", "120"]
+               "--dose", str(args.dose), "--rate", "max" if args.rate is None else str(args.rate),
+               "--sources", str(args.sources), "--bind", bind, "--truth", str(truth),
+               "--scan-id", "demo", "--wait", "120"]
         t0 = time.time()
         emulator = subprocess.Popen(cmd)
         try:
-            result = session.wait(timeout=600)
+            result = _wait_for_scan(session, emulator)
         finally:
-            code = emulator.wait(timeout=120)
-    if code != 0 or result.status == "failed":
-        print(f"demo: FAILED (emulator exit code {code}, scan {result.status}: {result.reason})", file=sys.stderr)
+            if emulator.poll() is None:
+                emulator.terminate()
+            code = emulator.wait(timeout=30)
+    if result is None or code != 0 or result.status == "failed":
+        why = f"scan {result.status}: {result.reason}" if result else "no scan arrived"
+        print(f"demo: FAILED (emulator exit code {code}; {why})", file=sys.stderr)
         return 1
     print(summary(result, truth, time.time() - t0))
     return 0
+
+
+def _wait_for_scan(session, emulator, timeout_s: float = 600):
+    """The demo's scan result, or None as soon as the emulator has failed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return session.wait(timeout=0.5)
+        except TimeoutError:
+            if emulator.poll() not in (None, 0):
+                return None
+    return None
 
 
 def summary(result, truth_path: Path, seconds: float) -> str:
@@ -68,8 +85,13 @@ def summary(result, truth_path: Path, seconds: float) -> str:
             expected = {k: group["expected"][k][()] for k in group["expected"]}
         for name, key in (("bf", "bf"), ("adf", "adf"), ("com_x", "com_x"), ("com_y", "com_y")):
             if name in result.results and key in expected:
-                r = np.corrcoef(result.results[name].ravel(), expected[key].ravel())[0, 1]
-                lines.append(f"  {name:<4}: correlation with the noiseless truth {r:.3f}")
+                a, b = result.results[name].ravel(), expected[key].ravel()
+                ok = np.isfinite(a) & np.isfinite(b)
+                if ok.sum() > 1 and a[ok].std() > 0 and b[ok].std() > 0:
+                    r = np.corrcoef(a[ok], b[ok])[0, 1]
+                    lines.append(f"  {name:<5}: correlation with the noiseless truth {r:.3f}")
+                else:
+                    lines.append(f"  {name:<5}: no correlation (an image is constant on this detector)")
         lines.append(f"  truth     : {truth_path}")
     except (OSError, KeyError) as e:
         lines.append(f"  (truth comparison skipped: {e})")

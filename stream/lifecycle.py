@@ -61,10 +61,15 @@ class ScanStatus:
         return int(np.maximum(r.astype(np.int64) - 1, 0).sum())
 
     def missing_so_far(self) -> int:
-        """Frames already announced by an ``end`` that have not arrived (per source, summed)."""
+        """Frames announced by the sources' ``end`` messages that have not all arrived yet:
+        the most any one source still owes (0 until a source has ended)."""
         if self._distinct is None:
             return 0
-        return int(sum(max(0, sent - int(self._distinct[s])) for s, sent in self.frames_sent.items()))
+        return max((sent - int(self._distinct[s]) for s, sent in self.frames_sent.items()), default=0)
+
+    @property
+    def all_ended(self) -> bool:
+        return self.geometry is not None and len(self.frames_sent) == self.geometry.n_sources
 
 
 class ScanTracker:
@@ -145,8 +150,7 @@ class ScanTracker:
             reason = None
             if st.abort_reason:
                 reason = "abort"
-            elif st.geometry is not None and len(st.frames_sent) == st.geometry.n_sources \
-                    and st.missing_so_far() == 0:
+            elif st.all_ended and st.missing_so_far() <= 0:
                 reason = "complete"
             elif now - st.last_activity >= self.timeout_s:
                 reason = "timeout"

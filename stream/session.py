@@ -11,8 +11,10 @@ tasks on the workers that hold its state. Bulk data never reaches this process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import signal
 import sys
 import threading
 import time
@@ -31,6 +33,20 @@ from .worker import ReceiverPlugin, close_on_worker
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """Worker processes started inside inherit SIGINT ignored: Ctrl-C in a terminal reaches the
+    whole process group, and only this process should act on it (it stops them cleanly)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
@@ -70,10 +86,12 @@ class Console:
             t0, f0 = self._seen.get(st.scan_id, (st.opened, 0))
             rate = (st.frames_received - f0) / max(1e-9, now - t0)  # since the last line
             self._seen[st.scan_id] = (now, st.frames_received)
+            waiting = f"  waiting for {st.missing_so_far():,} frames the sources sent" \
+                if st.all_ended and st.missing_so_far() > 0 else ""
             self.say(f"[{st.scan_id}] {st.frames_received:>9,}/{st.n_frames:,} frames "
                      f"({100 * st.frames_received / st.n_frames:5.1f}%)  {st.events / 1e6:8.2f} M e-  "
-                     f"{rate / 1e3:7.1f} kframes/s  missing {st.missing_so_far():,}  "
-                     f"duplicated {st.duplicates:,}  rejected {sum(rejects.values()):,}")
+                     f"{rate / 1e3:7.1f} kframes/s  duplicated {st.duplicates:,}  "
+                     f"rejected {sum(rejects.values()):,}{waiting}")
 
 
 class Session:
@@ -133,9 +151,10 @@ class Session:
             if cl.scheduler:
                 self._client = Client(cl.scheduler)
             else:
-                self._cluster = LocalCluster(n_workers=cl.workers, threads_per_worker=cl.threads_per_worker,
-                                             processes=True, host="127.0.0.1", dashboard_address=":0",
-                                             memory_limit=cl.memory_limit)
+                with _workers_ignore_ctrl_c():
+                    self._cluster = LocalCluster(n_workers=cl.workers, threads_per_worker=cl.threads_per_worker,
+                                                 processes=True, host="127.0.0.1", dashboard_address=":0",
+                                                 memory_limit=cl.memory_limit)
                 self._client = Client(self._cluster)
         host = self._control_host()
         self._ctx = zmq.Context()
@@ -335,7 +354,7 @@ class Session:
             return
         t = r.timings
         span = (t.get("last_frame") or 0) - t["opened"]  # first message to last frame processed
-        rate = f"{r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
+        rate = f"processed at {r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
         lag = t["written"] - t["last_frame"] if t.get("last_frame") else float("nan")
         self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "
                          f"{r.events / 1e6:.2f} M e- ({rate}); {r.path} written {lag:.2f} s after the last frame")

@@ -50,8 +50,14 @@ def write_attrs(group: h5py.Group, mapping: dict) -> None:
 
 
 def read_attrs(group: h5py.Group) -> dict:
+    """The inverse of write_attrs: attributes and subgroups as plain values."""
     out = {}
     for key, value in group.attrs.items():
+        if isinstance(value, str) and value[:1] in "[{":
+            try:  # written as JSON text by write_attrs
+                value = json.loads(value)
+            except ValueError:
+                pass
         out[key] = value.tolist() if isinstance(value, np.ndarray) else \
             (value.item() if isinstance(value, np.generic) else value)
     for key, sub in group.items():
@@ -126,16 +132,22 @@ def write_scan(path: str | Path, *, scan_id: str, status: str, reason: str, geom
 def open_scan(path: str | Path) -> h5py.File:
     """Open a scan file for reading; ScanFileError with the path and the reason otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise ScanFileError(f"{path}: is a directory; give a scan file such as {path}/SCAN_ID.h5")
     if not path.is_file():
         raise ScanFileError(f"{path}: no such file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise ScanFileError(f"{path}: not an HDF5 file ({e})") from None
-    if f.attrs.get("format") != FORMAT:
+    fmt = f.attrs.get("format")
+    if fmt != FORMAT:
+        truth = "stemstream-emulator-truth" in [fmt] + [g.attrs.get("format") for g in f.values()
+                                                     if isinstance(g, h5py.Group)]
         f.close()
-        raise ScanFileError(f"{path}: not a stemstream scan file (root attribute format is "
-                            f"{f.attrs.get('format')!r}, expected {FORMAT!r})")
+        hint = " (it is the emulator's ground truth)" if truth else ""
+        raise ScanFileError(f"{path}: not a stemstream scan file{hint}: root attribute format is "
+                            f"{fmt!r}, expected {FORMAT!r}")
     return f
 
 

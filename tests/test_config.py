@@ -75,3 +75,15 @@ def test_mask_file_of_the_wrong_shape_is_refused_for_the_scan(tmp_path):
     assert [v.names for v in cfg.virtual] == [["m_0", "m_1", "m_2"]]
     with pytest.raises(ConfigError, match="m.npy"):
         build_operators(cfg, G)
+
+
+@pytest.mark.parametrize("text,match", [
+    ('[scan]\ntimeout_s = "2"\n', r"timeout_s = '2' has the wrong type; expected float"),
+    ("[chunking]\nmax_frames = 1.5\n", r"max_frames = 1.5 has the wrong type; expected int"),
+    ("[com]\nflip = 1\n", r"flip = 1 has the wrong type; expected bool"),
+    ("[[aperture]]\nname = 'a'\nrect = 3\n", r"rect = 3 has the wrong type; expected list\[int\]"),
+    ("timeout_s = 2\n", r"did you mean timeout_s under \[scan\]"),
+])
+def test_wrong_value_types_are_named(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
