@@ -109,6 +109,8 @@ class RealSpaceApertures(Operator):
     "sig", attrs ``n_positions`` (positions in the aperture).
     """
 
+    state_kinds = {"patterns": "sig"}
+
     def __init__(self, masks, names, frame_shape, name="apertures"):
         masks = np.asarray(masks)
         if masks.ndim not in (2, 3):

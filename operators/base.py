@@ -40,9 +40,16 @@ class Result:
 
 
 class Operator:
-    """Base class; subclasses set ``name`` and implement new_state, process and finalize."""
+    """Base class; subclasses set ``name`` and implement new_state, process and finalize.
+
+    state_kinds: how each state array is laid out — 'nav' (last axis: scan positions, so a
+        live snapshot may send only the positions that changed) or 'sig' (anything else).
+    live: whether partial results of this operator are worth showing while a scan runs.
+    """
 
     name = "operator"
+    state_kinds: dict[str, str] = {}
+    live = True
 
     def new_state(self) -> State:
         raise NotImplementedError

@@ -56,17 +56,6 @@ class Chunk:
                    np.asarray(positions, dtype=np.int64), offsets,
                    np.asarray(indices, dtype=np.uint32))
 
-    @classmethod
-    def concatenate(cls, chunks: list["Chunk"]) -> "Chunk":
-        """One chunk holding the frames of all ``chunks``, in order."""
-        if len(chunks) == 1:
-            return chunks[0]
-        counts = np.concatenate([c.counts for c in chunks])
-        return cls.from_counts(np.concatenate([c.frames for c in chunks]),
-                               np.concatenate([c.sources for c in chunks]),
-                               np.concatenate([c.positions for c in chunks]), counts,
-                               np.concatenate([c.indices for c in chunks]))
-
     def select(self, keep: np.ndarray) -> "Chunk":
         """The chunk restricted to the frames where boolean ``keep`` (n,) is True."""
         keep = np.asarray(keep, dtype=bool)

@@ -137,6 +137,8 @@ class CenterOfMass(Operator):
     scan frame, NaN where com_n == 0), and ``com_y_mrad``/``com_x_mrad`` if calibrated.
     """
 
+    state_kinds = {"n": "nav", "sum_y": "nav", "sum_x": "nav"}
+
     def __init__(self, scan_shape, frame_shape, center=None, radius=None, mrad_per_px=None,
                  rotation_deg=0.0, flip=False, name="com"):
         self.name = name

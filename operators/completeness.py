@@ -120,6 +120,8 @@ class Completeness(Operator):
     (sorted int64 frame numbers, complete); attrs hold the :meth:`summary` numbers.
     """
 
+    live = False
+
     def __init__(self, n_sources, scan_shape, frames_per_position=1, flyback=0,
                  name="completeness", max_listed=100_000):
         self.name = name

@@ -56,6 +56,8 @@ class DiffractionSum(Operator):
     State ``{"sum": (h*w,) int64}``; result ``diffraction_sum`` (h, w) int64 counts, kind "sig".
     """
 
+    state_kinds = {"sum": "sig"}
+
     def __init__(self, frame_shape, name="sum", n_positions=None):
         self.name = name
         self.frame_shape = shape2(frame_shape, "frame_shape")

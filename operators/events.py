@@ -77,6 +77,8 @@ class EventStore(Operator):
     two arrays rather than Results.
     """
 
+    live = False
+
     def __init__(self, scan_shape, frame_shape, frames_per_position=1, flyback=0, name="events"):
         self.name = name
         self.scan_shape = shape2(scan_shape, "scan_shape")

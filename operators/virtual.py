@@ -327,6 +327,8 @@ class VirtualDetectors(Operator):
     masks it belongs to).
     """
 
+    state_kinds = {"images": "nav"}
+
     def __init__(self, masks, names, scan_shape, name="virtual"):
         masks = check_mask_array(masks, f"VirtualDetectors {name!r}")
         self.name = name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ class SimulateError(ValueError):
     """A bad argument or input file; printed as one line, exit code 2."""
 
 
-def _shape(text: str) -> tuple[int, int]:
+def shape_arg(text: str) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -29,7 +30,7 @@ def _shape(text: str) -> tuple[int, int]:
     return (a, b)
 
 
-def _rate(text: str) -> float | None:
+def rate_arg(text: str) -> float | None:
     if text == "max":
         return None
     try:
@@ -41,7 +42,7 @@ def _rate(text: str) -> float | None:
     return r
 
 
-def _number(text: str) -> float:
+def number_arg(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -51,15 +52,15 @@ def _number(text: str) -> float:
     return v
 
 
-def _nonneg(text: str) -> float:
-    v = _number(text)
+def nonneg_arg(text: str) -> float:
+    v = number_arg(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
     return v
 
 
-def _positive(text: str) -> float:
-    v = _number(text)
+def positive_arg(text: str) -> float:
+    v = number_arg(text)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return v
@@ -99,9 +100,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("specimen and scan")
     g.add_argument("--specimen", default="mgo", metavar="NAME|FILE",
                    help=f"one of {', '.join(SPECIMENS)}, or a file of atom positions (.mat, .xyz, .csv)")
-    g.add_argument("--size", type=_positive, metavar="Å", help="particle or crystal size (pt-particle, cluster)")
-    g.add_argument("--scan", type=_shape, default=(128, 128), metavar="NYxNX", help="probe positions: rows x columns")
-    g.add_argument("--step", type=_positive, metavar="Å", help="scan step (default: the specimen's preset)")
+    g.add_argument("--size", type=positive_arg, metavar="Å", help="particle or crystal size (pt-particle, cluster)")
+    g.add_argument("--scan", type=shape_arg, default=(128, 128), metavar="NYxNX", help="probe positions: rows x columns")
+    g.add_argument("--step", type=positive_arg, metavar="Å", help="scan step (default: the specimen's preset)")
     g.add_argument("--frames-per-position", type=int, default=1, metavar="N", help="detector frames per probe position")
     g.add_argument("--flyback", type=int, default=0, metavar="N",
                    help="extra flyback columns per scan row, as the 4D Camera records them")
@@ -110,14 +111,14 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scans", type=int, default=1, metavar="N", help="scans in sequence (each tilt series N times)")
     g.add_argument("--seed", type=int, default=0, help="random seed; same seed, same electrons")
     g = p.add_argument_group("beam and detector")
-    g.add_argument("--energy", type=_positive, metavar="keV", help="beam energy (default 300)")
-    g.add_argument("--convergence", type=_positive, metavar="mrad", help="probe convergence semi-angle")
-    g.add_argument("--probe", type=_positive, metavar="Å", help="probe FWHM (default: diffraction limit)")
-    g.add_argument("--dose", type=_nonneg, metavar="e/frame",
+    g.add_argument("--energy", type=positive_arg, metavar="keV", help="beam energy (default 300)")
+    g.add_argument("--convergence", type=positive_arg, metavar="mrad", help="probe convergence semi-angle")
+    g.add_argument("--probe", type=positive_arg, metavar="Å", help="probe FWHM (default: diffraction limit)")
+    g.add_argument("--dose", type=nonneg_arg, metavar="e/frame",
                    help="mean electrons per frame (default: the specimen's preset, 200)")
-    g.add_argument("--detector", type=_shape, default=(576, 576), metavar="HxW", help="detector pixels")
-    g.add_argument("--mrad-per-px", type=_positive, metavar="mrad", help="detector calibration")
-    g.add_argument("--dark-rate", type=_nonneg, default=0.0, metavar="e/frame", help="mean dark counts per frame")
+    g.add_argument("--detector", type=shape_arg, default=(576, 576), metavar="HxW", help="detector pixels")
+    g.add_argument("--mrad-per-px", type=positive_arg, metavar="mrad", help="detector calibration")
+    g.add_argument("--dark-rate", type=nonneg_arg, default=0.0, metavar="e/frame", help="mean dark counts per frame")
     g.add_argument("--hot-pixels", type=int, default=0, metavar="N", help="hot pixels (fire in most frames)")
     g.add_argument("--dead-pixels", type=int, default=0, metavar="N", help="dead pixels (never count)")
     g = p.add_argument_group("publishing")
@@ -125,11 +126,11 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="address of source 0; source k binds PORT+k")
     g.add_argument("--sources", type=int, default=1, metavar="N",
                    help="split every frame into N detector row stripes, one source each (4D Camera: 4)")
-    g.add_argument("--rate", type=_rate, default=87000.0, metavar="FRAMES/S|max", help="target frame rate")
+    g.add_argument("--rate", type=rate_arg, default=87000.0, metavar="FRAMES/S|max", help="target frame rate")
     g.add_argument("--batch", type=int, default=512, metavar="N", help="frames per message")
-    g.add_argument("--scan-id", metavar="PREFIX", help="scan ids are PREFIX-0000, PREFIX-0001, … (default: date-time)")
+    g.add_argument("--scan-id", metavar="PREFIX", help="scan ids are PREFIX-0000, PREFIX-0001, … (default: date-time and a random tag)")
     g.add_argument("--truth", metavar="FILE.h5", help="write the ground truth of every scan there")
-    g.add_argument("--wait", type=_nonneg, default=0, metavar="S",
+    g.add_argument("--wait", type=nonneg_arg, default=0, metavar="S",
                    help="give up if no receiver connects within S seconds (0: wait forever)")
     g.add_argument("--quiet", action="store_true", help="only the final summary")
 
@@ -200,7 +201,8 @@ def run_simulate(args) -> int:
     except (SimulateError, BindError) as e:
         print(f"stemstream simulate: error: {e}", file=sys.stderr)
         return 2
-    prefix = args.scan_id or datetime.now().strftime("%Y%m%d-%H%M%S")
+    # date-time plus a random tag: two emulators started in the same second never share ids
+    prefix = args.scan_id or f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     tilts = args.tilts or [None]
     series_id = f"{prefix}-tilt" if args.tilts else None
     jobs = [(k, i, t) for k in range(args.scans) for i, t in enumerate(tilts)]

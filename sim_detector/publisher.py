@@ -143,7 +143,7 @@ class Publisher:
                 try:
                     s.bind(addr)
                 except zmq.ZMQError as e:
-                    hint = ("another program (an emulator or replay still running?) uses it; "
+                    hint = ("another program (an emulator still running?) uses it; "
                             "pick another --bind port" if e.errno == zmq.EADDRINUSE else
                             "check the host and port")
                     raise BindError(f"cannot bind {addr}: {e.strerror}; {hint}") from None
@@ -230,6 +230,10 @@ class Publisher:
         if progress:
             progress(n_frames, n_frames)
         return stats
+
+    def send(self, source: int, parts: list) -> None:
+        """Send one message (a list of parts) on ``source``'s socket, as it is."""
+        self._socks[source].send_multipart(parts)
 
     def abort(self, scan_id: str, reason: str) -> None:
         """Tell every receiver that this scan will not complete."""

@@ -169,6 +169,8 @@ def _interrupt(*_):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
     argv = _fix_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a batch system's stop ends as cleanly as Ctrl-C
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
             return run_demo(args)
         return cmd_info(args)
-    except CliError as e:
+    except (CliError, ConfigError) as e:
         print(f"stemstream {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -86,6 +86,7 @@ class ChunkingSpec:
 @dataclass
 class ScanSpec:
     timeout_s: float = 5.0  # close an unfinished scan this long after its last message
+    finalize_timeout_s: float = 600.0  # give up on writing a scan after this long (a lost worker)
 
 
 @dataclass
@@ -218,10 +219,11 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
         if v.shape == "masks":
             if not v.file:
                 raise ConfigError(f"{label}: shape 'masks' needs file = 'masks.npy' ((k, h, w) or (h, w))")
-            try:
-                v.masks = load_masks(base / v.file)
-            except (ValueError, OSError) as e:
-                raise ConfigError(f"{label}: {e}") from None
+            if v.masks is None:  # validate() may run again on a checked configuration
+                try:
+                    v.masks = load_masks(base / v.file)
+                except (ValueError, OSError) as e:
+                    raise ConfigError(f"{label}: {e}") from None
             if v.masks.ndim == 2:
                 v.masks = v.masks[None]
             k = len(v.masks)
@@ -229,6 +231,9 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
             if len(v.names) != k:
                 raise ConfigError(f"{label}: {len(v.names)} names for {k} masks")
         for n in (v.names if v.shape == "masks" else [v.name]):
+            if n.startswith(("com_", "aperture_")) or n == "diffraction_sum":
+                raise ConfigError(f"{label}: the name {n!r} is taken by another result "
+                                  "(com_*, diffraction_sum, aperture_*); choose another")
             if n in names:
                 raise ConfigError(f"{where}: two virtual detectors are named {n!r}")
             names.add(n)
@@ -250,6 +255,7 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
               (cfg.chunking.max_bytes >= 1, "[chunking] max_bytes must be >= 1"),
               (cfg.chunking.max_latency_ms > 0, "[chunking] max_latency_ms must be > 0"),
               (cfg.scan.timeout_s > 0, "[scan] timeout_s must be > 0"),
+              (cfg.scan.finalize_timeout_s > 0, "[scan] finalize_timeout_s must be > 0"),
               (cfg.cluster.workers >= 1, "[cluster] workers must be >= 1"),
               (cfg.cluster.threads_per_worker >= 1, "[cluster] threads_per_worker must be >= 1"),
               (0 <= cfg.output.compression_level <= 9, "[output] compression_level must be 0..9"),

@@ -12,15 +12,15 @@ import numpy as np
 
 
 def add_demo_args(p) -> None:
-    from sim_detector.cli import _nonneg, _rate, _shape
+    from sim_detector.cli import nonneg_arg, rate_arg, shape_arg
 
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory (default demo-out)")
     p.add_argument("--specimen", default="mgo", help="emulated specimen (default mgo)")
-    p.add_argument("--scan", type=_shape, default=(128, 128), metavar="NYxNX", help="probe positions (default 128x128)")
-    p.add_argument("--detector", type=_shape, default=(576, 576), metavar="HxW", help="detector (default 576x576)")
-    p.add_argument("--dose", type=_nonneg, default=500.0, metavar="e/frame",
+    p.add_argument("--scan", type=shape_arg, default=(128, 128), metavar="NYxNX", help="probe positions (default 128x128)")
+    p.add_argument("--detector", type=shape_arg, default=(576, 576), metavar="HxW", help="detector (default 576x576)")
+    p.add_argument("--dose", type=nonneg_arg, default=500.0, metavar="e/frame",
                    help="mean electrons per frame (default 500: atomic columns visible in one scan)")
-    p.add_argument("--rate", type=_rate, default=87000.0, metavar="FRAMES/S|max",
+    p.add_argument("--rate", type=rate_arg, default=87000.0, metavar="FRAMES/S|max",
                    help="emulator frame rate (default 87000)")
     p.add_argument("--sources", type=int, default=4, help="emulator sources / detector sectors (default 4)")
     p.add_argument("--workers", type=int, default=2, help="local dask worker processes (default 2)")

@@ -1,5 +1,5 @@
 """Finalize a closed scan on one worker: merge the workers' states, finalize every operator,
-write the scan file and its previews. Returns a small summary (and the result images)."""
+write the scan file. Returns a small summary and the result images."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from operators.base import Result
 from operators.completeness import Completeness, repeat_mask
 from operators.events import EventStore
 
 from . import __version__
 from .config import PipelineConfig, build_operators
-from .previews import write_previews, write_summary_figure
 from .protocol import Geometry
 from .receiver import WorkerScan
 from .storage import write_scan
@@ -29,12 +29,13 @@ class ScanInfo:
     scan_id: str
     geometry: Geometry
     metadata: dict
-    close_reason: str  # complete | timeout | abort
+    close_reason: str  # complete | timeout | abort | closed
     abort_reason: str = ""
     frames_sent: dict = field(default_factory=dict)
     rejects: int = 0
     timings: dict = field(default_factory=dict)  # wall-clock seconds since the epoch
     workers: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # problems the coordinator saw
 
 
 @dataclass
@@ -55,9 +56,16 @@ class ScanResult:
     duplicated_ranges: list = field(default_factory=list)
     events: int = 0
     results: dict = field(default_factory=dict)  # name -> np.ndarray
+    kinds: dict = field(default_factory=dict)  # name -> 'nav' | 'sig' | 'table'
+    position_frames: np.ndarray | None = None  # (ny, nx) frame parts received per position
+    expected_frames_per_position: int = 1  # frames_per_position · n_sources
     timings: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     previews: list = field(default_factory=list)
+
+    @property
+    def result_objects(self) -> dict:
+        return {n: Result(d, self.kinds.get(n, "table")) for n, d in self.results.items()}
 
     @property
     def complete(self) -> bool:
@@ -120,7 +128,8 @@ def drop_duplicates(worker_scans: list[WorkerScan]) -> list[WorkerScan]:
             continue
         own = (c > 0) & ~claimed
         claimed |= own
-        out.append(keep_owned_frames(ws, own))
+        # recompute only where copies are dropped: frames owned elsewhere, or held twice here
+        out.append(keep_owned_frames(ws, own) if ((c > 0) & ~own).any() or c.max() > 1 else ws)
     return out
 
 
@@ -137,45 +146,38 @@ def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerS
             summary = op.summary(states[op.name])
         else:
             results.update(op.finalize(states[op.name]))
-    errors = [e for ws in worker_scans for e in ws.errors]
+    errors = info.errors + [e for ws in worker_scans for e in ws.errors]
     n_missing = summary["n_missing"]
     status = "complete" if info.close_reason == "complete" and not n_missing and not errors else "incomplete"
-    reason = {"complete": "all frames arrived" if not n_missing else
-              f"{n_missing} frames never arrived",
+    reason = {"complete": "all frames arrived" if not n_missing else f"{n_missing} frames never arrived",
               "timeout": f"no message for {config.scan.timeout_s} s; closed with what arrived",
-              "abort": f"aborted by the source: {info.abort_reason}"}[info.close_reason]
+              "abort": f"aborted by the source: {info.abort_reason}",
+              "closed": "the session stopped while the scan was running"}[info.close_reason]
     if errors:
-        reason += f"; {len(errors)} operator errors: {errors[0]}"
+        reason += f"; {len(errors)} errors: {errors[0]}"
     t_merged = time.time()
-    out_dir = Path(config.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{info.scan_id}.h5"
     timings = dict(info.timings, finalize_start=t0, merged=t_merged)
     provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
                   "numpy": np.__version__, "host": socket.gethostname(), "workers": info.workers,
                   "config": config.to_dict(), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
-                  "rejected_messages": info.rejects, "operator_errors": errors}
-    write_scan(path, scan_id=info.scan_id, status=status, reason=reason,
-               geometry=info.geometry.for_sector(None).to_wire(), metadata=info.metadata,
-               results=results, offsets=offsets, indices=indices, completeness=completeness,
-               completeness_summary={k: v for k, v in summary.items()
-                                     if not k.endswith(("_frames", "_ranges"))},  # those are datasets
-               provenance={**provenance, "timings": timings},
-               compression_level=config.output.compression_level)
+                  "rejected_messages": info.rejects, "errors": errors}
+    path = write_scan(Path(config.output.dir) / f"{info.scan_id}.h5", scan_id=info.scan_id,
+                      status=status, reason=reason, geometry=info.geometry.for_sector(None).to_wire(),
+                      metadata=info.metadata, results=results, offsets=offsets, indices=indices,
+                      completeness=completeness,
+                      completeness_summary={k: v for k, v in summary.items()
+                                            if not k.endswith(("_frames", "_ranges"))},  # datasets
+                      provenance={**provenance, "timings": timings},
+                      compression_level=config.output.compression_level)
     timings["written"] = time.time()
-    previews = []
-    if config.output.previews:
-        previews = write_previews(out_dir / "previews", info.scan_id, results)
-        pf = completeness.get("position_frames")
-        previews.append(write_summary_figure(
-            out_dir / "previews" / f"{info.scan_id}_summary.png", f"{info.scan_id} ({status})",
-            results, pf.data if pf is not None else None,
-            info.geometry.frames_per_position * info.geometry.n_sources))
-    timings["previews"] = time.time()
-    return ScanResult(info.scan_id, path, status, reason, n_frames=info.geometry.n_frames,
+    g = info.geometry
+    return ScanResult(info.scan_id, path, status, reason, n_frames=g.n_frames,
                       frames_received=summary["n_frames_received"],
                       **{f"{a}_{b}": summary[f"{a}_{b}"] for a in ("missing", "duplicated")
                          for b in ("frames", "ranges")},
                       n_missing=n_missing, n_duplicated=summary["n_duplicated"],
                       events=int(len(indices)), results={k: r.data for k, r in results.items()},
-                      timings=timings, errors=errors, previews=[str(p) for p in previews])
+                      kinds={k: r.kind for k, r in results.items()},
+                      position_frames=completeness["position_frames"].data,
+                      expected_frames_per_position=g.frames_per_position * g.n_sources,
+                      timings=timings, errors=errors)

@@ -1,9 +1,9 @@
 """Scan lifecycle, decided from the receivers' reports.
 
 open (first report of a scan_id) → receiving → closed when every source's ``end`` arrived and
-every frame it announced is accounted for, or when nothing arrived for ``timeout_s``, or on
-``abort`` → finalized by the session. The tracker is plain Python over small messages: no
-sockets, no dask, so that it can be tested alone.
+every frame it announced is accounted for, or when nothing arrived for ``timeout_s``, or
+shortly after an ``abort`` → finalized by the session. The tracker is plain Python over small
+messages: no sockets, no dask, so that it can be tested alone.
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ import numpy as np
 
 from operators.completeness import Completeness
 
-from .protocol import Geometry
+from .protocol import Geometry, ProtocolError
 
 RECEIVING, CLOSING, DONE = "receiving", "closing", "done"
+ABORT_GRACE_S = 1.0  # after an abort, frames already queued in other receivers still count
 
 
 @dataclass
 class ScanStatus:
+    """One scan as the coordinator follows it. Times named ``*_time`` and ``opened`` are
+    wall-clock seconds (for reports); ``last_activity`` is monotonic (for timeouts)."""
+
     scan_id: str
     opened: float
     last_activity: float
     geometry: Geometry | None = None
     metadata: dict = field(default_factory=dict)
     state: str = RECEIVING
-    close_reason: str = ""  # complete | timeout | abort
+    close_reason: str = ""  # complete | timeout | abort | closed
     abort_reason: str = ""
     frames_sent: dict = field(default_factory=dict)  # source -> frames its end announced
     events: int = 0
@@ -71,43 +75,62 @@ class ScanStatus:
     def all_ended(self) -> bool:
         return self.geometry is not None and len(self.frames_sent) == self.geometry.n_sources
 
+    def release(self) -> None:
+        """Drop the per-frame bookkeeping once the scan is done (the file has it)."""
+        self._completeness = self._received = None
+
 
 class ScanTracker:
-    """Follow every scan from the receivers' reports and say when each must close."""
+    """Follow every scan from the receivers' reports and say when each must close.
 
-    def __init__(self, timeout_s: float = 5.0, clock=time.monotonic):
+    clock: monotonic seconds for timeouts; wall: seconds since the epoch for timestamps.
+    """
+
+    def __init__(self, timeout_s: float = 5.0, clock=time.monotonic, wall=time.time):
         self.timeout_s = timeout_s
         self.clock = clock
+        self.wall = wall
         self.scans: dict[str, ScanStatus] = {}
         self.rejects: dict[str, int] = {}
 
     def _scan(self, scan_id: str) -> ScanStatus:
-        now = self.clock()
         st = self.scans.get(scan_id)
         if st is None:
-            st = self.scans[scan_id] = ScanStatus(scan_id, opened=now, last_activity=now)
-        st.last_activity = now
+            st = self.scans[scan_id] = ScanStatus(scan_id, opened=self.wall(), last_activity=self.clock())
+        st.last_activity = self.clock()
         return st
 
+    def _count_reject(self, reason: str, st: ScanStatus | None = None) -> None:
+        self.rejects[reason] = self.rejects.get(reason, 0) + 1
+        if st is not None:
+            st.rejects += 1
+
     def _set_geometry(self, st: ScanStatus, wire: dict) -> None:
+        g = Geometry.from_wire(wire).for_sector(None)
         if st.geometry is None:
-            st.geometry = Geometry.from_wire(wire).for_sector(None)
-            st._completeness = Completeness(st.geometry.n_sources, st.geometry.scan_shape,
-                                            st.geometry.frames_per_position, st.geometry.flyback)
+            st.geometry = g
+            st._completeness = Completeness(g.n_sources, g.scan_shape, g.frames_per_position, g.flyback)
             st._received = st._completeness.new_state()
-            st._distinct = np.zeros(st.geometry.n_sources, np.int64)
+            st._distinct = np.zeros(g.n_sources, np.int64)
+        elif not st.geometry.same_scan(g):  # two receivers opened it with different geometry
+            self._count_reject("bad_geometry", st)
+            if len(st.errors) < 5:
+                st.errors.append(f"receivers saw two geometries for this scan: {st.geometry} and {g}")
 
     def handle(self, report: dict) -> ScanStatus | None:
-        """Take one receiver report; returns the scan it concerns (None for non-scan reports)."""
-        kind = report["kind"]
+        """Take one receiver report; returns the scan it concerns (None for non-scan reports).
+        A report that does not fit the scan is counted as a reject, never raised."""
+        kind = report.get("kind")
         if kind == "reject":
-            self.rejects[report["reason"]] = self.rejects.get(report["reason"], 0) + 1
             sid = report.get("scan_id")
+            st = None
             if sid:  # a reject that names its scan is part of that scan's story
-                st = self.scans.get(sid) or self._scan(sid)
-                st.rejects += 1
-                if report["reason"] == "operator_error" and len(st.errors) < 5:
+                st = self.scans.get(sid)
+                if st is None and report["reason"] in ("operator_error", "bad_geometry"):
+                    st = self._scan(sid)  # a scan that failed before any receiver could open it
+                if st is not None and report["reason"] == "operator_error" and len(st.errors) < 5:
                     st.errors.append(report.get("detail", ""))
+            self._count_reject(report["reason"], st)
             return None
         if kind not in ("start", "frames", "end", "abort", "geometry"):
             return None
@@ -117,47 +140,65 @@ class ScanTracker:
             return None  # the receivers reject late messages; nothing more changes this scan
         st = self._scan(sid)
         worker = report.get("worker")
-        st.worker_events[worker] = st.worker_events.get(worker, 0)
-        if kind == "start":
-            self._set_geometry(st, report["geometry"])
-            st.metadata = st.metadata or report.get("metadata", {})
-        elif kind == "geometry":
-            self._set_geometry(st, report["geometry"])
-        elif kind == "frames":
-            now = self.clock()
-            st.first_frame_time = st.first_frame_time or now
-            st.last_frame_time = now
-            st.events += report["events"]
-            st.worker_events[worker] += report["events"]
-            if st._received is not None:
-                rec = st._received["received"]
-                for source, first, count in report["ranges"]:
-                    st._distinct[source] += count - np.count_nonzero(rec[source, first:first + count])
-                    st._completeness.add_range(st._received, source, first, count)
-        elif kind == "end":
-            st.frames_sent[report["source"]] = report["frames_sent"]
-        elif kind == "abort":
-            st.abort_reason = st.abort_reason or report.get("reason", "") or "aborted by the source"
+        st.worker_events.setdefault(worker, 0)
+        try:
+            if kind in ("start", "geometry"):
+                self._set_geometry(st, report["geometry"])
+                if kind == "start":
+                    st.metadata = st.metadata or report.get("metadata", {})
+            elif kind == "frames":
+                self._frames(st, worker, report)
+            elif kind == "end":
+                if st.geometry is not None and not 0 <= report["source"] < st.geometry.n_sources:
+                    raise ProtocolError("bad_header", f"end from source {report['source']}")
+                st.frames_sent[report["source"]] = report["frames_sent"]
+            else:
+                st.abort_reason = st.abort_reason or report.get("reason", "") or "aborted by the source"
+        except ProtocolError as e:
+            self._count_reject(e.reason, st)
         return st
+
+    def _frames(self, st: ScanStatus, worker, report: dict) -> None:
+        now = self.wall()
+        st.first_frame_time = st.first_frame_time or now
+        st.last_frame_time = now
+        st.events += report["events"]
+        st.worker_events[worker] += report["events"]
+        if st._received is None:
+            return
+        rec = st._received["received"]
+        for source, first, count in report["ranges"]:
+            if not (0 <= source < rec.shape[0] and 0 <= first and first + count <= rec.shape[1]):
+                raise ProtocolError("bad_geometry", f"frames {first}+{count} of source {source}")
+            st._distinct[source] += count - np.count_nonzero(rec[source, first:first + count])
+            st._completeness.add_range(st._received, source, first, count)
 
     def due(self) -> list[ScanStatus]:
         """Scans that must close now; each is returned once and marked closing."""
         now = self.clock()
         out = []
-        for st in self.scans.values():
-            if st.state != RECEIVING:
-                continue
+        for st in self.active():
+            quiet = now - st.last_activity
             reason = None
-            if st.abort_reason:
+            if st.abort_reason and quiet >= min(ABORT_GRACE_S, self.timeout_s):
                 reason = "abort"
-            elif st.all_ended and st.missing_so_far() <= 0:
+            elif not st.abort_reason and st.all_ended and st.missing_so_far() <= 0:
                 reason = "complete"
-            elif now - st.last_activity >= self.timeout_s:
+            elif quiet >= self.timeout_s:
                 reason = "timeout"
             if reason:
-                st.state, st.close_reason, st.closed_time = CLOSING, reason, now
+                self.close(st, reason)
                 out.append(st)
         return out
 
+    def close(self, st: ScanStatus, reason: str) -> None:
+        st.state, st.close_reason, st.closed_time = CLOSING, reason, self.wall()
+
     def active(self) -> list[ScanStatus]:
         return [s for s in self.scans.values() if s.state == RECEIVING]
+
+    def forget_done(self, keep: int = 256) -> None:
+        """Keep only the newest ``keep`` finished scans (a session may run for weeks)."""
+        done = [sid for sid, s in self.scans.items() if s.state == DONE]
+        for sid in done[:max(0, len(done) - keep)]:
+            del self.scans[sid]

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.image
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # workers and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# Figures are drawn on an Agg canvas of their own: no pyplot, so neither the user's backend nor
+# any global state is touched, and concurrent finalizations do not share a figure.
+
+
+def _shown(name: str, res) -> bool:
+    """2D images worth a look (the raw centre-of-mass sums and mrad copies are not)."""
+    return (res.kind in ("nav", "sig") and np.ndim(res.data) == 2 and not name.startswith("com_sum")
+            and not name.endswith("_mrad") and name != "com_n")
 
 
 def _scaled(data: np.ndarray, kind: str) -> tuple[np.ndarray, float, float]:
@@ -31,11 +39,12 @@ def write_previews(directory: str | Path, stem: str, results: dict) -> list[Path
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, res in results.items():
-        if res.kind not in ("nav", "sig") or np.ndim(res.data) != 2:
+        if not _shown(name, res):
             continue
         img, vmin, vmax = _scaled(res.data, res.kind)
         path = directory / f"{stem}_{name}.png"
-        plt.imsave(path, img, cmap="magma" if res.kind == "sig" else "gray", vmin=vmin, vmax=vmax)
+        matplotlib.image.imsave(path, img, cmap="magma" if res.kind == "sig" else "gray",
+                                vmin=vmin, vmax=vmax)
         written.append(path)
     return written
 
@@ -43,13 +52,14 @@ def write_previews(directory: str | Path, stem: str, results: dict) -> list[Path
 def write_summary_figure(path: str | Path, title: str, results: dict, position_frames=None,
                          expected_per_position: int | None = None) -> Path:
     """A single figure: every nav image, the diffraction sum (log) and the completeness map."""
-    panels = [(n, r) for n, r in results.items() if r.kind in ("nav", "sig") and np.ndim(r.data) == 2
-              and not n.startswith("com_sum") and not n.endswith("_mrad") and n != "com_n"]
+    panels = [(n, r) for n, r in results.items() if _shown(n, r)]
     if position_frames is not None:
         panels.append(("frames received", None))
     ncol = min(4, len(panels)) or 1
     nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.2 * nrow), squeeze=False)
+    fig = Figure(figsize=(3.2 * ncol, 3.2 * nrow))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, res) in zip(axes.flat, panels):
@@ -65,5 +75,4 @@ def write_summary_figure(path: str | Path, title: str, results: dict, position_f
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return Path(path)

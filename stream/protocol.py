@@ -1,6 +1,6 @@
 """Wire protocol ``stemstream/1``: message definitions, encoding and validated decoding.
 
-Used by both ends: the detector emulator (and replay) encode, the receivers decode. See
+Used by both ends: the detector emulator encodes, the receivers decode. See
 ``docs/PROTOCOL.md`` for the normative description. Every message is a ZeroMQ multipart
 message whose part 0 is a msgpack map; ``frames`` messages carry two more parts, the events
 per frame and the flat detector pixel indices, both little-endian uint32, sent and decoded
@@ -23,6 +23,9 @@ PROTO = "stemstream/1"
 KINDS = ("start", "frames", "end", "abort")
 EVENT_DTYPE = np.dtype("<u4")
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Sanity bounds: beyond them a geometry is a corrupt header, not an instrument.
+MAX_FRAMES = 2**31  # frames per scan (a 16k x 16k scan with 8 frames per position)
+MAX_SOURCES = 256
 
 # Reasons a message is rejected; receivers count rejects by these keys.
 REJECT_REASONS = {
@@ -41,13 +44,15 @@ REJECT_REASONS = {
 
 
 class ProtocolError(ValueError):
-    """A message that violates the protocol. ``reason`` is one of :data:`REJECT_REASONS`."""
+    """A message that violates the protocol. ``reason`` is one of :data:`REJECT_REASONS`;
+    ``scan_id`` is set when the header was readable enough to name the scan."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, scan_id: str | None = None):
         assert reason in REJECT_REASONS, reason
         super().__init__(f"{REJECT_REASONS[reason]}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.scan_id = scan_id
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,8 @@ class Geometry:
             problems.append(f"frame_shape {self.frame_shape} has more pixels than uint32 indexes")
         if self.frames_per_position < 1:
             problems.append(f"frames_per_position {self.frames_per_position} must be >= 1")
-        if self.n_sources < 1:
-            problems.append(f"n_sources {self.n_sources} must be >= 1")
+        if not 1 <= self.n_sources <= MAX_SOURCES:
+            problems.append(f"n_sources {self.n_sources} must be 1..{MAX_SOURCES}")
         if self.flyback < 0:
             problems.append(f"flyback {self.flyback} must be >= 0")
         for name in ("mrad_per_px", "convergence_mrad"):
@@ -99,6 +104,8 @@ class Geometry:
                 problems.append(f"{name} {v} must be a positive number")
         if self.center is not None and (len(self.center) != 2 or not np.all(np.isfinite(self.center))):
             problems.append(f"center {self.center} must be two finite numbers (y, x) in px")
+        if not problems and self.n_frames > MAX_FRAMES:
+            problems.append(f"{self.n_frames} frames per scan is beyond {MAX_FRAMES}")
         r0, r1 = self.sector
         if not (0 <= r0 < r1 <= self.frame_shape[0]):
             problems.append(f"sector rows {self.sector} must satisfy 0 <= row0 < row1 <= {self.frame_shape[0]}")
@@ -291,12 +298,19 @@ def decode(parts: Sequence[Any], check_events: bool = True) -> Message:
     scan_id = h.get("scan_id")
     if not isinstance(scan_id, str) or not SCAN_ID_PATTERN.match(scan_id):
         raise ProtocolError("bad_header", f"scan_id {scan_id!r} is not a valid scan id")
-    source = _int(h.get("source"))
+    try:
+        source = _int(h.get("source"))
+        return _decode_kind(Message(kind, scan_id, source, h), parts, check_events)
+    except ProtocolError as e:
+        e.scan_id = scan_id
+        raise
+
+
+def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
+    h, kind, source = msg.header, msg.kind, msg.source
     expected_parts = 3 if kind == "frames" else 1
     if len(parts) != expected_parts:
         raise ProtocolError("wrong_parts", f"{kind} message has {len(parts)} parts, expects {expected_parts}")
-
-    msg = Message(kind=kind, scan_id=scan_id, source=source, header=h)
     if kind == "start":
         msg.geometry = Geometry.from_wire(h)
         md = h.get("metadata", {})
@@ -310,7 +324,7 @@ def decode(parts: Sequence[Any], check_events: bool = True) -> Message:
             raise ProtocolError("bad_header", "abort reason must be a string")
     else:
         _decode_frames(msg, parts, check_events)
-    if not (0 <= source < (msg.geometry.n_sources if msg.geometry else 2**16)):
+    if not (0 <= source < (msg.geometry.n_sources if msg.geometry else MAX_SOURCES)):
         raise ProtocolError("bad_header", f"source {source} outside 0..n_sources-1")
     return msg
 

@@ -3,8 +3,8 @@
 It decodes messages without copying, groups the frames of each scan into chunks (bounded by
 frames, bytes and latency), runs the scan's operators on each chunk in this process and keeps
 the resulting per-scan state here. Only small reports (frame ranges, counters) and, at the
-live rate, partial images go to the coordinator; the events themselves stay until the scan is
-closed and the coordinator's finalize task takes this worker's state.
+live rate, the partial results that changed go to the coordinator; the events themselves stay
+until the scan is closed and the coordinator's finalize task takes this worker's state.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
+from dask.sizeof import sizeof
 
 from operators.chunk import Chunk
 
@@ -26,9 +27,11 @@ from .protocol import Geometry, Message, ProtocolError, decode, frame_positions
 
 log = logging.getLogger("stemstream.receiver")
 
-# Receiver-level reject reasons on top of the protocol's own.
+# Receiver-level reject reasons on top of the protocol's own (docs/PROTOCOL.md).
 LATE = "late"  # a message of a scan that is already closed
-OPERATOR_ERROR = "operator_error"
+OPERATOR_ERROR = "operator_error"  # the scan's operators could not be built or failed
+INTERNAL_ERROR = "internal_error"  # anything else that went wrong with one message
+ABANDONED = "abandoned"  # a scan nobody closed (its coordinator never saw it) was dropped
 
 
 @dataclass
@@ -43,7 +46,8 @@ class ScanWork:
     pending_frames: int = 0
     pending_bytes: int = 0
     oldest: float = 0.0
-    dirty: bool = False  # changed since the last live snapshot
+    last_activity: float = 0.0
+    touched: list = field(default_factory=lambda: [None, None])  # positions changed since the last live snapshot
     errors: list = field(default_factory=list)
 
 
@@ -59,12 +63,26 @@ class WorkerScan:
     errors: list
 
 
+@sizeof.register(WorkerScan)
+def _sizeof_worker_scan(ws: WorkerScan) -> int:
+    """Let dask's memory accounting see the events a closed scan holds."""
+    total = 0
+    for state in ws.states.values():
+        for value in state.values():
+            if isinstance(value, np.ndarray):
+                total += value.nbytes
+            elif isinstance(value, list):
+                total += sum(c.indices.nbytes + 26 * c.n_frames for c in value)
+    return total
+
+
 class Receiver:
     """Receive, decode, chunk and process frames of every scan that arrives.
 
     connect: source addresses (``tcp://host:port``), one PULL socket connects to all of them.
-    control: address of the coordinator's report socket.
+    control_address: the coordinator's report socket.
     worker: a name for reports and logs (the dask worker address).
+    Only the receiver's own thread touches its sockets; other threads queue their reports.
     """
 
     def __init__(self, connect: list[str], control_address: str, config: PipelineConfig,
@@ -76,16 +94,20 @@ class Receiver:
         self.rcvhwm = rcvhwm
         self._scans: dict[str, ScanWork] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed scan ids
-        self._rejects: dict[str, int] = defaultdict(int)
+        self._warned: set[str] = set()
+        self._outbox: deque = deque()  # reports, sent by the receiver thread only
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # a scan idle this long that nobody closed (e.g. a stale message reached a worker that
+        # joined after its scan closed) is dropped
+        self.abandon_after_s = max(60.0, 10 * config.scan.timeout_s)
 
     # -------------------------------------------------------------- lifecycle
     def start(self, timeout_s: float = 10.0) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"stemstream-receiver", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="stemstream-receiver", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise RuntimeError(f"receiver on {self.worker} did not start within {timeout_s} s")
@@ -114,10 +136,6 @@ class Receiver:
             return WorkerScan(scan_id, self.worker, work.geometry, work.operators, work.states,
                               work.errors)
 
-    def rejects(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._rejects)
-
     # -------------------------------------------------------------- the receive loop
     def _run(self) -> None:
         ctx = zmq.Context.instance()
@@ -134,71 +152,81 @@ class Receiver:
             self._error = e
             self._ready.set()
             return
-        self._report = report
-        self._send({"kind": "hello", "connect": self.connect})
         self._ready.set()
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
         next_live = time.monotonic() + (live_period or 0)
+        latency = self.config.chunking.max_latency_ms / 1000
         poll_ms = max(1, int(self.config.chunking.max_latency_ms / 2))
         try:
             while not self._stop.is_set():
                 if pull.poll(poll_ms):
-                    # Drain what is queued before looking at the clocks again.
-                    for _ in range(64):
+                    for _ in range(64):  # drain what is queued before looking at the clocks
                         try:
                             parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._handle(parts)
+                        self._handle_safely(parts)
                 now = time.monotonic()
                 with self._lock:
-                    latency = self.config.chunking.max_latency_ms / 1000
                     for work in list(self._scans.values()):
                         if work.pending and now - work.oldest >= latency:
                             self._flush(work)
+                        elif now - work.last_activity > self.abandon_after_s:
+                            del self._scans[work.scan_id]
+                            self._reject(ABANDONED, f"scan {work.scan_id}: nothing arrived for "
+                                         f"{self.abandon_after_s:.0f} s and no coordinator closed it",
+                                         work.scan_id)
                 if live_period and now >= next_live:
-                    self._send_live()
+                    self._snapshot_live()
                     next_live = now + live_period
+                while self._outbox:
+                    report.send_multipart(self._outbox.popleft())
         finally:
             pull.close()
             report.close()
 
     def _send(self, header: dict, arrays=None) -> None:
-        # Copies: live arrays keep changing after send returns.
-        self._report.send_multipart(control.encode(dict(header, worker=self.worker), arrays))
+        """Queue a report; the receiver thread sends it (ZMQ sockets belong to one thread).
+        The arrays are copied now: the states keep changing."""
+        arrays = {k: np.array(v) for k, v in (arrays or {}).items()}
+        self._outbox.append(control.encode(dict(header, worker=self.worker), arrays))
 
     def _reject(self, reason: str, detail: str, scan_id: str | None = None) -> None:
-        with self._lock:
-            self._rejects[reason] += 1
-            first = self._rejects[reason] == 1
-        if first:  # once per reason; the counts tell the rest
+        if reason not in self._warned:  # once per reason; the counts tell the rest
+            self._warned.add(reason)
             log.warning("rejected message (%s): %s; further rejects of this kind are only counted",
                         reason, detail)
         self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id})
 
-    def _handle(self, parts) -> None:
+    def _handle_safely(self, parts) -> None:
         try:
-            msg = decode(parts)
+            self._handle(parts)
         except ProtocolError as e:
-            self._reject(e.reason, e.detail)
-            return
+            self._reject(e.reason, e.detail, e.scan_id)
+        except Exception as e:  # noqa: BLE001 - one bad message must never stop the receiver
+            log.exception("unexpected error on a message")
+            self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+
+    def _handle(self, parts) -> None:
+        msg = decode(parts)
         with self._lock:
             if msg.scan_id in self._closed:
                 self._reject(LATE, f"{msg.kind} message of scan {msg.scan_id}, which is closed",
                              msg.scan_id)
                 return
             if msg.kind == "start":
-                work = self._open(msg)
-                if work is not None:
+                if self._open(msg) is not None:
                     self._send({"kind": "start", "scan_id": msg.scan_id, "source": msg.source,
                                 "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
             elif msg.kind == "frames":
                 work = self._open(msg)
                 if work is None:
                     return
+                now = time.monotonic()
                 work.pending.append(msg)
                 if not work.pending_frames:
-                    work.oldest = time.monotonic()
+                    work.oldest = now
+                work.last_activity = now
                 work.pending_frames += msg.count
                 work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
                 chunking = self.config.chunking
@@ -223,10 +251,11 @@ class Receiver:
         geometry = msg.geometry.for_sector(None)
         try:
             operators = build_operators(self.config, geometry)
-        except ValueError as e:
+            states = {op.name: op.new_state() for op in operators}
+        except (ValueError, MemoryError) as e:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
             return None
-        work = ScanWork(msg.scan_id, geometry, operators, {op.name: op.new_state() for op in operators})
+        work = ScanWork(msg.scan_id, geometry, operators, states, last_activity=time.monotonic())
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         return work
@@ -245,23 +274,34 @@ class Receiver:
             log.exception("operator failed on scan %s", work.scan_id)
             work.errors.append(f"{type(e).__name__}: {e}")
             self._reject(OPERATOR_ERROR, f"scan {work.scan_id}: {type(e).__name__}: {e}", work.scan_id)
-        work.dirty = True
+        valid = chunk.positions[chunk.positions >= 0]
+        if len(valid):
+            lo, hi = int(valid.min()), int(valid.max()) + 1
+            t = work.touched
+            work.touched = [lo if t[0] is None else min(t[0], lo), hi if t[1] is None else max(t[1], hi)]
         self._send({"kind": "frames", "scan_id": work.scan_id,
                     "ranges": [[m.source, m.first, m.count] for m in msgs],
                     "events": int(chunk.n_events)})
 
-    def _send_live(self) -> None:
+    def _snapshot_live(self) -> None:
+        """Partial states of every scan that changed: scan-shaped arrays only over the
+        positions that changed since the last snapshot, detector-shaped ones whole."""
         with self._lock:
             for work in self._scans.values():
-                if not work.dirty:
+                lo, hi = work.touched
+                if lo is None:
                     continue
-                work.dirty = False
-                arrays = {f"{op.name}/{key}": value
-                          for op in work.operators if getattr(op, "live", True)
-                          and op.name not in ("events", "completeness")
-                          for key, value in work.states[op.name].items()
-                          if isinstance(value, np.ndarray)}
-                self._send({"kind": "live", "scan_id": work.scan_id}, arrays)
+                work.touched = [None, None]
+                arrays = {}
+                for op in work.operators:
+                    if not op.live:
+                        continue
+                    for key, value in work.states[op.name].items():
+                        nav = op.state_kinds.get(key) == "nav"
+                        arrays[f"{op.name}/{key}"] = value[..., lo:hi] if nav else value
+                self._send({"kind": "live", "scan_id": work.scan_id, "lo": lo, "hi": hi,
+                            "nav": [f"{op.name}/{k}" for op in work.operators
+                                    for k, kind in op.state_kinds.items() if kind == "nav"]}, arrays)
 
 
 def chunk_from_messages(msgs: list[Message], geometry: Geometry) -> Chunk:

@@ -1,8 +1,11 @@
 """A processing session: receivers on a dask cluster, the scan coordinator, live results.
 
-    with Session(connect=["tcp://127.0.0.1:6001"], out="out") as s:
-        r = s.wait()                   # the next scan to finish, as a ScanResult
-        r.results["bf"]                # (ny, nx) bright-field image
+    from stream.session import Session
+
+    if __name__ == "__main__":        # the local cluster starts worker processes
+        with Session(connect=["tcp://127.0.0.1:6001"], out="out") as s:
+            r = s.wait()              # the next scan to finish, as a ScanResult
+            r.results["bf"]           # (ny, nx) bright-field image
 
 The session starts a LocalCluster (or joins ``scheduler``), installs a receiver in every
 worker, follows each scan from the receivers' reports, and finalizes every closed scan with
@@ -21,18 +24,22 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
 
 from . import control
-from .config import PipelineConfig, build_operators, load_config
+from .config import ConfigError, PipelineConfig, build_operators, load_config, validate
 from .finalize import ScanInfo, ScanResult, finalize_scan
 from .lifecycle import DONE, ScanStatus, ScanTracker
+from .previews import write_previews, write_summary_figure
 from .worker import ReceiverPlugin, close_on_worker
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
+KEEP_RESULTS = 16  # finished scans whose result images stay in memory (all keep their summary)
 
 
 @contextlib.contextmanager
@@ -50,15 +57,20 @@ def _workers_ignore_ctrl_c():
 
 
 def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
-    """``tcp://h:p`` with ``sources`` N → the N addresses tcp://h:p … tcp://h:p+N-1."""
-    if sources <= 1:
-        return list(connect)
+    """Check ``tcp://HOST:PORT`` addresses; with ``sources`` N each becomes the N addresses
+    PORT … PORT+N−1 (as ``stemstream simulate --sources N`` binds them)."""
     out = []
     for addr in connect:
-        head, _, port = addr.rpartition(":")
-        if not port.isdigit():
-            raise ValueError(f"--connect {addr!r} must end with :PORT to expand to {sources} sources")
-        out += [f"{head}:{int(port) + k}" for k in range(sources)]
+        parts = urlsplit(addr)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "tcp" or not parts.hostname or port is None:
+            raise ValueError(f"--connect {addr!r} must look like tcp://HOST:PORT, e.g. tcp://127.0.0.1:6001")
+        if port + sources - 1 > 65535:
+            raise ValueError(f"--connect {addr!r} with {sources} sources goes beyond port 65535")
+        out += [f"tcp://{parts.hostname}:{port + k}" for k in range(sources)]
     return out
 
 
@@ -75,7 +87,7 @@ class Console:
         if self.enabled:
             print(text, file=self.stream, flush=True)
 
-    def progress(self, scans: list[ScanStatus], rejects: dict) -> None:
+    def progress(self, scans: list[ScanStatus]) -> None:
         now = time.time()
         if not self.enabled or now - self._last < 1.0:
             return
@@ -91,7 +103,10 @@ class Console:
             self.say(f"[{st.scan_id}] {st.frames_received:>9,}/{st.n_frames:,} frames "
                      f"({100 * st.frames_received / st.n_frames:5.1f}%)  {st.events / 1e6:8.2f} M e-  "
                      f"{rate / 1e3:7.1f} kframes/s  duplicated {st.duplicates:,}  "
-                     f"rejected {sum(rejects.values()):,}{waiting}")
+                     f"rejected {st.rejects:,}{waiting}")
+
+    def forget(self, scan_id: str) -> None:
+        self._seen.pop(scan_id, None)
 
 
 class Session:
@@ -101,6 +116,8 @@ class Session:
     config: a PipelineConfig or a path to a TOML file; ``out``, ``scheduler`` and ``workers``
         override its [output] dir and [cluster] settings.
     client: an existing distributed.Client to use (the session neither starts nor stops it).
+        Two sessions on one cluster must receive from different sources.
+    Raises ConfigError for a configuration or address it cannot use.
     """
 
     def __init__(self, connect: list[str], out: str | None = None,
@@ -112,27 +129,33 @@ class Session:
         if scheduler is not None or workers is not None:
             cfg = replace(cfg, cluster=replace(cfg.cluster, scheduler=scheduler or cfg.cluster.scheduler,
                                                workers=workers or cfg.cluster.workers))
+        self.config = validate(cfg)
         if not connect:
-            raise ValueError("no source to connect to: give at least one --connect tcp://HOST:PORT")
-        self.config = cfg
-        self.connect = list(connect)
+            raise ConfigError("no source to connect to: give at least one --connect tcp://HOST:PORT")
+        try:
+            self.connect = expand_sources(connect)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.console = Console(console)
         self._client = client
         self._own_client = client is None
         self._cluster = None
-        self._tracker = ScanTracker(cfg.scan.timeout_s, clock=time.time)
+        self._ctx = self._pull = self._pub = None
+        self._tracker = ScanTracker(cfg.scan.timeout_s)
         self._results: dict[str, ScanResult] = {}
         self._order: list[str] = []
         self._waited: set[str] = set()
         self._cond = threading.Condition()
-        self._live: dict[str, dict[str, dict]] = {}  # scan -> worker -> arrays
+        self._live: dict[str, dict[str, dict]] = {}  # scan -> worker -> state arrays
         self._live_ops: dict[str, list] = {}
         self._live_lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # PUB messages from other threads
+        self._late_warned: set[str] = set()
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stemstream-finalize")
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
         self._thread = None
+        self._failure: BaseException | None = None
         self.workers: list[str] = []
 
     # -------------------------------------------------------------- start / stop
@@ -144,8 +167,26 @@ class Session:
         self.close()
 
     def start(self) -> "Session":
+        """Start (or join) the cluster, install the receivers, start coordinating."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
+                         f"{', '.join(self.connect)}; writing to {self.config.output.dir}")
+        return self
+
+    def _start(self) -> None:
         from distributed import Client, LocalCluster
 
+        out = Path(self.config.output.dir)
+        try:  # fail now, not at the end of the first scan
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".stemstream-write-test").touch()
+            (out / ".stemstream-write-test").unlink()
+        except OSError as e:
+            raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
         cl = self.config.cluster
         if self._client is None:
             if cl.scheduler:
@@ -161,35 +202,38 @@ class Session:
         self._pull = self._ctx.socket(zmq.PULL)
         port = self._pull.bind_to_random_port(f"tcp://{host}")
         self.control_address = f"tcp://{host}:{port}"
-        self._pub = None
         if self.config.live.publish:
             self._pub = self._ctx.socket(zmq.PUB)
-            self._pub.bind(self.config.live.publish)
+            try:
+                self._pub.bind(self.config.live.publish)
+            except zmq.ZMQError as e:
+                raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
+                                  f"{e.strerror}; choose another --publish address") from None
         plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config)
         self._client.register_plugin(plugin, name=self._plugin_name)
         self.workers = sorted(self._client.scheduler_info()["workers"])
         self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
         self._thread.start()
-        self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
-                         f"{', '.join(self.connect)}; writing to {self.config.output.dir}")
-        return self
 
     def _control_host(self) -> str:
         """The address workers can reach this process at."""
         if self._cluster is not None:
             return "127.0.0.1"
         from distributed.utils import get_ip
-        from urllib.parse import urlsplit
         sched = urlsplit(self._client.scheduler.address.replace("tcp://", "http://")).hostname
         return "127.0.0.1" if sched in ("127.0.0.1", "localhost") else get_ip(sched)
 
     def close(self) -> None:
-        """Stop receiving; scans already closing are finished first."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join(10)
+        """Stop receiving. Scans still receiving are closed with what arrived (written as
+        incomplete, reason 'closed'); scans already closing are finished first."""
+        if self._thread is not None and self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(30)
+        for st in self._tracker.active():
+            self._tracker.close(st, "closed")
+            self._executor.submit(self._finalize, st)
         self._executor.shutdown(wait=True)
-        if self._client is not None:
+        if self._client is not None and self._thread is not None:
             try:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
@@ -197,7 +241,8 @@ class Session:
         for s in (self._pull, self._pub):
             if s is not None:
                 s.close(linger=0)
-        self._ctx.term()
+        if self._ctx is not None:
+            self._ctx.term()
         if self._own_client and self._client is not None:
             self._client.close()
             if self._cluster is not None:
@@ -217,10 +262,12 @@ class Session:
                         if sid not in self._waited:
                             self._waited.add(sid)
                             return self._results[sid]
+                if self._failure is not None or (self._thread is not None and not self._thread.is_alive()):
+                    raise RuntimeError(f"the session's coordinator stopped: {self._failure!r}")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no finished scan {scan_id or ''} within {timeout} s")
-                self._cond.wait(remaining if remaining is not None else 1.0)
+                self._cond.wait(min(remaining, 1.0) if remaining is not None else 1.0)
 
     @property
     def results(self) -> dict[str, ScanResult]:
@@ -231,9 +278,11 @@ class Session:
         """Plain-value status of every scan seen (for dashboards and tests)."""
         return [{"scan_id": s.scan_id, "state": s.state, "frames_received": s.frames_received,
                  "n_frames": s.n_frames, "events": s.events, "missing_so_far": s.missing_so_far(),
-                 "duplicates": s.duplicates} for s in list(self._tracker.scans.values())]
+                 "duplicates": s.duplicates, "worker_events": dict(s.worker_events)}
+                for s in list(self._tracker.scans.values())]
 
     def rejects(self) -> dict[str, int]:
+        """Rejected messages so far, by reason (docs/PROTOCOL.md)."""
         return dict(self._tracker.rejects)
 
     def live(self, scan_id: str) -> dict[str, np.ndarray]:
@@ -241,7 +290,7 @@ class Session:
         with self._live_lock:
             parts = [dict(p) for p in self._live.get(scan_id, {}).values()]
             ops = self._live_ops.get(scan_id)
-        if not parts or ops is None:
+        if not parts or not ops:
             return {}
         states = {}
         for arrays in parts:
@@ -250,14 +299,24 @@ class Session:
         out = {}
         for op in ops:
             state = {k.split("/", 1)[1]: v for k, v in states.items() if k.startswith(op.name + "/")}
-            if state:
+            if len(state) == len(op.new_state()):
                 out.update({name: r.data for name, r in op.finalize(state).items()})
         return out
 
     # -------------------------------------------------------------- the coordinator loop
     def _loop(self) -> None:
+        try:
+            self._coordinate()
+        except BaseException as e:  # noqa: BLE001 - reported through wait()
+            log.exception("the coordinator stopped")
+            self._failure = e
+            self.console.say(f"ERROR: the coordinator stopped: {type(e).__name__}: {e}")
+            with self._cond:
+                self._cond.notify_all()
+
+    def _coordinate(self) -> None:
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
-        next_live = time.time()
+        next_live = time.monotonic()
         warned = set()
         while not self._stop.is_set():
             if self._pull.poll(50):
@@ -266,12 +325,19 @@ class Session:
                         parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._on_report(*control.decode(parts), warned)
+                    try:
+                        self._on_report(*control.decode(parts), warned)
+                    except Exception as e:  # noqa: BLE001 - one odd report must not stop the session
+                        log.exception("a receiver report could not be handled")
+                        self._tracker.rejects["bad_report"] = self._tracker.rejects.get("bad_report", 0) + 1
+                        if "bad_report" not in warned:
+                            warned.add("bad_report")
+                            self.console.say(f"WARNING: a receiver report could not be handled: {e!r}")
             for st in self._tracker.due():
                 self._executor.submit(self._finalize, st)
-            self.console.progress(self._tracker.active(), self._tracker.rejects)
-            if live_period and time.time() >= next_live:
-                next_live = time.time() + live_period
+            self.console.progress(self._tracker.active())
+            if live_period and time.monotonic() >= next_live:
+                next_live = time.monotonic() + live_period
                 self._publish_live()
             while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
                 parts = self._outbox.get()
@@ -281,25 +347,46 @@ class Session:
     def _on_report(self, report: dict, arrays: dict, warned: set) -> None:
         kind = report["kind"]
         if kind == "live":
-            sid = report["scan_id"]
-            st = self._tracker.scans.get(sid)
-            if st is not None and st.state != DONE and st.geometry is not None:
-                with self._live_lock:
-                    if sid not in self._live_ops:
-                        try:
-                            self._live_ops[sid] = [op for op in build_operators(self.config, st.geometry)
-                                                   if op.name not in ("events", "completeness")]
-                        except ValueError:
-                            self._live_ops[sid] = []
-                    self._live.setdefault(sid, {})[report["worker"]] = arrays
+            self._on_live(report, arrays)
             return
-        if kind == "reject" and report["reason"] not in warned:
-            warned.add(report["reason"])
-            self.console.say(f"WARNING: rejected a message ({report['reason']}): {report['detail']} "
-                             "(further rejects of this kind are counted, not shown)")
+        if kind == "reject":
+            reason, sid = report["reason"], report.get("scan_id")
+            if reason == "late" and sid not in self._late_warned:
+                self._late_warned.add(sid)
+                self.console.say(f"WARNING: messages of scan {sid} arrive after it was closed and are "
+                                 "dropped (a stale stream, or a scan id used twice?)")
+            elif reason != "late" and reason not in warned:
+                warned.add(reason)
+                self.console.say(f"WARNING: rejected a message ({reason}): {report['detail']} "
+                                 "(further rejects of this kind are counted, not shown)")
         st = self._tracker.handle(report)
         if kind == "abort" and st is not None:
             self.console.say(f"[{st.scan_id}] aborted by source {report['source']}: {report.get('reason')}")
+
+    def _on_live(self, report: dict, arrays: dict) -> None:
+        """Keep each worker's partial state; scan-shaped arrays arrive as the positions
+        lo:hi that changed since that worker's previous snapshot."""
+        sid = report["scan_id"]
+        st = self._tracker.scans.get(sid)
+        if st is None or st.geometry is None:
+            return
+        with self._live_lock:
+            if st.state != "receiving":
+                return
+            if sid not in self._live_ops:
+                try:
+                    self._live_ops[sid] = [op for op in build_operators(self.config, st.geometry) if op.live]
+                except ValueError:
+                    self._live_ops[sid] = []
+            held = self._live.setdefault(sid, {}).setdefault(report["worker"], {})
+            lo, hi, n_pos = report["lo"], report["hi"], st.geometry.n_positions
+            for key, value in arrays.items():
+                if key in report["nav"]:
+                    if key not in held:
+                        held[key] = np.zeros(value.shape[:-1] + (n_pos,), value.dtype)
+                    held[key][..., lo:hi] = value
+                else:
+                    held[key] = value
 
     def _publish_live(self) -> None:
         if self._pub is None:
@@ -319,56 +406,81 @@ class Session:
         except Exception as e:  # noqa: BLE001 - reported, and the session goes on
             log.exception("finalizing scan %s failed", st.scan_id)
             result = ScanResult(st.scan_id, None, "failed", f"finalize failed: {type(e).__name__}: {e}")
-        st.state = DONE
         with self._live_lock:
+            st.state = DONE
             self._live.pop(st.scan_id, None)
             self._live_ops.pop(st.scan_id, None)
-        self._report_result(st, result)
+        st.release()
+        self._report_result(result)
+        self._write_previews(result)
         with self._cond:
             self._results[st.scan_id] = result
             self._order.append(st.scan_id)
+            for old in self._order[:-KEEP_RESULTS]:  # a session may run for weeks
+                self._results[old].results = {}
+            self._tracker.forget_done()
+            self.console.forget(st.scan_id)
             self._cond.notify_all()
 
     def _run_finalize(self, st: ScanStatus) -> ScanResult:
         """Close the scan on every worker (its state stays there), then finalize it on the
         worker that processed most of its electrons: only the others' states travel."""
+        from distributed import wait
+
         client = self._client
         workers = sorted(client.scheduler_info()["workers"])
         closed = [client.submit(close_on_worker, self._plugin_name, st.scan_id, workers=[w],
                                 allow_other_workers=False, pure=False) for w in workers]
+        timeout = self.config.scan.finalize_timeout_s
         if st.geometry is None:  # nothing but rejects or an abort before any geometry
-            client.gather(closed)
+            wait(closed, timeout=timeout)  # the workers forget the scan; nothing comes here
             why = st.errors[0] if st.errors else "no valid message gave its geometry"
             return ScanResult(st.scan_id, None, "failed", f"closed ({st.close_reason}): {why}")
         writer = max(workers, key=lambda w: st.worker_events.get(w, 0))
         info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
                         dict(st.frames_sent), st.rejects,
                         {"opened": st.opened, "first_frame": st.first_frame_time,
-                         "last_frame": st.last_frame_time, "closed": st.closed_time}, workers)
+                         "last_frame": st.last_frame_time, "closed": st.closed_time}, workers,
+                        errors=list(st.errors))
         future = client.submit(finalize_scan, info, self.config, *closed, workers=[writer], pure=False)
-        return future.result()
+        return future.result(timeout=timeout)
 
-    def _report_result(self, st: ScanStatus, r: ScanResult) -> None:
+    def _report_result(self, r: ScanResult) -> None:
         if r.status == "failed":
             self.console.say(f"ERROR [{r.scan_id}] {r.reason}")
+        else:
+            t = r.timings
+            span = (t.get("last_frame") or 0) - t["opened"]  # first message to last frame processed
+            rate = f"processed at {r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
+            lag = t["written"] - t["last_frame"] if t.get("last_frame") else float("nan")
+            self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "
+                             f"{r.events / 1e6:.2f} M e- ({rate}); {r.path} written {lag:.2f} s after "
+                             "the last frame")
+            if r.n_missing:
+                self.console.say(f"WARNING [{r.scan_id}] {r.n_missing:,} frames never arrived: "
+                                 f"{_ranges_text(r.missing_ranges)}; see /completeness in {r.path}")
+            if r.n_duplicated:
+                self.console.say(f"WARNING [{r.scan_id}] {r.n_duplicated:,} frames arrived more "
+                                 f"than once and were counted once: {_ranges_text(r.duplicated_ranges)}")
+        header = {"proto": LIVE_PROTO, "kind": "done", "scan_id": r.scan_id, "status": r.status,
+                  "reason": r.reason, "path": str(r.path), "frames_received": r.frames_received,
+                  "n_frames": r.n_frames, "events": r.events}
+        self._outbox.put(control.encode(header))
+
+    def _write_previews(self, r: ScanResult) -> None:
+        """PNG previews, here rather than on the writer worker: they are not needed for the
+        file to be complete, and this process is otherwise idle."""
+        if not self.config.output.previews or r.path is None:
             return
-        t = r.timings
-        span = (t.get("last_frame") or 0) - t["opened"]  # first message to last frame processed
-        rate = f"processed at {r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
-        lag = t["written"] - t["last_frame"] if t.get("last_frame") else float("nan")
-        self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "
-                         f"{r.events / 1e6:.2f} M e- ({rate}); {r.path} written {lag:.2f} s after the last frame")
-        if r.n_missing:
-            self.console.say(f"WARNING [{r.scan_id}] {r.n_missing:,} frames never arrived: "
-                             f"{_ranges_text(r.missing_ranges)}; see /completeness in {r.path}")
-        if r.n_duplicated:
-            self.console.say(f"WARNING [{r.scan_id}] {r.n_duplicated:,} frames arrived more "
-                             f"than once and were counted once: {_ranges_text(r.duplicated_ranges)}")
-        if self._pub is not None:
-            header = {"proto": LIVE_PROTO, "kind": "done", "scan_id": r.scan_id, "status": r.status,
-                      "reason": r.reason, "path": str(r.path), "frames_received": r.frames_received,
-                      "n_frames": r.n_frames, "events": r.events}
-            self._outbox.put(control.encode(header))
+        try:
+            directory = Path(r.path).parent / "previews"
+            r.previews = [str(p) for p in write_previews(directory, r.scan_id, r.result_objects)]
+            r.previews.append(str(write_summary_figure(
+                directory / f"{r.scan_id}_summary.png", f"{r.scan_id} ({r.status})", r.result_objects,
+                r.position_frames, r.expected_frames_per_position)))
+        except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
+            log.exception("previews of scan %s failed", r.scan_id)
+            self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
 
 
 def _ranges_text(ranges, limit: int = 8) -> str:

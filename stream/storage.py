@@ -38,15 +38,26 @@ def _attr_value(v):
     return None
 
 
+MAX_ATTR_BYTES = 16_000  # HDF5 keeps attributes in a 64 KiB header; larger values are datasets
+
+
 def write_attrs(group: h5py.Group, mapping: dict) -> None:
-    """Plain values as attributes, nested maps as subgroups, anything else as JSON text."""
+    """Plain values as attributes, nested maps as subgroups, anything else as JSON text;
+    values too large for an attribute become datasets of the same name."""
     for key, value in mapping.items():
         key = str(key)
         if isinstance(value, dict):
             write_attrs(group.require_group(key), value)
             continue
         v = _attr_value(value)
-        group.attrs[key] = v if v is not None else json.dumps(value, default=str)
+        v = v if v is not None else json.dumps(value, default=str)
+        if np.asarray(v).nbytes > MAX_ATTR_BYTES or (isinstance(v, str) and len(v) > MAX_ATTR_BYTES):
+            if isinstance(group, h5py.Dataset):  # a dataset cannot hold datasets: keep it as text
+                v = json.dumps(value, default=str)[:MAX_ATTR_BYTES] + " ... (truncated)"
+            else:
+                group.create_dataset(key, data=v)
+                continue
+        group.attrs[key] = v
 
 
 def read_attrs(group: h5py.Group) -> dict:
@@ -76,7 +87,9 @@ def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: 
                      level: int, threads: int | None = None) -> h5py.Dataset:
     """A 1-d dataset with standard shuffle + gzip filters, its chunks compressed in parallel
     threads (zlib releases the GIL) and written directly: any HDF5 reader opens it."""
-    chunk_len = max(1, min(len(data), chunk_len))
+    if len(data) == 0:  # HDF5 refuses chunks for an empty dataset
+        return group.create_dataset(name, data=data)
+    chunk_len = min(len(data), chunk_len)
     if level == 0:
         return group.create_dataset(name, data=data, chunks=(chunk_len,))
     ds = group.create_dataset(name, shape=data.shape, dtype=data.dtype, chunks=(chunk_len,),
@@ -95,17 +108,35 @@ def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: 
     return ds
 
 
-def write_scan(path: str | Path, *, scan_id: str, status: str, reason: str, geometry: dict,
-               metadata: dict, results: dict, offsets: np.ndarray, indices: np.ndarray,
-               completeness: dict, completeness_summary: dict, provenance: dict,
-               compression_level: int = 1) -> Path:
-    """Write a scan file atomically and return its path.
+def write_scan(path: str | Path, **fields) -> Path:
+    """Write a scan file atomically and return its path: ``path``, or ``<stem>-2.h5``, … if
+    a file of that name exists already (a scan id used twice never overwrites a scan).
 
-    results, completeness: name → operators.base.Result. offsets (n_frames + 1,), indices
-    uint32: the events in CSR layout, frames in order position·fpp + k.
+    fields (keyword arguments of ``_write``): scan_id, status, reason, geometry and metadata
+    (plain maps), results and completeness (name → operators.base.Result), offsets
+    (n_frames + 1,) and indices (uint32): the events in CSR layout, frames in order
+    position·fpp + k; completeness_summary and provenance (plain maps), compression_level.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
+    try:
+        _write(tmp, **fields)
+        with open(tmp, "rb+") as fh:  # on disk before it gets its final name
+            os.fsync(fh.fileno())
+        n = 1
+        while path.exists():
+            n += 1
+            path = path.with_name(f"{fields['scan_id']}-{n}.h5")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write(tmp: Path, *, scan_id, status, reason, geometry, metadata, results, offsets, indices,
+           completeness, completeness_summary, provenance, compression_level) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
                        status=status, reason=reason)
@@ -125,8 +156,6 @@ def write_scan(path: str | Path, *, scan_id: str, status: str, reason: str, geom
                 write_attrs(d, res.attrs)
         write_attrs(f["completeness"], completeness_summary)
         write_attrs(f.create_group("provenance"), provenance)
-    os.replace(tmp, path)
-    return path
 
 
 def open_scan(path: str | Path) -> h5py.File:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
-from sim_detector.publisher import prepare_sources
+from sim_detector.publisher import Publisher, prepare_sources
 from stream.net import free_port_block
 from stream.protocol import Geometry, encode_abort, encode_end, encode_frames, encode_start
 
@@ -51,40 +50,23 @@ def client_1_or_3(request):
 
 
 class ScriptedSource:
-    """A detector under the test's control: bound PUSH sockets, one per source, sending
-    exactly the messages a test asks for (good, duplicated, missing, malformed)."""
+    """A detector under the test's control: the emulator's bound PUSH sockets, one per source,
+    sending exactly the messages a test asks for (good, duplicated, missing, malformed)."""
 
     def __init__(self, n_sources: int = 1):
         self.n_sources = n_sources
-        port = free_port_block(n_sources)
-        self.addresses = [f"tcp://127.0.0.1:{port + k}" for k in range(n_sources)]
-        self.ctx = zmq.Context()
-        self.socks = []
-        for a in self.addresses:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 2000)
-            s.bind(a)
-            self.socks.append(s)
+        self.publisher = Publisher(f"tcp://127.0.0.1:{free_port_block(n_sources)}", n_sources,
+                                   sndhwm=1000, linger_s=2.0)
+        self.addresses = self.publisher.addresses
+        self.send = self.publisher.send
 
     def close(self):
-        for s in self.socks:
-            s.close()
-        self.ctx.term()
+        self.publisher.close()
 
     def wait_for_receivers(self, timeout_s=30):
-        poller = zmq.Poller()
-        for s in self.socks:
-            poller.register(s, zmq.POLLOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready = dict(poller.poll(100))
-            if all(ready.get(s, 0) & zmq.POLLOUT for s in self.socks):
-                time.sleep(0.2)  # let every receiver finish connecting, so round-robin spreads
-                return
-        raise TimeoutError("no receiver connected")
-
-    def send(self, source: int, parts) -> None:
-        self.socks[source].send_multipart(parts)
+        if not self.publisher.wait_for_receivers(timeout_s):
+            raise TimeoutError("no receiver connected")
+        time.sleep(0.2)  # let every receiver finish connecting, so that round-robin spreads
 
     def start(self, scan_id, geometry, metadata=None):
         for k, prepared in enumerate(self._geoms(geometry)):

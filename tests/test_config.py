@@ -51,6 +51,7 @@ def test_example_configuration_is_valid():
     ("[scan]\ntimeout_s = 0\n", r"timeout_s must be > 0"),
     ("[virtual]\nname = 'x'\n", r"write \[\[virtual\]\]"),
     ("this is not toml", r"not valid TOML"),
+    ("[[virtual]]\nname = 'com_x'\nshape = 'disk'\nradius_px = 3\n", r"'com_x' is taken by another result"),
 ])
 def test_bad_configuration_names_the_problem(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -59,17 +59,40 @@ def test_duplicates_do_not_count_as_progress():
     assert t.scans["a"].frames_received == (20 + 10) // 2
 
 
-def test_timeout_after_silence_and_abort_at_once():
+def test_timeout_after_silence_and_abort_after_a_short_grace():
     clock = Clock()
-    t = ScanTracker(timeout_s=5, clock=clock)
+    t = ScanTracker(timeout_s=5, clock=clock, wall=clock)
     reports(t, geometry("a"), frames("a", 0, 0, 3), geometry("b"),
             {"kind": "abort", "scan_id": "b", "source": 1, "reason": "beam blanked"})
+    assert t.due() == []  # frames already queued in other receivers may still come
+    clock.t += 0.5
+    reports(t, frames("b", 0, 0, 4))
+    clock.t += 0.9
+    assert t.due() == []
+    clock.t += 0.2
     assert [(s.scan_id, s.close_reason) for s in t.due()] == [("b", "abort")]
-    assert t.scans["b"].abort_reason == "beam blanked"
-    clock.t += 4.9
+    assert t.scans["b"].abort_reason == "beam blanked" and t.scans["b"].frames_received == 2
+    clock.t += 3.3
     assert t.due() == []
     clock.t += 0.2
     assert [(s.scan_id, s.close_reason) for s in t.due()] == [("a", "timeout")]
+
+
+def test_reports_that_do_not_fit_the_scan_are_counted_not_raised():
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    reports(t, geometry("a"), frames("a", 0, 0, 20),
+            {"kind": "end", "scan_id": "a", "source": 7, "frames_sent": 20},      # no source 7
+            frames("a", 3, 0, 5), frames("a", 0, 15, 10),                          # out of range
+            {"kind": "geometry", "scan_id": "a", "geometry": Geometry((9, 9), (8, 8)).to_wire()})
+    assert t.rejects == {"bad_header": 1, "bad_geometry": 3}
+    assert t.scans["a"].frames_sent == {} and t.scans["a"].frames_received == 10
+    assert "two geometries" in t.scans["a"].errors[0]
+
+
+def test_late_rejects_of_forgotten_scans_do_not_open_a_scan():
+    t = ScanTracker()
+    t.handle({"kind": "reject", "reason": "late", "detail": "", "scan_id": "old", "worker": "w"})
+    assert "old" not in t.scans and t.rejects == {"late": 1}
 
 
 def test_reports_of_a_closing_scan_change_nothing():

@@ -1,0 +1,133 @@
+"""One receiver alone (no dask): real PUSH sources and a real report socket in this process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import dense_scan
+from stream import control
+from stream.config import ChunkingSpec, LiveSpec, PipelineConfig, ScanSpec, validate
+from stream.protocol import Geometry
+from stream.receiver import Receiver
+
+G = Geometry((6, 8), (24, 24), frames_per_position=1, n_sources=1, mrad_per_px=1.0,
+             convergence_mrad=5.0, center=(11.5, 11.5))
+
+
+@pytest.fixture
+def rig(scripted_source):
+    """A source, a receiver connected to it, and the coordinator's end of the report socket."""
+    made = []
+
+    def make(max_frames=10_000, max_latency_ms=50.0, live_rate=0.0):
+        src = scripted_source(1)
+        ctx = zmq.Context.instance()
+        pull = ctx.socket(zmq.PULL)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        cfg = validate(PipelineConfig(chunking=ChunkingSpec(max_frames=max_frames, max_latency_ms=max_latency_ms),
+                                      scan=ScanSpec(timeout_s=5), live=LiveSpec(rate_hz=live_rate)))
+        rec = Receiver(src.addresses, f"tcp://127.0.0.1:{port}", cfg, worker="w0")
+        rec.start()
+        src.wait_for_receivers()
+        made.append((rec, pull))
+        return src, rec, pull
+    yield make
+    for rec, pull in made:
+        rec.stop()
+        pull.close(0)
+
+
+def reports(pull, until, timeout_s=10):
+    """Collect reports until ``until(list)`` is true."""
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not until(got):
+        if pull.poll(50):
+            got.append(control.decode(pull.recv_multipart()))
+    return got
+
+
+def events(seed=0):
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(20, G.n_frames).astype(np.uint32)
+    return counts, rng.integers(0, 24 * 24, int(counts.sum())).astype(np.uint32)
+
+
+def frames_reported(got):
+    return sum(c for h, _ in got if h["kind"] == "frames" for _, _, c in h["ranges"])
+
+
+def test_chunks_are_bounded_by_frames_and_close_returns_exact_state(rig):
+    src, rec, pull = rig(max_frames=10)
+    counts, indices = events(1)
+    src.start("a", G)
+    src.frames("a", G, counts, indices, batch=4)
+    got = reports(pull, lambda g: frames_reported(g) >= G.n_frames)
+    sizes = [sum(c for _, _, c in h["ranges"]) for h, _ in got if h["kind"] == "frames"]
+    assert sum(sizes) == G.n_frames and max(sizes) <= 12  # chunks close at >= 10 frames of 4-frame messages
+    ws = rec.close_scan("a")
+    sum_op = next(op for op in ws.operators if op.name == "sum")
+    np.testing.assert_array_equal(sum_op.finalize(ws.states["sum"])["diffraction_sum"].data,
+                                  dense_scan(counts, indices, G).sum((0, 1)))
+
+
+def test_a_lone_message_is_processed_within_the_latency_bound(rig):
+    src, rec, pull = rig(max_frames=10_000, max_latency_ms=30)
+    counts, indices = events(2)
+    src.start("b", G)
+    t0 = time.monotonic()
+    src.frames("b", G, counts, indices, only=range(3))
+    got = reports(pull, lambda g: frames_reported(g) >= 3)
+    assert frames_reported(got) == 3 and time.monotonic() - t0 < 2.0
+
+
+def test_late_and_broken_messages_are_reported_and_the_receiver_goes_on(rig, monkeypatch):
+    import stream.receiver
+    from stream.protocol import encode_frames
+    src, rec, pull = rig()
+    counts, indices = events(3)
+    src.start("c", G)
+    src.frames("c", G, counts, indices, only=range(5))
+    reports(pull, lambda g: frames_reported(g) >= 5)
+    rec.close_scan("c")
+    build = stream.receiver.build_operators
+
+    def build_or_fail(cfg, g):  # a bug anywhere while handling one message
+        if g.scan_shape == (7, 7):
+            raise RuntimeError("boom")
+        return build(cfg, g)
+    monkeypatch.setattr(stream.receiver, "build_operators", build_or_fail)
+    src.frames("c", G, counts, indices, only=range(5, 7))                 # late
+    src.send(0, [b"\x00garbage"])                                         # not msgpack
+    src.send(0, encode_frames("bug", 0, Geometry((7, 7), (24, 24)), 0, np.array([1], np.uint32),
+                              np.array([5], np.uint32)))                  # the bug
+    too_big = Geometry((4, 4), (24, 24)).to_wire() | {"scan_shape": [2**20, 2**20]}
+    import msgpack
+    header = msgpack.packb({"proto": "stemstream/1", "kind": "frames", "scan_id": "huge", "source": 0,
+                            "first": 0, "count": 0, "events": 0, **too_big})
+    src.send(0, [header, b"", b""])                                       # absurd geometry
+    src.start("d", G)
+    src.frames("d", G, counts, indices)                                   # still receiving
+    got = reports(pull, lambda g: frames_reported(g) >= G.n_frames)
+    rejects = [(h["reason"], h["scan_id"]) for h, _ in got if h["kind"] == "reject"]
+    assert ("late", "c") in rejects and ("not_msgpack", None) in rejects
+    assert ("internal_error", None) in rejects and ("bad_geometry", "huge") in rejects, rejects
+    assert frames_reported(got) == G.n_frames
+    assert rec._thread.is_alive()
+
+
+def test_live_snapshots_send_only_the_positions_that_changed(rig):
+    src, rec, pull = rig(max_latency_ms=10, live_rate=20.0)
+    counts, indices = events(4)
+    src.start("e", G)
+    src.frames("e", G, counts, indices, only=range(8, 16))  # scan row 1 only
+    got = reports(pull, lambda g: any(h["kind"] == "live" for h, _ in g))
+    header, arrays = next((h, a) for h, a in got if h["kind"] == "live")
+    assert (header["lo"], header["hi"]) == (8, 16)
+    assert arrays["com/n"].shape == (8,) and arrays["sum/sum"].shape == (24 * 24,)
+    np.testing.assert_array_equal(arrays["sum/sum"], np.bincount(indices[counts[:8].sum():counts[:16].sum()],
+                                                                 minlength=24 * 24))

@@ -1,0 +1,60 @@
+"""Scan files: atomic writes that never overwrite, and what is refused when reading."""
+
+import h5py
+import numpy as np
+import pytest
+
+from operators.base import Result
+from stream.storage import ScanFileError, describe, write_scan
+
+
+def fields(scan_id="s1", n_events=10):
+    rng = np.random.default_rng(0)
+    counts = np.array([n_events // 2, n_events - n_events // 2])
+    return dict(scan_id=scan_id, status="complete", reason="all frames arrived",
+                geometry={"scan_shape": [1, 2], "frame_shape": [4, 4], "frames_per_position": 1},
+                metadata={"beam_energy_keV": 300.0, "nested": {"a": 1}, "mixed": [1, "x"]},
+                results={"bf": Result(np.arange(2).reshape(1, 2), "nav", "counts")},
+                offsets=np.r_[0, np.cumsum(counts)], indices=rng.integers(0, 16, n_events).astype(np.uint32),
+                completeness={}, completeness_summary={"n_missing": 0}, provenance={"version": "x"},
+                compression_level=1)
+
+
+def test_a_scan_id_written_twice_gets_a_new_name(tmp_path):
+    first = write_scan(tmp_path / "s1.h5", **fields())
+    second = write_scan(tmp_path / "s1.h5", **fields(n_events=4))
+    assert (first.name, second.name) == ("s1.h5", "s1-2.h5")
+    assert describe(first)["events"]["n_events"] == 10 and describe(second)["events"]["n_events"] == 4
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_values_survive_the_round_trip(tmp_path):
+    f = fields()
+    path = write_scan(tmp_path / "s1.h5", **f)
+    with h5py.File(path, "r") as h:
+        np.testing.assert_array_equal(h["events/indices"][()], f["indices"])
+        np.testing.assert_array_equal(h["events/offsets"][()], f["offsets"])
+        assert h["events/indices"].compression == "gzip" and h["events/indices"].shuffle
+    d = describe(path)
+    assert d["metadata"]["nested"] == {"a": 1} and d["metadata"]["mixed"] == [1, "x"]
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    bad = fields()
+    bad["results"] = {"bf": Result(object(), "nav")}  # HDF5 cannot store it
+    with pytest.raises(TypeError):
+        write_scan(tmp_path / "s1.h5", **bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p.write_bytes(b"not hdf5 at all"), "not an HDF5 file"),
+    (lambda p: h5py.File(p, "w").close(), "not a stemstream scan file"),
+    (lambda p: p.mkdir(), "is a directory"),
+])
+def test_files_that_are_not_scans_are_refused_with_the_path(tmp_path, make, match):
+    p = tmp_path / "x.h5"
+    make(p)
+    with pytest.raises(ScanFileError, match=match) as e:
+        describe(p)
+    assert str(p) in str(e.value)
