@@ -85,8 +85,7 @@ def main(argv=None):
 
     port = free_port_block(a.sources)
     bind = f"tcp://127.0.0.1:{port}"
-    cfg = load_config(None)
-    cfg.output.previews = False  # previews are written after the file; keep the CPU figures clean
+    cfg = load_config(None)  # the defaults: previews included (drawn by the coordinator)
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scan {a.scan}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate\n")
