@@ -622,3 +622,55 @@ def test_demo_reports_an_emulator_failure_promptly(tmp_path):
     assert p.returncode not in (0, None)
     assert "unknown specimen" in err or "nosuch" in err, err  # the emulator's own one-line error
     assert "demo: FAILED (emulator exit code 2" in err, err
+
+
+# ------------------------------------------------------------------ series and interruption
+
+def test_a_tilt_series_arrives_as_one_scan_per_tilt_with_its_angle(client2, tmp_path):
+    """`simulate --tilts` publishes one scan per tilt angle; each file carries the angle, the
+    series id and its place in the series, and the truth file has the same tilt."""
+    from stream.session import Session
+    port = free_port_block(2)
+    with Session([f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"], out=tmp_path / "out",
+                 client=client2, console=False) as s:
+        r = run_cli("simulate", "--specimen", "pt-particle", "--size", "10", "--scan", "12x12",
+                    "--detector", "48x48", "--tilts", "-20:20:20", "--sources", "2", "--bind",
+                    f"tcp://127.0.0.1:{port}", "--rate", "max", "--scan-id", "ts", "--truth", "truth.h5",
+                    "--dose", "20", "--wait", "60", cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, r.stderr
+        results = [s.wait(f"ts-{k:04d}", timeout=60) for k in range(3)]
+    series = set()
+    with h5py.File(tmp_path / "truth.h5", "r") as truth:
+        for k, (res, tilt) in enumerate(zip(results, (-20.0, 0.0, 20.0))):
+            assert res.status == "complete"
+            with h5py.File(res.path, "r") as f:
+                md = f["metadata"].attrs
+                assert (md["tilt_deg"], md["series_index"], md["series_length"]) == (tilt, k, 3)
+                series.add(md["series_id"])
+            assert truth[f"ts-{k:04d}"].attrs["tilt_deg"] == tilt
+    assert len(series) == 1
+    assert "3 scan(s)" in r.stdout
+
+
+def test_ctrl_c_on_the_emulator_aborts_the_scan(client2, tmp_path):
+    """Ctrl-C mid-scan sends `abort` on every source: the scan is written at once (not after
+    the timeout) as incomplete, with the reason, and the emulator exits 130."""
+    from stream.config import PipelineConfig, ScanSpec
+    from stream.session import Session
+    port = free_port_block(1)
+    only_abort_closes = PipelineConfig(scan=ScanSpec(timeout_s=120.0))  # within the test's time
+    with Session([f"tcp://127.0.0.1:{port}"], out=tmp_path / "out", client=client2, console=False,
+                 config=only_abort_closes) as s:
+        emu = Cli(["simulate", "--scan", "40x40", "--detector", "48x48", "--dose", "10", "--rate", "1000",
+                   "--bind", f"tcp://127.0.0.1:{port}", "--scan-id", "cc"], cwd=tmp_path)
+        try:
+            emu.wait_for(r"streaming", 60)
+            time.sleep(0.3)
+            os.kill(emu.p.pid, signal.SIGINT)
+            assert emu.wait(20) == 130
+            r = s.wait("cc-0000", timeout=30)
+        finally:
+            emu.kill()
+    assert "interrupted" in " ".join(emu.err)
+    assert r.status == "incomplete" and "aborted by the source" in r.reason and "Ctrl-C" in r.reason
+    assert 0 < r.frames_received < 1600 and r.n_missing == 1600 - r.frames_received
