@@ -94,7 +94,7 @@ class ClusterSpec:
     scheduler: str | None = None  # address of a running scheduler; None starts a LocalCluster
     workers: int = 2
     threads_per_worker: int = 1
-    memory_limit: str = "auto"
+    memory_limit: str | int | float = "auto"  # per worker, as dask takes it: "4GB", 4e9, 0 (none)
 
 
 @dataclass

@@ -9,6 +9,7 @@ messages: no sockets, no dask, so that it can be tested alone.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +70,8 @@ class ScanStatus:
         the most any one source still owes (0 until a source has ended)."""
         if self._distinct is None:
             return 0
-        return max((sent - int(self._distinct[s]) for s, sent in self.frames_sent.items()), default=0)
+        return max((sent - int(self._distinct[s]) for s, sent in self.frames_sent.items()
+                    if 0 <= s < len(self._distinct)), default=0)
 
     @property
     def all_ended(self) -> bool:
@@ -92,6 +94,7 @@ class ScanTracker:
         self.wall = wall
         self.scans: dict[str, ScanStatus] = {}
         self.rejects: dict[str, int] = {}
+        self._forgotten: OrderedDict[str, None] = OrderedDict()  # finished long ago: never reopened
 
     def _scan(self, scan_id: str) -> ScanStatus:
         st = self.scans.get(scan_id)
@@ -112,6 +115,9 @@ class ScanTracker:
             st._completeness = Completeness(g.n_sources, g.scan_shape, g.frames_per_position, g.flyback)
             st._received = st._completeness.new_state()
             st._distinct = np.zeros(g.n_sources, np.int64)
+            for source in [s for s in st.frames_sent if not 0 <= s < g.n_sources]:
+                del st.frames_sent[source]  # an end that came before the geometry, from no source
+                self._count_reject("bad_header", st)
         elif not st.geometry.same_scan(g):  # two receivers opened it with different geometry
             self._count_reject("bad_geometry", st)
             if len(st.errors) < 5:
@@ -126,9 +132,13 @@ class ScanTracker:
             st = None
             if sid:  # a reject that names its scan is part of that scan's story
                 st = self.scans.get(sid)
-                if st is None and report["reason"] in ("operator_error", "bad_geometry"):
+                if st is None and report["reason"] in ("operator_error", "bad_geometry") \
+                        and sid not in self._forgotten:
                     st = self._scan(sid)  # a scan that failed before any receiver could open it
-                if st is not None and report["reason"] == "operator_error" and len(st.errors) < 5:
+                # operators that could not be built: the only trace of the scan (failures while
+                # processing come with the receivers' states)
+                if st is not None and st.geometry is None and report["reason"] == "operator_error" \
+                        and len(st.errors) < 5:
                     st.errors.append(report.get("detail", ""))
             self._count_reject(report["reason"], st)
             return None
@@ -136,7 +146,7 @@ class ScanTracker:
             return None
         sid = report["scan_id"]
         existing = self.scans.get(sid)
-        if existing is not None and existing.state != RECEIVING:
+        if (existing is not None and existing.state != RECEIVING) or sid in self._forgotten:
             return None  # the receivers reject late messages; nothing more changes this scan
         st = self._scan(sid)
         worker = report.get("worker")
@@ -194,11 +204,21 @@ class ScanTracker:
     def close(self, st: ScanStatus, reason: str) -> None:
         st.state, st.close_reason, st.closed_time = CLOSING, reason, self.wall()
 
+    def finished(self, scan_id: str) -> bool:
+        """Closed and written (or forgotten): nothing of it should be open anywhere."""
+        st = self.scans.get(scan_id)
+        return (st is not None and st.state == DONE) or scan_id in self._forgotten
+
     def active(self) -> list[ScanStatus]:
         return [s for s in self.scans.values() if s.state == RECEIVING]
 
     def forget_done(self, keep: int = 256) -> None:
-        """Keep only the newest ``keep`` finished scans (a session may run for weeks)."""
+        """Keep only the newest ``keep`` finished scans (a session may run for weeks); their
+        ids are remembered so that a late report never reopens one. Call it from the thread
+        that calls handle() and due()."""
         done = [sid for sid, s in self.scans.items() if s.state == DONE]
         for sid in done[:max(0, len(done) - keep)]:
             del self.scans[sid]
+            self._forgotten[sid] = None
+        while len(self._forgotten) > 100_000:
+            self._forgotten.popitem(last=False)

@@ -31,7 +31,6 @@ log = logging.getLogger("stemstream.receiver")
 LATE = "late"  # a message of a scan that is already closed
 OPERATOR_ERROR = "operator_error"  # the scan's operators could not be built or failed
 INTERNAL_ERROR = "internal_error"  # anything else that went wrong with one message
-ABANDONED = "abandoned"  # a scan nobody closed (its coordinator never saw it) was dropped
 
 
 @dataclass
@@ -46,7 +45,6 @@ class ScanWork:
     pending_frames: int = 0
     pending_bytes: int = 0
     oldest: float = 0.0
-    last_activity: float = 0.0
     touched: list = field(default_factory=lambda: [None, None])  # positions changed since the last live snapshot
     errors: list = field(default_factory=list)
 
@@ -101,9 +99,6 @@ class Receiver:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        # a scan idle this long that nobody closed (e.g. a stale message reached a worker that
-        # joined after its scan closed) is dropped
-        self.abandon_after_s = max(60.0, 10 * config.scan.timeout_s)
 
     # -------------------------------------------------------------- lifecycle
     def start(self, timeout_s: float = 10.0) -> None:
@@ -166,28 +161,34 @@ class Receiver:
                         except zmq.Again:
                             break
                         self._handle_safely(parts)
-                now = time.monotonic()
-                with self._lock:
-                    for work in list(self._scans.values()):
-                        if work.pending and now - work.oldest >= latency:
-                            self._flush(work)
-                        elif now - work.last_activity > self.abandon_after_s:
-                            del self._scans[work.scan_id]
-                            self._reject(ABANDONED, f"scan {work.scan_id}: nothing arrived for "
-                                         f"{self.abandon_after_s:.0f} s and no coordinator closed it",
-                                         work.scan_id)
-                if live_period and now >= next_live:
-                    self._snapshot_live()
-                    next_live = now + live_period
+                try:
+                    now = time.monotonic()
+                    with self._lock:
+                        for work in list(self._scans.values()):
+                            if work.pending and now - work.oldest >= latency:
+                                self._flush(work)
+                    if live_period and now >= next_live:
+                        self._snapshot_live()
+                        next_live = now + live_period
+                except Exception as e:  # noqa: BLE001 - the loop must go on
+                    log.exception("receiver housekeeping failed")
+                    self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
                 while self._outbox:
-                    report.send_multipart(self._outbox.popleft())
+                    try:  # never block: stop() must be able to end this thread
+                        report.send_multipart(self._outbox[0], flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break  # the coordinator is not reading; try again next turn
+                    self._outbox.popleft()
         finally:
             pull.close()
-            report.close()
+            report.close(linger=0)
 
     def _send(self, header: dict, arrays=None) -> None:
         """Queue a report; the receiver thread sends it (ZMQ sockets belong to one thread).
-        The arrays are copied now: the states keep changing."""
+        The arrays are copied now: the states keep changing. While the coordinator is not
+        reading, live snapshots are not queued (the next one will carry the same)."""
+        if header["kind"] == "live" and len(self._outbox) > 100:
+            return
         arrays = {k: np.array(v) for k, v in (arrays or {}).items()}
         self._outbox.append(control.encode(dict(header, worker=self.worker), arrays))
 
@@ -202,7 +203,10 @@ class Receiver:
         try:
             self._handle(parts)
         except ProtocolError as e:
-            self._reject(e.reason, e.detail, e.scan_id)
+            if e.scan_id in self._closed:  # whatever is wrong with it, it comes too late
+                self._reject(LATE, f"a message of scan {e.scan_id}, which is closed", e.scan_id)
+            else:
+                self._reject(e.reason, e.detail, e.scan_id)
         except Exception as e:  # noqa: BLE001 - one bad message must never stop the receiver
             log.exception("unexpected error on a message")
             self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
@@ -222,11 +226,9 @@ class Receiver:
                 work = self._open(msg)
                 if work is None:
                     return
-                now = time.monotonic()
                 work.pending.append(msg)
                 if not work.pending_frames:
-                    work.oldest = now
-                work.last_activity = now
+                    work.oldest = time.monotonic()
                 work.pending_frames += msg.count
                 work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
                 chunking = self.config.chunking
@@ -255,7 +257,7 @@ class Receiver:
         except (ValueError, MemoryError) as e:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
             return None
-        work = ScanWork(msg.scan_id, geometry, operators, states, last_activity=time.monotonic())
+        work = ScanWork(msg.scan_id, geometry, operators, states)
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         return work
@@ -266,14 +268,16 @@ class Receiver:
             return
         msgs, work.pending = work.pending, []
         work.pending_frames = work.pending_bytes = 0
-        chunk = chunk_from_messages(msgs, work.geometry)
+        try:
+            chunk = chunk_from_messages(msgs, work.geometry)
+        except Exception as e:  # noqa: BLE001 - not even a chunk: these frames count as missing
+            self._failed(work, e)
+            return
         try:
             for op in work.operators:
                 op.process(work.states[op.name], chunk)
         except Exception as e:  # noqa: BLE001 - a bug in one operator must not stop the receiver
-            log.exception("operator failed on scan %s", work.scan_id)
-            work.errors.append(f"{type(e).__name__}: {e}")
-            self._reject(OPERATOR_ERROR, f"scan {work.scan_id}: {type(e).__name__}: {e}", work.scan_id)
+            self._failed(work, e)
         valid = chunk.positions[chunk.positions >= 0]
         if len(valid):
             lo, hi = int(valid.min()), int(valid.max()) + 1
@@ -282,6 +286,11 @@ class Receiver:
         self._send({"kind": "frames", "scan_id": work.scan_id,
                     "ranges": [[m.source, m.first, m.count] for m in msgs],
                     "events": int(chunk.n_events)})
+
+    def _failed(self, work: ScanWork, e: Exception) -> None:
+        log.exception("processing failed on scan %s", work.scan_id)
+        work.errors.append(f"{type(e).__name__}: {e}")
+        self._reject(OPERATOR_ERROR, f"scan {work.scan_id}: {type(e).__name__}: {e}", work.scan_id)
 
     def _snapshot_live(self) -> None:
         """Partial states of every scan that changed: scan-shaped arrays only over the

@@ -39,7 +39,7 @@ from .worker import ReceiverPlugin, close_on_worker
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
-KEEP_RESULTS = 16  # finished scans whose result images stay in memory (all keep their summary)
+KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
 
 
 @contextlib.contextmanager
@@ -117,6 +117,8 @@ class Session:
         override its [output] dir and [cluster] settings.
     client: an existing distributed.Client to use (the session neither starts nor stops it).
         Two sessions on one cluster must receive from different sources.
+    ``wait()`` returns each finished scan's ScanResult with its images; ``results`` keeps the
+    images of the last 16 scans only (a session may run for weeks).
     Raises ConfigError for a configuration or address it cannot use.
     """
 
@@ -152,6 +154,7 @@ class Session:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # PUB messages from other threads
         self._late_warned: set[str] = set()
         self._stop = threading.Event()
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stemstream-finalize")
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
         self._thread = None
@@ -224,29 +227,49 @@ class Session:
         return "127.0.0.1" if sched in ("127.0.0.1", "localhost") else get_ip(sched)
 
     def close(self) -> None:
-        """Stop receiving. Scans still receiving are closed with what arrived (written as
-        incomplete, reason 'closed'); scans already closing are finished first."""
+        """Stop receiving. Reports already sent are read first; then scans still receiving
+        are closed with what arrived (written as incomplete, reason 'the session stopped');
+        scans already closing are finished first."""
         if self._thread is not None and self._thread.is_alive():
             self._stop.set()
             self._thread.join(30)
-        for st in self._tracker.active():
-            self._tracker.close(st, "closed")
-            self._executor.submit(self._finalize, st)
+        if self._pull is not None and not (self._thread and self._thread.is_alive()):
+            self._drain_reports()  # this thread owns the sockets from here on
+            for st in self._tracker.due():
+                self._executor.submit(self._finalize, st)
+            for st in self._tracker.active():
+                self._tracker.close(st, "closed")
+                self._executor.submit(self._finalize, st)
         self._executor.shutdown(wait=True)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        while self._pub is not None and not self._outbox.empty():  # the last 'done' messages
+            self._pub.send_multipart(self._outbox.get())
         if self._client is not None and self._thread is not None:
             try:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.debug("unregistering the receiver plugin failed: %s", e)
-        for s in (self._pull, self._pub):
-            if s is not None:
-                s.close(linger=0)
+        for sock in (self._pull, self._pub):
+            if sock is not None:
+                sock.close(linger=1000)
         if self._ctx is not None:
             self._ctx.term()
         if self._own_client and self._client is not None:
             self._client.close()
             if self._cluster is not None:
                 self._cluster.close()
+
+    def _drain_reports(self, quiet_s: float = 0.3) -> None:
+        """Handle every report already on its way (until ``quiet_s`` without one)."""
+        while self._pull.poll(int(quiet_s * 1000)):
+            while True:
+                try:
+                    parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle_report(parts, set())
 
     # -------------------------------------------------------------- results
     def wait(self, scan_id: str | None = None, timeout: float | None = None) -> ScanResult:
@@ -262,7 +285,9 @@ class Session:
                         if sid not in self._waited:
                             self._waited.add(sid)
                             return self._results[sid]
-                if self._failure is not None or (self._thread is not None and not self._thread.is_alive()):
+                if self._closed:
+                    raise RuntimeError("the session is closed: no more scans will finish")
+                if self._failure is not None:
                     raise RuntimeError(f"the session's coordinator stopped: {self._failure!r}")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -287,19 +312,19 @@ class Session:
 
     def live(self, scan_id: str) -> dict[str, np.ndarray]:
         """Partial results of a scan that is still running (merged over workers)."""
-        with self._live_lock:
-            parts = [dict(p) for p in self._live.get(scan_id, {}).values()]
-            ops = self._live_ops.get(scan_id)
-        if not parts or not ops:
-            return {}
         states = {}
-        for arrays in parts:
-            for key, value in arrays.items():
-                states[key] = states[key] + value if key in states else value.copy()
+        with self._live_lock:  # the workers' arrays are updated in place under this lock
+            ops = self._live_ops.get(scan_id)
+            for arrays in self._live.get(scan_id, {}).values():
+                for key, value in arrays.items():
+                    if key not in states:
+                        states[key] = value.copy()
+                    elif states[key].shape == value.shape:  # (receivers that disagreed on the
+                        states[key] += value                  # geometry are not merged)
         out = {}
-        for op in ops:
+        for op in ops or []:
             state = {k.split("/", 1)[1]: v for k, v in states.items() if k.startswith(op.name + "/")}
-            if len(state) == len(op.new_state()):
+            if state.keys() == op.state_kinds.keys():
                 out.update({name: r.data for name, r in op.finalize(state).items()})
         return out
 
@@ -316,33 +341,46 @@ class Session:
 
     def _coordinate(self) -> None:
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
-        next_live = time.monotonic()
+        next_live = next_forget = time.monotonic()
         warned = set()
         while not self._stop.is_set():
-            if self._pull.poll(50):
-                for _ in range(1000):
-                    try:
-                        parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        self._on_report(*control.decode(parts), warned)
-                    except Exception as e:  # noqa: BLE001 - one odd report must not stop the session
-                        log.exception("a receiver report could not be handled")
-                        self._tracker.rejects["bad_report"] = self._tracker.rejects.get("bad_report", 0) + 1
-                        if "bad_report" not in warned:
-                            warned.add("bad_report")
-                            self.console.say(f"WARNING: a receiver report could not be handled: {e!r}")
-            for st in self._tracker.due():
-                self._executor.submit(self._finalize, st)
-            self.console.progress(self._tracker.active())
-            if live_period and time.monotonic() >= next_live:
-                next_live = time.monotonic() + live_period
-                self._publish_live()
-            while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
-                parts = self._outbox.get()
-                if self._pub is not None:
-                    self._pub.send_multipart(parts)
+            try:
+                if self._pull.poll(50):
+                    for _ in range(1000):
+                        try:
+                            parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle_report(parts, warned)
+                for st in self._tracker.due():
+                    self._executor.submit(self._finalize, st)
+                self.console.progress(self._tracker.active())
+                now = time.monotonic()
+                if live_period and now >= next_live:
+                    next_live = now + live_period
+                    self._publish_live()
+                if now >= next_forget:
+                    next_forget = now + 10
+                    self._tracker.forget_done()
+                while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
+                    parts = self._outbox.get()
+                    if self._pub is not None:
+                        self._pub.send_multipart(parts)
+            except Exception as e:  # noqa: BLE001 - the coordinator must go on
+                log.exception("coordinator turn failed")
+                if type(e).__name__ not in warned:
+                    warned.add(type(e).__name__)
+                    self.console.say(f"WARNING: coordinator error (the session goes on): {e!r}")
+
+    def _handle_report(self, parts, warned: set) -> None:
+        try:
+            self._on_report(*control.decode(parts), warned)
+        except Exception as e:  # noqa: BLE001 - one odd report must not stop the session
+            log.exception("a receiver report could not be handled")
+            self._tracker.rejects["bad_report"] = self._tracker.rejects.get("bad_report", 0) + 1
+            if "bad_report" not in warned:
+                warned.add("bad_report")
+                self.console.say(f"WARNING: a receiver report could not be handled: {e!r}")
 
     def _on_report(self, report: dict, arrays: dict, warned: set) -> None:
         kind = report["kind"]
@@ -354,11 +392,18 @@ class Session:
             if reason == "late" and sid not in self._late_warned:
                 self._late_warned.add(sid)
                 self.console.say(f"WARNING: messages of scan {sid} arrive after it was closed and are "
-                                 "dropped (a stale stream, or a scan id used twice?)")
+                                 "dropped (after an abort or a failure, a stale stream, or a scan id "
+                                 "used twice)")
             elif reason != "late" and reason not in warned:
                 warned.add(reason)
                 self.console.say(f"WARNING: rejected a message ({reason}): {report['detail']} "
                                  "(further rejects of this kind are counted, not shown)")
+        if kind in ("geometry", "start") and self._tracker.finished(report["scan_id"]):
+            # a worker that joined after the scan closed saw a stale message: close it there
+            from distributed import fire_and_forget
+            fire_and_forget(self._client.submit(close_on_worker, self._plugin_name, report["scan_id"],
+                                                workers=[report["worker"]], pure=False))
+            return
         st = self._tracker.handle(report)
         if kind == "abort" and st is not None:
             self.console.say(f"[{st.scan_id}] aborted by source {report['source']}: {report.get('reason')}")
@@ -412,15 +457,14 @@ class Session:
             self._live_ops.pop(st.scan_id, None)
         st.release()
         self._report_result(result)
-        self._write_previews(result)
         with self._cond:
             self._results[st.scan_id] = result
             self._order.append(st.scan_id)
-            for old in self._order[:-KEEP_RESULTS]:  # a session may run for weeks
-                self._results[old].results = {}
-            self._tracker.forget_done()
-            self.console.forget(st.scan_id)
+            for old in self._order[-KEEP_RESULTS - 1:-KEEP_RESULTS]:  # a session may run for weeks:
+                self._results[old] = replace(self._results[old], results={})  # the caller's copy stays whole
             self._cond.notify_all()
+        self.console.forget(st.scan_id)
+        self._write_previews(result)
 
     def _run_finalize(self, st: ScanStatus) -> ScanResult:
         """Close the scan on every worker (its state stays there), then finalize it on the
@@ -434,7 +478,8 @@ class Session:
         timeout = self.config.scan.finalize_timeout_s
         if st.geometry is None:  # nothing but rejects or an abort before any geometry
             wait(closed, timeout=timeout)  # the workers forget the scan; nothing comes here
-            why = st.errors[0] if st.errors else "no valid message gave its geometry"
+            why = st.errors[0] if st.errors else f"aborted by the source: {st.abort_reason}" \
+                if st.abort_reason else "no valid message gave its geometry"
             return ScanResult(st.scan_id, None, "failed", f"closed ({st.close_reason}): {why}")
         writer = max(workers, key=lambda w: st.worker_events.get(w, 0))
         info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,41 +40,54 @@ def _attr_value(v):
 
 
 MAX_ATTR_BYTES = 16_000  # HDF5 keeps attributes in a 64 KiB header; larger values are datasets
+JSON_KEYS = "json_keys"  # attribute listing the attributes of a group stored as JSON text
 
 
-def write_attrs(group: h5py.Group, mapping: dict) -> None:
-    """Plain values as attributes, nested maps as subgroups, anything else as JSON text;
-    values too large for an attribute become datasets of the same name."""
+def write_attrs(group: h5py.Group | h5py.Dataset, mapping: dict) -> None:
+    """Plain values as attributes, nested maps as subgroups, anything else as JSON text (named
+    in the ``json_keys`` attribute); values too large for an attribute become datasets."""
+    json_keys = []
     for key, value in mapping.items():
         key = str(key)
         if isinstance(value, dict):
             write_attrs(group.require_group(key), value)
             continue
         v = _attr_value(value)
-        v = v if v is not None else json.dumps(value, default=str)
+        if v is None:
+            v = json.dumps(value, default=str)
+            json_keys.append(key)
         if np.asarray(v).nbytes > MAX_ATTR_BYTES or (isinstance(v, str) and len(v) > MAX_ATTR_BYTES):
-            if isinstance(group, h5py.Dataset):  # a dataset cannot hold datasets: keep it as text
-                v = json.dumps(value, default=str)[:MAX_ATTR_BYTES] + " ... (truncated)"
+            if isinstance(group, h5py.Dataset):  # a dataset cannot hold datasets
+                v = str(v)[:MAX_ATTR_BYTES] + " ... (truncated)"
+                json_keys = [k for k in json_keys if k != key]
             else:
                 group.create_dataset(key, data=v)
                 continue
         group.attrs[key] = v
+    if json_keys:
+        group.attrs[JSON_KEYS] = np.asarray(json_keys, dtype=h5py.string_dtype())
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.tolist() if isinstance(value, np.ndarray) else \
+        (value.item() if isinstance(value, np.generic) else value)
 
 
 def read_attrs(group: h5py.Group) -> dict:
-    """The inverse of write_attrs: attributes and subgroups as plain values."""
+    """The inverse of write_attrs: attributes, subgroups and datasets as plain values."""
+    json_keys = set(_plain(group.attrs.get(JSON_KEYS, [])))
     out = {}
     for key, value in group.attrs.items():
-        if isinstance(value, str) and value[:1] in "[{":
-            try:  # written as JSON text by write_attrs
-                value = json.loads(value)
-            except ValueError:
-                pass
-        out[key] = value.tolist() if isinstance(value, np.ndarray) else \
-            (value.item() if isinstance(value, np.generic) else value)
+        if key == JSON_KEYS:
+            continue
+        out[key] = json.loads(value) if key in json_keys else _plain(value)
     for key, sub in group.items():
         if isinstance(sub, h5py.Group):
             out[key] = read_attrs(sub)
+        elif isinstance(group, h5py.Group) and key not in out:  # a value too large for an attribute
+            out[key] = _plain(sub[()]) if sub.size <= 100_000 else f"<dataset {sub.shape} {sub.dtype}>"
     return out
 
 
@@ -119,20 +133,40 @@ def write_scan(path: str | Path, **fields) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")  # one per writer
     try:
         _write(tmp, **fields)
         with open(tmp, "rb+") as fh:  # on disk before it gets its final name
             os.fsync(fh.fileno())
-        n = 1
-        while path.exists():
-            n += 1
-            path = path.with_name(f"{fields['scan_id']}-{n}.h5")
-        os.replace(tmp, path)
-    except BaseException:
+        final = _link_unique(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    return path
+    try:  # and the name itself on disk
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not every file system lets a directory be fsynced
+    return final
+
+
+def _link_unique(tmp: Path, path: Path) -> Path:
+    """Give ``tmp`` the name ``path`` (or stem-2, stem-3, …) without ever replacing a file:
+    a hard link fails atomically if the name exists."""
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.link(tmp, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here: check, then rename (a small race)
+            if not candidate.exists():
+                os.replace(tmp, candidate)
+                return candidate
+    raise FileExistsError(f"{path}: 10,000 files of this name exist already")
 
 
 def _write(tmp: Path, *, scan_id, status, reason, geometry, metadata, results, offsets, indices,

@@ -112,3 +112,27 @@ def test_rejects_are_counted_by_reason():
     for reason in ("not_msgpack", "late", "late"):
         t.handle({"kind": "reject", "reason": reason, "detail": "", "scan_id": None, "worker": "w"})
     assert t.rejects == {"not_msgpack": 1, "late": 2}
+
+
+def test_an_end_before_the_geometry_from_a_source_that_does_not_exist():
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    reports(t, {"kind": "end", "scan_id": "a", "source": 7, "frames_sent": 20})
+    assert t.due() == [] and t.scans["a"].missing_so_far() == 0
+    reports(t, geometry("a"))
+    assert t.scans["a"].frames_sent == {} and t.rejects == {"bad_header": 1}
+
+
+def test_forgotten_scans_are_never_reopened():
+    clock = Clock()
+    t = ScanTracker(timeout_s=1, clock=clock)
+    for sid in ("a", "b"):
+        reports(t, geometry(sid))
+    clock.t += 2
+    for st in t.due():
+        st.state = "done"
+    t.forget_done(keep=1)
+    assert set(t.scans) == {"b"}
+    for report in ({"kind": "reject", "reason": "operator_error", "detail": "x", "scan_id": "a"},
+                   frames("a", 0, 0, 3), geometry("a")):
+        t.handle({"worker": "w", **report})
+    assert set(t.scans) == {"b"}

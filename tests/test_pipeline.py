@@ -471,3 +471,19 @@ def test_a_worker_that_joins_later_receives_too(scripted_source, tmp_path):
     finally:
         client.close()
         cluster.close()
+
+
+def test_closing_right_after_the_last_frame_keeps_a_complete_scan_complete(client2, scripted_source, tmp_path):
+    counts, indices = synthetic_events(GEOM, seed=16)
+    src = scripted_source(2)
+    s = Session(src.addresses, config=config(tmp_path, timeout_s=60), client=client2, console=False).start()
+    src.wait_for_receivers()
+    src.start("last", GEOM)
+    src.frames("last", GEOM, counts, indices)
+    src.end("last", GEOM.n_frames)
+    s.close()  # reports still on their way are read before anything is closed
+    r = s.wait(timeout=1)  # finished during close, not yet waited for
+    assert r.status == "complete", r.reason
+    assert_matches(r, reference(counts, indices, GEOM), r.path)
+    with pytest.raises(RuntimeError, match="closed"):
+        s.wait(timeout=1)

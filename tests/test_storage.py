@@ -58,3 +58,19 @@ def test_files_that_are_not_scans_are_refused_with_the_path(tmp_path, make, matc
     with pytest.raises(ScanFileError, match=match) as e:
         describe(p)
     assert str(p) in str(e.value)
+
+
+def test_metadata_of_every_kind_reads_back_as_written(tmp_path):
+    f = fields()
+    f["metadata"] = {"looks_like_json": "[1, 2]", "big": list(range(5000)), "none": None,
+                     "list_of_maps": [{"a": 1}], "flag": True}
+    d = describe(write_scan(tmp_path / "s1.h5", **f))["metadata"]
+    assert d["looks_like_json"] == "[1, 2]" and d["big"] == list(range(5000))
+    assert d["none"] is None and d["list_of_maps"] == [{"a": 1}] and d["flag"] is True
+
+
+def test_a_scan_named_like_a_suffixed_one_never_overwrites_it(tmp_path):
+    a = write_scan(tmp_path / "x.h5", **fields("x"))
+    b = write_scan(tmp_path / "x.h5", **fields("x"))
+    c = write_scan(tmp_path / "x-2.h5", **fields("x-2"))
+    assert [p.name for p in (a, b, c)] == ["x.h5", "x-2.h5", "x-2-2.h5"]
