@@ -68,7 +68,7 @@ def run_once(counts, indices, geometry, n_sources, n_receivers, batch):
         pub.wait_for_receivers(30)
         time.sleep(0.3)
         t0 = time.time()
-        stats = pub.publish_scan("bench", sources, {}, rate=None, batch=batch)
+        pub.publish_scan("bench", sources, {}, rate=None, batch=batch)
         frames, t_end = result.get(timeout=120)
         for p in procs:
             p.join(60)

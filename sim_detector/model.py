@@ -243,7 +243,6 @@ def _maps_kernel(ax, ay, wS, wP, grain, rho, ny, nx, x0, y0, step,
     np_ = 1.0 / (2.0 * np.pi * sig_p * sig_p)
     nc_ = 1.0 / (2.0 * np.pi * sig_c * sig_c)
     nb_ = 1.0 / (2.0 * np.pi * sig_b * sig_b)
-    n = len(ax)
     for row in prange(ny):
         yp = y0 + row * step
         i0 = np.searchsorted(ay, yp - rmax)

@@ -112,7 +112,6 @@ class PublishStats:
     scan_id: str
     frames: int = 0
     events: int = 0
-    messages: int = 0
     seconds: float = 0.0
     aborted: str | None = None
 
@@ -208,7 +207,6 @@ class Publisher:
                                                    src.counts[lo:hi], src.indices[a:b]),
                                      copy=False)
                     stats.events += int(b - a)
-                    stats.messages += 1
                 stats.frames = hi
                 now = time.perf_counter()
                 if rate:

@@ -77,11 +77,6 @@ class Grain:
         """Atoms per Å³."""
         return len(self.basis_Z) / self.cell_volume_A3
 
-    @property
-    def reciprocal(self) -> np.ndarray:
-        """(3, 3) rows b1, b2, b3 in Å⁻¹ with a_i · b_j = δ_ij (no 2π)."""
-        return np.linalg.inv(self.lattice).T
-
     def transformed(self, R: np.ndarray, centre: np.ndarray) -> "Grain":
         """The grain after rotating the specimen by R about ``centre``."""
         return replace(self, lattice=self.lattice @ R.T,
