@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PEERS := $(VENV)/.peers
 
 .PHONY: demo test test-all bench clean
 
@@ -12,13 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# stempy and LiberTEM, the tools whose files the interoperability tests exchange
+$(PEERS): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,peers]'
+	touch $(PEERS)
+
 demo: $(STAMP)
 	$(BIN)/stemstream demo --out demo-out
 
-test: $(STAMP)
+test: $(PEERS)
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: $(STAMP)
+test-all: $(PEERS)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -247,7 +247,7 @@ def run_simulate(args) -> int:
                 if not publisher.wait_for_receivers(args.wait or None, notify=say):
                     raise SimulateError(f"no receiver connected to {publisher.addresses[0]} within {args.wait} s; "
                                         "start 'stemstream process' first or raise --wait")
-                progress = None if args.quiet else _progress_printer(scan_id)
+                progress = None if args.quiet else progress_printer(scan_id)
                 st = publisher.publish_scan(scan_id, sources, metadata, rate=args.rate,
                                             batch=args.batch, progress=progress)
                 totals["frames"] += st.frames
@@ -272,7 +272,7 @@ def run_simulate(args) -> int:
     return 0
 
 
-def _progress_printer(scan_id: str):
+def progress_printer(scan_id: str):
     last = [0.0]
 
     def progress(done, total):

@@ -107,6 +107,13 @@ def prepare_sources(counts: np.ndarray, indices: np.ndarray, geometry: Geometry,
             for k in range(n_sources)]
 
 
+def _runs(mask: np.ndarray, offset: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of True in ``mask``, shifted by ``offset``."""
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    return [(int(a) + offset, int(b) + offset)
+            for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
+
+
 @dataclass
 class PublishStats:
     scan_id: str
@@ -182,11 +189,16 @@ class Publisher:
                 return False
 
     def publish_scan(self, scan_id: str, sources: list[SourceFrames], metadata: dict,
-                     rate: float | None = None, batch: int = 512, progress=None) -> PublishStats:
+                     rate: float | None = None, batch: int = 512, progress=None,
+                     copies: np.ndarray | None = None, frames_sent: list[int] | None = None) -> PublishStats:
         """Send start, all frames in batches, then end, on every source.
 
         rate: target frames/s, or None for as fast as the receivers take them.
         progress: optional callable(frames_sent, n_frames) called about 4 times a second.
+        copies: optional (n_sources, n_frames) how many times to send each source's part of each
+            frame (replay of a recorded scan: 0 for a part that never arrived, 2 for one that
+            arrived twice; extra copies go out after the last batch). None: each part once.
+        frames_sent: what each source's ``end`` announces (default: every frame of the scan).
         On KeyboardInterrupt or any error an ``abort`` goes out on every source, then the
         exception propagates.
         """
@@ -202,11 +214,13 @@ class Publisher:
             for lo in range(0, n_frames, batch):
                 hi = min(lo + batch, n_frames)
                 for k, (s, src) in enumerate(zip(self._socks, sources)):
-                    a, b = src.offsets[lo], src.offsets[hi]
-                    s.send_multipart(encode_frames(scan_id, k, src.geometry, lo,
-                                                   src.counts[lo:hi], src.indices[a:b]),
-                                     copy=False)
-                    stats.events += int(b - a)
+                    runs = [(lo, hi)] if copies is None else _runs(copies[k, lo:hi] > 0, lo)
+                    for a_f, b_f in runs:
+                        a, b = src.offsets[a_f], src.offsets[b_f]
+                        s.send_multipart(encode_frames(scan_id, k, src.geometry, a_f,
+                                                       src.counts[a_f:b_f], src.indices[a:b]),
+                                         copy=False)
+                        stats.events += int(b - a)
                 stats.frames = hi
                 now = time.perf_counter()
                 if rate:
@@ -216,8 +230,16 @@ class Publisher:
                 if progress and now >= next_report:
                     progress(hi, n_frames)
                     next_report = now + 0.25
+            if copies is not None:
+                for k, f in zip(*np.nonzero(copies > 1)):
+                    src = sources[k]
+                    a, b = src.offsets[f], src.offsets[f + 1]
+                    for _ in range(int(copies[k, f]) - 1):
+                        self._socks[k].send_multipart(encode_frames(
+                            scan_id, int(k), src.geometry, int(f), src.counts[f:f + 1], src.indices[a:b]))
             for k, s in enumerate(self._socks):
-                s.send_multipart(encode_end(scan_id, k, stats.frames))
+                s.send_multipart(encode_end(scan_id, k, stats.frames if frames_sent is None
+                                            else int(frames_sent[k])))
         except BaseException as e:
             stats.aborted = "interrupted by the operator (Ctrl-C)" if isinstance(e, KeyboardInterrupt) \
                 else f"emulator error: {type(e).__name__}: {e}"

@@ -1,4 +1,5 @@
-"""The ``stemstream`` command: simulate, process, demo, info.
+"""The ``stemstream`` command: simulate, process, demo, info, replay, process-file, export,
+import-stempy.
 
 Errors a user can cause print one line naming the problem and the fix, and exit with code 2.
 """
@@ -10,6 +11,8 @@ import json
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 
 class CliError(Exception):
@@ -137,30 +140,173 @@ def format_info(d: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- recorded scans
+
+def add_process_file_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", help="stemstream scan files or stempy sparse files (v3)")
+    p.add_argument("--config", metavar="pipeline.toml", help="pipeline configuration (docs/CONFIG.md)")
+    p.add_argument("--out", metavar="DIR", help="where the new scan files and previews go (default: [output] dir, 'out')")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use a running dask scheduler instead of a local cluster (its workers must "
+                        "see the files at the same paths)")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster (default 2)")
+    p.add_argument("--flyback", type=int, metavar="N",
+                   help="stempy files: flyback columns at the end of every row (default: from the "
+                        "file's metadata, else 0)")
+
+
+def cmd_process_file(args) -> int:
+    from dataclasses import replace
+
+    from . import cluster
+    from .config import ConfigError, load_config, validate
+    from .offline import process_file
+    from .previews import write_scan_previews
+    from .recording import open_recording
+    from .storage import ScanFileError
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    if args.workers is not None and args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    cfg = replace(cfg, output=replace(cfg.output, dir=args.out or cfg.output.dir),
+                  cluster=replace(cfg.cluster, scheduler=args.scheduler or cfg.cluster.scheduler,
+                                  workers=args.workers or cfg.cluster.workers))
+    cfg = validate(cfg)
+    try:  # every file's header before the cluster starts: a bad file is named at once
+        for path in args.files:
+            open_recording(path, args.flyback)
+        Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+    except ScanFileError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"output directory {cfg.output.dir} cannot be created: {e.strerror or e}") from None
+    client, local = cluster.connect(cfg.cluster)
+    failed = 0
+    try:
+        n_workers = len(client.scheduler_info()["workers"])
+        print(f"process-file: {len(args.files)} file(s) on {n_workers} workers; writing to {cfg.output.dir}",
+              flush=True)
+        for path in args.files:
+            t0 = time.perf_counter()
+            try:
+                r = process_file(path, cfg, client, args.flyback, progress=_range_progress(path))
+            except (ScanFileError, ConfigError) as e:
+                print(f"stemstream process-file: error: {e}", file=sys.stderr, flush=True)
+                failed += 1
+                continue
+            dt = time.perf_counter() - t0
+            if cfg.output.previews:
+                write_scan_previews(r)
+            print(f"[{r.scan_id}] {path} -> {r.path}: {r.n_frames:,} frames, {r.events / 1e6:.2f} M e- in "
+                  f"{dt:.2f} s ({r.n_frames / dt / 1e3:,.0f} kframes/s); results: {', '.join(r.results)}",
+                  flush=True)
+            if r.n_missing:
+                print(f"WARNING [{r.scan_id}] the recording misses {r.n_missing:,} frames (see /completeness)",
+                      flush=True)
+    finally:
+        client.close()
+        if local is not None:
+            local.close()
+    return 2 if failed else 0
+
+
+def _range_progress(path):
+    last = [time.monotonic()]
+
+    def progress(done, total):
+        now = time.monotonic()
+        if now - last[0] >= 1.0 and done < total:
+            last[0] = now
+            print(f"  {path}: {done}/{total} frame ranges processed", flush=True)
+    return progress
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="a stemstream scan file (or a stempy file, for libertem-csr / npy)")
+    p.add_argument("out", metavar="OUT", help="output: .h5 (stempy), .toml (libertem-csr) or .npy")
+    p.add_argument("--format", required=True, choices=("stempy", "libertem-csr", "npy"),
+                   help="stempy: sparse HDF5 v3; libertem-csr: LiberTEM raw CSR (TOML + raw files); "
+                        "npy: a dense block of --region")
+    p.add_argument("--region", metavar="Y0:Y1,X0:X1", help="npy: scan rows and columns to export, end exclusive")
+    p.add_argument("--flyback", type=int, metavar="N", help="stempy input: flyback columns per row (default 0)")
+
+
+def cmd_export(args) -> int:
+    from .interop import ExportError, export
+    from .storage import ScanFileError
+
+    try:
+        t0 = time.perf_counter()
+        out = export(args.file, args.format, args.out, args.region, args.flyback)
+    except (ExportError, ScanFileError) as e:
+        raise CliError(str(e)) from None
+    print(f"export: {args.file} -> {out} ({args.format}, {out.stat().st_size / 1e6:.1f} MB, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_import_stempy(args) -> int:
+    from .interop import ExportError, import_stempy
+    from .storage import ScanFileError
+
+    try:
+        t0 = time.perf_counter()
+        out = import_stempy(args.file, args.out, args.flyback)
+    except (ExportError, ScanFileError) as e:
+        raise CliError(str(e)) from None
+    print(f"import-stempy: {args.file} -> {out} ({out.stat().st_size / 1e6:.1f} MB, "
+          f"{time.perf_counter() - t0:.1f} s); 'stemstream process-file {out}' makes its images")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
     from sim_detector.cli import add_simulate_args
 
     from .demo import add_demo_args
+    from .replay import add_replay_args
 
+    def add_info_args(p):
+        p.add_argument("files", nargs="+", metavar="FILE")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def add_import_args(p):
+        p.add_argument("file", metavar="IN.h5")
+        p.add_argument("out", metavar="OUT.h5")
+        p.add_argument("--flyback", type=int, metavar="N",
+                       help="flyback columns at the end of every row, dropped (default: from metadata, else 0)")
+
+    commands = [  # name, one-line help, description, arguments
+        ("simulate", "emulate a counting detector and publish its frames",
+         "Emulate an electron-counting 4D-STEM detector (the NCEM 4D Camera by default) scanning a "
+         "specimen, and publish the counted frames over ZeroMQ.", add_simulate_args),
+        ("process", "process every scan that arrives, until stopped",
+         "Receive frames from the given sources on a dask cluster and write one HDF5 file (plus PNG "
+         "previews) per scan.", add_process_args),
+        ("demo", "emulator + local cluster + processing of one scan, end to end",
+         "Start a local cluster, the emulator and the processing; stream one scan; write its results "
+         "and print where they are.", add_demo_args),
+        ("info", "describe scan files", "Describe stemstream scan files.", add_info_args),
+        ("replay", "publish recorded scans again, like the detector",
+         "Publish recorded scans (stemstream scan files or stempy sparse files) with the wire protocol, "
+         "at the detector's rate or as fast as received.", add_replay_args),
+        ("process-file", "run the operators over recorded scans on the cluster",
+         "Run the pipeline's operators over recorded scans on a dask cluster (workers read the files "
+         "themselves) and write new scan files with the results.", add_process_file_args),
+        ("export", "write a scan for stempy, LiberTEM or numpy",
+         "Export a recorded scan to stempy's sparse HDF5 (v3), LiberTEM's raw CSR dataset, or a dense "
+         "numpy block of a region.", add_export_args),
+        ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
+         "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
+    ]
     parser = Parser(prog="stemstream", description="Real-time processing of electron-counted 4D-STEM data.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    p = sub.add_parser("simulate", help="emulate a counting detector and publish its frames",
-                       description="Emulate an electron-counting 4D-STEM detector (the NCEM 4D Camera by "
-                       "default) scanning a specimen, and publish the counted frames over ZeroMQ.")
-    add_simulate_args(p)
-    p = sub.add_parser("process", help="process every scan that arrives, until stopped",
-                       description="Receive frames from the given sources on a dask cluster and write one "
-                       "HDF5 file (plus PNG previews) per scan.")
-    add_process_args(p)
-    p = sub.add_parser("demo", help="emulator + local cluster + processing of one scan, end to end",
-                       description="Start a local cluster, the emulator and the processing; stream one scan; "
-                       "write its results and print where they are.")
-    add_demo_args(p)
-    p = sub.add_parser("info", help="describe scan files", description="Describe stemstream scan files.")
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, help_, description, add_args in commands:
+        add_args(sub.add_parser(name, help=help_, description=description))
     return parser
 
 
@@ -183,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args)
-        return cmd_info(args)
+        if args.command == "replay":
+            from .replay import run_replay
+            return run_replay(args)
+        commands = {"process-file": cmd_process_file, "export": cmd_export,
+                    "import-stempy": cmd_import_stempy, "info": cmd_info}
+        return commands[args.command](args)
     except (CliError, ConfigError) as e:
         print(f"stemstream {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -76,3 +76,13 @@ def write_summary_figure(path: str | Path, title: str, results: dict, position_f
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     return Path(path)
+
+
+def write_scan_previews(r) -> list[str]:
+    """Every preview of a finalized scan (a ``ScanResult`` with a path): one PNG per 2D result
+    and the summary page, in ``previews/`` beside the scan file."""
+    directory = Path(r.path).parent / "previews"
+    paths = [str(p) for p in write_previews(directory, r.scan_id, r.result_objects)]
+    paths.append(str(write_summary_figure(directory / f"{r.scan_id}_summary.png", f"{r.scan_id} ({r.status})",
+                                          r.result_objects, r.position_frames, r.expected_frames_per_position)))
+    return paths

@@ -14,10 +14,8 @@ tasks on the workers that hold its state. Bulk data never reaches this process.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
-import signal
 import sys
 import threading
 import time
@@ -30,30 +28,16 @@ from urllib.parse import urlsplit
 import numpy as np
 import zmq
 
-from . import control
+from . import cluster, control
 from .config import ConfigError, PipelineConfig, build_operators, load_config, validate
 from .finalize import ScanInfo, ScanResult, finalize_scan
 from .lifecycle import DONE, ScanStatus, ScanTracker
-from .previews import write_previews, write_summary_figure
+from .previews import write_scan_previews
 from .worker import ReceiverPlugin, close_on_worker
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
 KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
-
-
-@contextlib.contextmanager
-def _workers_ignore_ctrl_c():
-    """Worker processes started inside inherit SIGINT ignored: Ctrl-C in a terminal reaches the
-    whole process group, and only this process should act on it (it stops them cleanly)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
@@ -181,8 +165,6 @@ class Session:
         return self
 
     def _start(self) -> None:
-        from distributed import Client, LocalCluster
-
         out = Path(self.config.output.dir)
         try:  # fail now, not at the end of the first scan
             out.mkdir(parents=True, exist_ok=True)
@@ -190,16 +172,8 @@ class Session:
             (out / ".stemstream-write-test").unlink()
         except OSError as e:
             raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
-        cl = self.config.cluster
         if self._client is None:
-            if cl.scheduler:
-                self._client = Client(cl.scheduler)
-            else:
-                with _workers_ignore_ctrl_c():
-                    self._cluster = LocalCluster(n_workers=cl.workers, threads_per_worker=cl.threads_per_worker,
-                                                 processes=True, host="127.0.0.1", dashboard_address=":0",
-                                                 memory_limit=cl.memory_limit)
-                self._client = Client(self._cluster)
+            self._client, self._cluster = cluster.connect(self.config.cluster)
         host = self._control_host()
         self._ctx = zmq.Context()
         self._pull = self._ctx.socket(zmq.PULL)
@@ -518,11 +492,7 @@ class Session:
         if not self.config.output.previews or r.path is None:
             return
         try:
-            directory = Path(r.path).parent / "previews"
-            r.previews = [str(p) for p in write_previews(directory, r.scan_id, r.result_objects)]
-            r.previews.append(str(write_summary_figure(
-                directory / f"{r.scan_id}_summary.png", f"{r.scan_id} ({r.status})", r.result_objects,
-                r.position_frames, r.expected_frames_per_position)))
+            r.previews = write_scan_previews(r)
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")

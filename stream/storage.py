@@ -129,7 +129,8 @@ def write_scan(path: str | Path, **fields) -> Path:
     fields (keyword arguments of ``_write``): scan_id, status, reason, geometry and metadata
     (plain maps), results and completeness (name → operators.base.Result), offsets
     (n_frames + 1,) and indices (uint32): the events in CSR layout, frames in order
-    position·fpp + k; completeness_summary and provenance (plain maps), compression_level.
+    position·fpp + k; completeness_summary and provenance (plain maps), compression_level;
+    or copy_from: a scan file whose events and completeness are copied unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,27 +170,39 @@ def _link_unique(tmp: Path, path: Path) -> Path:
     raise FileExistsError(f"{path}: 10,000 files of this name exist already")
 
 
-def _write(tmp: Path, *, scan_id, status, reason, geometry, metadata, results, offsets, indices,
-           completeness, completeness_summary, provenance, compression_level) -> None:
+def _write(tmp: Path, *, scan_id, status, reason, geometry, metadata, results, provenance,
+           compression_level, offsets=None, indices=None, completeness=None,
+           completeness_summary=None, copy_from=None) -> None:
+    """copy_from: a scan file whose /events and /completeness are copied as they are (raw
+    compressed chunks, nothing decoded) instead of ``offsets``/``indices``/``completeness``."""
     with h5py.File(tmp, "w") as f:
         f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
                        status=status, reason=reason)
         write_attrs(f.create_group("geometry"), geometry)
         write_attrs(f.create_group("metadata"), metadata)
-        ev = f.create_group("events")
-        ev.attrs.update(layout="csr", sorted_within_frame=True, n_events=len(indices),
-                        frame_shape=geometry["frame_shape"], scan_shape=geometry["scan_shape"],
-                        frames_per_position=geometry["frames_per_position"])
-        write_compressed(ev, "offsets", np.asarray(offsets, np.uint64), 1 << 18, compression_level)
-        write_compressed(ev, "indices", np.asarray(indices, np.uint32), EVENTS_CHUNK, compression_level)
-        for group_name, items in (("results", results), ("completeness", completeness)):
-            g = f.create_group(group_name)
-            for name, res in items.items():
-                d = g.create_dataset(name, data=res.data)
-                d.attrs.update(kind=res.kind, unit=res.unit, description=res.description)
-                write_attrs(d, res.attrs)
-        write_attrs(f["completeness"], completeness_summary)
+        if copy_from is not None:
+            with h5py.File(copy_from, "r") as src:
+                for name in ("events", "completeness"):
+                    src.copy(src[name], f, name)
+        else:
+            ev = f.create_group("events")
+            ev.attrs.update(layout="csr", sorted_within_frame=True, n_events=len(indices),
+                            frame_shape=geometry["frame_shape"], scan_shape=geometry["scan_shape"],
+                            frames_per_position=geometry["frames_per_position"])
+            write_compressed(ev, "offsets", np.asarray(offsets, np.uint64), 1 << 18, compression_level)
+            write_compressed(ev, "indices", np.asarray(indices, np.uint32), EVENTS_CHUNK, compression_level)
+        _write_results(f.create_group("results"), results)
+        if copy_from is None:
+            _write_results(f.create_group("completeness"), completeness)
+            write_attrs(f["completeness"], completeness_summary)
         write_attrs(f.create_group("provenance"), provenance)
+
+
+def _write_results(g: h5py.Group, items: dict) -> None:
+    for name, res in items.items():
+        d = g.create_dataset(name, data=res.data)
+        d.attrs.update(kind=res.kind, unit=res.unit, description=res.description)
+        write_attrs(d, res.attrs)
 
 
 def open_scan(path: str | Path) -> h5py.File:
