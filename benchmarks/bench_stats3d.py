@@ -22,11 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import atoms3d  # noqa: E402
 from operators.atom_tables import atom_statistics  # noqa: E402
+from operators.depth_profile import surface_depth  # noqa: E402
 from operators.motifs import find_motifs  # noqa: E402
 from operators.neighbors import neighbor_list, triangulate  # noqa: E402
 from operators.order3d import bond_orientational_order  # noqa: E402
+from operators.pair_distribution import pair_distribution  # noqa: E402
 from operators.voronoi import voronoi_indices  # noqa: E402
 
 TA_MODEL = (Path(__file__).resolve().parents[2] / "shared" / "data" / "aet-amorphous"
@@ -76,9 +77,9 @@ def main(argv=None):
     timed("bond-orientational order", bond_orientational_order, pos, cutoff, neighbors=nb)
     timed("Voronoi indices", voronoi_indices, pos, max_vertex_distance=cutoff, triangulation=tri)
     timed("tetrahedra, motifs, networks", find_motifs, pos, cutoff, triangulation=tri)
-    timed("g(r) to 12 Å, alpha window", atoms3d.pair_distribution, pos, 12.0, 0.05,
+    timed("g(r) to 12 Å, alpha window", pair_distribution, pos, 12.0, 0.05,
           triangulation=tri)
-    timed("surface depth", atoms3d.surface_depth, pos)
+    timed("surface depth", surface_depth, pos)
     totals = []
     for _ in range(args.repeats):
         _, dt = timed("atom_statistics (everything)", atom_statistics, pos, lattice="amorphous",

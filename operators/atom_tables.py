@@ -1,8 +1,9 @@
 """3D atom statistics of one sample: the entry function, and the per-atom table as CSV, HDF5
 and histogram PNGs.
 
-:func:`atom_statistics` runs every statistic of ``operators.atoms3d``, ``order3d``,
-``voronoi`` and ``motifs`` on a set of atom positions and returns one :class:`AtomStatistics`:
+:func:`atom_statistics` runs every statistic of ``operators.lattices``, ``coordination``,
+``displacement``, ``depth_profile``, ``pair_distribution``, ``order3d``, ``voronoi`` and
+``motifs`` on a set of atom positions and returns one :class:`AtomStatistics`:
 per-atom arrays (the table), per-sample numbers and strings (the summary) and the pair
 distribution function. The writers put the table into a CSV file or an h5py group and draw
 the histograms with matplotlib's object API on an Agg canvas (no pyplot, as
@@ -28,10 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atoms3d
+from .coordination import bond_lengths, generalized_coordination, radial_strain
+from .depth_profile import penetration_depth, surface_depth
+from .displacement import displacement_fit, zscore
+from .lattices import (bulk_coordination, fit_lattice_constant, lattice_cutoff,
+                       lattice_density, nearest_neighbor_distance)
 from .motifs import atom_motif_counts, find_motifs, motif_summary
 from .neighbors import check_per_atom, check_positions, nearest_distance, neighbor_list, triangulate
 from .order3d import bond_orientational_order
+from .pair_distribution import first_valley, pair_distribution
 from .voronoi import index_histogram, voronoi_indices
 
 # Per-atom columns of the table, with units ('' = dimensionless or a count).
@@ -171,7 +177,7 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
     positions : (N, 3) Å; N ≥ 5 atoms, not all in a plane.
     intensities : (N,) per-atom peak heights (any unit) for the z-score, or None (then the
         fitted amplitudes, when a volume is given).
-    lattice : 'fcc', 'bcc', 'bcc14', 'hcp', 'sc' (cutoffs in ``operators.atoms3d``) or
+    lattice : 'fcc', 'bcc', 'bcc14', 'hcp', 'sc' (cutoffs in ``operators.lattices``) or
         'amorphous'.
     lattice_constant : Å; fitted to the first-shell distances when None (not for amorphous).
     cutoff : neighbour shell, Å; overrides the lattice cutoff. For 'amorphous' it defaults to
@@ -182,13 +188,13 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
     volume, voxel_size, volume_origin, volume_axes : the reconstructed volume for the
         displacement fit (skipped when None); by default indexed [z, y, x] with positions
         relative to its centre voxel, as ``operators.tracing`` returns them (see
-        ``atoms3d.displacement_fit``).
+        ``displacement.displacement_fit``).
     fit_radius : Å patch radius of the displacement fit (default 0.45 × median nearest
         distance). blur_sigma : Å removed in quadrature from the widths.
     center : (3,) Å, centre for the radial strain (default the centroid).
     order_threshold, area_fraction, delta_max : see ``order3d``, ``voronoi``, ``motifs``.
     pdf_r_max, pdf_dr, pdf_domain : g(r) range and bin (Å) and window ('hull' or a
-        ``atoms3d.SampleMask``).
+        ``sample_windows.SampleMask``).
     penetration_of : per-atom field whose profile against depth gives the penetration depth.
     voronoi, motifs : compute those (the slowest parts).
 
@@ -202,7 +208,7 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
         raise ValueError(f"penetration_of must be a per-atom column {sorted(COLUMNS)}, "
                          f"got {penetration_of!r}")
     if lattice != "amorphous":
-        atoms3d.bulk_coordination(lattice)  # names the valid lattices if this one is not
+        bulk_coordination(lattice)  # names the valid lattices if this one is not
     nearest = nearest_distance(pos)
     # One triangulation serves the motifs and the g(r) window.
     tri = triangulate(pos)  # one triangulation: Voronoi cells, motifs and the g(r) window
@@ -210,15 +216,15 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
     density = None
     if lattice != "amorphous":
         a = float(lattice_constant) if lattice_constant is not None else \
-            atoms3d.fit_lattice_constant(pos, lattice)
+            fit_lattice_constant(pos, lattice)
         if not (np.isfinite(a) and a > 0):
             raise ValueError(f"lattice_constant must be a positive length in Å, got {a}")
-        density = atoms3d.lattice_density(lattice, a)
-    pdf = atoms3d.pair_distribution(pos, pdf_r_max, pdf_dr, domain=pdf_domain, density=density,
-                                    triangulation=tri)
+        density = lattice_density(lattice, a)
+    pdf = pair_distribution(pos, pdf_r_max, pdf_dr, domain=pdf_domain, density=density,
+                            triangulation=tri)
     if lattice == "amorphous":
         if cutoff is None:
-            cutoff = atoms3d.first_valley(pdf)
+            cutoff = first_valley(pdf)
             source = "first valley of g(r)"
             if not np.isfinite(cutoff):
                 raise ValueError("no valley in g(r) up to pdf_r_max: give cutoff (Å)")
@@ -229,17 +235,17 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
         cn_bulk = 12.0
     else:
         source = "given" if cutoff is not None else f"{lattice} lattice, a = {a:.4f} Å"
-        cutoff = atoms3d.lattice_cutoff(lattice, a) if cutoff is None else float(cutoff)
-        d0 = atoms3d.nearest_neighbor_distance(lattice, a)
-        cn_bulk = float(atoms3d.bulk_coordination(lattice))
+        cutoff = lattice_cutoff(lattice, a) if cutoff is None else float(cutoff)
+        d0 = nearest_neighbor_distance(lattice, a)
+        cn_bulk = float(bulk_coordination(lattice))
     nb = neighbor_list(pos, cutoff, min_distance)
     cn = nb.count
     norm = float(gcn_max) if gcn_max is not None else cn_bulk
-    gcn = atoms3d.generalized_coordination(nb, gcn_convention, norm)
+    gcn = generalized_coordination(nb, gcn_convention, norm)
     gcn_norm = f"/{norm:g}" if gcn_convention == "calle-vallejo" else "/largest neighbour CN"
-    bond = atoms3d.bond_lengths(nb)
-    strain = atoms3d.radial_strain(pos, nb, d0, center=center)
-    depth = atoms3d.surface_depth(pos)
+    bond = bond_lengths(nb)
+    strain = radial_strain(pos, nb, d0, center=center)
+    depth = surface_depth(pos)
     bo = bond_orientational_order(pos, cutoff, min_distance, order_threshold, neighbors=nb)
 
     if voronoi:
@@ -274,8 +280,8 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
         if voxel_size is None:
             raise ValueError("voxel_size (Å) is needed with a volume")
         radius = fit_radius if fit_radius is not None else 0.45 * float(np.median(nearest))
-        fit = atoms3d.displacement_fit(volume, voxel_size, pos, radius, volume_origin,
-                                       volume_axes, blur_sigma=blur_sigma)
+        fit = displacement_fit(volume, voxel_size, pos, radius, volume_origin, volume_axes,
+                               blur_sigma=blur_sigma)
         sig_iso, sig_p, iso, amp = fit.sigma_iso, fit.sigma_principal, fit.isotropy, fit.amplitude
     if intensities is not None:
         inten = check_per_atom(intensities, n, "intensities")
@@ -286,7 +292,7 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
                 nearest_distance=nearest, radial_strain=strain, depth=depth,
                 q4=bo.q4, q6=bo.q6, q4_bar=bo.q4_bar, q6_bar=bo.q6_bar, order=bo.order,
                 crystalline=bo.crystalline, voronoi_index=vidx, voronoi_volume=vvol,
-                intensity=inten, intensity_z=atoms3d.zscore(inten), sigma_iso=sig_iso,
+                intensity=inten, intensity_z=zscore(inten), sigma_iso=sig_iso,
                 sigma_principal=sig_p, isotropy=iso, **per_atom)
     stats = AtomStatistics(
         **cols, n_atoms=n, lattice=lattice, lattice_constant=a, cutoff=float(cutoff),
@@ -311,7 +317,7 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
         pdf_r=pdf.r, pdf_g=pdf.g, pdf_pairs=pdf.pairs, pdf_density=pdf.density,
         pdf_correction=pdf.correction)
     try:
-        pen = atoms3d.penetration_depth(depth, stats.table()[penetration_of])
+        pen = penetration_depth(depth, stats.table()[penetration_of])
     except ValueError:  # too few atoms with a finite value: the depth stays NaN
         return stats
     return dataclasses.replace(stats, penetration_depth=pen.depth,

@@ -155,7 +155,7 @@ def nearest_distance(positions, box_size=None) -> np.ndarray:
 
 def triangulate(positions) -> Delaunay:
     """Delaunay triangulation of the atoms (qhull), or ValueError for degenerate input. One
-    triangulation can serve ``motifs.find_motifs`` and ``atoms3d.sample_window``."""
+    triangulation can serve ``motifs.find_motifs`` and ``sample_windows.sample_window``."""
     pos = check_positions(positions, min_atoms=5)
     try:
         return Delaunay(pos)

@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from operators import atoms3d
+from operators import (coordination, depth_profile, displacement, lattices,
+                       pair_distribution, sample_windows)
 from operators.atom_tables import (COLUMNS, atom_statistics, write_csv, write_hdf5,
                                    write_histograms, write_summary_csv)
 from operators.neighbors import neighbor_list
@@ -60,15 +61,15 @@ def top_interior(pos, margin):
 # ---------------------------------------------------------------- lattice, CN, GCN
 
 def test_cutoffs_and_fit_of_the_lattice_constant():
-    assert atoms3d.lattice_cutoff("fcc", 4.0) == pytest.approx(2 * (1 + 1 / np.sqrt(2)))
-    assert atoms3d.lattice_cutoff("bcc", 4.0) == pytest.approx(2 * (1 + np.sqrt(3) / 2))
-    assert atoms3d.lattice_cutoff("bcc14", 4.0) == pytest.approx(2 * (1 + np.sqrt(2)))
-    assert atoms3d.lattice_density("fcc", 4.0) == pytest.approx(4 / 64)
+    assert lattices.lattice_cutoff("fcc", 4.0) == pytest.approx(2 * (1 + 1 / np.sqrt(2)))
+    assert lattices.lattice_cutoff("bcc", 4.0) == pytest.approx(2 * (1 + np.sqrt(3) / 2))
+    assert lattices.lattice_cutoff("bcc14", 4.0) == pytest.approx(2 * (1 + np.sqrt(2)))
+    assert lattices.lattice_density("fcc", 4.0) == pytest.approx(4 / 64)
     rng = np.random.default_rng(0)
     pos = cuboctahedron(5) + rng.normal(0, 0.03, (cuboctahedral_number(5), 3))
-    assert atoms3d.fit_lattice_constant(pos, "fcc") == pytest.approx(A_PT, abs=0.005)
+    assert lattices.fit_lattice_constant(pos, "fcc") == pytest.approx(A_PT, abs=0.005)
     with pytest.raises(ValueError, match="lattice"):
-        atoms3d.lattice_cutoff("diamond", 3.0)
+        lattices.lattice_cutoff("diamond", 3.0)
 
 
 @pytest.mark.parametrize("shells", [2, 3, 4])
@@ -78,9 +79,9 @@ def test_cuboctahedron_cn_histogram(shells):
     triangles CN 9; everything inside CN 12."""
     pos = cuboctahedron(shells)
     assert len(pos) == cuboctahedral_number(shells)
-    a = atoms3d.fit_lattice_constant(pos, "fcc")
+    a = lattices.fit_lattice_constant(pos, "fcc")
     assert a == pytest.approx(A_PT, abs=1e-9)
-    cn = atoms3d.coordination_numbers(pos, atoms3d.lattice_cutoff("fcc", a))
+    cn = coordination.coordination_numbers(pos, lattices.lattice_cutoff("fcc", a))
     k = shells - 1
     expected = {5: 12, 7: 24 * k, 8: 6 * k * k, 9: 8 * k * (k - 1) // 2,
                 12: cuboctahedral_number(shells - 1)}
@@ -92,8 +93,8 @@ def test_cuboctahedron_cn_histogram(shells):
                          ids=["111", "100"])
 def test_terrace_gcn(slab, cn_top, gcn_top):
     pos = slab()
-    nb = neighbor_list(pos, atoms3d.lattice_cutoff("fcc", A_PT))
-    gcn = atoms3d.generalized_coordination(nb, "calle-vallejo", 12)
+    nb = neighbor_list(pos, lattices.lattice_cutoff("fcc", A_PT))
+    gcn = coordination.generalized_coordination(nb, "calle-vallejo", 12)
     sel = top_interior(pos, margin=8.0)
     assert sel.sum() >= 10
     assert (nb.count[sel] == cn_top).all()
@@ -105,16 +106,16 @@ def test_gcn_conventions_on_the_13_atom_cluster():
     (4·5 + 12)/12, centre 12·5/12. SINGLE: the shell's largest neighbour CN is 12 (the same),
     the centre's is 5: 60/5 = 12."""
     pos = cuboctahedron(1)
-    nb = neighbor_list(pos, atoms3d.lattice_cutoff("fcc", A_PT))
+    nb = neighbor_list(pos, lattices.lattice_cutoff("fcc", A_PT))
     c = int(np.argmin(np.linalg.norm(pos, axis=1)))
-    cv = atoms3d.generalized_coordination(nb, "calle-vallejo", 12)
-    single = atoms3d.generalized_coordination(nb, "single")
+    cv = coordination.generalized_coordination(nb, "calle-vallejo", 12)
+    single = coordination.generalized_coordination(nb, "single")
     shell = np.arange(13) != c
     np.testing.assert_allclose(cv[shell], 32 / 12)
     np.testing.assert_allclose(single[shell], 32 / 12)
     assert cv[c] == pytest.approx(5.0) and single[c] == pytest.approx(12.0)
     with pytest.raises(ValueError, match="convention"):
-        atoms3d.generalized_coordination(nb, "other")
+        coordination.generalized_coordination(nb, "other")
 
 
 def test_bond_lengths_brute_force():
@@ -124,7 +125,7 @@ def test_bond_lengths_brute_force():
     d = np.linalg.norm(pos[:, None] - pos[None], axis=2)
     inside = (d < 2.5) & (d > 0)
     want = np.array([d[i, inside[i]].mean() if inside[i].any() else np.nan for i in range(200)])
-    np.testing.assert_allclose(atoms3d.bond_lengths(nb), want, equal_nan=True)
+    np.testing.assert_allclose(coordination.bond_lengths(nb), want, equal_nan=True)
 
 
 # ---------------------------------------------------------------- radial strain
@@ -136,9 +137,9 @@ def ball(radius=14.0, a=A_PT):
 
 def test_radial_strain_of_a_uniform_expansion():
     pos = ball() * 1.01
-    d0 = atoms3d.nearest_neighbor_distance("fcc", A_PT)
-    nb = neighbor_list(pos, atoms3d.lattice_cutoff("fcc", A_PT * 1.01))
-    eps = atoms3d.radial_strain(pos, nb, d0, center=(0, 0, 0))
+    d0 = lattices.nearest_neighbor_distance("fcc", A_PT)
+    nb = neighbor_list(pos, lattices.lattice_cutoff("fcc", A_PT * 1.01))
+    eps = coordination.radial_strain(pos, nb, d0, center=(0, 0, 0))
     full = (nb.count == 12) & (np.linalg.norm(pos, axis=1) > 1)
     np.testing.assert_allclose(eps[full], 0.01, atol=1e-12)
     assert np.isnan(eps[np.linalg.norm(pos, axis=1) < 1e-9]).all()  # the centre has no direction
@@ -148,9 +149,9 @@ def test_radial_strain_of_a_uniaxial_stretch():
     """z stretched by 1 + e: ε = e·ẑẑᵀ to first order, so ε_rr = e·cos²(angle to z)."""
     e = 1e-4
     pos = ball() * [1, 1, 1 + e]
-    nb = neighbor_list(pos, atoms3d.lattice_cutoff("fcc", A_PT))
-    eps = atoms3d.radial_strain(pos, nb, atoms3d.nearest_neighbor_distance("fcc", A_PT),
-                                center=(0, 0, 0))
+    nb = neighbor_list(pos, lattices.lattice_cutoff("fcc", A_PT))
+    eps = coordination.radial_strain(pos, nb, lattices.nearest_neighbor_distance("fcc", A_PT),
+                                     center=(0, 0, 0))
     r = np.linalg.norm(pos, axis=1)
     full = (nb.count == 12) & (r > 1)
     cos2 = (pos[:, 2] / np.where(r > 0, r, 1)) ** 2
@@ -193,7 +194,7 @@ def displacement_case(seed=1):
 
 def test_displacement_fit_recovers_known_widths():
     vol, voxel, centres, rots = displacement_case()
-    fit = atoms3d.displacement_fit(vol, voxel, centres, radius=1.2, origin=0, axes="xyz")
+    fit = displacement.displacement_fit(vol, voxel, centres, radius=1.2, origin=0, axes="xyz")
     np.testing.assert_allclose(fit.sigma_principal, np.array(SIGMAS), rtol=1e-6)
     np.testing.assert_allclose(fit.isotropy, [(s[2] / s[0]) ** 2 for s in SIGMAS], rtol=1e-6)
     np.testing.assert_allclose(fit.center, centres, atol=1e-6)
@@ -202,8 +203,8 @@ def test_displacement_fit_recovers_known_widths():
     # the largest principal axis of atom 1 is its rotation's first column
     assert abs(fit.axes[1][:, 0] @ rots[1][:, 0]) == pytest.approx(1.0, abs=1e-6)
     # the reconstruction's blur comes off in quadrature
-    blurred = atoms3d.displacement_fit(vol, voxel, centres, radius=1.2, origin=0, axes="xyz",
-                                       blur_sigma=0.2)
+    blurred = displacement.displacement_fit(vol, voxel, centres, radius=1.2, origin=0, axes="xyz",
+                                            blur_sigma=0.2)
     np.testing.assert_allclose(blurred.sigma_principal ** 2, np.array(SIGMAS) ** 2 - 0.04, rtol=1e-5)
 
 
@@ -211,8 +212,8 @@ def test_displacement_fit_with_noise():
     vol, voxel, centres, _ = displacement_case(seed=2)
     rng = np.random.default_rng(3)
     noisy = vol + rng.normal(0, 0.01, vol.shape)  # 0.5 % of the peak
-    fit = atoms3d.displacement_fit(noisy, voxel, centres, radius=1.2, origin=0, axes="xyz",
-                                   floor=0.1)
+    fit = displacement.displacement_fit(noisy, voxel, centres, radius=1.2, origin=0, axes="xyz",
+                                        floor=0.1)
     np.testing.assert_allclose(fit.sigma_principal, np.array(SIGMAS), rtol=0.03)
     np.testing.assert_allclose(fit.center, centres, atol=0.02)
 
@@ -224,7 +225,7 @@ def test_displacement_fit_in_the_tracing_convention():
     vol = vol_xyz.transpose(2, 1, 0)  # [x, y, z] -> [z, y, x]
     centre_voxel = np.array(vol.shape) // 2  # (z, y, x)
     pos = centres - centre_voxel[::-1] * voxel
-    fit = atoms3d.displacement_fit(vol, voxel, pos, radius=1.2)
+    fit = displacement.displacement_fit(vol, voxel, pos, radius=1.2)
     np.testing.assert_allclose(fit.center, pos, atol=1e-6)
     np.testing.assert_allclose(fit.sigma_principal, np.array(SIGMAS), rtol=1e-6)
     assert abs(fit.axes[1][:, 0] @ rots[1][:, 0]) == pytest.approx(1.0, abs=1e-6)  # in x, y, z
@@ -233,19 +234,19 @@ def test_displacement_fit_in_the_tracing_convention():
 def test_displacement_fit_validates_inputs():
     vol = np.zeros((8, 8, 8))
     with pytest.raises(ValueError, match="radius"):
-        atoms3d.displacement_fit(vol, 0.5, np.zeros((1, 3)), radius=0.5)
+        displacement.displacement_fit(vol, 0.5, np.zeros((1, 3)), radius=0.5)
     with pytest.raises(ValueError, match="volume"):
-        atoms3d.displacement_fit(np.zeros((8, 8)), 0.5, np.zeros((1, 3)), radius=1.0)
-    fit = atoms3d.displacement_fit(vol, 0.5, np.zeros((1, 3)), radius=1.0)  # nothing there
+        displacement.displacement_fit(np.zeros((8, 8)), 0.5, np.zeros((1, 3)), radius=1.0)
+    fit = displacement.displacement_fit(vol, 0.5, np.zeros((1, 3)), radius=1.0)  # nothing there
     assert np.isnan(fit.sigma_iso[0]) and np.isnan(fit.sigma_principal[0]).all()
 
 
 # ---------------------------------------------------------------- z-score, depth, penetration
 
 def test_zscore():
-    np.testing.assert_allclose(atoms3d.zscore([1.0, 2.0, 3.0, np.nan]),
+    np.testing.assert_allclose(displacement.zscore([1.0, 2.0, 3.0, np.nan]),
                                [-np.sqrt(1.5), 0, np.sqrt(1.5), np.nan])
-    assert (atoms3d.zscore([4.0, 4.0]) == 0).all()
+    assert (displacement.zscore([4.0, 4.0]) == 0).all()
 
 
 def test_surface_depth_of_a_cube():
@@ -254,14 +255,14 @@ def test_surface_depth_of_a_cube():
     pos = g[g.sum(axis=1) % 2 == 0] * A_PT / 2  # fcc filling the cube [0, n·a]³ corner to corner
     side = n * A_PT
     want = np.minimum(pos, side - pos).min(axis=1)
-    np.testing.assert_allclose(atoms3d.surface_depth(pos), want, atol=1e-9)
+    np.testing.assert_allclose(depth_profile.surface_depth(pos), want, atol=1e-9)
 
 
 def test_penetration_depth_of_a_step():
     rng = np.random.default_rng(8)
     depth = rng.uniform(0, 20, 3000)
     values = np.where(depth < 4.3, 2.0, 1.0) + rng.normal(0, 0.05, depth.size)
-    fit = atoms3d.penetration_depth(depth, values)
+    fit = depth_profile.penetration_depth(depth, values)
     gap = np.diff(np.sort(depth)).max()
     assert fit.depth == pytest.approx(4.3, abs=max(gap, 0.02))
     assert fit.core_value == pytest.approx(1.0, abs=0.01)
@@ -273,7 +274,7 @@ def test_penetration_depth_of_a_ramp_into_a_plateau():
     depth = rng.uniform(0, 25, 4000)
     values = np.where(depth < 7.0, 0.03 - 0.03 * depth / 7.0, 0.0) + rng.normal(0, 0.002, depth.size)
     values[::50] = np.nan  # left out
-    fit = atoms3d.penetration_depth(depth, values)
+    fit = depth_profile.penetration_depth(depth, values)
     assert fit.depth == pytest.approx(7.0, abs=0.3)
     assert fit.slope == pytest.approx(-0.03 / 7.0, rel=0.05)
     assert fit.core_value == pytest.approx(0.0, abs=3e-4)
@@ -281,7 +282,7 @@ def test_penetration_depth_of_a_ramp_into_a_plateau():
 
 def test_penetration_depth_needs_points():
     with pytest.raises(ValueError, match="atoms"):
-        atoms3d.penetration_depth(np.arange(6.0), np.arange(6.0))
+        depth_profile.penetration_depth(np.arange(6.0), np.arange(6.0))
 
 
 # ---------------------------------------------------------------- g(r)
@@ -290,8 +291,8 @@ def sphere_mask(radius, voxel=0.25):
     n = int(np.ceil(radius / voxel)) + 1
     ax = np.arange(-n, n + 1) * voxel
     x, y, z = np.meshgrid(ax, ax, ax, indexing="ij")
-    return atoms3d.SampleMask(x * x + y * y + z * z <= radius * radius, np.full(3, -n * voxel),
-                              np.full(3, voxel))
+    return sample_windows.SampleMask(x * x + y * y + z * z <= radius * radius,
+                                     np.full(3, -n * voxel), np.full(3, voxel))
 
 
 def test_window_fraction_of_a_sphere():
@@ -299,7 +300,7 @@ def test_window_fraction_of_a_sphere():
     R = 10.0
     r = np.array([0.5, 2.0, 5.0, 9.0, 15.0])
     want = 1 - 3 * r / (4 * R) + r ** 3 / (16 * R ** 3)
-    np.testing.assert_allclose(atoms3d.window_fraction(sphere_mask(R), r), want, atol=0.01)
+    np.testing.assert_allclose(sample_windows.window_fraction(sphere_mask(R), r), want, atol=0.01)
 
 
 def test_ideal_gas_in_a_sphere_gives_one():
@@ -307,7 +308,7 @@ def test_ideal_gas_in_a_sphere_gives_one():
     R, n = 25.0, 6000
     v = rng.normal(size=(n, 3))
     pos = v / np.linalg.norm(v, axis=1, keepdims=True) * R * rng.random((n, 1)) ** (1 / 3)
-    pdf = atoms3d.pair_distribution(pos, r_max=10.0, dr=0.5, domain=sphere_mask(R, 0.4))
+    pdf = pair_distribution.pair_distribution(pos, r_max=10.0, dr=0.5, domain=sphere_mask(R, 0.4))
     sel = pdf.r > 1.5
     sigma = pdf.g[sel] / np.sqrt(pdf.pairs[sel] / 2)  # Poisson on unordered pairs
     assert (np.abs(pdf.g[sel] - 1) < 5 * sigma).all()
@@ -325,7 +326,7 @@ def test_periodic_fcc_gives_the_shell_counts():
     pos = g[g.sum(axis=1) % 2 == 0] * a / 2
     n, vol = len(pos), (cells * a) ** 3
     dr = 0.05
-    pdf = atoms3d.pair_distribution(pos, r_max=8.0, dr=dr, box_size=cells * a)
+    pdf = pair_distribution.pair_distribution(pos, r_max=8.0, dr=dr, box_size=cells * a)
     # fcc shells up to 8 Å: r/a = sqrt(m/2), m = 1..8, with 12, 6, 24, 12, 24, 8, 48, 6 atoms
     shells = {np.sqrt(m / 2): c for m, c in zip(range(1, 9), (12, 6, 24, 12, 24, 8, 48, 6))}
     want = np.zeros_like(pdf.g)
@@ -341,7 +342,7 @@ def test_finite_fcc_ball_coordination_from_g():
     only with the edge correction (surface atoms see fewer neighbours)."""
     pos = ball(radius=20.0)
     d = A_PT / np.sqrt(2)
-    pdf = atoms3d.pair_distribution(pos, r_max=6.0, dr=0.02)  # alpha-shape window
+    pdf = pair_distribution.pair_distribution(pos, r_max=6.0, dr=0.02)  # alpha-shape window
     shell_vol = 4 / 3 * np.pi * (pdf.edges[1:] ** 3 - pdf.edges[:-1] ** 3)
     per_atom = pdf.g * (len(pos) - 1) / pdf.volume * shell_vol
     bounds = [0, (d + A_PT) / 2, (A_PT + A_PT * np.sqrt(1.5)) / 2, (A_PT * np.sqrt(1.5) + 2 * d) / 2]
@@ -358,8 +359,8 @@ def test_ta_film_first_valley_is_the_published_cutoff():
     from scipy.io import loadmat
 
     pos = loadmat(TA_MODEL)["model"].T.astype(np.float64)
-    pdf = atoms3d.pair_distribution(pos, r_max=8.0, dr=0.1)
-    assert atoms3d.first_valley(pdf) == pytest.approx(4.12, abs=0.1)
+    pdf = pair_distribution.pair_distribution(pos, r_max=8.0, dr=0.1)
+    assert pair_distribution.first_valley(pdf) == pytest.approx(4.12, abs=0.1)
     # far from the first shells an amorphous film is uniform: g → 1 with the α-shape window
     assert np.mean(pdf.g[pdf.r > 6.5]) == pytest.approx(1.0, abs=0.05)
 
