@@ -57,7 +57,7 @@ def write_file(path, ny, nx, h, w, dose):
 
 def run_once(path, n_sources):
     t0 = time.perf_counter()
-    prep = prepare(open_recording(path), n_sources)
+    prep = prepare(open_recording(path, with_received=True), n_sources)
     load_s = time.perf_counter() - t0
     n_frames = prep.sources[0].geometry.n_frames
     with Publisher(f"tcp://127.0.0.1:{free_port_block(n_sources)}", n_sources, sndhwm=64) as pub:

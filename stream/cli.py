@@ -1,5 +1,5 @@
 """The ``stemstream`` command: simulate, process, demo, info, replay, process-file, export,
-import-stempy.
+import-stempy, analyze.
 
 Errors a user can cause print one line naming the problem and the fix, and exit with code 2.
 """
@@ -193,7 +193,7 @@ def cmd_process_file(args) -> int:
             t0 = time.perf_counter()
             try:
                 r = process_file(path, cfg, client, args.flyback, progress=_range_progress(path))
-            except (ScanFileError, ConfigError) as e:
+            except (ScanFileError, ConfigError, OSError) as e:  # this file; the others still go
                 print(f"stemstream process-file: error: {e}", file=sys.stderr, flush=True)
                 failed += 1
                 continue
@@ -206,6 +206,7 @@ def cmd_process_file(args) -> int:
             if r.n_missing:
                 print(f"WARNING [{r.scan_id}] the recording misses {r.n_missing:,} frames (see /completeness)",
                       flush=True)
+            failed += print_stage_reports(r.scan_id, r.stages)
     finally:
         client.close()
         if local is not None:
@@ -222,6 +223,50 @@ def _range_progress(path):
             last[0] = now
             print(f"  {path}: {done}/{total} frame ranges processed", flush=True)
     return progress
+
+
+def print_stage_reports(scan_id: str, reports) -> int:
+    """Print one line per stage; the number that did not succeed."""
+    for rep in reports:
+        if rep.status == "ok":
+            print(f"[{scan_id}] stage {rep.name}: {rep.headline} ({rep.seconds:.1f} s)", flush=True)
+        else:
+            print(f"ERROR [{scan_id}] stage {rep.name} {rep.status}: {rep.error}", file=sys.stderr, flush=True)
+    return sum(rep.status != "ok" for rep in reports)
+
+
+def add_analyze_args(p: argparse.ArgumentParser) -> None:
+    from .stages import STAGES
+
+    p.add_argument("files", nargs="+", metavar="FILE", help="stemstream scan files")
+    p.add_argument("--stage", action="append", metavar="NAME",
+                   help=f"a stage to run ({', '.join(STAGES)}); repeat for several "
+                        "(default: [stages] run of --config)")
+    p.add_argument("--config", metavar="pipeline.toml", help="stage parameters ([stages.NAME], docs/CONFIG.md)")
+    p.add_argument("--no-previews", action="store_true", help="write no PNG / CSV beside the file")
+
+
+def cmd_analyze(args) -> int:
+    from .config import ConfigError, load_config
+    from .stages import run_stages
+    from .storage import ScanFileError, open_scan
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    run = args.stage or cfg.stages.run
+    if not run:
+        raise CliError("no stage to run: give --stage NAME or a --config with [stages] run = [...]")
+    failed = 0
+    for path in args.files:
+        try:
+            open_scan(path).close()
+            reports = run_stages(path, run, cfg.stages.params, previews=not args.no_previews)
+        except (ScanFileError, ValueError, OSError) as e:
+            raise CliError(str(e)) from None
+        failed += print_stage_reports(Path(path).stem, reports)
+    return 1 if failed else 0
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
@@ -300,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", "write a scan for stempy, LiberTEM or numpy",
          "Export a recorded scan to stempy's sparse HDF5 (v3), LiberTEM's raw CSR dataset, or a dense "
          "numpy block of a region.", add_export_args),
+        ("analyze", "run downstream stages (phase, columns, counting, ...) on scan files",
+         "Run downstream stages on finished scan files, in this process; results go into each file "
+         "under /stages/NAME, previews and CSV tables beside it.", add_analyze_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
     ]
@@ -332,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             from .replay import run_replay
             return run_replay(args)
-        commands = {"process-file": cmd_process_file, "export": cmd_export,
+        commands = {"process-file": cmd_process_file, "export": cmd_export, "analyze": cmd_analyze,
                     "import-stempy": cmd_import_stempy, "info": cmd_info}
         return commands[args.command](args)
     except (CliError, ConfigError) as e:

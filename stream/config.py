@@ -21,6 +21,7 @@ from operators.events import EventStore
 from operators.virtual import VirtualDetectors, annulus_mask, check_masks, disk_mask, load_masks
 
 from .protocol import Geometry
+from .stages import check_stages
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,12 @@ class LiveSpec:
 
 
 @dataclass
+class StagesSpec:
+    run: list[str] = field(default_factory=list)  # stages run on every finished scan
+    params: dict = field(default_factory=dict)  # stage name -> {parameter: value} ([stages.NAME])
+
+
+@dataclass
 class PipelineConfig:
     detector: DetectorSpec = field(default_factory=DetectorSpec)
     virtual: list[VirtualSpec] = field(default_factory=list)
@@ -122,6 +129,7 @@ class PipelineConfig:
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     live: LiveSpec = field(default_factory=LiveSpec)
+    stages: StagesSpec = field(default_factory=StagesSpec)
     path: str | None = None  # where it was read from, for messages and provenance
 
     def to_dict(self) -> dict:
@@ -168,6 +176,21 @@ def _build(cls, table: dict, where: str):
     return cls(**table)
 
 
+def _build_stages(table, where: str) -> StagesSpec:
+    """[stages] run = [...] plus one [stages.NAME] table of parameters per stage."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    run = table.get("run", [])
+    if not isinstance(run, list) or not all(isinstance(n, str) for n in run):
+        raise ConfigError(f"{where}: run must be a list of stage names, e.g. run = [\"phase\", \"columns\"]")
+    params = {k: v for k, v in table.items() if k != "run"}
+    for k, v in params.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"{where}: {k} = {v!r}: only run = [...] and [stages.NAME] tables of "
+                              "parameters belong here")
+    return StagesSpec(run, params)
+
+
 def load_config(path: str | Path | None = None) -> PipelineConfig:
     """Read a pipeline TOML file (None: all defaults) and check it; raises ConfigError."""
     if path is None:
@@ -183,7 +206,9 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     cfg = PipelineConfig(path=str(path))
     for key, value in doc.items():
         where = f"{path} [{key}]"
-        if key in _SECTIONS:
+        if key == "stages":
+            cfg.stages = _build_stages(value, where)
+        elif key in _SECTIONS:
             setattr(cfg, key, _build(_SECTIONS[key], value, where))
         elif key in _LISTS:
             if not isinstance(value, list):
@@ -195,7 +220,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
                      if key in {f.name for f in fields(c)}]
             hint = f" (did you mean {key} under [{homes[0]}]?)" if homes else ""
             raise ConfigError(f"{path}: unknown section [{key}]{hint}; valid sections are "
-                              f"{', '.join(sorted([*_SECTIONS, *_LISTS]))}")
+                              f"{', '.join(sorted([*_SECTIONS, *_LISTS, 'stages']))}")
     return validate(cfg, base=path.parent)
 
 
@@ -265,6 +290,10 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+    try:
+        check_stages(cfg.stages.run, cfg.stages.params, f"{where} [stages]")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

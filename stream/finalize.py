@@ -62,6 +62,7 @@ class ScanResult:
     timings: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     previews: list = field(default_factory=list)
+    stages: list = field(default_factory=list)  # StageReports, when the stages ran with the scan
 
     @property
     def result_objects(self) -> dict:

@@ -61,7 +61,8 @@ def export_stempy(rec: Recording | str | Path, out) -> Path:
     out = _new_path(out)
     offsets, indices = rec.read()
     g = rec.geometry
-    frames = np.empty(rec.n_stored, dtype=object)
+    vlen = h5py.vlen_dtype(np.uint32)
+    frames = np.empty(rec.n_stored, dtype=vlen)  # typed: equal-length frames stay one array each
     frames[:] = np.split(indices, offsets[1:-1])
 
     def write(tmp):
@@ -70,9 +71,9 @@ def export_stempy(rec: Recording | str | Path, out) -> Path:
             ee = f.create_group("electron_events")
             pos = ee.create_dataset("scan_positions", data=np.arange(g.n_positions, dtype=np.uint32))
             pos.attrs["Nx"], pos.attrs["Ny"] = g.scan_shape[1], g.scan_shape[0]
-            ds = ee.create_dataset("frames", (rec.n_stored,), dtype=h5py.vlen_dtype(np.uint32))
+            ds = ee.create_dataset("frames", (rec.n_stored,), dtype=vlen)
             ds.attrs["Nx"], ds.attrs["Ny"] = g.frame_shape[0], g.frame_shape[1]
-            ds[...] = frames
+            ds.write_direct(frames)
             md = {k: v for k, v in rec.metadata.items() if k != "stemstream"}
             md["stemstream"] = {"scan_id": rec.scan_id, "source_file": str(rec.path), "flyback": 0,
                                 "recorded_flyback": g.flyback, "frames_per_position": g.frames_per_position,
@@ -145,14 +146,18 @@ def export_libertem_csr(rec: Recording | str | Path, out) -> Path:
     names = {k: out.with_name(f"{out.stem}.{k}.raw") for k in ("indptr", "indices", "values")}
     for p in names.values():
         _new_path(p)
-    offsets, indices = rec.read()
-    indices = indices.copy()
+    offsets, indices = rec.read()  # a fresh array: sorted in place
     sort_segments(offsets, indices)
     indptr, pixels, counts = _merge_repeats(offsets, indices)
     g = rec.geometry
     nav = list(g.scan_shape) + ([g.frames_per_position] if g.frames_per_position > 1 else [])
-    for key, arr, dt in (("indptr", indptr, "<i8"), ("indices", pixels, "<u4"), ("values", counts, "<u2")):
-        _with_tmp(names[key], lambda tmp, a=arr, d=dt: a.astype(d).tofile(tmp))
+    try:
+        for key, arr, dt in (("indptr", indptr, "<i8"), ("indices", pixels, "<u4"), ("values", counts, "<u2")):
+            _with_tmp(names[key], lambda tmp, a=arr, d=dt: a.astype(d).tofile(tmp))
+    except BaseException:  # no half dataset left behind
+        for p in names.values():
+            p.unlink(missing_ok=True)
+        raise
     toml = (f'# LiberTEM raw CSR dataset exported by stemstream from {rec.path.name} (scan {rec.scan_id})\n'
             "[params]\n"
             'filetype = "raw_csr"\n'
@@ -212,9 +217,10 @@ def export_dense(rec: Recording | str | Path, out, region: tuple[int, int, int, 
     block = block.reshape(y1 - y0, x1 - x0, h, w)
     if block.max(initial=0) <= np.iinfo(np.uint16).max:
         block = block.astype(np.uint16)
-    with open(out, "xb") as fh:
-        np.save(fh, block)
-    return out
+    def write(tmp):
+        with open(tmp, "wb") as fh:  # a file object: np.save would add .npy to the temporary name
+            np.save(fh, block, allow_pickle=False)
+    return _with_tmp(out, write)
 
 
 def export(src, fmt: str, out, region: str | None = None, flyback: int | None = None) -> Path:

@@ -25,6 +25,7 @@ from . import __version__
 from .config import PipelineConfig, build_operators
 from .finalize import ScanResult
 from .recording import Recording, open_recording
+from .stages import run_stages
 from .storage import write_scan
 
 FRAMES_PER_TASK = 1 << 16  # at 100 e-/frame: 26 MB of events per task
@@ -135,7 +136,8 @@ def process_file(path, config: PipelineConfig, client, flyback: int | None = Non
     result_operators(config, rec)  # a configuration that does not fit fails here, not on a worker
     workers = sorted(client.scheduler_info()["workers"])
     ranges = frame_ranges(rec.n_stored, len(workers))
-    parts = [client.submit(process_range, path, flyback, lo, hi, config, pure=False) for lo, hi in ranges]
+    shared = client.scatter(config, broadcast=True, hash=False)  # once, not with every task (mask stacks)
+    parts = [client.submit(process_range, path, flyback, lo, hi, shared, pure=False) for lo, hi in ranges]
     merging = as_completed(parts)
     waiting, done, n_parts = None, 0, len(parts)
     parts = set(parts)
@@ -147,7 +149,12 @@ def process_file(path, config: PipelineConfig, client, flyback: int | None = Non
         if waiting is None:
             waiting = fut
         else:
-            merging.add(client.submit(merge_pair, path, flyback, config, waiting, fut, pure=False))
+            merging.add(client.submit(merge_pair, path, flyback, shared, waiting, fut, pure=False))
             waiting = None
-    return client.submit(write_result, path, flyback, config, waiting, workers, t0, pure=False).result()
+    result = client.submit(write_result, path, flyback, shared, waiting, workers, t0, pure=False).result()
+    stages = config.stages
+    if stages.run:
+        result.stages = client.submit(run_stages, str(result.path), list(stages.run), dict(stages.params),
+                                      config.output.previews, pure=False).result()
+    return result
 

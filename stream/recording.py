@@ -14,6 +14,7 @@ and are dropped.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Recording:
     """A recorded scan. ``geometry`` is the whole detector's, with the recording's n_sources.
 
     received: (n_sources, n_frames) uint16 arrivals of each (source, raster frame) part as the
-        live session saw them (stemstream files), or None when unknown (stempy files: all sent).
+        live session saw them (stemstream files opened ``with_received``), else None.
     frames_sent: per source, as the sources announced at the end of the live scan (or None).
     """
 
@@ -65,17 +66,22 @@ class Recording:
         if not 0 <= lo <= hi <= self.n_stored:
             raise ValueError(f"frames {lo}:{hi} outside the {self.n_stored} stored frames of {self.path}")
         with _open_h5(self.path) as f:
-            if self.kind == "stemstream":
-                offsets, indices = _read_stemstream(self.path, f, lo, hi)
-            else:
-                offsets, indices = _read_stempy(f, self.geometry, lo, hi)
+            try:
+                if self.kind == "stemstream":
+                    offsets, indices = _read_stemstream(self.path, f, lo, hi)
+                else:
+                    offsets, indices = _read_stempy(f, self.geometry, lo, hi)
+            except OSError as e:  # a chunk that does not decompress: a damaged copy
+                raise ScanFileError(f"{self.path}: the events of stored frames {lo}..{hi - 1} cannot be read "
+                                    f"({e}); the file is damaged: copy it again from its source") from None
         check_events(offsets, indices, self.geometry.n_pixels, self.path, first_frame=lo)
         return offsets, indices
 
 
-def open_recording(path, flyback: int | None = None) -> Recording:
+def open_recording(path, flyback: int | None = None, with_received: bool = False) -> Recording:
     """Open a stemstream scan file or a stempy sparse file (detected) and check its structure.
 
+    with_received: also load which (source, frame) parts arrived live (``received``; replay).
     flyback: stempy files only: flyback columns at the end of every raster row (the 4D Camera
         records one); None takes it from the file's metadata when stemstream wrote it, else 0.
     """
@@ -88,7 +94,7 @@ def open_recording(path, flyback: int | None = None) -> Recording:
             if flyback:
                 raise ScanFileError(f"{path}: --flyback applies to stempy files only; a stemstream "
                                     "scan file records its own flyback in /geometry")
-            return _open_stemstream(path, f)
+            return _open_stemstream(path, f, with_received)
         if "electron_events" in f:
             return _open_stempy(path, f, flyback)
     raise ScanFileError(f"{path}: neither a stemstream scan file (root attribute format = {FORMAT!r}) "
@@ -123,7 +129,7 @@ def _geometry(path, attrs: dict, where: str) -> Geometry:
         raise ScanFileError(f"{path}: {where} does not describe a scan: {e.detail}") from None
 
 
-def _open_stemstream(path: Path, f: h5py.File) -> Recording:
+def _open_stemstream(path: Path, f: h5py.File, with_received: bool) -> Recording:
     g = read_attrs(_require(path, f, "geometry", "a group with scan_shape, frame_shape, "
                                                  "frames_per_position"))
     for key in ("scan_shape", "frame_shape"):
@@ -148,14 +154,16 @@ def _open_stemstream(path: Path, f: h5py.File) -> Recording:
                             f"/events/indices holds {indices.shape[0]} events; expected 0 to "
                             f"{indices.shape[0]} (the file is inconsistent)")
     received = None
-    if "completeness" in f and "received" in f["completeness"]:
-        received = f["completeness/received"][...]
-        if received.shape != (geometry.n_sources, geometry.n_frames):
-            raise ScanFileError(f"{path}: /completeness/received has shape {received.shape}; expected "
+    if "received" in f["completeness"]:
+        shape = f["completeness/received"].shape
+        if shape != (geometry.n_sources, geometry.n_frames):
+            raise ScanFileError(f"{path}: /completeness/received has shape {shape}; expected "
                                 f"({geometry.n_sources}, {geometry.n_frames}) (sources, frames)")
+        if with_received:  # only replay needs it (n_sources x n_frames: 8 MB for 1024², 4 sources)
+            received = f["completeness/received"][...]
     prov = read_attrs(f["provenance"]) if "provenance" in f else {}
     sent = prov.get("frames_sent_per_source") or None
-    return Recording(path, "stemstream", str(f.attrs.get("scan_id", path.stem)), geometry,
+    return Recording(path, "stemstream", scan_id_of(f.attrs.get("scan_id"), path), geometry,
                      read_attrs(f["metadata"]) if "metadata" in f else {}, int(indices.shape[0]),
                      received=received, frames_sent={int(k): int(v) for k, v in sent.items()} if sent else None,
                      provenance=prov)
@@ -196,14 +204,29 @@ def _open_stempy(path: Path, f: h5py.File, flyback: int | None) -> Recording:
     if pos.shape != (n_raster,) or not np.array_equal(pos[...], np.arange(n_raster)):
         raise ScanFileError(f"{path}: /electron_events/scan_positions is not 0..{n_raster - 1} in order; "
                             "expected a full raster scan (partial scans are not supported)")
-    try:
+    cal = {k: ours[k] for k in ("mrad_per_px", "convergence_mrad", "center") if ours.get(k) is not None}
+    try:  # the calibration stemstream's export keeps in metadata/stemstream
         geometry = Geometry((ny, nx_raster - flyback), frame_shape, frames.shape[0] // n_raster, 1,
-                            flyback=flyback)
+                            flyback=flyback, mrad_per_px=_number(cal.get("mrad_per_px")),
+                            convergence_mrad=_number(cal.get("convergence_mrad")),
+                            center=tuple(float(c) for c in cal["center"]) if "center" in cal else None)
     except ProtocolError as e:
         raise ScanFileError(f"{path}: the stempy scan does not describe a scan: {e.detail}") from None
-    scan_id = str(ours.get("scan_id") or metadata.get("scan_id") or path.stem)
+    scan_id = scan_id_of(ours.get("scan_id") or metadata.get("scan_id"), path)
     n_events = -1  # unknown until read: vlen data has no cheap total
     return Recording(path, "stempy", scan_id, geometry, metadata, n_events)
+
+
+def _number(v):
+    return None if v is None else float(v)
+
+
+def scan_id_of(value, path: Path) -> str:
+    """The recording's scan id as the wire protocol takes it: characters other than
+    A-Z a-z 0-9 . _ - become _, at most 120 (room for replay's -loopN); the file name when none."""
+    text = str(value.decode() if isinstance(value, bytes) else value) if value is not None else ""
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", text or path.stem).lstrip("._-")[:120]
+    return text or "scan"
 
 
 def _read_stemstream(path, f, lo, hi):

@@ -105,7 +105,7 @@ def run_replay(args) -> int:
     if args.flyback is not None and args.flyback < 0:
         return fail("--flyback must be >= 0")
     try:  # every file's structure first: a bad file stops the replay before anything is sent
-        recordings = [open_recording(p, args.flyback) for p in args.files]
+        recordings = [open_recording(p, args.flyback, with_received=True) for p in args.files]
         n_sources = args.sources or max(r.geometry.n_sources for r in recordings)
         publisher = Publisher(args.bind, n_sources)
     except (ScanFileError, BindError, ValueError) as e:
@@ -156,7 +156,8 @@ class _NoReceiver(Exception):
 
 def _publish(publisher: Publisher, prep: Prepared, npass: int, args, say):
     rec = prep.recording
-    scan_id = rec.scan_id if npass == 0 else f"{rec.scan_id}-loop{npass}"
+    suffix = f"-loop{npass}" if npass else ""
+    scan_id = rec.scan_id[:128 - len(suffix)] + suffix  # the protocol's limit: 128 characters
     metadata = dict(rec.metadata, scan_id=scan_id,
                     replay={"file": str(rec.path), "format": rec.kind, "pass": npass})
     say(f"[{scan_id}] {rec.path}: {rec.n_stored:,} frames, {prep.n_events:,} electrons")

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import dask
 import numpy as np
 import zmq
 
@@ -33,7 +34,8 @@ from .config import ConfigError, PipelineConfig, build_operators, load_config, v
 from .finalize import ScanInfo, ScanResult, finalize_scan
 from .lifecycle import DONE, ScanStatus, ScanTracker
 from .previews import write_scan_previews
-from .worker import ReceiverPlugin, close_on_worker
+from .stages import run_stages
+from .worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
@@ -143,6 +145,7 @@ class Session:
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
         self._thread = None
         self._failure: BaseException | None = None
+        self._stage_runs: dict[str, object] = {}  # scan id -> future of its stages (last KEEP_RESULTS)
         self.workers: list[str] = []
 
     # -------------------------------------------------------------- start / stop
@@ -215,6 +218,11 @@ class Session:
                 self._tracker.close(st, "closed")
                 self._executor.submit(self._finalize, st)
         self._executor.shutdown(wait=True)
+        for scan_id, fut in list(self._stage_runs.items()):  # stages write into files: let them finish
+            try:
+                fut.result(timeout=self.config.scan.finalize_timeout_s)
+            except Exception as e:  # noqa: BLE001 - reported, closing anyway
+                self.console.say(f"WARNING [{scan_id}] stages did not finish: {type(e).__name__}: {e}")
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -267,6 +275,14 @@ class Session:
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no finished scan {scan_id or ''} within {timeout} s")
                 self._cond.wait(min(remaining, 1.0) if remaining is not None else 1.0)
+
+    def wait_stages(self, scan_id: str, timeout: float | None = None) -> list:
+        """The StageReports of a finished scan's stages (stream/stages.py), once they ran."""
+        self.wait(scan_id, timeout)
+        fut = self._stage_runs.get(scan_id)
+        if fut is None:
+            return []
+        return fut.result(timeout=timeout)
 
     @property
     def results(self) -> dict[str, ScanResult]:
@@ -425,6 +441,7 @@ class Session:
         except Exception as e:  # noqa: BLE001 - reported, and the session goes on
             log.exception("finalizing scan %s failed", st.scan_id)
             result = ScanResult(st.scan_id, None, "failed", f"finalize failed: {type(e).__name__}: {e}")
+        self._start_stages(result)  # before wait() can return: wait_stages() then finds them
         with self._live_lock:
             st.state = DONE
             self._live.pop(st.scan_id, None)
@@ -485,6 +502,34 @@ class Session:
                   "reason": r.reason, "path": str(r.path), "frames_received": r.frames_received,
                   "n_frames": r.n_frames, "events": r.events}
         self._outbox.put(control.encode(header))
+
+    def _start_stages(self, r: ScanResult) -> None:
+        """The configured stages as one task on the cluster, in each worker's own stage thread
+        (stream.worker.STAGE_EXECUTOR): a long stage never delays closing and writing the next
+        scan, which run in the worker's task thread; receivers are threads of their own."""
+        stages = self.config.stages
+        if not stages.run or r.path is None:
+            return
+        with dask.annotate(executor=STAGE_EXECUTOR):  # not the task thread that closes and writes scans
+            fut = self._client.submit(run_stages, str(r.path), list(stages.run), dict(stages.params),
+                                      self.config.output.previews, pure=False, priority=-10)
+        self._stage_runs[r.scan_id] = fut
+        for old in list(self._stage_runs)[:-KEEP_RESULTS]:
+            if self._stage_runs[old].done():
+                del self._stage_runs[old]
+
+        def report(f, scan_id=r.scan_id):
+            try:
+                reports = f.result()
+            except Exception as e:  # noqa: BLE001 - the task itself failed (file unreadable, lost worker)
+                self.console.say(f"ERROR [{scan_id}] stages failed: {type(e).__name__}: {e}")
+                return
+            for rep in reports:
+                if rep.status == "ok":
+                    self.console.say(f"[{scan_id}] stage {rep.name}: {rep.headline} ({rep.seconds:.1f} s)")
+                else:
+                    self.console.say(f"ERROR [{scan_id}] stage {rep.name} {rep.status}: {rep.error}")
+        fut.add_done_callback(report)
 
     def _write_previews(self, r: ScanResult) -> None:
         """PNG previews, here rather than on the writer worker: they are not needed for the

@@ -3,11 +3,15 @@ scan's state from the receiver that holds it."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .config import PipelineConfig
 from .receiver import Receiver, WorkerScan
+
+STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstream stages run in
 
 
 class ReceiverPlugin(WorkerPlugin):
@@ -23,6 +27,8 @@ class ReceiverPlugin(WorkerPlugin):
     def setup(self, worker):
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address)
         self.receiver.start()
+        if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
+            worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)
 
     def teardown(self, worker):
         if self.receiver is not None:

@@ -184,3 +184,26 @@ def test_stempy_events_outside_the_frame_are_refused(tmp_path):
     path = write_stempy(tmp_path / "s.h5", counts, indices, 5, 6, (16, 12))
     with pytest.raises(ScanFileError, match="pixel 10000, outside the detector's 192 pixels"):
         open_recording(path).read()
+
+
+def test_a_damaged_chunk_is_refused_with_the_path(tmp_path):
+    g = Geometry((40, 40), (64, 64))
+    counts, indices = events(g, dose=30.0)
+    path = write_stemstream(tmp_path / "d.h5", stored(counts, indices, g), g)
+    with h5py.File(path, "r") as f:
+        start = f["events/indices"].id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[start + 100:start + 200] = bytes(100)  # a stretch of zeros inside the compressed events
+    path.write_bytes(bytes(data))
+    with pytest.raises(ScanFileError, match="cannot be read .* the file is damaged"):
+        open_recording(path).read()
+
+
+def test_scan_ids_are_made_fit_for_the_wire(tmp_path):
+    counts, indices = events(Geometry((6, 5), (16, 12)))
+    path = write_stempy(tmp_path / "scan (2).h5", counts, indices, 5, 6, (16, 12))
+    assert open_recording(path).scan_id == "scan__2_"
+    with h5py.File(path, "r+") as f:
+        f["metadata"].attrs["scan_id"] = "../../x" + "y" * 200
+    rec = open_recording(path)
+    assert rec.scan_id == "x" + "y" * 119 and "/" not in rec.scan_id

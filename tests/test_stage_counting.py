@@ -1,0 +1,248 @@
+"""Atom counting (operators/counting.py) against known counts and the emulator's truth.
+
+References: cross-sections drawn from known counts; the ICL and likelihood re-computed here
+from the documented formulas; the probability of a right count computed analytically from
+the fitted mixture; the true atom count of every column of an emulated MgO slab
+(sim_detector Truth.columns).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from scipy.special import ndtr
+from scipy.stats import norm
+
+from operators.columns import analyze_columns
+from operators.counting import (alternating_class_counts, count_atoms,
+                                scattering_cross_sections)
+
+try:
+    from test_stage_columns import lattice_image, match, mgo_scan, true_columns_px
+except ImportError:  # collected as a package
+    from tests.test_stage_columns import lattice_image, match, mgo_scan, true_columns_px
+
+
+def ladder(counts, unit=1.0, noise=0.08, seed=0):
+    rng = np.random.default_rng(seed)
+    return counts * unit + rng.normal(0, noise * unit, len(counts))
+
+
+@pytest.mark.parametrize("lo,hi,offset", [(1, 3, 1), (1, 8, 1), (3, 12, 3), (2, 16, 2)])
+def test_counts_exact_for_well_separated_classes(lo, hi, offset):
+    rng = np.random.default_rng(hi)
+    # unequal populations, every class present
+    p = rng.uniform(0.2, 1.0, hi - lo + 1)
+    true = rng.choice(np.arange(lo, hi + 1), size=60 * (hi - lo + 1), p=p / p.sum())
+    true[: hi - lo + 1] = np.arange(lo, hi + 1)
+    cs = ladder(true, unit=2.7, noise=0.08, seed=hi)
+    res = count_atoms(cs, min_count=offset, n_mc=20)
+    assert res.n_components == hi - lo + 1
+    np.testing.assert_array_equal(res.counts, true)
+    assert res.selection == "icl"
+    np.testing.assert_allclose(res.means, 2.7 * np.arange(lo, hi + 1), atol=0.05 * 2.7)
+    assert res.sigma == pytest.approx(0.08 * 2.7, rel=0.15)
+    assert res.confidence_overall > 0.999
+
+
+def test_icl_and_likelihood_follow_the_documented_formulas():
+    rng = np.random.default_rng(1)
+    x = ladder(rng.integers(1, 5, 200), noise=0.2, seed=1)
+    res = count_atoms(x, n_components=4, n_mc=0)
+    mu, w, s = res.means, res.weights, res.sigma
+    dens = w * norm.pdf(x[:, None], mu, s)                # (n, K)
+    ll = np.log(dens.sum(1)).sum()
+    tau = dens / dens.sum(1, keepdims=True)
+    en = -(tau * np.log(np.clip(tau, 1e-300, 1))).sum()
+    assert res.log_likelihood[0] == pytest.approx(ll, rel=1e-9)
+    assert res.icl[0] == pytest.approx(-2 * ll + 2 * en + 2 * 4 * np.log(len(x)), rel=1e-9)
+    np.testing.assert_array_equal(res.component, tau.argmax(1))
+    # EM converged to a maximum: the M-step equations hold at the solution
+    np.testing.assert_allclose(w, tau.mean(0), atol=1e-6)
+    np.testing.assert_allclose(mu, (tau * x[:, None]).sum(0) / tau.sum(0), atol=1e-5)
+    assert s ** 2 == pytest.approx((tau * (x[:, None] - mu) ** 2).sum() / len(x), rel=1e-5)
+
+
+def test_monte_carlo_confidence_matches_the_analytic_probability():
+    # overlapping classes: a column of class k is right when it falls between the decision
+    # boundaries of the fitted mixture (where neighbouring weighted densities are equal)
+    rng = np.random.default_rng(2)
+    true = rng.integers(1, 6, 1500)
+    x = ladder(true, noise=0.25, seed=2)
+    res = count_atoms(x, n_components=5, n_mc=100, seed=4, mc_noise="shared")
+    mu, w, s = res.means, res.weights, res.sigma
+    b = [-np.inf] + [(mu[k] + mu[k + 1]) / 2 + s ** 2 * np.log(w[k] / w[k + 1])
+                     / (mu[k + 1] - mu[k]) for k in range(4)] + [np.inf]
+    analytic = np.array([ndtr((b[k + 1] - mu[k]) / s) - ndtr((b[k] - mu[k]) / s)
+                         for k in range(5)])
+    assert 0.8 < analytic.min() < 0.97   # the test case has real overlap
+    np.testing.assert_allclose(res.confidence, analytic, atol=0.02)
+    np.testing.assert_allclose(res.count_confidence, analytic, atol=0.02)
+    # and the achieved accuracy agrees with the predicted one
+    assert (res.counts == true).mean() == pytest.approx(res.confidence_overall, abs=0.03)
+
+
+def test_monte_carlo_follows_noise_growing_with_the_signal():
+    # shot noise: class k scatters with sigma_k = 0.11 sqrt(k); the "linear" Monte Carlo
+    # redraws each class with its own spread, so the thick classes get a lower confidence
+    rng = np.random.default_rng(5)
+    true = rng.integers(1, 11, 3000)
+    sk = 0.11 * np.sqrt(np.arange(1, 11))
+    x = true + rng.normal(0, 1, len(true)) * sk[true - 1]
+    res = count_atoms(x, n_components=10, n_mc=100, seed=1)
+    mu, w, s = res.means, res.weights, res.sigma
+    b = [-np.inf] + [(mu[k] + mu[k + 1]) / 2 + s ** 2 * np.log(w[k] / w[k + 1])
+                     / (mu[k + 1] - mu[k]) for k in range(9)] + [np.inf]
+    analytic = np.array([ndtr((b[k + 1] - mu[k]) / sk[k]) - ndtr((b[k] - mu[k]) / sk[k])
+                         for k in range(10)])
+    assert analytic[-2] < 0.97   # thick classes overlap in this test
+    np.testing.assert_allclose(res.mc_sigma, sk, rtol=0.35)   # soft assignments blur it
+    # the spreads come from soft assignments, a little narrow where classes overlap
+    np.testing.assert_allclose(res.count_confidence, analytic, atol=0.04)
+    shared = count_atoms(x, n_components=10, n_mc=100, seed=1, mc_noise="shared")
+    err_lin = np.abs(res.count_confidence - analytic)[5:].mean()
+    err_shared = np.abs(shared.count_confidence - analytic)[5:].mean()
+    assert err_lin < 0.5 * err_shared   # a shared sigma is optimistic for thick columns
+
+
+def test_deterministic_for_a_seed():
+    x = ladder(np.random.default_rng(3).integers(1, 7, 400), noise=0.2, seed=3)
+    a, b = count_atoms(x, seed=7, n_mc=10), count_atoms(x, seed=7, n_mc=10)
+    for f in ("counts", "means", "icl", "confidence", "confusion"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_class_counts_for_alternating_columns():
+    # MgO [001]: Mg and O alternate along the beam; per-atom cross-sections ~ Z^1.7
+    counts, rel = alternating_class_counts(3, 6, 12 ** 1.7, 8 ** 1.7)
+    mg, o = 12 ** 1.7, 8 ** 1.7
+    expect = sorted([(2 * o + mg, 3), (2 * mg + o, 3), (2 * mg + 2 * o, 4),
+                     (3 * o + 2 * mg, 5), (3 * mg + 2 * o, 5), (3 * mg + 3 * o, 6)])
+    np.testing.assert_array_equal(counts, [c for _, c in expect])
+    np.testing.assert_allclose(rel, [v for v, _ in expect])
+    # one species: one class per count
+    c1, r1 = alternating_class_counts(1, 4, 1.0, 1.0)
+    np.testing.assert_array_equal(c1, [1, 2, 3, 4])
+    # counting with them: columns of both kinds come back with the right count
+    rng = np.random.default_rng(0)
+    cls = rng.integers(0, len(counts), 600)
+    res = count_atoms(rel[cls] + rng.normal(0, 3.0, 600), class_counts=counts, n_mc=10)
+    np.testing.assert_array_equal(res.counts, counts[cls])
+    assert set(res.count_values) == {3, 4, 5, 6}
+
+
+def test_scattering_cross_section_is_the_volume():
+    y, x = np.mgrid[-100:101, -100:101].astype(float) * 0.1     # 0.1 px sampling, ±10 px
+    for a, s1, s2, th in [(3.0, 1.2, 1.2, 0.0), (2.0, 1.5, 0.8, 0.7)]:
+        u = x * np.cos(th) + y * np.sin(th)
+        v = -x * np.sin(th) + y * np.cos(th)
+        vol = (a * np.exp(-u ** 2 / (2 * s1 ** 2) - v ** 2 / (2 * s2 ** 2))).sum() * 0.01
+        assert scattering_cross_sections([a], [s1], [s2])[0] == pytest.approx(vol, rel=1e-6)
+        assert scattering_cross_sections([a], [s1], [s2], step_A=0.5)[0] == \
+            pytest.approx(vol * 0.25, rel=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        count_atoms([1.0, np.nan, 2.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        count_atoms([1.0])
+    with pytest.raises(ValueError, match="class_counts"):
+        count_atoms(ladder(np.repeat([1, 2, 3], 50)), class_counts=[1, 2])
+    with pytest.raises(ValueError, match="n_components"):
+        count_atoms([1.0, 2.0, 3.0], n_components=5)
+    with pytest.raises(ValueError, match="mc_noise"):
+        count_atoms([1.0, 2.0, 3.0], mc_noise="poisson")
+    with pytest.raises(ValueError, match="n_min"):
+        alternating_class_counts(4, 3, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------- a 512 x 512 stage
+
+def test_stage_on_512_image_is_fast_and_counts_right():
+    """Columns + counting on a 512 x 512 image of ~3000 columns (1..12 atoms) in < 10 s."""
+    rng = np.random.default_rng(0)
+    img0, P, _ = lattice_image(shape=(512, 512), a1=(0.3, 9.0), a2=(9.1, -0.2), sigma=1.2,
+                               amp=(0.0, 0.0), bg=0.0, jitter=0.1, noise=False)
+    true = rng.integers(1, 13, len(P))
+    ny, nx = img0.shape
+    y, x = np.mgrid[0:ny, 0:nx].astype(float)
+    img = np.full((ny, nx), 2.0)
+    for (py, px), n in zip(P, true):   # 60 counts of peak per atom
+        sl = (slice(max(int(py) - 6, 0), int(py) + 7), slice(max(int(px) - 6, 0), int(px) + 7))
+        img[sl] += 60.0 * n * np.exp(-((y[sl] - py) ** 2 + (x[sl] - px) ** 2) / (2 * 1.2 ** 2))
+    img = rng.poisson(img).astype(float)
+    # warm the numba caches on a small image (a worker does this once)
+    small = img[:64, :64]
+    count_atoms(analyze_columns(small, min_distance_px=5).cross_section_shared, n_mc=2)
+    t0 = time.perf_counter()
+    cols = analyze_columns(img, min_distance_px=5, smooth_px=1.0, step_A=0.2)
+    t1 = time.perf_counter()
+    res = count_atoms(cols.cross_section_shared, n_mc=100)
+    t2 = time.perf_counter()
+    print(f"\n512x512, {len(cols.y_px)} columns: columns {t1 - t0:.2f} s, counting "
+          f"{t2 - t1:.2f} s (K={res.n_components}, MC 100 runs)")
+    d, j, false = match(np.c_[cols.y_px, cols.x_px], P)
+    assert false == 0 and (d < 1).all() and len(cols.y_px) == len(P)
+    assert res.n_components == 12
+    assert (res.counts[j] == true).mean() >= 0.99
+    assert t2 - t0 < 10.0
+
+
+# ----------------------------------------------------------------- emulated MgO
+
+MGO_COUNTING_DOSE = 1024  # x the preset's 200 e-/frame
+
+
+@pytest.fixture(scope="module")
+def mgo_preset():
+    return mgo_scan()
+
+
+def mgo_classes():
+    # Mg and O alternate along [001] columns; the emulator's ADF cross-section per atom is
+    # kappa Z^1.7 (docs/EMULATOR.md): Mg^1.7 = 68.3, O^1.7 = 34.3
+    return alternating_class_counts(3, 12, 12 ** 1.7, 8 ** 1.7)[0]
+
+
+def test_mgo_counts_at_high_dose(mgo_preset):
+    """The preset MgO slab (400 columns, 3..12 atoms) at 1024 x the preset dose. The ADF
+    counts of a position are Poisson with the truth's expected ADF value times the dose
+    factor (docs/EMULATOR.md, Sampling: per-frame Poisson, thinned to the mask); drawn here
+    directly because 3.4e9 events would not fit in a test."""
+    sim, _ = mgo_preset
+    tr = sim.truth
+    rng = np.random.default_rng(11)
+    adf = rng.poisson(tr.expected["adf"] * MGO_COUNTING_DOSE).astype(float)
+    cols = analyze_columns(adf, min_distance_px=3, smooth_px=0.6, step_A=tr.scan["step_A"])
+    d, j, false = match(np.c_[cols.y_px, cols.x_px], true_columns_px(tr))
+    assert false == 0 and (d < 1).all()
+    true = tr.columns["count"]
+    classes = mgo_classes()
+    res = count_atoms(cols.cross_section_shared[j], class_counts=classes, n_mc=200, seed=0)
+    exact = (res.counts == true).mean()
+    table = "\n".join(f"  {v:2d} atoms: {(true == v).sum():3d} columns, counted right "
+                      f"{(res.counts[true == v] == v).mean():.3f}, MC confidence {c:.3f}"
+                      for v, c in zip(res.count_values, res.count_confidence))
+    print(f"\nMgO x{MGO_COUNTING_DOSE} dose: K={res.n_components} by ICL, exact "
+          f"{exact:.3f}, MC overall {res.confidence_overall:.3f}\n{table}")
+    assert res.n_components == len(classes)
+    assert exact >= 0.95
+    assert res.count_confidence.min() >= 0.9
+    assert exact == pytest.approx(res.confidence_overall, abs=0.04)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 target at the preset dose (200 e-/frame): a "
+                   "column gives 2-8 ADF electrons, one atom ~0.6 electron; >= 95 % exact "
+                   "needs ~1000 x the dose (test_mgo_counts_at_high_dose)")
+def test_mgo_issue_counting_target_at_preset_dose(mgo_preset):
+    sim, img = mgo_preset
+    tr = sim.truth
+    cols = analyze_columns(img["adf"], min_distance_px=3, smooth_px=0.6)
+    d, j, _ = match(np.c_[cols.y_px, cols.x_px], true_columns_px(tr))
+    res = count_atoms(cols.cross_section_shared[j], class_counts=None, min_count=3, n_mc=20)
+    exact = (res.counts == tr.columns["count"]).mean()
+    print(f"\nMgO preset dose: K={res.n_components}, exact {exact:.3f}")
+    assert exact >= 0.95
