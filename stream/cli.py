@@ -243,7 +243,7 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
                    help=f"a stage to run ({', '.join(STAGES)}); repeat for several "
                         "(default: [stages] run of --config)")
     p.add_argument("--config", metavar="pipeline.toml", help="stage parameters ([stages.NAME], docs/CONFIG.md)")
-    p.add_argument("--no-previews", action="store_true", help="write no PNG / CSV beside the file")
+    p.add_argument("--no-previews", action="store_true", help="write no PNG previews (tables still go to CSV)")
 
 
 def cmd_analyze(args) -> int:

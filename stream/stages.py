@@ -157,6 +157,26 @@ def _counting(scan: ScanInput, p: dict) -> StageOutput:
                        figures={"counting": lambda fig: _histogram(fig, xs[ok], r)})
 
 
+def _grains(scan: ScanInput, p: dict) -> StageOutput:
+    from operators.grains import grain_diffraction
+    from operators.peak_table import grain_table, peak_table
+
+    g = scan.geometry
+    if g.mrad_per_px is None:
+        raise StageError("stage 'grains' needs the detector calibration (mrad per px) in the scan's geometry "
+                         "to index Bragg peaks")
+    offsets, indices = scan.recording.read()
+    r = grain_diffraction(offsets, indices, g.scan_shape, g.frame_shape, g.frames_per_position,
+                          scan.result("diffraction_sum", "grains"), g.mrad_per_px,
+                          energy_keV=scan.number("beam_energy_keV") or p["energy_keV"],
+                          center=g.center, disk_radius_px=p["disk_radius_px"], window_px=p["window_px"])
+    v = values_of(r)
+    n = len(v["grain_n_positions"])
+    return StageOutput(v, f"{n} grain(s): " + "; ".join(r.summary().splitlines()[:6]),
+                       images={"labels": v["labels"].astype(np.float64)},
+                       tables={"peaks": peak_table(r), "grains": grain_table(r)})
+
+
 @dataclass
 class Stage:
     run: callable
@@ -171,6 +191,7 @@ STAGES = {
     "counting": Stage(_counting, {"max_components": None, "n_components": None, "min_count": 1,
                                   "class_counts": None, "mc_noise": "linear", "n_mc": 100, "seed": 0},
                       after=("columns",)),
+    "grains": Stage(_grains, {"energy_keV": 300.0, "disk_radius_px": None, "window_px": None}),
 }
 
 
@@ -248,9 +269,10 @@ def run_stages(path, run: list, params: dict | None = None, previews: bool = Tru
                 pass  # the file cannot be written at all: the report says why
             continue
         scan.outputs[name] = out.values
+        report.previews = _tables(path, name, out)
         if previews:
             try:
-                report.previews = _previews(path, name, out)
+                report.previews += _previews(path, name, out)
             except Exception as e:  # noqa: BLE001 - a preview is not worth a stage
                 report.headline += f" (previews failed: {type(e).__name__}: {e})"
         reports.append(report)
@@ -287,14 +309,30 @@ def _record(path, report: StageReport, out: StageOutput | None, params: dict) ->
         for key, value in out.values.items():
             a = np.asarray(value) if not isinstance(value, str) else None
             if a is not None and a.ndim > 0:
-                g.create_dataset(key, data=a)
+                g.create_dataset(key, data=_storable(a))
             else:
                 scalars[key] = value.item() if isinstance(value, np.generic) else value
         write_attrs(g, scalars)
         for tname, cols in out.tables.items():
             t = g.require_group(f"table_{tname}")
             for col, arr in cols.items():
-                t.create_dataset(col, data=np.asarray(arr))
+                t.create_dataset(col, data=_storable(np.asarray(arr)))
+
+
+def _storable(a: np.ndarray) -> np.ndarray:
+    """Text arrays as HDF5 variable-length UTF-8 strings (h5py refuses numpy's 'U' arrays)."""
+    return a.astype(h5py.string_dtype()) if a.dtype.kind == "U" else a
+
+
+def _write_csv(target: Path, cols: dict) -> None:
+    import csv
+    keys = list(cols)
+    rows = zip(*(np.asarray(cols[k]).tolist() for k in keys))
+    with open(target, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(keys)
+        for row in rows:
+            out.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
 
 
 def _previews(path, name: str, out: StageOutput) -> list[str]:
@@ -316,11 +354,16 @@ def _previews(path, name: str, out: StageOutput) -> list[str]:
         target = directory / f"{stem}_{fname}.png"
         fig.savefig(target)
         written.append(str(target))
+    return written
+
+
+def _tables(path, name: str, out: StageOutput) -> list[str]:
+    """Each table also as DIR/SCAN_STAGE_TABLE.csv, for spreadsheets and scripts."""
+    path = Path(path)
+    written = []
     for tname, cols in out.tables.items():
-        target = directory.parent / f"{path.stem}_{name}_{tname}.csv"
-        keys = list(cols)
-        data = np.column_stack([np.asarray(cols[k], np.float64) for k in keys])
-        np.savetxt(target, data, delimiter=",", header=",".join(keys), comments="", fmt="%.6g")
+        target = path.parent / f"{path.stem}_{name}_{tname}.csv"
+        _write_csv(target, cols)
         written.append(str(target))
     return written
 
