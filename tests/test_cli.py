@@ -599,6 +599,13 @@ def test_demo_small_scan_end_to_end(demo):
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
     assert (demo.out / "truth.h5").is_file()
     assert "Traceback" not in r.stderr
+    # the downstream stages ran on the scan and said what they found
+    for stage in ("phase", "columns", "counting"):
+        assert re.search(rf"^    {stage} +\S", r.stdout, re.M), r.stdout
+    assert re.search(r"vs truth +\d+/\d+ true columns found", r.stdout), r.stdout
+    with h5py.File(path, "r") as f:
+        assert {k: f["stages"][k].attrs["status"] for k in f["stages"]} == \
+            {"phase": "ok", "columns": "ok", "counting": "ok"}
 
 
 def test_demo_summary_has_no_nan_and_no_warnings(demo):
