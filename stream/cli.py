@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .demo import add_demo_args
     from .replay import add_replay_args
+    from .series import add_tomo_args
 
     def add_info_args(p):
         p.add_argument("files", nargs="+", metavar="FILE")
@@ -348,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("analyze", "run downstream stages (phase, columns, counting, ...) on scan files",
          "Run downstream stages on finished scan files, in this process; results go into each file "
          "under /stages/NAME, previews and CSV tables beside it.", add_analyze_args),
+        ("tomo", "reconstruct tilt series from scan files (RESIRE, atom tracing, statistics)",
+         "Group scan files by their tilt series (metadata series_id), reconstruct each series, trace "
+         "its atoms and compute their statistics; one SERIES-tomo.h5 per series (docs/SERIES.md).",
+         add_tomo_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
     ]
@@ -380,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             from .replay import run_replay
             return run_replay(args)
+        if args.command == "tomo":
+            from .series import run_tomo
+            return run_tomo(args)
         commands = {"process-file": cmd_process_file, "export": cmd_export, "analyze": cmd_analyze,
                     "import-stempy": cmd_import_stempy, "info": cmd_info}
         return commands[args.command](args)

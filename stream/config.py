@@ -21,6 +21,7 @@ from operators.events import EventStore
 from operators.virtual import VirtualDetectors, annulus_mask, check_masks, disk_mask, load_masks
 
 from .protocol import Geometry
+from .series import check_series_params
 from .stages import check_stages
 
 
@@ -118,6 +119,12 @@ class StagesSpec:
 
 
 @dataclass
+class SeriesSpec:
+    reconstruct: bool = False  # reconstruct every tilt series once all its scans are written
+    params: dict = field(default_factory=dict)  # reconstruct_series parameters (stream/series.py)
+
+
+@dataclass
 class PipelineConfig:
     detector: DetectorSpec = field(default_factory=DetectorSpec)
     virtual: list[VirtualSpec] = field(default_factory=list)
@@ -130,6 +137,7 @@ class PipelineConfig:
     output: OutputSpec = field(default_factory=OutputSpec)
     live: LiveSpec = field(default_factory=LiveSpec)
     stages: StagesSpec = field(default_factory=StagesSpec)
+    series: SeriesSpec = field(default_factory=SeriesSpec)
     path: str | None = None  # where it was read from, for messages and provenance
 
     def to_dict(self) -> dict:
@@ -208,6 +216,12 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
         where = f"{path} [{key}]"
         if key == "stages":
             cfg.stages = _build_stages(value, where)
+        elif key == "series":
+            if not isinstance(value, dict) or not isinstance(value.get("reconstruct", False), bool):
+                raise ConfigError(f"{where}: a table with reconstruct = true|false and parameters of "
+                                  "the reconstruction (docs/SERIES.md)")
+            cfg.series = SeriesSpec(value.get("reconstruct", False),
+                                    {k: v for k, v in value.items() if k != "reconstruct"})
         elif key in _SECTIONS:
             setattr(cfg, key, _build(_SECTIONS[key], value, where))
         elif key in _LISTS:
@@ -220,7 +234,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
                      if key in {f.name for f in fields(c)}]
             hint = f" (did you mean {key} under [{homes[0]}]?)" if homes else ""
             raise ConfigError(f"{path}: unknown section [{key}]{hint}; valid sections are "
-                              f"{', '.join(sorted([*_SECTIONS, *_LISTS, 'stages']))}")
+                              f"{', '.join(sorted([*_SECTIONS, *_LISTS, 'stages', 'series']))}")
     return validate(cfg, base=path.parent)
 
 
@@ -292,6 +306,7 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
             raise ConfigError(f"{where}: {message}")
     try:
         check_stages(cfg.stages.run, cfg.stages.params, f"{where} [stages]")
+        check_series_params(cfg.series.params, f"{where} [series]")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg

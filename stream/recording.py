@@ -111,6 +111,9 @@ def _open_h5(path: Path) -> h5py.File:
                             "sparse file (.h5)")
     try:
         return h5py.File(path, "r")
+    except BlockingIOError:
+        raise ScanFileError(f"{path}: in use: another program is writing into it (HDF5 file lock); "
+                            "try again when it has finished") from None
     except OSError as e:  # a signature but a damaged body: usually a truncated copy
         raise ScanFileError(f"{path}: HDF5 file cannot be read, probably truncated or damaged ({e}); "
                             "copy it again from its source") from None

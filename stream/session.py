@@ -34,6 +34,7 @@ from .config import ConfigError, PipelineConfig, build_operators, load_config, v
 from .finalize import ScanInfo, ScanResult, finalize_scan
 from .lifecycle import DONE, ScanStatus, ScanTracker
 from .previews import write_scan_previews
+from .series import SeriesCollector, reconstruct_series
 from .stages import run_stages
 from .worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker
 
@@ -146,6 +147,8 @@ class Session:
         self._thread = None
         self._failure: BaseException | None = None
         self._stage_runs: dict[str, object] = {}  # scan id -> future of its stages (last KEEP_RESULTS)
+        self.series = SeriesCollector()  # tilt series being collected (stream/series.py)
+        self._series_runs: dict[str, object] = {}  # series id -> future of its reconstruction
         self.workers: list[str] = []
 
     # -------------------------------------------------------------- start / stop
@@ -218,7 +221,7 @@ class Session:
                 self._tracker.close(st, "closed")
                 self._executor.submit(self._finalize, st)
         self._executor.shutdown(wait=True)
-        for scan_id, fut in list(self._stage_runs.items()):  # stages write into files: let them finish
+        for scan_id, fut in list(self._stage_runs.items()) + list(self._series_runs.items()):  # they write files
             try:
                 fut.result(timeout=self.config.scan.finalize_timeout_s)
             except Exception as e:  # noqa: BLE001 - reported, closing anyway
@@ -442,6 +445,7 @@ class Session:
             log.exception("finalizing scan %s failed", st.scan_id)
             result = ScanResult(st.scan_id, None, "failed", f"finalize failed: {type(e).__name__}: {e}")
         self._start_stages(result)  # before wait() can return: wait_stages() then finds them
+        self._feed_series(result, st.metadata)
         with self._live_lock:
             st.state = DONE
             self._live.pop(st.scan_id, None)
@@ -530,6 +534,50 @@ class Session:
                 else:
                     self.console.say(f"ERROR [{scan_id}] stage {rep.name} {rep.status}: {rep.error}")
         fut.add_done_callback(report)
+
+    def _feed_series(self, r: ScanResult, metadata: dict) -> None:
+        """Collect scans of tilt series; reconstruct a series when its last scan is written."""
+        if not self.config.series.reconstruct or r.path is None or r.status == "failed":
+            return
+        try:
+            done = self.series.add(r.scan_id, r.path, metadata)
+        except ValueError as e:
+            self.console.say(f"WARNING [{r.scan_id}] not added to its tilt series: {e}")
+            return
+        if done is not None:
+            self.reconstruct_series(done)
+
+    def reconstruct_series(self, series):
+        """Reconstruct a collected tilt series (complete, or taken early with
+        ``session.series.take(series_id)``) as a task in a worker's stage thread."""
+        kw = {**self.config.series.params, "previews": self.config.output.previews}
+        with dask.annotate(executor=STAGE_EXECUTOR):
+            fut = self._client.submit(reconstruct_series, [str(p) for p in series.paths],
+                                      str(self.config.output.dir), **kw, pure=False, priority=-20)
+        self._series_runs[series.series_id] = fut
+        self.console.say(f"[{series.series_id}] {series.describe()}: reconstructing")
+
+        def report(f, sid=series.series_id):
+            try:
+                res = f.result()
+            except Exception as e:  # noqa: BLE001 - reported, the session goes on
+                self.console.say(f"ERROR [{sid}] tilt series failed: {type(e).__name__}: {e}")
+                return
+            self.console.say(f"[{sid}] tomo: {res.headline}")
+            for w in res.warnings:
+                self.console.say(f"WARNING [{sid}] {w}")
+        fut.add_done_callback(report)
+        return fut
+
+    def wait_series(self, series_id: str, timeout: float | None = None):
+        """The SeriesResult of a tilt series' reconstruction (it must have started)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while series_id not in self._series_runs:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"tilt series {series_id} did not start within {timeout} s")
+            time.sleep(0.2)
+        return self._series_runs[series_id].result(
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _write_previews(self, r: ScanResult) -> None:
         """PNG previews, here rather than on the writer worker: they are not needed for the

@@ -139,7 +139,7 @@ def write_scan(path: str | Path, **fields) -> Path:
         _write(tmp, **fields)
         with open(tmp, "rb+") as fh:  # on disk before it gets its final name
             os.fsync(fh.fileno())
-        final = _link_unique(tmp, path)
+        final = link_unique(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     try:  # and the name itself on disk
@@ -153,7 +153,7 @@ def write_scan(path: str | Path, **fields) -> Path:
     return final
 
 
-def _link_unique(tmp: Path, path: Path) -> Path:
+def link_unique(tmp: Path, path: Path) -> Path:
     """Give ``tmp`` the name ``path`` (or stem-2, stem-3, …) without ever replacing a file:
     a hard link fails atomically if the name exists."""
     for n in range(1, 10_000):
@@ -214,6 +214,9 @@ def open_scan(path: str | Path) -> h5py.File:
         raise ScanFileError(f"{path}: no such file")
     try:
         f = h5py.File(path, "r")
+    except BlockingIOError:
+        raise ScanFileError(f"{path}: in use: another program is writing into it (HDF5 file lock); "
+                            "try again when it has finished") from None
     except OSError as e:
         raise ScanFileError(f"{path}: not an HDF5 file ({e})") from None
     fmt = f.attrs.get("format")
