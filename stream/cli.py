@@ -364,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated stop request must not cut the clean-up short
     raise KeyboardInterrupt
 
 
