@@ -81,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--rates", nargs="+", default=["87000", "150000", "300000", "max"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="/tmp/stemstream-bench-streaming")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")
     a = ap.parse_args(argv)
 
     port = free_port_block(a.sources)
@@ -132,6 +133,19 @@ def main(argv=None):
     print(f"\nhighest target rate held with zero frames lost: {held[-1] if held else 'none'}")
     print(f"peak resident memory: workers {', '.join(f'{m:.0f}' for m in mem_workers.values())} MB; "
           f"coordinator + scheduler {mem_self:.0f} MB; emulator {mem_emu:.0f} MB")
+    result = {"command": f"python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}",
+              "scan": a.scan, "detector": a.detector, "dose": a.dose, "sources": a.sources,
+              "workers": a.workers, "repeats": a.repeats, "load_average": os.getloadavg()[0],
+              "rows": [{"target": rate, **med, "lost": lost, "held": held, "cpu_workers": cpu_w,
+                        "latency_runs": [x["latency"] for x in runs], "events": runs[0]["events"],
+                        "frames": runs[0]["frames"]} for rate, med, lost, held, cpu_w, runs in rows],
+              "peak_memory_mb": {"workers": list(mem_workers.values()), "coordinator": mem_self,
+                                 "emulator": mem_emu}}
+    if a.json:
+        import json
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":
