@@ -18,6 +18,7 @@ from operators.com import CenterOfMass
 from operators.completeness import Completeness
 from operators.diffraction import DiffractionSum
 from operators.events import EventStore
+from operators.fused import fuse_operators
 from operators.virtual import VirtualDetectors, annulus_mask, check_masks, disk_mask, load_masks
 
 from .protocol import Geometry
@@ -406,4 +407,4 @@ def build_operators(cfg: PipelineConfig, g: Geometry) -> list:
         ops.append(RealSpaceApertures(np.stack(ap_masks), [a.name for a in cfg.aperture], shape))
     ops.append(Completeness(g.n_sources, g.scan_shape, g.frames_per_position, g.flyback))
     ops.append(EventStore(g.scan_shape, shape, g.frames_per_position, g.flyback))
-    return ops
+    return fuse_operators(ops)  # virtual images, centre of mass and sum in one pass over the events

@@ -18,7 +18,8 @@ def write(tmp_path, text):
 def test_defaults_build_bf_and_adf_from_the_stream_calibration():
     from operators.chunk import Chunk
     g = Geometry((1, 1), (64, 64), mrad_per_px=0.5, convergence_mrad=5.0, center=(31.5, 31.5))
-    virtual = next(op for op in build_operators(load_config(None), g) if op.name == "virtual")
+    ops = build_operators(load_config(None), g)
+    virtual = next(p for op in ops for p in getattr(op, "parts", [op]) if p.name == "virtual")  # fused or not
     # bright field: r <= 5 mrad / 0.5 = 10 px; annular dark field: 20 px to the edge (32 px)
     pixels = {(31, 41): "bf",     # r = 9.51
               (31, 43): None,     # r = 11.5
@@ -38,7 +39,10 @@ def test_example_configuration_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "deploy" / "pipeline.example.toml")
     names = [v.name for v in cfg.virtual]
     assert names == ["bf", "adf"]
-    assert {op.name for op in build_operators(cfg, G)} >= {"virtual", "com", "sum", "completeness", "events"}
+    ops = build_operators(cfg, G)
+    assert {p.name for op in ops for p in getattr(op, "parts", [op])} >= {"virtual", "com", "sum", "completeness",
+                                                                          "events"}
+    assert [op.name for op in ops] == ["fused", "completeness", "events"]  # one pass for the three
 
 
 @pytest.mark.parametrize("text,match", [

@@ -70,8 +70,8 @@ def test_chunks_are_bounded_by_frames_and_close_returns_exact_state(rig):
     sizes = [sum(c for _, _, c in h["ranges"]) for h, _ in got if h["kind"] == "frames"]
     assert sum(sizes) == G.n_frames and max(sizes) <= 12  # chunks close at >= 10 frames of 4-frame messages
     ws = rec.close_scan("a")
-    sum_op = next(op for op in ws.operators if op.name == "sum")
-    np.testing.assert_array_equal(sum_op.finalize(ws.states["sum"])["diffraction_sum"].data,
+    fused = next(op for op in ws.operators if op.name == "fused")  # virtual, com and sum in one pass
+    np.testing.assert_array_equal(fused.finalize(ws.states["fused"])["diffraction_sum"].data,
                                   dense_scan(counts, indices, G).sum((0, 1)))
 
 
@@ -128,6 +128,6 @@ def test_live_snapshots_send_only_the_positions_that_changed(rig):
     got = reports(pull, lambda g: any(h["kind"] == "live" for h, _ in g))
     header, arrays = next((h, a) for h, a in got if h["kind"] == "live")
     assert (header["lo"], header["hi"]) == (8, 16)
-    assert arrays["com/n"].shape == (8,) and arrays["sum/sum"].shape == (24 * 24,)
-    np.testing.assert_array_equal(arrays["sum/sum"], np.bincount(indices[counts[:8].sum():counts[:16].sum()],
+    assert arrays["fused/n"].shape == (8,) and arrays["fused/sum"].shape == (24 * 24,)
+    np.testing.assert_array_equal(arrays["fused/sum"], np.bincount(indices[counts[:8].sum():counts[:16].sum()],
                                                                  minlength=24 * 24))

@@ -1,0 +1,493 @@
+"""Virtual detectors, centre of mass and summed diffraction pattern in one pass over the events.
+
+:class:`FusedStreaming` wraps already-configured :class:`~operators.virtual.VirtualDetectors`,
+:class:`~operators.com.CenterOfMass` and :class:`~operators.diffraction.DiffractionSum`
+operators and computes all their states in a single numba loop: each event's pixel is looked
+up once in a per-pixel code table (which mask combination it belongs to, whether it is inside
+the centre-of-mass radius), its pixel of the summed pattern is incremented, and its y and x
+are added to the centre-of-mass sums. ``finalize`` hands the state to the wrapped operators'
+own ``finalize``, so result names, dtypes, units, attrs and values are exactly theirs.
+
+Examples
+--------
+>>> import numpy as np
+>>> from operators.virtual import VirtualDetectors, annulus_mask
+>>> from operators.com import CenterOfMass
+>>> from operators.diffraction import DiffractionSum
+>>> from operators.fused import FusedStreaming
+>>> frame_shape, scan_shape = (32, 40), (7, 9)
+>>> vd = VirtualDetectors(np.stack([annulus_mask(frame_shape, outer=6),
+...                                 annulus_mask(frame_shape, inner=8, outer=15)]),
+...                       ["bf", "adf"], scan_shape)
+>>> op = FusedStreaming(vd, CenterOfMass(scan_shape, frame_shape, radius=7),
+...                     DiffractionSum(frame_shape))
+>>> state = op.new_state()                   # then op.process(state, chunk) per chunk
+>>> sorted(op.finalize(state))[:3]
+['adf', 'bf', 'com_n']
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .base import Operator, Result, State
+from .chunk import Chunk
+from .com import CenterOfMass
+from .diffraction import DiffractionSum
+from .kernels import NJIT, raise_if_bad
+from .virtual import VirtualDetectors
+
+# Pixel classes (mask combinations x inside the CoM radius) are numbered in a uint8 code.
+MAX_CODES = 256
+# Up to this many codes, a frame's per-code counts are packed into one 64-bit register
+# (64 // n_codes bits each) instead of a histogram in memory.
+MAX_PACKED = 8
+# Events ahead whose pixels are prefetched (summed pattern and code table): the events outside
+# the bright-field disk land anywhere in the int64 pattern, larger than an L2 cache (2.6 MB
+# at 576 x 576). 16 was the fastest of 8, 16, 32, 64 on the benchmark machine.
+PREFETCH_AHEAD = 16
+
+
+def _prefetch_codegen(context, builder, signature, args):
+    aryty = signature.args[0]
+    ary = context.make_array(aryty)(context, builder, args[0])
+    ptr = builder.gep(ary.data, [args[1]])
+    try:  # LLVM >= 15 (opaque pointers)
+        ptr_t, fname = ir.PointerType(), "llvm.prefetch.p0"
+    except TypeError:
+        ptr_t, fname = ir.IntType(8).as_pointer(), "llvm.prefetch.p0i8"
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [ptr_t, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, fname)
+    # (address, rw=1 write, locality=3 keep in all caches, cache type=1 data)
+    builder.call(fn, [builder.bitcast(ptr, ptr_t), i32(1), i32(3), i32(1)])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Ask the CPU to bring ``arr[idx]`` into the caches for writing. A hint: never faults,
+    no bounds check, no effect on results."""
+    if isinstance(arr, types.Array) and isinstance(idx, types.Integer):
+        return types.void(arr, idx), _prefetch_codegen
+    return None
+
+
+def _division_magic(n_pix, w):
+    """(M, s) with (idx * M) >> s == idx // w for every 0 <= idx < n_pix < 2**31 (uint64)."""
+    n_bits = max(1, int(n_pix - 1).bit_length())
+    s = n_bits + max(0, int(w - 1).bit_length())
+    m = -(-(1 << s) // w)  # ceil: M w - 2**s < w <= 2**(s - n_bits), so the error never
+    return np.uint64(m), np.uint64(s)  # reaches the next integer (Granlund & Montgomery 1994)
+
+
+@njit(inline="always", **NJIT)
+def _packed_run(indices, a, stop, pf_end, code, lut, n_inside, m, s, total, com, all_in):
+    """Events a..stop (all pixel indices valid, stop - a < 2**bits): per-code counts packed in
+    one register, CoM sums of the codes < n_inside (of every event if ``all_in`` is not
+    None; ``com`` and ``all_in`` are None or not at compile time, like ``total``).
+    Returns (packed counts, sum y, sum idx)."""
+    acc = np.uint64(0)
+    cy = np.uint64(0)
+    ci = np.uint64(0)
+    ahead = np.uint64(PREFETCH_AHEAD)
+    mid = min(stop, pf_end)
+    for e in range(a, mid):
+        nxt = np.uint64(indices[e + ahead])
+        if total is not None:
+            _prefetch(total, nxt)
+        _prefetch(code, nxt)
+        idx = np.uint64(indices[e])
+        c = code[idx]
+        acc += lut[c]
+        if total is not None:
+            total[idx] += 1
+        if com is not None:
+            if all_in is not None:
+                cy += (idx * m) >> s
+                ci += idx
+            else:
+                f = np.uint64(c < n_inside)
+                cy += f * ((idx * m) >> s)
+                ci += f * idx
+    for e in range(max(a, mid), stop):  # the last events of the chunk: nothing ahead
+        idx = np.uint64(indices[e])
+        c = code[idx]
+        acc += lut[c]
+        if total is not None:
+            total[idx] += 1
+        if com is not None:
+            if all_in is not None:
+                cy += (idx * m) >> s
+                ci += idx
+            else:
+                f = np.uint64(c < n_inside)
+                cy += f * ((idx * m) >> s)
+                ci += f * idx
+    return acc, cy, ci
+
+
+@njit(inline="always", **NJIT)
+def _hist_run(indices, a, stop, pf_end, code, hist, n_inside, m, s, total, com):
+    """As _packed_run for many codes: counts into hist (2, n_codes), alternating rows, since
+    consecutive events of a sorted frame mostly share a code and incrementing one counter
+    twice in a row waits on store-to-load forwarding."""
+    cy = np.uint64(0)
+    ci = np.uint64(0)
+    ahead = np.uint64(PREFETCH_AHEAD)
+    one = np.uint64(1)
+    for e in range(a, stop):
+        if e < pf_end:
+            nxt = np.uint64(indices[e + ahead])
+            if total is not None:
+                _prefetch(total, nxt)
+            _prefetch(code, nxt)
+        idx = np.uint64(indices[e])
+        c = code[idx]
+        hist[e & one, c] += 1
+        if total is not None:
+            total[idx] += 1
+        if com is not None:
+            f = np.uint64(c < n_inside)
+            cy += f * ((idx * m) >> s)
+            ci += f * idx
+    return cy, ci
+
+
+@njit(inline="always", **NJIT)
+def _checked_run(indices, a, stop, code, hist, n_inside, m, s, total, com):
+    """Slow path for a frame holding out-of-range pixel indices: skip and count them."""
+    n_pix = np.uint64(code.shape[0])
+    cy = np.uint64(0)
+    ci = np.uint64(0)
+    bad = 0
+    for e in range(a, stop):
+        idx = np.uint64(indices[e])
+        if idx >= n_pix:
+            bad += 1
+            continue
+        c = code[idx]
+        hist[0, c] += 1
+        if total is not None:
+            total[idx] += 1
+        if com is not None and c < n_inside:
+            cy += (idx * m) >> s
+            ci += idx
+    return cy, ci, bad
+
+
+@njit(**NJIT)
+def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow, cweight,
+                  m, s, uw, images, n, sy, sx, total):
+    """One pass over the events of the non-flyback frames of a chunk.
+
+    code (n_pix,) uint8: per pixel its class; classes < n_inside are inside the CoM radius.
+    cptr, crow, cweight: per class, the (image row, fixed-point weight) pairs it adds to.
+    m, s: (idx * m) >> s == idx // w, w = uw the detector width (uint64).
+    images (K, n_pos) int64; n, sy, sx (n_pos,) int64 or all None (no CoM); total (n_pix,)
+    int64 or None (no summed pattern); all updated in place.
+    Returns (events with a pixel index >= n_pix, frames with a position >= n_pos).
+    """
+    n_pix = code.shape[0]
+    n_codes = cptr.shape[0] - 1
+    packed = n_codes <= MAX_PACKED
+    # Packed counts: a field of `bits` bits per code, unpacked at least every `block` events
+    # so that no field overflows.
+    bits = min(64 // n_codes, 32)
+    block = np.uint64((1 << bits) - 1)
+    lut = np.zeros(256, dtype=np.uint64)
+    for c in range(n_codes):
+        lut[c] = np.uint64(1) << np.uint64(bits * c)
+    hist = np.zeros((2, n_codes), dtype=np.int64)
+    u_inside = np.uint8(n_inside)
+    all_inside = n_inside == n_codes
+    pf_end = np.uint64(max(indices.shape[0] - PREFETCH_AHEAD, 0))
+    bad_ev = 0
+    bad_fr = 0
+    for i in range(positions.shape[0]):
+        p = positions[i]
+        if p < 0:
+            continue
+        if p >= n_pos:
+            bad_fr += 1
+            continue
+        a = np.uint64(offsets[i])
+        b = np.uint64(offsets[i + 1])
+        # A vectorised look at the frame's largest index lets the event loops trust them all.
+        mx = np.uint32(0)
+        for e in range(a, b):
+            mx = max(mx, indices[e])
+        cy = np.uint64(0)
+        ci = np.uint64(0)
+        if np.int64(mx) >= n_pix:
+            cy, ci, bad = _checked_run(indices, a, b, code, hist, u_inside, m, s, total, n)
+            bad_ev += bad
+        elif packed:
+            while a < b:
+                stop = min(b, a + block)
+                if all_inside:  # (CoM of all electrons: no per-event test)
+                    acc, y1, i1 = _packed_run(indices, a, stop, pf_end, code, lut, u_inside, m,
+                                              s, total, n, n)
+                else:
+                    acc, y1, i1 = _packed_run(indices, a, stop, pf_end, code, lut, u_inside, m,
+                                              s, total, n, None)
+                cy += y1
+                ci += i1
+                for c in range(n_codes):
+                    hist[0, c] += np.int64((acc >> np.uint64(bits * c)) & block)
+                a = stop
+        else:
+            cy, ci = _hist_run(indices, a, b, pf_end, code, hist, u_inside, m, s, total, n)
+        cn = np.int64(0)
+        for c in range(n_codes):
+            # Branch-free: whether a code occurs in a frame is as good as random.
+            cnt = hist[0, c] + hist[1, c]
+            cn += cnt * (c < n_inside)
+            for t in range(cptr[c], cptr[c + 1]):
+                images[crow[t], p] += cnt * cweight[t]
+            hist[0, c] = 0
+            hist[1, c] = 0
+        if n is not None:
+            n[p] += cn
+            sy[p] += np.int64(cy)
+            # sum of x = sum of (idx - y w): one multiply per frame instead of per event.
+            sx[p] += np.int64(ci - cy * uw)
+    return bad_ev, bad_fr
+
+
+def _as_list(virtual):
+    if virtual is None:
+        return []
+    if isinstance(virtual, VirtualDetectors):
+        return [virtual]
+    return list(virtual)
+
+
+class FusedStreaming(Operator):
+    """Virtual detectors, centre of mass and summed pattern computed in one pass per chunk.
+
+    Parameters
+    ----------
+    virtual : VirtualDetectors, a sequence of them, or None. Each must use the "combos"
+        kernel (``op.kernel``: disks, annuli, segments, piecewise-constant weights), and
+        together with the CoM radius they must split the detector into at most 256 classes
+        of pixels.
+    com : CenterOfMass or None.
+    diffraction : DiffractionSum or None.
+    name : operator name (the key of its state in a pipeline); must differ from the others.
+
+    Notes
+    -----
+    The wrapped operators define the configuration and the results: ``finalize`` returns
+    exactly what their own ``finalize`` returns for the same events (same names, dtypes,
+    units, attrs, values, bit for bit), and they are never asked to ``process``.
+    State: ``images`` (K, ny*nx) int64 (the ``images`` of every virtual operator stacked in
+    order), ``n``, ``sum_y``, ``sum_x`` (ny*nx,) int64 with a CoM, ``sum`` (h*w,) int64 with
+    a diffraction sum; :meth:`split_state` gives each wrapped operator its own state.
+
+    Per event: one uint8 code lookup (the pixel's class: mask combination and inside the
+    CoM radius or not), one count of the class (in a register while there are at most 8
+    classes, ``self.n_codes``), one increment of the summed pattern and the CoM sums; per
+    frame the class counts are expanded into the k images and the CoM count. The pixels of
+    the summed pattern and the code table are prefetched 16 events ahead.
+
+    Out-of-range input raises ValueError after the rest of the chunk was accumulated, as in
+    the separate operators; one difference: with a virtual detector or a CoM, frames at
+    positions beyond the scan are left out of the summed pattern too (a DiffractionSum
+    without ``n_positions`` alone would have added them before raising).
+
+    See Also
+    --------
+    fuse_operators : put a FusedStreaming in place of a pipeline's fusable operators.
+    """
+
+    def __init__(self, virtual=None, com=None, diffraction=None, name="fused"):
+        self.name = name
+        self.virtual = _as_list(virtual)
+        self.com = com
+        self.diffraction = diffraction
+        what = f"FusedStreaming {name!r}"
+        for v in self.virtual:
+            if not isinstance(v, VirtualDetectors):
+                raise ValueError(f"{what}: virtual must be VirtualDetectors operators, got "
+                                 f"{type(v).__name__}")
+            if v.kernel != "combos":
+                raise ValueError(f"{what}: VirtualDetectors {v.name!r} uses the {v.kernel!r} "
+                                 f"kernel (its masks have more than the 64 distinct pixel "
+                                 f"combinations fusing needs); keep it as a separate operator")
+        if com is not None and not isinstance(com, CenterOfMass):
+            raise ValueError(f"{what}: com must be a CenterOfMass, got {type(com).__name__}")
+        if diffraction is not None and not isinstance(diffraction, DiffractionSum):
+            raise ValueError(f"{what}: diffraction must be a DiffractionSum, got "
+                             f"{type(diffraction).__name__}")
+        parts = self.parts
+        if not parts:
+            raise ValueError(f"{what}: nothing to fuse; give virtual, com or diffraction")
+        names = [p.name for p in parts] + [name]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{what}: operator names must be distinct, got {names}")
+        frame_shapes = {tuple(p.frame_shape) for p in parts}
+        if len(frame_shapes) != 1:
+            raise ValueError(f"{what}: the operators disagree on the detector shape: "
+                             f"{sorted(frame_shapes)}; build them for the same detector")
+        self.frame_shape = frame_shapes.pop()
+        scan_shapes = {tuple(p.scan_shape) for p in parts if not isinstance(p, DiffractionSum)}
+        if len(scan_shapes) > 1:
+            raise ValueError(f"{what}: the operators disagree on the scan shape: "
+                             f"{sorted(scan_shapes)}; build them for the same scan")
+        self.scan_shape = scan_shapes.pop() if scan_shapes else None
+        self.n_pixels = self.frame_shape[0] * self.frame_shape[1]
+        limits = [] if self.scan_shape is None else [self.scan_shape[0] * self.scan_shape[1]]
+        if diffraction is not None:
+            limits.append(diffraction.n_positions)
+        self._n_pos = np.int64(min(limits))
+        self._rows = np.cumsum([0] + [v.k for v in self.virtual])
+        if self.n_pixels > 2**31:
+            raise ValueError(f"{what}: detectors of more than 2**31 pixels are not supported "
+                             f"({self.frame_shape}); use the separate operators")
+        self._magic = _division_magic(self.n_pixels, self.frame_shape[1])
+        self._no_images = np.zeros((0, 0), dtype=np.int64)
+        self._build_codes()
+        self.state_kinds = {}
+        if self.virtual:
+            self.state_kinds["images"] = "nav"
+        if com is not None:
+            self.state_kinds.update(n="nav", sum_y="nav", sum_x="nav")
+        if diffraction is not None:
+            self.state_kinds["sum"] = "sig"
+
+    @property
+    def parts(self) -> list[Operator]:
+        """The wrapped operators, in the order their results are returned."""
+        return self.virtual + [p for p in (self.com, self.diffraction) if p is not None]
+
+    def _build_codes(self):
+        """Per pixel a uint8 code: its class, i.e. its (inside the CoM radius, combination of
+        each virtual operator) tuple, numbered with the classes inside the radius first. Per
+        class, the (image row, fixed-point weight) pairs it adds to."""
+        outside = (np.zeros(self.n_pixels, np.int64) if self.com is None
+                   else 1 - self.com._inside.astype(np.int64))
+        # Mixed-radix key, compacted after each operator so that it never overflows.
+        key = outside
+        for v in self.virtual:
+            radix = len(v._cptr) - 1
+            _, key = np.unique(key * radix + v._label, return_inverse=True)
+            key = key.reshape(-1)
+        present, code = np.unique(key, return_inverse=True)
+        n_codes = len(present)
+        if n_codes > MAX_CODES:
+            raise ValueError(f"FusedStreaming {self.name!r}: the virtual detectors and the CoM "
+                             f"radius split the detector into {n_codes} classes of pixels, more "
+                             f"than {MAX_CODES}; fuse fewer of them and keep the rest as "
+                             f"separate operators")
+        # One representative pixel per class gives its membership in every operator.
+        first = np.zeros(n_codes, dtype=np.int64)
+        first[code] = np.arange(self.n_pixels)
+        self._code = code.reshape(-1).astype(np.uint8)
+        self.n_inside = int(np.count_nonzero(outside[first] == 0)) if self.com is not None else 0
+        rows, weights, ptr = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [0]
+        for c in range(n_codes):
+            for m, v in enumerate(self.virtual):
+                lab = v._label[first[c]]
+                sl = slice(v._cptr[lab], v._cptr[lab + 1])
+                rows.append(self._rows[m] + v._cmask[sl])
+                weights.append(v._cweight[sl])
+            ptr.append(sum(len(r) for r in rows))
+        self._cptr = np.asarray(ptr, dtype=np.int64)
+        self._crow = np.concatenate(rows).astype(np.int64)
+        self._cweight = np.concatenate(weights).astype(np.int64)
+        self.n_codes = n_codes
+
+    def new_state(self) -> State:
+        state = {}
+        n_pos = 0 if self.scan_shape is None else self.scan_shape[0] * self.scan_shape[1]
+        if self.virtual:
+            state["images"] = np.zeros((int(self._rows[-1]), n_pos), dtype=np.int64)
+        if self.com is not None:
+            for k in ("n", "sum_y", "sum_x"):
+                state[k] = np.zeros(n_pos, dtype=np.int64)
+        if self.diffraction is not None:
+            state["sum"] = np.zeros(self.n_pixels, dtype=np.int64)
+        return state
+
+    def process(self, state: State, chunk: Chunk) -> None:
+        com = self.com is not None
+        bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices, self._n_pos,
+                            self._code, self.n_inside, self._cptr, self._crow, self._cweight,
+                            self._magic[0], self._magic[1], np.uint64(self.frame_shape[1]),
+                            state.get("images", self._no_images),
+                            state["n"] if com else None, state["sum_y"] if com else None,
+                            state["sum_x"] if com else None, state.get("sum"))
+        raise_if_bad(f"FusedStreaming {self.name!r}", *bad, self.n_pixels, int(self._n_pos))
+
+    def split_state(self, state: State) -> dict[str, State]:
+        """{wrapped operator name: its own state (views into ``state``)}."""
+        out = {}
+        for m, v in enumerate(self.virtual):
+            out[v.name] = {"images": state["images"][self._rows[m]:self._rows[m + 1]]}
+        if self.com is not None:
+            out[self.com.name] = {k: state[k] for k in ("n", "sum_y", "sum_x")}
+        if self.diffraction is not None:
+            out[self.diffraction.name] = {"sum": state["sum"]}
+        return out
+
+    def finalize(self, state: State) -> dict[str, Result]:
+        out = {}
+        split = self.split_state(state)
+        for p in self.parts:
+            out.update(p.finalize(split[p.name]))
+        return out
+
+
+def _fusable(op) -> bool:
+    return (type(op) is VirtualDetectors and op.kernel == "combos") or \
+        type(op) in (CenterOfMass, DiffractionSum)
+
+
+def _fuse(run, name):
+    """FusedStreaming of the operators in ``run``, or None if they cannot be fused."""
+    kinds = [type(o) for o in run]
+    if kinds.count(CenterOfMass) > 1 or kinds.count(DiffractionSum) > 1:
+        return None
+    pick = (lambda t: next((o for o in run if type(o) is t), None))
+    try:
+        fused = FusedStreaming([o for o in run if type(o) is VirtualDetectors],
+                               pick(CenterOfMass), pick(DiffractionSum), name=name)
+    except ValueError:  # different geometries, too many pixel classes
+        return None
+    return fused
+
+
+def fuse_operators(ops, name="fused") -> list:
+    """Replace a run of fusable operators in a pipeline list by one :class:`FusedStreaming`.
+
+    Parameters
+    ----------
+    ops : list of operators, as ``stream.config.build_operators`` returns.
+    name : name of the fused operator; must not be the name of another operator in ``ops``.
+
+    Returns
+    -------
+    A new list. The first run of at least two consecutive fusable operators
+    (VirtualDetectors with the "combos" kernel, then at most one CenterOfMass, then at most
+    one DiffractionSum, as many as fit in 256 pixel classes) is replaced by one
+    FusedStreaming in its place, so that finalizing the new list gives the same results in
+    the same order. Without such a run, a copy of ``ops``.
+    """
+    ops = list(ops)
+    i = 0
+    while i < len(ops):
+        j, fused = i, None
+        while j < len(ops) and _fusable(ops[j]):
+            trial = _fuse(ops[i:j + 1], name)
+            if trial is None or trial.parts != ops[i:j + 1]:  # (or results would reorder)
+                break
+            fused, j = trial, j + 1
+        if j - i >= 2:
+            return ops[:i] + [fused] + ops[j:]
+        i = max(j, i + 1)
+    return ops
