@@ -1,9 +1,14 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv.
 PYTHON ?= python3
+SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := $(VENV)/.peers
+# benchmarks run in their own environment: the peers (stempy, LiberTEM) are not runtime dependencies
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+RESULTS := benchmarks/results
 
 .PHONY: demo test test-all bench clean
 
@@ -27,5 +32,23 @@ test: $(PEERS)
 test-all: $(PEERS)
 	$(BIN)/python -m pytest -q
 
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[peers]'
+	touch $(BENCH_STAMP)
+
+# the side-by-side suite (docs: BENCHMARKS.md); JSON in benchmarks/results, report section regenerated
+bench: $(BENCH_STAMP)
+	mkdir -p $(RESULTS)
+	set -o pipefail; $(BENCH_VENV)/bin/python benchmarks/bench_peers.py --wait-for-load 1.0 \
+	  --json $(RESULTS)/peers.json | tee $(RESULTS)/peers.md
+	set -o pipefail; for b in storage streaming; do \
+	  $(BENCH_VENV)/bin/python benchmarks/bench_$$b.py --json $(RESULTS)/$$b.json | tee $(RESULTS)/$$b.md; done
+	set -o pipefail; $(BENCH_VENV)/bin/python benchmarks/bench_scaling.py --pipeline --json $(RESULTS)/scaling.json \
+	  | tee $(RESULTS)/scaling.md
+	$(BENCH_VENV)/bin/python benchmarks/bench_plot.py --results $(RESULTS)
+	$(BENCH_VENV)/bin/python benchmarks/bench_report.py --results $(RESULTS) --report BENCHMARKS.md
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) demo-out .pytest_cache
