@@ -506,7 +506,12 @@ def test_tilt_series_streamed_through_the_pipeline(client2, scripted_source, tmp
                                    series_length=len(TILTS)))
             src.frames(sid, g, sim.counts, sim.indices, batch=512)
             src.end(sid, g.n_frames)
-        res = s.wait_series("pt-tilt", timeout=600)
+        results = [s.wait(f"pt-{i:04d}", timeout=120) for i in range(len(TILTS))]
+        assert [r.status for r in results] == ["complete"] * len(TILTS), [(r.scan_id, r.reason) for r in results
+                                                                          if r.status != "complete"]
+        # every scan went to the collector before wait() returned: the series has started
+        assert "pt-tilt" in s._series_runs, [x.describe() for x in s.series.pending()]
+        res = s.wait_series("pt-tilt", timeout=300)
     assert res.n_projections == len(TILTS) and res.error == "", res
     with h5py.File(res.path, "r") as f:
         pos = f["atoms/positions_A"][()]
