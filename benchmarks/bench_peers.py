@@ -558,11 +558,7 @@ def main(argv=None):
                          "processes use more than 0.3 of a core (default 2; 0 with --quick)")
     ap.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                     help="first wait (at most 10 min) for the 1-minute load average to fall to LOAD")
-    ap.add_argument("--json", default=None, metavar="PATH",
-                    help="write the JSON to PATH and the markdown report to stdout only (instead of "
-                         "peers.json and peers.md in --out)")
-    ap.add_argument("--report", metavar="JSON", default=None,
-                    help="only print the markdown report of an earlier run's JSON file")
+    common.add_output_args(ap, "peers")
     args = ap.parse_args(argv)
     if args.report:
         print_report(json.loads(Path(args.report).read_text()))

@@ -310,11 +310,7 @@ def main(argv=None):
     ap.add_argument("--dir", default=None, help="where the files are written (default: a temporary "
                                                 "directory under $TMPDIR), removed afterwards")
     ap.add_argument("--out", default=None, help="directory of storage.json and storage.md (default benchmarks/results)")
-    ap.add_argument("--json", default=None, metavar="PATH",
-                    help="write the JSON to PATH and the markdown report to stdout only (instead of "
-                         "storage.json and storage.md in --out)")
-    ap.add_argument("--report", metavar="JSON", default=None,
-                    help="only print the markdown report of an earlier run's JSON file")
+    common.add_output_args(ap, "storage")
     args = ap.parse_args(argv)
     if args.report:
         print_report(json.loads(Path(args.report).read_text()))

@@ -333,3 +333,12 @@ def fmt_rate(v: float) -> str:
     if v >= 1e3:
         return f"{v / 1e3:.1f} k"
     return f"{v:.0f}"
+
+
+def add_output_args(ap, name: str) -> None:
+    """--json and --report, as every make-bench script takes them."""
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help=f"write the JSON to PATH and the markdown report to stdout only (instead of "
+                         f"{name}.json and {name}.md in --out)")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="only print the markdown report of an earlier run's JSON file")
