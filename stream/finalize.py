@@ -134,6 +134,15 @@ def drop_duplicates(worker_scans: list[WorkerScan]) -> list[WorkerScan]:
     return out
 
 
+def _what_never_came(info: ScanInfo) -> str:
+    """Why a scan timed out: the sources whose ``end`` never arrived (a source that stopped
+    early, or a lost connection), so that an operator knows where to look."""
+    silent = [s for s in range(info.geometry.n_sources) if s not in info.frames_sent]
+    if not silent:
+        return " (every source sent its end; frames it announced are missing)"
+    return f" (no end message from source{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))})"
+
+
 def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
     t0 = time.time()
     ops, states = merge_states(drop_duplicates(list(worker_scans)), config, info.geometry)
@@ -154,6 +163,8 @@ def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerS
               "timeout": f"no message for {config.scan.timeout_s} s; closed with what arrived",
               "abort": f"aborted by the source: {info.abort_reason}",
               "closed": "the session stopped while the scan was running"}[info.close_reason]
+    if info.close_reason == "timeout":
+        reason += _what_never_came(info)
     if errors:
         reason += f"; {len(errors)} errors: {errors[0]}"
     t_merged = time.time()

@@ -23,7 +23,7 @@ from operators.chunk import Chunk
 
 from . import control
 from .config import PipelineConfig, build_operators
-from .protocol import Geometry, Message, ProtocolError, decode, frame_positions
+from .protocol import Geometry, Message, ProtocolError, decode, encode_frames, frame_positions
 
 log = logging.getLogger("stemstream.receiver")
 
@@ -311,6 +311,40 @@ class Receiver:
                 self._send({"kind": "live", "scan_id": work.scan_id, "lo": lo, "hi": hi,
                             "nav": [f"{op.name}/{k}" for op in work.operators
                                     for k, kind in op.state_kinds.items() if kind == "nav"]}, arrays)
+
+
+def warm_up(config: PipelineConfig) -> float:
+    """Compile (or load from numba's cache) the kernels of this configuration's operators on a
+    tiny synthetic scan; returns the seconds it took.
+
+    Without it the first chunk of the first scan waits for the compiler (seconds, tens of
+    seconds on a busy machine with a cold cache) while frames queue at the detector and the
+    coordinator hears nothing from this receiver. A configuration that does not fit the
+    synthetic scan (apertures drawn for a larger scan, say) warms the default operators,
+    which share the kernels."""
+    t0 = time.perf_counter()
+    g = Geometry((8, 8), (64, 64), center=(32.0, 32.0), mrad_per_px=1.0, convergence_mrad=10.0)
+    try:
+        operators = build_operators(config, g)
+    except ValueError:
+        operators = build_operators(PipelineConfig(), g)
+    rng = np.random.default_rng(0)
+    half = g.n_frames // 2
+    counts = rng.integers(0, 20, g.n_frames).astype(np.uint32)
+    cut = int(counts[:half].sum())
+    indices = rng.integers(0, g.n_pixels, int(counts.sum())).astype(np.uint32)
+    msgs = [decode(encode_frames("warm-up", 0, g, 0, counts[:half], indices[:cut])),
+            decode(encode_frames("warm-up", 0, g, half, counts[half:], indices[cut:]))]
+    # one message makes a chunk of read-only buffers, several a concatenated copy: numba
+    # compiles each kind
+    chunks = [chunk_from_messages(msgs[:1], g), chunk_from_messages(msgs, g)]
+    for op in operators:
+        state, other = op.new_state(), op.new_state()
+        for chunk in chunks:
+            op.process(state, chunk)
+        op.merge(state, other)
+        op.finalize(state)
+    return time.perf_counter() - t0
 
 
 def chunk_from_messages(msgs: list[Message], geometry: Geometry) -> Chunk:

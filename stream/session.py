@@ -492,10 +492,11 @@ class Session:
             t = r.timings
             span = (t.get("last_frame") or 0) - t["opened"]  # first message to last frame processed
             rate = f"processed at {r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
-            lag = t["written"] - t["last_frame"] if t.get("last_frame") else float("nan")
+            written = f"{r.path} written" + (f" {t['written'] - t['last_frame']:.2f} s after the last frame"
+                                             if t.get("last_frame") else "")
+            why = "" if r.status == "complete" else f" ({r.reason})"
             self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "
-                             f"{r.events / 1e6:.2f} M e- ({rate}); {r.path} written {lag:.2f} s after "
-                             "the last frame")
+                             f"{r.events / 1e6:.2f} M e- ({rate}); {written}{why}")
             if r.n_missing:
                 self.console.say(f"WARNING [{r.scan_id}] {r.n_missing:,} frames never arrived: "
                                  f"{_ranges_text(r.missing_ranges)}; see /completeness in {r.path}")

@@ -3,13 +3,14 @@ scan's state from the receiver that holds it."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .config import PipelineConfig
-from .receiver import Receiver, WorkerScan
+from .receiver import Receiver, WorkerScan, warm_up
 
 STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstream stages run in
 
@@ -24,7 +25,9 @@ class ReceiverPlugin(WorkerPlugin):
         self.config = config
         self.receiver: Receiver | None = None
 
-    def setup(self, worker):
+    async def setup(self, worker):
+        # compile the kernels before the first frame, off the worker's event loop
+        await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address)
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages

@@ -341,7 +341,7 @@ def e2e(tmp_path_factory):
 
 def test_e2e_scan_file_complete_and_console(e2e):
     with h5py.File(e2e.path, "r") as f:
-        assert f.attrs["status"] == "complete", f.attrs["reason"]
+        assert f.attrs["status"] == "complete", f"{f.attrs['reason']}\n{e2e.proc.stdout[-4000:]}"
         assert f.attrs["scan_id"] == "e2e-0000"
         np.testing.assert_array_equal(f["completeness/received"][()], np.ones((4, 24 * 32)))
         assert len(f["completeness/missing_frames"]) == 0

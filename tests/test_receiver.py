@@ -131,3 +131,46 @@ def test_live_snapshots_send_only_the_positions_that_changed(rig):
     assert arrays["fused/n"].shape == (8,) and arrays["fused/sum"].shape == (24 * 24,)
     np.testing.assert_array_equal(arrays["fused/sum"], np.bincount(indices[counts[:8].sum():counts[:16].sum()],
                                                                  minlength=24 * 24))
+
+
+WARM_UP_CHECK = """
+import numpy as np, numba, operators, pkgutil, importlib, sys
+from stream.config import PipelineConfig, build_operators
+from stream.protocol import Geometry, decode, encode_frames
+from stream.receiver import chunk_from_messages, warm_up
+
+mods = [importlib.import_module(f"operators.{m.name}") for m in pkgutil.iter_modules(operators.__path__)]
+kernels = {f"{m.__name__}.{k}": v for m in mods for k, v in vars(m).items()
+           if isinstance(v, numba.core.registry.CPUDispatcher)}
+warm_up(PipelineConfig())
+before = {k: len(v.signatures) for k, v in kernels.items()}
+# a real scan with another geometry, 4 sources, as the receiver builds its chunks
+g = Geometry((16, 12), (192, 160), n_sources=4, center=(90.0, 80.0), mrad_per_px=0.5, convergence_mrad=20.0)
+rng = np.random.default_rng(1)
+msgs = []
+for s in range(4):
+    counts = rng.poisson(30, g.n_frames).astype(np.uint32)
+    idx = rng.integers(0, g.n_pixels, int(counts.sum())).astype(np.uint32)
+    msgs.append(decode(encode_frames("real", s, g, 0, counts, idx)))
+for op in build_operators(PipelineConfig(), g):
+    a, b = op.new_state(), op.new_state()
+    op.process(a, chunk_from_messages(msgs[:1], g))  # read-only buffers of one message
+    op.process(b, chunk_from_messages(msgs, g))  # a concatenated copy
+    op.merge(a, b)
+    op.finalize(a)
+compiled = sorted(k for k, v in kernels.items() if len(v.signatures) > before[k])
+print("compiled after warm-up:", compiled)
+sys.exit(1 if compiled or not any(before.values()) else 0)
+"""
+
+
+def test_warm_up_compiles_every_kernel_a_real_scan_uses(tmp_path):
+    """In a fresh process (no kernel compiled yet): after warm_up, a real chunk of another
+    geometry through the same operators needs no new compilation."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", WARM_UP_CHECK], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
