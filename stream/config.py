@@ -104,7 +104,7 @@ class ClusterSpec:
 class OutputSpec:
     dir: str = "out"
     previews: bool = True
-    compression_level: int = 1
+    compression_level: int = 2
 
 
 @dataclass

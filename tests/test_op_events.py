@@ -149,3 +149,25 @@ def test_bad_chunks_are_not_stored():
     assert state["chunks"] == []
     offsets, indices = op.finalize(state)
     assert offsets.tolist() == [0, 0, 0, 0, 0] and len(indices) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.int64])
+def test_sort_segments_equals_numpy_sort_for_every_length(dtype):
+    """Every segment length from 0 to 140 (the sorting networks of 8..64 and numpy's sort
+    beyond), random, with repeated values, already sorted and reversed: each segment equal
+    to np.sort of it, and nothing outside the segments moves."""
+    from operators.kernels import sort_segments
+    rng = np.random.default_rng(3)
+    segments = []
+    for n in list(range(141)) * 3:
+        kind = rng.integers(4)
+        v = rng.integers(0, 2**31 - 1 if kind else 5, n).astype(dtype)  # kind 0: many repeats
+        segments.append(np.sort(v) if kind == 2 else np.sort(v)[::-1].copy() if kind == 3 else v)
+    offsets = np.r_[0, np.cumsum([len(v) for v in segments])].astype(np.int64)
+    indices = np.concatenate(segments)
+    sort_segments(offsets, indices)
+    np.testing.assert_array_equal(indices, np.concatenate([np.sort(v) for v in segments]))
+    # sorting a part of an array (offsets not starting at 0) leaves the rest alone
+    part = np.array([9, 8, 7, 3, 1, 2, 0], dtype)
+    sort_segments(np.array([3, 6]), part)
+    np.testing.assert_array_equal(part, np.array([9, 8, 7, 1, 2, 3, 0], dtype))
