@@ -2,7 +2,7 @@
 dask cluster (separate worker processes) → scan file on disk, at rising target rates.
 
     .venv/bin/python benchmarks/bench_streaming.py [--scan 512x512] [--dose 100] [--sources 4]
-        [--workers 2] [--rates 87000 150000 300000 max] [--repeats 3] [--out /tmp/bench-stream]
+        [--workers 2] [--rates 87000 150000 300000 450000 max] [--repeats 3] [--out /tmp/bench-stream]
 
 For every run: the rate the emulator achieved (PUSH blocks instead of dropping, so a pipeline
 that cannot keep up slows the emulator down rather than losing frames), frames lost, the
@@ -78,7 +78,7 @@ def main(argv=None):
     ap.add_argument("--dose", type=float, default=100.0)
     ap.add_argument("--sources", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rates", nargs="+", default=["87000", "150000", "300000", "max"])
+    ap.add_argument("--rates", nargs="+", default=["87000", "150000", "300000", "450000", "max"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="/tmp/stemstream-bench-streaming")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")

@@ -9,3 +9,7 @@ motifs.py, lattices.py, coordination.py, displacement.py, pair_distribution.py, 
 No sockets or dask here (the stage tables' writers in atom_tables.py and peak_table.py take
 files or h5py groups they are given); ``stream`` decides where these run.
 """
+
+from . import numba_cache
+
+numba_cache.configure()  # before any kernel is defined

@@ -174,3 +174,21 @@ def test_warm_up_compiles_every_kernel_a_real_scan_uses(tmp_path):
     r = subprocess.run([sys.executable, "-c", WARM_UP_CHECK], cwd=root, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_numba_cache_directory_follows_the_source(tmp_path, monkeypatch):
+    """A change in any source file gives another cache directory (numba alone would keep a
+    stale kernel that calls one from another file); the same tree gives the same one."""
+    import shutil
+    from pathlib import Path
+
+    from operators.numba_cache import PACKAGES, source_hash
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "tree"
+    for pkg in PACKAGES:
+        shutil.copytree(root / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    same = source_hash(copy)
+    assert same == source_hash(root)
+    kernels = copy / "operators" / "kernels.py"
+    kernels.write_text(kernels.read_text() + "\n# an edit\n")
+    assert source_hash(copy) != same
