@@ -29,11 +29,10 @@ Examples
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from .base import Operator, Result, State
 from .chunk import Chunk
-from .kernels import NJIT, center_of, raise_if_bad, shape2
+from .kernels import center_of, shape2
 
 
 def com_from_sums(n, sy, sx, center, rotation_deg=0.0, flip=False):
@@ -78,43 +77,6 @@ def _cos_sin_exact(t, deg):
     return np.cos(t), np.sin(t)
 
 
-@njit(**NJIT)
-def _com_kernel(positions, offsets, indices, w, inside, n, sy, sx):
-    n_pix = inside.shape[0]
-    n_pos = n.shape[0]
-    # y = idx // w without an integer division per event: (idx + 0.5) / w is at least 0.5 / w
-    # away from an integer and the float error (< idx * 2**-52) is far smaller, so it truncates
-    # exactly for any detector index below 2**32.
-    inv_w = 1.0 / w
-    bad_ev = 0
-    bad_fr = 0
-    for i in range(positions.shape[0]):
-        p = positions[i]
-        if p < 0:
-            continue
-        if p >= n_pos:
-            bad_fr += 1
-            continue
-        cn = np.int64(0)
-        cy = np.int64(0)
-        cx = np.int64(0)
-        for e in range(offsets[i], offsets[i + 1]):
-            idx = np.int64(indices[e])
-            if idx >= n_pix:
-                bad_ev += 1
-                continue
-            y = np.int64((idx + 0.5) * inv_w)
-            x = idx - y * w
-            f = np.int64(inside[idx])
-            cn += f
-            cy += f * y
-            cx += f * x
-        n[p] += cn
-        sy[p] += cy
-        sx[p] += cx
-    return bad_ev, bad_fr
-
-
 class CenterOfMass(Operator):
     """Centre of mass of each diffraction pattern (e.g. for DPC / iCoM phase).
 
@@ -135,6 +97,7 @@ class CenterOfMass(Operator):
     absolute pixel y and x), so merging is exact. Results (prefix ``name``, default "com"):
     ``com_n`` (counts), ``com_sum_y``/``com_sum_x`` (px·counts), ``com_y``/``com_x`` (px,
     scan frame, NaN where com_n == 0), and ``com_y_mrad``/``com_x_mrad`` if calibrated.
+    Chunks are processed by the fused kernel (``operators.fused.one_pass``).
     """
 
     state_kinds = {"n": "nav", "sum_y": "nav", "sum_x": "nav"}
@@ -172,11 +135,8 @@ class CenterOfMass(Operator):
         return {k: np.zeros(self.n_positions, dtype=np.int64) for k in ("n", "sum_y", "sum_x")}
 
     def process(self, state: State, chunk: Chunk) -> None:
-        bad = _com_kernel(chunk.positions, chunk.offsets, chunk.indices,
-                          np.int64(self.frame_shape[1]), self._inside,
-                          state["n"], state["sum_y"], state["sum_x"])
-        raise_if_bad(f"CenterOfMass {self.name!r}", *bad, len(self._inside),
-                     self.n_positions)
+        from .fused import one_pass  # fused builds on this module
+        one_pass(self).process(state, chunk)
 
     def finalize(self, state: State) -> dict[str, Result]:
         shp = self.scan_shape

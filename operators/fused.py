@@ -307,6 +307,7 @@ class FusedStreaming(Operator):
 
     def __init__(self, virtual=None, com=None, diffraction=None, name="fused"):
         self.name = name
+        self.label = f"FusedStreaming {name!r}"  # who errors name
         self.virtual = _as_list(virtual)
         self.com = com
         self.diffraction = diffraction
@@ -420,7 +421,7 @@ class FusedStreaming(Operator):
                             state.get("images", self._no_images),
                             state["n"] if com else None, state["sum_y"] if com else None,
                             state["sum_x"] if com else None, state.get("sum"))
-        raise_if_bad(f"FusedStreaming {self.name!r}", *bad, self.n_pixels, int(self._n_pos))
+        raise_if_bad(self.label, *bad, self.n_pixels, int(self._n_pos))
 
     def split_state(self, state: State) -> dict[str, State]:
         """{wrapped operator name: its own state (views into ``state``)}."""
@@ -439,6 +440,21 @@ class FusedStreaming(Operator):
         for p in self.parts:
             out.update(p.finalize(split[p.name]))
         return out
+
+
+def one_pass(op: VirtualDetectors | CenterOfMass) -> FusedStreaming:
+    """``op`` alone through the fused kernel, built once per operator: how a VirtualDetectors
+    with the "combos" kernel and a CenterOfMass process their chunks (the fused kernel's
+    single-task paths are its fastest: 1.6-1.9x their former kernels). Same state, same
+    results, errors under the operator's own name."""
+    fused = op.__dict__.get("_one_pass")
+    if fused is None:
+        alone = isinstance(op, VirtualDetectors)
+        fused = FusedStreaming([op] if alone else None, None if alone else op, None,
+                               name=f"{op.name}.one-pass")
+        fused.label = f"{type(op).__name__} {op.name!r}"
+        op._one_pass = fused
+    return fused
 
 
 def _dense_rank(values: np.ndarray) -> tuple[int, np.ndarray]:

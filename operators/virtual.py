@@ -149,37 +149,6 @@ def check_masks(masks, frame_shape, path=None) -> np.ndarray:
 # adds them to images[:, position] once per frame.
 
 @njit(**NJIT)
-def _combo_kernel(positions, offsets, indices, label, cptr, cmask, cweight, images):
-    """Pixels grouped by their (mask membership, weights) combination: one histogram
-    increment per event, expanded into the k images once per frame."""
-    n_pix = label.shape[0]
-    n_pos = images.shape[1]
-    hist = np.zeros(cptr.shape[0] - 1, dtype=np.int64)
-    bad_ev = 0
-    bad_fr = 0
-    for i in range(positions.shape[0]):
-        p = positions[i]
-        if p < 0:
-            continue
-        if p >= n_pos:
-            bad_fr += 1
-            continue
-        for e in range(offsets[i], offsets[i + 1]):
-            idx = np.int64(indices[e])
-            if idx < n_pix:
-                hist[label[idx]] += 1
-            else:
-                bad_ev += 1
-        for c in range(hist.shape[0]):
-            cnt = hist[c]
-            if cnt:
-                for t in range(cptr[c], cptr[c + 1]):
-                    images[cmask[t], p] += cnt * cweight[t]
-                hist[c] = 0
-    return bad_ev, bad_fr
-
-
-@njit(**NJIT)
 def _bits_kernel(positions, offsets, indices, bits, images):
     """Bool masks, k <= 64: bit j of bits[pixel] says whether the pixel is in mask j."""
     n_pix = bits.shape[0]
@@ -322,7 +291,7 @@ class VirtualDetectors(Operator):
     One kernel is chosen at construction (``self.kernel``), each walking every event once:
     "combos" when pixels fall into at most 64 distinct (membership, weight) combinations
     (disks, annuli, segmented detectors, piecewise-constant weights: one histogram increment
-    per event); "bits" for other bool masks, k <= 64 (a bit per mask per pixel); "table" for
+    per event, run by the fused kernel, ``operators.fused.one_pass``); "bits" for other bool masks, k <= 64 (a bit per mask per pixel); "table" for
     few or dense float masks (a row of k weights per pixel); "lists" otherwise (per pixel, the
     masks it belongs to).
     """
@@ -391,11 +360,13 @@ class VirtualDetectors(Operator):
         return {"images": np.zeros((self.k, self.n_positions), dtype=np.int64)}
 
     def process(self, state: State, chunk: Chunk) -> None:
+        if self.kernel == "combos":
+            from .fused import one_pass  # fused builds on this module
+            one_pass(self).process(state, chunk)
+            return
         args = (chunk.positions, chunk.offsets, chunk.indices)
         img = state["images"]
-        if self.kernel == "combos":
-            bad = _combo_kernel(*args, self._label, self._cptr, self._cmask, self._cweight, img)
-        elif self.kernel == "bits":
+        if self.kernel == "bits":
             bad = _bits_kernel(*args, self._bits, img)
         elif self.kernel == "table":
             bad = _table_kernel(*args, self._table, img)

@@ -136,5 +136,9 @@ def test_bad_parameters_and_events():
     with pytest.raises(ValueError, match="mrad_per_px"):
         CenterOfMass((2, 2), (4, 4), mrad_per_px=0)
     op = CenterOfMass((2, 2), (4, 4))
-    with pytest.raises(ValueError, match="pixel index >= 16"):
-        op.process(op.new_state(), Chunk.from_counts([0], [0], [0], [1], np.array([99], np.uint32)))
+    state = op.new_state()
+    # the good events of the chunk count (pixel 5 = (1, 1) at position 0); the error names
+    # the operator and the problem
+    with pytest.raises(ValueError, match=r"CenterOfMass 'com'.*1 event\(s\) with a pixel index >= 16"):
+        op.process(state, Chunk.from_counts([0], [0], [0], [2], np.array([99, 5], np.uint32)))
+    assert state["n"].tolist() == [1, 0, 0, 0] and state["sum_y"].tolist() == [1, 0, 0, 0]

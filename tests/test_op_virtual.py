@@ -148,7 +148,7 @@ def test_out_of_range_events_raise(kind):
     assert op.kernel == kernel
     chunk = Chunk.from_counts([0, 1], [0, 0], [0, 1], [2, 1], np.array([3, 256, 5], np.uint32))
     state = op.new_state()
-    with pytest.raises(ValueError, match=r"1 event\(s\) with a pixel index >= 256"):
+    with pytest.raises(ValueError, match=r"VirtualDetectors 'virtual'.*1 event\(s\) with a pixel index >= 256"):
         op.process(state, chunk)
     chunk = Chunk.from_counts([0], [0], [4], [1], np.array([3], np.uint32))
     with pytest.raises(ValueError, match=r"1 frame\(s\) with a position >= 4"):
