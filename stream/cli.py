@@ -312,9 +312,10 @@ def cmd_import_stempy(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from sim_detector.cli import add_simulate_args
 
+    from .atoms import add_atoms_args
     from .demo import add_demo_args
     from .replay import add_replay_args
-    from .series import add_tomo_args
+    from .tomo import add_tomo_args
 
     def add_info_args(p):
         p.add_argument("files", nargs="+", metavar="FILE")
@@ -353,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
          "Group scan files by their tilt series (metadata series_id), reconstruct each series, trace "
          "its atoms and compute their statistics; one SERIES-tomo.h5 per series (docs/SERIES.md).",
          add_tomo_args),
+        ("atoms", "3D atom statistics of an atomic model file (CSV, XYZ, npy, MATLAB, HDF5)",
+         "Per-atom and per-sample statistics (coordination, GCN, bond lengths, strain, order, Voronoi, "
+         "motifs, g(r)) of atom positions in Å from any pipeline: CSV and HDF5 tables, PNG histograms "
+         "(docs/STAGES_3D_STATS.md).", add_atoms_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
     ]
@@ -386,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             from .replay import run_replay
             return run_replay(args)
+        if args.command == "atoms":
+            from .atoms import run_atoms
+            return run_atoms(args)
         if args.command == "tomo":
-            from .series import run_tomo
+            from .tomo import run_tomo
             return run_tomo(args)
         commands = {"process-file": cmd_process_file, "export": cmd_export, "analyze": cmd_analyze,
                     "import-stempy": cmd_import_stempy, "info": cmd_info}

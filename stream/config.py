@@ -22,8 +22,8 @@ from operators.fused import fuse_operators
 from operators.virtual import VirtualDetectors, annulus_mask, check_masks, disk_mask, load_masks
 
 from .protocol import Geometry
-from .series import check_series_params
 from .stages import check_stages
+from .tomo import check_series_params
 
 
 class ConfigError(ValueError):
@@ -122,7 +122,7 @@ class StagesSpec:
 @dataclass
 class SeriesSpec:
     reconstruct: bool = False  # reconstruct every tilt series once all its scans are written
-    params: dict = field(default_factory=dict)  # reconstruct_series parameters (stream/series.py)
+    params: dict = field(default_factory=dict)  # reconstruct_series parameters (stream/tomo.py)
 
 
 @dataclass

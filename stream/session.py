@@ -34,8 +34,9 @@ from .config import ConfigError, PipelineConfig, build_operators, load_config, v
 from .finalize import ScanInfo, ScanResult, finalize_scan
 from .lifecycle import DONE, ScanStatus, ScanTracker
 from .previews import write_scan_previews
-from .series import SeriesCollector, reconstruct_series
+from .series import SeriesCollector
 from .stages import run_stages
+from .tomo import reconstruct_series
 from .worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker
 
 log = logging.getLogger("stemstream.session")

@@ -1,5 +1,6 @@
-"""Tilt series (stream/series.py): the collector, reading the scans of a series, and the whole
-reconstruction of an emulated Pt nanoparticle tilt series against the emulator's ground truth.
+"""Tilt series (stream/series.py, stream/tomo.py): the collector, reading the scans of a
+series, and the whole reconstruction of an emulated Pt nanoparticle tilt series against the
+emulator's ground truth.
 
 References: the emulator's Truth (atom positions at each tilt, rotated back with its own
 rotation), a brute-force neighbour count of the true atoms, analytic projections of Gaussian
@@ -18,9 +19,9 @@ import pytest
 
 from operators.base import Result
 from sim_detector.specimens import A_PT, make_specimen, rotation_matrix
-from stream.series import (SeriesCollector, check_series_params, projection_angles, read_series,
-                           reconstruct_series, series_key)
+from stream.series import SeriesCollector, projection_angles, series_key
 from stream.storage import write_scan
+from stream.tomo import check_series_params, read_series, reconstruct_series
 
 try:
     from test_tomography import analytic_projections
@@ -300,7 +301,7 @@ def test_read_series_errors_name_the_file_and_the_fix(tmp_path):
 def test_tomo_command_reconstructs_every_series_among_the_files(tmp_path, capsys):
     import argparse
 
-    from stream.series import add_tomo_args, run_tomo
+    from stream.tomo import add_tomo_args, run_tomo
 
     parser = argparse.ArgumentParser()
     add_tomo_args(parser)
