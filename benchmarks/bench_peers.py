@@ -596,14 +596,7 @@ def main(argv=None):
         "scans": scans, "results": rows, "ratios": pairs, "targets": targets(rows, fused_present, doses),
         "checks": checks.items, "notes": notes, "run_time_s": time.perf_counter() - start,
     }
-    if args.json:  # the report goes to stdout only: the caller keeps it (make bench tees it)
-        path = common.write_json(Path(args.json).name, payload, Path(args.json).parent)
-        print_report(payload)
-        print(f"JSON: {path}", file=sys.stderr)
-    else:
-        path = common.write_json("peers.json", payload, args.out)
-        md = common.emit_report(print_report, payload, "peers.md", args.out)
-        print(f"JSON: {path}; markdown: {md}", file=sys.stderr)
+    common.save_results(args, payload, print_report, "peers")
     return 0 if checks.all_ok else 1
 
 

@@ -348,14 +348,7 @@ def main(argv=None):
                        "filesystem_dir": str(Path(args.dir or tempfile.gettempdir()).resolve())},
         "scans": scans, "results": rows, "targets": targets, "run_time_s": time.perf_counter() - start,
     }
-    if args.json:  # the report goes to stdout only: the caller keeps it (make bench tees it)
-        path = common.write_json(Path(args.json).name, payload, Path(args.json).parent)
-        print_report(payload)
-        print(f"JSON: {path}", file=sys.stderr)
-    else:
-        path = common.write_json("storage.json", payload, args.out)
-        md = common.emit_report(print_report, payload, "storage.md", args.out)
-        print(f"JSON: {path}; markdown: {md}", file=sys.stderr)
+    common.save_results(args, payload, print_report, "storage")
     return 0 if all(r["lossless"] for r in rows) else 1
 
 

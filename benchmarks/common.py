@@ -299,6 +299,21 @@ def emit_report(report, payload: dict, name: str, out_dir: Path | None = None) -
     return out_dir / name
 
 
+def save_results(args, payload: dict, report, name: str) -> Path:
+    """With ``--json PATH`` (make bench): the JSON there and the markdown report on stdout
+    only (the caller tees it); otherwise ``name``.json and ``name``.md in ``args.out``.
+    Returns the JSON's path."""
+    if args.json:
+        path = write_json(Path(args.json).name, payload, Path(args.json).parent)
+        report(payload)
+        print(f"JSON: {path}", file=sys.stderr)
+    else:
+        path = write_json(f"{name}.json", payload, args.out)
+        md = emit_report(report, payload, f"{name}.md", args.out)
+        print(f"JSON: {path}; markdown: {md}", file=sys.stderr)
+    return path
+
+
 def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
