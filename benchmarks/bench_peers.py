@@ -61,7 +61,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -560,8 +559,7 @@ def main(argv=None):
                     help="first wait (at most 10 min) for the 1-minute load average to fall to LOAD")
     common.add_output_args(ap, "peers")
     args = ap.parse_args(argv)
-    if args.report:
-        print_report(json.loads(Path(args.report).read_text()))
+    if common.printed_old_report(args, print_report):
         return 0
     args.scan = args.scan or list(common.QUICK_SCAN_SHAPE if args.quick else common.SCAN_SHAPE)
     args.repeats = args.repeats or (2 if args.quick else 5)

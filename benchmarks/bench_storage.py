@@ -36,7 +36,6 @@ virtual machine). Every file read back is compared with the scan: "lossless" mea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -316,8 +315,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="directory of storage.json and storage.md (default benchmarks/results)")
     common.add_output_args(ap, "storage")
     args = ap.parse_args(argv)
-    if args.report:
-        print_report(json.loads(Path(args.report).read_text()))
+    if common.printed_old_report(args, print_report):
         return 0
     args.scan = args.scan or list(common.QUICK_SCAN_SHAPE if args.quick else common.SCAN_SHAPE)
     args.repeats = args.repeats or (2 if args.quick else 3)

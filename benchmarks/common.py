@@ -299,6 +299,14 @@ def emit_report(report, payload: dict, name: str, out_dir: Path | None = None) -
     return out_dir / name
 
 
+def printed_old_report(args, report) -> bool:
+    """``--report JSON``: print the markdown of an earlier run's JSON file; True if it did
+    (the script then ends without measuring)."""
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+    return bool(args.report)
+
+
 def save_results(args, payload: dict, report, name: str) -> Path:
     """With ``--json PATH`` (make bench): the JSON there and the markdown report on stdout
     only (the caller tees it); otherwise ``name``.json and ``name``.md in ``args.out``.
