@@ -8,8 +8,10 @@
 2. Detector size (256² … 1024²) at 100 e⁻/frame: flat — the work is per electron, the detector
    size only sets the size of the diffraction sum and the mask tables.
 3. With ``--pipeline``: the whole pipeline (benchmarks/bench_streaming.py in its own process,
-   unpaced) for scan sizes 128² … 512² and 1 or 2 workers: the workers' peak memory must stay
-   bounded apart from the result images (ny·nx·8 bytes per image), and throughput per worker.
+   unpaced) for scan sizes 128² … 1024² and 1 or 2 workers: the workers' peak memory must stay
+   bounded apart from the result images (ny·nx·8 bytes per image) while the scan's events grow
+   64× (receivers keep at most ``[memory] events_in_memory_mb`` in memory, the file is written
+   block by block), and throughput per worker.
 Medians of ``--repeats`` runs; one core for 1 and 2.
 """
 
@@ -75,10 +77,11 @@ def operator_scaling(a):
 
 def pipeline_scaling(a):
     out = []
-    sizes = ["128x128", "256x256"] if a.quick else ["128x128", "256x256", "512x512"]
+    sizes = ["128x128", "256x256"] if a.quick else ["128x128", "256x256", "512x512", "1024x1024"]
     print("\n## Pipeline, unpaced (bench_streaming.py, 4 sources, 100 e⁻/frame)\n")
-    print("| scan | workers | frames/s | file after last frame s | worker peak memory MB | result images MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| scan | workers | frames/s | file after last frame s | worker peak memory MB | result images MB "
+          "| events of the scan MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for scan in sizes:
         for workers in ([2] if scan != "256x256" else [1, 2]):
             with tempfile.TemporaryDirectory() as tmp:
@@ -90,10 +93,13 @@ def pipeline_scaling(a):
             row = r["rows"][0]
             ny, nx = (int(v) for v in scan.split("x"))
             images_mb = ny * nx * 8 * 9 / 1e6  # bf, adf, 5 centre-of-mass maps (+ 2 in mrad)
+            events_mb = row["events"] * 4 / 1e6
             out.append({"scan": scan, "workers": workers, "achieved": row["achieved"], "latency": row["latency"],
-                        "worker_peak_mb": r["peak_memory_mb"]["workers"], "images_mb": images_mb})
+                        "worker_peak_mb": r["peak_memory_mb"]["workers"], "images_mb": images_mb,
+                        "events_mb": events_mb, "events_in_memory_mb": r["events_in_memory_mb"]})
             print(f"| {scan} | {workers} | {row['achieved']:,.0f} | {row['latency']:.2f} | "
-                  f"{', '.join(f'{m:.0f}' for m in r['peak_memory_mb']['workers'])} | {images_mb:.0f} |")
+                  f"{', '.join(f'{m:.0f}' for m in r['peak_memory_mb']['workers'])} | {images_mb:.0f} "
+                  f"| {events_mb:.0f} |")
     return out
 
 

@@ -81,12 +81,16 @@ def main(argv=None):
     ap.add_argument("--rates", nargs="+", default=["87000", "150000", "300000", "450000", "max"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="/tmp/stemstream-bench-streaming")
+    ap.add_argument("--events-in-memory-mb", type=float, default=None,
+                    help="[memory] events_in_memory_mb of the receivers (default: the configuration's)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")
     a = ap.parse_args(argv)
 
     port = free_port_block(a.sources)
     bind = f"tcp://127.0.0.1:{port}"
     cfg = load_config(None)  # the defaults: previews included (drawn by the coordinator)
+    if a.events_in_memory_mb is not None:
+        cfg.memory.events_in_memory_mb = a.events_in_memory_mb
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scan {a.scan}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate\n")
@@ -136,6 +140,7 @@ def main(argv=None):
     result = {"command": f"python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}",
               "scan": a.scan, "detector": a.detector, "dose": a.dose, "sources": a.sources,
               "workers": a.workers, "repeats": a.repeats, "load_average": os.getloadavg()[0],
+              "events_in_memory_mb": cfg.memory.events_in_memory_mb,
               "rows": [{"target": rate, **med, "lost": lost, "held": held, "cpu_workers": cpu_w,
                         "latency_runs": [x["latency"] for x in runs], "events": runs[0]["events"],
                         "frames": runs[0]["frames"]} for rate, med, lost, held, cpu_w, runs in rows],

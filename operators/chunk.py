@@ -43,6 +43,12 @@ class Chunk:
         return len(self.indices)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held by the chunk's arrays."""
+        return sum(a.nbytes for a in (self.frames, self.sources, self.positions, self.offsets,
+                                      self.indices))
+
+    @property
     def counts(self) -> np.ndarray:
         """(n,) int64 events per frame."""
         return np.diff(self.offsets)
@@ -55,6 +61,16 @@ class Chunk:
         return cls(np.asarray(frames, dtype=np.int64), np.asarray(sources, dtype=np.int16),
                    np.asarray(positions, dtype=np.int64), offsets,
                    np.asarray(indices, dtype=np.uint32))
+
+    @classmethod
+    def concatenate(cls, chunks: list["Chunk"]) -> "Chunk":
+        """One chunk of the frames of ``chunks`` in order (an empty chunk for none)."""
+        if len(chunks) == 1:
+            return chunks[0]
+        if not chunks:
+            return cls.from_counts([], [], [], [], np.zeros(0, np.uint32))
+        return cls.from_counts(*(np.concatenate([getattr(c, a) for c in chunks])
+                                 for a in ("frames", "sources", "positions", "counts", "indices")))
 
     def select(self, keep: np.ndarray) -> "Chunk":
         """The chunk restricted to the frames where boolean ``keep`` (n,) is True."""

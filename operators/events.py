@@ -55,6 +55,23 @@ def _scatter_kernel(stored, sources, source, offsets, indices, cursor, out):
         cursor[s] = c
 
 
+def plan_blocks(counts: np.ndarray, max_events: int) -> list[tuple[int, int]]:
+    """Split stored frames into consecutive ranges ``[lo, hi)`` of at most ``max_events``
+    events each (a frame with more events than that gets a range of its own).
+
+    counts: (n,) events per stored frame. Used to write a scan's events block by block."""
+    counts = np.asarray(counts, dtype=np.int64)
+    bounds, lo, n = [], 0, len(counts)
+    ends = np.cumsum(counts)
+    while lo < n:
+        start = ends[lo - 1] if lo else 0
+        hi = int(np.searchsorted(ends, start + max_events, side="right"))
+        hi = max(hi, lo + 1)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
 class EventStore(Operator):
     """Keeps every event of a scan; finalizes to one CSR over the stored frames.
 
@@ -68,13 +85,18 @@ class EventStore(Operator):
 
     Notes
     -----
-    State ``{"chunks": list[Chunk]}``: copies of the chunks as they arrived, with the events of
-    every frame part sorted by pixel index (canonical, and compresses better). ``merge``
-    concatenates the lists. ``finalize`` returns ``(offsets, indices)``: stored frame
-    ``position*fpp + frame % fpp`` (flyback frames dropped), the parts of all sources of a
-    frame together and sorted, frames never received empty; offsets (ny*nx*fpp + 1,) int64,
-    indices uint32 flat detector pixel y*w + x. Unlike other operators, finalize returns these
-    two arrays rather than Results.
+    State: ``chunks``, copies of the chunks as they arrived, with the events of every frame
+    part sorted by pixel index (canonical, and compresses better); an entry may also be any
+    object with ``load() -> Chunk`` (a chunk its owner moved to disk); ``spans``, the stored
+    frames ``[lo, hi)`` each chunk touches; ``counts`` (n_stored,) int64, the events held per
+    stored frame. ``merge`` concatenates the lists and adds the counts.
+
+    Stored frame = ``position*fpp + frame % fpp`` (flyback frames dropped). ``finalize``
+    returns ``(offsets, indices)`` of the whole scan, ``csr`` of any range of stored frames
+    from the parts ``events_in`` takes from each state: the parts of all sources of a frame
+    together and sorted, frames never received empty; offsets int64 from 0, indices uint32
+    flat detector pixel y*w + x. Unlike other operators, finalize returns these two arrays
+    rather than Results.
     """
 
     live = False
@@ -91,6 +113,7 @@ class EventStore(Operator):
         ny, nx = self.scan_shape
         self.n_frames = ny * (nx + self.flyback) * self.fpp
         self.n_positions = ny * nx
+        self.n_stored = self.n_positions * self.fpp
         self.n_pixels = self.frame_shape[0] * self.frame_shape[1]
 
     def positions_of(self, frames: np.ndarray) -> np.ndarray:
@@ -107,7 +130,7 @@ class EventStore(Operator):
         return np.where(pos >= 0, pos * self.fpp + frames % self.fpp, -1)
 
     def new_state(self) -> State:
-        return {"chunks": []}
+        return {"chunks": [], "spans": [], "counts": np.zeros(self.n_stored, dtype=np.int64)}
 
     def process(self, state: State, chunk: Chunk) -> None:
         """Store a sorted copy of ``chunk`` (flyback frames included).
@@ -131,16 +154,67 @@ class EventStore(Operator):
         if bad:
             raise ValueError(f"{where}: {bad} event(s) with a pixel index >= {self.n_pixels} "
                              f"(the detector size); chunk not stored")
+        stored = self.stored_frames(frames)
+        _count_kernel(stored, offsets, state["counts"])
+        kept = stored[stored >= 0]
+        state["spans"].append((int(kept.min()), int(kept.max()) + 1) if len(kept) else (0, 0))
         state["chunks"].append(Chunk(frames.copy(), np.array(chunk.sources, dtype=np.int16),
                                      np.array(chunk.positions, dtype=np.int64), offsets, indices))
 
     def merge(self, dest: State, src: State) -> None:
         """Concatenate the stored chunk lists (the chunks are shared, not copied)."""
         dest["chunks"].extend(src["chunks"])
+        dest["spans"].extend(src["spans"])
+        dest["counts"] += src["counts"]
 
     def iter_chunks(self, state: State) -> Iterator[Chunk]:
         """The stored chunks in stored order, e.g. to re-run other operators over them."""
-        yield from state["chunks"]
+        for c in state["chunks"]:
+            yield c if isinstance(c, Chunk) else c.load()
+
+    def without_events(self, state: State) -> State:
+        """The state with its counts but none of its chunks: what a writer needs to plan."""
+        return {"chunks": [], "spans": [], "counts": state["counts"]}
+
+    def events_in(self, state: State, lo: int, hi: int) -> list[Chunk]:
+        """The frame parts held in ``state`` whose stored frame is in ``[lo, hi)``, as
+        chunks (stored chunks inside the range as they are, no copy; chunks on disk are
+        read; flyback frames left out)."""
+        parts = []
+        for c, (a, b) in zip(state["chunks"], state["spans"]):
+            if a < hi and b > lo:
+                c = c if isinstance(c, Chunk) else c.load()
+                sf = self.stored_frames(c.frames)
+                keep = (sf >= lo) & (sf < hi)
+                parts.append(c if keep.all() else c.select(keep))
+        return parts
+
+    def csr(self, parts, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical CSR of stored frames ``[lo, hi)`` from chunks holding them (any order,
+        any chunking; frame parts outside the range ignored): ``(offsets (hi - lo + 1,)
+        int64 from 0, indices uint32)``."""
+        hi = self.n_stored if hi is None else hi
+        parts = [c if isinstance(c, Chunk) else c.load() for c in parts]
+        counts = np.zeros(hi - lo, dtype=np.int64)
+        stored = []
+        for c in parts:
+            sf = self.stored_frames(c.frames)
+            sf = np.where((sf >= lo) & (sf < hi), sf - lo, -1)
+            stored.append(sf)
+            _count_kernel(sf, c.offsets, counts)
+        offsets = np.zeros(hi - lo + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        indices = np.empty(int(offsets[-1]), dtype=np.uint32)
+        cursor = offsets[:-1].copy()
+        # Source by source: sectors are row stripes, so with sorted parts each frame comes out
+        # sorted already when sources number their stripes top to bottom; sort_segments then
+        # only checks. Any other numbering is sorted there.
+        n_sources = max((int(c.sources.max()) + 1 for c in parts if c.n_frames), default=0)
+        for source in range(n_sources):
+            for c, sf in zip(parts, stored):
+                _scatter_kernel(sf, c.sources, source, c.offsets, c.indices, cursor, indices)
+        sort_segments(offsets, indices)
+        return offsets, indices
 
     def finalize(self, state: State) -> tuple[np.ndarray, np.ndarray]:
         """Canonical CSR of the scan: ``(offsets (ny*nx*fpp + 1,) int64, indices uint32)``.
@@ -149,24 +223,4 @@ class EventStore(Operator):
         ``completeness.repeat_mask``). The result does not depend on chunking, merge or
         arrival order.
         """
-        chunks = state["chunks"]
-        n_stored = self.n_positions * self.fpp
-        counts = np.zeros(n_stored, dtype=np.int64)
-        stored = []
-        for c in chunks:
-            sf = self.stored_frames(c.frames)
-            stored.append(sf)
-            _count_kernel(sf, c.offsets, counts)
-        offsets = np.zeros(n_stored + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        indices = np.empty(int(offsets[-1]), dtype=np.uint32)
-        cursor = offsets[:-1].copy()
-        # Source by source: sectors are row stripes, so with sorted parts each frame comes out
-        # sorted already when sources number their stripes top to bottom; sort_segments then
-        # only checks. Any other numbering is sorted there.
-        n_sources = max((int(c.sources.max()) + 1 for c in chunks if c.n_frames), default=0)
-        for source in range(n_sources):
-            for c, sf in zip(chunks, stored):
-                _scatter_kernel(sf, c.sources, source, c.offsets, c.indices, cursor, indices)
-        sort_segments(offsets, indices)
-        return offsets, indices
+        return self.csr(state["chunks"])

@@ -101,6 +101,13 @@ class ClusterSpec:
 
 
 @dataclass
+class MemorySpec:
+    events_in_memory_mb: float = 128.0  # per receiver, over its open scans; past it events go to disk
+    spill_dir: str = ""  # where they go; "" is the dask worker's local directory
+    write_block_mb: float = 16.0  # events (4 B each) per block when the scan file is written
+
+
+@dataclass
 class OutputSpec:
     dir: str = "out"
     previews: bool = True
@@ -135,6 +142,7 @@ class PipelineConfig:
     chunking: ChunkingSpec = field(default_factory=ChunkingSpec)
     scan: ScanSpec = field(default_factory=ScanSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    memory: MemorySpec = field(default_factory=MemorySpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     live: LiveSpec = field(default_factory=LiveSpec)
     stages: StagesSpec = field(default_factory=StagesSpec)
@@ -151,8 +159,8 @@ class PipelineConfig:
 
 
 _SECTIONS = {"detector": DetectorSpec, "com": ComSpec, "diffraction_sum": DiffractionSpec,
-             "chunking": ChunkingSpec,
-             "scan": ScanSpec, "cluster": ClusterSpec, "output": OutputSpec, "live": LiveSpec}
+             "chunking": ChunkingSpec, "scan": ScanSpec, "cluster": ClusterSpec,
+             "memory": MemorySpec, "output": OutputSpec, "live": LiveSpec}
 _LISTS = {"virtual": VirtualSpec, "aperture": ApertureSpec}
 
 
@@ -298,6 +306,10 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
               (cfg.scan.finalize_timeout_s > 0, "[scan] finalize_timeout_s must be > 0"),
               (cfg.cluster.workers >= 1, "[cluster] workers must be >= 1"),
               (cfg.cluster.threads_per_worker >= 1, "[cluster] threads_per_worker must be >= 1"),
+              (cfg.memory.events_in_memory_mb > 0,
+               "[memory] events_in_memory_mb must be > 0 (MB of events a receiver keeps in memory)"),
+              (cfg.memory.write_block_mb > 0,
+               "[memory] write_block_mb must be > 0 (MB of events per block written to the scan file)"),
               (0 <= cfg.output.compression_level <= 9, "[output] compression_level must be 0..9"),
               (cfg.live.rate_hz >= 0, "[live] rate_hz must be >= 0 (0 turns live results off)"),
               (cfg.com.radius_px is None or cfg.com.radius_px > 0, "[com] radius_px must be > 0"),

@@ -1,25 +1,36 @@
-"""Finalize a closed scan on one worker: merge the workers' states, finalize every operator,
-write the scan file. Returns a small summary and the result images."""
+"""Finalize a closed scan: merge the workers' states, finalize every operator, write the scan
+file. Returns a small summary and the result images.
+
+The events are written block by block (a range of stored frames at a time): each worker
+takes its parts of the range from the state it holds, the writer merges them into canonical
+CSR, compresses and writes them, so neither the writer nor any worker holds a whole scan's
+events at once (``finalize_on_cluster``; ``finalize_scan`` does the same in one process).
+"""
 
 from __future__ import annotations
 
 import platform
 import socket
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from operators.base import Result
+from operators.chunk import Chunk
 from operators.completeness import Completeness, repeat_mask
-from operators.events import EventStore
+from operators.events import EventStore, plan_blocks
 
 from . import __version__
 from .config import PipelineConfig, build_operators
 from .protocol import Geometry
 from .receiver import WorkerScan
-from .storage import write_scan
+from .storage import ScanWriter
+
+IN_FLIGHT = 3  # blocks on their way to the writer at once
 
 
 @dataclass
@@ -112,26 +123,61 @@ def keep_owned_frames(ws: WorkerScan, own: np.ndarray) -> WorkerScan:
     return WorkerScan(ws.scan_id, ws.worker, ws.geometry, ws.operators, states, ws.errors)
 
 
-def drop_duplicates(worker_scans: list[WorkerScan]) -> list[WorkerScan]:
-    """Frames that arrived more than once (on one worker or on several) count once: the first
-    worker holding a copy keeps one, every other copy is dropped and the states of the
-    workers concerned are recomputed from their stored events (rare, so not optimised)."""
-    counts = [received_counts(ws) for ws in worker_scans]
+def claim_frames(*counts: np.ndarray | None) -> list[np.ndarray | None] | None:
+    """Who keeps which (source, frame), from each worker's ``received_counts``: the first
+    worker holding a copy keeps one. None when no frame arrived twice (the usual case);
+    else per worker its (n_sources, n_frames) bool mask, or None where it has nothing to drop."""
     held = [c for c in counts if c is not None]
     if not held or (max(int(c.max(initial=0)) for c in held) <= 1
                     and int(sum((c > 0).astype(np.int64) for c in held).max(initial=0)) <= 1):
-        return worker_scans
+        return None
     claimed = np.zeros(held[0].shape, bool)
-    out = []
-    for ws, c in zip(worker_scans, counts):
+    owners = []
+    for c in counts:
         if c is None:
-            out.append(ws)
+            owners.append(None)
             continue
         own = (c > 0) & ~claimed
         claimed |= own
         # recompute only where copies are dropped: frames owned elsewhere, or held twice here
-        out.append(keep_owned_frames(ws, own) if ((c > 0) & ~own).any() or c.max() > 1 else ws)
-    return out
+        owners.append(own if ((c > 0) & ~own).any() or c.max() > 1 else None)
+    return owners
+
+
+def keep_owned(ws: WorkerScan, owners: list | None, i: int) -> WorkerScan:
+    """Worker ``i``'s scan with the copies ``claim_frames`` gave to others dropped."""
+    own = owners[i] if owners is not None else None
+    return ws if own is None else keep_owned_frames(ws, own)
+
+
+def drop_duplicates(worker_scans: list[WorkerScan]) -> list[WorkerScan]:
+    """Frames that arrived more than once (on one worker or on several) count once: the first
+    worker holding a copy keeps one, every other copy is dropped and the states of the
+    workers concerned are recomputed from their stored events (rare, so not optimised)."""
+    owners = claim_frames(*[received_counts(ws) for ws in worker_scans])
+    return [keep_owned(ws, owners, i) for i, ws in enumerate(worker_scans)]
+
+
+def _store(ws: WorkerScan) -> EventStore | None:
+    return next((op for op in ws.operators if isinstance(op, EventStore)), None)
+
+
+def without_events(ws: WorkerScan) -> WorkerScan:
+    """The worker's scan without its events (their counts per stored frame stay): what
+    travels to the writer before the events do."""
+    store = _store(ws)
+    if store is None:
+        return ws
+    light = store.without_events(ws.states[store.name])
+    light["counts"] = light["counts"].copy()  # merging adds into it
+    return WorkerScan(ws.scan_id, ws.worker, ws.geometry, ws.operators,
+                      {**ws.states, store.name: light}, ws.errors)
+
+
+def events_in(ws: WorkerScan, lo: int, hi: int) -> list[Chunk]:
+    """The frame parts of stored frames ``[lo, hi)`` this worker holds, as chunks."""
+    store = _store(ws)
+    return store.events_in(ws.states[store.name], lo, hi) if store else []
 
 
 def _what_never_came(info: ScanInfo) -> str:
@@ -143,20 +189,40 @@ def _what_never_came(info: ScanInfo) -> str:
     return f" (no end message from source{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))})"
 
 
-def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
+@dataclass
+class _OpenScan:
+    """A scan file being written on this worker: its writer, the events' layout, and the
+    result to return when the last block is in."""
+
+    writer: ScanWriter
+    store: EventStore
+    offsets: np.ndarray
+    result: ScanResult
+
+
+_OPEN: dict[str, _OpenScan] = {}  # token -> scan file being written in this process
+_OPEN_LOCK = threading.Lock()
+
+
+def open_scan_file(info: ScanInfo, config: PipelineConfig, *light: WorkerScan) -> tuple[str, list]:
+    """On the writer: merge the workers' states (``without_events``), finalize every operator
+    and write all of the scan file but its events. Returns a token for ``append_events`` and
+    ``close_scan_file``, and the ranges of stored frames ``[lo, hi)`` to send, in order."""
     t0 = time.time()
-    ops, states = merge_states(drop_duplicates(list(worker_scans)), config, info.geometry)
+    ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
-    offsets = indices = None
+    store = counts = None
     for op in ops:
         if isinstance(op, EventStore):
-            offsets, indices = op.finalize(states[op.name])
+            store, counts = op, states[op.name]["counts"]
         elif isinstance(op, Completeness):
             completeness = op.finalize(states[op.name])
             summary = op.summary(states[op.name])
         else:
             results.update(op.finalize(states[op.name]))
-    errors = info.errors + [e for ws in worker_scans for e in ws.errors]
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    errors = info.errors + [e for ws in light for e in ws.errors]
     n_missing = summary["n_missing"]
     status = "complete" if info.close_reason == "complete" and not n_missing and not errors else "incomplete"
     reason = {"complete": "all frames arrived" if not n_missing else f"{n_missing} frames never arrived",
@@ -167,29 +233,115 @@ def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerS
         reason += _what_never_came(info)
     if errors:
         reason += f"; {len(errors)} errors: {errors[0]}"
-    t_merged = time.time()
-    timings = dict(info.timings, finalize_start=t0, merged=t_merged)
+    timings = dict(info.timings, finalize_start=t0, merged=time.time())
     provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
                   "numpy": np.__version__, "host": socket.gethostname(), "workers": info.workers,
                   "config": config.to_dict(), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
                   "rejected_messages": info.rejects, "errors": errors}
-    path = write_scan(Path(config.output.dir) / f"{info.scan_id}.h5", scan_id=info.scan_id,
-                      status=status, reason=reason, geometry=info.geometry.for_sector(None).to_wire(),
-                      metadata=info.metadata, results=results, offsets=offsets, indices=indices,
-                      completeness=completeness,
-                      completeness_summary={k: v for k, v in summary.items()
-                                            if not k.endswith(("_frames", "_ranges"))},  # datasets
-                      provenance={**provenance, "timings": timings},
-                      compression_level=config.output.compression_level)
-    timings["written"] = time.time()
+    writer = ScanWriter(Path(config.output.dir) / f"{info.scan_id}.h5", scan_id=info.scan_id,
+                        status=status, reason=reason, geometry=info.geometry.for_sector(None).to_wire(),
+                        metadata=info.metadata, results=results, offsets=offsets,
+                        completeness=completeness,
+                        completeness_summary={k: v for k, v in summary.items()
+                                              if not k.endswith(("_frames", "_ranges"))},  # datasets
+                        provenance={**provenance, "timings": timings},
+                        compression_level=config.output.compression_level)
     g = info.geometry
-    return ScanResult(info.scan_id, path, status, reason, n_frames=g.n_frames,
-                      frames_received=summary["n_frames_received"],
-                      **{f"{a}_{b}": summary[f"{a}_{b}"] for a in ("missing", "duplicated")
-                         for b in ("frames", "ranges")},
-                      n_missing=n_missing, n_duplicated=summary["n_duplicated"],
-                      events=int(len(indices)), results={k: r.data for k, r in results.items()},
-                      kinds={k: r.kind for k, r in results.items()},
-                      position_frames=completeness["position_frames"].data,
-                      expected_frames_per_position=g.frames_per_position * g.n_sources,
-                      timings=timings, errors=errors)
+    result = ScanResult(info.scan_id, None, status, reason, n_frames=g.n_frames,
+                        frames_received=summary["n_frames_received"],
+                        **{f"{a}_{b}": summary[f"{a}_{b}"] for a in ("missing", "duplicated")
+                           for b in ("frames", "ranges")},
+                        n_missing=n_missing, n_duplicated=summary["n_duplicated"],
+                        events=int(offsets[-1]), results={k: r.data for k, r in results.items()},
+                        kinds={k: r.kind for k, r in results.items()},
+                        position_frames=completeness["position_frames"].data,
+                        expected_frames_per_position=g.frames_per_position * g.n_sources,
+                        timings=timings, errors=errors)
+    token = uuid.uuid4().hex
+    with _OPEN_LOCK:
+        _OPEN[token] = _OpenScan(writer, store, offsets, result)
+    return token, plan_blocks(counts, max(1, int(config.memory.write_block_mb * 1e6 / 4)))
+
+
+def append_events(token: str, lo: int, hi: int, after, here: WorkerScan | None, *parts: list) -> int:
+    """On the writer: the events of stored frames ``[lo, hi)`` from the writer's own scan
+    (``here``) and the other workers' ``events_in``, in canonical order, into the file.
+    ``after``: the previous block's call (keeps the order). Returns the events given so far."""
+    scan = _OPEN[token]
+    chunks = [c for p in parts for c in p] + (events_in(here, lo, hi) if here is not None else [])
+    offsets, indices = scan.store.csr(chunks, lo, hi)
+    expected = scan.offsets[lo:hi + 1] - scan.offsets[lo]
+    if not np.array_equal(offsets, expected):
+        bad = lo + int(np.flatnonzero(offsets != expected)[0]) - 1
+        raise RuntimeError(f"scan {scan.result.scan_id}: the workers sent other events for stored "
+                           f"frame {bad} than they counted; the file is not written")
+    scan.writer.append(indices)
+    return scan.writer.given
+
+
+def close_scan_file(token: str, after=None) -> ScanResult:
+    """On the writer: check every event is in, name the file, return the scan's result."""
+    with _OPEN_LOCK:
+        scan = _OPEN.pop(token)
+    scan.result.path = scan.writer.close()
+    scan.result.timings["written"] = time.time()
+    return scan.result
+
+
+def discard_scan_file(token: str) -> None:
+    """On the writer: drop a file that could not be finished (nothing is left on disk)."""
+    with _OPEN_LOCK:
+        scan = _OPEN.pop(token, None)
+    if scan is not None:
+        scan.writer.discard()
+
+
+def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
+    """Finalize and write a scan from the workers' states, all in this process."""
+    worker_scans = drop_duplicates(list(worker_scans))
+    token, blocks = open_scan_file(info, config, *map(without_events, worker_scans))
+    try:
+        for lo, hi in blocks:
+            append_events(token, lo, hi, None, None, *(events_in(ws, lo, hi) for ws in worker_scans))
+        return close_scan_file(token)
+    except BaseException:
+        discard_scan_file(token)
+        raise
+
+
+def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: dict,
+                        writer: str, timeout: float) -> ScanResult:
+    """``finalize_scan`` with every worker's state left where it is.
+
+    closed: worker address → future of its ``WorkerScan`` (on that worker); writer: the
+    worker that writes the file. Small states go to the writer first, then the events one
+    block of frames at a time, at most ``IN_FLIGHT`` blocks under way: the writer never holds
+    a whole scan, and the workers take their next parts while it compresses."""
+    deadline = time.monotonic() + timeout
+
+    def on(worker, fn, *args):
+        return client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
+
+    def wait(future):
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    workers = list(closed)
+    owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
+    kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
+    token, blocks = wait(on(writer, open_scan_file, info, config,
+                            *(on(w, without_events, kept[w]) for w in workers)))
+    try:
+        writes = []
+        for lo, hi in blocks:  # the writer takes its own parts itself: one task less per block
+            parts = [on(w, events_in, kept[w], lo, hi) for w in workers if w != writer]
+            writes.append(on(writer, append_events, token, lo, hi, writes[-1] if writes else None,
+                             kept[writer], *parts))
+            if len(writes) > IN_FLIGHT:
+                wait(writes[-IN_FLIGHT - 1])
+        return wait(on(writer, close_scan_file, token, writes[-1] if writes else None))
+    except BaseException:
+        try:
+            on(writer, discard_scan_file, token).result(timeout=10)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise

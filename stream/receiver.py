@@ -10,6 +10,7 @@ until the scan is closed and the coordinator's finalize task takes this worker's
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -20,10 +21,12 @@ import zmq
 from dask.sizeof import sizeof
 
 from operators.chunk import Chunk
+from operators.events import EventStore
 
 from . import control
 from .config import PipelineConfig, build_operators
 from .protocol import Geometry, Message, ProtocolError, decode, encode_frames, frame_positions
+from .spill import SpillFile
 
 log = logging.getLogger("stemstream.receiver")
 
@@ -31,6 +34,7 @@ log = logging.getLogger("stemstream.receiver")
 LATE = "late"  # a message of a scan that is already closed
 OPERATOR_ERROR = "operator_error"  # the scan's operators could not be built or failed
 INTERNAL_ERROR = "internal_error"  # anything else that went wrong with one message
+SPILL_FAILED = "spill_failed"  # events could not go to disk; they stay in memory, none lost
 
 
 @dataclass
@@ -47,6 +51,14 @@ class ScanWork:
     oldest: float = 0.0
     touched: list = field(default_factory=lambda: [None, None])  # positions changed since the last live snapshot
     errors: list = field(default_factory=list)
+    # The EventStore's chunk list: entries [spilled, counted) are the scan's in-memory events
+    # (older ones went to disk, newer ones are not counted yet), mem_bytes their bytes.
+    store: EventStore | None = None
+    counted: int = 0
+    spilled: int = 0
+    mem_bytes: int = 0
+    spill: SpillFile | None = None  # created on the first spill
+    spill_failed: bool = False  # after a failure the scan's events stay in memory
 
 
 @dataclass
@@ -63,14 +75,15 @@ class WorkerScan:
 
 @sizeof.register(WorkerScan)
 def _sizeof_worker_scan(ws: WorkerScan) -> int:
-    """Let dask's memory accounting see the events a closed scan holds."""
+    """Let dask's memory accounting see the events a closed scan holds in memory (bytes;
+    chunks spilled to disk do not count)."""
     total = 0
     for state in ws.states.values():
         for value in state.values():
             if isinstance(value, np.ndarray):
                 total += value.nbytes
             elif isinstance(value, list):
-                total += sum(c.indices.nbytes + 26 * c.n_frames for c in value)
+                total += sum(c.nbytes for c in value if isinstance(c, Chunk))
     return total
 
 
@@ -80,16 +93,21 @@ class Receiver:
     connect: source addresses (``tcp://host:port``), one PULL socket connects to all of them.
     control_address: the coordinator's report socket.
     worker: a name for reports and logs (the dask worker address).
+    spill_dir: where the events of open scans go past ``[memory] events_in_memory_mb``
+        (default: the system's temporary directory).
     Only the receiver's own thread touches its sockets; other threads queue their reports.
     """
 
     def __init__(self, connect: list[str], control_address: str, config: PipelineConfig,
-                 worker: str = "receiver", rcvhwm: int = 64):
+                 worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None):
         self.connect = list(connect)
         self.control_address = control_address
         self.config = config
         self.worker = worker
         self.rcvhwm = rcvhwm
+        self.spill_dir = spill_dir or tempfile.gettempdir()
+        self._budget = config.memory.events_in_memory_mb * 1e6  # bytes
+        self._mem_bytes = 0  # bytes of in-memory event chunks of the open scans
         self._scans: dict[str, ScanWork] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed scan ids
         self._warned: set[str] = set()
@@ -114,6 +132,11 @@ class Receiver:
         if self._thread:
             self._thread.join(timeout_s)
 
+    @property
+    def events_in_memory_bytes(self) -> int:
+        """Bytes of events the open scans hold in memory (the budget bounds this)."""
+        return self._mem_bytes
+
     # -------------------------------------------------------------- called from other threads
     def close_scan(self, scan_id: str) -> WorkerScan:
         """Process what is pending for ``scan_id``, forget it here, and return its state.
@@ -127,7 +150,8 @@ class Receiver:
             work = self._scans.pop(scan_id, None)
             if work is None:
                 return WorkerScan(scan_id, self.worker, None, [], {}, [])
-            self._flush(work)
+            self._flush(work, spill=False)  # it leaves: spilling the others would not help
+            self._mem_bytes -= work.mem_bytes  # the budget covers open scans only
             return WorkerScan(scan_id, self.worker, work.geometry, work.operators, work.states,
                               work.errors)
 
@@ -257,13 +281,15 @@ class Receiver:
         except (ValueError, MemoryError) as e:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
             return None
-        work = ScanWork(msg.scan_id, geometry, operators, states)
+        work = ScanWork(msg.scan_id, geometry, operators, states,
+                        store=next((op for op in operators if isinstance(op, EventStore)), None))
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         return work
 
-    def _flush(self, work: ScanWork) -> None:
-        """Turn the pending messages of a scan into one chunk and run its operators."""
+    def _flush(self, work: ScanWork, spill: bool = True) -> None:
+        """Turn the pending messages of a scan into one chunk and run its operators; then, if
+        ``spill`` and the open scans' events exceed the budget, move some to disk."""
         if not work.pending:
             return
         msgs, work.pending = work.pending, []
@@ -278,6 +304,9 @@ class Receiver:
                 op.process(work.states[op.name], chunk)
         except Exception as e:  # noqa: BLE001 - a bug in one operator must not stop the receiver
             self._failed(work, e)
+        self._count_new_events(work)
+        if spill and self._mem_bytes > self._budget:
+            self._spill_oldest()
         valid = chunk.positions[chunk.positions >= 0]
         if len(valid):
             lo, hi = int(valid.min()), int(valid.max()) + 1
@@ -286,6 +315,47 @@ class Receiver:
         self._send({"kind": "frames", "scan_id": work.scan_id,
                     "ranges": [[m.source, m.first, m.count] for m in msgs],
                     "events": int(chunk.n_events)})
+
+    def _count_new_events(self, work: ScanWork) -> None:
+        """Add the chunks the EventStore stored since the last call to the in-memory bytes."""
+        if work.store is None:
+            return
+        chunks = work.states[work.store.name]["chunks"]
+        new = sum(c.nbytes for c in chunks[work.counted:] if isinstance(c, Chunk))
+        work.counted = len(chunks)
+        work.mem_bytes += new
+        self._mem_bytes += new
+
+    def _spill_oldest(self) -> None:
+        """Move the oldest in-memory chunks (oldest open scan first) to disk until the open
+        scans hold at most 3/4 of the budget: the slack spares a spill after every flush."""
+        target = 0.75 * self._budget
+        for work in self._scans.values():  # in the order the scans opened
+            while self._mem_bytes > target and work.spilled < work.counted and not work.spill_failed:
+                self._spill_one(work)
+            if self._mem_bytes <= target:
+                return
+
+    def _spill_one(self, work: ScanWork) -> None:
+        """Replace the scan's oldest in-memory chunk by its copy on disk (spans and counts
+        stay). On an OSError the chunk stays in memory and the scan spills no more."""
+        chunks = work.states[work.store.name]["chunks"]
+        chunk = chunks[work.spilled]
+        if isinstance(chunk, Chunk):
+            try:
+                if work.spill is None:
+                    work.spill = SpillFile(self.spill_dir)
+                    log.info("scan %s: events past [memory] events_in_memory_mb = %g MB go to "
+                             "a file in %s", work.scan_id, self._budget / 1e6, self.spill_dir)
+                chunks[work.spilled] = work.spill.write(chunk)
+            except OSError as e:
+                work.spill_failed = True
+                self._reject(SPILL_FAILED, f"scan {work.scan_id}: {e}; its events stay in memory "
+                             "(none lost), beyond [memory] events_in_memory_mb")
+                return
+            work.mem_bytes -= chunk.nbytes
+            self._mem_bytes -= chunk.nbytes
+        work.spilled += 1
 
     def _failed(self, work: ScanWork, e: Exception) -> None:
         log.exception("processing failed on scan %s", work.scan_id)

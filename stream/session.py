@@ -31,7 +31,7 @@ import zmq
 
 from . import cluster, control
 from .config import ConfigError, PipelineConfig, build_operators, load_config, validate
-from .finalize import ScanInfo, ScanResult, finalize_scan
+from .finalize import ScanInfo, ScanResult, finalize_on_cluster
 from .lifecycle import DONE, ScanStatus, ScanTracker
 from .previews import write_scan_previews
 from .series import SeriesCollector
@@ -463,8 +463,9 @@ class Session:
         self._write_previews(result)
 
     def _run_finalize(self, st: ScanStatus) -> ScanResult:
-        """Close the scan on every worker (its state stays there), then finalize it on the
-        worker that processed most of its electrons: only the others' states travel."""
+        """Close the scan on every worker (its state stays there), then finalize it with the
+        worker that processed most of its electrons as the writer: the others' states travel
+        to it, their events block by block."""
         from distributed import wait
 
         client = self._client
@@ -483,8 +484,7 @@ class Session:
                         {"opened": st.opened, "first_frame": st.first_frame_time,
                          "last_frame": st.last_frame_time, "closed": st.closed_time}, workers,
                         errors=list(st.errors))
-        future = client.submit(finalize_scan, info, self.config, *closed, workers=[writer], pure=False)
-        return future.result(timeout=timeout)
+        return finalize_on_cluster(client, info, self.config, dict(zip(workers, closed)), writer, timeout)
 
     def _report_result(self, r: ScanResult) -> None:
         if r.status == "failed":

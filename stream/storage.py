@@ -11,6 +11,7 @@ import json
 import os
 import uuid
 import zlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -113,18 +114,14 @@ def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: 
     if data.ndim == 0 or data.size == 0:  # HDF5 refuses chunks for empty or scalar datasets
         return group.create_dataset(name, data=data)
     chunk_len = min(len(data), chunk_len)
-    chunks = (chunk_len,) + data.shape[1:]
+    ds = _chunked(group, name, data.shape, data.dtype, chunk_len, level)
     if level == 0:
-        return group.create_dataset(name, data=data, chunks=chunks)
-    ds = group.create_dataset(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                              compression="gzip", compression_opts=level, shuffle=True)
+        ds[...] = data
+        return ds
     n_chunks = -(-len(data) // chunk_len)
 
     def compress(i):
-        block = data[i * chunk_len:(i + 1) * chunk_len]
-        if len(block) < chunk_len:  # HDF5 chunks are whole, the extent cuts the last one
-            block = np.concatenate([block, np.zeros((chunk_len - len(block),) + data.shape[1:], data.dtype)])
-        return _shuffle_deflate(block, level)
+        return _padded_chunk(data[i * chunk_len:(i + 1) * chunk_len], chunk_len, level)
 
     with ThreadPoolExecutor(min(n_chunks, threads or os.cpu_count() or 1)) as pool:
         for i, payload in enumerate(pool.map(compress, range(n_chunks))):
@@ -132,35 +129,144 @@ def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: 
     return ds
 
 
+def _chunked(group: h5py.Group, name: str, shape, dtype, chunk_len: int, level: int) -> h5py.Dataset:
+    chunks = (chunk_len,) + tuple(shape[1:])
+    if level == 0:
+        return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
+                                compression="gzip", compression_opts=level, shuffle=True)
+
+
+def _padded_chunk(block: np.ndarray, chunk_len: int, level: int) -> bytes:
+    """One compressed HDF5 chunk of ``block``; a short one padded with zeros (HDF5 chunks are
+    whole, the dataset's extent cuts them)."""
+    if len(block) < chunk_len:
+        block = np.concatenate([block, np.zeros((chunk_len - len(block),) + block.shape[1:], block.dtype)])
+    return _shuffle_deflate(block, level)
+
+
 def write_scan(path: str | Path, **fields) -> Path:
     """Write a scan file atomically and return its path: ``path``, or ``<stem>-2.h5``, … if
     a file of that name exists already (a scan id used twice never overwrites a scan).
 
-    fields (keyword arguments of ``_write``): scan_id, status, reason, geometry and metadata
-    (plain maps), results and completeness (name → operators.base.Result), offsets
-    (n_frames + 1,) and indices (uint32): the events in CSR layout, frames in order
-    position·fpp + k; completeness_summary and provenance (plain maps), compression_level;
-    or copy_from: a scan file whose events and completeness are copied unchanged.
+    fields: scan_id, status, reason, geometry and metadata (plain maps), results and
+    completeness (name → operators.base.Result), offsets (n_frames + 1,) and indices
+    (uint32): the events in CSR layout, frames in order position·fpp + k;
+    completeness_summary and provenance (plain maps), compression_level; or copy_from: a
+    scan file whose events and completeness are copied unchanged. A scan too large to hold
+    whole is written with :class:`ScanWriter` instead.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")  # one per writer
-    try:
-        _write(tmp, **fields)
-        with open(tmp, "rb+") as fh:  # on disk before it gets its final name
-            os.fsync(fh.fileno())
-        final = link_unique(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:  # and the name itself on disk
-        fd = os.open(path.parent, os.O_RDONLY)
+    indices = fields.pop("indices", None)
+    with ScanWriter(path, **fields) as w:
+        if indices is not None:
+            w.append(indices)
+    return w.final
+
+
+class ScanWriter:
+    """A scan file written in steps, so that the events never need to be in memory at once:
+    everything but the event indices when it is created, the indices block by block in
+    stored-frame order (``append``), its final name when the ``with`` block ends (or
+    ``close()``); on an exception nothing is left behind.
+
+    Takes the fields of :func:`write_scan` without ``indices``: ``offsets`` (n_frames + 1,)
+    says how many events there will be.
+    """
+
+    def __init__(self, path: str | Path, *, compression_level: int, offsets=None, copy_from=None,
+                 **fields):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
+        self.level = compression_level
+        self.final: Path | None = None
+        self.n_events = 0 if copy_from is not None else int(np.asarray(offsets)[-1])
+        self.given = self.written = 0  # events appended; events in the file
+        self._carry = np.zeros(0, np.uint32)  # appended, less than a chunk, not compressed yet
+        self._pending = deque()  # (first row, rows, future of the compressed chunk)
+        self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="stemstream-deflate")
+        self._file = h5py.File(self.tmp, "w")
         try:
-            os.fsync(fd)
+            self._indices = _write_head(self._file, offsets, copy_from, compression_level, **fields)
+        except BaseException:
+            self.discard()
+            raise
+
+    def append(self, indices: np.ndarray) -> None:
+        """The next events (uint32 flat pixel indices), in file order. Whole HDF5 chunks are
+        compressed in the writer's threads while the caller prepares the next block; they
+        are written in order as they finish (at most ``MAX_PENDING`` wait)."""
+        indices = np.asarray(indices, np.uint32)
+        if self.given + len(indices) > self.n_events:
+            raise ValueError(f"{self.tmp}: more events than the {self.n_events} the offsets announce")
+        if not len(indices):
+            return
+        self.given += len(indices)
+        if self.level == 0:
+            self._indices[self.given - len(indices):self.given] = indices
+            self.written = self.given
+            return
+        data = np.concatenate([self._carry, indices]) if len(self._carry) else indices
+        chunk_len = self._indices.chunks[0]
+        # the short last chunk goes when the last event has come
+        upto = len(data) if self.given == self.n_events else len(data) // chunk_len * chunk_len
+        first = self.given - len(data)  # file position of data[0]
+        for a in range(0, upto, chunk_len):
+            block = data[a:a + chunk_len]
+            self._pending.append((first + a, len(block), self._pool.submit(_padded_chunk, block, chunk_len, self.level)))
+        self._carry = data[upto:].copy()
+        self._write_finished(self.MAX_PENDING)
+
+    MAX_PENDING = 8  # compressed chunks waiting to be written (1 M events each)
+
+    def _write_finished(self, keep: int) -> None:
+        """Write the compressed chunks in file order: those already done, and wait for the
+        oldest until at most ``keep`` are pending."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][2].done()):
+            row, n, future = self._pending.popleft()
+            self._indices.id.write_direct_chunk((row,), future.result())
+            self.written += n
+
+    def close(self) -> Path:
+        """Check that every announced event came, then give the file its name (``path``, or
+        ``<stem>-2.h5``, … : never overwrites) and return it."""
+        try:
+            self._write_finished(0)
+            if self.written != self.n_events:
+                raise ValueError(f"{self.tmp}: {self.given} events written, the offsets announce "
+                                 f"{self.n_events}; file not kept")
+            self._file.close()
+            with open(self.tmp, "rb+") as fh:  # on disk before it gets its final name
+                os.fsync(fh.fileno())
+            self.final = link_unique(self.tmp, self.path)
         finally:
-            os.close(fd)
-    except OSError:
-        pass  # not every file system lets a directory be fsynced
-    return final
+            self.discard()
+        try:  # and the name itself on disk
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # not every file system lets a directory be fsynced
+        return self.final
+
+    def discard(self) -> None:
+        """Forget the temporary file (after close, only the name stays)."""
+        self._pool.shutdown(cancel_futures=True)
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ScanWriter":
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def link_unique(tmp: Path, path: Path) -> Path:
@@ -180,32 +286,36 @@ def link_unique(tmp: Path, path: Path) -> Path:
     raise FileExistsError(f"{path}: 10,000 files of this name exist already")
 
 
-def _write(tmp: Path, *, scan_id, status, reason, geometry, metadata, results, provenance,
-           compression_level, offsets=None, indices=None, completeness=None,
-           completeness_summary=None, copy_from=None) -> None:
-    """copy_from: a scan file whose /events and /completeness are copied as they are (raw
-    compressed chunks, nothing decoded) instead of ``offsets``/``indices``/``completeness``."""
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
-                       status=status, reason=reason)
-        write_attrs(f.create_group("geometry"), geometry)
-        write_attrs(f.create_group("metadata"), metadata)
-        if copy_from is not None:
-            with h5py.File(copy_from, "r") as src:
-                for name in ("events", "completeness"):
-                    src.copy(src[name], f, name)
-        else:
-            ev = f.create_group("events")
-            ev.attrs.update(layout="csr", sorted_within_frame=True, n_events=len(indices),
-                            frame_shape=geometry["frame_shape"], scan_shape=geometry["scan_shape"],
-                            frames_per_position=geometry["frames_per_position"])
-            write_compressed(ev, "offsets", np.asarray(offsets, np.uint64), 1 << 18, compression_level)
-            write_compressed(ev, "indices", np.asarray(indices, np.uint32), EVENTS_CHUNK, compression_level)
-        _write_results(f.create_group("results"), results, compression_level)
-        if copy_from is None:
-            _write_results(f.create_group("completeness"), completeness, compression_level)
-            write_attrs(f["completeness"], completeness_summary)
-        write_attrs(f.create_group("provenance"), provenance)
+def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, reason, geometry,
+                metadata, results, provenance, completeness=None, completeness_summary=None):
+    """Everything of a scan file but the event indices; returns the (empty) indices dataset.
+    copy_from: a scan file whose /events and /completeness are copied as they are (raw
+    compressed chunks, nothing decoded) instead of ``offsets``/``completeness``."""
+    f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
+                   status=status, reason=reason)
+    write_attrs(f.create_group("geometry"), geometry)
+    write_attrs(f.create_group("metadata"), metadata)
+    indices = None
+    if copy_from is not None:
+        with h5py.File(copy_from, "r") as src:
+            for name in ("events", "completeness"):
+                src.copy(src[name], f, name)
+    else:
+        offsets = np.asarray(offsets, np.uint64)
+        n = int(offsets[-1])
+        ev = f.create_group("events")
+        ev.attrs.update(layout="csr", sorted_within_frame=True, n_events=n,
+                        frame_shape=geometry["frame_shape"], scan_shape=geometry["scan_shape"],
+                        frames_per_position=geometry["frames_per_position"])
+        write_compressed(ev, "offsets", offsets, 1 << 18, level)
+        indices = ev.create_dataset("indices", data=np.zeros(0, np.uint32)) if n == 0 else \
+            _chunked(ev, "indices", (n,), np.uint32, min(n, EVENTS_CHUNK), level)
+    _write_results(f.create_group("results"), results, level)
+    if copy_from is None:
+        _write_results(f.create_group("completeness"), completeness, level)
+        write_attrs(f["completeness"], completeness_summary)
+    write_attrs(f.create_group("provenance"), provenance)
+    return indices
 
 
 def _write_results(g: h5py.Group, items: dict, level: int) -> None:

@@ -28,7 +28,8 @@ class ReceiverPlugin(WorkerPlugin):
     async def setup(self, worker):
         # compile the kernels before the first frame, off the worker's event loop
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
-        self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address)
+        self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
+                                 spill_dir=self.config.memory.spill_dir or worker.local_directory)
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
             worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)

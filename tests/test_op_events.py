@@ -171,3 +171,39 @@ def test_sort_segments_equals_numpy_sort_for_every_length(dtype):
     part = np.array([9, 8, 7, 3, 1, 2, 0], dtype)
     sort_segments(np.array([3, 6]), part)
     np.testing.assert_array_equal(part, np.array([9, 8, 7, 1, 2, 3, 0], dtype))
+
+
+def test_plan_blocks_cover_every_frame_within_the_limit():
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 30, 500)
+    counts[[10, 11, 300]] = 200  # frames larger than a block get a block of their own
+    from operators.events import plan_blocks
+    blocks = plan_blocks(counts, 100)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    for lo, hi in blocks:
+        assert counts[lo:hi].sum() <= 100 or hi - lo == 1
+        # maximal: one more frame would exceed the limit
+        assert hi == 500 or counts[lo:hi + 1].sum() > 100
+    assert plan_blocks(np.zeros(0, np.int64), 10) == []
+
+
+def test_blocks_of_frames_from_several_states_make_the_whole_csr():
+    """events_in on each state, then csr per range of stored frames, concatenated: equal to
+    the reference CSR of the scan, whatever the ranges."""
+    scan = make_scan(23, fpp=2, flyback=1)
+    op = EventStore(scan.scan_shape, scan.frame_shape, 2, 1)
+    rng = np.random.default_rng(6)
+    chunks = scan.chunks(rng, n_sources=3)
+    states = [op.new_state() for _ in range(3)]
+    for c in chunks:
+        op.process(states[rng.integers(3)], c)
+    ref_off, ref_idx = reference_csr(scan)
+    np.testing.assert_array_equal(sum(s["counts"] for s in states), np.diff(ref_off))
+    edges = np.unique(np.r_[0, rng.integers(0, op.n_stored, 6), op.n_stored])
+    pieces = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        off, idx = op.csr([c for s in states for c in op.events_in(s, lo, hi)], lo, hi)
+        np.testing.assert_array_equal(off, ref_off[lo:hi + 1] - ref_off[lo])
+        pieces.append(idx)
+    np.testing.assert_array_equal(np.concatenate(pieces), ref_idx)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import dense_scan
-from stream.config import (ApertureSpec, ChunkingSpec, ComSpec, LiveSpec, OutputSpec,
+from stream.config import (ApertureSpec, ChunkingSpec, ComSpec, LiveSpec, MemorySpec, OutputSpec,
                            PipelineConfig, ScanSpec, VirtualSpec, validate)
 from stream.protocol import Geometry
 from stream.session import Session
@@ -91,7 +91,8 @@ def config(tmp_path, weights=None, **changes):
                          chunking=ChunkingSpec(max_frames=64, max_latency_ms=20),
                          scan=ScanSpec(timeout_s=changes.pop("timeout_s", 3.0)),
                          output=OutputSpec(dir=str(tmp_path / "out"), previews=changes.pop("previews", False)),
-                         live=LiveSpec(rate_hz=changes.pop("live_rate", 0.0), publish=changes.pop("publish", None)))
+                         live=LiveSpec(rate_hz=changes.pop("live_rate", 0.0), publish=changes.pop("publish", None)),
+                         memory=changes.pop("memory", MemorySpec()))
     assert not changes
     return validate(cfg, base=tmp_path)
 
@@ -209,6 +210,30 @@ def test_duplicated_frames_are_counted_once(client2, scripted_source, tmp_path):
     with h5py.File(r.path, "r") as f:
         received = f["completeness/received"][()]
     np.testing.assert_array_equal(received[:, dup], 4)
+
+
+def test_spilled_events_written_block_by_block_equal_the_reference(client2, scripted_source, tmp_path):
+    """Receivers keeping at most 10 kB of events in memory (the rest in their spill files),
+    the file written in blocks of ~1000 events, frames duplicated over both workers: the
+    results, the stored events and the completeness equal the reference all the same."""
+    counts, indices = emulated_events(seed=8)
+    src = scripted_source(2)
+    dup = [7, 30, 31, 200]
+    cfg = config(tmp_path, memory=MemorySpec(events_in_memory_mb=0.01, write_block_mb=0.004))
+    with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+        src.wait_for_receivers()
+        src.start("spilled", GEOM)
+        src.frames("spilled", GEOM, counts, indices, batch=3, order=np.random.default_rng(2).permutation)
+        src.frames("spilled", GEOM, counts, indices, batch=1, only=dup)
+        src.end("spilled", GEOM.n_frames)
+        r = s.wait("spilled", timeout=60)
+    assert r.status == "complete", r.reason
+    assert r.duplicated_frames == dup
+    assert int(counts.sum()) > 10 * 1000  # more than ten blocks
+    assert_matches(r, reference(counts, indices, GEOM), r.path)
+    assert_events_stored(r.path, counts, indices, GEOM)
+    with h5py.File(r.path, "r") as f:
+        np.testing.assert_array_equal(f["completeness/received"][()][:, dup], 2)
 
 
 def test_missing_frames_are_named_and_scan_closes_on_timeout(client2, scripted_source, tmp_path, capsys):

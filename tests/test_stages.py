@@ -11,10 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from operators.base import Result
 from stream.config import ConfigError, PipelineConfig, StagesSpec, load_config, validate
 from stream.stages import run_stages
-from stream.storage import write_scan
 from test_recording import GEOM as REC_GEOM
 from test_recording import events, stored, write_stemstream
 

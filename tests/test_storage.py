@@ -101,3 +101,37 @@ def test_every_level_writes_standard_gzip_that_h5py_reads_back(tmp_path, level):
         if level:
             assert h["results/image"].id.get_storage_size() < image.nbytes  # float noise: shuffle helps
             assert h["results/table"].id.get_storage_size() < table.nbytes / 2
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_events_appended_in_any_blocks_read_back_whole(tmp_path, monkeypatch, level):
+    """ScanWriter: events appended in blocks that do not fit the HDF5 chunks (7-event chunks
+    here, blocks of 0..20 events) read back as the whole array, in standard gzip chunks."""
+    import stream.storage as storage
+    monkeypatch.setattr(storage, "EVENTS_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    f = fields(n_events=100)
+    f["compression_level"] = level
+    indices = f.pop("indices")
+    cuts = np.sort(rng.integers(0, 101, 12))
+    with storage.ScanWriter(tmp_path / "s1.h5", **f) as w:
+        for block in np.split(indices, cuts):
+            w.append(block)
+    with h5py.File(w.final, "r") as h:
+        np.testing.assert_array_equal(h["events/indices"][()], indices)
+        assert h["events/indices"].chunks == (7,)
+        assert h["events/indices"].compression == ("gzip" if level else None)
+
+
+def test_a_writer_with_too_few_or_too_many_events_keeps_nothing(tmp_path):
+    from stream.storage import ScanWriter
+    f = fields(n_events=10)
+    indices = f.pop("indices")
+    with pytest.raises(ValueError, match="9 events written, the offsets announce 10"):
+        with ScanWriter(tmp_path / "s1.h5", **f) as w:
+            w.append(indices[:9])
+    with pytest.raises(ValueError, match="more events than the 10"):
+        with ScanWriter(tmp_path / "s1.h5", **f) as w:
+            w.append(indices)
+            w.append(indices[:1])
+    assert list(tmp_path.iterdir()) == []
