@@ -83,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--out", default="/tmp/stemstream-bench-streaming")
     ap.add_argument("--events-in-memory-mb", type=float, default=None,
                     help="[memory] events_in_memory_mb of the receivers (default: the configuration's)")
+    ap.add_argument("--write-block-mb", type=float, default=None,
+                    help="[memory] write_block_mb (default: the configuration's)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")
     a = ap.parse_args(argv)
 
@@ -91,6 +93,8 @@ def main(argv=None):
     cfg = load_config(None)  # the defaults: previews included (drawn by the coordinator)
     if a.events_in_memory_mb is not None:
         cfg.memory.events_in_memory_mb = a.events_in_memory_mb
+    if a.write_block_mb is not None:
+        cfg.memory.write_block_mb = a.write_block_mb
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scan {a.scan}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate\n")
@@ -114,9 +118,15 @@ def main(argv=None):
                              "cpu_emulator": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
                              "cpu_workers": [w1[k] - w0[k] for k in sorted(w0)],
                              "cpu_coordinator": _proc_times() - me0, "events": r.events,
-                             "frames": r.frames_received})
+                             "frames": r.frames_received,
+                             # where the latency goes: the receivers' backlog, closing and merging
+                             # the small states, then the events block by block
+                             "catch_up": r.timings["last_frame"] - t_sent,
+                             "merge": r.timings["merged"] - r.timings["last_frame"],
+                             "events_written": r.timings["written"] - r.timings["merged"]})
             med = {k: statistics.median(x[k] for x in runs)
-                   for k in ("achieved", "latency", "cpu_emulator", "cpu_coordinator")}
+                   for k in ("achieved", "latency", "cpu_emulator", "cpu_coordinator", "catch_up",
+                             "merge", "events_written")}
             lost = max(x["lost"] for x in runs)
             held = rate != "max" and med["achieved"] >= 0.95 * float(rate) and lost == 0
             cpu_w = [statistics.median(x["cpu_workers"][k] for x in runs) for k in range(a.workers)]
@@ -133,6 +143,13 @@ def main(argv=None):
         print(f"| {rate} | {med['achieved']:,.0f} | {lost} | {'yes' if held else '-'} | "
               f"{med['latency']:.2f} ({min(lat)}..{max(lat)}) | {med['cpu_emulator']:.1f} | "
               f"{' + '.join(f'{c:.1f}' for c in cpu_w)} | {med['cpu_coordinator']:.1f} |")
+    print("\nWhere the latency goes (medians, s): the receivers catching up after the emulator's last "
+          "frame; closing the scan and merging the workers' small states; writing the events "
+          "block by block (and renaming the file)\n")
+    print("| target frames/s | catching up | closing + merging | events written |")
+    print("|---:|---:|---:|---:|")
+    for rate, med, *_ in rows:
+        print(f"| {rate} | {med['catch_up']:.2f} | {med['merge']:.2f} | {med['events_written']:.2f} |")
     held = [r[0] for r in rows if r[3]]
     print(f"\nhighest target rate held with zero frames lost: {held[-1] if held else 'none'}")
     print(f"peak resident memory: workers {', '.join(f'{m:.0f}' for m in mem_workers.values())} MB; "
