@@ -2,9 +2,10 @@
 file. Returns a small summary and the result images.
 
 The events are written block by block (a range of stored frames at a time): each worker
-takes its parts of the range from the state it holds, the writer merges them into canonical
-CSR, compresses and writes them, so neither the writer nor any worker holds a whole scan's
-events at once (``finalize_on_cluster``; ``finalize_scan`` does the same in one process).
+takes its parts of the range from the state it holds, one worker (in turn) merges them into
+canonical CSR and compresses them, the writer writes the compressed bytes; so no process
+holds a whole scan's events at once, and the work of the events is spread over the workers
+(``finalize_on_cluster``; ``finalize_scan`` does the same in one process).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from . import __version__
 from .config import PipelineConfig, build_operators
 from .protocol import Geometry
 from .receiver import WorkerScan
-from .storage import ScanWriter
+from .storage import EventBlock, ScanWriter, compress_block
 
 IN_FLIGHT = 3  # blocks on their way to the writer at once
 
@@ -195,7 +196,6 @@ class _OpenScan:
     result to return when the last block is in."""
 
     writer: ScanWriter
-    store: EventStore
     offsets: np.ndarray
     result: ScanResult
 
@@ -204,10 +204,22 @@ _OPEN: dict[str, _OpenScan] = {}  # token -> scan file being written in this pro
 _OPEN_LOCK = threading.Lock()
 
 
-def open_scan_file(info: ScanInfo, config: PipelineConfig, *light: WorkerScan) -> tuple[str, list]:
+@dataclass
+class WritePlan:
+    """How a scan's events go to its file: ``blocks`` of stored frames ``(lo, hi, first
+    event)`` in file order, for ``build_block`` on any worker then ``write_block`` on the
+    writer (``token``)."""
+
+    token: str
+    blocks: list
+    store: EventStore
+    n_events: int
+    level: int
+
+
+def open_scan_file(info: ScanInfo, config: PipelineConfig, *light: WorkerScan) -> WritePlan:
     """On the writer: merge the workers' states (``without_events``), finalize every operator
-    and write all of the scan file but its events. Returns a token for ``append_events`` and
-    ``close_scan_file``, and the ranges of stored frames ``[lo, hi)`` to send, in order."""
+    and write all of the scan file but its events; returns how the events are to come."""
     t0 = time.time()
     ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
@@ -259,23 +271,34 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, *light: WorkerScan) -
                         timings=timings, errors=errors)
     token = uuid.uuid4().hex
     with _OPEN_LOCK:
-        _OPEN[token] = _OpenScan(writer, store, offsets, result)
-    return token, plan_blocks(counts, max(1, int(config.memory.write_block_mb * 1e6 / 4)))
+        _OPEN[token] = _OpenScan(writer, offsets, result)
+    blocks = [(lo, hi, int(offsets[lo])) for lo, hi in
+              plan_blocks(counts, max(1, int(config.memory.write_block_mb * 1e6 / 4)))]
+    return WritePlan(token, blocks, store, int(offsets[-1]), config.output.compression_level)
 
 
-def append_events(token: str, lo: int, hi: int, after, here: WorkerScan | None, *parts: list) -> int:
-    """On the writer: the events of stored frames ``[lo, hi)`` from the writer's own scan
-    (``here``) and the other workers' ``events_in``, in canonical order, into the file.
-    ``after``: the previous block's call (keeps the order). Returns the events given so far."""
-    scan = _OPEN[token]
+def build_block(plan: WritePlan, k: int, here: WorkerScan | None, *parts: list) -> tuple:
+    """On any worker: block ``k`` of the plan from this worker's scan (``here``) and the
+    other workers' ``events_in``: canonical CSR, its whole file chunks compressed. Returns
+    (offsets of the block's frames from 0, EventBlock)."""
+    lo, hi, first = plan.blocks[k]
     chunks = [c for p in parts for c in p] + (events_in(here, lo, hi) if here is not None else [])
-    offsets, indices = scan.store.csr(chunks, lo, hi)
+    offsets, indices = plan.store.csr(chunks, lo, hi)
+    return offsets, compress_block(indices, first, plan.n_events, plan.level)
+
+
+def write_block(token: str, lo: int, hi: int, after, built: tuple[np.ndarray, EventBlock]) -> int:
+    """On the writer: block ``[lo, hi)`` into the file, once its frames are checked against
+    the counts the file's offsets were written from. ``after``: the previous block's call
+    (keeps the order). Returns the events given so far."""
+    scan = _OPEN[token]
+    offsets, block = built
     expected = scan.offsets[lo:hi + 1] - scan.offsets[lo]
     if not np.array_equal(offsets, expected):
         bad = lo + int(np.flatnonzero(offsets != expected)[0]) - 1
         raise RuntimeError(f"scan {scan.result.scan_id}: the workers sent other events for stored "
                            f"frame {bad} than they counted; the file is not written")
-    scan.writer.append(indices)
+    scan.writer.put_block(block)
     return scan.writer.given
 
 
@@ -299,13 +322,14 @@ def discard_scan_file(token: str) -> None:
 def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
     """Finalize and write a scan from the workers' states, all in this process."""
     worker_scans = drop_duplicates(list(worker_scans))
-    token, blocks = open_scan_file(info, config, *map(without_events, worker_scans))
+    plan = open_scan_file(info, config, *map(without_events, worker_scans))
     try:
-        for lo, hi in blocks:
-            append_events(token, lo, hi, None, None, *(events_in(ws, lo, hi) for ws in worker_scans))
-        return close_scan_file(token)
+        for k, (lo, hi, _) in enumerate(plan.blocks):
+            built = build_block(plan, k, None, *(events_in(ws, lo, hi) for ws in worker_scans))
+            write_block(plan.token, lo, hi, None, built)
+        return close_scan_file(plan.token)
     except BaseException:
-        discard_scan_file(token)
+        discard_scan_file(plan.token)
         raise
 
 
@@ -314,9 +338,10 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     """``finalize_scan`` with every worker's state left where it is.
 
     closed: worker address → future of its ``WorkerScan`` (on that worker); writer: the
-    worker that writes the file. Small states go to the writer first, then the events one
-    block of frames at a time, at most ``IN_FLIGHT`` blocks under way: the writer never holds
-    a whole scan, and the workers take their next parts while it compresses."""
+    worker that writes the file. Small states go to the writer first. Then the events, one
+    block of frames at a time, at most ``IN_FLIGHT`` blocks under way: the workers take
+    their parts of a block to one of them (in turn), which builds and compresses it, and
+    the writer writes it. No process holds a whole scan, and the workers share the work."""
     deadline = time.monotonic() + timeout
 
     def on(worker, fn, *args):
@@ -328,20 +353,21 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     workers = list(closed)
     owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
     kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
-    token, blocks = wait(on(writer, open_scan_file, info, config,
-                            *(on(w, without_events, kept[w]) for w in workers)))
+    plan = wait(on(writer, open_scan_file, info, config, *(on(w, without_events, kept[w]) for w in workers)))
+    builders = [w for w in workers if w != writer] + [writer]  # the writer has the most to do
     try:
         writes = []
-        for lo, hi in blocks:  # the writer takes its own parts itself: one task less per block
-            parts = [on(w, events_in, kept[w], lo, hi) for w in workers if w != writer]
-            writes.append(on(writer, append_events, token, lo, hi, writes[-1] if writes else None,
-                             kept[writer], *parts))
+        for k, (lo, hi, _) in enumerate(plan.blocks):
+            at = builders[k % len(builders)]
+            parts = [on(w, events_in, kept[w], lo, hi) for w in workers if w != at]
+            built = on(at, build_block, plan, k, kept[at], *parts)
+            writes.append(on(writer, write_block, plan.token, lo, hi, writes[-1] if writes else None, built))
             if len(writes) > IN_FLIGHT:
                 wait(writes[-IN_FLIGHT - 1])
-        return wait(on(writer, close_scan_file, token, writes[-1] if writes else None))
+        return wait(on(writer, close_scan_file, plan.token, writes[-1] if writes else None))
     except BaseException:
         try:
-            on(writer, discard_scan_file, token).result(timeout=10)
+            on(writer, discard_scan_file, plan.token).result(timeout=10)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
         raise

@@ -13,6 +13,7 @@ import uuid
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -145,6 +146,46 @@ def _padded_chunk(block: np.ndarray, chunk_len: int, level: int) -> bytes:
     return _shuffle_deflate(block, level)
 
 
+def events_chunk_len(n_events: int) -> int:
+    """Events per HDF5 chunk of ``/events/indices`` in a file of ``n_events`` events."""
+    return max(1, min(int(n_events), EVENTS_CHUNK))
+
+
+@dataclass
+class EventBlock:
+    """Events ``[start, start + n)`` of a scan file, cut on the file's chunk grid so that
+    any worker can compress them: ``head`` raw up to the first chunk boundary, ``chunks``
+    the whole chunks after it compressed (``n_chunked`` events), ``tail`` raw after the last
+    boundary. Made by :func:`compress_block`, written by :meth:`ScanWriter.put_block`."""
+
+    start: int
+    head: np.ndarray
+    chunks: list
+    n_chunked: int
+    tail: np.ndarray
+
+
+_DEFLATE_POOL: ThreadPoolExecutor | None = None
+
+
+def compress_block(indices: np.ndarray, start: int, n_events: int, level: int) -> EventBlock:
+    """The whole chunks of events ``indices`` (uint32, at file position ``start`` of a file
+    of ``n_events``), compressed in this process's threads; the rest raw."""
+    global _DEFLATE_POOL
+    indices = np.asarray(indices, np.uint32)
+    L = events_chunk_len(n_events)
+    end = start + len(indices)
+    c0 = -(-start // L) * L
+    c1 = end if end == n_events else end // L * L  # the short last chunk is whole too
+    if level == 0 or c0 >= c1:
+        return EventBlock(start, indices, [], 0, indices[:0])
+    body = indices[c0 - start:c1 - start]
+    if _DEFLATE_POOL is None:
+        _DEFLATE_POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="stemstream-deflate")
+    chunks = list(_DEFLATE_POOL.map(lambda a: _padded_chunk(body[a:a + L], L, level), range(0, len(body), L)))
+    return EventBlock(start, indices[:c0 - start].copy(), chunks, len(body), indices[c1 - start:].copy())
+
+
 def write_scan(path: str | Path, **fields) -> Path:
     """Write a scan file atomically and return its path: ``path``, or ``<stem>-2.h5``, … if
     a file of that name exists already (a scan id used twice never overwrites a scan).
@@ -207,7 +248,7 @@ class ScanWriter:
             self.written = self.given
             return
         data = np.concatenate([self._carry, indices]) if len(self._carry) else indices
-        chunk_len = self._indices.chunks[0]
+        chunk_len = events_chunk_len(self.n_events)
         # the short last chunk goes when the last event has come
         upto = len(data) if self.given == self.n_events else len(data) // chunk_len * chunk_len
         first = self.given - len(data)  # file position of data[0]
@@ -218,6 +259,24 @@ class ScanWriter:
         self._write_finished(self.MAX_PENDING)
 
     MAX_PENDING = 8  # compressed chunks waiting to be written (1 M events each)
+
+    def put_block(self, block: EventBlock) -> None:
+        """The next events as :func:`compress_block` cut them (compressed elsewhere)."""
+        if block.start != self.given:
+            raise ValueError(f"{self.tmp}: a block of events from {block.start} where {self.given} is next")
+        self.append(block.head)
+        if block.chunks:
+            # the head completed the chunk before: the compressed ones start on a boundary
+            L = self._indices.chunks[0]
+            if len(self._carry) or self.given % L:
+                raise ValueError(f"{self.tmp}: compressed chunks at {self.given}, not a chunk boundary")
+            if self.given + block.n_chunked > self.n_events:
+                raise ValueError(f"{self.tmp}: more events than the {self.n_events} the offsets announce")
+            for i, payload in enumerate(block.chunks):
+                self._indices.id.write_direct_chunk((self.given + i * L,), payload)
+            self.given += block.n_chunked
+            self.written += block.n_chunked
+        self.append(block.tail)
 
     def _write_finished(self, keep: int) -> None:
         """Write the compressed chunks in file order: those already done, and wait for the
@@ -309,7 +368,7 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
                         frames_per_position=geometry["frames_per_position"])
         write_compressed(ev, "offsets", offsets, 1 << 18, level)
         indices = ev.create_dataset("indices", data=np.zeros(0, np.uint32)) if n == 0 else \
-            _chunked(ev, "indices", (n,), np.uint32, min(n, EVENTS_CHUNK), level)
+            _chunked(ev, "indices", (n,), np.uint32, events_chunk_len(n), level)
     _write_results(f.create_group("results"), results, level)
     if copy_from is None:
         _write_results(f.create_group("completeness"), completeness, level)

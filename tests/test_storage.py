@@ -135,3 +135,26 @@ def test_a_writer_with_too_few_or_too_many_events_keeps_nothing(tmp_path):
             w.append(indices)
             w.append(indices[:1])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_blocks_compressed_elsewhere_make_the_same_file(tmp_path, monkeypatch, level):
+    """compress_block on arbitrary cuts (inside one chunk, on boundaries, across several,
+    the short last chunk), put_block in order: the events read back whole."""
+    import stream.storage as storage
+    monkeypatch.setattr(storage, "EVENTS_CHUNK", 7)
+    rng = np.random.default_rng(4)
+    f = fields(n_events=100)
+    f["compression_level"] = level
+    indices = f.pop("indices")
+    cuts = [0, 3, 5, 7, 14, 15, 30, 31, 31, 60, 63, 97, 100]
+    with storage.ScanWriter(tmp_path / "s1.h5", **f) as w:
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            w.put_block(storage.compress_block(indices[a:b], a, 100, level))
+    with h5py.File(w.final, "r") as h:
+        np.testing.assert_array_equal(h["events/indices"][()], indices)
+    block = storage.compress_block(indices[10:40], 10, 100, level)
+    with pytest.raises(ValueError, match="from 10 where 0 is next"):
+        with storage.ScanWriter(tmp_path / "s2.h5", **f) as w:
+            w.put_block(block)
+    assert not (tmp_path / "s2.h5").exists()
