@@ -217,9 +217,14 @@ class WritePlan:
     level: int
 
 
-def open_scan_file(info: ScanInfo, config: PipelineConfig, *light: WorkerScan) -> WritePlan:
+def open_scan_file(info: ScanInfo, config: PipelineConfig, deduplicated: bool,
+                   *light: WorkerScan) -> WritePlan | None:
     """On the writer: merge the workers' states (``without_events``), finalize every operator
-    and write all of the scan file but its events; returns how the events are to come."""
+    and start the scan file (the rest of it is written while the events come); returns how
+    the events are to come. None, doing nothing, if frames arrived more than once and the
+    states are not ``deduplicated`` yet (``keep_owned``)."""
+    if not deduplicated and claim_frames(*map(received_counts, light)) is not None:
+        return None
     t0 = time.time()
     ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
@@ -322,7 +327,7 @@ def discard_scan_file(token: str) -> None:
 def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
     """Finalize and write a scan from the workers' states, all in this process."""
     worker_scans = drop_duplicates(list(worker_scans))
-    plan = open_scan_file(info, config, *map(without_events, worker_scans))
+    plan = open_scan_file(info, config, True, *map(without_events, worker_scans))
     try:
         for k, (lo, hi, _) in enumerate(plan.blocks):
             built = build_block(plan, k, None, *(events_in(ws, lo, hi) for ws in worker_scans))
@@ -351,9 +356,13 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
 
     workers = list(closed)
-    owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
-    kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
-    plan = wait(on(writer, open_scan_file, info, config, *(on(w, without_events, kept[w]) for w in workers)))
+    kept = closed
+    plan = wait(on(writer, open_scan_file, info, config, False, *(on(w, without_events, kept[w]) for w in workers)))
+    if plan is None:  # frames arrived more than once: the workers drop the extra copies first
+        owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
+        kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
+        plan = wait(on(writer, open_scan_file, info, config, True,
+                       *(on(w, without_events, kept[w]) for w in workers)))
     builders = [w for w in workers if w != writer] + [writer]  # the writer has the most to do
     try:
         writes = []
