@@ -29,6 +29,7 @@ from . import __version__
 from .config import PipelineConfig, build_operators
 from .protocol import Geometry
 from .receiver import WorkerScan
+from .spill import SpillFile
 from .storage import EventBlock, ScanWriter, compress_block
 
 IN_FLIGHT = 3  # blocks on their way to the writer at once
@@ -111,15 +112,21 @@ def keep_owned_frames(ws: WorkerScan, own: np.ndarray) -> WorkerScan:
     True and none of the others, then recompute every operator from the kept events.
 
     Used only when a frame arrived more than once, so that duplicated frames count once.
-    Completeness keeps counting every copy that arrived."""
+    Completeness keeps counting every copy that arrived. Chunks the receiver had moved to disk
+    go back to disk (a new spill file beside the old), so memory stays bounded here too."""
     store = next(op for op in ws.operators if isinstance(op, EventStore))
     seen = ~own  # frames owned elsewhere count as already seen: every copy here is dropped
     fresh = {op.name: op.new_state() for op in ws.operators if not isinstance(op, Completeness)}
-    for chunk in store.iter_chunks(ws.states[store.name]):
+    stored, spill = fresh[store.name]["chunks"], None
+    for entry in ws.states[store.name]["chunks"]:
+        chunk = entry if isinstance(entry, Chunk) else entry.load()
         kept = chunk.select(~repeat_mask(chunk.frames, chunk.sources, seen))
         for op in ws.operators:
             if op.name in fresh:
                 op.process(fresh[op.name], kept)
+        if not isinstance(entry, Chunk):
+            spill = spill or SpillFile(entry.file.directory)
+            stored[-1] = spill.write(stored[-1])
     states = {**ws.states, **fresh}
     return WorkerScan(ws.scan_id, ws.worker, ws.geometry, ws.operators, states, ws.errors)
 
@@ -201,6 +208,7 @@ class _OpenScan:
 
 
 _OPEN: dict[str, _OpenScan] = {}  # token -> scan file being written in this process
+_DISCARDED: set[str] = set()  # tokens given up before their file was opened (a timeout)
 _OPEN_LOCK = threading.Lock()
 
 
@@ -217,7 +225,7 @@ class WritePlan:
     level: int
 
 
-def open_scan_file(info: ScanInfo, config: PipelineConfig, deduplicated: bool,
+def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplicated: bool,
                    *light: WorkerScan) -> WritePlan | None:
     """On the writer: merge the workers' states (``without_events``), finalize every operator
     and start the scan file (the rest of it is written while the events come); returns how
@@ -274,8 +282,11 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, deduplicated: bool,
                         position_frames=completeness["position_frames"].data,
                         expected_frames_per_position=g.frames_per_position * g.n_sources,
                         timings=timings, errors=errors)
-    token = uuid.uuid4().hex
     with _OPEN_LOCK:
+        if token in _DISCARDED:  # the coordinator gave up on this file while it was opening
+            _DISCARDED.discard(token)
+            writer.discard()
+            raise RuntimeError(f"scan {info.scan_id}: given up while its file was opened")
         _OPEN[token] = _OpenScan(writer, offsets, result)
     blocks = [(lo, hi, int(offsets[lo])) for lo, hi in
               plan_blocks(counts, max(1, int(config.memory.write_block_mb * 1e6 / 4)))]
@@ -317,9 +328,12 @@ def close_scan_file(token: str, after=None) -> ScanResult:
 
 
 def discard_scan_file(token: str) -> None:
-    """On the writer: drop a file that could not be finished (nothing is left on disk)."""
+    """On the writer: drop a file that could not be finished (nothing is left on disk); a
+    file still being opened is dropped when it is."""
     with _OPEN_LOCK:
         scan = _OPEN.pop(token, None)
+        if scan is None:
+            _DISCARDED.add(token)
     if scan is not None:
         scan.writer.discard()
 
@@ -327,7 +341,7 @@ def discard_scan_file(token: str) -> None:
 def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
     """Finalize and write a scan from the workers' states, all in this process."""
     worker_scans = drop_duplicates(list(worker_scans))
-    plan = open_scan_file(info, config, True, *map(without_events, worker_scans))
+    plan = open_scan_file(info, config, uuid.uuid4().hex, True, *map(without_events, worker_scans))
     try:
         for k, (lo, hi, _) in enumerate(plan.blocks):
             built = build_block(plan, k, None, *(events_in(ws, lo, hi) for ws in worker_scans))
@@ -356,27 +370,36 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
 
     workers = list(closed)
-    kept = closed
-    plan = wait(on(writer, open_scan_file, info, config, False, *(on(w, without_events, kept[w]) for w in workers)))
-    if plan is None:  # frames arrived more than once: the workers drop the extra copies first
-        owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
-        kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
-        plan = wait(on(writer, open_scan_file, info, config, True,
-                       *(on(w, without_events, kept[w]) for w in workers)))
-    builders = [w for w in workers if w != writer] + [writer]  # the writer has the most to do
+    token = uuid.uuid4().hex
+    futures = []
+
+    def on_(worker, fn, *args):  # a task to cancel if the scan fails
+        futures.append(on(worker, fn, *args))
+        return futures[-1]
+
     try:
+        kept = closed
+        plan = wait(on_(writer, open_scan_file, info, config, token, False,
+                        *(on(w, without_events, kept[w]) for w in workers)))
+        if plan is None:  # frames arrived more than once: the workers drop the extra copies first
+            owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
+            kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
+            plan = wait(on_(writer, open_scan_file, info, config, token, True,
+                            *(on(w, without_events, kept[w]) for w in workers)))
+        builders = [w for w in workers if w != writer] + [writer]  # the writer has the most to do
         writes = []
         for k, (lo, hi, _) in enumerate(plan.blocks):
             at = builders[k % len(builders)]
             parts = [on(w, events_in, kept[w], lo, hi) for w in workers if w != at]
             built = on(at, build_block, plan, k, kept[at], *parts)
-            writes.append(on(writer, write_block, plan.token, lo, hi, writes[-1] if writes else None, built))
+            writes.append(on_(writer, write_block, token, lo, hi, writes[-1] if writes else None, built))
             if len(writes) > IN_FLIGHT:
                 wait(writes[-IN_FLIGHT - 1])
-        return wait(on(writer, close_scan_file, plan.token, writes[-1] if writes else None))
+        return wait(on_(writer, close_scan_file, token, writes[-1] if writes else None))
     except BaseException:
+        client.cancel(futures)  # what has not started never will
         try:
-            on(writer, discard_scan_file, plan.token).result(timeout=10)
+            on(writer, discard_scan_file, token).result(timeout=10)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
         raise

@@ -73,6 +73,12 @@ class WorkerScan:
     errors: list
 
 
+@sizeof.register(Chunk)
+def _sizeof_chunk(chunk: Chunk) -> int:
+    """Blocks of events travel between workers as chunks: let dask count their bytes."""
+    return chunk.nbytes
+
+
 @sizeof.register(WorkerScan)
 def _sizeof_worker_scan(ws: WorkerScan) -> int:
     """Let dask's memory accounting see the events a closed scan holds in memory (bytes;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 import zlib
 from collections import deque
@@ -165,13 +166,21 @@ class EventBlock:
     tail: np.ndarray
 
 
-_DEFLATE_POOL: ThreadPoolExecutor | None = None
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _deflate_pool() -> ThreadPoolExecutor:
+    """This process's compression threads, made once even when two blocks start together."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="stemstream-deflate"))
+        return _POOL[0]
 
 
 def compress_block(indices: np.ndarray, start: int, n_events: int, level: int) -> EventBlock:
     """The whole chunks of events ``indices`` (uint32, at file position ``start`` of a file
     of ``n_events``), compressed in this process's threads; the rest raw."""
-    global _DEFLATE_POOL
     indices = np.asarray(indices, np.uint32)
     L = events_chunk_len(n_events)
     end = start + len(indices)
@@ -180,9 +189,7 @@ def compress_block(indices: np.ndarray, start: int, n_events: int, level: int) -
     if level == 0 or c0 >= c1:
         return EventBlock(start, indices, [], 0, indices[:0])
     body = indices[c0 - start:c1 - start]
-    if _DEFLATE_POOL is None:
-        _DEFLATE_POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="stemstream-deflate")
-    chunks = list(_DEFLATE_POOL.map(lambda a: _padded_chunk(body[a:a + L], L, level), range(0, len(body), L)))
+    chunks = list(_deflate_pool().map(lambda a: _padded_chunk(body[a:a + L], L, level), range(0, len(body), L)))
     return EventBlock(start, indices[:c0 - start].copy(), chunks, len(body), indices[c1 - start:].copy())
 
 

@@ -512,3 +512,31 @@ def test_closing_right_after_the_last_frame_keeps_a_complete_scan_complete(clien
     assert_matches(r, reference(counts, indices, GEOM), r.path)
     with pytest.raises(RuntimeError, match="closed"):
         s.wait(timeout=1)
+
+
+def test_events_that_disagree_with_their_counts_refuse_the_file(tmp_path):
+    """In one process (stream.finalize.finalize_scan): a worker state whose stored events no
+    longer match the counts the file's offsets were written from (a chunk lost after
+    counting) fails with the frame named, and leaves no file, not even a partial one."""
+    from operators.chunk import Chunk
+    from stream.config import build_operators
+    from stream.finalize import _OPEN, ScanInfo, finalize_scan
+    from stream.protocol import frame_positions
+    from stream.receiver import WorkerScan
+
+    counts, indices = synthetic_events(GEOM, seed=6)
+    cfg = config(tmp_path)
+    ops = build_operators(cfg, GEOM)
+    states = {op.name: op.new_state() for op in ops}
+    frames = np.arange(GEOM.n_frames)
+    chunk = Chunk.from_counts(frames, np.zeros(len(frames)), frame_positions(frames, GEOM), counts, indices)
+    for op in ops:
+        op.process(states[op.name], chunk)
+    store = next(op for op in ops if type(op).__name__ == "EventStore")
+    states[store.name]["chunks"].pop()  # the events are gone, their counts are not
+    states[store.name]["spans"].pop()
+    info = ScanInfo("lost", GEOM, {}, "complete", frames_sent={0: GEOM.n_frames},
+                    timings={"opened": 0.0, "first_frame": 0.0, "last_frame": 0.0, "closed": 0.0})
+    with pytest.raises(RuntimeError, match="other events for stored frame 0 than they counted"):
+        finalize_scan(info, cfg, WorkerScan("lost", "w", GEOM, ops, states, []))
+    assert not list((tmp_path / "out").iterdir()) and not _OPEN

@@ -301,3 +301,36 @@ def test_memory_defaults_and_parsing(tmp_path):
 def test_bad_memory_settings_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text))
+
+
+def test_dropping_duplicates_puts_spilled_events_back_on_disk(tmp_path):
+    """finalize.keep_owned_frames on a state whose chunks were spilled: the kept events are
+    on disk again (not in memory), and they are exactly the owned frame parts."""
+    from stream.config import build_operators
+    from stream.finalize import keep_owned_frames
+    from stream.receiver import WorkerScan
+
+    g = Geometry((4, 6), (16, 16), n_sources=2)
+    ops = [op for op in build_operators(PipelineConfig(), g) if isinstance(op, EventStore)]
+    store = ops[0]
+    rng = np.random.default_rng(9)
+    state, spill, parts = store.new_state(), SpillFile(tmp_path), {}
+    for first in range(0, g.n_frames, 8):  # both sources, every frame
+        frames = np.repeat(np.arange(first, first + 8), 2)
+        sources = np.tile([0, 1], 8)
+        counts = rng.integers(0, 5, len(frames))
+        indices = np.sort(rng.integers(0, 256, counts.sum())).astype(np.uint32)
+        chunk = Chunk.from_counts(frames, sources, frames, counts, indices)
+        off = chunk.offsets
+        for i, (f, s) in enumerate(zip(frames, sources)):
+            parts[(int(s), int(f))] = np.sort(indices[off[i]:off[i + 1]])
+        store.process(state, chunk)
+    state["chunks"] = [spill.write(c) for c in state["chunks"]]
+    own = rng.random((2, g.n_frames)) < 0.5  # the other copies belong to another worker
+    ws = keep_owned_frames(WorkerScan("s", "w", g, ops, {store.name: state}, []), own)
+    kept = ws.states[store.name]["chunks"]
+    assert kept and all(isinstance(c, SpilledChunk) for c in kept)
+    offsets, indices = store.finalize(ws.states[store.name])
+    for f in range(g.n_frames):
+        want = np.sort(np.concatenate([parts[(s, f)] for s in (0, 1) if own[s, f]] + [np.zeros(0, np.uint32)]))
+        np.testing.assert_array_equal(indices[offsets[f]:offsets[f + 1]], want)

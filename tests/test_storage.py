@@ -143,7 +143,6 @@ def test_blocks_compressed_elsewhere_make_the_same_file(tmp_path, monkeypatch, l
     the short last chunk), put_block in order: the events read back whole."""
     import stream.storage as storage
     monkeypatch.setattr(storage, "EVENTS_CHUNK", 7)
-    rng = np.random.default_rng(4)
     f = fields(n_events=100)
     f["compression_level"] = level
     indices = f.pop("indices")
