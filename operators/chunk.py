@@ -62,16 +62,6 @@ class Chunk:
                    np.asarray(positions, dtype=np.int64), offsets,
                    np.asarray(indices, dtype=np.uint32))
 
-    @classmethod
-    def concatenate(cls, chunks: list["Chunk"]) -> "Chunk":
-        """One chunk of the frames of ``chunks`` in order (an empty chunk for none)."""
-        if len(chunks) == 1:
-            return chunks[0]
-        if not chunks:
-            return cls.from_counts([], [], [], [], np.zeros(0, np.uint32))
-        return cls.from_counts(*(np.concatenate([getattr(c, a) for c in chunks])
-                                 for a in ("frames", "sources", "positions", "counts", "indices")))
-
     def select(self, keep: np.ndarray) -> "Chunk":
         """The chunk restricted to the frames where boolean ``keep`` (n,) is True."""
         keep = np.asarray(keep, dtype=bool)

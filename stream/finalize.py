@@ -114,7 +114,7 @@ def keep_owned_frames(ws: WorkerScan, own: np.ndarray) -> WorkerScan:
     Used only when a frame arrived more than once, so that duplicated frames count once.
     Completeness keeps counting every copy that arrived. Chunks the receiver had moved to disk
     go back to disk (a new spill file beside the old), so memory stays bounded here too."""
-    store = next(op for op in ws.operators if isinstance(op, EventStore))
+    store = _store(ws)
     seen = ~own  # frames owned elsewhere count as already seen: every copy here is dropped
     fresh = {op.name: op.new_state() for op in ws.operators if not isinstance(op, Completeness)}
     stored, spill = fresh[store.name]["chunks"], None
