@@ -12,7 +12,6 @@ import os
 import threading
 import uuid
 import zlib
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,8 +230,6 @@ class ScanWriter:
         self.n_events = 0 if copy_from is not None else int(np.asarray(offsets)[-1])
         self.given = self.written = 0  # events appended; events in the file
         self._carry = np.zeros(0, np.uint32)  # appended, less than a chunk, not compressed yet
-        self._pending = deque()  # (first row, rows, future of the compressed chunk)
-        self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="stemstream-deflate")
         self._file = h5py.File(self.tmp, "w")
         try:
             self._indices = _write_head(self._file, offsets, copy_from, compression_level, **fields)
@@ -241,9 +238,8 @@ class ScanWriter:
             raise
 
     def append(self, indices: np.ndarray) -> None:
-        """The next events (uint32 flat pixel indices), in file order. Whole HDF5 chunks are
-        compressed in the writer's threads while the caller prepares the next block; they
-        are written in order as they finish (at most ``MAX_PENDING`` wait)."""
+        """The next events (uint32 flat pixel indices), in file order: whole HDF5 chunks are
+        compressed and written now, the rest waits for the next events."""
         indices = np.asarray(indices, np.uint32)
         if self.given + len(indices) > self.n_events:
             raise ValueError(f"{self.tmp}: more events than the {self.n_events} the offsets announce")
@@ -255,49 +251,34 @@ class ScanWriter:
             self.written = self.given
             return
         data = np.concatenate([self._carry, indices]) if len(self._carry) else indices
-        chunk_len = events_chunk_len(self.n_events)
-        # the short last chunk goes when the last event has come
-        upto = len(data) if self.given == self.n_events else len(data) // chunk_len * chunk_len
-        first = self.given - len(data)  # file position of data[0]
-        for a in range(0, upto, chunk_len):
-            block = data[a:a + chunk_len]
-            self._pending.append((first + a, len(block), self._pool.submit(_padded_chunk, block, chunk_len, self.level)))
-        self._carry = data[upto:].copy()
-        self._write_finished(self.MAX_PENDING)
-
-    MAX_PENDING = 8  # compressed chunks waiting to be written (1 M events each)
+        block = compress_block(data, self.written, self.n_events, self.level)  # on a boundary
+        self._write_chunks(block)
+        self._carry = np.concatenate([block.head, block.tail])  # one of them is empty
 
     def put_block(self, block: EventBlock) -> None:
         """The next events as :func:`compress_block` cut them (compressed elsewhere)."""
         if block.start != self.given:
             raise ValueError(f"{self.tmp}: a block of events from {block.start} where {self.given} is next")
-        self.append(block.head)
+        self.append(block.head)  # completes the chunk before the compressed ones
         if block.chunks:
-            # the head completed the chunk before: the compressed ones start on a boundary
-            L = self._indices.chunks[0]
-            if len(self._carry) or self.given % L:
+            if len(self._carry) or self.written != self.given:
                 raise ValueError(f"{self.tmp}: compressed chunks at {self.given}, not a chunk boundary")
             if self.given + block.n_chunked > self.n_events:
                 raise ValueError(f"{self.tmp}: more events than the {self.n_events} the offsets announce")
-            for i, payload in enumerate(block.chunks):
-                self._indices.id.write_direct_chunk((self.given + i * L,), payload)
             self.given += block.n_chunked
-            self.written += block.n_chunked
+            self._write_chunks(block)
         self.append(block.tail)
 
-    def _write_finished(self, keep: int) -> None:
-        """Write the compressed chunks in file order: those already done, and wait for the
-        oldest until at most ``keep`` are pending."""
-        while self._pending and (len(self._pending) > keep or self._pending[0][2].done()):
-            row, n, future = self._pending.popleft()
-            self._indices.id.write_direct_chunk((row,), future.result())
-            self.written += n
+    def _write_chunks(self, block: EventBlock) -> None:
+        L = self._indices.chunks[0] if block.chunks else 1
+        for i, payload in enumerate(block.chunks):
+            self._indices.id.write_direct_chunk((self.written + i * L,), payload)
+        self.written += block.n_chunked
 
     def close(self) -> Path:
         """Check that every announced event came, then give the file its name (``path``, or
         ``<stem>-2.h5``, … : never overwrites) and return it."""
         try:
-            self._write_finished(0)
             if self.written != self.n_events:
                 raise ValueError(f"{self.tmp}: {self.given} events written, the offsets announce "
                                  f"{self.n_events}; file not kept")
@@ -319,7 +300,6 @@ class ScanWriter:
 
     def discard(self) -> None:
         """Forget the temporary file (after close, only the name stays)."""
-        self._pool.shutdown(cancel_futures=True)
         try:
             self._file.close()
         finally:
