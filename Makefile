@@ -10,7 +10,7 @@ BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 RESULTS := benchmarks/results
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench clean system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,14 @@ $(PEERS): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stemstream demo --out demo-out
 
-test: $(PEERS)
+# Debian packages some tests need (.ci/system-packages.txt); as root they are installed
+system-packages:
+	bash .ci/install-system-packages
+
+test: $(PEERS) system-packages
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: $(PEERS)
+test-all: $(PEERS) system-packages
 	$(BIN)/python -m pytest -q
 
 $(BENCH_STAMP): pyproject.toml

@@ -16,8 +16,8 @@ detector centre), centre of mass of all electrons, the summed diffraction patter
 - stempy 3.6: ``create_stem_images`` (integer radii), ``com_sparse`` (its default loop,
   version 0, and the vectorised version 1), ``SparseArray.sum(axis=(0, 1))``, on a SparseArray
   built from the CSR events outside the timing.
-- LiberTEM: the raw CSR dataset (``stream.storage.write_scan`` then
-  ``stream.interop.export_libertem_csr``), loaded outside the timing; a run is everything
+- LiberTEM: the raw CSR dataset (``stream.files.storage.write_scan`` then
+  ``stream.files.interop.export_libertem_csr``), loaded outside the timing; a run is everything
   ``ctx.run_udf`` does (reading the raw files, the UDF, the merge). ``ApplyMasksUDF`` with two
   masks, with its default backend and with ``use_sparse='scipy.sparse'`` (faster here);
   ``CoMUDF``; ``SumUDF``; the three in one ``run_udf`` pass.
@@ -184,7 +184,7 @@ def stempy_unit(frame_shape):
 
 def libertem_dataset(counts, indices, scan_shape, frame_shape, tmp: Path) -> Path:
     """The scan as a stemstream file, exported to LiberTEM's raw CSR: the .toml path."""
-    from stream.interop import export_libertem_csr
+    from stream.files.interop import export_libertem_csr
     path = common.write_stemstream_scan(tmp / "scan.h5", counts, indices, scan_shape, frame_shape)
     return export_libertem_csr(path, tmp / "scan.toml")
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_process_file.py [--scan 512x512] [--dose 100] [--workers 2] [--repeats 3]
 
 The scan file is the one benchmarks/bench_replay.py writes (Poisson electrons, uniform over a
-576 × 576 detector, sorted within frames, gzip level 1). Each run is ``stream.offline.process_file``
+576 × 576 detector, sorted within frames, gzip level 1). Each run is ``stream.session.offline.process_file``
 with the default configuration (bf, adf, centre of mass, diffraction sum): workers read their own
 frame ranges, merge, and one writes the new file (events copied raw). The cluster is started
 once, outside the timing; the first run (numba compilation in the workers) is not counted.
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_replay import write_file  # noqa: E402
 from stream.config import ClusterSpec, OutputSpec, PipelineConfig, validate  # noqa: E402
-from stream.offline import process_file  # noqa: E402
-from stream.recording import open_recording  # noqa: E402
+from stream.session.offline import process_file  # noqa: E402
+from stream.files.recording import open_recording  # noqa: E402
 
 
 def main(argv=None):
@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     ny, nx = (int(v) for v in a.scan.split("x"))
-    from stream import cluster
+    from stream.session import cluster
     with tempfile.TemporaryDirectory() as tmp:
         path = write_file(Path(tmp) / "bench.h5", ny, nx, 576, 576, a.dose)
         cfg = validate(PipelineConfig(output=OutputSpec(dir=str(Path(tmp) / "out"), previews=False),

@@ -26,14 +26,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sim_detector.publisher import Publisher, prepare_sources  # noqa: E402
-from stream.net import free_port_block  # noqa: E402
-from stream.protocol import Geometry  # noqa: E402
+from stream.transport.net import free_port_block  # noqa: E402
+from stream.transport.protocol import Geometry  # noqa: E402
 
 
 def receiver(addresses, n_ends, ready, result):
     import zmq
 
-    from stream.protocol import decode
+    from stream.transport.protocol import decode
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     for a in addresses:

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_publisher import receiver  # noqa: E402
 from operators.completeness import Completeness  # noqa: E402
 from sim_detector.publisher import Publisher  # noqa: E402
-from stream.net import free_port_block  # noqa: E402
-from stream.recording import open_recording  # noqa: E402
-from stream.replay import prepare  # noqa: E402
-from stream.storage import write_scan  # noqa: E402
+from stream.transport.net import free_port_block  # noqa: E402
+from stream.files.recording import open_recording  # noqa: E402
+from stream.files.replay import prepare  # noqa: E402
+from stream.files.storage import write_scan  # noqa: E402
 
 
 def write_file(path, ny, nx, h, w, dose):

@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.columns import analyze_columns  # noqa: E402
-from operators.counting import count_atoms  # noqa: E402
-from operators.phase import icom  # noqa: E402
+from operators.imaging.columns import analyze_columns  # noqa: E402
+from operators.imaging.atom_counting import count_atoms  # noqa: E402
+from operators.imaging.phase import icom  # noqa: E402
 
 
 def column_image(n=512, spacing=5.3, sigma=1.1, seed=0):
@@ -71,7 +71,7 @@ def main(argv=None):
     print(f"| counting (mixture, ICL, 100 Monte Carlo runs) | {len(xs):,} cross-sections | "
           f"{med:.2f} ({lo:.2f}..{hi:.2f}) | < 10 |")
     if not a.no_grains:
-        from operators.grains import grain_diffraction
+        from operators.crystallography.grains import grain_diffraction
         from sim_detector.simulate import Beam, Detector, ScanSpec, presets, simulate_scan
         from sim_detector.specimens import make_specimen
         p = presets("cluster")

@@ -22,13 +22,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.atom_tables import atom_statistics  # noqa: E402
-from operators.depth_profile import surface_depth  # noqa: E402
-from operators.motifs import find_motifs  # noqa: E402
-from operators.neighbors import neighbor_list, triangulate  # noqa: E402
-from operators.order3d import bond_orientational_order  # noqa: E402
-from operators.pair_distribution import pair_distribution  # noqa: E402
-from operators.voronoi import voronoi_indices  # noqa: E402
+from operators.structure.atom_tables import atom_statistics  # noqa: E402
+from operators.structure.depth_profile import surface_depth  # noqa: E402
+from operators.structure.motifs import find_motifs  # noqa: E402
+from operators.structure.neighbors import neighbor_list, triangulate  # noqa: E402
+from operators.structure.order3d import bond_orientational_order  # noqa: E402
+from operators.structure.pair_distribution import pair_distribution  # noqa: E402
+from operators.structure.voronoi import voronoi_indices  # noqa: E402
 
 TA_MODEL = (Path(__file__).resolve().parents[2] / "shared" / "data" / "aet-amorphous"
             / "Ta_film_atomic_model.mat")

@@ -10,13 +10,13 @@ Outputs as benchmarks/bench_peers.py's (storage.json, storage.md). ``--quick``: 
 The scan is benchmarks/common.py's (576 x 576 detector, Poisson electrons per frame, 60 % in a
 bright-field disk, each pixel at most once per frame, sorted within frames), written as:
 
-- ours: ``stream.storage.write_scan`` with gzip level 2 (the pipeline's default,
+- ours: ``stream.files.storage.write_scan`` with gzip level 2 (the pipeline's default,
   ``[output] compression_level``; levels 1-3 are written by ISA-L, higher ones by zlib) and
   the other ``--levels`` (4 is h5py's default gzip level,
   6 zlib's), HDF5 shuffle filter first, events and the completeness tables only; and once more
   at the default level with the results the default configuration adds (bf, adf, centre of mass,
   diffraction sum), as a pipeline file holds them. Read back with
-  ``stream.recording.open_recording(path).read()`` (every offset and pixel index checked, as
+  ``stream.files.recording.open_recording(path).read()`` (every offset and pixel index checked, as
   replay and process-file do).
 - stempy: ``stempy.io.save_electron_counts`` of the SparseArray (built outside the timing),
   read back with ``stempy.io.load_electron_counts``.
@@ -50,9 +50,9 @@ import common
 from operators.completeness import Completeness
 from operators.events import EventStore
 from stream.config import OutputSpec, PipelineConfig, build_operators, validate
-from stream.protocol import Geometry
-from stream.recording import open_recording
-from stream.storage import EVENTS_CHUNK, _shuffle_deflate, describe
+from stream.transport.protocol import Geometry
+from stream.files.recording import open_recording
+from stream.files.storage import EVENTS_CHUNK, _shuffle_deflate, describe
 
 DEFAULT_LEVEL = OutputSpec().compression_level  # the pipeline's
 

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream.config import load_config  # noqa: E402
-from stream.net import free_port_block  # noqa: E402
+from stream.transport.net import free_port_block  # noqa: E402
 from stream.session import Session, expand_sources  # noqa: E402
 
 SENT = re.compile(r"\] sent ([\d,]+) frames, ([\d,]+) electrons in ([\d.]+) s \(([\d,]+) frames/s\)")

@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.projector import backproject, project  # noqa: E402
-from operators.tomography import resire  # noqa: E402
-from operators.tracing import simulate_atoms, trace_atoms  # noqa: E402
+from operators.tomography.projector import backproject, project  # noqa: E402
+from operators.tomography.reconstruct import resire  # noqa: E402
+from operators.tomography.tracing import simulate_atoms, trace_atoms  # noqa: E402
 
 
 def timed(fn, repeats):

@@ -65,11 +65,11 @@ def offsets_of(counts) -> np.ndarray:
 
 
 def write_stemstream_scan(path, counts, indices, scan_shape, frame_shape, level=1, results=None) -> Path:
-    """The scan as a stemstream scan file (``stream.storage.write_scan``, every frame received,
+    """The scan as a stemstream scan file (``stream.files.storage.write_scan``, every frame received,
     gzip ``level`` after the shuffle filter as the pipeline writes it; ``results``: name ->
     operators.base.Result, none by default): the path written."""
     from operators.completeness import Completeness
-    from stream.storage import write_scan
+    from stream.files.storage import write_scan
     ny, nx = scan_shape
     geo = dict(scan_shape=[ny, nx], frame_shape=list(frame_shape), frames_per_position=1,
                n_sources=1, sector=[0, frame_shape[0]], flyback=0)

@@ -19,9 +19,9 @@ import os
 import numpy as np
 from numba import njit
 
-from .base import Operator, Result, State
-from .chunk import Chunk
-from .kernels import NJIT, check_names, load_npy, raise_if_bad, shape2
+from operators.base import Operator, Result, State
+from operators.chunk import Chunk
+from operators.kernels import NJIT, check_names, load_npy, raise_if_bad, shape2
 
 
 def rect_mask(scan_shape, y0, y1, x0, x1) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunk import Chunk
+from operators.chunk import Chunk
 
 State = dict  # name -> np.ndarray
 
@@ -45,11 +45,14 @@ class Operator:
     state_kinds: how each state array is laid out — 'nav' (last axis: scan positions, so a
         live snapshot may send only the positions that changed) or 'sig' (anything else).
     live: whether partial results of this operator are worth showing while a scan runs.
+    fused_role: the part this operator can play in the one-pass kernel of
+        ``operators.fused`` ('virtual', 'com' or 'diffraction'), None if it cannot.
     """
 
     name = "operator"
     state_kinds: dict[str, str] = {}
     live = True
+    fused_role: str | None = None
 
     def new_state(self) -> State:
         raise NotImplementedError

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Operator, Result, State
-from .chunk import Chunk
-from .kernels import center_of, shape2
+from operators.base import Operator, Result, State
+from operators.chunk import Chunk
+from operators.fused import one_pass
+from operators.kernels import center_of, shape2
 
 
 def com_from_sums(n, sy, sx, center, rotation_deg=0.0, flip=False):
@@ -100,6 +101,7 @@ class CenterOfMass(Operator):
     Chunks are processed by the fused kernel (``operators.fused.one_pass``).
     """
 
+    fused_role = "com"
     state_kinds = {"n": "nav", "sum_y": "nav", "sum_x": "nav"}
 
     def __init__(self, scan_shape, frame_shape, center=None, radius=None, mrad_per_px=None,
@@ -123,7 +125,7 @@ class CenterOfMass(Operator):
         if self.radius is None:
             self._inside = np.ones(h * w, dtype=np.uint8)
         else:
-            from .virtual import disk_mask
+            from operators.virtual import disk_mask
             self._inside = disk_mask(self.frame_shape, self.center,
                                      self.radius).ravel().astype(np.uint8)
 
@@ -135,7 +137,6 @@ class CenterOfMass(Operator):
         return {k: np.zeros(self.n_positions, dtype=np.int64) for k in ("n", "sum_y", "sum_x")}
 
     def process(self, state: State, chunk: Chunk) -> None:
-        from .fused import one_pass  # fused builds on this module
         one_pass(self).process(state, chunk)
 
     def finalize(self, state: State) -> dict[str, Result]:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .base import Operator, Result, State
-from .chunk import Chunk
-from .kernels import NJIT, shape2
+from operators.base import Operator, Result, State
+from operators.chunk import Chunk
+from operators.kernels import NJIT, shape2
 
 SATURATED = np.iinfo(np.uint16).max
 

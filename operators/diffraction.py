@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .base import Operator, Result, State
-from .chunk import Chunk
-from .kernels import NJIT, raise_if_bad, shape2
+from operators.base import Operator, Result, State
+from operators.chunk import Chunk
+from operators.kernels import NJIT, raise_if_bad, shape2
 
 
 @njit(**NJIT)
@@ -56,6 +56,7 @@ class DiffractionSum(Operator):
     State ``{"sum": (h*w,) int64}``; result ``diffraction_sum`` (h, w) int64 counts, kind "sig".
     """
 
+    fused_role = "diffraction"
     state_kinds = {"sum": "sig"}
 
     def __init__(self, frame_shape, name="sum", n_positions=None):

@@ -17,9 +17,9 @@ from typing import Iterator
 import numpy as np
 from numba import njit
 
-from .base import Operator, State
-from .chunk import Chunk
-from .kernels import NJIT, shape2, sort_segments
+from operators.base import Operator, State
+from operators.chunk import Chunk
+from operators.kernels import NJIT, shape2, sort_segments
 
 
 @njit(**NJIT)

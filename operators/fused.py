@@ -34,12 +34,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .base import Operator, Result, State
-from .chunk import Chunk
-from .com import CenterOfMass
-from .diffraction import DiffractionSum
-from .kernels import NJIT, raise_if_bad
-from .virtual import VirtualDetectors
+from operators.base import Operator, Result, State
+from operators.chunk import Chunk
+from operators.kernels import NJIT, raise_if_bad
 
 # Pixel classes (mask combinations x inside the CoM radius) are numbered in a uint8 code.
 MAX_CODES = 256
@@ -262,7 +259,7 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
 def _as_list(virtual):
     if virtual is None:
         return []
-    if isinstance(virtual, VirtualDetectors):
+    if getattr(virtual, "fused_role", None) == "virtual":
         return [virtual]
     return list(virtual)
 
@@ -313,16 +310,16 @@ class FusedStreaming(Operator):
         self.diffraction = diffraction
         what = f"FusedStreaming {name!r}"
         for v in self.virtual:
-            if not isinstance(v, VirtualDetectors):
+            if getattr(v, "fused_role", None) != "virtual":
                 raise ValueError(f"{what}: virtual must be VirtualDetectors operators, got "
                                  f"{type(v).__name__}")
             if v.kernel != "combos":
                 raise ValueError(f"{what}: VirtualDetectors {v.name!r} uses the {v.kernel!r} "
                                  f"kernel (its masks have more than the 64 distinct pixel "
                                  f"combinations fusing needs); keep it as a separate operator")
-        if com is not None and not isinstance(com, CenterOfMass):
+        if com is not None and getattr(com, "fused_role", None) != "com":
             raise ValueError(f"{what}: com must be a CenterOfMass, got {type(com).__name__}")
-        if diffraction is not None and not isinstance(diffraction, DiffractionSum):
+        if diffraction is not None and getattr(diffraction, "fused_role", None) != "diffraction":
             raise ValueError(f"{what}: diffraction must be a DiffractionSum, got "
                              f"{type(diffraction).__name__}")
         parts = self.parts
@@ -336,7 +333,7 @@ class FusedStreaming(Operator):
             raise ValueError(f"{what}: the operators disagree on the detector shape: "
                              f"{sorted(frame_shapes)}; build them for the same detector")
         self.frame_shape = frame_shapes.pop()
-        scan_shapes = {tuple(p.scan_shape) for p in parts if not isinstance(p, DiffractionSum)}
+        scan_shapes = {tuple(p.scan_shape) for p in parts if p.fused_role != "diffraction"}
         if len(scan_shapes) > 1:
             raise ValueError(f"{what}: the operators disagree on the scan shape: "
                              f"{sorted(scan_shapes)}; build them for the same scan")
@@ -442,14 +439,14 @@ class FusedStreaming(Operator):
         return out
 
 
-def one_pass(op: VirtualDetectors | CenterOfMass) -> FusedStreaming:
+def one_pass(op) -> FusedStreaming:
     """``op`` alone through the fused kernel, built once per operator: how a VirtualDetectors
     with the "combos" kernel and a CenterOfMass process their chunks (the fused kernel's
     single-task paths are its fastest: 1.6-1.9x their former kernels). Same state, same
     results, errors under the operator's own name."""
     fused = op.__dict__.get("_one_pass")
     if fused is None:
-        alone = isinstance(op, VirtualDetectors)
+        alone = op.fused_role == "virtual"
         fused = FusedStreaming([op] if alone else None, None if alone else op, None,
                                name=f"{op.name}.one-pass")
         fused.label = f"{type(op).__name__} {op.name!r}"
@@ -472,19 +469,19 @@ def _dense_rank(values: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def _fusable(op) -> bool:
-    return (type(op) is VirtualDetectors and op.kernel == "combos") or \
-        type(op) in (CenterOfMass, DiffractionSum)
+    role = getattr(op, "fused_role", None)
+    return (role == "virtual" and op.kernel == "combos") or role in ("com", "diffraction")
 
 
 def _fuse(run, name):
     """FusedStreaming of the operators in ``run``, or None if they cannot be fused."""
-    kinds = [type(o) for o in run]
-    if kinds.count(CenterOfMass) > 1 or kinds.count(DiffractionSum) > 1:
+    roles = [o.fused_role for o in run]
+    if roles.count("com") > 1 or roles.count("diffraction") > 1:
         return None
-    pick = (lambda t: next((o for o in run if type(o) is t), None))
+    pick = (lambda role: next((o for o in run if o.fused_role == role), None))
     try:
-        fused = FusedStreaming([o for o in run if type(o) is VirtualDetectors],
-                               pick(CenterOfMass), pick(DiffractionSum), name=name)
+        fused = FusedStreaming([o for o in run if o.fused_role == "virtual"],
+                               pick("com"), pick("diffraction"), name=name)
     except ValueError:  # different geometries, too many pixel classes
         return None
     return fused

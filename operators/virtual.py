@@ -20,9 +20,10 @@ import os
 import numpy as np
 from numba import njit
 
-from .base import Operator, Result, State
-from .chunk import Chunk
-from .kernels import NJIT, center_of, check_names, load_npy, raise_if_bad, shape2
+from operators.base import Operator, Result, State
+from operators.chunk import Chunk
+from operators.fused import one_pass
+from operators.kernels import NJIT, center_of, check_names, load_npy, raise_if_bad, shape2
 
 # Fixed-point float weights: the largest |weight| of a mask maps to at most 2**WEIGHT_BITS, so
 # 2**EVENT_BUDGET_BITS events of that weight at one position still fit in an int64.
@@ -296,6 +297,7 @@ class VirtualDetectors(Operator):
     masks it belongs to).
     """
 
+    fused_role = "virtual"
     state_kinds = {"images": "nav"}
 
     def __init__(self, masks, names, scan_shape, name="virtual"):
@@ -361,7 +363,6 @@ class VirtualDetectors(Operator):
 
     def process(self, state: State, chunk: Chunk) -> None:
         if self.kernel == "combos":
-            from .fused import one_pass  # fused builds on this module
             one_pass(self).process(state, chunk)
             return
         args = (chunk.positions, chunk.offsets, chunk.indices)

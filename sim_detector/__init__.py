@@ -1,6 +1,8 @@
 """Detector emulator: specimens, a fast forward model, and a ZeroMQ publisher.
 
-Knows nothing of dask or operators; it imports only the wire protocol (``stream.protocol``).
+Knows nothing of dask or operators; it imports only the wire protocol (``stream.transport.protocol``).
 """
 
-import stream  # noqa: F401, E402 - numba's cache directory (see operators/numba_cache.py)
+# Importing the protocol runs stream/__init__.py, which points numba's cache at the right
+# directory (operators/numba_cache.py) before any kernel here is defined.
+import stream.transport.protocol  # noqa: F401, E402

@@ -11,9 +11,9 @@ from datetime import datetime
 
 import numpy as np
 
-from stream.protocol import Geometry
+from stream.transport.protocol import Geometry
 
-from .publisher import BindError, Publisher, prepare_sources, source_addresses
+from sim_detector.publisher import BindError, Publisher, prepare_sources, source_addresses
 
 
 class SimulateError(ValueError):
@@ -90,7 +90,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
-    from .specimens import SPECIMENS
+    from sim_detector.specimens import SPECIMENS
 
     p.formatter_class = _DefaultsFormatter
     p.epilog = ("Example: stemstream simulate --specimen mgo --scan 128x128 --dose 200 --rate 87000 "
@@ -157,8 +157,8 @@ def _check(args) -> None:
 
 def _models(args):
     """Specimen and simulation settings from the arguments and the specimen's presets."""
-    from .simulate import Beam, Detector, ScanSpec, presets
-    from .specimens import make_specimen
+    from sim_detector.simulate import Beam, Detector, ScanSpec, presets
+    from sim_detector.specimens import make_specimen
 
     params = {"size_A": args.size} if args.size else {}
     try:
@@ -188,7 +188,7 @@ def _geometry(sim) -> Geometry:
 
 def run_simulate(args) -> int:
     """Generate and publish every requested scan. Returns the exit code."""
-    from .simulate import simulate_scan
+    from sim_detector.simulate import simulate_scan
 
     def say(text):
         if not args.quiet:

@@ -17,7 +17,7 @@ import numba
 import numpy as np
 import zmq
 
-from stream.protocol import (Geometry, encode_abort, encode_end, encode_frames, encode_start)
+from stream.transport.protocol import (Geometry, encode_abort, encode_end, encode_frames, encode_start)
 
 
 class BindError(RuntimeError):

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import model
-from .expected import expected_signals
-from .sampling import FrameSampler, alias_table
-from .specimens import SPECIMENS, Specimen, make_specimen  # noqa: F401  (re-export)
-from .truth import Truth, find_columns
+from sim_detector import model
+from sim_detector.expected import expected_signals
+from sim_detector.sampling import FrameSampler, alias_table
+from sim_detector.specimens import SPECIMENS, Specimen, make_specimen  # noqa: F401  (re-export)
+from sim_detector.truth import Truth, find_columns
 
 MODEL_VERSION = "stemstream-emulator/1"
 

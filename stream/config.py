@@ -21,9 +21,9 @@ from operators.events import EventStore
 from operators.fused import fuse_operators
 from operators.virtual import VirtualDetectors, annulus_mask, check_masks, disk_mask, load_masks
 
-from .protocol import Geometry
-from .stages import check_stages
-from .tomo import check_series_params
+from stream.transport.protocol import Geometry
+from stream.stages.runner import check_stages
+from stream.stages.tomo import check_series_params
 
 
 class ConfigError(ValueError):
@@ -129,7 +129,7 @@ class StagesSpec:
 @dataclass
 class SeriesSpec:
     reconstruct: bool = False  # reconstruct every tilt series once all its scans are written
-    params: dict = field(default_factory=dict)  # reconstruct_series parameters (stream/tomo.py)
+    params: dict = field(default_factory=dict)  # reconstruct_series parameters (stream/stages/tomo.py)
 
 
 @dataclass
@@ -148,6 +148,11 @@ class PipelineConfig:
     stages: StagesSpec = field(default_factory=StagesSpec)
     series: SeriesSpec = field(default_factory=SeriesSpec)
     path: str | None = None  # where it was read from, for messages and provenance
+
+    def operators(self, geometry: Geometry) -> list:
+        """The operators of one scan (:func:`build_operators`): how a receiver, which knows
+        nothing of configuration files, builds them."""
+        return build_operators(self, geometry)
 
     def to_dict(self) -> dict:
         """Plain values for provenance (mask arrays summarised by shape)."""

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from sim_detector.publisher import Publisher, prepare_sources
-from stream.net import free_port_block
-from stream.protocol import Geometry, encode_abort, encode_end, encode_frames, encode_start
+from stream.transport.net import free_port_block
+from stream.transport.protocol import Geometry, encode_abort, encode_end, encode_frames, encode_start
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data of the repo
 TA_MODEL = SHARED_DATA / "aet-amorphous" / "Ta_film_atomic_model.mat"

@@ -14,7 +14,7 @@ import pytest
 from scipy.io import loadmat, savemat
 
 from conftest import TA_MODEL, needs_shared_data
-from stream.atoms import AtomFileError, read_atoms
+from stream.stages.atoms import AtomFileError, read_atoms
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """The ``stemstream`` command line, run for real in separate processes.
 
 Every process is started by the test with ``python -m stream.cli ...``, binds only 127.0.0.1 on
-ports found free (``stream.net.free_port_block``), runs in its own session (process group) and
+ports found free (``stream.transport.net.free_port_block``), runs in its own session (process group) and
 is killed, with everything it started, in a ``finally``.
 
 Expected numbers never come from the code under test: events are regenerated in this process
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from conftest import dense_frames
-from stream.net import free_port_block
+from stream.transport.net import free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "stream.cli"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stream.config import ConfigError, build_operators, load_config
-from stream.protocol import Geometry
+from stream.transport.protocol import Geometry
 
 G = Geometry((6, 7), (64, 64), mrad_per_px=0.5, convergence_mrad=10.0, center=(31.5, 31.5))
 

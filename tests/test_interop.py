@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import dense_scan
-from stream.interop import ExportError, export, export_stempy, import_stempy
-from stream.protocol import Geometry
-from stream.recording import open_recording
+from stream.files.interop import ExportError, export, export_stempy, import_stempy
+from stream.transport.protocol import Geometry
+from stream.files.recording import open_recording
 from test_recording import events, stored, write_stemstream, write_stempy
 
 GEOM = Geometry((6, 5), (16, 12), frames_per_position=2, flyback=1, mrad_per_px=0.5)

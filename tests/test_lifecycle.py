@@ -1,7 +1,7 @@
 """Scan tracker: when a scan closes, from receiver reports alone (no sockets, no dask)."""
 
-from stream.lifecycle import CLOSING, ScanTracker
-from stream.protocol import Geometry
+from stream.session.lifecycle import CLOSING, ScanTracker
+from stream.transport.protocol import Geometry
 
 G = Geometry((4, 5), (8, 8), n_sources=2)
 

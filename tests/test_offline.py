@@ -13,9 +13,9 @@ import pytest
 
 from conftest import dense_scan
 from stream.config import ApertureSpec, ConfigError, VirtualSpec, validate
-from stream.offline import frame_ranges, process_file
+from stream.session.offline import frame_ranges, process_file
 from stream.session import Session
-from stream.storage import ScanFileError
+from stream.files.storage import ScanFileError
 from test_pipeline import GEOM, assert_events_stored, config, synthetic_events
 from test_recording import write_stempy
 from test_replay import assert_same_file_contents, datasets

@@ -11,7 +11,7 @@ from operators.diffraction import DiffractionSum
 from operators.events import EventStore
 from operators.fused import FusedStreaming, _division_magic, fuse_operators
 from operators.virtual import VirtualDetectors, annulus_mask, disk_mask
-from stream.protocol import Geometry
+from stream.transport.protocol import Geometry
 
 try:
     from conftest import dense_scan

@@ -14,9 +14,9 @@ import pytest
 
 from stream.config import (ChunkingSpec, ComSpec, DetectorSpec, OutputSpec, PipelineConfig, ScanSpec,
                            VirtualSpec, validate)
-from stream.net import free_port_block
-from stream.offline import process_file
-from stream.protocol import Geometry
+from stream.transport.net import free_port_block
+from stream.session.offline import process_file
+from stream.transport.protocol import Geometry
 from stream.session import Session
 
 stempy_io = pytest.importorskip("stempy.io", reason="the peers extra (stempy) is not installed")
@@ -104,7 +104,7 @@ def test_libertem_loads_the_csr_export_and_sums_as_we_do(client2, tmp_path):
     from libertem.udf.masks import ApplyMasksUDF
     from libertem.udf.sum import SumUDF
 
-    from stream.interop import export_libertem_csr
+    from stream.files.interop import export_libertem_csr
     from test_recording import write_stempy
 
     g = Geometry((10, 12), (48, 48))

@@ -14,7 +14,7 @@ import pytest
 from conftest import dense_scan
 from stream.config import (ApertureSpec, ChunkingSpec, ComSpec, LiveSpec, MemorySpec, OutputSpec,
                            PipelineConfig, ScanSpec, VirtualSpec, validate)
-from stream.protocol import Geometry
+from stream.transport.protocol import Geometry
 from stream.session import Session
 
 GEOM = Geometry((12, 10), (40, 36), frames_per_position=2, flyback=1,
@@ -277,7 +277,7 @@ def test_abort_closes_the_scan_at_once(client2, scripted_source, tmp_path):
 def test_bad_messages_are_counted_and_change_nothing(client2, scripted_source, tmp_path):
     import msgpack
 
-    from stream.protocol import encode_frames
+    from stream.transport.protocol import encode_frames
     counts, indices = synthetic_events(GEOM, seed=8)
     src = scripted_source(1)
     good = encode_frames("good", 0, GEOM, 0, counts[:2], indices[:int(counts[:2].sum())])
@@ -345,8 +345,8 @@ def test_overlapping_and_back_to_back_scans_equal_scans_alone(client2, scripted_
 def test_live_results_fill_in_while_the_scan_runs(client2, scripted_source, tmp_path):
     import zmq
 
-    from stream import control
-    from stream.net import free_port_block
+    from stream.transport import control
+    from stream.transport.net import free_port_block
     counts, indices = synthetic_events(GEOM, seed=9)
     src = scripted_source(1)
     pub = f"tcp://127.0.0.1:{free_port_block(1)}"
@@ -515,14 +515,14 @@ def test_closing_right_after_the_last_frame_keeps_a_complete_scan_complete(clien
 
 
 def test_events_that_disagree_with_their_counts_refuse_the_file(tmp_path):
-    """In one process (stream.finalize.finalize_scan): a worker state whose stored events no
+    """In one process (stream.session.finalize.finalize_scan): a worker state whose stored events no
     longer match the counts the file's offsets were written from (a chunk lost after
     counting) fails with the frame named, and leaves no file, not even a partial one."""
     from operators.chunk import Chunk
     from stream.config import build_operators
-    from stream.finalize import _OPEN, ScanInfo, finalize_scan
-    from stream.protocol import frame_positions
-    from stream.receiver import WorkerScan
+    from stream.session.finalize import _OPEN, ScanInfo, finalize_scan
+    from stream.transport.protocol import frame_positions
+    from stream.transport.receiver import WorkerScan
 
     counts, indices = synthetic_events(GEOM, seed=6)
     cfg = config(tmp_path)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import zmq
 
-from stream import protocol as p
+from stream.transport import protocol as p
 
 GEOM = p.Geometry((4, 5), (16, 12), frames_per_position=2, n_sources=2, sector=(8, 16), flyback=1,
                   mrad_per_px=0.5, convergence_mrad=20.0, center=(7.5, 5.5))

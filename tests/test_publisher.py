@@ -8,8 +8,8 @@ import pytest
 import zmq
 
 from sim_detector.publisher import BindError, Publisher, prepare_sources, sector_rows
-from stream.net import free_port_block
-from stream.protocol import Geometry, decode
+from stream.transport.net import free_port_block
+from stream.transport.protocol import Geometry, decode
 
 
 def random_scan(rng, geometry, mean=30):

@@ -9,10 +9,10 @@ import pytest
 import zmq
 
 from conftest import dense_scan
-from stream import control
+from stream.transport import control
 from stream.config import ChunkingSpec, LiveSpec, PipelineConfig, ScanSpec, validate
-from stream.protocol import Geometry
-from stream.receiver import Receiver
+from stream.transport.protocol import Geometry
+from stream.transport.receiver import Receiver
 
 G = Geometry((6, 8), (24, 24), frames_per_position=1, n_sources=1, mrad_per_px=1.0,
              convergence_mrad=5.0, center=(11.5, 11.5))
@@ -86,21 +86,20 @@ def test_a_lone_message_is_processed_within_the_latency_bound(rig):
 
 
 def test_late_and_broken_messages_are_reported_and_the_receiver_goes_on(rig, monkeypatch):
-    import stream.receiver
-    from stream.protocol import encode_frames
+    from stream.transport.protocol import encode_frames
     src, rec, pull = rig()
     counts, indices = events(3)
     src.start("c", G)
     src.frames("c", G, counts, indices, only=range(5))
     reports(pull, lambda g: frames_reported(g) >= 5)
     rec.close_scan("c")
-    build = stream.receiver.build_operators
+    build = PipelineConfig.operators
 
     def build_or_fail(cfg, g):  # a bug anywhere while handling one message
         if g.scan_shape == (7, 7):
             raise RuntimeError("boom")
         return build(cfg, g)
-    monkeypatch.setattr(stream.receiver, "build_operators", build_or_fail)
+    monkeypatch.setattr(PipelineConfig, "operators", build_or_fail)
     src.frames("c", G, counts, indices, only=range(5, 7))                 # late
     src.send(0, [b"\x00garbage"])                                         # not msgpack
     src.send(0, encode_frames("bug", 0, Geometry((7, 7), (24, 24)), 0, np.array([1], np.uint32),
@@ -136,10 +135,11 @@ def test_live_snapshots_send_only_the_positions_that_changed(rig):
 WARM_UP_CHECK = """
 import numpy as np, numba, operators, pkgutil, importlib, sys
 from stream.config import PipelineConfig, build_operators
-from stream.protocol import Geometry, decode, encode_frames
-from stream.receiver import chunk_from_messages, warm_up
+from stream.transport.protocol import Geometry, decode, encode_frames
+from stream.session.worker import warm_up
+from stream.transport.receiver import chunk_from_messages
 
-mods = [importlib.import_module(f"operators.{m.name}") for m in pkgutil.iter_modules(operators.__path__)]
+mods = [importlib.import_module(m.name) for m in pkgutil.walk_packages(operators.__path__, "operators.")]
 kernels = {f"{m.__name__}.{k}": v for m in mods for k, v in vars(m).items()
            if isinstance(v, numba.core.registry.CPUDispatcher)}
 warm_up(PipelineConfig())

@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from stream.protocol import Geometry
-from stream.recording import open_recording
-from stream.storage import ScanFileError, write_scan
+from stream.transport.protocol import Geometry
+from stream.files.recording import open_recording
+from stream.files.storage import ScanFileError, write_scan
 
 GEOM = Geometry((6, 5), (16, 12), frames_per_position=2, flyback=1)
 

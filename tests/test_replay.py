@@ -16,8 +16,8 @@ import zmq
 from conftest import dense_scan
 from stream.config import (ChunkingSpec, DetectorSpec, OutputSpec, PipelineConfig, ScanSpec,
                            VirtualSpec, validate)
-from stream.net import free_port_block
-from stream.protocol import Geometry
+from stream.transport.net import free_port_block
+from stream.transport.protocol import Geometry
 from stream.session import Session
 from test_pipeline import BF_R, GEOM, assert_matches, config, reference, synthetic_events
 from test_recording import write_stempy
@@ -53,7 +53,7 @@ def live_scan_with_gaps(client, src, tmp_path):
     and source 1's part of frames 60-63 never arrives."""
     counts, indices = synthetic_events(GEOM, seed=11)
     from sim_detector.publisher import prepare_sources
-    from stream.protocol import encode_frames
+    from stream.transport.protocol import encode_frames
     sent = np.setdiff1d(np.arange(GEOM.n_frames), np.r_[30:42, 60:64])
     with Session(src.addresses, config=config(tmp_path / "live", timeout_s=1.5), client=client,
                  console=False) as s:

@@ -1,4 +1,4 @@
-"""Tilt series (stream/series.py, stream/tomo.py): the collector, reading the scans of a
+"""Tilt series (stream/stages/series.py, stream/stages/tomo.py): the collector, reading the scans of a
 series, and the whole reconstruction of an emulated Pt nanoparticle tilt series against the
 emulator's ground truth.
 
@@ -19,9 +19,9 @@ import pytest
 
 from operators.base import Result
 from sim_detector.specimens import A_PT, make_specimen, rotation_matrix
-from stream.series import SeriesCollector, projection_angles, series_key
-from stream.storage import write_scan
-from stream.tomo import check_series_params, read_series, reconstruct_series
+from stream.stages.series import SeriesCollector, projection_angles, series_key
+from stream.files.storage import write_scan
+from stream.stages.tomo import check_series_params, read_series, reconstruct_series
 
 try:
     from test_tomography import analytic_projections
@@ -301,7 +301,7 @@ def test_read_series_errors_name_the_file_and_the_fix(tmp_path):
 def test_tomo_command_reconstructs_every_series_among_the_files(tmp_path, capsys):
     import argparse
 
-    from stream.tomo import add_tomo_args, run_tomo
+    from stream.stages.tomo import add_tomo_args, run_tomo
 
     parser = argparse.ArgumentParser()
     add_tomo_args(parser)
@@ -482,7 +482,7 @@ def test_tilt_series_streamed_through_the_pipeline(client2, scripted_source, tmp
     is written, and traces >= 98 % of the true atoms within 0.3 Å with < 2 % false."""
     from sim_detector.simulate import Beam, Detector, ScanSpec, simulate_scan
     from stream.config import OutputSpec, PipelineConfig, ScanSpec as Timeouts, SeriesSpec, validate
-    from stream.protocol import Geometry
+    from stream.transport.protocol import Geometry
     from stream.session import Session
 
     spec = cut_particle(12.0)

@@ -22,7 +22,7 @@ import zmq
 
 from operators.chunk import Chunk
 from operators.events import EventStore
-from stream import control
+from stream.transport import control
 from stream.config import (
     ChunkingSpec,
     ConfigError,
@@ -32,9 +32,9 @@ from stream.config import (
     load_config,
     validate,
 )
-from stream.protocol import Geometry
-from stream.receiver import Receiver
-from stream.spill import SpilledChunk, SpillFile
+from stream.transport.protocol import Geometry
+from stream.transport.receiver import Receiver
+from stream.transport.spill import SpilledChunk, SpillFile
 
 NAMES = ("frames", "sources", "positions", "offsets", "indices")
 DTYPES = (np.int64, np.int16, np.int64, np.int64, np.uint32)
@@ -263,11 +263,11 @@ def test_a_spill_dir_that_fails_keeps_the_events_in_memory_and_says_so(rig, tmp_
 
 @pytest.mark.parametrize("configured", ["", "/somewhere/fast"])
 def test_the_plugin_spills_to_the_configured_or_the_worker_directory(monkeypatch, tmp_path, configured):
-    import stream.worker
-    monkeypatch.setattr(stream.worker, "warm_up", lambda config: 0.0)  # not what is tested here
-    monkeypatch.setattr(stream.worker.Receiver, "start", lambda self: None)
+    import stream.session.worker
+    monkeypatch.setattr(stream.session.worker, "warm_up", lambda config: 0.0)  # not what is tested here
+    monkeypatch.setattr(stream.session.worker.Receiver, "start", lambda self: None)
     cfg = validate(PipelineConfig(memory=MemorySpec(spill_dir=configured)))
-    plugin = stream.worker.ReceiverPlugin("p", ["tcp://127.0.0.1:1"], "tcp://127.0.0.1:2", cfg)
+    plugin = stream.session.worker.ReceiverPlugin("p", ["tcp://127.0.0.1:1"], "tcp://127.0.0.1:2", cfg)
     worker = SimpleNamespace(address="w", local_directory=str(tmp_path), executors={})
     asyncio.run(plugin.setup(worker))
     assert plugin.receiver.spill_dir == (configured or str(tmp_path))
@@ -308,8 +308,8 @@ def test_dropping_duplicates_puts_spilled_events_back_on_disk(tmp_path):
     """finalize.keep_owned_frames on a state whose chunks were spilled: the kept events are
     on disk again (not in memory), and they are exactly the owned frame parts."""
     from stream.config import build_operators
-    from stream.finalize import keep_owned_frames
-    from stream.receiver import WorkerScan
+    from stream.session.finalize import keep_owned_frames
+    from stream.transport.receiver import WorkerScan
 
     g = Geometry((4, 6), (16, 16), n_sources=2)
     ops = [op for op in build_operators(PipelineConfig(), g) if isinstance(op, EventStore)]

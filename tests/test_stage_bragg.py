@@ -1,4 +1,4 @@
-"""Bragg peaks of one pattern and their indexing (operators/bragg.py).
+"""Bragg peaks of one pattern and their indexing (operators/crystallography/bragg.py).
 
 References are independent of the code under test: published electron wavelengths,
 synthetic patterns of uniform disks drawn here with known centres and counts, the Poisson
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from operators.bragg import (PHASES, Phase, direct_beam, electron_wavelength_A,
-                             find_bragg_peaks, index_peaks, inv_A_per_px, li_ma_significance)
+from operators.crystallography.bragg import (PHASES, Phase, direct_beam, electron_wavelength_A,
+                                             find_bragg_peaks, index_peaks, inv_A_per_px, li_ma_significance)
 
 LAM_300 = 0.019687  # Å at 300 keV (e.g. Williams & Carter, Transmission Electron Microscopy)
 

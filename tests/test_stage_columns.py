@@ -1,4 +1,4 @@
-"""Atomic columns in 2D (operators/columns.py) against known answers and the emulator's truth.
+"""Atomic columns in 2D (operators/imaging/columns.py) against known answers and the emulator's truth.
 
 References: synthetic images drawn here from Gaussians at known sub-pixel positions (plus
 Poisson noise), known lattices and displacement fields, brute-force distances, and the true
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from operators.columns import (analyze_columns, find_candidates, fit_gaussians, fit_lattice,
-                               nearest_neighbour_distances, refine_com)
+from operators.imaging.columns import (analyze_columns, find_candidates, fit_gaussians, fit_lattice,
+                                       nearest_neighbour_distances, refine_com)
 
 PM_PER_A = 100.0
 

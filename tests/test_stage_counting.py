@@ -1,4 +1,4 @@
-"""Atom counting (operators/counting.py) against known counts and the emulator's truth.
+"""Atom counting (operators/imaging/atom_counting.py) against known counts and the emulator's truth.
 
 References: cross-sections drawn from known counts; the ICL and likelihood re-computed here
 from the documented formulas; the probability of a right count computed analytically from
@@ -15,9 +15,9 @@ import pytest
 from scipy.special import ndtr
 from scipy.stats import norm
 
-from operators.columns import analyze_columns
-from operators.counting import (alternating_class_counts, count_atoms,
-                                scattering_cross_sections)
+from operators.imaging.columns import analyze_columns
+from operators.imaging.atom_counting import (alternating_class_counts, count_atoms,
+                                             scattering_cross_sections)
 
 try:
     from test_stage_columns import lattice_image, match, mgo_scan, true_columns_px

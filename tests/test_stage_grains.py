@@ -1,4 +1,4 @@
-"""Per-grain diffraction (operators/grains.py, operators/peak_table.py).
+"""Per-grain diffraction (operators/crystallography/grains.py, operators/crystallography/peak_table.py).
 
 References: dense numpy re-computations written here, synthetic scans whose grains and
 Bragg spots are drawn here, and the emulator's ground truth (sim_detector.truth.Truth:
@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from operators.grains import (binned_positions, find_spots, grain_diffraction,
-                              segment_grains, spot_images)
-from operators.peak_table import (GRAIN_COLUMNS, PEAK_COLUMNS, peak_table,
-                                  write_peak_table_csv, write_peak_table_h5)
+from operators.crystallography.grains import (binned_positions, find_spots, grain_diffraction,
+                                              segment_grains, spot_images)
+from operators.crystallography.peak_table import (GRAIN_COLUMNS, PEAK_COLUMNS, peak_table,
+                                                  write_peak_table_csv, write_peak_table_h5)
 from sim_detector.simulate import Beam, Detector, ScanSpec, presets, simulate_scan
 from sim_detector.specimens import make_specimen
 

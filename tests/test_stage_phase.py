@@ -1,4 +1,4 @@
-"""iCoM phase (operators/phase.py) against analytic phase fields and the emulator's truth.
+"""iCoM phase (operators/imaging/phase.py) against analytic phase fields and the emulator's truth.
 
 References: analytic Gaussian bumps phi and their analytic gradient (the CoM field), mapped
 into a detector frame by the inverse of the com_from_sums convention written out here; the
@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from operators.com import com_from_sums
-from operators.phase import apply_rotation, find_scan_rotation, icom, integrate_gradient
+from operators.imaging.phase import apply_rotation, find_scan_rotation, icom, integrate_gradient
 
 try:
     from test_stage_columns import mgo_scan

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stream.config import ConfigError, PipelineConfig, StagesSpec, load_config, validate
-from stream.stages import run_stages
+from stream.stages.runner import run_stages
 from test_recording import GEOM as REC_GEOM
 from test_recording import events, stored, write_stemstream
 
@@ -130,7 +130,7 @@ def test_grains_stage_after_a_live_scan_of_the_cluster_specimen(client2, scripte
     from types import SimpleNamespace
 
     from stream.config import OutputSpec
-    from stream.protocol import Geometry
+    from stream.transport.protocol import Geometry
     from stream.session import Session
     from test_stage_grains import check_against_truth, emulated_cluster
     _, sim, _ = emulated_cluster(seed=0)

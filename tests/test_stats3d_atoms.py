@@ -7,11 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from operators import (coordination, depth_profile, displacement, lattices,
-                       pair_distribution, sample_windows)
-from operators.atom_tables import (COLUMNS, atom_statistics, write_csv, write_hdf5,
-                                   write_histograms, write_summary_csv)
-from operators.neighbors import neighbor_list
+from operators.structure import (coordination, depth_profile, displacement, lattices,
+                                 pair_distribution, sample_windows)
+from operators.structure.atom_tables import (COLUMNS, atom_statistics, write_csv, write_hdf5,
+                                             write_histograms, write_summary_csv)
+from operators.structure.neighbors import neighbor_list
 
 from conftest import TA_MODEL, needs_shared_data
 
@@ -220,7 +220,7 @@ def test_displacement_fit_with_noise():
 
 def test_displacement_fit_in_the_tracing_convention():
     """Volume indexed [z, y, x], positions (x, y, z) Å from the centre voxel (nz//2, ny//2,
-    nx//2), as operators.tracing returns them: the default."""
+    nx//2), as operators.tomography.tracing returns them: the default."""
     vol_xyz, voxel, centres, rots = displacement_case()
     vol = vol_xyz.transpose(2, 1, 0)  # [x, y, z] -> [z, y, x]
     centre_voxel = np.array(vol.shape) // 2  # (z, y, x)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.spatial import Delaunay
 
-from operators.motifs import atom_motif_counts, find_motifs, motif_summary
+from operators.structure.motifs import atom_motif_counts, find_motifs, motif_summary
 
 from conftest import TA_MODEL, needs_shared_data
 from test_stats3d_order import icosahedron

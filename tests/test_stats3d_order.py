@@ -4,8 +4,8 @@ data README, and the neighbour lists underneath."""
 import numpy as np
 import pytest
 
-from operators.neighbors import nearest_distance, neighbor_list
-from operators.order3d import bond_orientational_order
+from operators.structure.neighbors import nearest_distance, neighbor_list
+from operators.structure.order3d import bond_orientational_order
 
 from conftest import TA_MODEL, needs_shared_data
 

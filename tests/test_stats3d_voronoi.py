@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.spatial import ConvexHull, Voronoi
 
-from operators.voronoi import index_histogram, voronoi_indices
+from operators.structure.voronoi import index_histogram, voronoi_indices
 
 from test_stats3d_order import bcc, central, fcc, hcp, icosahedron
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from operators.base import Result
-from stream.storage import ScanFileError, describe, write_scan
+from stream.files.storage import ScanFileError, describe, write_scan
 
 
 def fields(scan_id="s1", n_events=10):
@@ -107,7 +107,7 @@ def test_every_level_writes_standard_gzip_that_h5py_reads_back(tmp_path, level):
 def test_events_appended_in_any_blocks_read_back_whole(tmp_path, monkeypatch, level):
     """ScanWriter: events appended in blocks that do not fit the HDF5 chunks (7-event chunks
     here, blocks of 0..20 events) read back as the whole array, in standard gzip chunks."""
-    import stream.storage as storage
+    import stream.files.storage as storage
     monkeypatch.setattr(storage, "EVENTS_CHUNK", 7)
     rng = np.random.default_rng(3)
     f = fields(n_events=100)
@@ -124,7 +124,7 @@ def test_events_appended_in_any_blocks_read_back_whole(tmp_path, monkeypatch, le
 
 
 def test_a_writer_with_too_few_or_too_many_events_keeps_nothing(tmp_path):
-    from stream.storage import ScanWriter
+    from stream.files.storage import ScanWriter
     f = fields(n_events=10)
     indices = f.pop("indices")
     with pytest.raises(ValueError, match="9 events written, the offsets announce 10"):
@@ -141,7 +141,7 @@ def test_a_writer_with_too_few_or_too_many_events_keeps_nothing(tmp_path):
 def test_blocks_compressed_elsewhere_make_the_same_file(tmp_path, monkeypatch, level):
     """compress_block on arbitrary cuts (inside one chunk, on boundaries, across several,
     the short last chunk), put_block in order: the events read back whole."""
-    import stream.storage as storage
+    import stream.files.storage as storage
     monkeypatch.setattr(storage, "EVENTS_CHUNK", 7)
     f = fields(n_events=100)
     f["compression_level"] = level

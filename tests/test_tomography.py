@@ -1,4 +1,4 @@
-"""Projector, alignment and RESIRE reconstruction (operators/projector.py, tomography.py).
+"""Projector, alignment and RESIRE reconstruction (operators/tomography/projector.py, tomography.py).
 
 References: scipy's Euler rotations, analytic projections of Gaussian atoms (a 3D Gaussian
 projects to a 2D Gaussian), a brute-force numpy projector written here, the emulator's own
@@ -13,10 +13,10 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from conftest import SHARED_DATA
-from operators.projector import backproject, project, rotation_matrices
-from operators.tomography import (align_projections, extended_volume_shape, plot_r_factor,
-                                  resire, shift_images)
-from operators.tracing import trace_atoms
+from operators.tomography.projector import backproject, project, rotation_matrices
+from operators.tomography.reconstruct import (align_projections, extended_volume_shape, plot_r_factor,
+                                              resire, shift_images)
+from operators.tomography.tracing import trace_atoms
 from sim_detector.specimens import make_specimen
 
 try:

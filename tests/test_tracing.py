@@ -1,4 +1,4 @@
-"""Atom tracing in a volume (operators/tracing.py) against volumes built from known atoms.
+"""Atom tracing in a volume (operators/tomography/tracing.py) against volumes built from known atoms.
 
 References are independent of the code under test: volumes are sums of analytic Gaussians at
 atom positions of the emulator's fcc Pt particle (sim_detector.specimens), matches are made
@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from operators.tracing import otsu_threshold, refine_peaks, simulate_atoms, trace_atoms
+from operators.tomography.tracing import otsu_threshold, refine_peaks, simulate_atoms, trace_atoms
 from sim_detector.specimens import A_PT, make_specimen
 
 VOX = 0.4  # Å

@@ -1,0 +1,601 @@
+"""A processing session: receivers on a dask cluster, the scan coordinator, live results.
+
+    from stream.session import Session
+
+    if __name__ == "__main__":        # the local cluster starts worker processes
+        with Session(connect=["tcp://127.0.0.1:6001"], out="out") as s:
+            r = s.wait()              # the next scan to finish, as a ScanResult
+            r.results["bf"]           # (ny, nx) bright-field image
+
+The session starts a LocalCluster (or joins ``scheduler``), installs a receiver in every
+worker, follows each scan from the receivers' reports, and finalizes every closed scan with
+tasks on the workers that hold its state. Bulk data never reaches this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dask
+import numpy as np
+import zmq
+
+from stream.session import cluster
+from stream.transport import control
+from stream.config import ConfigError, PipelineConfig, build_operators, load_config, validate
+from stream.session.finalize import ScanInfo, ScanResult, finalize_on_cluster
+from stream.session.lifecycle import DONE, ScanStatus, ScanTracker
+from stream.files.previews import write_scan_previews
+from stream.stages.series import SeriesCollector
+from stream.stages.runner import run_stages
+from stream.stages.tomo import reconstruct_series
+from stream.session.worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker
+
+log = logging.getLogger("stemstream.session")
+LIVE_PROTO = "stemstream-live/1"
+KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
+
+
+def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
+    """Check ``tcp://HOST:PORT`` addresses; with ``sources`` N each becomes the N addresses
+    PORT … PORT+N−1 (as ``stemstream simulate --sources N`` binds them)."""
+    out = []
+    for addr in connect:
+        parts = urlsplit(addr)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "tcp" or not parts.hostname or port is None:
+            raise ValueError(f"--connect {addr!r} must look like tcp://HOST:PORT, e.g. tcp://127.0.0.1:6001")
+        if port + sources - 1 > 65535:
+            raise ValueError(f"--connect {addr!r} with {sources} sources goes beyond port 65535")
+        out += [f"tcp://{parts.hostname}:{port + k}" for k in range(sources)]
+    return out
+
+
+class Console:
+    """Progress lines: one per active scan about once a second, and one per finished scan."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self._last = 0.0
+        self._seen: dict[str, tuple[float, int]] = {}  # scan -> (time, frames) at the last line
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def progress(self, scans: list[ScanStatus]) -> None:
+        now = time.time()
+        if not self.enabled or now - self._last < 1.0:
+            return
+        self._last = now
+        for st in scans:
+            if st.geometry is None:
+                continue
+            t0, f0 = self._seen.get(st.scan_id, (st.opened, 0))
+            rate = (st.frames_received - f0) / max(1e-9, now - t0)  # since the last line
+            self._seen[st.scan_id] = (now, st.frames_received)
+            waiting = f"  waiting for {st.missing_so_far():,} frames the sources sent" \
+                if st.all_ended and st.missing_so_far() > 0 else ""
+            self.say(f"[{st.scan_id}] {st.frames_received:>9,}/{st.n_frames:,} frames "
+                     f"({100 * st.frames_received / st.n_frames:5.1f}%)  {st.events / 1e6:8.2f} M e-  "
+                     f"{rate / 1e3:7.1f} kframes/s  duplicated {st.duplicates:,}  "
+                     f"rejected {st.rejects:,}{waiting}")
+
+    def forget(self, scan_id: str) -> None:
+        self._seen.pop(scan_id, None)
+
+
+class Session:
+    """Process every scan that arrives from the given sources until closed.
+
+    connect: source addresses the receivers connect to (see ``expand_sources``).
+    config: a PipelineConfig or a path to a TOML file; ``out``, ``scheduler`` and ``workers``
+        override its [output] dir and [cluster] settings.
+    client: an existing distributed.Client to use (the session neither starts nor stops it).
+        Two sessions on one cluster must receive from different sources.
+    ``wait()`` returns each finished scan's ScanResult with its images; ``results`` keeps the
+    images of the last 16 scans only (a session may run for weeks).
+    Raises ConfigError for a configuration or address it cannot use.
+    """
+
+    def __init__(self, connect: list[str], out: str | None = None,
+                 config: PipelineConfig | str | None = None, scheduler: str | None = None,
+                 workers: int | None = None, client=None, console: bool = True):
+        cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+        if out is not None:
+            cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
+        if scheduler is not None or workers is not None:
+            cfg = replace(cfg, cluster=replace(cfg.cluster, scheduler=scheduler or cfg.cluster.scheduler,
+                                               workers=workers or cfg.cluster.workers))
+        self.config = validate(cfg)
+        if not connect:
+            raise ConfigError("no source to connect to: give at least one --connect tcp://HOST:PORT")
+        try:
+            self.connect = expand_sources(connect)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.console = Console(console)
+        self._client = client
+        self._own_client = client is None
+        self._cluster = None
+        self._ctx = self._pull = self._pub = None
+        self._tracker = ScanTracker(cfg.scan.timeout_s)
+        self._results: dict[str, ScanResult] = {}
+        self._order: list[str] = []
+        self._waited: set[str] = set()
+        self._cond = threading.Condition()
+        self._live: dict[str, dict[str, dict]] = {}  # scan -> worker -> state arrays
+        self._live_ops: dict[str, list] = {}
+        self._live_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # PUB messages from other threads
+        self._late_warned: set[str] = set()
+        self._stop = threading.Event()
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stemstream-finalize")
+        self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
+        self._thread = None
+        self._failure: BaseException | None = None
+        self._stage_runs: dict[str, object] = {}  # scan id -> future of its stages (last KEEP_RESULTS)
+        self.series = SeriesCollector()  # tilt series being collected (stream/stages/series.py)
+        self._series_runs: dict[str, object] = {}  # series id -> future of its reconstruction
+        self.workers: list[str] = []
+
+    # -------------------------------------------------------------- start / stop
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self) -> "Session":
+        """Start (or join) the cluster, install the receivers, start coordinating."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
+                         f"{', '.join(self.connect)}; writing to {self.config.output.dir}")
+        return self
+
+    def _start(self) -> None:
+        out = Path(self.config.output.dir)
+        try:  # fail now, not at the end of the first scan
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".stemstream-write-test").touch()
+            (out / ".stemstream-write-test").unlink()
+        except OSError as e:
+            raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
+        if self._client is None:
+            self._client, self._cluster = cluster.connect(self.config.cluster)
+        host = self._control_host()
+        self._ctx = zmq.Context()
+        self._pull = self._ctx.socket(zmq.PULL)
+        port = self._pull.bind_to_random_port(f"tcp://{host}")
+        self.control_address = f"tcp://{host}:{port}"
+        if self.config.live.publish:
+            self._pub = self._ctx.socket(zmq.PUB)
+            try:
+                self._pub.bind(self.config.live.publish)
+            except zmq.ZMQError as e:
+                raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
+                                  f"{e.strerror}; choose another --publish address") from None
+        plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config)
+        self._client.register_plugin(plugin, name=self._plugin_name)
+        self.workers = sorted(self._client.scheduler_info()["workers"])
+        self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
+        self._thread.start()
+
+    def _control_host(self) -> str:
+        """The address workers can reach this process at."""
+        if self._cluster is not None:
+            return "127.0.0.1"
+        from distributed.utils import get_ip
+        sched = urlsplit(self._client.scheduler.address.replace("tcp://", "http://")).hostname
+        return "127.0.0.1" if sched in ("127.0.0.1", "localhost") else get_ip(sched)
+
+    def close(self) -> None:
+        """Stop receiving. Reports already sent are read first; then scans still receiving
+        are closed with what arrived (written as incomplete, reason 'the session stopped');
+        scans already closing are finished first."""
+        if self._thread is not None and self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(30)
+        if self._pull is not None and not (self._thread and self._thread.is_alive()):
+            self._drain_reports()  # this thread owns the sockets from here on
+            for st in self._tracker.due():
+                self._executor.submit(self._finalize, st)
+            for st in self._tracker.active():
+                self._tracker.close(st, "closed")
+                self._executor.submit(self._finalize, st)
+        self._executor.shutdown(wait=True)
+        for scan_id, fut in list(self._stage_runs.items()) + list(self._series_runs.items()):  # they write files
+            try:
+                fut.result(timeout=self.config.scan.finalize_timeout_s)
+            except Exception as e:  # noqa: BLE001 - reported, closing anyway
+                self.console.say(f"WARNING [{scan_id}] stages did not finish: {type(e).__name__}: {e}")
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        while self._pub is not None and not self._outbox.empty():  # the last 'done' messages
+            self._pub.send_multipart(self._outbox.get())
+        if self._client is not None and self._thread is not None:
+            try:
+                self._client.unregister_worker_plugin(self._plugin_name)
+            except Exception as e:  # noqa: BLE001 - shutting down anyway
+                log.debug("unregistering the receiver plugin failed: %s", e)
+        for sock in (self._pull, self._pub):
+            if sock is not None:
+                sock.close(linger=1000)
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._own_client and self._client is not None:
+            self._client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+
+    def _drain_reports(self, quiet_s: float = 0.3) -> None:
+        """Handle every report already on its way (until ``quiet_s`` without one)."""
+        while self._pull.poll(int(quiet_s * 1000)):
+            while True:
+                try:
+                    parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle_report(parts, set())
+
+    # -------------------------------------------------------------- results
+    def wait(self, scan_id: str | None = None, timeout: float | None = None) -> ScanResult:
+        """The ScanResult of ``scan_id``, or of the next finished scan not yet waited for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if scan_id is not None and scan_id in self._results:
+                    self._waited.add(scan_id)
+                    return self._results[scan_id]
+                if scan_id is None:
+                    for sid in self._order:
+                        if sid not in self._waited:
+                            self._waited.add(sid)
+                            return self._results[sid]
+                if self._closed:
+                    raise RuntimeError("the session is closed: no more scans will finish")
+                if self._failure is not None:
+                    raise RuntimeError(f"the session's coordinator stopped: {self._failure!r}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no finished scan {scan_id or ''} within {timeout} s")
+                self._cond.wait(min(remaining, 1.0) if remaining is not None else 1.0)
+
+    def wait_stages(self, scan_id: str, timeout: float | None = None) -> list:
+        """The StageReports of a finished scan's stages (stream/stages/runner.py), once they ran."""
+        self.wait(scan_id, timeout)
+        fut = self._stage_runs.get(scan_id)
+        if fut is None:
+            return []
+        return fut.result(timeout=timeout)
+
+    @property
+    def results(self) -> dict[str, ScanResult]:
+        with self._cond:
+            return dict(self._results)
+
+    def status(self) -> list[dict]:
+        """Plain-value status of every scan seen (for dashboards and tests)."""
+        return [{"scan_id": s.scan_id, "state": s.state, "frames_received": s.frames_received,
+                 "n_frames": s.n_frames, "events": s.events, "missing_so_far": s.missing_so_far(),
+                 "duplicates": s.duplicates, "worker_events": dict(s.worker_events)}
+                for s in list(self._tracker.scans.values())]
+
+    def rejects(self) -> dict[str, int]:
+        """Rejected messages so far, by reason (docs/PROTOCOL.md)."""
+        return dict(self._tracker.rejects)
+
+    def live(self, scan_id: str) -> dict[str, np.ndarray]:
+        """Partial results of a scan that is still running (merged over workers)."""
+        states = {}
+        with self._live_lock:  # the workers' arrays are updated in place under this lock
+            ops = self._live_ops.get(scan_id)
+            for arrays in self._live.get(scan_id, {}).values():
+                for key, value in arrays.items():
+                    if key not in states:
+                        states[key] = value.copy()
+                    elif states[key].shape == value.shape:  # (receivers that disagreed on the
+                        states[key] += value                  # geometry are not merged)
+        out = {}
+        for op in ops or []:
+            state = {k.split("/", 1)[1]: v for k, v in states.items() if k.startswith(op.name + "/")}
+            if state.keys() == op.state_kinds.keys():
+                out.update({name: r.data for name, r in op.finalize(state).items()})
+        return out
+
+    # -------------------------------------------------------------- the coordinator loop
+    def _loop(self) -> None:
+        try:
+            self._coordinate()
+        except BaseException as e:  # noqa: BLE001 - reported through wait()
+            log.exception("the coordinator stopped")
+            self._failure = e
+            self.console.say(f"ERROR: the coordinator stopped: {type(e).__name__}: {e}")
+            with self._cond:
+                self._cond.notify_all()
+
+    def _coordinate(self) -> None:
+        live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
+        next_live = next_forget = time.monotonic()
+        warned = set()
+        while not self._stop.is_set():
+            try:
+                if self._pull.poll(50):
+                    for _ in range(1000):
+                        try:
+                            parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle_report(parts, warned)
+                for st in self._tracker.due():
+                    self._executor.submit(self._finalize, st)
+                self.console.progress(self._tracker.active())
+                now = time.monotonic()
+                if live_period and now >= next_live:
+                    next_live = now + live_period
+                    self._publish_live()
+                if now >= next_forget:
+                    next_forget = now + 10
+                    self._tracker.forget_done()
+                while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
+                    parts = self._outbox.get()
+                    if self._pub is not None:
+                        self._pub.send_multipart(parts)
+            except Exception as e:  # noqa: BLE001 - the coordinator must go on
+                log.exception("coordinator turn failed")
+                if type(e).__name__ not in warned:
+                    warned.add(type(e).__name__)
+                    self.console.say(f"WARNING: coordinator error (the session goes on): {e!r}")
+
+    def _handle_report(self, parts, warned: set) -> None:
+        try:
+            self._on_report(*control.decode(parts), warned)
+        except Exception as e:  # noqa: BLE001 - one odd report must not stop the session
+            log.exception("a receiver report could not be handled")
+            self._tracker.rejects["bad_report"] = self._tracker.rejects.get("bad_report", 0) + 1
+            if "bad_report" not in warned:
+                warned.add("bad_report")
+                self.console.say(f"WARNING: a receiver report could not be handled: {e!r}")
+
+    def _on_report(self, report: dict, arrays: dict, warned: set) -> None:
+        kind = report["kind"]
+        if kind == "live":
+            self._on_live(report, arrays)
+            return
+        if kind == "reject":
+            reason, sid = report["reason"], report.get("scan_id")
+            if reason == "late" and sid not in self._late_warned:
+                self._late_warned.add(sid)
+                self.console.say(f"WARNING: messages of scan {sid} arrive after it was closed and are "
+                                 "dropped (after an abort or a failure, a stale stream, or a scan id "
+                                 "used twice)")
+            elif reason != "late" and reason not in warned:
+                warned.add(reason)
+                self.console.say(f"WARNING: rejected a message ({reason}): {report['detail']} "
+                                 "(further rejects of this kind are counted, not shown)")
+        if kind in ("geometry", "start") and self._tracker.finished(report["scan_id"]):
+            # a worker that joined after the scan closed saw a stale message: close it there
+            from distributed import fire_and_forget
+            fire_and_forget(self._client.submit(close_on_worker, self._plugin_name, report["scan_id"],
+                                                workers=[report["worker"]], pure=False))
+            return
+        st = self._tracker.handle(report)
+        if kind == "abort" and st is not None:
+            self.console.say(f"[{st.scan_id}] aborted by source {report['source']}: {report.get('reason')}")
+
+    def _on_live(self, report: dict, arrays: dict) -> None:
+        """Keep each worker's partial state; scan-shaped arrays arrive as the positions
+        lo:hi that changed since that worker's previous snapshot."""
+        sid = report["scan_id"]
+        st = self._tracker.scans.get(sid)
+        if st is None or st.geometry is None:
+            return
+        with self._live_lock:
+            if st.state != "receiving":
+                return
+            if sid not in self._live_ops:
+                try:
+                    self._live_ops[sid] = [op for op in build_operators(self.config, st.geometry) if op.live]
+                except ValueError:
+                    self._live_ops[sid] = []
+            held = self._live.setdefault(sid, {}).setdefault(report["worker"], {})
+            lo, hi, n_pos = report["lo"], report["hi"], st.geometry.n_positions
+            for key, value in arrays.items():
+                if key in report["nav"]:
+                    if key not in held:
+                        held[key] = np.zeros(value.shape[:-1] + (n_pos,), value.dtype)
+                    held[key][..., lo:hi] = value
+                else:
+                    held[key] = value
+
+    def _publish_live(self) -> None:
+        if self._pub is None:
+            return
+        for st in self._tracker.active():
+            images = self.live(st.scan_id)
+            if images:
+                header = {"proto": LIVE_PROTO, "kind": "live", "scan_id": st.scan_id,
+                          "frames_received": st.frames_received, "n_frames": st.n_frames,
+                          "events": st.events, "missing_so_far": st.missing_so_far()}
+                self._pub.send_multipart(control.encode(header, images))
+
+    # -------------------------------------------------------------- finalization
+    def _finalize(self, st: ScanStatus) -> None:
+        try:
+            result = self._run_finalize(st)
+        except Exception as e:  # noqa: BLE001 - reported, and the session goes on
+            log.exception("finalizing scan %s failed", st.scan_id)
+            result = ScanResult(st.scan_id, None, "failed", f"finalize failed: {type(e).__name__}: {e}")
+        self._start_stages(result)  # before wait() can return: wait_stages() then finds them
+        self._feed_series(result, st.metadata)
+        with self._live_lock:
+            st.state = DONE
+            self._live.pop(st.scan_id, None)
+            self._live_ops.pop(st.scan_id, None)
+        st.release()
+        self._report_result(result)
+        with self._cond:
+            self._results[st.scan_id] = result
+            self._order.append(st.scan_id)
+            for old in self._order[-KEEP_RESULTS - 1:-KEEP_RESULTS]:  # a session may run for weeks:
+                self._results[old] = replace(self._results[old], results={})  # the caller's copy stays whole
+            self._cond.notify_all()
+        self.console.forget(st.scan_id)
+        self._write_previews(result)
+
+    def _run_finalize(self, st: ScanStatus) -> ScanResult:
+        """Close the scan on every worker (its state stays there), then finalize it with the
+        worker that processed most of its electrons as the writer: the others' states travel
+        to it, their events block by block."""
+        from distributed import wait
+
+        client = self._client
+        workers = sorted(client.scheduler_info()["workers"])
+        closed = [client.submit(close_on_worker, self._plugin_name, st.scan_id, workers=[w],
+                                allow_other_workers=False, pure=False) for w in workers]
+        timeout = self.config.scan.finalize_timeout_s
+        if st.geometry is None:  # nothing but rejects or an abort before any geometry
+            wait(closed, timeout=timeout)  # the workers forget the scan; nothing comes here
+            why = st.errors[0] if st.errors else f"aborted by the source: {st.abort_reason}" \
+                if st.abort_reason else "no valid message gave its geometry"
+            return ScanResult(st.scan_id, None, "failed", f"closed ({st.close_reason}): {why}")
+        writer = max(workers, key=lambda w: st.worker_events.get(w, 0))
+        info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
+                        dict(st.frames_sent), st.rejects,
+                        {"opened": st.opened, "first_frame": st.first_frame_time,
+                         "last_frame": st.last_frame_time, "closed": st.closed_time}, workers,
+                        errors=list(st.errors))
+        return finalize_on_cluster(client, info, self.config, dict(zip(workers, closed)), writer, timeout)
+
+    def _report_result(self, r: ScanResult) -> None:
+        if r.status == "failed":
+            self.console.say(f"ERROR [{r.scan_id}] {r.reason}")
+        else:
+            t = r.timings
+            span = (t.get("last_frame") or 0) - t["opened"]  # first message to last frame processed
+            rate = f"processed at {r.frames_received / span / 1e3:.1f} kframes/s" if span > 0 else "-"
+            written = f"{r.path} written" + (f" {t['written'] - t['last_frame']:.2f} s after the last frame"
+                                             if t.get("last_frame") else "")
+            why = "" if r.status == "complete" else f" ({r.reason})"
+            self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "
+                             f"{r.events / 1e6:.2f} M e- ({rate}); {written}{why}")
+            if r.n_missing:
+                self.console.say(f"WARNING [{r.scan_id}] {r.n_missing:,} frames never arrived: "
+                                 f"{_ranges_text(r.missing_ranges)}; see /completeness in {r.path}")
+            if r.n_duplicated:
+                self.console.say(f"WARNING [{r.scan_id}] {r.n_duplicated:,} frames arrived more "
+                                 f"than once and were counted once: {_ranges_text(r.duplicated_ranges)}")
+        header = {"proto": LIVE_PROTO, "kind": "done", "scan_id": r.scan_id, "status": r.status,
+                  "reason": r.reason, "path": str(r.path), "frames_received": r.frames_received,
+                  "n_frames": r.n_frames, "events": r.events}
+        self._outbox.put(control.encode(header))
+
+    def _start_stages(self, r: ScanResult) -> None:
+        """The configured stages as one task on the cluster, in each worker's own stage thread
+        (stream.session.worker.STAGE_EXECUTOR): a long stage never delays closing and writing the next
+        scan, which run in the worker's task thread; receivers are threads of their own."""
+        stages = self.config.stages
+        if not stages.run or r.path is None:
+            return
+        with dask.annotate(executor=STAGE_EXECUTOR):  # not the task thread that closes and writes scans
+            fut = self._client.submit(run_stages, str(r.path), list(stages.run), dict(stages.params),
+                                      self.config.output.previews, pure=False, priority=-10)
+        self._stage_runs[r.scan_id] = fut
+        for old in list(self._stage_runs)[:-KEEP_RESULTS]:
+            if self._stage_runs[old].done():
+                del self._stage_runs[old]
+
+        def report(f, scan_id=r.scan_id):
+            try:
+                reports = f.result()
+            except Exception as e:  # noqa: BLE001 - the task itself failed (file unreadable, lost worker)
+                self.console.say(f"ERROR [{scan_id}] stages failed: {type(e).__name__}: {e}")
+                return
+            for rep in reports:
+                if rep.status == "ok":
+                    self.console.say(f"[{scan_id}] stage {rep.name}: {rep.headline} ({rep.seconds:.1f} s)")
+                else:
+                    self.console.say(f"ERROR [{scan_id}] stage {rep.name} {rep.status}: {rep.error}")
+        fut.add_done_callback(report)
+
+    def _feed_series(self, r: ScanResult, metadata: dict) -> None:
+        """Collect scans of tilt series; reconstruct a series when its last scan is written."""
+        if not self.config.series.reconstruct or r.path is None or r.status == "failed":
+            return
+        try:
+            done = self.series.add(r.scan_id, r.path, metadata)
+        except ValueError as e:
+            self.console.say(f"WARNING [{r.scan_id}] not added to its tilt series: {e}")
+            return
+        if done is not None:
+            self.reconstruct_series(done)
+
+    def reconstruct_series(self, series):
+        """Reconstruct a collected tilt series (complete, or taken early with
+        ``session.series.take(series_id)``) as a task in a worker's stage thread."""
+        kw = {**self.config.series.params, "previews": self.config.output.previews}
+        with dask.annotate(executor=STAGE_EXECUTOR):
+            fut = self._client.submit(reconstruct_series, [str(p) for p in series.paths],
+                                      str(self.config.output.dir), **kw, pure=False, priority=-20)
+        self._series_runs[series.series_id] = fut
+        self.console.say(f"[{series.series_id}] {series.describe()}: reconstructing")
+
+        def report(f, sid=series.series_id):
+            try:
+                res = f.result()
+            except Exception as e:  # noqa: BLE001 - reported, the session goes on
+                self.console.say(f"ERROR [{sid}] tilt series failed: {type(e).__name__}: {e}")
+                return
+            self.console.say(f"[{sid}] tomo: {res.headline}")
+            for w in res.warnings:
+                self.console.say(f"WARNING [{sid}] {w}")
+        fut.add_done_callback(report)
+        return fut
+
+    def wait_series(self, series_id: str, timeout: float | None = None):
+        """The SeriesResult of a tilt series' reconstruction (it must have started)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while series_id not in self._series_runs:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"tilt series {series_id} did not start within {timeout} s")
+            time.sleep(0.2)
+        return self._series_runs[series_id].result(
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _write_previews(self, r: ScanResult) -> None:
+        """PNG previews, here rather than on the writer worker: they are not needed for the
+        file to be complete, and this process is otherwise idle."""
+        if not self.config.output.previews or r.path is None:
+            return
+        try:
+            r.previews = write_scan_previews(r)
+        except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
+            log.exception("previews of scan %s failed", r.scan_id)
+            self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
+
+
+def _ranges_text(ranges, limit: int = 8) -> str:
+    """'3-7, 12, 40-41' from [first, stop) runs, shortened after ``limit`` runs."""
+    parts = [f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in ranges]
+    more = f", ... ({len(parts) - limit} more ranges)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more

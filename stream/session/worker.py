@@ -1,0 +1,88 @@
+"""What runs inside each dask worker: the receiver plugin, and the task that takes a closed
+scan's state from the receiver that holds it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from distributed import get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from stream.config import PipelineConfig, build_operators
+from stream.transport.protocol import Geometry, decode, encode_frames
+from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
+
+STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstream stages run in
+
+
+class ReceiverPlugin(WorkerPlugin):
+    """Starts a :class:`Receiver` in every worker (also in workers that join later)."""
+
+    def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig):
+        self.name = name
+        self.connect = connect
+        self.control_address = control_address
+        self.config = config
+        self.receiver: Receiver | None = None
+
+    async def setup(self, worker):
+        # compile the kernels before the first frame, off the worker's event loop
+        await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
+        self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
+                                 spill_dir=self.config.memory.spill_dir or worker.local_directory)
+        self.receiver.start()
+        if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
+            worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)
+
+    def teardown(self, worker):
+        if self.receiver is not None:
+            self.receiver.stop()
+
+
+def _receiver(plugin_name: str) -> Receiver:
+    plugin = get_worker().plugins.get(plugin_name)
+    if plugin is None or plugin.receiver is None:
+        raise RuntimeError(f"no stemstream receiver {plugin_name!r} on worker {get_worker().address}")
+    return plugin.receiver
+
+
+def close_on_worker(plugin_name: str, scan_id: str) -> WorkerScan:
+    """Close ``scan_id`` on this worker's receiver; the result stays on this worker."""
+    return _receiver(plugin_name).close_scan(scan_id)
+
+
+def warm_up(config: PipelineConfig) -> float:
+    """Compile (or load from numba's cache) the kernels of this configuration's operators on a
+    tiny synthetic scan; returns the seconds it took.
+
+    Without it the first chunk of the first scan waits for the compiler (seconds, tens of
+    seconds on a busy machine with a cold cache) while frames queue at the detector and the
+    coordinator hears nothing from this receiver. A configuration that does not fit the
+    synthetic scan (apertures drawn for a larger scan, say) warms the default operators,
+    which share the kernels."""
+    t0 = time.perf_counter()
+    g = Geometry((8, 8), (64, 64), center=(32.0, 32.0), mrad_per_px=1.0, convergence_mrad=10.0)
+    try:
+        operators = build_operators(config, g)
+    except ValueError:
+        operators = build_operators(PipelineConfig(), g)
+    rng = np.random.default_rng(0)
+    half = g.n_frames // 2
+    counts = rng.integers(0, 20, g.n_frames).astype(np.uint32)
+    cut = int(counts[:half].sum())
+    indices = rng.integers(0, g.n_pixels, int(counts.sum())).astype(np.uint32)
+    msgs = [decode(encode_frames("warm-up", 0, g, 0, counts[:half], indices[:cut])),
+            decode(encode_frames("warm-up", 0, g, half, counts[half:], indices[cut:]))]
+    # one message makes a chunk of read-only buffers, several a concatenated copy: numba
+    # compiles each kind
+    chunks = [chunk_from_messages(msgs[:1], g), chunk_from_messages(msgs, g)]
+    for op in operators:
+        state, other = op.new_state(), op.new_state()
+        for chunk in chunks:
+            op.process(state, chunk)
+        op.merge(state, other)
+        op.finalize(state)
+    return time.perf_counter() - t0

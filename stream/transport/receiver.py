@@ -1,0 +1,403 @@
+"""A receiver: one PULL socket connected to every source, running inside a dask worker.
+
+It decodes messages without copying, groups the frames of each scan into chunks (bounded by
+frames, bytes and latency), runs the scan's operators on each chunk in this process and keeps
+the resulting per-scan state here. Only small reports (frame ranges, counters) and, at the
+live rate, the partial results that changed go to the coordinator; the events themselves stay
+until the scan is closed and the coordinator's finalize task takes this worker's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+from dask.sizeof import sizeof
+
+from operators.chunk import Chunk
+from operators.events import EventStore
+
+from stream.transport import control
+from stream.transport.protocol import Geometry, Message, ProtocolError, decode, frame_positions
+from stream.transport.spill import SpillFile
+
+log = logging.getLogger("stemstream.receiver")
+
+# Receiver-level reject reasons on top of the protocol's own (docs/PROTOCOL.md).
+LATE = "late"  # a message of a scan that is already closed
+OPERATOR_ERROR = "operator_error"  # the scan's operators could not be built or failed
+INTERNAL_ERROR = "internal_error"  # anything else that went wrong with one message
+SPILL_FAILED = "spill_failed"  # events could not go to disk; they stay in memory, none lost
+
+
+@dataclass
+class ScanWork:
+    """One scan as seen by one receiver: its operators, their states, and pending messages."""
+
+    scan_id: str
+    geometry: Geometry
+    operators: list
+    states: dict
+    pending: list = field(default_factory=list)
+    pending_frames: int = 0
+    pending_bytes: int = 0
+    oldest: float = 0.0
+    touched: list = field(default_factory=lambda: [None, None])  # positions changed since the last live snapshot
+    errors: list = field(default_factory=list)
+    # The EventStore's chunk list: entries [spilled, counted) are the scan's in-memory events
+    # (older ones went to disk, newer ones are not counted yet), mem_bytes their bytes.
+    store: EventStore | None = None
+    counted: int = 0
+    spilled: int = 0
+    mem_bytes: int = 0
+    spill: SpillFile | None = None  # created on the first spill
+    spill_failed: bool = False  # after a failure the scan's events stay in memory
+
+
+@dataclass
+class WorkerScan:
+    """What a receiver hands over when a scan closes: its operators and their states."""
+
+    scan_id: str
+    worker: str
+    geometry: Geometry | None
+    operators: list
+    states: dict
+    errors: list
+
+
+@sizeof.register(Chunk)
+def _sizeof_chunk(chunk: Chunk) -> int:
+    """Blocks of events travel between workers as chunks: let dask count their bytes."""
+    return chunk.nbytes
+
+
+@sizeof.register(WorkerScan)
+def _sizeof_worker_scan(ws: WorkerScan) -> int:
+    """Let dask's memory accounting see the events a closed scan holds in memory (bytes;
+    chunks spilled to disk do not count)."""
+    total = 0
+    for state in ws.states.values():
+        for value in state.values():
+            if isinstance(value, np.ndarray):
+                total += value.nbytes
+            elif isinstance(value, list):
+                total += sum(c.nbytes for c in value if isinstance(c, Chunk))
+    return total
+
+
+class Receiver:
+    """Receive, decode, chunk and process frames of every scan that arrives.
+
+    connect: source addresses (``tcp://host:port``), one PULL socket connects to all of them.
+    control_address: the coordinator's report socket.
+    config: a ``stream.config.PipelineConfig``; the receiver reads its ``chunking``, ``live``
+        and ``memory`` sections and builds each scan's operators with ``config.operators(g)``.
+    worker: a name for reports and logs (the dask worker address).
+    spill_dir: where the events of open scans go past ``[memory] events_in_memory_mb``
+        (default: the system's temporary directory).
+    Only the receiver's own thread touches its sockets; other threads queue their reports.
+    """
+
+    def __init__(self, connect: list[str], control_address: str, config,
+                 worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None):
+        self.connect = list(connect)
+        self.control_address = control_address
+        self.config = config
+        self.worker = worker
+        self.rcvhwm = rcvhwm
+        self.spill_dir = spill_dir or tempfile.gettempdir()
+        self._budget = config.memory.events_in_memory_mb * 1e6  # bytes
+        self._mem_bytes = 0  # bytes of in-memory event chunks of the open scans
+        self._scans: dict[str, ScanWork] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed scan ids
+        self._warned: set[str] = set()
+        self._outbox: deque = deque()  # reports, sent by the receiver thread only
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._run, name="stemstream-receiver", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"receiver on {self.worker} did not start within {timeout_s} s")
+        if self._error:
+            raise self._error
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout_s)
+
+    @property
+    def events_in_memory_bytes(self) -> int:
+        """Bytes of events the open scans hold in memory (the budget bounds this)."""
+        return self._mem_bytes
+
+    # -------------------------------------------------------------- called from other threads
+    def close_scan(self, scan_id: str) -> WorkerScan:
+        """Process what is pending for ``scan_id``, forget it here, and return its state.
+
+        Later messages of this scan are rejected as late. A receiver that never saw the scan
+        returns an empty WorkerScan."""
+        with self._lock:
+            self._closed[scan_id] = None
+            while len(self._closed) > 4096:
+                self._closed.popitem(last=False)
+            work = self._scans.pop(scan_id, None)
+            if work is None:
+                return WorkerScan(scan_id, self.worker, None, [], {}, [])
+            self._flush(work, spill=False)  # it leaves: spilling the others would not help
+            self._mem_bytes -= work.mem_bytes  # the budget covers open scans only
+            return WorkerScan(scan_id, self.worker, work.geometry, work.operators, work.states,
+                              work.errors)
+
+    # -------------------------------------------------------------- the receive loop
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        try:
+            pull = ctx.socket(zmq.PULL)
+            pull.setsockopt(zmq.RCVHWM, self.rcvhwm)
+            pull.setsockopt(zmq.LINGER, 0)
+            for addr in self.connect:
+                pull.connect(addr)
+            report = ctx.socket(zmq.PUSH)
+            report.setsockopt(zmq.LINGER, 2000)
+            report.connect(self.control_address)
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
+        next_live = time.monotonic() + (live_period or 0)
+        latency = self.config.chunking.max_latency_ms / 1000
+        poll_ms = max(1, int(self.config.chunking.max_latency_ms / 2))
+        try:
+            while not self._stop.is_set():
+                if pull.poll(poll_ms):
+                    for _ in range(64):  # drain what is queued before looking at the clocks
+                        try:
+                            parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle_safely(parts)
+                try:
+                    now = time.monotonic()
+                    with self._lock:
+                        for work in list(self._scans.values()):
+                            if work.pending and now - work.oldest >= latency:
+                                self._flush(work)
+                    if live_period and now >= next_live:
+                        self._snapshot_live()
+                        next_live = now + live_period
+                except Exception as e:  # noqa: BLE001 - the loop must go on
+                    log.exception("receiver housekeeping failed")
+                    self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+                while self._outbox:
+                    try:  # never block: stop() must be able to end this thread
+                        report.send_multipart(self._outbox[0], flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break  # the coordinator is not reading; try again next turn
+                    self._outbox.popleft()
+        finally:
+            pull.close()
+            report.close(linger=0)
+
+    def _send(self, header: dict, arrays=None) -> None:
+        """Queue a report; the receiver thread sends it (ZMQ sockets belong to one thread).
+        The arrays are copied now: the states keep changing. While the coordinator is not
+        reading, live snapshots are not queued (the next one will carry the same)."""
+        if header["kind"] == "live" and len(self._outbox) > 100:
+            return
+        arrays = {k: np.array(v) for k, v in (arrays or {}).items()}
+        self._outbox.append(control.encode(dict(header, worker=self.worker), arrays))
+
+    def _reject(self, reason: str, detail: str, scan_id: str | None = None) -> None:
+        if reason not in self._warned:  # once per reason; the counts tell the rest
+            self._warned.add(reason)
+            log.warning("rejected message (%s): %s; further rejects of this kind are only counted",
+                        reason, detail)
+        self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id})
+
+    def _handle_safely(self, parts) -> None:
+        try:
+            self._handle(parts)
+        except ProtocolError as e:
+            if e.scan_id in self._closed:  # whatever is wrong with it, it comes too late
+                self._reject(LATE, f"a message of scan {e.scan_id}, which is closed", e.scan_id)
+            else:
+                self._reject(e.reason, e.detail, e.scan_id)
+        except Exception as e:  # noqa: BLE001 - one bad message must never stop the receiver
+            log.exception("unexpected error on a message")
+            self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+
+    def _handle(self, parts) -> None:
+        msg = decode(parts)
+        with self._lock:
+            if msg.scan_id in self._closed:
+                self._reject(LATE, f"{msg.kind} message of scan {msg.scan_id}, which is closed",
+                             msg.scan_id)
+                return
+            if msg.kind == "start":
+                if self._open(msg) is not None:
+                    self._send({"kind": "start", "scan_id": msg.scan_id, "source": msg.source,
+                                "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
+            elif msg.kind == "frames":
+                work = self._open(msg)
+                if work is None:
+                    return
+                work.pending.append(msg)
+                if not work.pending_frames:
+                    work.oldest = time.monotonic()
+                work.pending_frames += msg.count
+                work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
+                chunking = self.config.chunking
+                if work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes:
+                    self._flush(work)
+            elif msg.kind == "end":
+                self._send({"kind": "end", "scan_id": msg.scan_id, "source": msg.source,
+                            "frames_sent": msg.header["frames_sent"]})
+            else:
+                self._send({"kind": "abort", "scan_id": msg.scan_id, "source": msg.source,
+                            "reason": msg.header.get("reason", "")})
+
+    def _open(self, msg: Message) -> ScanWork | None:
+        """The scan's work, created from the message's geometry on first sight."""
+        work = self._scans.get(msg.scan_id)
+        if work is not None:
+            if not work.geometry.same_scan(msg.geometry):
+                self._reject("bad_geometry", f"scan {msg.scan_id}: geometry {msg.geometry} disagrees "
+                             f"with {work.geometry} seen before", msg.scan_id)
+                return None
+            return work
+        geometry = msg.geometry.for_sector(None)
+        try:
+            operators = self.config.operators(geometry)
+            states = {op.name: op.new_state() for op in operators}
+        except (ValueError, MemoryError) as e:
+            self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
+            return None
+        work = ScanWork(msg.scan_id, geometry, operators, states,
+                        store=next((op for op in operators if isinstance(op, EventStore)), None))
+        self._scans[msg.scan_id] = work
+        self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
+        return work
+
+    def _flush(self, work: ScanWork, spill: bool = True) -> None:
+        """Turn the pending messages of a scan into one chunk and run its operators; then, if
+        ``spill`` and the open scans' events exceed the budget, move some to disk."""
+        if not work.pending:
+            return
+        msgs, work.pending = work.pending, []
+        work.pending_frames = work.pending_bytes = 0
+        try:
+            chunk = chunk_from_messages(msgs, work.geometry)
+        except Exception as e:  # noqa: BLE001 - not even a chunk: these frames count as missing
+            self._failed(work, e)
+            return
+        try:
+            for op in work.operators:
+                op.process(work.states[op.name], chunk)
+        except Exception as e:  # noqa: BLE001 - a bug in one operator must not stop the receiver
+            self._failed(work, e)
+        self._count_new_events(work)
+        if spill and self._mem_bytes > self._budget:
+            self._spill_oldest()
+        valid = chunk.positions[chunk.positions >= 0]
+        if len(valid):
+            lo, hi = int(valid.min()), int(valid.max()) + 1
+            t = work.touched
+            work.touched = [lo if t[0] is None else min(t[0], lo), hi if t[1] is None else max(t[1], hi)]
+        self._send({"kind": "frames", "scan_id": work.scan_id,
+                    "ranges": [[m.source, m.first, m.count] for m in msgs],
+                    "events": int(chunk.n_events)})
+
+    def _count_new_events(self, work: ScanWork) -> None:
+        """Add the chunks the EventStore stored since the last call to the in-memory bytes."""
+        if work.store is None:
+            return
+        chunks = work.states[work.store.name]["chunks"]
+        new = sum(c.nbytes for c in chunks[work.counted:] if isinstance(c, Chunk))
+        work.counted = len(chunks)
+        work.mem_bytes += new
+        self._mem_bytes += new
+
+    def _spill_oldest(self) -> None:
+        """Move the oldest in-memory chunks (oldest open scan first) to disk until the open
+        scans hold at most 3/4 of the budget: the slack spares a spill after every flush."""
+        target = 0.75 * self._budget
+        for work in self._scans.values():  # in the order the scans opened
+            while self._mem_bytes > target and work.spilled < work.counted and not work.spill_failed:
+                self._spill_one(work)
+            if self._mem_bytes <= target:
+                return
+
+    def _spill_one(self, work: ScanWork) -> None:
+        """Replace the scan's oldest in-memory chunk by its copy on disk (spans and counts
+        stay). On an OSError the chunk stays in memory and the scan spills no more."""
+        chunks = work.states[work.store.name]["chunks"]
+        chunk = chunks[work.spilled]
+        if isinstance(chunk, Chunk):
+            try:
+                if work.spill is None:
+                    work.spill = SpillFile(self.spill_dir)
+                    log.info("scan %s: events past [memory] events_in_memory_mb = %g MB go to "
+                             "a file in %s", work.scan_id, self._budget / 1e6, self.spill_dir)
+                chunks[work.spilled] = work.spill.write(chunk)
+            except OSError as e:
+                work.spill_failed = True
+                self._reject(SPILL_FAILED, f"scan {work.scan_id}: {e}; its events stay in memory "
+                             "(none lost), beyond [memory] events_in_memory_mb")
+                return
+            work.mem_bytes -= chunk.nbytes
+            self._mem_bytes -= chunk.nbytes
+        work.spilled += 1
+
+    def _failed(self, work: ScanWork, e: Exception) -> None:
+        log.exception("processing failed on scan %s", work.scan_id)
+        work.errors.append(f"{type(e).__name__}: {e}")
+        self._reject(OPERATOR_ERROR, f"scan {work.scan_id}: {type(e).__name__}: {e}", work.scan_id)
+
+    def _snapshot_live(self) -> None:
+        """Partial states of every scan that changed: scan-shaped arrays only over the
+        positions that changed since the last snapshot, detector-shaped ones whole."""
+        with self._lock:
+            for work in self._scans.values():
+                lo, hi = work.touched
+                if lo is None:
+                    continue
+                work.touched = [None, None]
+                arrays = {}
+                for op in work.operators:
+                    if not op.live:
+                        continue
+                    for key, value in work.states[op.name].items():
+                        nav = op.state_kinds.get(key) == "nav"
+                        arrays[f"{op.name}/{key}"] = value[..., lo:hi] if nav else value
+                self._send({"kind": "live", "scan_id": work.scan_id, "lo": lo, "hi": hi,
+                            "nav": [f"{op.name}/{k}" for op in work.operators
+                                    for k, kind in op.state_kinds.items() if kind == "nav"]}, arrays)
+
+
+def chunk_from_messages(msgs: list[Message], geometry: Geometry) -> Chunk:
+    """One chunk from decoded ``frames`` messages (of one scan, any sources)."""
+    counts = np.concatenate([m.counts for m in msgs]) if len(msgs) > 1 else msgs[0].counts
+    indices = np.concatenate([m.indices for m in msgs]) if len(msgs) > 1 else msgs[0].indices
+    n = np.array([m.count for m in msgs])
+    firsts = np.repeat(np.array([m.first for m in msgs], np.int64), n)
+    # frame = first of its message + its rank inside the message
+    within = np.arange(len(firsts), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+    frames = firsts + within
+    sources = np.repeat(np.array([m.source for m in msgs], np.int16), n)
+    return Chunk.from_counts(frames, sources, frame_positions(frames, geometry), counts, indices)
