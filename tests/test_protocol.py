@@ -104,6 +104,9 @@ def header_with(**changes):
     ([header_with(scan_id="../etc")] + wire(good_frames())[1:], "bad_header"),
     ([header_with(source=5)] + wire(good_frames())[1:], "bad_header"),
     ([header_with(scan_shape=[0, 5])] + wire(good_frames())[1:], "bad_geometry"),
+    ([header_with(mrad_per_px=float("nan"))] + wire(good_frames())[1:], "bad_geometry"),
+    ([header_with(convergence_mrad=-1.0)] + wire(good_frames())[1:], "bad_geometry"),
+    ([header_with(center=[7.5, float("inf")])] + wire(good_frames())[1:], "bad_geometry"),
 ])
 def test_bad_messages_are_rejected_with_their_reason(parts, reason):
     with pytest.raises(p.ProtocolError) as e:
@@ -115,3 +118,12 @@ def test_bad_messages_are_rejected_with_their_reason(parts, reason):
 def test_encoder_refuses_unsafe_scan_ids():
     with pytest.raises(ValueError, match="scan_id"):
         p.encode_end("a/b", 0, 1)
+
+
+def test_same_scan_ignores_the_sector_only():
+    from dataclasses import replace
+    assert GEOM.same_scan(replace(GEOM, sector=(0, 8))) and GEOM.same_scan(GEOM.for_sector(None))
+    for change in (dict(scan_shape=(4, 6)), dict(frame_shape=(16, 13)), dict(frames_per_position=1),
+                   dict(n_sources=3), dict(flyback=0), dict(mrad_per_px=0.25),
+                   dict(convergence_mrad=None), dict(center=(7.5, 5.0))):
+        assert not GEOM.same_scan(replace(GEOM, **change)), change

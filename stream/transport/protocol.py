@@ -12,6 +12,7 @@ short machine-readable ``reason`` (used to count rejects) and a human-readable d
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -98,11 +99,13 @@ class Geometry:
             problems.append(f"n_sources {self.n_sources} must be 1..{MAX_SOURCES}")
         if self.flyback < 0:
             problems.append(f"flyback {self.flyback} must be >= 0")
+        # (math, not numpy: every frames message builds a Geometry, at thousands per second)
         for name in ("mrad_per_px", "convergence_mrad"):
             v = getattr(self, name)
-            if v is not None and not (np.isfinite(v) and v > 0):
+            if v is not None and not (math.isfinite(v) and v > 0):
                 problems.append(f"{name} {v} must be a positive number")
-        if self.center is not None and (len(self.center) != 2 or not np.all(np.isfinite(self.center))):
+        if self.center is not None and (len(self.center) != 2 or
+                                        not all(math.isfinite(c) for c in self.center)):
             problems.append(f"center {self.center} must be two finite numbers (y, x) in px")
         if not problems and self.n_frames > MAX_FRAMES:
             problems.append(f"{self.n_frames} frames per scan is beyond {MAX_FRAMES}")
@@ -133,7 +136,9 @@ class Geometry:
 
     def same_scan(self, other: "Geometry") -> bool:
         """True when both describe the same scan (the sector may differ between sources)."""
-        return self.for_sector(None) == other.for_sector(None)
+        # field by field: building two geometries per message (for_sector) cost more than
+        # decoding the message
+        return all(getattr(self, f) == getattr(other, f) for f in _SCAN_FIELDS)
 
     def for_sector(self, sector: tuple[int, int] | None) -> "Geometry":
         """The same geometry for another source's sector (None: the whole detector)."""
@@ -168,6 +173,9 @@ class Geometry:
             if isinstance(e, ProtocolError):
                 raise
             raise ProtocolError("bad_geometry", str(e)) from None
+
+
+_SCAN_FIELDS = tuple(f for f in Geometry.__dataclass_fields__ if f != "sector")
 
 
 def frame_positions(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
