@@ -523,18 +523,25 @@ def _fusable(op) -> bool:
     return (role == "virtual" and op.kernel == "combos") or role in ("com", "diffraction")
 
 
+_ROLE_ORDER = {"virtual": 0, "com": 1, "diffraction": 2}
+
+
+def _in_order(run) -> bool:
+    """Whether fusing ``run`` keeps its results in order: virtual detectors first, then at
+    most one CoM, then at most one diffraction sum (what FusedStreaming.parts returns)."""
+    ranks = [_ROLE_ORDER[o.fused_role] for o in run]
+    return ranks == sorted(ranks) and ranks.count(1) <= 1 and ranks.count(2) <= 1
+
+
 def _fuse(run, name):
     """FusedStreaming of the operators in ``run``, or None if they cannot be fused."""
-    roles = [o.fused_role for o in run]
-    if roles.count("com") > 1 or roles.count("diffraction") > 1:
-        return None
     pick = (lambda role: next((o for o in run if o.fused_role == role), None))
     try:
         fused = FusedStreaming([o for o in run if o.fused_role == "virtual"],
                                pick("com"), pick("diffraction"), name=name)
     except ValueError:  # different geometries, too many pixel classes
         return None
-    return fused
+    return fused if fused.parts == list(run) else None
 
 
 def fuse_operators(ops, name="fused") -> list:
@@ -556,13 +563,16 @@ def fuse_operators(ops, name="fused") -> list:
     ops = list(ops)
     i = 0
     while i < len(ops):
-        j, fused = i, None
-        while j < len(ops) and _fusable(ops[j]):
-            trial = _fuse(ops[i:j + 1], name)
-            if trial is None or trial.parts != ops[i:j + 1]:  # (or results would reorder)
-                break
-            fused, j = trial, j + 1
-        if j - i >= 2:
-            return ops[:i] + [fused] + ops[j:]
-        i = max(j, i + 1)
+        # the longest run from i whose every prefix keeps the results' order ...
+        j = i
+        while j < len(ops) and _fusable(ops[j]) and _in_order(ops[i:j + 1]):
+            j += 1
+        # ... built once, shorter only if it does not fit (different detectors, too many
+        # classes: adding an operator never mends either), since building costs a pass over
+        # the detector's pixels per operator at every scan start
+        for k in range(j, i + 1, -1):
+            fused = _fuse(ops[i:k], name)
+            if fused is not None:
+                return ops[:i] + [fused] + ops[k:]
+        i += 1
     return ops
