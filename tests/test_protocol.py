@@ -127,3 +127,18 @@ def test_same_scan_ignores_the_sector_only():
                    dict(n_sources=3), dict(flyback=0), dict(mrad_per_px=0.25),
                    dict(convergence_mrad=None), dict(center=(7.5, 5.0))):
         assert not GEOM.same_scan(replace(GEOM, **change)), change
+
+
+def test_a_remembered_geometry_never_lets_a_bad_one_through():
+    """Decoding remembers the geometries it validated; a header whose values only compare
+    equal to a remembered one (True for 1, 2.0 for 2) is still checked and refused."""
+    good = wire(good_frames())
+    assert p.decode(good).geometry == GEOM and p.decode(good).geometry == GEOM
+    for change, reason in ((dict(frames_per_position=True), "bad_header"),
+                           (dict(frames_per_position=2.0), "bad_header"),
+                           (dict(n_sources=True), "bad_header"),
+                           (dict(scan_shape=[4.0, 5]), "bad_header")):
+        with pytest.raises(p.ProtocolError) as e:
+            p.decode([header_with(**change)] + good[1:])
+        assert e.value.reason == reason, change
+    assert p.decode(good).geometry == GEOM

@@ -337,9 +337,28 @@ def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
     return msg
 
 
+_GEOMETRY_FIELDS = tuple(Geometry.__dataclass_fields__)
+_geometries: dict[str, Geometry] = {}
+
+
+def _geometry_of(h: dict) -> Geometry:
+    """Geometry.from_wire(h), remembered: every frames message of a source carries the same
+    geometry, and validating it again costs more than the rest of the message's header. The
+    key is the fields' repr, so values that compare equal but are not (True and 1, 1.0 and 1)
+    stay apart; a geometry that does not validate raises and is not remembered."""
+    key = repr([h.get(k) for k in _GEOMETRY_FIELDS])
+    g = _geometries.get(key)
+    if g is None:
+        g = Geometry.from_wire(h)
+        if len(_geometries) >= 256:
+            _geometries.clear()
+        _geometries[key] = g
+    return g
+
+
 def _decode_frames(msg: Message, parts, check_events: bool) -> None:
     h = msg.header
-    g = Geometry.from_wire(h)
+    g = _geometry_of(h)
     first, count, events = _int(h.get("first")), _int(h.get("count")), _int(h.get("events"))
     if first < 0 or count < 0 or first + count > g.n_frames:
         raise ProtocolError("frame_out_of_range",
