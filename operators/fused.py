@@ -224,7 +224,7 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
     # One vectorised look at the chunk's largest index lets the event loops trust them all;
     # only a chunk holding a bad one looks frame by frame.
     mx = np.uint32(0)
-    for e in range(n_ev):
+    for e in range(np.uint64(n_ev)):  # (unsigned: contiguous vector loads, not gathers)
         mx = max(mx, indices[e])
     checked = np.int64(mx) >= n_pix
     bad_ev = 0
