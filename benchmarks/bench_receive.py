@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fused import idlest_cpu  # noqa: E402
 from common import load_average  # noqa: E402
+
 from stream.config import load_config  # noqa: E402
 from stream.transport import receiver as rx  # noqa: E402
 from stream.transport.protocol import encode_end, encode_frames, encode_start  # noqa: E402

@@ -323,7 +323,7 @@ class FusedStreaming(Operator):
     CoM radius or not), one count of the class (in a register while there are at most 8
     classes, ``self.n_codes``), one increment of the summed pattern and the CoM sums; per
     frame the class counts are expanded into the k images and the CoM count. The pixels of
-    the summed pattern and the code table are prefetched 16 events ahead.
+    the summed pattern and the code table are prefetched 32 events ahead.
 
     Out-of-range input raises ValueError after the rest of the chunk was accumulated, as in
     the separate operators; one difference: with a virtual detector or a CoM, frames at

@@ -123,9 +123,9 @@ def test_encoder_refuses_unsafe_scan_ids():
 def test_same_scan_ignores_the_sector_only():
     from dataclasses import replace
     assert GEOM.same_scan(replace(GEOM, sector=(0, 8))) and GEOM.same_scan(GEOM.for_sector(None))
-    for change in (dict(scan_shape=(4, 6)), dict(frame_shape=(16, 13)), dict(frames_per_position=1),
-                   dict(n_sources=3), dict(flyback=0), dict(mrad_per_px=0.25),
-                   dict(convergence_mrad=None), dict(center=(7.5, 5.0))):
+    for change in ({"scan_shape": (4, 6)}, {"frame_shape": (16, 13)}, {"frames_per_position": 1},
+                   {"n_sources": 3}, {"flyback": 0}, {"mrad_per_px": 0.25},
+                   {"convergence_mrad": None}, {"center": (7.5, 5.0)}):
         assert not GEOM.same_scan(replace(GEOM, **change)), change
 
 
@@ -134,10 +134,10 @@ def test_a_remembered_geometry_never_lets_a_bad_one_through():
     equal to a remembered one (True for 1, 2.0 for 2) is still checked and refused."""
     good = wire(good_frames())
     assert p.decode(good).geometry == GEOM and p.decode(good).geometry == GEOM
-    for change, reason in ((dict(frames_per_position=True), "bad_header"),
-                           (dict(frames_per_position=2.0), "bad_header"),
-                           (dict(n_sources=True), "bad_header"),
-                           (dict(scan_shape=[4.0, 5]), "bad_header")):
+    for change, reason in (({"frames_per_position": True}, "bad_header"),
+                           ({"frames_per_position": 2.0}, "bad_header"),
+                           ({"n_sources": True}, "bad_header"),
+                           ({"scan_shape": [4.0, 5]}, "bad_header")):
         with pytest.raises(p.ProtocolError) as e:
             p.decode([header_with(**change)] + good[1:])
         assert e.value.reason == reason, change
