@@ -312,6 +312,7 @@ def cmd_import_stempy(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from sim_detector.cli import add_simulate_args
 
+    from stream.cli.calibrate import add_calibrate_args
     from stream.stages.atoms import add_atoms_args
     from stream.cli.demo import add_demo_args
     from stream.files.replay import add_replay_args
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
          "Per-atom and per-sample statistics (coordination, GCN, bond lengths, strain, order, Voronoi, "
          "motifs, g(r)) of atom positions in Å from any pipeline: CSV and HDF5 tables, PNG histograms "
          "(docs/STAGES_3D_STATS.md).", add_atoms_args),
+        ("calibrate", "dark reference and thresholds for counting raw frames, into a counting file",
+         "Measure the dark reference (4D Camera raw files, .npy, or a streamed dark scan) and compute "
+         "the counting thresholds from sample frames as stempy's calculate_thresholds does (seeded), "
+         "or set them by hand; writes the counting file [counting] file reads (docs/COUNTING.md).",
+         add_calibrate_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
     ]
@@ -391,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             from stream.files.replay import run_replay
             return run_replay(args)
+        if args.command == "calibrate":
+            from stream.cli.calibrate import run_calibrate
+            return run_calibrate(args)
         if args.command == "atoms":
             from stream.stages.atoms import run_atoms
             return run_atoms(args)
