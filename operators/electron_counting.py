@@ -9,7 +9,8 @@ the electron events every other operator consumes. The algorithm is stempy's
    a gain map ``v = (raw - dark) / gain`` in float32;
 2. optionally stempy's row-dark correction (each half row scaled by the background mean over
    the half row's mean or median);
-3. pixels with ``v <= background`` or ``v >= xray`` are set to 0;
+3. pixels with ``v <= background`` or ``v >= xray`` are set to 0 (by default no neighbour of
+   an X-ray pixel becomes an event either: ``xray_neighbours``);
 4. an event at every pixel strictly greater than each of its 8 neighbours (neighbours outside
    the frame, or outside this source's sector rows, are ignored); by default a plateau of
    equal maxima, which stempy drops, gives one event at its first pixel (``ties``).
@@ -48,43 +49,53 @@ SEMANTICS = ("threaded", "classic")
 ROW_DARK = ("none", "mean", "median")
 TIES = ("first", "none")  # a plateau of equal maxima: one event at its first pixel | none (stempy)
 SECTOR_EDGES = ("top-row-dropped", "kept")
+XRAY_NEIGHBOURS = ("dropped", "kept")  # no event next to an X-ray pixel | as stempy
+_RING = {1: np.int32, 2: np.int32, 4: np.int64}  # wider than the raw values: room for a mark
 RAW_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
 
 
 # ---------------------------------------------------------------- kernels
 
 @njit(inline="always")
-def _threshold_row(raw, dark, lo, hi, out):
-    """out[1:w+1] = raw - dark where lo <= raw - dark <= hi, else 0 (out[0], out[w+1] stay 0);
-    returns (pixels above hi, OR of the kept values: 0 when the row has no candidate)."""
+def _threshold_row(raw, dark, lo, hi, xray_mark, out):
+    """out[1:w+1] = raw - dark where lo <= raw - dark <= hi, ``xray_mark`` above hi, else 0
+    (out[0], out[w+1] stay 0); returns (pixels above hi, OR of the row: 0 when nothing in it
+    needs a look)."""
     w = raw.shape[0]
     above = 0
     any_kept = 0
     for c in range(w):
         t = np.int64(raw[c]) - np.int64(dark[c])
-        above += t > hi
-        if t < lo or t > hi:
+        x = t > hi
+        above += x
+        if t < lo:
             t = 0
+        if x:
+            t = xray_mark
         out[c + 1] = t
         any_kept |= t
     return above, any_kept
 
 
 @njit(**NJIT)
-def count_integer_kernel(frames, dark, lo, hi, row0, strict, skip_top, out, counts, stats, start, e):
+def count_integer_kernel(frames, dark, lo, hi, row0, strict, skip_top, mark, ring, out, counts,
+                         stats, start, e):
     """Count frames ``start..`` of ``frames`` (n, rows, w) into ``out`` from position ``e``.
 
     dark: (rows, w) integer dark, already rounded (``dark_for``); a pixel is kept when
     lo <= raw - dark <= hi. An event is a kept pixel greater than its neighbours: all of them
     when ``strict`` (stempy), else greater than those before it in raster order and not less
     than those after (a plateau of equal maxima gives one event, at its first pixel);
-    ``skip_top``: no events in the first row (a sector border, see ``ElectronCounter``).
+    ``skip_top``: no events in the first row (a sector border, see ``ElectronCounter``);
+    ``mark``: the value pixels above hi get: 0 (stempy), or one above any kept value, so
+    that no neighbour of an X-ray pixel is an event. ring: (3, w + 2) scratch of an integer
+    type that holds ``mark``.
     Events are flat indices (row0 + r)·w + c, ascending per frame;
     ``counts[i]`` the events of frame i; ``stats[0]`` += pixels above hi (X-ray pixels).
     Returns (next frame, events written): stops before a frame that would overflow ``out``.
     """
     n, rows, w = frames.shape
-    ring = np.zeros((3, w + 2), frames.dtype)  # three thresholded rows, a zero column each side
+    mark = ring.dtype.type(mark)
     kept = np.zeros(3, np.int64)
     for i in range(start, n):
         f = frames[i]
@@ -94,7 +105,7 @@ def count_integer_kernel(frames, dark, lo, hi, row0, strict, skip_top, out, coun
         for r in range(rows + 1):
             slot = r % 3
             if r < rows:
-                above, k = _threshold_row(f[r], dark[r], lo, hi, ring[slot])
+                above, k = _threshold_row(f[r], dark[r], lo, hi, mark, ring[slot])
                 stats[0] += above
                 kept[slot] = k
             else:
@@ -109,15 +120,15 @@ def count_integer_kernel(frames, dark, lo, hi, row0, strict, skip_top, out, coun
             top = m == 0
             if top and skip_top:
                 continue
-            tie = 1 if strict else 0  # a later neighbour q beats v when q + tie > v
+            tie = 1 if strict else 0  # a later neighbour q beats v when q > v - tie
             for c in range(1, w + 1):
                 v = np.int64(cur[c])
-                if v == 0:
+                if v == 0 or cur[c] == mark:
                     continue
-                if cur[c - 1] >= v or np.int64(cur[c + 1]) + tie > v:
+                vt = v - tie
+                if cur[c - 1] >= v or cur[c + 1] > vt:
                     continue
-                if (np.int64(below[c - 1]) + tie > v or np.int64(below[c]) + tie > v
-                        or np.int64(below[c + 1]) + tie > v):
+                if below[c - 1] > vt or below[c] > vt or below[c + 1] > vt:
                     continue
                 if not top and (above_row[c - 1] >= v or above_row[c] >= v or above_row[c + 1] >= v):
                     continue
@@ -155,11 +166,12 @@ def _row_statistic(row, median, scratch):
 
 @njit(**NJIT)
 def count_float_kernel(frames, dark, gain_inv, use_gain, row_dark, optimized_mean, bg, xray,
-                       row0, strict, skip_top, out, counts, stats, start, e):
+                       row0, strict, skip_top, xray_halo, out, counts, stats, start, e):
     """The general path, float32 as stempy: ``(raw - dark) * gain_inv`` when ``use_gain``,
     else ``uint16(raw - dark)``; row_dark 0 (none), 1 (mean) or 2 (median) scales each half
     row by optimized_mean / statistic of its raw values; then values <= bg or >= xray are 0
-    and maxima (``strict``, ``skip_top`` as in :func:`count_integer_kernel`) are events.
+    and maxima (``strict``, ``skip_top``, ``xray_halo`` as in :func:`count_integer_kernel`)
+    are events.
     Arguments and return as :func:`count_integer_kernel`; dark and gain_inv are float32
     (rows, w)."""
     n, rows, w = frames.shape
@@ -183,19 +195,22 @@ def count_float_kernel(frames, dark, gain_inv, use_gain, row_dark, optimized_mea
                         if row_dark:
                             v = v * scale
                         v = v * gain_inv[r, c]
+                    elif v < 0:  # below the dark: stempy's uint16 wraps it above any x-ray threshold
+                        v = np.float32(0.0)
                     else:
                         v = _to_u16(v)
                         if row_dark:
                             v = _to_u16(v * scale)
                     if v >= xray:
                         stats[0] += 1
-                    if v <= bg or v >= xray:
+                        v = np.float32(np.inf) if xray_halo else np.float32(0.0)
+                    elif v <= bg:
                         v = np.float32(0.0)
                     buf[r + 1, c + 1] = v
         for r in range(2 if skip_top else 1, rows + 1):
             for c in range(1, w + 1):
                 v = buf[r, c]
-                if v == 0:
+                if v == 0 or v == np.inf:
                     continue
                 if buf[r - 1, c - 1] >= v or buf[r - 1, c] >= v or buf[r - 1, c + 1] >= v or buf[r, c - 1] >= v:
                     continue
@@ -386,6 +401,9 @@ class ElectronCounter(Operator):
         lack the row above: 'top-row-dropped' (default) makes no event in their first row,
         so an electron on a sector border is counted once, in the sector above; 'kept'
         counts every sector as a frame of its own (an electron on a border may count twice).
+    xray_neighbours : 'dropped' (default): a pixel next to an X-ray pixel (value >= xray) is
+        no event (the charge an X-ray shares with its neighbours is not an electron); 'kept':
+        as stempy, the X-ray pixel counts as 0 and a neighbour may become an event.
     threads : frames of one batch are split over this many threads.
     record : attributes describing where dark and thresholds came from (kept in the file).
 
@@ -404,6 +422,7 @@ class ElectronCounter(Operator):
                  xray_threshold: float = math.inf, gain=None, row_dark: str = "none",
                  optimized_mean: float | None = None, semantics: str = "threaded",
                  ties: str = "first", sector_edges: str = "top-row-dropped",
+                 xray_neighbours: str = "dropped",
                  threads: int = 1, record: dict | None = None):
         self.frame_shape = shape2(frame_shape, "frame_shape")
         h, w = self.frame_shape
@@ -416,6 +435,8 @@ class ElectronCounter(Operator):
             problems.append(f"ties {ties!r} must be one of {', '.join(TIES)}")
         if sector_edges not in SECTOR_EDGES:
             problems.append(f"sector_edges {sector_edges!r} must be one of {', '.join(SECTOR_EDGES)}")
+        if xray_neighbours not in XRAY_NEIGHBOURS:
+            problems.append(f"xray_neighbours {xray_neighbours!r} must be one of {', '.join(XRAY_NEIGHBOURS)}")
         if row_dark != "none" and not (optimized_mean is not None and np.isfinite(optimized_mean)
                                        and optimized_mean > 0):
             problems.append("row dark needs the fitted background mean (optimized_mean > 0) of "
@@ -439,7 +460,7 @@ class ElectronCounter(Operator):
             self.dark = self.gain = None
         self.background_threshold, self.xray_threshold = bg, xr
         self.row_dark, self.semantics, self.threads = row_dark, semantics, int(threads)
-        self.ties, self.sector_edges = ties, sector_edges
+        self.ties, self.sector_edges, self.xray_neighbours = ties, sector_edges, xray_neighbours
         self.optimized_mean = optimized_mean
         self.record_attrs = dict(record or {})
         self.float_path = self.gain is not None or row_dark != "none"
@@ -523,6 +544,9 @@ class ElectronCounter(Operator):
         i, e = 0, 0
         rs = slice(row0, row0 + rows)
         strict = self.ties == "none"
+        halo = self.xray_neighbours == "dropped"
+        ring = np.zeros((3, w + 2), _RING[frames.dtype.itemsize])
+        mark = int(np.iinfo(ring.dtype).max) if halo else 0
         skip_top = row0 > 0 and self.sector_edges == "top-row-dropped"
         while i < n:
             if self.float_path:
@@ -530,10 +554,10 @@ class ElectronCounter(Operator):
                                           self.gain is not None, ROW_DARK.index(self.row_dark),
                                           float(self.optimized_mean or 0.0),
                                           self.background_threshold, self.xray_threshold, row0,
-                                          strict, skip_top, out, counts, stats, i, e)
+                                          strict, skip_top, halo, out, counts, stats, i, e)
             else:
                 i, e = count_integer_kernel(frames, self._dark_i[rs], self._lo, self._hi, row0,
-                                            strict, skip_top, out, counts, stats, i, e)
+                                            strict, skip_top, mark, ring, out, counts, stats, i, e)
             if i < n:  # the buffer filled up: make room and go on from frame i
                 grown = np.empty(2 * len(out) + rows * w, np.uint32)
                 grown[:e] = out[:e]
@@ -558,6 +582,7 @@ class ElectronCounter(Operator):
                  "background_threshold": self.background_threshold,
                  "xray_threshold": self.xray_threshold, "semantics": self.semantics,
                  "row_dark": self.row_dark, "ties": self.ties, "sector_edges": self.sector_edges,
+                 "xray_neighbours": self.xray_neighbours,
                  "gain": self.gain is not None,
                  "dark": "none" if self.dark is None else "dataset dark",
                  "frames_counted": int(state["frames"][0]), "events": int(state["events"][0]),

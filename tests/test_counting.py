@@ -14,8 +14,11 @@ from operators.electron_counting import (ElectronCounter, SampleHistogram, choos
 
 # ---------------------------------------------------------------- the dense numpy reference
 
-def reference_values(raw, dark, bg, xray, gain=None, semantics="threaded", row_dark="none", om=None):
-    """stempy 3.6.0's thresholded frame, plain numpy (float64 where C++ uses double)."""
+def reference_values(raw, dark, bg, xray, gain=None, semantics="threaded", row_dark="none", om=None,
+                     halo=False):
+    """stempy 3.6.0's thresholded frame, plain numpy (float64 where C++ uses double); with
+    ``halo`` the X-ray pixels are +inf instead of 0 (they then beat every neighbour). A pixel
+    below the dark, which stempy's uint16 wraps to ~65535, is 0 (not an X-ray) either way."""
     raw = np.asarray(raw)
     h, w = raw.shape
     dark32 = np.zeros((h, w), np.float32) if dark is None else np.asarray(dark, np.float32)
@@ -23,6 +26,7 @@ def reference_values(raw, dark, bg, xray, gain=None, semantics="threaded", row_d
     def u16(x):  # C++ float -> uint16 as compiled: truncate, keep 16 bits
         return (np.trunc(np.asarray(x, np.float64)).astype(np.int64) & 0xFFFF).astype(np.float64)
 
+    below = (raw.astype(np.float32) - dark32 < 0) if gain is None else np.zeros((h, w), bool)
     if row_dark != "none":
         out = np.empty((h, w), np.float64)
         for r in range(h):
@@ -44,7 +48,8 @@ def reference_values(raw, dark, bg, xray, gain=None, semantics="threaded", row_d
         v = u16(raw.astype(np.float32) - dark32)
     else:
         v = ((raw.astype(np.int64) - (np.trunc(dark32).astype(np.int64) & 0xFFFF)) & 0xFFFF).astype(np.float64)
-    return np.where((v > bg) & (v < xray), v, 0.0)
+    kept = np.where((v > bg) & (v < xray), v, 0.0)
+    return np.where(below, 0.0, np.where(v >= xray, np.inf, kept) if halo else kept)
 
 
 def reference_maxima(v, ties="none", skip_top=False):
@@ -55,7 +60,7 @@ def reference_maxima(v, ties="none", skip_top=False):
     p = np.full((h + 2, w + 2), -np.inf)
     p[1:-1, 1:-1] = v
     c = p[1:-1, 1:-1]
-    m = c > 0
+    m = (c > 0) & (c < np.inf)  # an X-ray pixel (+inf) is no event
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             if dy == dx == 0:
@@ -99,17 +104,18 @@ def events_by_frame(counts, indices):
 # ---------------------------------------------------------------- the kernels
 
 @pytest.mark.parametrize("semantics", ["threaded", "classic"])
-@pytest.mark.parametrize("ties", ["none", "first"])
-def test_integer_path_equals_the_dense_reference(semantics, ties):
+@pytest.mark.parametrize("ties,halo", [("none", False), ("first", False), ("first", True), ("none", True)])
+def test_integer_path_equals_the_dense_reference(semantics, ties, halo):
     frames, dark = synthetic_raw(24, seed=1)
     bg, xray = 7.3, 900.0
-    c = ElectronCounter(frames.shape[1:], dark, bg, xray, semantics=semantics, ties=ties)
+    c = ElectronCounter(frames.shape[1:], dark, bg, xray, semantics=semantics, ties=ties,
+                        xray_neighbours="dropped" if halo else "kept")
     state = c.new_state()
     counts, indices = c.count(frames, 0, state)
     got = events_by_frame(counts, indices)
     total = 0
     for i, f in enumerate(frames):
-        ref = reference_maxima(reference_values(f, dark, bg, xray, semantics=semantics), ties)
+        ref = reference_maxima(reference_values(f, dark, bg, xray, semantics=semantics, halo=halo), ties)
         np.testing.assert_array_equal(got[i], ref, err_msg=f"frame {i}")
         total += len(ref)
     assert total > 200 and state["frames"][0] == 24 and state["events"][0] == total
@@ -121,8 +127,8 @@ def test_integer_path_equals_the_dense_reference(semantics, ties):
 
 def test_ties_first_adds_one_event_per_plateau_and_keeps_every_strict_one():
     frames, dark = synthetic_raw(16, seed=2)
-    strict = ElectronCounter(frames.shape[1:], dark, 7.3, 900.0, ties="none")
-    first = ElectronCounter(frames.shape[1:], dark, 7.3, 900.0, ties="first")
+    strict = ElectronCounter(frames.shape[1:], dark, 7.3, 900.0, ties="none", xray_neighbours="kept")
+    first = ElectronCounter(frames.shape[1:], dark, 7.3, 900.0, ties="first", xray_neighbours="kept")
     extra = 0
     for s, f, frame in zip(events_by_frame(*strict.count(frames)), events_by_frame(*first.count(frames)), frames):
         assert np.all(np.isin(s, f))  # stempy's events are all there
@@ -135,8 +141,9 @@ def test_ties_first_adds_one_event_per_plateau_and_keeps_every_strict_one():
     assert extra >= 5  # the frames do have ties
 
 
-@pytest.mark.parametrize("row_dark", ["none", "mean", "median"])
-def test_float_path_gain_and_row_dark_equal_the_dense_reference(row_dark):
+@pytest.mark.parametrize("row_dark,halo", [("none", False), ("mean", False), ("median", False),
+                                           ("none", True), ("mean", True)])
+def test_float_path_gain_and_row_dark_equal_the_dense_reference(row_dark, halo):
     frames, dark = synthetic_raw(12, seed=3)
     rng = np.random.default_rng(4)
     gain = rng.uniform(0.8, 1.25, frames.shape[1:]).astype(np.float32)
@@ -148,10 +155,10 @@ def test_float_path_gain_and_row_dark_equal_the_dense_reference(row_dark):
         d = dark if row_dark == "none" else None
         bg, om = (7.3, None) if row_dark == "none" else (26.0, 20.0)
         c = ElectronCounter(frames.shape[1:], d, bg, 900.0, gain=g, row_dark=row_dark, optimized_mean=om,
-                            ties="none")
+                            ties="none", xray_neighbours="dropped" if halo else "kept")
         got = events_by_frame(*c.count(frames))
         for i, f in enumerate(frames):
-            ref = reference_maxima(reference_values(f, d, bg, 900.0, gain=g, row_dark=row_dark, om=om))
+            ref = reference_maxima(reference_values(f, d, bg, 900.0, gain=g, row_dark=row_dark, om=om, halo=halo))
             np.testing.assert_array_equal(got[i], ref, err_msg=f"frame {i}, gain {g is not None}")
 
 
@@ -172,7 +179,7 @@ def test_sectors_threads_and_dtypes(dtype):
         np.testing.assert_array_equal(counts, c3)
         np.testing.assert_array_equal(indices, i3)
         for i, f in enumerate(frames):
-            ref = reference_maxima(reference_values(f[a:b], dark[a:b], bg, xray), "first", skip_top=a > 0)
+            ref = reference_maxima(reference_values(f[a:b], dark[a:b], bg, xray, halo=True), "first", skip_top=a > 0)
             np.testing.assert_array_equal(events_by_frame(counts, indices)[i], ref + a * f.shape[1])
     # a frame of nothing but isolated maxima: tens of thousands of events, the buffer grows
     dense = np.zeros((3, 200, 200), np.uint16)

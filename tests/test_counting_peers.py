@@ -45,7 +45,7 @@ def stempy_events(sparse, n):
 
 
 def ours(frames, dark, bg, xray, **kw):
-    c = ElectronCounter((576, 576), dark, bg, xray, **{"ties": "none", **kw})
+    c = ElectronCounter((576, 576), dark, bg, xray, **{"ties": "none", "xray_neighbours": "kept", **kw})
     counts, indices = c.count(frames)
     off = np.r_[0, np.cumsum(counts.astype(np.int64))]
     return [indices[off[i]:off[i + 1]] for i in range(len(frames))]
@@ -122,9 +122,9 @@ def test_row_dark(raw, use_mean):
 
 
 def test_where_we_differ_from_stempy_on_purpose(raw):
-    """Our defaults: a plateau of equal maxima is one event (stempy: none), and a sector that
-    does not start at row 0 makes no event in its first row. Every difference is bounded and
-    lies where the docs say."""
+    """Our defaults: a plateau of equal maxima is one event (stempy: none), a sector that does
+    not start at row 0 makes no event in its first row, and no neighbour of an X-ray pixel is
+    an event. Every difference is bounded and lies where the docs say."""
     frames, _, files = raw
     zeros = np.zeros((576, 576), np.float32)
     reader = stempy_io.reader(files, version=5, backend="multi-pass", threads=1)
@@ -147,7 +147,7 @@ def test_where_we_differ_from_stempy_on_purpose(raw):
     assert 0 < extra < 0.06 * n_theirs
     # four sectors of 144 rows, counted apart: differences only in the rows at their borders
     # (an electron on a border: stempy's event in the lower sector's first row, ours one row up)
-    c = ElectronCounter((576, 576), None, bg, xr, ties="none")
+    c = ElectronCounter((576, 576), None, bg, xr, ties="none", xray_neighbours="kept")
     parts = [c.count(frames[:, a:a + 144], a) for a in range(0, 576, 144)]
     differ = n_mine = 0
     for i, t in enumerate(theirs):
@@ -157,3 +157,17 @@ def test_where_we_differ_from_stempy_on_purpose(raw):
         differ += len(rows)
         n_mine += len(mine)
     assert 0 < differ < 0.02 * n_theirs and abs(n_mine - n_theirs) < 0.005 * n_theirs
+    # X-ray neighbours, at an x-ray threshold low enough for the charge an X-ray shares with
+    # its neighbour to fall below it: stempy's events that we drop all touch an X-ray pixel
+    xr = 600.0
+    theirs = [np.asarray(stempy_image.electron_count_frame(f, darkreference=zeros, background_threshold=bg,
+                                                           xray_threshold=xr).data[0][0]) for f in frames]
+    halo = ours(frames, None, bg, xr, xray_neighbours="dropped")
+    dropped = 0
+    for h, t, frame in zip(halo, theirs, frames):
+        assert np.all(np.isin(h, t))
+        for e in np.setdiff1d(t, h):
+            y, x = divmod(int(e), 576)
+            assert frame[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].max() >= xr
+            dropped += 1
+    assert 0 < dropped < 0.01 * sum(map(len, theirs))
