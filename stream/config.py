@@ -17,7 +17,8 @@ from operators.apertures import RealSpaceApertures, load_aperture_masks, rect_ma
 from operators.com import CenterOfMass
 from operators.completeness import Completeness
 from operators.diffraction import DiffractionSum
-from operators.electron_counting import ROW_DARK, SEMANTICS, ElectronCounter
+from operators.electron_counting import (ROW_DARK, SECTOR_EDGES, SEMANTICS, TIES, XRAY_NEIGHBOURS,
+                                         ElectronCounter)
 from operators.events import EventStore
 from operators.fused import fuse_operators
 from operators.kernels import load_npy
@@ -148,6 +149,9 @@ class CountingSpec:
     xray_threshold: float | None = None
     semantics: str = "threaded"  # how a fractional dark rounds: stempy's "threaded" or "classic"
     row_dark: str = "none"  # none | mean | median: stempy's row-dark correction
+    ties: str = "first"  # a plateau of equal maxima: one event ("first") or none ("none", stempy)
+    sector_edges: str = "top-row-dropped"  # or "kept": see docs/COUNTING.md
+    xray_neighbours: str = "dropped"  # or "kept" (stempy): events next to an X-ray pixel
     threads: int = 1  # threads counting one message's frames
     samples: int = 40  # calibrate: sample frames for the thresholds
     background_n_sigma: float = 4.5  # calibrate: NCEM's values (stempy issue 259, PR 152)
@@ -367,6 +371,10 @@ def _load_counting(c: CountingSpec, where: str, base: Path) -> None:
     (None when nothing says how to count: raw frames are then refused with the fix)."""
     checks = [(c.semantics in SEMANTICS, f"semantics {c.semantics!r} must be one of {', '.join(SEMANTICS)}"),
               (c.row_dark in ROW_DARK, f"row_dark {c.row_dark!r} must be one of {', '.join(ROW_DARK)}"),
+              (c.ties in TIES, f"ties {c.ties!r} must be one of {', '.join(TIES)}"),
+              (c.sector_edges in SECTOR_EDGES, f"sector_edges {c.sector_edges!r} must be one of {', '.join(SECTOR_EDGES)}"),
+              (c.xray_neighbours in XRAY_NEIGHBOURS,
+               f"xray_neighbours {c.xray_neighbours!r} must be one of {', '.join(XRAY_NEIGHBOURS)}"),
               (c.threads >= 1, "threads must be >= 1"), (c.samples >= 1, "samples must be >= 1"),
               (c.background_n_sigma > 0 and c.xray_n_sigma > 0, "background_n_sigma and xray_n_sigma must be > 0"),
               ((c.background_threshold is None) == (c.xray_threshold is None),
@@ -435,6 +443,7 @@ def counting_operator(c: CountingSpec, g: Geometry) -> ElectronCounter:
     return ElectronCounter(g.frame_shape, cal.dark, cal.background_threshold, cal.xray_threshold,
                            gain=cal.gain, row_dark=c.row_dark,
                            optimized_mean=cal.attrs.get("optimized_mean"), semantics=c.semantics,
+                           ties=c.ties, sector_edges=c.sector_edges, xray_neighbours=c.xray_neighbours,
                            threads=c.threads, record=record)
 
 

@@ -107,4 +107,5 @@ def warm_up_dense(config: PipelineConfig) -> None:
         cal = config.counting.calibration
         ElectronCounter((3, 8), None if cal.dark is None else np.zeros((3, 8)), cal.background_threshold,
                         cal.xray_threshold, None if cal.gain is None else np.ones((3, 8)), c.row_dark,
-                        cal.attrs.get("optimized_mean"), c.semantics).count(frames)
+                        cal.attrs.get("optimized_mean"), c.semantics, c.ties, c.sector_edges,
+                        c.xray_neighbours).count(frames)
