@@ -162,6 +162,10 @@ def run(args) -> dict:
                          "frames_per_s": fps, "frames_per_cpu_s": args.frames / r["cpu_s_per_run"],
                          "gb_per_s": fps * FRAME_BYTES / 1e9})
             print(f"  {cores:>3} core(s) {name}: {fps:,.0f} frames/s", file=sys.stderr)
+    if not args.dir:  # the default directory is ours: leave nothing in /dev/shm
+        for f in files:
+            Path(f).unlink(missing_ok=True)
+        directory.rmdir()
     return {"benchmark": "counting", "when": common.now(), "command": common.command_line("bench_counting.py", args.argv),
             "machine": common.machine(), "load_before": load_before, "load_after": common.load_average(),
             "frames": args.frames, "electrons_per_frame": electrons / args.frames,
@@ -197,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="256 frames, 1 repeat: a smoke test")
-    ap.add_argument("--dir", metavar="DIR", help="where the raw files go (default /dev/shm)")
+    ap.add_argument("--dir", metavar="DIR", help="where the raw files go and stay (default: /dev/shm, removed at the end)")
     ap.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="directory of counting.json and .md")
     common.add_output_args(ap, "counting")

@@ -77,7 +77,7 @@ def test_the_thresholds_sit_where_the_noise_and_xrays_put_them(at_100):
     noise = np.sqrt(d.read_noise_adu ** 2 + d.row_noise_adu ** 2 + 1 / 12)
     assert t["optimized_std_dev"] == pytest.approx(noise, rel=0.05)
     assert t["background_threshold"] == pytest.approx(t["optimized_mean"] + 4.5 * t["optimized_std_dev"])
-    peak = d.adu_per_electron * 0.36  # the most probable electron's share on its central pixel
+    peak = d.adu_per_electron * 0.354  # a centred electron's share on its central pixel: (2Φ(0.5/0.6) − 1)²
     assert 5 * peak < t["xray_threshold"] < d.xray_adu[0] * 0.5
 
 

@@ -1,5 +1,5 @@
 """The ``stemstream`` command: simulate, process, demo, info, replay, process-file, export,
-import-stempy, analyze.
+import-stempy, analyze, tomo, atoms, calibrate.
 
 Errors a user can cause print one line naming the problem and the fix, and exit with code 2.
 """
@@ -131,6 +131,11 @@ def format_info(d: dict) -> str:
              f"{ev['stored_bytes'] / max(1, ev['n_events']):.2f} bytes/electron on disk; file {d['file_bytes'] / 1e6:.1f} MB"]
     if "n_missing" in c or "n_duplicated" in c:
         lines.append(f"  completeness: {c.get('n_missing', 0):,} missing, {c.get('n_duplicated', 0):,} duplicated frames")
+    ct = d.get("counting")
+    if ct:
+        lines.append(f"  counting: background {ct['background_threshold']:.3f} ADU, x-ray {ct['xray_threshold']:.1f} ADU "
+                     f"({ct.get('thresholds_source', '?')}); {ct['frames_counted']:,} frame parts counted into "
+                     f"{ct['events']:,} events, {ct['xray_pixels']:,} X-ray pixels rejected")
     lines.append("  results:")
     for name, r in d["results"].items():
         lines.append(f"    {name:<24} {r.get('kind', ''):<5} {str(r['shape']):<14} {r['dtype']:<8} {r.get('unit', '')}")

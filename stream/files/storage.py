@@ -428,4 +428,6 @@ def describe(path: str | Path) -> dict:
                          "stored_bytes": int(ev["indices"].id.get_storage_size()
                                              + ev["offsets"].id.get_storage_size())}
         out["file_bytes"] = Path(path).stat().st_size
+        if "counting" in f:  # its attributes; the dark and gain maps stay in the file
+            out["counting"] = {k: _plain(v) for k, v in f["counting"].attrs.items()}
     return out
