@@ -156,6 +156,9 @@ def test_a_counting_file_and_the_scan_files_counting_group(tmp_path):
         np.testing.assert_array_equal(g["dark"][()], cal.dark)
         np.testing.assert_array_equal(g["sample_frames"][()], [3, 9])
     assert describe(path)["status"] == "complete"
+    from stream.cli.commands import format_info
+    assert "counting: background 7.500 ADU, x-ray 300.0 ADU (c.h5); 2 frame parts counted into 1 events" \
+        in format_info(describe(path))
 
 
 def test_simulate_raw_refuses_what_it_cannot_do(capsys):

@@ -260,3 +260,42 @@ def test_a_counts_message_may_not_expand_beyond_its_budget(scripted_source, monk
     finally:
         rec.stop()
         pull.close(0)
+
+
+WARM_UP_DENSE = """
+import numpy as np, numba, sys
+import operators.dense as dense, operators.electron_counting as ec
+from stream.config import CountingSpec, PipelineConfig, validate
+from stream.files.counting_file import Calibration
+from stream.transport.protocol import Geometry, decode, encode_dense
+from stream.session.worker import warm_up
+
+spec = CountingSpec()
+spec.calibration = Calibration(np.full((576, 576), 19.5, np.float32), 8.0, 400.0, attrs={"thresholds_source": "x"})
+cfg = validate(PipelineConfig(counting=spec))
+kernels = [dense.counts_kernel, ec.count_integer_kernel]
+warm_up(cfg)
+before = [len(k.signatures) for k in kernels]
+g = Geometry((4, 4), (576, 576), n_sources=4, sector=(144, 288))
+rng = np.random.default_rng(0)
+raw = decode(encode_dense("s", 1, g, 0, rng.integers(10, 60, (3, 144, 576)).astype(np.uint16), "raw"))
+counter = next(op for op in cfg.operators(g.for_sector(None)) if op.name == "counting")
+counter.count(raw.dense, 144)
+for dtype in (np.uint8, np.uint16, np.uint32):
+    m = decode(encode_dense("s", 1, g, 0, rng.poisson(0.01, (3, 144, 576)).astype(dtype), "counts"))
+    dense.counts_to_events(m.dense, 144)
+after = [len(k.signatures) for k in kernels]
+print("signatures before", before, "after", after)
+sys.exit(0 if after == before and all(before) else 1)
+"""
+
+
+def test_warm_up_compiles_the_dense_kernels_a_real_message_needs():
+    """In a fresh process: after warm_up, raw and count frames off the wire (read-only, a
+    144-row sector) need no new compilation, so the first raw frame never waits for it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, "-c", WARM_UP_DENSE], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
