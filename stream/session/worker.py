@@ -12,6 +12,7 @@ from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from stream.config import PipelineConfig, build_operators
+from stream.sources.build import build_source
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
 
@@ -21,18 +22,22 @@ STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstr
 class ReceiverPlugin(WorkerPlugin):
     """Starts a :class:`Receiver` in every worker (also in workers that join later)."""
 
-    def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig):
+    def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig,
+                 source_plan=None):
         self.name = name
         self.connect = connect
         self.control_address = control_address
         self.config = config
+        self.source_plan = source_plan  # a detector source's SourcePlan (stream/sources), or None
         self.receiver: Receiver | None = None
 
     async def setup(self, worker):
         # compile the kernels before the first frame, off the worker's event loop
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
+        source = build_source(self.source_plan, worker.address)
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
-                                 spill_dir=self.config.memory.spill_dir or worker.local_directory)
+                                 spill_dir=self.config.memory.spill_dir or worker.local_directory,
+                                 source=source)
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
             worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)
@@ -52,6 +57,14 @@ def _receiver(plugin_name: str) -> Receiver:
 def close_on_worker(plugin_name: str, scan_id: str) -> WorkerScan:
     """Close ``scan_id`` on this worker's receiver; the result stays on this worker."""
     return _receiver(plugin_name).close_scan(scan_id)
+
+
+def source_command(plugin_name: str, name: str, *args):
+    """Pass a control request to this worker's detector source (e.g. DECTRIS hold/expect)."""
+    source = _receiver(plugin_name).source
+    if source is None:
+        raise RuntimeError(f"worker {get_worker().address} runs no detector source")
+    return source.command(name, *args)
 
 
 def warm_up(config: PipelineConfig) -> float:
