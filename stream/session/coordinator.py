@@ -185,6 +185,9 @@ class Session:
             (out / ".stemstream-write-test").unlink()
         except OSError as e:
             raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
+        if self.config.detector.kind != "stemstream":  # its control first: a wrong address fails fast
+            self.detector = DetectorLink(self, self.config.detector)
+            self.detector.prepare()
         if self._client is None:
             self._client, self._cluster = cluster.connect(self.config.cluster)
         host = self._control_host()
@@ -201,8 +204,7 @@ class Session:
                                   f"{e.strerror}; choose another --publish address") from None
         plan = source_plan(self.config.detector, self._client, sorted(self._client.scheduler_info()["workers"]))
         if plan is not None:
-            self.detector = DetectorLink(self, self.config.detector, plan)
-            self.detector.prepare()
+            self.detector.set_plan(plan)
         plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config, plan)
         self._client.register_plugin(plugin, name=self._plugin_name)
         self.workers = sorted(self._client.scheduler_info()["workers"])

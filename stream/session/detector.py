@@ -40,17 +40,23 @@ class DetectorLink:
     """The session's side of a detector: settings read at start, and in active mode one
     acquisition per call of :meth:`acquire`."""
 
-    def __init__(self, session, spec: DetectorSpec, plan: SourcePlan):
+    def __init__(self, session, spec: DetectorSpec):
+        """Connect to the detector's control (before any worker starts: a wrong address
+        fails in seconds); ``plan`` is set once the workers are known."""
         self.session = session
         self.spec = spec
-        self.plan = plan
+        self.plan: SourcePlan | None = None
         self.dectris = self.merlin = self.control = None
-        if plan.kind == "dectris" and plan.dcu:
-            self.dectris = SimplonClient(plan.dcu, spec.request_timeout_s)
-            self.control = DectrisControl(plan, self.dectris, session.source_command,
-                                          spec.trigger_mode or "exte")
-        if plan.kind == "merlin" and spec.control:
+        if spec.kind == "dectris" and spec.dcu:
+            self.dectris = SimplonClient(spec.dcu, spec.request_timeout_s)
+        if spec.kind == "merlin" and spec.control:
             self.merlin = MerlinControl(spec.control, spec.request_timeout_s)
+
+    def set_plan(self, plan: SourcePlan) -> None:
+        self.plan = plan
+        if self.dectris is not None:
+            self.control = DectrisControl(plan, self.dectris, self.session.source_command,
+                                          self.spec.trigger_mode or "exte")
 
     def describe(self) -> str:
         where = f"DCU {self.plan.dcu}, stream {self.plan.data}" if self.plan.kind == "dectris" else \

@@ -59,11 +59,13 @@ def close_on_worker(plugin_name: str, scan_id: str) -> WorkerScan:
     return _receiver(plugin_name).close_scan(scan_id)
 
 
-def source_command(plugin_name: str, name: str, *args):
-    """Pass a control request to this worker's detector source (e.g. DECTRIS hold/expect)."""
-    source = _receiver(plugin_name).source
+def source_command(plugin_name: str, name: str, *args, dask_worker=None):
+    """Pass a control request to this worker's detector source (e.g. DECTRIS hold/expect);
+    run with ``client.run``, which gives ``dask_worker``."""
+    plugin = dask_worker.plugins.get(plugin_name)
+    source = plugin.receiver.source if plugin is not None and plugin.receiver is not None else None
     if source is None:
-        raise RuntimeError(f"worker {get_worker().address} runs no detector source")
+        raise RuntimeError(f"worker {dask_worker.address} runs no detector source")
     return source.command(name, *args)
 
 
@@ -98,4 +100,17 @@ def warm_up(config: PipelineConfig) -> float:
             op.process(state, chunk)
         op.merge(state, other)
         op.finalize(state)
+    if config.detector.kind != "stemstream":  # dense counts to events, raw Merlin bits
+        warm_up_sources()
     return time.perf_counter() - t0
+
+
+def warm_up_sources() -> None:
+    """Compile the detector sources' kernels (dense counts of every type, raw 1-bit)."""
+    from operators.dense import counts_to_events
+    from stream.sources import mib
+
+    for dtype in ("<u1", "<u2", "<u4"):
+        counts_to_events(np.ones((2, 4, 16), dtype), 1, 1 << 20)
+    fh = mib.parse_frame_header(mib.frame_header(1, 1, raw=True))
+    mib.decode_payloads(np.zeros((1, fh.payload_size), np.uint8), fh)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from operators.dense import counts_to_events
 
@@ -210,7 +211,7 @@ class DectrisSource(Source):
         """One console line when the DCU's stream goes away and when it is back; ZeroMQ
         reconnects by itself, so nothing else has to happen."""
         while self._monitor is not None and self._monitor.poll(0):
-            event = zmq.utils.monitor.recv_monitor_message(self._monitor)["event"]
+            event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._connected = False
                 self._notice(f"WARNING: DECTRIS stream {self.plan.data} disconnected (worker "

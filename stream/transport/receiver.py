@@ -250,7 +250,8 @@ class Receiver:
         try:
             messages = self.source.receive(poll_ms)
         except Exception as e:  # noqa: BLE001 - a source's bug must not stop the receiver
-            log.exception("detector source failed")
+            if INTERNAL_ERROR not in self._warned:
+                log.exception("detector source failed")
             self._reject(INTERNAL_ERROR, f"detector source: {type(e).__name__}: {e}")
             time.sleep(poll_ms / 1000)
             return
