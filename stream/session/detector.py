@@ -49,7 +49,9 @@ class DetectorLink:
         self.dectris = self.merlin = self.control = None
         if spec.kind == "dectris" and spec.dcu:
             self.dectris = SimplonClient(spec.dcu, spec.request_timeout_s)
-        if spec.kind == "merlin" and spec.control:
+        if spec.kind == "merlin" and spec.control and spec.mode == "active":
+            # only in active mode: Merlin serves one control client, which in passive mode is
+            # whoever starts the acquisitions
             self.merlin = MerlinControl(spec.control, spec.request_timeout_s)
 
     def set_plan(self, plan: SourcePlan) -> None:

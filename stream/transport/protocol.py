@@ -243,7 +243,7 @@ def encode_dense(scan_id: str, source: int, geometry: Geometry, first: int, valu
     (electrons per pixel) or "raw" (to be counted)."""
     values = np.ascontiguousarray(values, dtype=np.asarray(values).dtype.newbyteorder("<"))
     header = _header("dense", scan_id, source, first=int(first), count=len(values),
-                     dtype=values.dtype.str, values=kind, **geometry.to_wire())
+                     dtype="<" + values.dtype.str[1:], values=kind, **geometry.to_wire())
     return [header, values]
 
 
