@@ -42,7 +42,7 @@ def config_for(tmp_path, detector: DetectorSpec, frame_shape) -> PipelineConfig:
     cfg = PipelineConfig(detector=detector, virtual=[VirtualSpec(name="m", shape="masks",
                                                                  file=str(tmp_path / "mask.npy"))])
     cfg = replace(cfg, output=replace(cfg.output, dir=str(tmp_path / "out"), previews=False),
-                  scan=replace(cfg.scan, timeout_s=5.0))
+                  scan=replace(cfg.scan, timeout_s=20.0))
     return validate(cfg)
 
 
