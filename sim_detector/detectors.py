@@ -69,6 +69,8 @@ class DectrisEmulator:
         self.state = "idle"
         self._lock = threading.Lock()
         self._armed, self._trigger, self._abort = threading.Event(), threading.Event(), threading.Event()
+        self._closing, self._idle = threading.Event(), threading.Event()
+        self._idle.set()
         self._ctx = zmq.Context()
         self.push = self._ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, sndhwm)
@@ -81,10 +83,29 @@ class DectrisEmulator:
         self._http_thread.start()
 
     def close(self) -> None:
+        """Stop serving; a scan being sent stops (its thread returns) before the socket closes."""
+        self._closing.set()
+        self._abort.set()
+        self._armed.set()  # a thread waiting to be armed wakes up and finds it closing
+        self._idle.wait(5)
         self.http.shutdown()
         self.http.server_close()
-        self.push.close()
+        self.push.close(linger=0)
         self._ctx.term()
+
+    def _send(self, parts, patience_s: float | None = None) -> bool:
+        """Send one message; keep trying while the receivers are full (back-pressure), give
+        up when closing, or after ``patience_s`` (None: only when closing or aborted)."""
+        deadline = None if patience_s is None else time.monotonic() + patience_s
+        while True:
+            try:
+                self.push.send_multipart(parts, flags=zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                if self._closing.is_set() or (deadline is None and self._abort.is_set()) \
+                        or (deadline is not None and time.monotonic() > deadline):
+                    return False
+                time.sleep(0.001)
 
     # REST ------------------------------------------------------------
     def _handler(self):
@@ -168,7 +189,7 @@ class DectrisEmulator:
             if stop is not None and stop.is_set():
                 return False
         self._armed.clear()
-        return True
+        return not self._closing.is_set()
 
     def send_scan(self, scan: _Scan, rate: float | None = None, progress=None) -> dict:
         """Send the armed series: header, configuration, images of ``scan`` (as many as the
@@ -178,12 +199,21 @@ class DectrisEmulator:
             mode = config["trigger_mode"]
             n_conf = int(config["ntrigger"] if mode in ("exte", "inte") else config["nimages"])
             self.state = "acquire"
+            self._idle.clear()
+        try:
+            return self._send_series(scan, series, config, mode, n_conf, rate, progress)
+        finally:
+            with self._lock:
+                self.state = "idle"
+            self._idle.set()
+
+    def _send_series(self, scan, series, config, mode, n_conf, rate, progress) -> dict:
         n = min(len(scan.counts), n_conf) if n_conf > 1 else len(scan.counts)
         header = self.stream_config["header_detail"] != "none"
         cfg = simplon.detector_config(n, self.frame_shape, self.dtype, mode, config["compression"],
                                       config["frame_time"])
         for part in simplon.header_parts(series, cfg if header else None):
-            self.push.send(part)
+            self._send([part])
         if mode in ("ints", "inte"):
             while not self._trigger.wait(0.2):
                 if self._abort.is_set():
@@ -200,7 +230,8 @@ class DectrisEmulator:
             for i in range(k):
                 if self._abort.is_set():
                     break
-                self.push.send_multipart(simplon.image_parts(series, lo + i, block[i], config["compression"]))
+                if not self._send(simplon.image_parts(series, lo + i, block[i], config["compression"])):
+                    break
                 sent += 1
             if rate:
                 ahead = t0 + sent / rate - time.perf_counter()
@@ -208,9 +239,7 @@ class DectrisEmulator:
                     time.sleep(ahead)
             if progress:
                 progress(sent, n)
-        self.push.send(simplon.end_part(series))
-        with self._lock:
-            self.state = "idle"
+        self._send([simplon.end_part(series)], patience_s=1.0 if self._abort.is_set() else None)
         return {"series": series, "frames": sent, "of": n, "aborted": self._abort.is_set(),
                 "seconds": time.perf_counter() - t0, "clipped_electrons": lost}
 
@@ -328,9 +357,11 @@ class MerlinEmulator:
         self._start.clear()
         return True
 
-    def send_scan(self, scan: _Scan, rate: float | None = None, progress=None) -> dict:
+    def send_scan(self, scan: _Scan, rate: float | None = None, progress=None,
+                  drop_after: int | None = None) -> dict:
         """One acquisition: the header at once, the frames after the trigger (at once with
-        internal triggering, TRIGGERSTART 0). STOP or ABORT end it silently, as on Merlin."""
+        internal triggering, TRIGGERSTART 0). STOP or ABORT end it silently, as on Merlin.
+        ``drop_after``: close the data connection after that many frames (a pulled cable)."""
         with self._lock:
             n_set = int(self.settings["NUMFRAMESTOACQUIRE"])
             bits, internal = self.bits, self.settings["TRIGGERSTART"] == "0"
@@ -346,7 +377,9 @@ class MerlinEmulator:
         for lo in range(0, n, 64):
             if self._stop.is_set():
                 break
-            k = min(64, n - lo)
+            k = min(64, n - lo, n if drop_after is None else drop_after - lo)
+            if k <= 0:
+                break
             block, dropped = dense_block(scan.counts, scan.indices, scan.offsets, lo, k,
                                          self.frame_shape, dtype, top)
             lost += dropped
@@ -360,6 +393,10 @@ class MerlinEmulator:
                     time.sleep(ahead)
             if progress:
                 progress(sent, n)
+        if drop_after is not None and sent >= drop_after:  # the cable goes: the stream just ends
+            self.client.shutdown(socket.SHUT_RDWR)
+            self.client.close()
+            self.client = None
         return {"frames": sent, "of": n, "aborted": self._stop.is_set(),
                 "seconds": time.perf_counter() - t0, "clipped_electrons": lost}
 

@@ -7,7 +7,7 @@ import time
 from urllib.parse import urlsplit
 
 from stream.config import DetectorSpec
-from stream.sources.base import DetectorError, SourcePlan, new_prefix
+from stream.sources.base import DetectorError, DetectorRefused, SourcePlan, new_prefix
 from stream.sources.dectris import DectrisControl, SimplonClient, dcu_url, default_stream
 from stream.sources.merlin import MerlinControl
 from stream.transport.net import free_port_block
@@ -70,7 +70,10 @@ class DetectorLink:
         """Turn the DCU's stream on with the configuration in each series header (as
         LiberTEM-live does, passive mode too); check a Merlin answers."""
         if self.dectris is not None:
-            self.dectris.enable_stream()
+            try:
+                self.dectris.enable_stream()
+            except DetectorRefused as e:  # busy with an acquisition: it answers, that is enough
+                self.session.console.say(f"WARNING: {e}; the stream settings are left as they are")
         if self.merlin is not None:
             self.merlin.get("COUNTERDEPTH")
 

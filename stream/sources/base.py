@@ -30,6 +30,10 @@ class DetectorError(RuntimeError):
     one line naming the address and the fix."""
 
 
+class DetectorRefused(DetectorError):
+    """The detector answered, and said no (busy, a value it does not take)."""
+
+
 @dataclass
 class SourcePlan:
     """What every worker needs to run a detector source: the settings of ``[detector]``

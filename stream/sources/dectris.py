@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from operators.dense import counts_to_events
 
-from stream.sources.base import (STALE, UNDECODABLE, DetectorError, Source, SourcePlan,
+from stream.sources.base import (STALE, UNDECODABLE, DetectorError, DetectorRefused, Source, SourcePlan,
                                  end_message, frames_message, start_message)
 from stream.sources.simplon import SimplonError, decode_image, image_shape_dtype, parse_json
 from stream.transport.protocol import ProtocolError
@@ -73,7 +73,7 @@ class SimplonClient:
                 body = r.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode("utf-8", "replace").strip()
-            raise DetectorError(f"DCU {self.url} refused {what}: HTTP {e.code} {detail}") from None
+            raise DetectorRefused(f"DCU {self.url} refused {what}: HTTP {e.code} {detail}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             why = getattr(e, "reason", e)
             raise DetectorError(f"DCU {self.url} did not answer {what} within {self.timeout_s:g} s "
