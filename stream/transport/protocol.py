@@ -20,9 +20,7 @@ import msgpack
 import numpy as np
 
 PROTO = "stemstream/1"
-KINDS = ("start", "frames", "end", "abort", "dense")
-DENSE_DTYPES = ("<u1", "<u2", "<u4")
-DENSE_VALUES = ("raw", "counts")
+KINDS = ("start", "frames", "end", "abort")
 EVENT_DTYPE = np.dtype("<u4")
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Sanity bounds: beyond them a geometry is a corrupt header, not an instrument.
@@ -194,7 +192,6 @@ class Message:
     counts: np.ndarray | None = None
     indices: np.ndarray | None = None
     metadata: dict = field(default_factory=dict)
-    values: np.ndarray | None = None  # dense: (count, sector rows, w), read-only view
 
     @property
     def first(self) -> int:
@@ -233,18 +230,6 @@ def encode_frames(scan_id: str, source: int, geometry: Geometry, first: int,
     header = _header("frames", scan_id, source, first=int(first), count=len(counts),
                      events=len(indices), **geometry.to_wire())
     return [header, counts, indices]
-
-
-def encode_dense(scan_id: str, source: int, geometry: Geometry, first: int, values: np.ndarray,
-                 kind: str = "counts") -> list:
-    """``dense``: frames ``first …`` as whole pixel arrays of this source's sector.
-
-    values: (count, sector rows, w) unsigned integers (u1, u2 or u4); ``kind`` "counts"
-    (electrons per pixel) or "raw" (to be counted)."""
-    values = np.ascontiguousarray(values, dtype=np.asarray(values).dtype.newbyteorder("<"))
-    header = _header("dense", scan_id, source, first=int(first), count=len(values),
-                     dtype="<" + values.dtype.str[1:], values=kind, **geometry.to_wire())
-    return [header, values]
 
 
 def encode_end(scan_id: str, source: int, frames_sent: int) -> list:
@@ -323,7 +308,7 @@ def decode(parts: Sequence[Any], check_events: bool = True) -> Message:
 
 def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
     h, kind, source = msg.header, msg.kind, msg.source
-    expected_parts = {"frames": 3, "dense": 2}.get(kind, 1)
+    expected_parts = 3 if kind == "frames" else 1
     if len(parts) != expected_parts:
         raise ProtocolError("wrong_parts", f"{kind} message has {len(parts)} parts, expects {expected_parts}")
     if kind == "start":
@@ -337,8 +322,6 @@ def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
     elif kind == "abort":
         if not isinstance(h.get("reason", ""), str):
             raise ProtocolError("bad_header", "abort reason must be a string")
-    elif kind == "dense":
-        _decode_dense(msg, parts)
     else:
         _decode_frames(msg, parts, check_events)
     if not (0 <= source < (msg.geometry.n_sources if msg.geometry else MAX_SOURCES)):
@@ -373,24 +356,3 @@ def _decode_frames(msg: Message, parts, check_events: bool) -> None:
                                 f"pixel index {bad} outside rows {g.sector[0]}..{g.sector[1] - 1} "
                                 f"of a {g.frame_shape[0]}x{g.frame_shape[1]} detector")
     msg.geometry, msg.counts, msg.indices = g, counts, indices
-
-
-def _decode_dense(msg: Message, parts) -> None:
-    h = msg.header
-    g = Geometry.from_wire(h)
-    first, count = _int(h.get("first")), _int(h.get("count"))
-    if first < 0 or count < 0 or first + count > g.n_frames:
-        raise ProtocolError("frame_out_of_range",
-                            f"frames {first}..{first + count - 1} but the scan has {g.n_frames}")
-    if h.get("dtype") not in DENSE_DTYPES or h.get("values") not in DENSE_VALUES:
-        raise ProtocolError("bad_header", f"dense dtype {h.get('dtype')!r} / values {h.get('values')!r} "
-                            f"must be one of {DENSE_DTYPES} / {DENSE_VALUES}")
-    rows = g.sector[1] - g.sector[0]
-    dtype = np.dtype(h["dtype"])
-    buf = _buffer(parts[1])
-    if buf.nbytes != count * rows * g.frame_shape[1] * dtype.itemsize:
-        raise ProtocolError("count_mismatch", f"{count} frames of {rows}x{g.frame_shape[1]} {h['dtype']} "
-                            f"need {count * rows * g.frame_shape[1] * dtype.itemsize} bytes, got {buf.nbytes}")
-    values = np.frombuffer(buf, dtype).reshape(count, rows, g.frame_shape[1])
-    values.flags.writeable = False
-    msg.geometry, msg.values = g, values
