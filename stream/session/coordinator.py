@@ -175,6 +175,10 @@ class Session:
         source = self.detector.describe() if self.detector else ", ".join(self.connect)
         self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
                          f"{source}; writing to {self.config.output.dir}")
+        if self.config.counting.enabled:  # what raw frames will be counted with (docs/COUNTING.md)
+            c = self.config.counting
+            self.console.say(f"counting raw frames: {c.calibration.summary()}; semantics {c.semantics}, "
+                             f"row dark {c.row_dark}; thresholds {c.calibration.attrs['thresholds_source']}")
         return self
 
     def _start(self) -> None:

@@ -21,10 +21,13 @@ import zmq
 from dask.sizeof import sizeof
 
 from operators.chunk import Chunk
+from operators.dense import counts_to_events
+from operators.electron_counting import ElectronCounter
 from operators.events import EventStore
 
 from stream.transport import control
-from stream.transport.protocol import Geometry, Message, ProtocolError, decode, frame_positions
+from stream.transport.protocol import (MAX_DENSE_EVENTS, Geometry, Message, ProtocolError, decode,
+                                       frame_positions)
 from stream.transport.spill import SpillFile
 
 log = logging.getLogger("stemstream.receiver")
@@ -58,6 +61,7 @@ class ScanWork:
     mem_bytes: int = 0
     spill: SpillFile | None = None  # created on the first spill
     spill_failed: bool = False  # after a failure the scan's events stay in memory
+    counter: ElectronCounter | None = None  # counts the scan's raw frames ([counting])
 
 
 @dataclass
@@ -281,10 +285,14 @@ class Receiver:
                 if self._open(msg) is not None:
                     self._send({"kind": "start", "scan_id": msg.scan_id, "source": msg.source,
                                 "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
-            elif msg.kind == "frames":
+            elif msg.kind in ("frames", "dense"):
                 work = self._open(msg)
                 if work is None:
                     return
+                if msg.kind == "dense":
+                    msg = self._events_of_dense(work, msg)
+                    if msg is None:
+                        return
                 work.pending.append(msg)
                 if not work.pending_frames:
                     work.oldest = time.monotonic()
@@ -317,10 +325,37 @@ class Receiver:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
             return None
         work = ScanWork(msg.scan_id, geometry, operators, states,
-                        store=next((op for op in operators if isinstance(op, EventStore)), None))
+                        store=next((op for op in operators if isinstance(op, EventStore)), None),
+                        counter=next((op for op in operators if isinstance(op, ElectronCounter)), None))
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         return work
+
+    def _events_of_dense(self, work: ScanWork, msg: Message) -> Message | None:
+        """A ``dense`` message as the ``frames`` message it amounts to: electrons per pixel
+        become that many events; raw frames are counted by the scan's counting operator
+        (docs/COUNTING.md). None, after a reject, when raw frames cannot be counted."""
+        row0 = msg.geometry.sector[0]
+        if msg.header["values"] == "counts":
+            try:
+                counts, indices = counts_to_events(msg.dense, row0, MAX_DENSE_EVENTS)
+            except ValueError as e:
+                raise ProtocolError("too_many_events", str(e), msg.scan_id) from None
+        else:
+            try:
+                if work.counter is None:
+                    raise ValueError("raw frames arrived but [counting] gives no dark reference and "
+                                     "thresholds: run 'stemstream calibrate' and set [counting] file, or "
+                                     "set dark and the thresholds (docs/COUNTING.md)")
+                counts, indices = work.counter.count(msg.dense, row0, work.states[work.counter.name])
+            except ValueError as e:  # a configuration that cannot count this detector's frames
+                detail = f"scan {msg.scan_id}: {e}"
+                if detail not in work.errors:
+                    work.errors.append(detail)
+                self._reject(OPERATOR_ERROR, detail, msg.scan_id)
+                return None
+        return Message("frames", msg.scan_id, msg.source, msg.header, geometry=msg.geometry,
+                       counts=counts, indices=indices)
 
     def _flush(self, work: ScanWork, spill: bool = True) -> None:
         """Turn the pending messages of a scan into one chunk and run its operators; then, if
