@@ -345,6 +345,8 @@ class MerlinEmulator:
                 self.client, _ = self.data_sock.accept()
             except socket.timeout:
                 continue
+            except OSError:  # closed: the emulator stops
+                return
 
     def start_self(self) -> None:
         self._start.set()

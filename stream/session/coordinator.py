@@ -39,7 +39,7 @@ from stream.stages.series import SeriesCollector
 from stream.stages.runner import run_stages
 from stream.stages.tomo import reconstruct_series
 from stream.session.worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker, source_command
-from stream.session.detector import DetectorLink, source_plan
+from stream.session.detector import DetectorLink, detector_workers, source_plan
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
@@ -206,7 +206,7 @@ class Session:
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
-        plan = source_plan(self.config.detector, self._client, sorted(self._client.scheduler_info()["workers"]))
+        plan = source_plan(self.config.detector, self._client, detector_workers(self._client))
         if plan is not None:
             self.detector.set_plan(plan)
         plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config, plan)

@@ -13,6 +13,17 @@ from stream.sources.merlin import MerlinControl
 from stream.transport.net import free_port_block
 
 
+def detector_workers(client, timeout_s: float = 60.0) -> list[str]:
+    """The workers now, asked of the workers themselves (the client's cached list may be
+    empty while workers restart); waits for at least one."""
+    client.wait_for_workers(1, timeout=timeout_s)
+    return sorted(client.run(_alive))
+
+
+def _alive():
+    return True
+
+
 def source_plan(spec: DetectorSpec, client, workers: list[str], prefix: str | None = None) -> SourcePlan | None:
     """The SourcePlan every worker builds its source from; None for ``stemstream``.
 

@@ -112,13 +112,13 @@ def start_message(scan_id: str, geometry: Geometry, metadata: dict) -> Message:
     return Message("start", scan_id, 0, {}, geometry=geometry, metadata=metadata)
 
 
-def frames_message(scan_id: str, geometry: Geometry, first: int, counts: np.ndarray,
-                   indices: np.ndarray) -> Message:
-    """Frames first … first+len(counts)−1 as a decoded ``frames`` message (no encoding:
-    it never leaves this process)."""
-    return Message("frames", scan_id, 0, {"first": int(first), "count": len(counts),
-                                          "events": len(indices)},
-                   geometry=geometry, counts=counts, indices=indices)
+def dense_message(scan_id: str, geometry: Geometry, first: int, frames: np.ndarray) -> Message:
+    """Frames first … first+len(frames)−1 of electron counts, (n, h, w) unsigned, as a
+    decoded ``dense`` message with values "counts" (no encoding: it never leaves this
+    process; the receiver turns each count k into k events)."""
+    return Message("dense", scan_id, 0, {"first": int(first), "count": len(frames),
+                                         "dtype": f"<u{frames.dtype.itemsize}", "values": "counts"},
+                   geometry=geometry, dense=frames)
 
 
 def end_message(scan_id: str, frames_sent: int) -> Message:

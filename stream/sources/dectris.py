@@ -24,17 +24,14 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from operators.dense import counts_to_events
-
 from stream.sources.base import (STALE, UNDECODABLE, DetectorError, DetectorRefused, Source, SourcePlan,
-                                 end_message, frames_message, start_message)
+                                 dense_message, end_message, start_message)
 from stream.sources.simplon import SimplonError, decode_image, image_shape_dtype, parse_json
 from stream.transport.protocol import ProtocolError
 
 log = logging.getLogger("stemstream.sources.dectris")
 API = "1.8.0"
 DEFAULT_STREAM_PORT = 9999
-MAX_EVENTS = 1 << 24  # per image: beyond it the data is not electron counting
 
 
 def dcu_url(text: str) -> str:
@@ -289,11 +286,10 @@ class DectrisSource(Source):
                                 "(check --scan against the detector's nimages x ntrigger)", scan_id)
         try:
             image = decode_image(parts[2], dimage_d)
-            counts, indices = counts_to_events(image[None], max_events=MAX_EVENTS)
-        except (SimplonError, ValueError) as e:
+        except SimplonError as e:
             self._reject(UNDECODABLE, f"image {frame} of series {series}: {e}", scan_id)
             return
-        out.append(frames_message(scan_id, g, frame, counts, indices))
+        out.append(dense_message(scan_id, g, frame, image[None]))  # the receiver makes events
 
 
 class DectrisControl:

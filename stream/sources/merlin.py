@@ -23,10 +23,7 @@ import time
 import numpy as np
 import zmq
 
-from operators.dense import counts_to_events
-
-from stream.sources.base import (UNDECODABLE, DetectorError, Source, SourcePlan, frames_message,
-                                 tcp_address)
+from stream.sources.base import DetectorError, Source, SourcePlan, tcp_address
 from stream.sources.mib import (MPX_PREFIX_LEN, AcquisitionHeader, FrameHeader, MibError,
                                 decode_payloads, mpx_prefix, parse_frame_header, parse_mpx_prefix)
 from stream.transport.protocol import ProtocolError, decode, encode_abort, encode_dense, encode_end, encode_start
@@ -34,7 +31,6 @@ from stream.transport.protocol import ProtocolError, decode, encode_abort, encod
 log = logging.getLogger("stemstream.sources.merlin")
 RC_TEXT = {0: "ok", 1: "system busy", 2: "command not recognised", 3: "parameter out of range"}
 BLOCK_BYTES = 8 << 20  # values per forwarded block, at most
-MAX_EVENTS = 1 << 28  # per block: beyond it the data is not electron counting
 
 
 class MerlinControl:
@@ -343,7 +339,7 @@ class MerlinLeader(threading.Thread):
         if usable:
             start = MPX_PREFIX_LEN + fh.header_size
             values = decode_payloads(rows[:usable, start:start + fh.payload_size], fh)
-            self._send(encode_dense(acq.scan_id, 0, g, first, values))
+            self._send(encode_dense(acq.scan_id, 0, g, first, values, "counts"))
         if usable < k and not acq.overflow:
             acq.overflow = True
             self.notice(f"WARNING [{acq.scan_id}] Merlin sends more frames ({acq.n_frames}) than the "
@@ -381,6 +377,8 @@ class MerlinSource(Source):
             self._pull.close(0)
 
     def receive(self, timeout_ms: int) -> list:
+        """The leader's messages, decoded; the receiver turns each block of counts into
+        events (a pixel that counted k electrons gives k events)."""
         out = []
         if not self._pull.poll(timeout_ms):
             return out
@@ -390,18 +388,7 @@ class MerlinSource(Source):
             except zmq.Again:
                 break
             try:
-                msg = decode(parts)
+                out.append(decode(parts))
             except ProtocolError as e:
                 self._reject(e.reason, e.detail, e.scan_id)
-                continue
-            if msg.kind != "dense":
-                out.append(msg)
-                continue
-            try:
-                counts, indices = counts_to_events(msg.values, msg.geometry.sector[0], MAX_EVENTS)
-            except ValueError as e:
-                self._reject(UNDECODABLE, f"scan {msg.scan_id} frames {msg.first}+{msg.count}: {e}",
-                             msg.scan_id)
-                continue
-            out.append(frames_message(msg.scan_id, msg.geometry, msg.first, counts, indices))
         return out
