@@ -234,6 +234,9 @@ class DectrisSource(Source):
             self._image(first, parts, out)
             return
         if htype.startswith("dheader-"):
+            if self._scan_id(int(first.get("series", -1))) is None:  # an earlier series' header
+                self._stale(int(first.get("series", -1)))
+                return
             self._pending_meta = {"series": first.get("series"),
                                   "header_detail": first.get("header_detail")}
             if len(parts) > 1:  # a DCU may send the configuration in the same message
