@@ -119,7 +119,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 class MpxReader:
     """Buffered reader of MPX messages from a TCP socket; frames of one layout are taken
-    many at a time straight from the buffer (no per-frame copy)."""
+    many at a time straight from the buffer (no per-frame copy). The views ``body`` and
+    ``frames`` return are valid until the next ``fill``."""
 
     def __init__(self, sock: socket.socket, size: int = 32 << 20):
         self.sock = sock
@@ -133,12 +134,15 @@ class MpxReader:
     def fill(self, timeout_s: float) -> bool:
         """Receive what is there (waiting up to ``timeout_s``); False if nothing came.
         Raises ConnectionError when Merlin closed the connection."""
-        if self.lo and (self.hi == len(self.buf) or self.lo > len(self.buf) // 2):
-            n = self.available
-            self.buf[:n] = self.buf[self.lo:self.hi]
+        n = self.available
+        if n > len(self.buf) // 2:  # a message larger than half the buffer: a bigger one (a
+            # new bytearray: one that numpy views still point into cannot be resized)
+            buf = bytearray(2 * len(self.buf))
+            buf[:n] = self.buf[self.lo:self.hi]
+            self.buf, self.lo, self.hi = buf, 0, n
+        elif self.lo and (self.hi == len(self.buf) or self.lo > len(self.buf) // 2):
+            self.buf[:n] = self.buf[self.lo:self.hi]  # views handed out before are stale now
             self.lo, self.hi = 0, n
-        if self.hi == len(self.buf):
-            self.buf.extend(bytes(len(self.buf)))
         if not select.select([self.sock], [], [], timeout_s)[0]:
             return False
         k = self.sock.recv_into(memoryview(self.buf)[self.hi:])
