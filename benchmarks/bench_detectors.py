@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import replace
@@ -133,11 +134,15 @@ def end_to_end(case: str, frames: np.ndarray, scan_shape, repeats: int, tmp: Pat
     if case.startswith("merlin"):
         bits, raw = (1, True) if case == "merlin-1bit" else (12, False)
         hdr, _ = mib.write_mib(str(tmp / case), frames.astype(mib.VALUE_DTYPE[bits]), bits, raw, scan_shape)
-        ctx_sim = merlin_sim(hdr, scan_shape)
+
+        def new_sim():
+            return merlin_sim(hdr, scan_shape)
     else:
         simplon.write_dump(str(tmp / f"{case}.dump"), frames, series=1)
-        ctx_sim = dectris_sim(str(tmp / f"{case}.dump"))
-    with ctx_sim as sim:
+
+        def new_sim():
+            return dectris_sim(str(tmp / f"{case}.dump"))
+    with new_sim() as sim:
         if case.startswith("merlin"):
             det = DetectorSpec(kind="merlin", scan=list(scan_shape), data=sim.data, control=sim.control,
                                mode="active")
@@ -151,6 +156,7 @@ def end_to_end(case: str, frames: np.ndarray, scan_shape, repeats: int, tmp: Pat
                 span = r.timings["last_frame"] - r.timings["first_frame"]
                 if rep and r.status == "complete" and span > 0:
                     out["stemstream_fps"].append(n / span)
+    with new_sim() as sim:  # a fresh one: Merlin's simulator hangs when a new client connects
         out["libertem_live_fps"] = libertem_live_sum(case, sim, scan_shape, repeats)
     for key in ("stemstream_fps", "libertem_live_fps"):
         out[key + "_median"] = statistics.median(out[key]) if out[key] else None
@@ -168,10 +174,17 @@ def libertem_live_sum(case, sim, scan_shape, repeats) -> list[float]:
             self.control = control
 
         def on_ready_for_data(self, env):
+            # LiberTEM-live waits for the acquisition header after this returns: start
+            # Merlin from a thread, as its own examples do
             from stream.sources.merlin import MerlinControl
-            c = MerlinControl(self.control)
-            c.start_acquisition(scan_shape[0] * scan_shape[1])
-            c.close()
+
+            def go():
+                c = MerlinControl(self.control)
+                c.cmd("STARTACQUISITION")
+                time.sleep(0.05)
+                c.cmd("SOFTTRIGGER")
+                c.close()
+            threading.Thread(target=go, daemon=True).start()
 
     fps = []
     with LiveContext() as ctx:
