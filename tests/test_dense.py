@@ -4,18 +4,17 @@ counts per pixel exactly, raw frames through the counting operator."""
 
 from __future__ import annotations
 
-import time
-
 import msgpack
 import numpy as np
 import pytest
 import zmq
 
 from conftest import dense_scan
+from test_receiver import frames_reported
+from test_receiver import reports as _reports
 from operators.electron_counting import ElectronCounter
 from stream.config import ChunkingSpec, CountingSpec, LiveSpec, PipelineConfig, ScanSpec, validate
 from stream.files.counting_file import Calibration
-from stream.transport import control
 from stream.transport import protocol as p
 from stream.transport.receiver import Receiver
 
@@ -119,17 +118,9 @@ def rig(scripted_source, counting: CountingSpec | None = None, rcvhwm=64):
     return src, rec, pull
 
 
-def reports(pull, until, timeout_s=30):
-    got = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not until(got):
-        if pull.poll(50):
-            got.append(control.decode(pull.recv_multipart()))
-    return got
-
-
-def frames_reported(got):
-    return sum(c for h, _ in got if h["kind"] == "frames" for _, _, c in h["ranges"])
+def reports(pull, until):
+    """The receiver's reports until ``until``; a minute, for the first kernel compilations."""
+    return _reports(pull, until, timeout_s=60)
 
 
 def send_sectors(src, scan_id, frames, values, batch=8, first=0):
