@@ -206,8 +206,9 @@ class Session:
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
-        plan = source_plan(self.config.detector, self._client, detector_workers(self._client))
-        if plan is not None:
+        plan = None
+        if self.detector is not None:
+            plan = source_plan(self.config.detector, self._client, detector_workers(self._client))
             self.detector.set_plan(plan)
         plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config, plan)
         self._client.register_plugin(plugin, name=self._plugin_name)
