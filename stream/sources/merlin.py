@@ -31,6 +31,7 @@ from stream.transport.protocol import ProtocolError, decode, encode_abort, encod
 log = logging.getLogger("stemstream.sources.merlin")
 RC_TEXT = {0: "ok", 1: "system busy", 2: "command not recognised", 3: "parameter out of range"}
 BLOCK_BYTES = 8 << 20  # values per forwarded block, at most
+BLOCK_FRAMES = 16  # frames per forwarded block, at most: small scans are still shared by all workers
 
 
 class MerlinControl:
@@ -334,7 +335,7 @@ class MerlinLeader(threading.Thread):
             acq.fh = fh
         fh, g = acq.fh, acq.geometry
         per_frame = fh.frame_shape[0] * fh.frame_shape[1] * fh.value_dtype.itemsize
-        limit = max(1, min(BLOCK_BYTES // per_frame, acq.n_frames - acq.received))
+        limit = max(1, min(BLOCK_BYTES // per_frame, BLOCK_FRAMES, acq.n_frames - acq.received))
         rows = reader.frames(n_body, limit)
         k = len(rows)
         first = acq.received
