@@ -50,13 +50,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_operators import (frame_events, receiver_chunks, shuffle_within_frames,  # noqa: E402
+from bench_operators import (frame_events, receiver_chunks, shuffle_within_frames,
                              synthetic_scan)
-from common import load_average, read_pass, wait_for_load  # noqa: E402
-from operators.com import CenterOfMass  # noqa: E402
-from operators.diffraction import DiffractionSum  # noqa: E402
-from operators.fused import FusedStreaming  # noqa: E402
-from operators.virtual import VirtualDetectors, annulus_mask  # noqa: E402
+from common import load_average, read_pass, wait_for_load
+from operators.com import CenterOfMass
+from operators.diffraction import DiffractionSum
+from operators.fused import FusedStreaming
+from operators.virtual import VirtualDetectors, annulus_mask
 
 RADII = [(0, 40), (60, 160)]  # px; pixel centres are never at an integer distance here
 FUSED = "FusedStreaming: 2 annuli + CoM + sum, one pass"

@@ -39,12 +39,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fused import idlest_cpu  # noqa: E402
-from common import load_average  # noqa: E402
+from bench_fused import idlest_cpu
+from common import load_average
 
-from stream.config import load_config  # noqa: E402
-from stream.transport import receiver as rx  # noqa: E402
-from stream.transport.protocol import encode_end, encode_frames, encode_start  # noqa: E402
+from stream.config import load_config
+from stream.transport import receiver as rx
+from stream.transport.protocol import encode_end, encode_frames, encode_start
 
 RATE = 1_000_000  # frames/s the live snapshots are paced for (issue 19's target)
 
