@@ -161,7 +161,7 @@ def cmd_process_file(args) -> int:
     from stream.session import cluster
     from stream.config import ConfigError, load_config, validate
     from stream.session.offline import process_file
-    from stream.files.previews import write_scan_previews
+    from stream.session.coordinator import scan_previews
     from stream.files.recording import open_recording
     from stream.files.storage import ScanFileError
 
@@ -199,7 +199,7 @@ def cmd_process_file(args) -> int:
                 continue
             dt = time.perf_counter() - t0
             if cfg.output.previews:
-                write_scan_previews(r)
+                scan_previews(r, cfg)
             print(f"[{r.scan_id}] {path} -> {r.path}: {r.n_frames:,} frames, {r.events / 1e6:.2f} M e- in "
                   f"{dt:.2f} s ({r.n_frames / dt / 1e3:,.0f} kframes/s); results: {', '.join(r.results)}",
                   flush=True)

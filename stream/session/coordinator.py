@@ -31,7 +31,8 @@ import zmq
 
 from stream.session import cluster
 from stream.transport import control
-from stream.config import ConfigError, PipelineConfig, build_operators, load_config, validate
+from stream.config import (ConfigError, PipelineConfig, build_operators, calibration, detector_regions,
+                           load_config, validate)
 from stream.session.finalize import ScanInfo, ScanResult, finalize_on_cluster
 from stream.session.lifecycle import DONE, ScanStatus, ScanTracker
 from stream.files.previews import write_scan_previews
@@ -588,10 +589,23 @@ class Session:
         if not self.config.output.previews or r.path is None:
             return
         try:
-            r.previews = write_scan_previews(r)
+            r.previews = scan_previews(r, self.config)
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
+
+
+def scan_previews(r: ScanResult, config: PipelineConfig) -> list[str]:
+    """The PNG previews of a written scan, with the detector calibration and the virtual
+    detectors ``config`` gave it (stream/files/previews.py)."""
+    if r.geometry is None:
+        return write_scan_previews(r)
+    try:
+        cal = calibration(config, r.geometry)
+        detectors = detector_regions(config, r.geometry)
+    except ConfigError:  # the scan was written with what fitted; draw without the detectors
+        return write_scan_previews(r)
+    return write_scan_previews(r, detectors, cal.mrad_per_px, cal.center)
 
 
 def _ranges_text(ranges, limit: int = 8) -> str:
