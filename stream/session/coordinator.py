@@ -29,8 +29,11 @@ import dask
 import numpy as np
 import zmq
 
+from sim_detector.publisher import address_ranges
+
 from stream.session import cluster
 from stream.transport import control
+from stream.transport.links import unreached
 from stream.config import (ConfigError, PipelineConfig, build_operators, calibration, detector_regions,
                            load_config, validate)
 from stream.session.finalize import ScanInfo, ScanResult, finalize_on_cluster
@@ -44,6 +47,7 @@ from stream.session.worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worke
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
 KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
+LINK_GRACE_S = 5.0  # after this, sources no receiver could connect to are named on the console
 
 
 def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
@@ -102,7 +106,10 @@ class Console:
 class Session:
     """Process every scan that arrives from the given sources until closed.
 
-    connect: source addresses the receivers connect to (see ``expand_sources``).
+    connect: source addresses the receivers connect to: a list of ``tcp://HOST:PORT`` (or
+        one such string).
+    sources: each address of ``connect`` stands for this many sources on consecutive ports,
+        PORT … PORT+N−1, as ``stemstream simulate --sources N`` binds them (``expand_sources``).
     config: a PipelineConfig or a path to a TOML file; ``out``, ``scheduler`` and ``workers``
         override its [output] dir and [cluster] settings.
     client: an existing distributed.Client to use (the session neither starts nor stops it).
@@ -112,9 +119,9 @@ class Session:
     Raises ConfigError for a configuration or address it cannot use.
     """
 
-    def __init__(self, connect: list[str], out: str | None = None,
+    def __init__(self, connect: list[str] | str, out: str | None = None,
                  config: PipelineConfig | str | None = None, scheduler: str | None = None,
-                 workers: int | None = None, client=None, console: bool = True):
+                 workers: int | None = None, client=None, console: bool = True, sources: int = 1):
         cfg = config if isinstance(config, PipelineConfig) else load_config(config)
         if out is not None:
             cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
@@ -122,12 +129,16 @@ class Session:
             cfg = replace(cfg, cluster=replace(cfg.cluster, scheduler=scheduler or cfg.cluster.scheduler,
                                                workers=workers or cfg.cluster.workers))
         self.config = validate(cfg)
+        if isinstance(connect, (str, bytes)):  # one address, not a sequence of characters
+            connect = [connect.decode() if isinstance(connect, bytes) else connect]
         if not connect:
             raise ConfigError("no source to connect to: give at least one --connect tcp://HOST:PORT")
+        if not isinstance(sources, int) or isinstance(sources, bool) or sources < 1:
+            raise ConfigError(f"sources must be a whole number >= 1 (sources per address), got {sources!r}")
         try:
-            self.connect = expand_sources(connect)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+            self.connect = expand_sources(list(connect), sources)
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ConfigError(f"connect: {e}" if not isinstance(e, ValueError) else str(e)) from None
         self.console = Console(console)
         self._client = client
         self._own_client = client is None
@@ -153,6 +164,9 @@ class Session:
         self.series = SeriesCollector()  # tilt series being collected (stream/stages/series.py)
         self._series_runs: dict[str, object] = {}  # series id -> future of its reconstruction
         self.workers: list[str] = []
+        self._links: dict[str, dict] = {}  # worker -> its receiver's last links report
+        self._links_said: dict[str, str] | None = None  # unreached sources when last told
+        self._ever_linked: set[str] = set()  # sources a receiver was connected to at some time
 
     # -------------------------------------------------------------- start / stop
     def __enter__(self):
@@ -307,7 +321,18 @@ class Session:
         return dict(self._tracker.rejects)
 
     def live(self, scan_id: str) -> dict[str, np.ndarray]:
-        """Partial results of a scan that is still running (merged over workers)."""
+        """Partial results of a scan that is still running (merged over workers): name →
+        array, as ``ScanResult.results``; empty until the first live snapshot arrives (about
+        ``1 / [live] rate_hz`` after its first frames) and once the scan has finished (its
+        images are then in ``wait(scan_id).results``). KeyError naming the scans there are for
+        a scan id this session has not seen."""
+        with self._cond:
+            finished = scan_id in self._results
+        if scan_id not in self._tracker.scans and not finished:
+            seen = [st.scan_id for st in list(self._tracker.scans.values())]
+            running = [sid for sid in seen if sid not in self._results]
+            raise KeyError(f"no scan {scan_id!r} in this session; running: {', '.join(running) or 'none'}"
+                           f" (session.status() lists every scan seen, session.results the finished ones)")
         states = {}
         with self._live_lock:  # the workers' arrays are updated in place under this lock
             ops = self._live_ops.get(scan_id)
@@ -338,6 +363,7 @@ class Session:
     def _coordinate(self) -> None:
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
         next_live = next_forget = time.monotonic()
+        next_links = next_live + LINK_GRACE_S  # connecting takes a moment; then say what is not
         warned = set()
         while not self._stop.is_set():
             try:
@@ -358,6 +384,9 @@ class Session:
                 if now >= next_forget:
                     next_forget = now + 10
                     self._tracker.forget_done()
+                if now >= next_links:
+                    next_links = now + 1.0
+                    self._check_links()
                 while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
                     parts = self._outbox.get()
                     if self._pub is not None:
@@ -380,6 +409,9 @@ class Session:
 
     def _on_report(self, report: dict, arrays: dict, warned: set) -> None:
         kind = report["kind"]
+        if kind == "links":
+            self._links[report["worker"]] = report
+            return
         if kind == "live":
             self._on_live(report, arrays)
             return
@@ -439,6 +471,42 @@ class Session:
                           "frames_received": st.frames_received, "n_frames": st.n_frames,
                           "events": st.events, "missing_so_far": st.missing_so_far()}
                 self._pub.send_multipart(control.encode(header, images))
+
+    def links(self) -> dict[str, str]:
+        """Sources no receiver is connected to now, each with why as far as known (empty
+        when every source is reached)."""
+        return unreached(self.connect, dict(self._links))
+
+    def _check_links(self) -> None:
+        """Say which sources no receiver reaches, when that changes (first after
+        LINK_GRACE_S): ZeroMQ retries a wrong address silently for ever. A source that was
+        connected and went away (an emulator that finished) is only noted, unless a scan is
+        receiving."""
+        missing = self.links()
+        self._ever_linked.update(a for a in self.connect if a not in missing)
+        if missing == (self._links_said or {}):
+            return
+        never = {a: why for a, why in missing.items() if a not in self._ever_linked}
+        gone = [a for a in missing if a in self._ever_linked and a not in (self._links_said or {})]
+        if never.keys() - (self._links_said or {}).keys():  # sources not named yet
+            first = urlsplit(self.connect[0])
+            self.console.say(
+                f"WARNING: no receiver could connect to {len(never)} of {len(self.connect)} source(s): "
+                + "; ".join(f"{address_ranges([a for a in never if never[a] == why])} ({why})"
+                            for why in dict.fromkeys(never.values()))
+                + f". Check that the detector or emulator is running and binds exactly these addresses "
+                  f"(e.g. 'stemstream simulate --bind tcp://{first.hostname}:{first.port}"
+                  f"{f' --sources {len(self.connect)}' if len(self.connect) > 1 else ''}'), "
+                  "and that no firewall is in between; the receivers keep trying")
+        if gone:
+            active = [st.scan_id for st in self._tracker.active()]
+            self.console.say(
+                (f"WARNING: during scan {', '.join(active)}, " if active else "")
+                + f"{address_ranges(gone)} closed the connection (the detector or emulator stopped?); "
+                  "the receivers wait for it to come back")
+        if not missing and self._links_said:
+            self.console.say(f"connected to all {len(self.connect)} source(s)")
+        self._links_said = missing
 
     # -------------------------------------------------------------- finalization
     def _finalize(self, st: ScanStatus) -> None:
