@@ -252,20 +252,18 @@ class Publisher:
         source's receivers went away or stopped taking frames; StallError after
         ``stall_timeout_s`` (None: wait as long as it takes)."""
         s = self._socks[k]
-        try:
-            s.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
-            return
-        except zmq.Again:
-            pass
-        t0 = time.monotonic()
-        next_note = t0 + 5.0
+        t0 = next_note = None
         while True:
+            try:
+                s.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+                return
+            except zmq.Again:
+                pass
+            if t0 is None:  # blocked: from here on, watch the clock
+                t0 = time.monotonic()
+                next_note = t0 + 5.0
             if s.poll(250, zmq.POLLOUT):
-                try:
-                    s.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
-                    return
-                except zmq.Again:
-                    continue
+                continue
             now = time.monotonic()
             if now < next_note and (stall_timeout_s is None or now - t0 < stall_timeout_s):
                 continue
