@@ -211,5 +211,5 @@ def test_a_receiver_that_goes_away_mid_scan_is_said_and_ends_the_wait():
         t.join()
     assert f"no receiver is connected to tcp://127.0.0.1:{port} any more" in str(err.value)
     assert "gave up after 6 s" in str(err.value) and "of scan gone" in str(err.value)
-    assert 6.0 <= took < 12.0
+    assert 6.0 <= took < 25.0  # (a loaded machine adds to the 6 s)
     assert notes and notes[0].startswith("WARNING: no receiver is connected") and "Ctrl-C" in notes[0]
