@@ -27,11 +27,15 @@ def add_demo_args(p) -> None:
 
 
 def run_demo(args) -> int:
+    from stream.cli.commands import CliError
+    from stream.files.storage import OutputError, output_dir
     from stream.transport.net import free_port_block
     from stream.session import Session, expand_sources
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = output_dir(args.out)
+    except OutputError as e:
+        raise CliError(str(e)) from None
     port = free_port_block(args.sources)
     bind = f"tcp://127.0.0.1:{port}"
     truth = out / "truth.h5"
