@@ -72,7 +72,7 @@ def test_a_source_nobody_listens_at_is_named_then_its_arrival(client2, tmp_path,
         with Publisher(f"tcp://127.0.0.1:{port}", 2, linger_s=0):
             assert _wait_for(lambda: s.links() == {}, 30)
             assert _wait_for(lambda: "connected to all 2 source(s)" in capsys.readouterr().out, 10)
-        assert _wait_for(lambda: "closed the connection" in capsys.readouterr().out, 15)
+        assert _wait_for(lambda: "closed their connection" in capsys.readouterr().out, 15)
 
 
 def test_the_printed_warning_names_the_addresses(client2, tmp_path, capsys):

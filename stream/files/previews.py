@@ -290,6 +290,7 @@ def draw_com_wheel(ax, com_y, com_x, *, unit: str, step_A: float | None = None, 
     wax.set_title(f"|CoM| ≤ {vmax:.3g} {unit}", fontsize=7)
     wax.set_xticks([-vmax, 0, vmax], ["−", "x", "+"], fontsize=7)
     wax.set_yticks([-vmax, 0, vmax], ["−", "y", "+"], fontsize=7)
+    wax.yaxis.tick_right()  # (on the left they would sit under the image)
     wax.set_aspect("equal")
     return wax
 

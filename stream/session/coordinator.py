@@ -502,8 +502,8 @@ class Session:
             active = [st.scan_id for st in self._tracker.active()]
             self.console.say(
                 (f"WARNING: during scan {', '.join(active)}, " if active else "")
-                + f"{address_ranges(gone)} closed the connection (the detector or emulator stopped?); "
-                  "the receivers wait for it to come back")
+                + f"the source(s) {address_ranges(gone)} closed their connection (the detector or emulator "
+                  "ended or stopped); the receivers reconnect when they are back")
         if not missing and self._links_said:
             self.console.say(f"connected to all {len(self.connect)} source(s)")
         self._links_said = missing
