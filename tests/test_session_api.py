@@ -80,10 +80,10 @@ def test_the_printed_warning_names_the_addresses(client2, tmp_path, capsys):
     cfg = validate(PipelineConfig(output=OutputSpec(dir=str(tmp_path), previews=False)))
     with Session(f"tcp://127.0.0.1:{port}", sources=3, config=cfg, client=client2):
         out = []
-        assert _wait_for(lambda: out.append(capsys.readouterr().out) or "WARNING" in "".join(out),
+        assert _wait_for(lambda: out.append(capsys.readouterr().out) or "waiting for the detector" in "".join(out),
                          coordinator.LINK_GRACE_S + 20)
-    text = next(line for line in "".join(out).splitlines() if line.startswith("WARNING"))
-    assert f"no receiver could connect to 3 of 3 source(s): tcp://127.0.0.1:{port}..{port + 2} " \
+    text = next(line for line in "".join(out).splitlines() if line.startswith("waiting for the detector"))
+    assert f"no receiver could connect to 3 of 3 source(s) yet: tcp://127.0.0.1:{port}..{port + 2} " \
            "(nothing accepts the connection there)" in text
     assert f"stemstream simulate --bind tcp://127.0.0.1:{port} --sources 3" in text
 

@@ -491,13 +491,13 @@ class Session:
         if never.keys() - (self._links_said or {}).keys():  # sources not named yet
             first = urlsplit(self.connect[0])
             self.console.say(
-                f"WARNING: no receiver could connect to {len(never)} of {len(self.connect)} source(s): "
-                + "; ".join(f"{address_ranges([a for a in never if never[a] == why])} ({why})"
-                            for why in dict.fromkeys(never.values()))
-                + f". Check that the detector or emulator is running and binds exactly these addresses "
+                f"waiting for the detector: no receiver could connect to {len(never)} of {len(self.connect)} "
+                "source(s) yet: " + "; ".join(f"{address_ranges([a for a in never if never[a] == why])} ({why})"
+                                              for why in dict.fromkeys(never.values()))
+                + f". If the detector or emulator runs, check that it binds exactly these addresses "
                   f"(e.g. 'stemstream simulate --bind tcp://{first.hostname}:{first.port}"
-                  f"{f' --sources {len(self.connect)}' if len(self.connect) > 1 else ''}'), "
-                  "and that no firewall is in between; the receivers keep trying")
+                  f"{f' --sources {len(self.connect)}' if len(self.connect) > 1 else ''}') and that no "
+                  "firewall is in between; the receivers keep trying")
         if gone:
             active = [st.scan_id for st in self._tracker.active()]
             self.console.say(
