@@ -330,15 +330,19 @@ def draw_counting(ax, cross_sections, *, means, weights, sigma: float, class_cou
     bins = max(20, int(np.sqrt(len(xs)) * 2)) if len(xs) else 20
     counts, edges, _ = ax.hist(xs, bins=bins, color="0.75", edgecolor="0.55", lw=0.5, label="columns")
     width = edges[1] - edges[0] if len(edges) > 1 else 1.0
-    grid = np.linspace(edges[0], edges[-1], 400)
+    grid = np.linspace(edges[0], edges[-1], 2000)
     total = np.zeros_like(grid)
+    top = 1.3 * max(1.0, float(np.max(counts, initial=0)))  # the histogram sets the scale
     for k, (mu, w, n) in enumerate(zip(means, weights, class_counts)):
         g = len(xs) * width * w * np.exp(-0.5 * ((grid - mu) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
         total += g
         ax.plot(grid, g, lw=1.0, color=f"C{k % 10}", label=f"{int(n)} atom{'s' if int(n) != 1 else ''}")
-        ax.annotate(str(int(n)), (mu, g.max()), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+        ax.annotate(str(int(n)), (mu, min(g.max(), 0.92 * top)), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=7)
     if len(means) > 1:
         ax.plot(grid, total, "k--", lw=0.8, label="mixture")
+    if total.max(initial=0) > top:  # narrow components would flatten the histogram: clip them
+        ax.set_ylim(0, top)
     ax.set_xlabel(f"scattering cross-section ({unit})", fontsize=8)
     ax.set_ylabel(f"columns per bin (bin {width:.3g})", fontsize=8)
     n = len(means)
