@@ -58,7 +58,7 @@ def plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {words or word + 's'}"
 
 
-def describe(name: str) -> str:
+def result_title(name: str) -> str:
     """'bf: bright field' for known result names, the name itself otherwise."""
     what = NAMES.get(name.removesuffix("_mrad"))
     return f"{name.removesuffix('_mrad')}: {what}" if what else name
@@ -412,9 +412,9 @@ def com_figure(com_y, com_x, *, unit: str, step_A: float | None = None, missing=
     fig = fig or new_figure(14.5, 4.4)
     a, b, c = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1, 1]})
     draw_com_wheel(a, com_y, com_x, unit=unit, step_A=step_A, missing=missing)
-    draw_scan_image(b, com_x, title=describe("com_x"), unit=unit, step_A=step_A, missing=missing,
+    draw_scan_image(b, com_x, title=result_title("com_x"), unit=unit, step_A=step_A, missing=missing,
                     cmap="RdBu_r", symmetric=True)
-    draw_scan_image(c, com_y, title=describe("com_y"), unit=unit, step_A=step_A, missing=missing,
+    draw_scan_image(c, com_y, title=result_title("com_y"), unit=unit, step_A=step_A, missing=missing,
                     cmap="RdBu_r", symmetric=True)
     fig.tight_layout()
     return fig
@@ -475,16 +475,16 @@ def summary_figure(results: dict, *, title: str, step_A: float | None = None, mr
         ax = fig.add_subplot(nrow, ncol, k + 1)
         if what == "image" and r is None:  # a centre-of-mass component
             y, x, unit = com
-            draw_scan_image(ax, x if name == "com_x" else y, title=describe(name), unit=unit, step_A=step_A,
+            draw_scan_image(ax, x if name == "com_x" else y, title=result_title(name), unit=unit, step_A=step_A,
                             missing=missing, cmap="RdBu_r", symmetric=True)
         elif what == "image":
-            draw_scan_image(ax, r.data, title=describe(name), unit=r.unit or "a.u.", step_A=step_A,
+            draw_scan_image(ax, r.data, title=result_title(name), unit=r.unit or "a.u.", step_A=step_A,
                             missing=missing)
         elif what == "wheel":
             draw_com_wheel(ax, r[0], r[1], unit=r[2], step_A=step_A, missing=missing)
         elif what == "sig":
             draw_diffraction(ax, r.data, mrad_per_px=mrad_per_px, center=center,
-                             detectors=detectors if name == "diffraction_sum" else (), title=describe(name),
+                             detectors=detectors if name == "diffraction_sum" else (), title=result_title(name),
                              unit=r.unit or "counts")
         else:
             draw_completeness(ax, position_frames, expected_per_position, step_A)
@@ -517,16 +517,16 @@ def write_previews(directory: str | Path, stem: str, results: dict, *, step_A: f
         if np.ndim(res.data) != 2 or res.kind not in ("nav", "sig"):
             continue
         if res.kind == "sig":
-            fig = diffraction_figure(res.data, mrad_per_px=mrad_per_px, center=center, title=describe(name),
+            fig = diffraction_figure(res.data, mrad_per_px=mrad_per_px, center=center, title=result_title(name),
                                      detectors=detectors if name == "diffraction_sum" else ())
         elif name in ("com_x", "com_y") and com is not None:  # drawn in the calibrated unit
             y, x, unit = com
-            fig = image_figure(x if name == "com_x" else y, title=describe(name), unit=unit, step_A=step_A,
+            fig = image_figure(x if name == "com_x" else y, title=result_title(name), unit=unit, step_A=step_A,
                                missing=missing, cmap="RdBu_r", symmetric=True)
         elif name.startswith("com_"):
             continue  # raw sums and the mrad copies
         else:
-            fig = image_figure(res.data, title=describe(name), unit=res.unit or "a.u.", step_A=step_A,
+            fig = image_figure(res.data, title=result_title(name), unit=res.unit or "a.u.", step_A=step_A,
                                missing=missing)
         written.append(save(fig, directory / f"{stem}_{name}.png"))
     if com is not None:
