@@ -150,13 +150,11 @@ def draw_scan_image(ax, image, *, title: str, unit: str, step_A: float | None = 
     cm = _cmap(cmap, MISSING_COLOUR)
     im = ax.imshow(np.ma.masked_array(img, bad), cmap=cm, vmin=lo, vmax=hi, interpolation="nearest")
     n_missing = int(miss.sum())
-    constant = np.isfinite(img[~bad]).any() and np.ptp(img[~bad]) == 0 if (~bad).any() else False
-    extra = []
-    if n_missing:
-        extra.append(f"{plural(n_missing, 'position')} missing")
-    if constant:
-        extra.append(f"constant {img[~bad].flat[0]:g}")
-    if not (~bad).any():
+    good = img[~bad]
+    extra = [f"{plural(n_missing, 'position')} missing"] if n_missing else []
+    if good.size and np.ptp(good) == 0:  # a flat image says so instead of looking empty
+        extra.append(f"constant {good[0]:g}")
+    elif not good.size:
         extra.append("no data")
     ax.set_title(f"{title} ({unit})" + (f"\n{'; '.join(extra)}" if extra else ""), fontsize=9)
     ax.set_xticks([])
