@@ -499,7 +499,7 @@ class Session:
                   f"{f' --sources {len(self.connect)}' if len(self.connect) > 1 else ''}') and that no "
                   "firewall is in between; the receivers keep trying")
         if gone:
-            active = [st.scan_id for st in self._tracker.active()]
+            active = [st.scan_id for st in self._tracker.active() if not st.all_ended]  # (not: sent all, then left)
             self.console.say(
                 (f"WARNING: during scan {', '.join(active)}, " if active else "")
                 + f"the source(s) {address_ranges(gone)} closed their connection (the detector or emulator "
