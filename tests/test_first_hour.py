@@ -8,7 +8,6 @@ sizes from numpy, ports from the test's socket), never from the code under test.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -16,12 +15,12 @@ import h5py
 import numpy as np
 import pytest
 import zmq
+from test_cli import Cli, _kill_group, assert_one_line_error, run_cli
+from test_interop import GEOM, recorded  # noqa: F401 - a fixture
 
 from operators.base import Result
 from stream.files.storage import write_scan
 from stream.transport.net import free_port_block
-from test_cli import Cli, _kill_group, assert_one_line_error, run_cli
-from test_interop import GEOM, recorded  # noqa: F401 - a fixture
 
 SYS = Path("/sys/stemstream-test")  # cannot be created, even by root
 SYSFILE = Path("/sys")  # a directory that exists, in which no file can be created
@@ -136,7 +135,7 @@ def test_info_lists_the_stages_and_its_json_holds_no_arrays(tmp_path):
         headline = f["stages/phase"].attrs["headline"]
     r = run_cli("info", path)
     assert r.returncode == 0, r.stderr
-    assert "stages" in r.stdout and f"phase      ok in " in r.stdout and headline in r.stdout
+    assert "stages" in r.stdout and "phase      ok in " in r.stdout and headline in r.stdout
     r = run_cli("info", "--json", path)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)

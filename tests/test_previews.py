@@ -228,7 +228,8 @@ def test_write_scan_previews_writes_every_file(tmp_path):
     assert names == sorted(f"s1_{n}.png" for n in ("bf", "adf", "com_x", "com_y", "diffraction_sum", "com",
                                                      "completeness", "summary"))
     for p in paths:
-        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_counting_histogram_has_labelled_axes_and_the_mixture():

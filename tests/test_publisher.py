@@ -119,9 +119,9 @@ def test_rate_control_within_5_percent_at_87k_frames_per_second():
 
 def test_port_in_use_is_a_clear_error():
     port = free_port_block(1)
-    with Publisher(f"tcp://127.0.0.1:{port}"):
-        with pytest.raises(BindError, match=f"cannot bind tcp://127.0.0.1:{port}.*another --bind port"):
-            Publisher(f"tcp://127.0.0.1:{port}")
+    with Publisher(f"tcp://127.0.0.1:{port}"), \
+            pytest.raises(BindError, match=f"cannot bind tcp://127.0.0.1:{port}.*another --bind port"):
+        Publisher(f"tcp://127.0.0.1:{port}")
 
 
 # ------------------------------------------------------------------ receivers missing or gone
@@ -192,7 +192,7 @@ def test_a_receiver_that_goes_away_mid_scan_is_said_and_ends_the_wait():
         pull.setsockopt(zmq.RCVHWM, 2)
         pull.connect(pub.addresses[0])
         assert pub.wait_for_receivers(10)
-        notes, got, out = [], [0], {}
+        notes, got = [], [0]
 
         def receive_some():
             while got[0] < 4:  # start + 3 batches of 256 frames, then the processing "stops"

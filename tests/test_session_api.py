@@ -13,8 +13,7 @@ from PIL import Image
 
 from stream.config import ConfigError, OutputSpec, PipelineConfig, ScanSpec, validate
 from stream.files.previews import MISSING_COLOUR
-from stream.session import Session
-from stream.session import coordinator
+from stream.session import Session, coordinator
 from stream.transport.net import free_port_block
 from stream.transport.protocol import Geometry
 
@@ -105,7 +104,7 @@ def test_previews_of_a_scan_with_missing_frames_show_them_in_their_colour(client
             src.frames(scan_id, g, counts, indices, only=only)
             src.end(scan_id, g.n_frames)
             r = s.wait(scan_id, timeout=90)
-            assert _wait_for(lambda: len(r.previews) >= 5, 60), r.previews
+            assert _wait_for(lambda r=r: len(r.previews) >= 5, 60), r.previews
             with h5py.File(r.path) as f:
                 missing = f["completeness/position_frames"][()] < 2  # 1 frame x 2 sources each
             assert missing.sum() == (0 if only is None else len(lost))

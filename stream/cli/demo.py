@@ -27,7 +27,6 @@ def add_demo_args(p) -> None:
 
 
 def run_demo(args) -> int:
-    from stream.cli.commands import CliError
     from stream.files.storage import OutputError, output_dir
     from stream.transport.net import free_port_block
     from stream.session import Session, expand_sources
@@ -35,7 +34,8 @@ def run_demo(args) -> int:
     try:
         out = output_dir(args.out)
     except OutputError as e:
-        raise CliError(str(e)) from None
+        print(f"stemstream demo: error: {e}", file=sys.stderr)  # as commands.main prints a CliError
+        return 2
     port = free_port_block(args.sources)
     bind = f"tcp://127.0.0.1:{port}"
     truth = out / "truth.h5"

@@ -68,5 +68,5 @@ def unreached(addresses: list[str], links: dict[str, dict]) -> dict[str, str]:
         if any(a in r.get("connected", ()) for r in links.values()):
             continue
         why = {r.get("failed", {}).get(a) for r in links.values()} - {None}
-        out[a] = sorted(why)[0] if why else "nothing accepts the connection there"
+        out[a] = min(why) if why else "nothing accepts the connection there"
     return out
