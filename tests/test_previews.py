@@ -9,6 +9,7 @@ from the drawing code; no pixel snapshots."""
 from __future__ import annotations
 
 import colorsys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -230,6 +231,9 @@ def test_write_scan_previews_writes_every_file(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # a second scan of the same id has its own file (s1-2.h5) and its own previews, named after it
+    again = pv.write_scan_previews(replace(r, path=tmp_path / "s1-2.h5"))
+    assert sorted(p.rsplit("/", 1)[1] for p in again) == sorted(n.replace("s1_", "s1-2_") for n in names)
 
 
 def test_counting_histogram_has_labelled_axes_and_the_mixture():

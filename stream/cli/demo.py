@@ -140,7 +140,8 @@ def summary(result, truth_path: Path, seconds: float) -> str:
              f"{result.events:,} electrons)",
              f"  time      : {'; '.join(x for x in took if x)}",
              f"  scan file : {result.path}   (stemstream info {result.path})",
-             f"  previews  : {Path(result.path).parent / 'previews'}/"]
+             f"  previews  : {Path(result.path).parent / 'previews' / Path(result.path).stem}_summary.png "
+             + "(and one PNG per image there)"]
     try:
         import h5py
         with h5py.File(truth_path, "r") as f:

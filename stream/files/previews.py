@@ -536,26 +536,28 @@ def write_previews(directory: str | Path, stem: str, results: dict, *, step_A: f
 def write_scan_previews(r, detectors=(), mrad_per_px=None, center=None) -> list[str]:
     """Every preview of a finalized scan (a ``ScanResult`` with a path): one PNG per image,
     the centre of mass, the completeness map and the summary page, in ``previews/`` beside the
-    scan file. ``detectors``, ``mrad_per_px``, ``center``: the detector calibration in effect
+    scan file, named after the file (``SCAN_bf.png``, ``SCAN_summary.png``, ...), as the stage
+    previews are. ``detectors``, ``mrad_per_px``, ``center``: the detector calibration in effect
     (``stream.config.calibration`` and ``detector_regions``); default the scan's geometry."""
     directory = Path(r.path).parent / "previews"
+    stem = Path(r.path).stem  # the file's name: a second scan of the same id (SCAN-2.h5) keeps its own
     g = getattr(r, "geometry", None)
     step_A = _number((getattr(r, "metadata", None) or {}).get("scan_step_A"))
     mrad_per_px = mrad_per_px if mrad_per_px is not None else getattr(g, "mrad_per_px", None)
     center = center if center is not None else getattr(g, "center", None)
     results = r.result_objects
     missing = missing_positions(r.position_frames, r.expected_frames_per_position)
-    paths = write_previews(directory, r.scan_id, results, step_A=step_A, mrad_per_px=mrad_per_px,
+    paths = write_previews(directory, stem, results, step_A=step_A, mrad_per_px=mrad_per_px,
                            center=center, detectors=detectors, missing=missing)
     if r.position_frames is not None:
         fig = new_figure(5.2, 4.6)
         draw_completeness(fig.add_subplot(), r.position_frames, r.expected_frames_per_position, step_A)
         fig.tight_layout()
-        paths.append(save(fig, directory / f"{r.scan_id}_completeness.png"))
+        paths.append(save(fig, directory / f"{stem}_completeness.png"))
     fig = summary_figure(results, title=f"{r.scan_id} ({r.status})", step_A=step_A, mrad_per_px=mrad_per_px,
                          center=center, detectors=detectors, position_frames=r.position_frames,
                          expected_per_position=r.expected_frames_per_position)
-    paths.append(save(fig, directory / f"{r.scan_id}_summary.png"))
+    paths.append(save(fig, directory / f"{stem}_summary.png"))
     return [str(p) for p in paths]
 
 
