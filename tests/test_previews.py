@@ -234,6 +234,10 @@ def test_write_scan_previews_writes_every_file(tmp_path):
     # a second scan of the same id has its own file (s1-2.h5) and its own previews, named after it
     again = pv.write_scan_previews(replace(r, path=tmp_path / "s1-2.h5"))
     assert sorted(p.rsplit("/", 1)[1] for p in again) == sorted(n.replace("s1_", "s1-2_") for n in names)
+    # a session told to stop: the summary page, then nothing more
+    asked = []
+    cut = pv.write_scan_previews(replace(r, path=tmp_path / "s1-3.h5"), stop=lambda: asked.append(1) or True)
+    assert [p.rsplit("/", 1)[1] for p in cut] == ["s1-3_summary.png"] and asked
 
 
 def test_counting_histogram_has_labelled_axes_and_the_mixture():

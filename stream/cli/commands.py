@@ -151,6 +151,7 @@ def cmd_process(args) -> int:
                     session.wait(timeout=None)
             except KeyboardInterrupt:
                 session.console.say("stopping")
+                session.interrupt()  # the scan files are finished; previews not drawn yet are not
     except DetectorError as e:
         raise CliError(str(e)) from None
     return 0

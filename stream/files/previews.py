@@ -505,15 +505,18 @@ def save(fig: Figure, path) -> Path:
 
 
 def write_previews(directory: str | Path, stem: str, results: dict, *, step_A: float | None = None,
-                   mrad_per_px=None, center=None, detectors=(), missing=None) -> list[Path]:
+                   mrad_per_px=None, center=None, detectors=(), missing=None, stop=None) -> list[Path]:
     """``<stem>_<name>.png`` for every 2D result of kind nav or sig (name → Result), plus
-    ``<stem>_com.png`` when both centre-of-mass components are there; returns the paths."""
+    ``<stem>_com.png`` when both centre-of-mass components are there; returns the paths.
+    ``stop()``, checked before each figure: True ends the writing there."""
     directory = Path(directory)
     written = []
     com = _com_pair(results)
     for name, res in results.items():
         if np.ndim(res.data) != 2 or res.kind not in ("nav", "sig"):
             continue
+        if stop is not None and stop():
+            return written
         if res.kind == "sig":
             fig = diffraction_figure(res.data, mrad_per_px=mrad_per_px, center=center, title=result_title(name),
                                      detectors=detectors if name == "diffraction_sum" else ())
@@ -527,18 +530,20 @@ def write_previews(directory: str | Path, stem: str, results: dict, *, step_A: f
             fig = image_figure(res.data, title=result_title(name), unit=res.unit or "a.u.", step_A=step_A,
                                missing=missing)
         written.append(save(fig, directory / f"{stem}_{name}.png"))
-    if com is not None:
+    if com is not None and not (stop is not None and stop()):
         written.append(save(com_figure(com[0], com[1], unit=com[2], step_A=step_A, missing=missing),
                             directory / f"{stem}_com.png"))
     return written
 
 
-def write_scan_previews(r, detectors=(), mrad_per_px=None, center=None) -> list[str]:
+def write_scan_previews(r, detectors=(), mrad_per_px=None, center=None, stop=None) -> list[str]:
     """Every preview of a finalized scan (a ``ScanResult`` with a path): one PNG per image,
     the centre of mass, the completeness map and the summary page, in ``previews/`` beside the
     scan file, named after the file (``SCAN_bf.png``, ``SCAN_summary.png``, ...), as the stage
     previews are. ``detectors``, ``mrad_per_px``, ``center``: the detector calibration in effect
-    (``stream.config.calibration`` and ``detector_regions``); default the scan's geometry."""
+    (``stream.config.calibration`` and ``detector_regions``); default the scan's geometry.
+    The summary page comes first; ``stop()``, checked before each figure, True ends the
+    writing there (a session told to stop does not wait for the rest)."""
     directory = Path(r.path).parent / "previews"
     stem = Path(r.path).stem  # the file's name: a second scan of the same id (SCAN-2.h5) keeps its own
     g = getattr(r, "geometry", None)
@@ -547,17 +552,17 @@ def write_scan_previews(r, detectors=(), mrad_per_px=None, center=None) -> list[
     center = center if center is not None else getattr(g, "center", None)
     results = r.result_objects
     missing = missing_positions(r.position_frames, r.expected_frames_per_position)
-    paths = write_previews(directory, stem, results, step_A=step_A, mrad_per_px=mrad_per_px,
-                           center=center, detectors=detectors, missing=missing)
-    if r.position_frames is not None:
+    fig = summary_figure(results, title=f"{r.scan_id} ({r.status})", step_A=step_A, mrad_per_px=mrad_per_px,
+                         center=center, detectors=detectors, position_frames=r.position_frames,
+                         expected_per_position=r.expected_frames_per_position)
+    paths = [save(fig, directory / f"{stem}_summary.png")]
+    paths += write_previews(directory, stem, results, step_A=step_A, mrad_per_px=mrad_per_px,
+                            center=center, detectors=detectors, missing=missing, stop=stop)
+    if r.position_frames is not None and not (stop is not None and stop()):
         fig = new_figure(5.2, 4.6)
         draw_completeness(fig.add_subplot(), r.position_frames, r.expected_frames_per_position, step_A)
         fig.tight_layout()
         paths.append(save(fig, directory / f"{stem}_completeness.png"))
-    fig = summary_figure(results, title=f"{r.scan_id} ({r.status})", step_A=step_A, mrad_per_px=mrad_per_px,
-                         center=center, detectors=detectors, position_frames=r.position_frames,
-                         expected_per_position=r.expected_frames_per_position)
-    paths.append(save(fig, directory / f"{stem}_summary.png"))
     return [str(p) for p in paths]
 
 

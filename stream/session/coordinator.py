@@ -159,6 +159,7 @@ class Session:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # PUB messages from other threads
         self._late_warned: set[str] = set()
         self._stop = threading.Event()
+        self._interrupted = threading.Event()  # interrupt(): previews not drawn yet are skipped
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stemstream-finalize")
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
@@ -238,6 +239,11 @@ class Session:
         from distributed.utils import get_ip
         sched = urlsplit(self._client.scheduler.address.replace("tcp://", "http://")).hostname
         return "127.0.0.1" if sched in ("127.0.0.1", "localhost") else get_ip(sched)
+
+    def interrupt(self) -> None:
+        """The operator asked to stop (Ctrl-C, SIGTERM): previews not drawn yet are skipped, so
+        that ``close()`` waits only for the scan files. Call before ``close()``."""
+        self._interrupted.set()
 
     def close(self) -> None:
         """Stop receiving. Reports already sent are read first; then scans still receiving
@@ -690,23 +696,24 @@ class Session:
         if not self.config.output.previews or r.path is None:
             return
         try:
-            r.previews = scan_previews(r, self.config)
+            # after interrupt() the operator waits for nothing but the files: "stopping" stays the last line
+            r.previews = scan_previews(r, self.config, stop=self._interrupted.is_set)
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
 
 
-def scan_previews(r: ScanResult, config: PipelineConfig) -> list[str]:
+def scan_previews(r: ScanResult, config: PipelineConfig, stop=None) -> list[str]:
     """The PNG previews of a written scan, with the detector calibration and the virtual
-    detectors ``config`` gave it (stream/files/previews.py)."""
+    detectors ``config`` gave it (stream/files/previews.py); ``stop`` as write_scan_previews."""
     if r.geometry is None:
-        return write_scan_previews(r)
+        return write_scan_previews(r, stop=stop)
     try:
         cal = calibration(config, r.geometry)
         detectors = detector_regions(config, r.geometry)
     except ConfigError:  # the scan was written with what fitted; draw without the detectors
-        return write_scan_previews(r)
-    return write_scan_previews(r, detectors, cal.mrad_per_px, cal.center)
+        return write_scan_previews(r, stop=stop)
+    return write_scan_previews(r, detectors, cal.mrad_per_px, cal.center, stop=stop)
 
 
 def _ranges_text(ranges, limit: int = 8) -> str:
