@@ -5,6 +5,9 @@ sources every frame is split into detector row stripes (sectors), as the 4D Came
 its 4 sectors of 144 rows, and each source sends only its stripe of every frame. Frames are
 sent from prepared buffers (no per-frame Python work) in batches of ``batch`` frames, paced to
 a target rate or as fast as the receivers take them (PUSH blocks instead of dropping).
+
+With ``curve`` keys every socket is a CURVE server: traffic is encrypted and only receivers
+whose public key is listed get a connection (a stray PULL receives nothing; docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numba
 import numpy as np
 import zmq
 
+from stream.security.curve import Gatekeeper, SourceKeys, as_server
 from stream.transport.protocol import (Geometry, encode_abort, encode_end, encode_frames, encode_start)
 
 
@@ -133,18 +137,28 @@ class Publisher:
 
     bind: ``tcp://HOST:PORT``; source k binds PORT + k.
     sndhwm: messages queued per socket before ``send`` blocks (back-pressure, never drops).
+    curve: the source's server keypair and the receivers' public keys it accepts; None binds
+        plain sockets that any receiver (anyone who can reach the port) may pull from.
     """
 
-    def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0):
+    def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0,
+                 curve: SourceKeys | None = None):
         self.addresses = source_addresses(bind, n_sources)
         self.n_sources = n_sources
+        self.curve = curve
         self._ctx = zmq.Context()
         self._socks = []
+        self._gate = None
         try:
+            if curve is not None:
+                self._gate = Gatekeeper(self._ctx)
+                self._gate.allow(SourceKeys.DOMAIN, curve.clients)
             for addr in self.addresses:
                 s = self._ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.SNDHWM, sndhwm)
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
+                if curve is not None:
+                    as_server(s, curve.keypair, SourceKeys.DOMAIN)
                 self._socks.append(s)
                 try:
                     s.bind(addr)
@@ -163,12 +177,20 @@ class Publisher:
     def __exit__(self, *exc):
         self.close()
 
+    @property
+    def refused(self) -> int:
+        """Receivers refused so far for a key this source does not accept."""
+        return sum(self._gate.refused.values()) if self._gate is not None else 0
+
     def close(self, linger_s: float | None = None):
         for s in self._socks:
             if linger_s is not None:
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
             s.close()
         self._socks = []
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
         self._ctx.term()
 
     def wait_for_receivers(self, timeout_s: float | None = None, notify=None) -> bool:
@@ -184,7 +206,10 @@ class Publisher:
                 return True
             waited += 0.5
             if notify and waited % 5 == 0:
-                notify(f"waiting for receivers to connect to {', '.join(self.addresses)} ...")
+                refused = (f"; refused {self.refused} connection(s) from receivers whose key this source does "
+                           "not accept (docs/SECURITY.md: give them the receiver key, or accept theirs)"
+                           if self.refused else "")
+                notify(f"waiting for receivers to connect to {', '.join(self.addresses)} ...{refused}")
             if deadline is not None and time.monotonic() > deadline:
                 return False
 
