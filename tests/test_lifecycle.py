@@ -134,14 +134,16 @@ def test_an_end_that_comes_before_the_start_counts_once_the_start_comes():
     assert st.close_reason == "complete" and st.frames_sent == {0: 20, 1: 20}
 
 
-def test_end_and_abort_of_a_scan_nobody_announced_are_dropped_after_the_grace():
+def test_end_and_abort_of_a_scan_nobody_announced_are_dropped_after_a_minute():
     clock = Clock()
     t = ScanTracker(timeout_s=5, clock=clock, announce_grace_s=2)
     for k in range(300):
         reports(t, {"kind": "end", "scan_id": f"junk{k}", "source": 0, "frames_sent": 3},
                 {"kind": "abort", "scan_id": f"junk{k}", "source": 0, "reason": "x"})
     assert t.expire_unannounced() == 0 and t.due() == [] and t.scans == {}
-    clock.t += 2.5
+    clock.t += 30  # a start may be late behind a busy receiver's backlog: they still wait
+    assert t.expire_unannounced() == 0
+    clock.t += 31
     assert t.expire_unannounced() == 600 and t.rejects == {"unannounced": 600}
     reports(t, geometry("junk1"))  # a start after the grace opens a new scan, without the old end
     assert t.scans["junk1"].frames_sent == {}

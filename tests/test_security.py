@@ -24,7 +24,7 @@ from stream.security import (ClientKeys, KeyPair, SecurityError, SourceKeys, as_
 from stream.session import Session
 from stream.transport import control
 from stream.transport.net import free_port_block
-from stream.transport.protocol import encode_frames
+from stream.transport.protocol import encode_end, encode_frames, encode_start
 from sim_detector.publisher import Publisher
 from test_pipeline import GEOM, assert_matches, config, poll, reference, synthetic_events
 
@@ -219,3 +219,237 @@ def test_an_attacker_cannot_close_abort_inject_or_steal(client2, scripted_source
                    "inject": lambda: r.n_duplicated > 0,
                    "steal": lambda: r.n_missing > 0}[attack]
         assert spoiled(), (r.status, r.reason, r.frames_received, r.n_missing, r.n_duplicated)
+
+
+# ---------------------------------------------------------------- budgets
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: the peak (VmHWM) restarts from now
+        f.write("5")
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _reset_peaks(client) -> dict:
+    """Restart the peak memory of the workers and this process (the coordinator); their
+    resident memory now."""
+    client.run(_reset_peak_rss)
+    _reset_peak_rss()
+    return {"session": _rss_mb(), **client.run(_rss_mb)}
+
+
+def _growth(client, base: dict) -> dict:
+    peaks = {"session": _peak_rss_mb(), **client.run(_peak_rss_mb)}
+    return {k: peaks[k] - base[k] for k in base}
+
+
+def _limits(cfg, **kw):
+    from stream.config import LimitsSpec
+    return replace(cfg, limits=replace(LimitsSpec(), **kw))
+
+
+def test_a_16000_square_scan_is_refused_before_anything_is_allocated(client2, scripted_source, tmp_path, capsys):
+    """One 200-byte start (and a frames message) for a 16000 x 16000 scan would need ~13 GB of
+    state per receiver: it is refused with the reason and the fix, no process grows by more
+    than the budget, no file appears, and the next scan runs."""
+    from stream.transport.protocol import Geometry
+    budget_mb = 200
+    huge = Geometry((16000, 16000), (576, 576), mrad_per_px=0.5, convergence_mrad=4.0)
+    src = scripted_source(1)
+    counts, indices = synthetic_events(GEOM, seed=4)
+    with Session(src.addresses, config=_limits(config(tmp_path), scan_state_mb=budget_mb),
+                 client=client2) as s:
+        src.wait_for_receivers()
+        base = _reset_peaks(client2)
+        src.send(0, encode_start("huge", 0, huge, {}))  # (the scripted source's start() would build it)
+        src.send(0, encode_frames("huge", 0, huge, 0, np.array([2], np.uint32), np.array([5, 9], np.uint32)))
+        src.send(0, encode_end("huge", 0, huge.n_frames))
+        poll(lambda: s.rejects().get("over_budget", 0), lambda n: n >= 2)
+        grown = _growth(client2, base)
+        src.start("after", GEOM)
+        src.frames("after", GEOM, counts, indices, batch=6)
+        src.end("after", GEOM.n_frames)
+        r = s.wait("after", timeout=60)
+        rejects = s.rejects()
+    out = capsys.readouterr().out
+    assert rejects["over_budget"] >= 2, rejects
+    assert "16000x16000 positions" in out and "[limits] scan_state_mb" in out and "raise it" in out, out
+    assert max(grown.values()) < budget_mb, grown
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == ["after.h5"]
+    assert r.status == "complete"
+    assert_matches(r, reference(counts, indices, GEOM))
+
+
+def test_the_coordinator_refuses_a_scan_its_bookkeeping_cannot_afford(client2, scripted_source, tmp_path, capsys):
+    """1024 x 1024 positions on a 16 x 16 detector fit a receiver's 100 MB budget, but the
+    coordinator's bookkeeping with live results (every worker's partial images) does not: it
+    refuses the scan, the receivers drop what they built, and no file is written."""
+    from stream.config import coordinator_state_bytes, scan_state_bytes
+    from stream.transport.protocol import Geometry
+    wide = Geometry((1024, 1024), (16, 16))
+    cfg = _limits(config(tmp_path, live_rate=2.0), scan_state_mb=100)
+    assert scan_state_bytes(cfg, wide) < 100e6 < coordinator_state_bytes(cfg, wide, 2)
+    src = scripted_source(1)
+
+    def receiver_state(dask_worker):
+        rec = next(p.receiver for p in dask_worker.plugins.values() if hasattr(p, "receiver"))
+        return sorted(rec._scans), dict(rec._refused)
+
+    with Session(src.addresses, config=cfg, client=client2) as s:
+        src.wait_for_receivers()
+        src.send(0, encode_start("wide", 0, wide, {}))
+        src.send(0, encode_frames("wide", 0, wide, 0, np.array([2], np.uint32), np.array([5, 9], np.uint32)))
+        poll(lambda: s.rejects().get("over_budget", 0), lambda n: n >= 1)
+        held = poll(lambda: client2.run(receiver_state),
+                    lambda got: all(not scans for scans, _ in got.values()))
+        src.send(0, encode_end("wide", 0, wide.n_frames))
+        time.sleep(1)
+    out = capsys.readouterr().out
+    assert "ERROR: refused a scan (over_budget)" in out and "bookkeeping" in out, out
+    assert all(not scans for scans, _ in held.values()), held  # the receivers dropped it
+    assert not list((tmp_path / "out").glob("*.h5"))
+
+
+def test_more_scans_than_max_open_scans_are_refused(client2, scripted_source, tmp_path, capsys):
+    src = scripted_source(1)
+    events = {sid: synthetic_events(GEOM, seed=k) for k, sid in enumerate("abc")}
+    with Session(src.addresses, config=_limits(config(tmp_path, timeout_s=30), max_open_scans=2),
+                 client=client2) as s:
+        src.wait_for_receivers()
+        for sid in "ab":
+            src.start(sid, GEOM)
+        poll(lambda: len(s.status()), lambda n: n >= 2)
+        src.start("c", GEOM)
+        for sid, (counts, indices) in events.items():
+            src.frames(sid, GEOM, counts, indices, batch=12)
+            src.end(sid, GEOM.n_frames)
+        results = {sid: s.wait(sid, timeout=60) for sid in "ab"}
+        poll(lambda: s.rejects().get("too_many_scans", 0), lambda n: n >= 1)
+        rejects = s.rejects()
+    for sid, r in results.items():
+        assert r.status == "complete"
+        assert_matches(r, reference(*events[sid], GEOM))
+    assert rejects.get("too_many_scans", 0) >= 1, rejects
+    assert "too_many_scans" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == ["a.h5", "b.h5"]
+
+
+def test_the_state_estimate_bounds_what_building_a_scan_allocates(tmp_path):
+    """scan_state_bytes, from the geometry alone, against what building the operators and their
+    states really allocates (tracemalloc sees numpy's allocations): never less, at most 3x."""
+    import tracemalloc
+
+    from stream.config import ApertureSpec, PipelineConfig, build_operators, scan_state_bytes, validate
+    from stream.transport.protocol import Geometry
+    configs = [validate(PipelineConfig()),
+               validate(PipelineConfig(aperture=[ApertureSpec("a", rect=[0, 8, 0, 8]),
+                                                 ApertureSpec("b", rect=[2, 5, 2, 5])])),
+               config(tmp_path, np.random.default_rng(0).random((40, 36)))]
+    for cfg in configs:
+        det = (40, 36) if cfg is configs[-1] else (576, 576)
+        for scan, n_sources in (((128, 128), 1), ((512, 256), 4), ((16, 16), 1)):
+            g = Geometry(scan, det, n_sources=n_sources, mrad_per_px=0.5, convergence_mrad=4.0)
+            tracemalloc.start()
+            try:
+                ops = build_operators(cfg, g)
+                states = [op.new_state() for op in ops]
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            del ops, states
+            estimate = scan_state_bytes(cfg, g)
+            assert peak <= estimate <= 3 * peak + 2e6, (scan, det, peak, estimate)
+
+
+def test_the_protocol_refuses_geometries_beyond_any_instrument():
+    from stream.transport.protocol import Geometry, ProtocolError
+    for scan, det in (((46340, 46340), (64, 64)), ((64, 64), (65536, 65536)), ((64, 64), (16384, 16384))):
+        with pytest.raises(ProtocolError, match="bad_geometry|must be|more than|beyond"):
+            Geometry(scan, det)
+    Geometry((16000, 16000), (576, 576))  # within the bounds: the budget decides
+
+
+# ---------------------------------------------------------------- floods
+
+def _junk(n: int, seed: int = 0):
+    """``n`` messages a broken or hostile source might send: frames of scans no start announced
+    (each a new scan id), end and abort of unknown scans, frames of an absurdly large scan,
+    and malformed messages."""
+    import msgpack
+
+    from stream.transport.protocol import Geometry, encode_abort, encode_end
+    rng = np.random.default_rng(seed)
+    shapes = [Geometry((32, 32), (64, 64)), Geometry((8, 200), (24, 24)), Geometry((100, 3), (576, 576))]
+    huge = Geometry((16000, 16000), (576, 576))
+    out = []
+    for k in range(n):
+        sid = f"junk-{seed}-{k}"
+        kind = k % 10
+        if kind < 6:
+            g = shapes[k % len(shapes)]
+            c = rng.integers(0, 4, 2).astype(np.uint32)
+            out.append(encode_frames(sid, 0, g, int(rng.integers(0, g.n_frames - 2)), c,
+                                     rng.integers(0, g.n_pixels, int(c.sum())).astype(np.uint32)))
+        elif kind == 6:
+            out.append(encode_end(sid, 0, 100))
+        elif kind == 7:
+            out.append(encode_abort(sid, 0, "junk"))
+        elif kind == 8:
+            out.append(encode_frames(sid, 0, huge, 0, np.array([1], np.uint32), np.array([7], np.uint32)))
+        else:
+            out.append([msgpack.packb({"proto": "stemstream/0", "kind": "frames", "scan_id": sid})]
+                       if k % 20 == 9 else [bytes(rng.integers(0, 256, 40, dtype=np.uint8))])
+    return out
+
+
+def _timed_scan(s, src, sid, counts, indices, geometry):
+    """Send a whole scan; seconds from its last message sent to its file in place."""
+    src.start(sid, geometry)
+    src.frames(sid, geometry, counts, indices, batch=32)
+    src.end(sid, geometry.n_frames)
+    t_sent = time.time()
+    r = s.wait(sid, timeout=120)
+    assert r.status == "complete", r.reason
+    return r, r.timings["written"] - t_sent
+
+
+def test_a_flood_of_junk_makes_no_file_and_does_not_slow_the_next_scan(client2, scripted_source, tmp_path, capsys):
+    """5,000 junk messages with new scan ids: no file, a bounded number of console lines, every
+    one counted, and the next real scan written within 2x the latency of a clean run."""
+    g = replace(GEOM, scan_shape=(48, 48), frames_per_position=1, flyback=0)  # GEOM's detector
+    counts, indices = synthetic_events(g, seed=2, dose=60)
+    src, broken = scripted_source(1), scripted_source(1)  # the detector, and a broken source
+    cfg = config(tmp_path, timeout_s=10)
+    junk = _junk(5000)
+    with Session(src.addresses + broken.addresses, config=cfg, client=client2) as s:
+        src.wait_for_receivers()
+        broken.wait_for_receivers()
+        clean = [_timed_scan(s, src, f"clean-{k}", counts, indices, g)[1] for k in range(2)]
+        for parts in junk:
+            broken.send(0, parts)
+        # a real scan from the broken source after its junk: once it is written the receivers
+        # have taken the junk (which they still hold, waiting for starts that never come)
+        _timed_scan(s, broken, "marker", counts[:1], indices[:int(counts[0])], replace(g, scan_shape=(1, 1)))
+        r, after = _timed_scan(s, src, "after", counts, indices, g)
+        time.sleep(cfg.limits.announce_grace_s + 1)  # the junk held by the receivers is dropped
+        rejects = s.rejects()
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == ["after.h5", "clean-0.h5", "clean-1.h5",
+                                                                       "marker.h5"]
+    assert after <= 2 * np.mean(clean), (after, clean, " ".join(f"{k} {v - r.timings['opened']:.3f}"
+                                                                for k, v in r.timings.items()))
+    assert_matches(r, reference(counts, indices, g))
+    # every junk message is counted under one reason or another (the end and abort messages
+    # of unknown scans wait a minute for their start at the coordinator: not yet counted)
+    assert sum(rejects.values()) >= len(junk) * 8 // 10, rejects
+    assert rejects.get("unannounced", 0) >= 3000 and rejects.get("over_budget", 0) >= 500, rejects
+    warnings = [line for line in out if "WARNING" in line or "ERROR" in line]
+    assert len(warnings) <= 10 and len(out) <= 40, "\n".join(out)

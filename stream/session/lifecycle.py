@@ -7,7 +7,7 @@ messages: no sockets, no dask, so that it can be tested alone.
 
 A scan exists for the tracker once a receiver reports its ``start`` or opens it (receivers open
 only announced scans, docs/PROTOCOL.md). An ``end`` or ``abort`` of a scan not seen yet waits
-``announce_grace_s`` for it; if none comes it is counted as an ``unannounced`` reject.
+for it (``WAIT_FOR_START_S``); if none comes it is counted as an ``unannounced`` reject.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from stream.transport.protocol import Geometry, ProtocolError
 
 RECEIVING, CLOSING, DONE = "receiving", "closing", "done"
 ABORT_GRACE_S = 1.0  # after an abort, frames already queued in other receivers still count
+WAIT_FOR_START_S = 60.0  # an end or abort of a scan not seen yet waits this long for its start
+MAX_WAITING = 4096  # scans whose end or abort waits for their start
 
 
 @dataclass
@@ -175,12 +177,14 @@ class ScanTracker:
         self._waiting[sid] = (since, reports)
 
     def expire_unannounced(self) -> int:
-        """Drop the end / abort reports of scans no start came for within the grace (counted as
-        ``unannounced`` rejects); returns how many were dropped."""
+        """Drop the end / abort reports of scans no start came for (counted as ``unannounced``
+        rejects): after ``WAIT_FOR_START_S`` (the start's report may be late behind a busy
+        receiver's backlog, and these reports are small), or the oldest beyond
+        ``MAX_WAITING`` scans. Returns how many were dropped."""
         now, dropped = self.clock(), 0
         while self._waiting:
             sid, (since, reports) = next(iter(self._waiting.items()))
-            if now - since < self.announce_grace_s and len(self._waiting) <= 4096:
+            if now - since < max(WAIT_FOR_START_S, self.announce_grace_s) and len(self._waiting) <= MAX_WAITING:
                 break
             del self._waiting[sid]
             self._count_reject("unannounced", None, len(reports))

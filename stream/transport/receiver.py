@@ -378,7 +378,7 @@ class Receiver:
     def _over_budget(self, msg: Message) -> bool:
         """Refuse the scan if its state would exceed the per-scan budget (nothing allocated)."""
         g = msg.geometry
-        need = self.config.scan_state_bytes(g.for_sector(None))
+        need = self.config.scan_state_bytes(g)  # the sector does not change it
         if need <= self.state_budget:
             return False
         self._refuse(msg.scan_id, OVER_BUDGET,
@@ -401,8 +401,10 @@ class Receiver:
         if self._over_budget(msg):
             self._forget_held(msg.scan_id)
             return None
+        # the coordinator admits announced scans within its own limit; this one bounds what a
+        # flood of start messages can make this receiver build before the coordinator says no
         n_open = sum(1 for w in self._scans.values() if not w.closing)
-        if n_open >= self.config.limits.max_open_scans:
+        if msg.scan_id not in self._announced and n_open >= self.config.limits.max_open_scans:
             self._forget_held(msg.scan_id)
             self._refuse(msg.scan_id, TOO_MANY_SCANS,
                          f"scan {msg.scan_id}: {n_open} scans are open on this receiver, the most "
@@ -483,6 +485,8 @@ class Receiver:
                 self._announced[sid] = None
                 while len(self._announced) > MAX_REMEMBERED:
                     self._announced.popitem(last=False)
+                if self._refused.get(sid, ("",))[0] == TOO_MANY_SCANS:  # admitted after all
+                    del self._refused[sid]
                 held = self._held.get(sid)
                 if held is not None and sid not in self._scans:
                     self._open(held.msgs[0])
