@@ -149,6 +149,8 @@ class Publisher:
         self._ctx = zmq.Context()
         self._socks = []
         self._gate = None
+        self._monitors = []  # handshakes that failed: receivers with other keys, or none
+        self._failed_handshakes = 0
         try:
             if curve is not None:
                 self._gate = Gatekeeper(self._ctx)
@@ -159,6 +161,8 @@ class Publisher:
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
                 if curve is not None:
                     as_server(s, curve.keypair, SourceKeys.DOMAIN)
+                    self._monitors.append(s.get_monitor_socket(
+                        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH))
                 self._socks.append(s)
                 try:
                     s.bind(addr)
@@ -179,10 +183,21 @@ class Publisher:
 
     @property
     def refused(self) -> int:
-        """Receivers refused so far for a key this source does not accept."""
-        return sum(self._gate.refused.values()) if self._gate is not None else 0
+        """Connections refused so far: receivers whose key this source does not accept, that
+        expect another source key, or that speak no CURVE."""
+        for m in self._monitors:
+            while m.poll(0):
+                m.recv_multipart()
+                self._failed_handshakes += 1
+        return self._failed_handshakes
 
     def close(self, linger_s: float | None = None):
+        for s in self._socks:
+            if self._monitors:
+                s.disable_monitor()
+        for m in self._monitors:
+            m.close(linger=0)
+        self._monitors = []
         for s in self._socks:
             if linger_s is not None:
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
@@ -206,9 +221,9 @@ class Publisher:
                 return True
             waited += 0.5
             if notify and waited % 5 == 0:
-                refused = (f"; refused {self.refused} connection(s) from receivers whose key this source does "
-                           "not accept (docs/SECURITY.md: give them the receiver key, or accept theirs)"
-                           if self.refused else "")
+                refused = (f"; refused {self.refused} connection attempt(s) from receivers with other keys "
+                           "(they expect another source key, or present a receiver key this source does not "
+                           "accept; docs/SECURITY.md)" if self.refused else "")
                 notify(f"waiting for receivers to connect to {', '.join(self.addresses)} ...{refused}")
             if deadline is not None and time.monotonic() > deadline:
                 return False

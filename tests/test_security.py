@@ -453,3 +453,178 @@ def test_a_flood_of_junk_makes_no_file_and_does_not_slow_the_next_scan(client2, 
     assert rejects.get("unannounced", 0) >= 3000 and rejects.get("over_budget", 0) >= 500, rejects
     warnings = [line for line in out if "WARNING" in line or "ERROR" in line]
     assert len(warnings) <= 10 and len(out) <= 40, "\n".join(out)
+
+
+# ---------------------------------------------------------------- plain sources
+
+def test_a_plain_source_is_received_only_when_the_configuration_trusts_it(client2, scripted_source, tmp_path):
+    """A detector that cannot do CURVE is received from when [security] plain_sources names it
+    (beside a CURVE source); without that, the receivers do not connect to it at all."""
+    curve_src, plain_src = scripted_source(1), scripted_source(1, curve=False)
+    both = curve_src.addresses + plain_src.addresses
+    events = {sid: synthetic_events(GEOM, seed=k) for k, sid in enumerate(("via-curve", "via-plain"))}
+    cfg = config(tmp_path)
+    trusting = replace(cfg, security=SecuritySpec(plain_sources=plain_src.addresses))
+    with Session(both, config=trusting, client=client2, console=False) as s:
+        for sid, src in (("via-curve", curve_src), ("via-plain", plain_src)):
+            src.wait_for_receivers()
+            src.start(sid, GEOM)
+            src.frames(sid, GEOM, *events[sid], batch=12)
+            src.end(sid, GEOM.n_frames)
+        results = {sid: s.wait(sid, timeout=60) for sid in events}
+    for sid, r in results.items():
+        assert r.status == "complete"
+        assert_matches(r, reference(*events[sid], GEOM))
+    with Session(both, config=cfg, client=client2, console=False):
+        assert curve_src.publisher.wait_for_receivers(10)
+        assert not plain_src.publisher.wait_for_receivers(3)  # every receiver insists on CURVE
+
+
+# ---------------------------------------------------------------- commands: keys, loopback, TLS
+
+def test_keys_prints_every_public_key_and_keeps_the_secrets_private(tmp_path):
+    from test_cli import run_cli
+    r = run_cli("keys", "--dir", tmp_path / "k")
+    assert r.returncode == 0, r.stderr
+    kps = ensure_keys(tmp_path / "k")
+    for role, kp in kps.items():
+        assert kp.public.decode() in r.stdout and kp.secret.decode() not in r.stdout
+    r = run_cli("keys", "--tls", tmp_path / "tls")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((tmp_path / "tls" / "key.pem").stat().st_mode) == 0o600
+    assert (tmp_path / "tls" / "ca.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_a_source_with_other_keys_gets_no_receiver_and_says_why(tmp_path):
+    """The two-terminal session with mismatched keys: the emulator's receivers are refused, it
+    says so while it waits, and gives up with one line."""
+    from test_cli import Cli, run_cli
+    port = free_port_block(1)
+    proc = Cli(["process", "--connect", f"tcp://127.0.0.1:{port}", "--workers", 1, "--out", tmp_path / "out"],
+               cwd=tmp_path)
+    try:
+        proc.wait_for(r"processing every scan", 120)
+        sim = run_cli("simulate", "--scan", "8x8", "--detector", "32x32", "--bind", f"tcp://127.0.0.1:{port}",
+                      "--curve-keys", tmp_path / "other-keys", "--wait", "11", cwd=tmp_path, timeout=240)
+    finally:
+        proc.kill()
+    assert sim.returncode == 2 and "no receiver connected" in sim.stderr, sim.stderr
+    assert "refused" in sim.stdout and "docs/SECURITY.md" in sim.stdout, sim.stdout
+
+
+def _listening(pids):
+    """(pid, ip, port) of every socket these processes listen on (TCP) or have bound (UDP)."""
+    import psutil
+    out = []
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        for c in conns:
+            if c.laddr and (c.status == psutil.CONN_LISTEN or c.type == 2):  # SOCK_DGRAM
+                out.append((pid, c.laddr.ip, c.laddr.port))
+    return out
+
+
+def _is_dashboard(port: int) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:  # dask's
+            return r.status == 200 and r.read() == b"ok"
+    except OSError:
+        return False
+
+
+def test_every_process_of_a_session_listens_on_loopback_only(tmp_path):
+    """`stemstream process` (scheduler, dashboard, report, control and live sockets; nannies and
+    workers) and `stemstream simulate`, both running: every listening socket is on 127.0.0.1."""
+    import psutil
+
+    from test_cli import Cli
+    port, live = free_port_block(2), free_port_block(1)
+    proc = Cli(["process", "--connect", f"tcp://127.0.0.1:{port}", "--sources", 2, "--workers", 2,
+                "--out", tmp_path / "out", "--publish", f"tcp://127.0.0.1:{live}"], cwd=tmp_path)
+    sim = None
+    try:
+        proc.wait_for(r"processing every scan", 120)
+        sim = Cli(["simulate", "--scan", "64x64", "--detector", "64x64", "--sources", 2, "--rate", "3000",
+                   "--scans", 3, "--bind", f"tcp://127.0.0.1:{port}", "--wait", 60], cwd=tmp_path)
+        proc.wait_for(r"\] complete: ", 120)  # a scan went all the way through
+        pids = [proc.p.pid, *(c.pid for c in psutil.Process(proc.p.pid).children(recursive=True)), sim.p.pid]
+        bound = _listening(pids)
+        dashboards = [p for pid, _, p in bound if pid == proc.p.pid and _is_dashboard(p)]
+    finally:
+        for c in (sim, proc):
+            if c is not None:
+                c.kill()
+    assert "security: CURVE on every channel; dask over TLS" in proc.stdout, proc.stdout
+    assert len(pids) >= 4 and len(bound) >= 9, bound  # 2 sources; scheduler, dashboard, 3 of ours; 2 workers, 2 nannies
+    assert all(ip in ("127.0.0.1", "::1") for _, ip, _ in bound), bound
+    assert dashboards, f"no dashboard among {bound}"  # it is there, and on loopback
+
+
+@pytest.fixture
+def tls_cluster(tmp_path):
+    """`dask scheduler` and two `dask worker`s started by hand with the TLS files that
+    `stemstream keys --tls` writes, as deploy/slurm/stemstream.sbatch does."""
+    import json
+    import subprocess
+    import sys
+
+    from stream.security.tls import write_tls_files
+    files = write_tls_files(tmp_path / "tls")
+    tls = ["--tls-ca-file", str(files["ca"]), "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"])]
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "tls",
+                               "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(sched_file), *tls],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        for _ in range(2):
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                           "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", *tls],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield address, files
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_a_session_joins_a_tls_scheduler_with_its_files_and_nobody_joins_without(tls_cluster, scripted_source,
+                                                                                  tmp_path):
+    from distributed import Client
+
+    from stream.config import ConfigError
+    address, files = tls_cluster
+    assert address.startswith("tls://")
+    with pytest.raises(ConfigError, match="--tls-ca-file"):  # a tls:// scheduler and no files: the fix
+        Session(["tcp://127.0.0.1:1"], config=config(tmp_path), scheduler=address).start()
+    with pytest.raises(Exception):  # a client without a certificate the cluster's CA signed
+        Client(address.replace("tls://", "tcp://"), timeout=5)
+    counts, indices = synthetic_events(GEOM, seed=33)
+    src = scripted_source(2)
+    cfg = config(tmp_path)
+    cfg = replace(cfg, security=replace(cfg.security, tls_ca_file=str(files["ca"]), tls_cert=str(files["cert"]),
+                                        tls_key=str(files["key"])))
+    from stream.security.tls import client_security
+    with Client(address, security=client_security(address, *(str(files[k]) for k in ("ca", "cert", "key")))) as c:
+        c.wait_for_workers(2, timeout=120)
+    with Session(src.addresses, config=cfg, scheduler=address) as s:
+        assert len(s.workers) == 2 and "dask over TLS" in s.describe_security()
+        src.wait_for_receivers(120)
+        src.start("tls", GEOM)
+        src.frames("tls", GEOM, counts, indices, batch=6)
+        src.end("tls", GEOM.n_frames)
+        r = s.wait("tls", timeout=60)
+    assert r.status == "complete"
+    assert_matches(r, reference(counts, indices, GEOM), r.path)
