@@ -8,6 +8,7 @@ inherited by the commands they start), never the user's ~/.config/stemstream/key
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -55,6 +56,38 @@ def client_1_or_3(request):
     yield client
     client.close()
     cluster.close()
+
+
+@contextlib.contextmanager
+def external_dask(tmp_path, args=(), n_workers=2):
+    """`dask scheduler` and ``n_workers`` `dask worker` programs started by hand on 127.0.0.1
+    (``args``: flags for both, e.g. TLS files); yields the scheduler's address."""
+    import json
+    import subprocess
+    import sys
+
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        for _ in range(n_workers):
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                           "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", *args],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 class ScriptedSource:

@@ -568,36 +568,13 @@ def test_every_process_of_a_session_listens_on_loopback_only(tmp_path):
 def tls_cluster(tmp_path):
     """`dask scheduler` and two `dask worker`s started by hand with the TLS files that
     `stemstream keys --tls` writes, as deploy/slurm/stemstream.sbatch does."""
-    import json
-    import subprocess
-    import sys
-
+    from conftest import external_dask
     from stream.security.tls import write_tls_files
     files = write_tls_files(tmp_path / "tls")
-    tls = ["--tls-ca-file", str(files["ca"]), "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"])]
-    sched_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "tls",
-                               "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                               "--scheduler-file", str(sched_file), *tls],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.monotonic() + 60
-        while not sched_file.is_file() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        address = json.loads(sched_file.read_text())["address"]
-        for _ in range(2):
-            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
-                                           "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", *tls],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    tls = ["--protocol", "tls", "--tls-ca-file", str(files["ca"]), "--tls-cert", str(files["cert"]),
+           "--tls-key", str(files["key"])]
+    with external_dask(tmp_path, tls) as address:
         yield address, files
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_a_session_joins_a_tls_scheduler_with_its_files_and_nobody_joins_without(tls_cluster, scripted_source,
