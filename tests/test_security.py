@@ -605,3 +605,56 @@ def test_a_session_joins_a_tls_scheduler_with_its_files_and_nobody_joins_without
         r = s.wait("tls", timeout=60)
     assert r.status == "complete"
     assert_matches(r, reference(counts, indices, GEOM), r.path)
+
+
+@pytest.mark.slow  # a whole job: scheduler, worker and session started by the script (about a minute)
+def test_the_slurm_script_starts_its_dask_cluster_over_tls(scripted_source, tmp_path):
+    """deploy/slurm/stemstream.sbatch with srun replaced by a stand-in that runs each command
+    here: the scheduler it starts speaks TLS only, the session joins it with the job's files and
+    writes the scan, and the job's TLS directory is gone when it ends."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text('#!/bin/bash\n# stand-in for srun: drop its options, run the command here\n'
+                               'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (stub / "srun").chmod(0o755)
+    src = scripted_source(1)
+    counts, indices = synthetic_events(GEOM, seed=44)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{stub}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DETECTOR": src.addresses[0], "SOURCES": "1", "OUT": str(out), "VENV": str(Path(sys.executable).parents[1]),
+           "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "3"}
+    job = subprocess.Popen(["bash", str(root / "deploy/slurm/stemstream.sbatch")], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        src.wait_for_receivers(180)
+        address = json.loads((out / "scheduler-4242.json").read_text())["address"]
+        tls_dir_existed = (out / "tls-4242" / "key.pem").is_file()
+        src.start("slurm", GEOM)
+        src.frames("slurm", GEOM, counts, indices, batch=6)
+        src.end("slurm", GEOM.n_frames)
+        deadline = time.monotonic() + 60
+        while not (out / "slurm.h5").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            log = job.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            log = job.communicate()[0]
+    assert address.startswith("tls://") and tls_dir_existed, log
+    assert "dask over TLS" in log, log
+    import h5py
+    with h5py.File(out / "slurm.h5", "r") as f:
+        assert f.attrs["status"] == "complete", log
+        np.testing.assert_array_equal(f["results/bf"][()], reference(counts, indices, GEOM)["bf"])
+    assert not (out / "tls-4242").exists(), "the job's TLS files outlive it"
