@@ -658,3 +658,103 @@ def test_the_slurm_script_starts_its_dask_cluster_over_tls(scripted_source, tmp_
         assert f.attrs["status"] == "complete", log
         np.testing.assert_array_equal(f["results/bf"][()], reference(counts, indices, GEOM)["bf"])
     assert not (out / "tls-4242").exists(), "the job's TLS files outlive it"
+
+
+# ---------------------------------------------------------------- one receiver: announcements, sizes
+
+@pytest.fixture
+def lone_receiver(scripted_source):
+    """A receiver alone (plain sockets): a source, the report socket's far end, and a control
+    PUB socket standing in for the coordinator's."""
+    from stream.config import ChunkingSpec, LimitsSpec, LiveSpec, PipelineConfig, validate
+    from stream.transport.receiver import Receiver
+    made = []
+
+    def make(**limits):
+        src = scripted_source(1, curve=False)
+        ctx = zmq.Context.instance()
+        pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
+        port, cport = pull.bind_to_random_port("tcp://127.0.0.1"), pub.bind_to_random_port("tcp://127.0.0.1")
+        cfg = validate(PipelineConfig(chunking=ChunkingSpec(max_frames=16, max_latency_ms=20),
+                                      live=LiveSpec(rate_hz=0), limits=LimitsSpec(**limits)))
+        rec = Receiver(src.addresses, f"tcp://127.0.0.1:{port}", cfg, worker="w0",
+                       announce_address=f"tcp://127.0.0.1:{cport}")
+        rec.start()
+        src.wait_for_receivers()
+        made.append((rec, pull, pub))
+        return src, rec, pull, pub
+    yield make
+    for rec, pull, pub in made:
+        rec.stop()
+        pull.close(0)
+        pub.close(0)
+
+
+def _reports(pull, until, timeout_s=20):
+    got, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not until(got):
+        if pull.poll(50):
+            got.append(control.decode(pull.recv_multipart())[0])
+    return got
+
+
+def test_frames_wait_for_the_announcement_and_unannounced_ones_are_dropped(lone_receiver):
+    """Frames of a scan whose start went to another receiver are held, then processed exactly
+    once the coordinator announces the scan; frames of a scan nobody announces are dropped after
+    the grace and counted, and nothing was built for them."""
+    src, rec, pull, pub = lone_receiver(announce_grace_s=1.0)
+    counts, indices = synthetic_events(GEOM, seed=5)
+    src.frames("told", GEOM, counts, indices, batch=8)   # no start: it went elsewhere
+    src.frames("junk", GEOM, counts, indices, batch=8)
+    early = _reports(pull, lambda g: False, timeout_s=0.5)
+    assert not [h for h in early if h["kind"] in ("geometry", "frames")] and sorted(rec._held) == ["junk", "told"]
+    pub.send_multipart(control.encode({"kind": "announced", "scan_ids": ["told"]}))
+    got = _reports(pull, lambda g: sum(c for h in g if h["kind"] == "frames" for _, _, c in h["ranges"])
+                   >= GEOM.n_frames and any(h["kind"] == "reject" for h in g))
+    n_msgs = -(-GEOM.n_frames // 8)
+    rejects = [h for h in got if h["kind"] == "reject"]
+    assert [(h["reason"], h["scan_id"], h["count"]) for h in rejects] == [("unannounced", "junk", n_msgs)]
+    assert {h["scan_id"] for h in got if h["kind"] in ("geometry", "frames")} == {"told"}
+    ws = rec.close_scan("told")
+    fused = next(op for op in ws.operators if op.name == "fused")
+    np.testing.assert_array_equal(fused.finalize(ws.states["fused"])["diffraction_sum"].data,
+                                  reference(counts, indices, GEOM)["diffraction_sum"])
+    assert rec.held_bytes == 0 and not rec._held
+
+
+def test_a_receiver_holds_back_when_unannounced_frames_fill_their_budget(lone_receiver):
+    """Past [limits] unannounced_mb of waiting frames the receiver stops reading (the source is
+    held back, nothing is dropped) until the announcement comes."""
+    src, rec, pull, pub = lone_receiver(unannounced_mb=0.05, announce_grace_s=60)
+    counts, indices = synthetic_events(GEOM, seed=6, dose=200)  # about 210 kB of events
+    src.frames("big", GEOM, counts, indices, batch=4)
+    poll(lambda: rec.held_bytes, lambda b: b >= 50_000)
+    time.sleep(0.5)
+    assert 50_000 <= rec.held_bytes < 50_000 + 4 * 4 * 250 + 500  # one message past the budget at most
+    pub.send_multipart(control.encode({"kind": "announced", "scan_ids": ["big"]}))
+    got = _reports(pull, lambda g: sum(c for h in g if h["kind"] == "frames" for _, _, c in h["ranges"])
+                   >= GEOM.n_frames)
+    assert sum(c for h in got if h["kind"] == "frames" for _, _, c in h["ranges"]) == GEOM.n_frames
+    assert not [h for h in got if h["kind"] == "reject"]
+
+
+def test_a_message_larger_than_max_message_mb_is_not_taken(lone_receiver):
+    """ZMQ_MAXMSGSIZE: a message part beyond the limit never reaches the receiver; ZeroMQ drops
+    the connection and does not make it again, the receiver does (and says so), and the
+    messages after it arrive."""
+    from stream.transport.protocol import Geometry
+    src, rec, pull, pub = lone_receiver(max_message_mb=0.1)
+    big = Geometry((64, 64), (64, 64))
+    src.send(0, encode_start("big", 0, big, {}))
+    src.send(0, encode_frames("big", 0, big, 0, np.array([40_000], np.uint32),
+                              np.zeros(40_000, np.uint32)))  # a 160 kB part
+    src.wait_for_receivers()  # again
+    counts, indices = synthetic_events(GEOM, seed=7)
+    src.start("small", GEOM)
+    src.frames("small", GEOM, counts, indices, batch=8)
+    got = _reports(pull, lambda g: sum(c for h in g if h["kind"] == "frames" for _, _, c in h["ranges"])
+                   >= GEOM.n_frames)
+    assert sum(c for h in got if h["kind"] == "frames" and h["scan_id"] == "small" for _, _, c in h["ranges"]) \
+        == GEOM.n_frames
+    assert not [h for h in got if h["kind"] == "frames" and h["scan_id"] == "big"]
+    assert [h["reason"] for h in got if h["kind"] == "reject"] == ["connection_dropped"]

@@ -69,8 +69,10 @@ def as_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
     """Make the next ``connect`` of ``sock`` a CURVE client of ``keys.server`` (None: plain).
 
     ZeroMQ takes a socket's security options when it connects, so one socket can connect to
-    plain peers first and CURVE servers (each with its own key) after."""
+    plain peers and to CURVE servers (each with its own key)."""
     if keys is None:
+        if sock.get(zmq.MECHANISM) != zmq.NULL:
+            sock.curve_server = False  # back to the NULL mechanism
         return
     sock.curve_secretkey = keys.keypair.secret
     sock.curve_publickey = keys.keypair.public

@@ -41,7 +41,8 @@ class ReceiverPlugin(WorkerPlugin):
     async def setup(self, worker):
         # compile the kernels before the first frame, off the worker's event loop
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
-        budget = self.config.limits.scan_state_bytes(worker.memory_manager.memory_limit)
+        memory_limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+        budget = self.config.limits.scan_state_bytes(memory_limit)
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
                                  spill_dir=self.config.memory.spill_dir or worker.local_directory,
                                  keys=self.keys, announce_address=self.announce_address,

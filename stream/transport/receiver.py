@@ -45,6 +45,7 @@ SPILL_FAILED = "spill_failed"  # events could not go to disk; they stay in memor
 OVER_BUDGET = "over_budget"  # the scan's state would exceed [limits] scan_state_mb
 TOO_MANY_SCANS = "too_many_scans"  # [limits] max_open_scans scans are open already
 UNANNOUNCED = "unannounced"  # frames of a scan no start announced within [limits] announce_grace_s
+CONNECTION_DROPPED = "connection_dropped"  # a source's connection failed on a protocol error (too large)
 MAX_HELD_SCANS = 1024  # unannounced scans held at once; the oldest is dropped beyond
 MAX_REMEMBERED = 4096  # refused or closed scan ids remembered, to reject their later messages
 
@@ -214,11 +215,12 @@ class Receiver:
             pull.setsockopt(zmq.LINGER, 0)
             # one message part may cost at most this (a larger one drops the connection)
             pull.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes(self.config.chunking))
-            # security options apply to the connects after them: plain sources first
-            order = sorted(self.connect, key=lambda a: keys is not None and keys.sources.get(a) is not None)
-            for addr in order:
-                as_client(pull, keys.sources.get(addr) if keys is not None else None)
-                pull.connect(addr)
+            # ZeroMQ does not connect again after a protocol error (a part beyond MAXMSGSIZE):
+            # the monitor tells, and the receiver does (_reconnect)
+            monitor = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+                                              | zmq.EVENT_CONNECT_DELAYED)
+            for addr in self.connect:
+                self._connect(pull, addr)
             report = ctx.socket(zmq.PUSH)
             report.setsockopt(zmq.LINGER, 2000)
             as_client(report, keys.coordinator if keys is not None else None)
@@ -242,15 +244,20 @@ class Receiver:
         held_budget = self.config.limits.unannounced_mb * 1e6
         receiving, waiting = zmq.Poller(), zmq.Poller()
         receiving.register(pull, zmq.POLLIN)
-        if sub is not None:
-            receiving.register(sub, zmq.POLLIN)
-            waiting.register(sub, zmq.POLLIN)
+        for sock in (sub, monitor):
+            if sock is not None:
+                receiving.register(sock, zmq.POLLIN)
+                waiting.register(sock, zmq.POLLIN)
+        dropped: dict[str, float] = {}  # source address -> when its connection was lost
         try:
             while not self._stop.is_set():
                 # frames held for an announcement fill their budget: stop taking more (the
                 # sources are held back) until the coordinator announces or the grace ends
                 poller = receiving if self._held_bytes < held_budget else waiting
-                ready = dict(poller.poll(poll_ms)) if poller.sockets else (time.sleep(poll_ms / 1000) or {})
+                ready = dict(poller.poll(poll_ms))
+                if monitor in ready:
+                    self._watch_connections(monitor, dropped)
+                self._reconnect(pull, dropped)
                 if sub is not None and sub in ready:
                     while True:
                         try:
@@ -287,10 +294,47 @@ class Receiver:
                         break  # the coordinator is not reading; try again next turn
                     self._outbox.popleft()
         finally:
+            pull.disable_monitor()
+            monitor.close(linger=0)
             pull.close()
             report.close(linger=0)
             if sub is not None:
                 sub.close()
+
+    def _connect(self, pull: zmq.Socket, addr: str) -> None:
+        """Connect to one source with its security (each connect takes the options set now)."""
+        as_client(pull, self.keys.sources.get(addr) if self.keys is not None else None)
+        pull.connect(addr)
+
+    def _watch_connections(self, monitor: zmq.Socket, dropped: dict) -> None:
+        """Note sources whose connection was lost, and forget those ZeroMQ is connecting again."""
+        from zmq.utils.monitor import recv_monitor_message
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            addr = event["endpoint"].decode(errors="replace")
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                dropped[addr] = time.monotonic()
+            else:
+                dropped.pop(addr, None)
+
+    def _reconnect(self, pull: zmq.Socket, dropped: dict, wait_s: float = 0.5) -> None:
+        """Connect again to a source ZeroMQ gave up on: after a protocol error (a message part
+        beyond ``[limits] max_message_mb``, a corrupt stream) it does not, and that source's
+        later frames would never arrive here."""
+        now = time.monotonic()
+        for addr, when in list(dropped.items()):
+            if now - when < wait_s or addr not in self.connect:
+                continue
+            del dropped[addr]
+            try:
+                pull.disconnect(addr)
+            except zmq.ZMQError:
+                pass  # already gone
+            self._connect(pull, addr)
+            limit = self.config.limits.max_message_bytes(self.config.chunking) / 1e6
+            self._reject(CONNECTION_DROPPED, f"the connection to {addr} failed on a protocol error (a "
+                         f"message part beyond [limits] max_message_mb = {limit:g} MB, or a corrupt "
+                         "stream) and was made again; the message in flight is lost")
 
     def _send(self, header: dict, arrays=None) -> None:
         """Queue a report; the receiver thread sends it (ZMQ sockets belong to one thread).
