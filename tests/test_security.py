@@ -706,8 +706,9 @@ def test_frames_wait_for_the_announcement_and_unannounced_ones_are_dropped(lone_
     counts, indices = synthetic_events(GEOM, seed=5)
     src.frames("told", GEOM, counts, indices, batch=8)   # no start: it went elsewhere
     src.frames("junk", GEOM, counts, indices, batch=8)
-    early = _reports(pull, lambda g: False, timeout_s=0.5)
-    assert not [h for h in early if h["kind"] in ("geometry", "frames")] and sorted(rec._held) == ["junk", "told"]
+    assert poll(lambda: sorted(rec._held), lambda held: held == ["junk", "told"]) == ["junk", "told"]
+    early = _reports(pull, lambda g: False, timeout_s=0.3)
+    assert not [h for h in early if h["kind"] in ("geometry", "frames")]
     pub.send_multipart(control.encode({"kind": "announced", "scan_ids": ["told"]}))
     got = _reports(pull, lambda g: sum(c for h in g if h["kind"] == "frames" for _, _, c in h["ranges"])
                    >= GEOM.n_frames and any(h["kind"] == "reject" for h in g))
@@ -758,3 +759,24 @@ def test_a_message_larger_than_max_message_mb_is_not_taken(lone_receiver):
         == GEOM.n_frames
     assert not [h for h in got if h["kind"] == "frames" and h["scan_id"] == "big"]
     assert [h["reason"] for h in got if h["kind"] == "reject"] == ["connection_dropped"]
+
+
+def test_the_security_flags_of_process_reach_the_session(tmp_path):
+    """--insecure-source adds plain sources (expanded by --sources, and no default source);
+    --curve-keys, --curve-server-key and the TLS flags land in [security]."""
+    from stream.cli.commands import build_parser, session_from_args
+    key = ensure_keys(tmp_path / "k")["source"].public.decode()
+    args = build_parser().parse_args(
+        ["process", "--insecure-source", "tcp://10.0.0.5:6001", "--sources", "2", "--curve-keys", str(tmp_path / "k"),
+         "--curve-server-key", key, "--tls-ca-file", "ca.pem", "--tls-cert", "c.pem", "--tls-key", "k.pem",
+         "--out", str(tmp_path / "out")])
+    s = session_from_args(args)  # not started
+    assert s.connect == ["tcp://10.0.0.5:6001", "tcp://10.0.0.5:6002"]
+    sec = s.config.security
+    assert sec.plain_sources == s.connect and sec.keys == str(tmp_path / "k") and sec.source_key == key
+    assert (sec.tls_ca_file, sec.tls_cert, sec.tls_key) == ("ca.pem", "c.pem", "k.pem")
+    args = build_parser().parse_args(["process", "--connect", "tcp://127.0.0.1:7000", "--insecure-source",
+                                      "tcp://10.0.0.5:6001", "--out", str(tmp_path / "out")])
+    s = session_from_args(args)
+    assert s.connect == ["tcp://127.0.0.1:7000", "tcp://10.0.0.5:6001"]
+    assert s.config.security.plain_sources == ["tcp://10.0.0.5:6001"]

@@ -196,7 +196,10 @@ class Receiver:
             self._closed[scan_id] = None
             while len(self._closed) > MAX_REMEMBERED:
                 self._closed.popitem(last=False)
-            self._forget_held(scan_id)
+            held = self._forget_held(scan_id)
+            if held is not None:  # its announcement never came here: they arrived too late to count
+                self._reject(LATE, f"{len(held.msgs)} frames message(s) of scan {scan_id} still waiting for "
+                             "its announcement when it closed", scan_id, len(held.msgs))
             work = self._scans.pop(scan_id, None)
             if work is None:
                 return WorkerScan(scan_id, self.worker, None, [], {}, [])
@@ -274,6 +277,9 @@ class Receiver:
                         except zmq.Again:
                             break
                         self._handle_safely(parts)
+                        # a start's report goes out before the next chunk is processed: the
+                        # other receivers wait for its announcement to open the scan
+                        self._send_reports(report)
                 try:
                     now = time.monotonic()
                     with self._lock:
@@ -287,12 +293,7 @@ class Receiver:
                 except Exception as e:  # noqa: BLE001 - the loop must go on
                     log.exception("receiver housekeeping failed")
                     self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
-                while self._outbox:
-                    try:  # never block: stop() must be able to end this thread
-                        report.send_multipart(self._outbox[0], flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break  # the coordinator is not reading; try again next turn
-                    self._outbox.popleft()
+                self._send_reports(report)
         finally:
             pull.disable_monitor()
             monitor.close(linger=0)
@@ -300,6 +301,14 @@ class Receiver:
             report.close(linger=0)
             if sub is not None:
                 sub.close()
+
+    def _send_reports(self, report: zmq.Socket) -> None:
+        while self._outbox:
+            try:  # never block: stop() must be able to end this thread
+                report.send_multipart(self._outbox[0], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the coordinator is not reading; try again next turn
+            self._outbox.popleft()
 
     def _connect(self, pull: zmq.Socket, addr: str) -> None:
         """Connect to one source with its security (each connect takes the options set now)."""
@@ -398,7 +407,7 @@ class Receiver:
                 self._send({"kind": "abort", "scan_id": sid, "source": msg.source,
                             "reason": msg.header.get("reason", "")})
 
-    def _add_frames(self, work: ScanWork, msg: Message) -> None:
+    def _add_frames(self, work: ScanWork, msg: Message, flush: bool = True) -> None:
         if not work.geometry.same_scan(msg.geometry):
             self._reject("bad_geometry", f"scan {msg.scan_id}: geometry {msg.geometry} disagrees "
                          f"with {work.geometry} seen before", msg.scan_id)
@@ -409,7 +418,7 @@ class Receiver:
         work.pending_frames += msg.count
         work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
         chunking = self.config.chunking
-        if work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes:
+        if flush and (work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes):
             self._flush(work)
 
     def _refuse(self, scan_id: str, reason: str, detail: str, count: int = 1) -> None:
@@ -466,8 +475,8 @@ class Receiver:
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         held = self._forget_held(msg.scan_id)
-        for m in held.msgs if held is not None else []:
-            self._add_frames(work, m)
+        for m in held.msgs if held is not None else []:  # processed after this scan's reports went out
+            self._add_frames(work, m, flush=False)
         return work
 
     # -------------------------------------------------------------- scans not announced yet
