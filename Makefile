@@ -51,6 +51,8 @@ bench: $(BENCH_STAMP)
 	  $(BENCH_VENV)/bin/python benchmarks/bench_$$b.py --json $(RESULTS)/$$b.json | tee $(RESULTS)/$$b.md; done
 	set -o pipefail; $(BENCH_VENV)/bin/python benchmarks/bench_scaling.py --pipeline --json $(RESULTS)/scaling.json \
 	  | tee $(RESULTS)/scaling.md
+	set -o pipefail; $(BENCH_VENV)/bin/python benchmarks/bench_counting.py --json $(RESULTS)/counting.json \
+	  | tee $(RESULTS)/counting.md
 	$(BENCH_VENV)/bin/python benchmarks/bench_plot.py --results $(RESULTS)
 	$(BENCH_VENV)/bin/python benchmarks/bench_report.py --results $(RESULTS) --report BENCHMARKS.md
 

@@ -7,7 +7,9 @@ import secrets
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -127,12 +129,22 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sources", type=int, default=1, metavar="N",
                    help="split every frame into N detector row stripes, one source each (4D Camera: 4)")
     g.add_argument("--rate", type=rate_arg, default=87000.0, metavar="FRAMES/S|max", help="target frame rate")
-    g.add_argument("--batch", type=int, default=512, metavar="N", help="frames per message")
+    g.add_argument("--batch", type=int, metavar="N", help="frames per message (default 512; 16 with --raw)")
     g.add_argument("--scan-id", metavar="PREFIX", help="scan ids are PREFIX-0000, PREFIX-0001, … (default: date-time and a random tag)")
     g.add_argument("--truth", metavar="FILE.h5", help="write the ground truth of every scan there")
     g.add_argument("--wait", type=nonneg_arg, default=0, metavar="S",
                    help="give up if no receiver connects within S seconds (0: wait forever)")
     g.add_argument("--quiet", action="store_true", help="only the final summary")
+    g = p.add_argument_group("raw frames (the 4D Camera before counting; docs/EMULATOR.md)")
+    g.add_argument("--raw", action="store_true",
+                   help="send raw detector frames (12-bit ADU: dark, noise, charge clouds, X-rays) as "
+                        "'dense' messages, to be counted by the receivers ([counting], docs/COUNTING.md); "
+                        "--dose 0 makes a dark scan for 'stemstream calibrate'")
+    g.add_argument("--raw-files", metavar="DIR",
+                   help="with --raw: also write each scan's raw frames as 4D Camera files that "
+                        "stempy.io.reader reads (version 5, DIR/SCAN_ID/*.data; 576x576 detector)")
+    g.add_argument("--xray-rate", type=nonneg_arg, default=0.05, metavar="HITS/FRAME",
+                   help="with --raw: mean X-ray hits per frame")
     add_source_security_args(p)
 
 
@@ -165,7 +177,11 @@ def _check(args) -> None:
                 (args.frames_per_position < 1, "--frames-per-position must be at least 1"),
                 (args.flyback < 0, "--flyback must be >= 0"),
                 (args.scans < 1, "--scans must be at least 1"),
-                (args.batch < 1, "--batch must be at least 1"),
+                (args.batch is not None and args.batch < 1, "--batch must be at least 1"),
+                ((args.raw_files is not None or args.xray_rate != 0.05) and not args.raw,
+                 "--raw-files and --xray-rate describe raw frames: add --raw"),
+                (args.raw_files is not None and tuple(args.detector) != (576, 576),
+                 "--raw-files writes the 4D Camera format, whose frames are 576x576: use --detector 576x576"),
                 (args.hot_pixels < 0 or args.dead_pixels < 0, "--hot-pixels and --dead-pixels must be >= 0"),
                 (args.detector[0] * args.detector[1] > MAX_PIXELS or max(args.detector) > MAX_SIDE,
                  f"--detector {args.detector[0]}x{args.detector[1]} is beyond the protocol's bounds "
@@ -238,8 +254,9 @@ def run_simulate(args) -> int:
         t0 = time.perf_counter()
         sim = simulate_scan(specimen, beam, det, scan, seed=args.seed + len(tilts) * k + i,
                             tilt_deg=tilt, with_expected=bool(args.truth))
-        return sim, prepare_sources(sim.counts, sim.indices, _geometry(sim), args.sources), \
-            time.perf_counter() - t0
+        sources = None if args.raw else prepare_sources(sim.counts, sim.indices, _geometry(sim),
+                                                        args.sources)
+        return sim, sources, time.perf_counter() - t0
 
     totals = {"frames": 0, "events": 0, "seconds": 0.0}
     truth_file = None
@@ -266,16 +283,20 @@ def run_simulate(args) -> int:
                 metadata = dict(sim.metadata, scan_id=scan_id, time=datetime.now().isoformat(timespec="seconds"))
                 if series_id:
                     metadata.update(series_id=series_id, series_index=job[1], series_length=len(tilts))
-                if truth_file is not None:
-                    sim.truth.write(truth_file.create_group(scan_id))
+                group = truth_file.create_group(scan_id) if truth_file is not None else None
+                if group is not None:
+                    sim.truth.write(group)
                 say(f"[{scan_id}] generated {len(sim.counts):,} frames, {len(sim.indices):,} electrons "
                     f"in {gen_s:.1f} s" + (f"; tilt {job[2]:+.1f}°" if job[2] is not None else ""))
                 if not publisher.wait_for_receivers(args.wait or None, notify=say):
                     raise SimulateError(f"no receiver connected to {publisher.addresses[0]} within {args.wait} s; "
                                         "start 'stemstream process' first or raise --wait")
                 progress = None if args.quiet else progress_printer(scan_id)
-                st = publisher.publish_scan(scan_id, sources, metadata, rate=args.rate,
-                                            batch=args.batch, progress=progress)
+                if args.raw:
+                    st = publish_raw(publisher, args, sim, scan_id, metadata, group, progress)
+                else:
+                    st = publisher.publish_scan(scan_id, sources, metadata, rate=args.rate,
+                                                batch=args.batch or 512, progress=progress)
                 totals["frames"] += st.frames
                 totals["events"] += st.events
                 totals["seconds"] += st.seconds
@@ -303,6 +324,48 @@ def security_note(publisher) -> str:
     if publisher.curve is None:
         return "plain: any receiver that reaches them gets frames"
     return f"CURVE, source key {publisher.curve.keypair.public.decode()}, {len(publisher.curve.clients)} receiver key(s) accepted"
+
+
+def publish_raw(publisher, args, sim, scan_id: str, metadata: dict, truth_group, progress):
+    """Stream one simulated scan as raw frames (``dense``, values 'raw'), made batch by batch
+    from its electrons; with --raw-files also as 4D Camera files; the true electrons and
+    X-ray hits go into ``truth_group`` (its ``raw`` subgroup)."""
+    from sim_detector.raw import RawDetector, RawFrames
+    from sim_detector.rawfile import RawFileWriter
+    from sim_detector.publisher import sector_rows
+
+    raw = RawFrames(RawDetector(xray_rate=args.xray_rate), sim.frame_shape, seed=sim.metadata["seed"])
+    g = _geometry(sim)
+    geometries = [replace(g, n_sources=args.sources, sector=sec)
+                  for sec in sector_rows(g.frame_shape[0], args.sources)]
+    offsets = sim.offsets
+    xray_count = np.zeros(g.n_frames, np.int64)
+    xray_pix = np.full((g.n_frames, 4), -1, np.int64)
+    writer = None
+    if args.raw_files:
+        writer = RawFileWriter(Path(args.raw_files) / scan_id, scan_number=int(sim.metadata["seed"]) & 0xFFFFFFFF,
+                               raster_shape=g.raster_shape, frames_per_position=g.frames_per_position)
+
+    def make_frames(first, count):
+        frames, xc, xp = raw.frames(first, sim.counts[first:first + count],
+                                    sim.indices[offsets[first]:offsets[first + count]], xrays=True)
+        xray_count[first:first + count], xray_pix[first:first + count] = xc, xp
+        if writer is not None:
+            writer.write(first, frames)
+        return frames
+
+    metadata = dict(metadata, values="raw", raw_detector=raw.detector.to_metadata(),
+                    electrons=int(len(sim.indices)))
+    try:
+        st = publisher.publish_dense(scan_id, geometries, make_frames, metadata, "raw", rate=args.rate,
+                                     batch=args.batch or 16, progress=progress)
+    finally:
+        if writer is not None:
+            writer.close()
+    st.events = int(len(sim.indices))
+    if truth_group is not None:
+        raw.write_truth(truth_group.create_group("raw"), sim.counts, sim.indices, xray_count, xray_pix)
+    return st
 
 
 def progress_printer(scan_id: str):

@@ -1,5 +1,5 @@
 """The ``stemstream`` command: simulate, process, demo, info, replay, process-file, export,
-import-stempy, analyze, keys.
+import-stempy, analyze, tomo, atoms, calibrate, keys.
 
 Errors a user can cause print one line naming the problem and the fix, and exit with code 2.
 """
@@ -163,6 +163,11 @@ def format_info(d: dict) -> str:
              f"{ev['stored_bytes'] / max(1, ev['n_events']):.2f} bytes/electron on disk; file {d['file_bytes'] / 1e6:.1f} MB"]
     if "n_missing" in c or "n_duplicated" in c:
         lines.append(f"  completeness: {c.get('n_missing', 0):,} missing, {c.get('n_duplicated', 0):,} duplicated frames")
+    ct = d.get("counting")
+    if ct:
+        lines.append(f"  counting: background {ct['background_threshold']:.3f} ADU, x-ray {ct['xray_threshold']:.1f} ADU "
+                     f"({ct.get('thresholds_source', '?')}); {ct['frames_counted']:,} frame parts counted into "
+                     f"{ct['events']:,} events, {ct['xray_pixels']:,} X-ray pixels rejected")
     lines.append("  results:")
     for name, r in d["results"].items():
         lines.append(f"    {name:<24} {r.get('kind', ''):<5} {str(r['shape']):<14} {r['dtype']:<8} {r.get('unit', '')}")
@@ -379,6 +384,7 @@ def cmd_keys(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from sim_detector.cli import add_simulate_args
 
+    from stream.cli.calibrate import add_calibrate_args
     from stream.stages.atoms import add_atoms_args
     from stream.cli.demo import add_demo_args
     from stream.files.replay import add_replay_args
@@ -425,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
          "Per-atom and per-sample statistics (coordination, GCN, bond lengths, strain, order, Voronoi, "
          "motifs, g(r)) of atom positions in Å from any pipeline: CSV and HDF5 tables, PNG histograms "
          "(docs/STAGES_3D_STATS.md).", add_atoms_args),
+        ("calibrate", "dark reference and thresholds for counting raw frames, into a counting file",
+         "Measure the dark reference (4D Camera raw files, .npy, or a streamed dark scan) and compute "
+         "the counting thresholds from sample frames as stempy's calculate_thresholds does (seeded), "
+         "or set them by hand; writes the counting file [counting] file reads (docs/COUNTING.md).",
+         add_calibrate_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
         ("keys", "create and show the CURVE keys (and TLS files) sources, receivers and viewers use",
@@ -461,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             from stream.files.replay import run_replay
             return run_replay(args)
+        if args.command == "calibrate":
+            from stream.cli.calibrate import run_calibrate
+            return run_calibrate(args)
         if args.command == "atoms":
             from stream.stages.atoms import run_atoms
             return run_atoms(args)

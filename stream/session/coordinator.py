@@ -190,6 +190,10 @@ class Session:
         self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
                          f"{', '.join(self.connect)}; writing to {self.config.output.dir}")
         self.console.say(f"security: {self.describe_security()}")
+        if self.config.counting.enabled:  # what raw frames will be counted with (docs/COUNTING.md)
+            c = self.config.counting
+            self.console.say(f"counting raw frames: {c.calibration.summary()}; semantics {c.semantics}, "
+                             f"row dark {c.row_dark}; thresholds {c.calibration.attrs['thresholds_source']}")
         return self
 
     def _start(self) -> None:

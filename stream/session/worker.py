@@ -11,6 +11,9 @@ import numpy as np
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from operators.dense import counts_to_events
+from operators.electron_counting import ElectronCounter
+
 from stream.config import PipelineConfig, build_operators
 from stream.security import ReceiverKeys
 from stream.transport.protocol import Geometry, decode, encode_frames
@@ -99,4 +102,24 @@ def warm_up(config: PipelineConfig) -> float:
             op.process(state, chunk)
         op.merge(state, other)
         op.finalize(state)
+    warm_up_dense(config)
     return time.perf_counter() - t0
+
+
+def warm_up_dense(config: PipelineConfig) -> None:
+    """Compile the kernels of ``dense`` messages: electrons per pixel to events, and, with
+    [counting], the counting kernels, on read-only frames as they come off the wire."""
+    for dtype in ("<u1", "<u2", "<u4"):
+        frames = np.zeros((2, 3, 8), dtype)
+        frames[0, 1, 2] = 1
+        frames.flags.writeable = False
+        counts_to_events(frames, 0)
+    if config.counting.enabled:
+        c = config.counting
+        frames = np.zeros((2, 3, 8), np.uint16)
+        frames.flags.writeable = False
+        cal = config.counting.calibration
+        ElectronCounter((3, 8), None if cal.dark is None else np.zeros((3, 8)), cal.background_threshold,
+                        cal.xray_threshold, None if cal.gain is None else np.ones((3, 8)), c.row_dark,
+                        cal.attrs.get("optimized_mean"), c.semantics, c.ties, c.sector_edges,
+                        c.xray_neighbours).count(frames)

@@ -28,11 +28,14 @@ import zmq
 from dask.sizeof import sizeof
 
 from operators.chunk import Chunk
+from operators.dense import counts_to_events
+from operators.electron_counting import ElectronCounter
 from operators.events import EventStore
 
 from stream.security.curve import ReceiverKeys, as_client
 from stream.transport import control
-from stream.transport.protocol import Geometry, Message, ProtocolError, decode, frame_positions
+from stream.transport.protocol import (MAX_DENSE_EVENTS, Geometry, Message, ProtocolError, decode,
+                                       frame_positions)
 from stream.transport.spill import SpillFile
 
 log = logging.getLogger("stemstream.receiver")
@@ -82,6 +85,7 @@ class ScanWork:
     spill: SpillFile | None = None  # created on the first spill
     spill_failed: bool = False  # after a failure the scan's events stay in memory
     closing: bool = False  # the coordinator closed it: it no longer counts as open
+    counter: ElectronCounter | None = None  # counts the scan's raw frames ([counting])
 
 
 @dataclass
@@ -390,7 +394,7 @@ class Receiver:
                 if self._open(msg) is not None:
                     self._send({"kind": "start", "scan_id": sid, "source": msg.source,
                                 "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
-            elif msg.kind == "frames":
+            elif msg.kind in ("frames", "dense"):
                 work = self._scans.get(sid)
                 if work is None:
                     if sid not in self._announced:
@@ -408,10 +412,20 @@ class Receiver:
                             "reason": msg.header.get("reason", "")})
 
     def _add_frames(self, work: ScanWork, msg: Message, flush: bool = True) -> None:
+        """Queue a ``frames`` (or ``dense``, as its events) message of an open scan; process
+        the queue when it reaches a chunk (``flush``)."""
         if not work.geometry.same_scan(msg.geometry):
             self._reject("bad_geometry", f"scan {msg.scan_id}: geometry {msg.geometry} disagrees "
                          f"with {work.geometry} seen before", msg.scan_id)
             return
+        if msg.kind == "dense":
+            try:
+                msg = self._events_of_dense(work, msg)
+            except ProtocolError as e:
+                self._reject(e.reason, e.detail, msg.scan_id)
+                return
+            if msg is None:
+                return
         work.pending.append(msg)
         if not work.pending_frames:
             work.oldest = time.monotonic()
@@ -471,7 +485,8 @@ class Receiver:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
             return None
         work = ScanWork(msg.scan_id, geometry, operators, states,
-                        store=next((op for op in operators if isinstance(op, EventStore)), None))
+                        store=next((op for op in operators if isinstance(op, EventStore)), None),
+                        counter=next((op for op in operators if isinstance(op, ElectronCounter)), None))
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         held = self._forget_held(msg.scan_id)
@@ -490,7 +505,7 @@ class Receiver:
                 oldest = next(iter(self._held))
                 self._drop_held(oldest, f"more than {MAX_HELD_SCANS} scans waited for their start")
             held = self._held[msg.scan_id] = Held(time.monotonic())
-        nbytes = msg.indices.nbytes + msg.counts.nbytes + 200
+        nbytes = (msg.dense.nbytes if msg.kind == "dense" else msg.indices.nbytes + msg.counts.nbytes) + 200
         held.msgs.append(msg)
         held.nbytes += nbytes
         self._held_bytes += nbytes
@@ -558,6 +573,32 @@ class Receiver:
                 self._refused[sid] = (header["reason"], header.get("detail", ""))
                 while len(self._refused) > MAX_REMEMBERED:
                     self._refused.popitem(last=False)
+
+    def _events_of_dense(self, work: ScanWork, msg: Message) -> Message | None:
+        """A ``dense`` message as the ``frames`` message it amounts to: electrons per pixel
+        become that many events; raw frames are counted by the scan's counting operator
+        (docs/COUNTING.md). None, after a reject, when raw frames cannot be counted."""
+        row0 = msg.geometry.sector[0]
+        if msg.header["values"] == "counts":
+            try:
+                counts, indices = counts_to_events(msg.dense, row0, MAX_DENSE_EVENTS)
+            except ValueError as e:
+                raise ProtocolError("too_many_events", str(e), msg.scan_id) from None
+        else:
+            try:
+                if work.counter is None:
+                    raise ValueError("raw frames arrived but [counting] gives no dark reference and "
+                                     "thresholds: run 'stemstream calibrate' and set [counting] file, or "
+                                     "set dark and the thresholds (docs/COUNTING.md)")
+                counts, indices = work.counter.count(msg.dense, row0, work.states[work.counter.name])
+            except ValueError as e:  # a configuration that cannot count this detector's frames
+                detail = f"scan {msg.scan_id}: {e}"
+                if detail not in work.errors:
+                    work.errors.append(detail)
+                self._reject(OPERATOR_ERROR, detail, msg.scan_id)
+                return None
+        return Message("frames", msg.scan_id, msg.source, msg.header, geometry=msg.geometry,
+                       counts=counts, indices=indices)
 
     def _flush(self, work: ScanWork, spill: bool = True) -> None:
         """Turn the pending messages of a scan into one chunk and run its operators; then, if
