@@ -559,8 +559,9 @@ def scan_state_bytes(cfg: PipelineConfig, g: Geometry) -> int:
     is allocated (``[limits] scan_state_mb``). Events are not included: they are bounded by
     ``[memory] events_in_memory_mb``."""
     per_pos, per_px = _state_coefficients(cfg)
+    counting = 16 if cfg.counting.enabled else 0  # the counter's dark and gain maps per pixel
     return (g.n_positions * (per_pos + 9 * len(cfg.aperture))  # aperture masks and indices
-            + g.n_pixels * (per_px + 64)  # radii and masks while they are built
+            + g.n_pixels * (per_px + 64 + counting)  # radii and masks while they are built
             + g.n_frames * (2 * g.n_sources + 8)  # completeness (uint16) and events per frame
             + 1_000_000)
 

@@ -580,8 +580,10 @@ class Receiver:
         (docs/COUNTING.md). None, after a reject, when raw frames cannot be counted."""
         row0 = msg.geometry.sector[0]
         if msg.header["values"] == "counts":
+            # its events may cost what a frames message of the largest accepted size carries
+            limit = min(MAX_DENSE_EVENTS, self.config.limits.max_message_bytes(self.config.chunking) // 4)
             try:
-                counts, indices = counts_to_events(msg.dense, row0, MAX_DENSE_EVENTS)
+                counts, indices = counts_to_events(msg.dense, row0, limit)
             except ValueError as e:
                 raise ProtocolError("too_many_events", str(e), msg.scan_id) from None
         else:
