@@ -16,6 +16,7 @@ from operators.electron_counting import ElectronCounter
 
 from stream.config import PipelineConfig, build_operators
 from stream.security import ReceiverKeys
+from stream.sources.build import build_source
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
 
@@ -29,16 +30,19 @@ class ReceiverPlugin(WorkerPlugin):
         session's own keypair for the coordinator); they travel to the workers with the plugin,
         over dask's connections (TLS, docs/SECURITY.md). None: plain sockets.
     announce_address: the coordinator's control channel.
+    source_plan: a detector source's SourcePlan (stream/sources), or None.
     """
 
     def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig,
-                 keys: ReceiverKeys | None = None, announce_address: str | None = None):
+                 keys: ReceiverKeys | None = None, announce_address: str | None = None,
+                 source_plan=None):
         self.name = name
         self.connect = connect
         self.control_address = control_address
         self.config = config
         self.keys = keys
         self.announce_address = announce_address
+        self.source_plan = source_plan  # a detector source's SourcePlan (stream/sources), or None
         self.receiver: Receiver | None = None
 
     async def setup(self, worker):
@@ -46,10 +50,11 @@ class ReceiverPlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
         memory_limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
         budget = self.config.limits.scan_state_bytes(memory_limit)
+        source = build_source(self.source_plan, worker.address)
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
                                  spill_dir=self.config.memory.spill_dir or worker.local_directory,
                                  keys=self.keys, announce_address=self.announce_address,
-                                 state_budget=budget)
+                                 state_budget=budget, source=source)
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
             worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)
@@ -69,6 +74,16 @@ def _receiver(plugin_name: str) -> Receiver:
 def close_on_worker(plugin_name: str, scan_id: str) -> WorkerScan:
     """Close ``scan_id`` on this worker's receiver; the result stays on this worker."""
     return _receiver(plugin_name).close_scan(scan_id)
+
+
+def source_command(plugin_name: str, name: str, *args, dask_worker=None):
+    """Pass a control request to this worker's detector source (e.g. DECTRIS hold/expect);
+    run with ``client.run``, which gives ``dask_worker``."""
+    plugin = dask_worker.plugins.get(plugin_name)
+    source = plugin.receiver.source if plugin is not None and plugin.receiver is not None else None
+    if source is None:
+        raise RuntimeError(f"worker {dask_worker.address} runs no detector source")
+    return source.command(name, *args)
 
 
 def warm_up(config: PipelineConfig) -> float:
@@ -103,7 +118,17 @@ def warm_up(config: PipelineConfig) -> float:
         op.merge(state, other)
         op.finalize(state)
     warm_up_dense(config)
+    if config.detector.kind != "stemstream":  # raw Merlin bits
+        warm_up_sources()
     return time.perf_counter() - t0
+
+
+def warm_up_sources() -> None:
+    """Compile the detector sources' kernels (raw 1-bit MIB frames)."""
+    from stream.sources import mib
+
+    fh = mib.parse_frame_header(mib.frame_header(1, 1, raw=True))
+    mib.decode_payloads(np.zeros((1, fh.payload_size), np.uint8), fh)
 
 
 def warm_up_dense(config: PipelineConfig) -> None:

@@ -134,14 +134,17 @@ class Receiver:
     announce_address: the coordinator's control channel (announced, dropped and closing scans);
         None: only scans whose ``start`` this receiver sees are opened.
     state_budget: bytes one scan's state may take here (default from ``[limits]``).
+    source: a detector source (``stream.sources``) to take messages from instead of decoding
+        ``stemstream/1`` from the PULL socket (which then connects to nothing).
     Only the receiver's own thread touches its sockets; other threads queue their reports.
     """
 
     def __init__(self, connect: list[str], control_address: str, config,
                  worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None,
                  keys: ReceiverKeys | None = None, announce_address: str | None = None,
-                 state_budget: int | None = None):
-        self.connect = list(connect)
+                 state_budget: int | None = None, source=None):
+        self.source = source
+        self.connect = list(connect) if source is None else []
         self.control_address = control_address
         self.announce_address = announce_address
         self.keys = keys
@@ -196,6 +199,8 @@ class Receiver:
 
         Later messages of this scan are rejected as late. A receiver that never saw the scan
         returns an empty WorkerScan."""
+        if self.source is not None:
+            self.source.scan_closed(scan_id)
         with self._lock:
             self._closed[scan_id] = None
             while len(self._closed) > MAX_REMEMBERED:
@@ -239,6 +244,8 @@ class Receiver:
                 sub.setsockopt(zmq.SUBSCRIBE, b"")
                 as_client(sub, keys.coordinator if keys is not None else None)
                 sub.connect(self.announce_address)
+            if self.source is not None:
+                self.source.open(ctx, self._reject, self._notice)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._error = e
             self._ready.set()
@@ -260,8 +267,10 @@ class Receiver:
             while not self._stop.is_set():
                 # frames held for an announcement fill their budget: stop taking more (the
                 # sources are held back) until the coordinator announces or the grace ends
-                poller = receiving if self._held_bytes < held_budget else waiting
-                ready = dict(poller.poll(poll_ms))
+                full = self._held_bytes >= held_budget
+                poller = waiting if full else receiving
+                # a detector source waits in its own receive (below)
+                ready = dict(poller.poll(0 if self.source is not None and not full else poll_ms))
                 if monitor in ready:
                     self._watch_connections(monitor, dropped)
                 self._reconnect(pull, dropped)
@@ -272,7 +281,10 @@ class Receiver:
                         except zmq.Again:
                             break
                         self._on_control_safely(parts)
-                if pull in ready:
+                if self.source is not None:
+                    if not full:
+                        self._receive_from_source(poll_ms, report)
+                elif pull in ready:
                     for _ in range(64):  # drain what is queued before looking at the clocks
                         if self._held_bytes >= held_budget:
                             break
@@ -301,6 +313,8 @@ class Receiver:
         finally:
             pull.disable_monitor()
             monitor.close(linger=0)
+            if self.source is not None:
+                self.source.close()
             pull.close()
             report.close(linger=0)
             if sub is not None:
@@ -367,6 +381,23 @@ class Receiver:
         self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id,
                     "count": count})
 
+    def _notice(self, text: str) -> None:
+        """One line for the session's console (a detector source's news)."""
+        self._send({"kind": "notice", "text": text})
+
+    def _receive_from_source(self, poll_ms: int, report: zmq.Socket) -> None:
+        try:
+            messages = self.source.receive(poll_ms)
+        except Exception as e:  # noqa: BLE001 - a source's bug must not stop the receiver
+            if INTERNAL_ERROR not in self._warned:
+                log.exception("detector source failed")
+            self._reject(INTERNAL_ERROR, f"detector source: {type(e).__name__}: {e}")
+            time.sleep(poll_ms / 1000)
+            return
+        for msg in messages:
+            self._handle_safely(msg)
+            self._send_reports(report)  # a start's report before the next block is processed
+
     def _handle_safely(self, parts) -> None:
         try:
             self._handle(parts)
@@ -380,7 +411,7 @@ class Receiver:
             self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
 
     def _handle(self, parts) -> None:
-        msg = decode(parts)
+        msg = parts if isinstance(parts, Message) else decode(parts)  # a source's are decoded
         sid = msg.scan_id
         with self._lock:
             if sid in self._closed:
