@@ -245,7 +245,9 @@ class Session:
                                   f"{e.strerror}; choose another --publish address") from None
         plan = None
         if self.detector is not None:
-            plan = source_plan(self.config.detector, self._client, detector_workers(self._client))
+            plan = source_plan(self.config.detector, self._client, detector_workers(self._client),
+                               curve=receiver_keys is not None,
+                               max_message_bytes=self.config.limits.max_message_bytes(self.config.chunking))
             self.detector.set_plan(plan)
         plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config,
                                 keys=receiver_keys, announce_address=self.announce_address,
@@ -286,8 +288,12 @@ class Session:
     def describe_security(self) -> str:
         """One line: how each channel is protected (for the start message)."""
         sec = self.config.security
+        det = self.config.detector
         if not sec.curve:
             chan = "plain ZeroMQ ([security] curve = false): anyone who reaches a port can talk to it"
+        elif det.kind != "stemstream":  # its makers' protocol cannot authenticate
+            chan = (f"CURVE on every channel stemstream opens; the {det.kind} detector's data "
+                    f"{det.data or '(from the DCU)'} is plain: trusted network only")
         else:
             plain = [a for a in self.connect if a in set(sec.plain_sources)]
             chan = "CURVE on every channel" + (f" except the plain sources {', '.join(plain)}" if plain else "")
