@@ -47,6 +47,7 @@ def source_plan(spec: DetectorSpec, client, workers: list[str], prefix: str | No
         plan.data = spec.data or default_stream(plan.dcu)
     else:
         plan.leader = workers[0]
+        plan.n_workers = len(workers)
         host = urlsplit(workers[0]).hostname
         port = client.run(free_port_block, 1, host, workers=[workers[0]])[workers[0]]
         plan.forward = f"tcp://{host}:{port}"

@@ -51,6 +51,7 @@ class SourcePlan:
     prefix: str = ""
     leader: str | None = None  # Merlin: the worker address that connects to the data port
     forward: str | None = None  # Merlin: the leader's PUSH address every worker pulls from
+    n_workers: int = 1  # Merlin: workers that pull from it (the leader waits for them, a while)
     gap_timeout_s: float = 2.0
     calibration: dict = field(default_factory=dict)  # mrad_per_px, convergence_mrad, center
     max_message_bytes: int = 0  # [limits] max_message_mb: a detector message or frame at most; 0 = no bound

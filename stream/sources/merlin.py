@@ -238,14 +238,19 @@ class MerlinLeader(threading.Thread):
 
     def run(self) -> None:
         ctx, gate, push = self._forward_socket()
+        # set before bind: no worker's handshake is missed
+        monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
             push.bind(self.plan.forward)
         except zmq.ZMQError as e:
             self.error = e
             self.notice(f"ERROR: Merlin leader cannot bind {self.plan.forward}: {e.strerror}")
+            push.disable_monitor()
+            monitor.close(0)
             self._close_forward(ctx, gate, push)
             return
         self.push = push
+        self._wait_for_workers(push, monitor)
         failing = False
         try:
             while not self._stop_event.is_set():
@@ -285,6 +290,25 @@ class MerlinLeader(threading.Thread):
             gate.stop()
         if ctx is not self.ctx:
             ctx.term()
+
+    def _wait_for_workers(self, push, monitor, timeout_s: float = 10.0) -> None:
+        """Before the first frame is read: every worker's PULL connected (its CURVE handshake
+        done), so that the first blocks are shared, not all taken by the first to connect.
+        After ``timeout_s`` it goes on with those that are there, and says so."""
+        from zmq.utils.monitor import recv_monitor_message
+        ready, deadline = 0, time.monotonic() + timeout_s
+        try:
+            while ready < self.plan.n_workers and time.monotonic() < deadline and not self._stop_event.is_set():
+                if monitor.poll(100):
+                    recv_monitor_message(monitor)
+                    ready += 1
+        finally:
+            push.disable_monitor()
+            monitor.close(0)
+        if ready < self.plan.n_workers and not self._stop_event.is_set():
+            self.notice(f"WARNING: {ready} of {self.plan.n_workers} workers connected to the Merlin "
+                        f"forwarding socket {self.plan.forward} within {timeout_s:g} s; the frames go to "
+                        "those that are (the others join when they connect)")
 
     def _send(self, parts) -> None:
         while not self._stop_event.is_set():
