@@ -294,7 +294,7 @@ def test_the_coordinator_refuses_a_scan_its_bookkeeping_cannot_afford(client2, s
     refuses the scan, the receivers drop what they built, and no file is written."""
     from stream.config import coordinator_state_bytes, scan_state_bytes
     from stream.transport.protocol import Geometry
-    wide = Geometry((1024, 1024), (16, 16))
+    wide = Geometry((1024, 1024), (16, 16), mrad_per_px=1.0, convergence_mrad=4.0)  # mrad: the default detectors
     cfg = _limits(config(tmp_path, live_rate=2.0), scan_state_mb=100)
     assert scan_state_bytes(cfg, wide) < 100e6 < coordinator_state_bytes(cfg, wide, 2)
     src = scripted_source(1)
