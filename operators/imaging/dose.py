@@ -11,8 +11,13 @@ From a scan's own counts (an ADF image of electron counts) and the columns found
   form classes (one per count) separated by several times their shot noise. A mixture whose
   components scatter as their columns' shot noise (``CountingResult.noise_ratio`` ≤
   ``max_noise_ratio``) has resolved the classes; its Monte Carlo confidence (each column
-  redrawn with its own shot noise) is then the predicted fraction of exact counts, and
-  counting is possible when that reaches ``target_exact``. A mixture whose components are
+  redrawn with its own shot noise) is then the predicted fraction p of exact counts, and
+  counting is possible when p − √(p(1 − p)/n) reaches ``target_exact`` (n columns: the
+  exact fraction of one scan scatters by that binomial σ about p, so a particle of 80
+  columns predicted at 95.6 % is not yet called possible). Columns whose cross-section is
+  within ``min_significance`` shot-noise σ of zero scatter no more than vacuum: they are
+  not counted (a false column would otherwise become a class of its own and shift every
+  count by one). A mixture whose components are
   wider than the shot noise still merges several counts per component: counting is not
   possible, and no counts are given;
 - at what **dose** counting would be possible: class gaps grow with the dose D and the shot
@@ -158,7 +163,7 @@ def _solve_factor(func, target):
 
 def advise(columns, counting=None, *, dose_e_per_position=None, target_exact=0.95,
            target_precision_pm=5.0, max_noise_ratio=1.2, atom_cross_section_A2=None,
-           class_counts=None) -> DoseAdvice:
+           class_counts=None, min_significance=3.0) -> DoseAdvice:
     """The dose advice from a :class:`~operators.imaging.columns.ColumnsResult` of a counts
     image and, when available, the :class:`~operators.imaging.atom_counting.CountingResult` of
     its columns (fitted with ``noise_sigma=columns.cross_section_sigma`` of the columns with
@@ -168,7 +173,8 @@ def advise(columns, counting=None, *, dose_e_per_position=None, target_exact=0.9
     Parameters
     ----------
     dose_e_per_position : electrons per probe position (all frames), for the dose in e⁻/Å².
-    target_exact : fraction of exact counts that makes counting "possible" (0.95).
+    target_exact : fraction of exact counts that makes counting "possible" (0.95): the
+        predicted fraction less its binomial σ over the counted columns must reach it.
     target_precision_pm : position precision the dose factor is reported for (5 pm).
     max_noise_ratio : largest spread of the mixture's components about their means, in
         units of the columns' shot noise, for the classes to count as resolved (1.2: the
@@ -177,6 +183,8 @@ def advise(columns, counting=None, *, dose_e_per_position=None, target_exact=0.9
         estimate the dose for counting where the classes are not resolved.
     class_counts : the counts of the classes when given to the counting (their number must
         then match the mixture's).
+    min_significance : columns whose cross-section is below this many shot-noise σ are
+        left out of the mixture (3).
 
     Returns
     -------
@@ -214,6 +222,7 @@ def advise(columns, counting=None, *, dose_e_per_position=None, target_exact=0.9
     xs = np.asarray(c.cross_section_shared, np.float64)
     sig = np.asarray(c.cross_section_sigma, np.float64)
     ok = np.isfinite(xs) & np.isfinite(sig) & (sig > 0)
+    ok[ok] = xs[ok] >= min_significance * sig[ok]
     out["cross_section_noise"] = float(np.median(sig[ok])) if ok.any() else nan
 
     def done(status, reason, **kw):
@@ -273,10 +282,14 @@ def advise(columns, counting=None, *, dose_e_per_position=None, target_exact=0.9
     gap = float(np.diff(mu).min())
     pred = float(counting.confidence_overall) if counting.n_mc > 0 and \
         np.isfinite(counting.confidence_overall) else _fraction_exact(1.0, comp, mu, s)
-    f = _solve_factor(lambda q: _fraction_exact(q, comp, mu, s), float(target_exact))
-    status = "possible" if pred >= target_exact else "uncertain"
+    n_x = len(x)
+
+    def assured(p):  # the predicted fraction less its binomial σ over these columns
+        return p - np.sqrt(max(p * (1.0 - p), 0.0) / n_x)
+    f = _solve_factor(lambda q: assured(_fraction_exact(q, comp, mu, s)), float(target_exact))
+    status = "possible" if assured(pred) >= target_exact else "uncertain"
     reason = (f"{K} classes resolved (spread {ratio:.2g}× the shot noise), "
-              f"{pred:.0%} of the counts predicted right")
+              f"{pred:.1%} ± {pred - assured(pred):.1%} of the {n_x} counts predicted right")
     return done(status, reason, predicted_exact=pred, atom_step=gap, atom_step_kind="resolved",
                 dose_factor_for_counting=f, dose_for_counting_kind="estimate",
                 dose_for_counting_e_per_A2=f * d_A2)
@@ -364,7 +377,8 @@ class CountedColumns:
 
 def count_and_advise(columns, *, dose_e_per_position=None, class_counts=None, n_mc=100, seed=0,
                      target_exact=0.95, atom_cross_section_A2=None, max_components=None,
-                     n_components=None, min_count=1, mc_noise=None) -> CountedColumns:
+                     n_components=None, min_count=1, mc_noise=None,
+                     min_significance=3.0) -> CountedColumns:
     """Atom counting with an honest answer: the mixture of the columns' cross-sections (with
     their shot noise, a counts image), the dose advice, and counts only where the classes
     are resolved.
@@ -373,6 +387,8 @@ def count_and_advise(columns, *, dose_e_per_position=None, class_counts=None, n_
     :func:`~operators.imaging.atom_counting.alternating_class_counts`) is used when the
     mixture finds that many classes; otherwise counting is not possible here. Columns of a
     non-counts image (no shot noise known) are counted as the mixture says, without a check.
+    Columns of a counts image whose cross-section is below ``min_significance`` × its shot
+    noise are not counted (−1): they scatter no more than vacuum.
     Other parameters: :func:`~operators.imaging.atom_counting.count_atoms` and :func:`advise`.
     """
     from operators.imaging.atom_counting import count_atoms
@@ -382,6 +398,8 @@ def count_and_advise(columns, *, dose_e_per_position=None, class_counts=None, n_
     counts_image = c.noise_model == "poisson" and c.cross_section_sigma is not None
     sig = np.asarray(c.cross_section_sigma, np.float64) if counts_image else np.full(len(xs), np.nan)
     used = np.isfinite(xs) & ((np.isfinite(sig) & (sig > 0)) if counts_image else True)
+    if counts_image:
+        used[used] = xs[used] >= min_significance * sig[used]
     counts = np.full(len(xs), -1, np.int64)
     kw = dict(max_components=max_components, min_count=min_count, seed=seed,
               noise_sigma=sig[used] if counts_image else None)
@@ -389,7 +407,7 @@ def count_and_advise(columns, *, dose_e_per_position=None, class_counts=None, n_
         kw["mc_noise"] = mc_noise
     if used.sum() < 2 or np.ptp(xs[used]) == 0:
         adv = advise(c, None, dose_e_per_position=dose_e_per_position, target_exact=target_exact,
-                     atom_cross_section_A2=atom_cross_section_A2)
+                     atom_cross_section_A2=atom_cross_section_A2, min_significance=min_significance)
         return CountedColumns(counts, used, False, None, adv)
     r = count_atoms(xs[used], n_components=n_components,
                     n_mc=0 if class_counts is not None else n_mc, **kw)
@@ -398,7 +416,8 @@ def count_and_advise(columns, *, dose_e_per_position=None, class_counts=None, n_
                         n_mc=n_mc, **kw)
     sub = _subset(c, used)
     adv = advise(sub, r, dose_e_per_position=dose_e_per_position, target_exact=target_exact,
-                 atom_cross_section_A2=atom_cross_section_A2, class_counts=class_counts)
+                 atom_cross_section_A2=atom_cross_section_A2, class_counts=class_counts,
+                 min_significance=min_significance)
     counted = adv.counting_status in ("possible", "uncertain") or not counts_image
     if class_counts is not None and r.n_components != len(np.ravel(class_counts)):
         counted = False

@@ -173,7 +173,8 @@ def _columns(scan: ScanInput, p: dict) -> StageOutput:
                                "background", "cross_section", "cross_section_shared", "cross_section_sigma",
                                "position_crb_A", "p_value", "detection", "nn_distance_px", "fit_status")}
     a = advise(r, dose_e_per_position=scan.dose_per_position())
-    return StageOutput(v, f"{n} columns in {name}; median nearest neighbour {nn:.3g} {unit}; lattice "
+    nn_txt = f"median nearest neighbour {nn:.3g} {unit}" if np.isfinite(nn) else "no nearest neighbours"
+    return StageOutput(v, f"{n} columns in {name}; {nn_txt}; lattice "
                           f"{'fit' if not r.lattice_error else r.lattice_error}; {_advice_short(a)}",
                        tables={"columns": table}, groups={"dose_advice": _advice_group(a)},
                        figures={"columns": lambda fig: _overlay(fig, image, r.y_px, r.x_px, f"columns on {name}")})
@@ -219,9 +220,13 @@ def _counting(scan: ScanInput, p: dict) -> StageOutput:
                            max_components=p["max_components"], n_components=p["n_components"],
                            min_count=p["min_count"], mc_noise=p["mc_noise"])
     r, a, ok, counts = res.counting, res.advice, res.used, res.counts
-    if r is None:
-        raise StageError(f"stage 'counting': {int(ok.sum())} columns with a cross-section; "
-                         "counting needs at least 2 with different values")
+    if r is None:  # nothing to fit a mixture to: said, not failed
+        return StageOutput({"counts": counts, "counted": False},
+                           f"{int(ok.sum())} of {len(xs)} columns with a significant cross-section: "
+                           "nothing to count",
+                           tables={"counts": {"y_px": c["y_px"], "x_px": c["x_px"], "cross_section": xs,
+                                              "atoms": counts}},
+                           groups={"dose_advice": _advice_group(a)})
     v = values_of(r)
     v["counts"] = counts  # one per column of the columns stage; -1 where not counted
     v["counted"] = res.counted
@@ -231,7 +236,8 @@ def _counting(scan: ScanInput, p: dict) -> StageOutput:
                 f"{int(r.count_values.min())}..{int(r.count_values.max())} atoms; Monte Carlo "
                 f"confidence per count {conf}; overall {r.confidence_overall:.2f}")
     else:
-        head = f"{ok.sum()} columns not counted"
+        head = (f"no counts given ({ok.sum()} of {len(xs)} columns with a cross-section above 3× "
+                "its shot noise)")
     head += f"; {a.lines()[-1]}" if a.noise_model == "poisson" else \
         "; not a counts image: the classes are taken as the mixture gives them (no shot-noise check)"
     return StageOutput(v, head,
