@@ -609,8 +609,15 @@ def test_demo_small_scan_end_to_end(demo):
         assert {k: f["stages"][k].attrs["status"] for k in f["stages"]} == \
             {"phase": "ok", "columns": "ok", "counting": "ok"}
         # the dose advice of each 2D stage, in the stage's group
-        assert "dose_e_per_A2" in f["stages/phase/dose_advice"].attrs
-        assert "counting_status" in f["stages/counting/dose_advice"].attrs
+        # the dose is the file's electrons over its positions (and per Å² with the truth's step)
+        adv = f["stages/phase/dose_advice"].attrs
+        assert adv["dose_e_per_position"] == pytest.approx(n_events / (24 * 24), rel=1e-9)
+        from sim_detector.truth import Truth
+        with h5py.File(demo.out / "truth.h5", "r") as t:
+            step = float(Truth.read(t["demo-0000"]).scan["step_A"])
+        assert adv["dose_e_per_A2"] == pytest.approx(n_events / (24 * 24) / step ** 2, rel=1e-6)
+        assert f["stages/counting/dose_advice"].attrs["counting_status"] in ("not possible", "possible",
+                                                                              "uncertain")
     # the second scan: the Pt particle where counting can work; the demo's comparison with
     # the emulator's truth finds its columns, and where the stage gives counts their
     # measured exact fraction is what the stage predicted, within 10 points

@@ -302,7 +302,6 @@ def find_motifs(positions, bond_cutoff: float, delta_max: float = 0.255, triangu
     simplices = np.ascontiguousarray(dt.simplices, dtype=np.int64)
     accepted, delta = _tetra_filter(pos, simplices, float(delta_max), float(bond_cutoff), alpha)
     tets = simplices[accepted]
-    n_t = len(tets)
     amor_tet = amor[tets].sum(axis=1) >= 3
 
     # k-fold bipyramids: closed interior stars of 4..8 accepted tetrahedra
@@ -410,10 +409,10 @@ def _network_length(pos, tets, members, offsets, motifs):
     atoms = np.unique(tets[rows])
     p = pos[atoms]
     if len(p) > 64:  # the farthest pair is among the convex hull's vertices
-        from scipy.spatial import ConvexHull
+        from scipy.spatial import ConvexHull, QhullError
         try:
             p = p[ConvexHull(p).vertices]
-        except Exception:  # noqa: BLE001 - flat sets: all points
+        except QhullError:  # flat sets: all points
             pass
     d = np.linalg.norm(p[:, None, :] - p[None, :, :], axis=2)
     return float(d.max())

@@ -186,7 +186,8 @@ def _advice_short(a) -> str:
         return "not a counts image: no dose advice"
     if not np.isfinite(a.position_precision_pm):
         return "no columns to advise on"
-    txt = f"positions ±{a.position_precision_pm:.2g} {a.unit} at this dose; counting {a.counting_status}"
+    # the counting stage, with its Monte Carlo and the specimen's classes, has the last word
+    txt = f"positions ±{a.position_precision_pm:.2g} {a.unit} at this dose; first look: counting {a.counting_status}"
     if a.counting_status == "possible" or a.counting_status == "uncertain":
         txt += f" ({a.predicted_exact:.0%} predicted right)"
     elif a.dose_for_counting_kind == "lower bound" and a.dose_factor_for_counting > 1:
@@ -199,8 +200,6 @@ def _advice_short(a) -> str:
 
 
 def _counting(scan: ScanInput, p: dict) -> StageOutput:
-    from operators.imaging.atom_counting import count_atoms
-
     if "columns" not in scan.outputs:
         raise StageError("stage 'counting' needs the stage 'columns' to run first")
     from types import SimpleNamespace
