@@ -134,6 +134,10 @@ class DoseAdvice:
                  if np.isfinite(self.dose_for_counting_e_per_A2) else "")
             when = (f"; {self.target_exact:.0%} exact counts need {more}"
                     f"×{self.dose_factor_for_counting:.2g} the dose{e}")
+        elif self.counting_status == "not possible" and self.n_columns >= 10:
+            # one class: the step of one atom is not in this scan
+            when = ("; the dose it needs is not known from this scan (give the cross-section of "
+                    "one atom, atom_cross_section_A2, for an estimate)")
         out.append(f"atom counting {self.counting_status}: {self.counting_reason}{when}")
         return out
 
