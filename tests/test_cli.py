@@ -634,6 +634,13 @@ def test_demo_small_scan_end_to_end(demo):
     assert (m is not None) == counted, pt
     if m:
         assert abs(int(m.group(1)) - int(m.group(2))) <= 10, pt
+    # `stemstream info` shows the stored dose advice of the most complete 2D stage; --json has it
+    info = run_cli("info", second)
+    assert info.returncode == 0 and "dose advice (stage counting): dose " in info.stdout, info.stdout + info.stderr
+    d = json.loads(run_cli("info", "--json", second).stdout)
+    with h5py.File(second, "r") as f:
+        n = f["events/indices"].shape[0]
+    assert d["dose_advice"]["dose_e_per_position"] == pytest.approx(n / 48 ** 2, rel=1e-9)
 
 
 def test_demo_summary_has_no_nan_and_no_warnings(demo):
