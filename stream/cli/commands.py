@@ -159,7 +159,6 @@ def cmd_process(args) -> int:
 
 def cmd_info(args) -> int:
     from stream.files.storage import ScanFileError, describe
-
     from stream.stages.runner import read_dose_advice
 
     out = []
