@@ -191,6 +191,8 @@ class AtomStatistics:
     network_length_4: np.ndarray
     network_length_5: np.ndarray
     network_length_6: np.ndarray
+    fit_radius: float = float("nan")  # Å patch radius of the displacement fit (NaN: not fitted)
+    displacement_note: str = ""  # why the displacement fit used another radius or did not run
 
     def table(self) -> dict[str, np.ndarray]:
         """The per-atom table: column name → (N,) array, in ``COLUMNS`` order."""
@@ -397,10 +399,13 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "auto",
     if volume is not None:
         if voxel_size is None:
             raise ValueError("voxel_size (Å) is needed with a volume")
-        radius = fit_radius if fit_radius is not None else 0.45 * float(np.median(nearest))
-        fit = displacement_fit(volume, voxel_size, pos, radius, volume_origin, volume_axes,
-                               blur_sigma=blur_sigma)
-        sig_iso, sig_p, iso, amp = fit.sigma_iso, fit.sigma_principal, fit.isotropy, fit.amplitude
+        radius, note = _fit_radius(fit_radius, float(np.median(nearest)), float(np.max(voxel_size)))
+        if radius is not None:
+            fit = displacement_fit(volume, voxel_size, pos, radius, volume_origin, volume_axes,
+                                   blur_sigma=blur_sigma)
+            sig_iso, sig_p, iso, amp = fit.sigma_iso, fit.sigma_principal, fit.isotropy, fit.amplitude
+    else:
+        radius, note = None, "no volume given"
     if intensities is not None:
         inten = check_per_atom(intensities, n, "intensities")
     else:
@@ -440,7 +445,8 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "auto",
         penetration_surface_value=float("nan"), penetration_slope=float("nan"),
         penetration_core_value=float("nan"), sigma_iso_mean=_nanmean(sig_iso),
         pdf_r=pdf.r, pdf_g=pdf.g, pdf_pairs=pdf.pairs, pdf_density=pdf.density,
-        pdf_correction=pdf.correction, **va, **ma)
+        pdf_correction=pdf.correction, fit_radius=float("nan") if radius is None else float(radius),
+        displacement_note=note, **va, **ma)
     try:
         pen = penetration_depth(depth, stats.table()[penetration_of])
     except ValueError:  # too few atoms with a finite value: the depth stays NaN
@@ -448,6 +454,24 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "auto",
     return dataclasses.replace(stats, penetration_depth=pen.depth,
                                penetration_surface_value=pen.surface_value,
                                penetration_slope=pen.slope, penetration_core_value=pen.core_value)
+
+
+def _fit_radius(given: float | None, nearest_A: float, voxel_A: float) -> tuple[float | None, str]:
+    """The displacement fit's patch radius (Å) and a note: ``given``, else 0.45 × the median
+    nearest-neighbour distance; the fit needs at least 1.5 voxels, so a default below that is
+    raised to 1.5 voxels while it stays within half the neighbour distance, and the fit is
+    skipped (None) when the voxels are too coarse for that."""
+    if given is not None:
+        return float(given), ""
+    radius, least = 0.45 * nearest_A, 1.5 * voxel_A
+    if radius >= least:
+        return radius, ""
+    if least <= 0.5 * nearest_A:
+        return least, (f"fit radius raised from 0.45 x the nearest-neighbour distance ({radius:.2f} Å) to "
+                       f"1.5 voxels ({least:.2f} Å)")
+    return None, (f"displacements not fitted: voxels of {voxel_A:.3g} Å are too coarse for atoms "
+                  f"{nearest_A:.2f} Å apart (the fit needs 1.5 voxels within half that distance: voxels "
+                  f"of at most {nearest_A / 3:.2f} Å)")
 
 
 # ----------------------------------------------------------------------------- writers
@@ -574,7 +598,7 @@ def _panels(stats: AtomStatistics):
             ax.set_ylabel("fraction of cells", fontsize=8)
             ax.set_title("Voronoi indices", fontsize=9)
         out.append(("voronoi", vor))
-    if s.n_tetrahedra_total >= 0:
+    if s.n_tetrahedra_total > 0:  # (none found, or not computed: no panel)
         def mot(ax):
             names = ["3", "4", "5", "6", "7", "8"]
             fr = [getattr(s, f"{k}_tetrahedron_fraction") for k in KIND_NAMES.values()]
@@ -609,6 +633,7 @@ def _panels(stats: AtomStatistics):
     if np.isfinite(s.sigma_iso).any():
         out.append(("sigma_iso",
                     lambda ax: _hist(ax, s.sigma_iso, "isotropic displacement σ", "Å")))
+    if np.isfinite(s.isotropy).any():
         out.append(("isotropy",
                     lambda ax: _hist(ax, s.isotropy, "degree of isotropy", "σ²min/σ²max")))
     if np.isfinite(s.intensity_z).any():
