@@ -3,13 +3,19 @@ dask cluster → scan files, previews and a summary checked against the emulator
 
 Two scans: an MgO slab at a low dose, where columns are found to the precision the dose
 allows and the stages say that atom counting is not possible; and a Pt particle at a dose
-where counting is possible, whose counts are compared with the true ones."""
+where counting is possible, whose counts are compared with the true ones.
+
+The demo makes CURVE keys for itself alone (a temporary key directory, deleted at the end):
+the emulator accepts only this session's receivers, and the session only this emulator."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +49,6 @@ COUNTING_DOSE = 2000.0            # counting possible in every noise draw tried 
 def run_demo(args) -> int:
     from stream.files.storage import OutputError, output_dir
     from stream.transport.net import free_port_block
-    from stream.session import Session, expand_sources
 
     try:
         out = output_dir(args.out)
@@ -58,19 +63,30 @@ def run_demo(args) -> int:
                       out / "truth-counting.h5"))
     print(f"demo: local cluster of {args.workers} workers, emulator with {args.sources} sources at {bind}, "
           f"output in {out}/", flush=True)
-    done = []
     from operators.numba_cache import compiled_kernels
     if compiled_kernels() == 0:  # README: what the first run costs
         print("demo: first run of this version: the numba kernels are compiled as they are first needed "
               "and cached for later runs (about a minute more on a 2-core machine)", flush=True)
-    with Session(expand_sources([bind], args.sources), out=out, workers=args.workers,
-                 config=demo_config()) as session:
+    keys = tempfile.mkdtemp(prefix="stemstream-demo-keys-")  # this demo's keys only (0700)
+    try:
+        return _run(args, out, bind, scans, keys)
+    finally:
+        shutil.rmtree(keys, ignore_errors=True)
+
+
+def _run(args, out: Path, bind: str, scans: list, keys: str) -> int:
+    from stream.session import Session, expand_sources
+
+    done = []
+    cfg = demo_config()
+    cfg = replace(cfg, security=replace(cfg.security, keys=keys))
+    with Session(expand_sources([bind], args.sources), out=out, workers=args.workers, config=cfg) as session:
         for prefix, specimen, shape, dose, truth in scans:
             cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", specimen,
                    "--scan", f"{shape[0]}x{shape[1]}", "--detector", f"{args.detector[0]}x{args.detector[1]}",
                    "--dose", str(dose), "--rate", "max" if args.rate is None else str(args.rate),
                    "--sources", str(args.sources), "--bind", bind, "--truth", str(truth),
-                   "--scan-id", prefix, "--wait", "120"]
+                   "--scan-id", prefix, "--wait", "120", "--curve-keys", keys]
             t0 = time.time()
             emulator = subprocess.Popen(cmd)
             result = None
