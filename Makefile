@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # stempy and LiberTEM, the tools whose files the interoperability tests exchange
 $(PEERS): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,peers]'
+	$(BIN)/pip install --quiet -e '.[test,peers,deploy]'
 	touch $(PEERS)
 
 demo: $(STAMP)

@@ -29,7 +29,7 @@ import dask
 import numpy as np
 import zmq
 
-from stream.session import cluster
+from stream.session import cluster, stopping
 from stream.transport import control
 from stream.config import ConfigError, PipelineConfig, build_operators, load_config, validate
 from stream.session.finalize import ScanInfo, ScanResult, finalize_on_cluster
@@ -198,6 +198,7 @@ class Session:
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
+        stopping.install(self._client, f"{self._plugin_name}-stop", self.config.cluster.stop_grace_s)
         plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config)
         self._client.register_plugin(plugin, name=self._plugin_name)
         self.workers = sorted(self._client.scheduler_info()["workers"])
@@ -242,6 +243,7 @@ class Session:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.debug("unregistering the receiver plugin failed: %s", e)
+            stopping.uninstall(self._client, f"{self._plugin_name}-stop")  # a held SIGTERM goes on now
         for sock in (self._pull, self._pub):
             if sock is not None:
                 sock.close(linger=1000)
@@ -252,9 +254,11 @@ class Session:
             if self._cluster is not None:
                 self._cluster.close()
 
-    def _drain_reports(self, quiet_s: float = 0.3) -> None:
-        """Handle every report already on its way (until ``quiet_s`` without one)."""
-        while self._pull.poll(int(quiet_s * 1000)):
+    def _drain_reports(self, quiet_s: float = 0.3, max_s: float = 2.0) -> None:
+        """Handle every report already on its way (until ``quiet_s`` without one, at most
+        ``max_s``: a detector still sending must not keep a stopping session open)."""
+        end = time.monotonic() + max_s
+        while time.monotonic() < end and self._pull.poll(int(quiet_s * 1000)):
             while True:
                 try:
                     parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
