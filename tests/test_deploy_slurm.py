@@ -165,3 +165,58 @@ def test_scancel_ends_every_process_of_the_job_before_sigkill(sbatch_run):
     text = sbatch_run["log"].read_text(errors="replace")
     assert text.count("SIGTERM held for up to 25 s") >= 3, text[-3000:]  # scheduler, nannies, workers
     assert "Traceback" not in console(sbatch_run["log"]), console(sbatch_run["log"])
+
+
+def queued_jobs(env, name: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], env=env, capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def jobqueue_run(slurm, tmp_path_factory):
+    """deploy/slurm/jobqueue.py with two worker jobs receives scan 'jq' at full speed, then is
+    stopped (SIGTERM) and cancels its worker jobs."""
+    tmp = tmp_path_factory.mktemp("jobqueue")
+    out = tmp / "scans"
+    port = free_port_block(1)
+    log = tmp / "jobqueue.out"
+    cmd = [PY, str(ROOT / "deploy/slurm/jobqueue.py"), "--connect", f"tcp://127.0.0.1:{port}", "--out", str(out),
+           "--jobs", "2", "--cores", "1", "--memory", "2GB", "--walltime", "00:20:00", "--interface", "lo",
+           "--log-directory", str(tmp / "logs")]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=slurm, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    em = None
+    try:
+        wait_for_text(log, r"processing every scan", 300, "(the coordinator did not start)")
+        jobs = queued_jobs(slurm, "dask-worker")
+        em = emulator(tmp, port, "jq", "max", slurm)
+        assert em.wait(300) == 0, (tmp / "emulator-jq.log").read_text()
+        wait_for_text(log, r"\[jq-0000\] (complete|incomplete)", 120)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+        deadline = time.monotonic() + 60
+        while queued_jobs(slurm, "dask-worker") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = queued_jobs(slurm, "dask-worker")
+    finally:
+        for p in (proc, em):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        subprocess.run(["scancel", "-n", "dask-worker"], env=slurm, capture_output=True, check=False)
+    return dict(out=out, log=log, jobs=jobs, rc=rc, left=left)
+
+
+def test_jobqueue_workers_are_slurm_jobs_and_write_the_scan_exactly(jobqueue_run):
+    assert len(jobqueue_run["jobs"]) == 2, jobqueue_run["jobs"]  # one SLURM job per worker
+    check_scan_file(jobqueue_run["out"] / "jq-0000.h5", complete=True)
+    text = console(jobqueue_run["log"])
+    assert "stemstream: 2 workers receiving from" in text, text
+    assert "[jq-0000] complete: 384/384 frames" in text, text
+
+
+def test_jobqueue_stopped_cancels_its_worker_jobs(jobqueue_run):
+    assert jobqueue_run["rc"] == 0, console(jobqueue_run["log"])
+    assert not jobqueue_run["left"], f"worker jobs still queued: {jobqueue_run['left']}"
+    assert "Traceback" not in console(jobqueue_run["log"]), console(jobqueue_run["log"])
