@@ -130,6 +130,9 @@ class PublishStats:
         return self.frames / self.seconds if self.seconds > 0 else float("nan")
 
 
+HEARTBEAT_MS = 1000  # a receiver silent for 5 heartbeats is dropped (its queued frames with it)
+
+
 class Publisher:
     """Bound PUSH sockets, one per source. Use as a context manager.
 
@@ -147,6 +150,10 @@ class Publisher:
                 s = self._ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.SNDHWM, sndhwm)
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
+                # a receiver whose host went away (link cut, power lost) sends no FIN: without
+                # heartbeats its share of the frames would go on queueing to it unseen
+                s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+                s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * HEARTBEAT_MS)
                 self._socks.append(s)
                 try:
                     s.bind(addr)

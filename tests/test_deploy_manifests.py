@@ -22,7 +22,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
 from deploy_checks import ROOT
 
 kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[deploy]' (kubernetes-validate)")
@@ -68,9 +67,9 @@ def pod_specs(docs):
 
 def cli_problems(docs: list[dict]) -> list[str]:
     """What in the manifests does not match the CLI and the other manifests."""
+    import distributed  # noqa: F401 - loads distributed's settings into dask's config
     from dask import config as dask_config
 
-    import distributed  # noqa: F401 - loads distributed's settings into dask's config
     from stream.cli.commands import build_parser
     from stream.config import ClusterSpec
 

@@ -482,6 +482,11 @@ class Session:
         closed = [client.submit(close_on_worker, self._plugin_name, st.scan_id, workers=[w],
                                 allow_other_workers=False, pure=False) for w in workers]
         timeout = self.config.scan.finalize_timeout_s
+        workers, closed, lost = _without_lost_workers(client, workers, closed, timeout)
+        gone = sorted(set(lost) | (set(st.worker_events) - set(workers) - {None}))
+        if gone:  # a host cut off or a worker that died: what it had received is gone with it
+            st.errors.append(f"worker{'s' if len(gone) > 1 else ''} {', '.join(gone)} left the cluster during "
+                             "the scan; the frames received there are missing")
         if st.geometry is None:  # nothing but rejects or an abort before any geometry
             wait(closed, timeout=timeout)  # the workers forget the scan; nothing comes here
             why = st.errors[0] if st.errors else f"aborted by the source: {st.abort_reason}" \
@@ -600,6 +605,22 @@ class Session:
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
+
+
+def _without_lost_workers(client, workers: list, closed: list, timeout: float):
+    """Wait for every worker's close of a scan; a worker that leaves the cluster meanwhile
+    (the scheduler drops it after ``distributed.scheduler.worker-ttl`` without a heartbeat)
+    is lost, with its part of the scan. Returns the workers left, their futures, the lost."""
+    deadline = time.monotonic() + timeout
+    pending = dict(zip(workers, closed))
+    lost = []
+    while time.monotonic() < deadline and not all(f.done() for f in pending.values()):
+        time.sleep(0.2)
+        present = set(client.scheduler_info()["workers"])
+        for w in [w for w, f in pending.items() if not f.done() and w not in present]:
+            pending.pop(w).cancel()
+            lost.append(w)
+    return list(pending), list(pending.values()), lost
 
 
 def _ranges_text(ranges, limit: int = 8) -> str:
