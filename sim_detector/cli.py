@@ -134,6 +134,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--truth", metavar="FILE.h5", help="write the ground truth of every scan there")
     g.add_argument("--wait", type=nonneg_arg, default=0, metavar="S",
                    help="give up if no receiver connects within S seconds (0: wait forever)")
+    g.add_argument("--heartbeat", type=nonneg_arg, default=0, metavar="S",
+                   help="ZeroMQ heartbeats every S seconds; a receiver silent for 5·S is dropped with "
+                        "the frames queued to it (a vanished host, but also a stalled one). 0: never (default)")
     g.add_argument("--quiet", action="store_true", help="only the final summary")
     g = p.add_argument_group("raw frames (the 4D Camera before counting; docs/EMULATOR.md)")
     g.add_argument("--raw", action="store_true",
@@ -213,7 +216,7 @@ def run_simulate(args) -> int:
     try:
         _check(args)
         specimen, beam, det, scan = _models(args)
-        publisher = Publisher(args.bind, args.sources)
+        publisher = Publisher(args.bind, args.sources, heartbeat_s=args.heartbeat)
     except (SimulateError, BindError) as e:
         print(f"stemstream simulate: error: {e}", file=sys.stderr)
         return 2

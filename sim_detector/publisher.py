@@ -130,17 +130,19 @@ class PublishStats:
         return self.frames / self.seconds if self.seconds > 0 else float("nan")
 
 
-HEARTBEAT_MS = 1000  # a receiver silent for 5 heartbeats is dropped (its queued frames with it)
-
-
 class Publisher:
     """Bound PUSH sockets, one per source. Use as a context manager.
 
     bind: ``tcp://HOST:PORT``; source k binds PORT + k.
     sndhwm: messages queued per socket before ``send`` blocks (back-pressure, never drops).
+    heartbeat_s: if > 0, ZeroMQ heartbeats every ``heartbeat_s`` and a receiver that has not
+        answered for 5 of them is dropped with the messages queued to it: a receiver whose host
+        vanished (link cut) is then left out, but so is one that reads nothing for that long
+        (a stall under back-pressure). 0 (default): never drop.
     """
 
-    def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0):
+    def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0,
+                 heartbeat_s: float = 0.0):
         self.addresses = source_addresses(bind, n_sources)
         self.n_sources = n_sources
         self._ctx = zmq.Context()
@@ -150,10 +152,9 @@ class Publisher:
                 s = self._ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.SNDHWM, sndhwm)
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
-                # a receiver whose host went away (link cut, power lost) sends no FIN: without
-                # heartbeats its share of the frames would go on queueing to it unseen
-                s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
-                s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * HEARTBEAT_MS)
+                if heartbeat_s > 0:  # a vanished host sends no FIN: its share would queue unseen
+                    s.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
+                    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(5 * heartbeat_s * 1000))
                 self._socks.append(s)
                 try:
                     s.bind(addr)

@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCAN = dict(specimen="mgo", seed=5, scan=(16, 24), detector=(64, 64), dose=50.0)
 
 
-def emulator_args(bind: str, sources: int, scan_id: str, rate: str, wait_s: int = 300) -> list[str]:
+def emulator_args(bind: str, sources: int, scan_id: str, rate: str, wait_s: int = 300,
+                  heartbeat_s: float = 0) -> list[str]:
     """``stemstream simulate`` arguments for the SCAN above."""
     ny, nx = SCAN["scan"]
     h, w = SCAN["detector"]
     return ["simulate", "--specimen", SCAN["specimen"], "--seed", str(SCAN["seed"]), "--scan", f"{ny}x{nx}",
             "--detector", f"{h}x{w}", "--dose", str(SCAN["dose"]), "--sources", str(sources), "--bind", bind,
-            "--rate", rate, "--batch", "8", "--scan-id", scan_id, "--wait", str(wait_s), "--quiet"]
+            "--rate", rate, "--batch", "8", "--scan-id", scan_id, "--wait", str(wait_s), "--quiet",
+            "--heartbeat", str(heartbeat_s)]
 
 
 _REFERENCE = {}

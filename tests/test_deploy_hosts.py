@@ -94,7 +94,8 @@ def hosts(tmp_path_factory):
 
 
 def emulate(h: Hosts, scan_id: str, rate: str) -> subprocess.Popen:
-    h.run("detector", f"emulator-{scan_id}", [str(BIN / "stemstream"), *emulator_args(DETECTOR, SOURCES, scan_id, rate)])
+    h.run("detector", f"emulator-{scan_id}", [str(BIN / "stemstream"),
+                                                     *emulator_args(DETECTOR, SOURCES, scan_id, rate, heartbeat_s=1)])
     return h.procs[f"emulator-{scan_id}"]
 
 

@@ -11,6 +11,7 @@ its own SLURM job) receives a scan exactly and, stopped, cancels its worker jobs
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -108,7 +109,7 @@ def sbatch_run(slurm, tmp_path_factory):
     out = tmp / "scans"
     port = free_port_block(1)
     env = dict(slurm)
-    job_env = f"ALL,DETECTOR=tcp://127.0.0.1:{port},SOURCES=1,OUT={out},VENV={VENV}"
+    job_env = f"ALL,DETECTOR=tcp://127.0.0.1:{port},SOURCES=1,OUT={out},VENV={VENV},INTERFACE=lo"
     job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks=3", "--ntasks-per-node=3",
                           "--time=20", f"--output={tmp}/job.out", f"--export={job_env}",
                           str(ROOT / "deploy/slurm/stemstream.sbatch")],
@@ -142,6 +143,8 @@ def sbatch_run(slurm, tmp_path_factory):
 
 def test_sbatch_writes_the_emulated_scan_exactly(sbatch_run):
     r = check_scan_file(sbatch_run["out"] / "whole-0000.h5", complete=True)
+    sched = json.loads((sbatch_run["out"] / f"scheduler-{sbatch_run['job']}.json").read_text())
+    assert sched["address"].startswith("tcp://127.0.0.1:"), sched["address"]  # INTERFACE=lo
     assert r["received"].all()
     text = console(sbatch_run["log"])
     assert "stemstream: 2 workers receiving from" in text, text  # both srun workers run a receiver
