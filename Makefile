@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # stempy and LiberTEM, the tools whose files the interoperability tests exchange
 $(PEERS): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,peers,deploy]'
+	$(BIN)/pip install --quiet -e '.[test,peers,dectris,deploy]'
 	touch $(PEERS)
 
 demo: $(STAMP)
@@ -39,7 +39,7 @@ test-all: $(PEERS) system-packages
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet -e '.[peers]'
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[peers,dectris]'
 	touch $(BENCH_STAMP)
 
 # the side-by-side suite (docs: BENCHMARKS.md); JSON in benchmarks/results, report section regenerated

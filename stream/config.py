@@ -37,11 +37,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class DetectorSpec:
-    """Overrides of the calibration the stream carries."""
+    """Overrides of the calibration the stream carries, and which detector feeds the
+    receivers: ``stemstream`` (the protocol, default), ``dectris`` or ``merlin``
+    (docs/DECTRIS.md, docs/MERLIN.md)."""
 
     mrad_per_px: float | None = None
     convergence_mrad: float | None = None
     center: list[float] | None = None
+    kind: str = "stemstream"  # stemstream | dectris | merlin
+    scan: list[int] | None = None  # [ny, nx] probe positions of every scan (dectris, merlin)
+    dcu: str | None = None  # DECTRIS: the DCU's REST API, http://HOST:PORT
+    data: str | None = None  # the frames: DECTRIS stream (default DCU host, port 9999), Merlin data port
+    control: str | None = None  # Merlin: its control port, tcp://HOST:6341
+    mode: str = "passive"  # passive: follow what others start; active: we arm (and trigger)
+    trigger_mode: str | None = None  # DECTRIS exte (default) | exts | inte | ints; Merlin soft (default) | external
+    request_timeout_s: float = 10.0  # a REST or control request without an answer fails after this
+    trigger_timeout_s: float = 30.0  # active: no frame this long after arming is an error
+    gap_timeout_s: float = 2.0  # Merlin: no frame this long mid-acquisition ends it as aborted
 
 
 @dataclass
@@ -359,6 +371,7 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+    check_detector(cfg.detector, where)
     _load_counting(cfg.counting, f"{where} [counting]", base)
     try:
         check_stages(cfg.stages.run, cfg.stages.params, f"{where} [stages]")
@@ -447,6 +460,40 @@ def counting_operator(c: CountingSpec, g: Geometry) -> ElectronCounter:
                            optimized_mean=cal.attrs.get("optimized_mean"), semantics=c.semantics,
                            ties=c.ties, sector_edges=c.sector_edges, xray_neighbours=c.xray_neighbours,
                            threads=c.threads, record=record)
+def check_detector(d: DetectorSpec, where: str) -> None:
+    """The ``[detector]`` source settings make sense together (docs/CONFIG.md)."""
+    def bad(message):
+        raise ConfigError(f"{where} [detector]: {message}")
+    kinds = ("stemstream", "dectris", "merlin")
+    if d.kind not in kinds:
+        bad(f"kind {d.kind!r} must be one of {', '.join(kinds)}")
+    if d.kind == "stemstream":
+        return
+    if d.scan is not None and (len(d.scan) != 2 or min(d.scan) < 1):
+        bad(f"scan {d.scan} must be [ny, nx], two positive integers (e.g. --scan 256x256)")
+    if d.mode not in ("passive", "active"):
+        bad(f"mode {d.mode!r} must be passive (follow acquisitions others start) or active (we arm)")
+    for name in ("request_timeout_s", "trigger_timeout_s", "gap_timeout_s"):
+        if not getattr(d, name) > 0:
+            bad(f"{name} must be > 0 seconds")
+    if d.kind == "dectris":
+        if d.scan is None:
+            bad("a DECTRIS detector needs the scan shape: --scan NYxNX (or scan = [ny, nx])")
+        if not d.dcu and not d.data:
+            bad("give the DCU: --dcu http://HOST:PORT (its REST API; the stream is then HOST:9999)")
+        if d.mode == "active" and not d.dcu:
+            bad("active mode arms through the DCU's REST API: give --dcu http://HOST:PORT")
+        if d.trigger_mode not in (None, "exte", "exts", "inte", "ints"):
+            bad(f"trigger_mode {d.trigger_mode!r} must be exte, exts, inte or ints")
+    else:
+        if not d.data:
+            bad("give Merlin's data port: --connect tcp://HOST:6342")
+        if d.mode == "active" and not d.control:
+            bad("active mode starts acquisitions on Merlin's control port: give --control tcp://HOST:6341")
+        if d.mode == "active" and d.scan is None:
+            bad("active mode needs the scan shape to set the frame count: --scan NYxNX")
+        if d.trigger_mode not in (None, "soft", "external"):
+            bad(f"trigger_mode {d.trigger_mode!r} must be soft (we trigger) or external (the scan engine)")
 
 
 # ------------------------------------------------------------------ operators per scan

@@ -58,6 +58,52 @@ def add_process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live-rate", type=float, metavar="HZ", help="live results rate (default 2; 0 = off)")
     p.add_argument("--publish", metavar="tcp://HOST:PORT",
                    help="bind a ZeroMQ PUB socket there for live results (docs/PROTOCOL.md)")
+    g = p.add_argument_group("a real detector (docs/DECTRIS.md, docs/MERLIN.md)")
+    g.add_argument("--detector", choices=("stemstream", "dectris", "merlin"),
+                   help="what sends the frames: the stemstream/1 protocol (default), a DECTRIS "
+                        "SIMPLON DCU (ARINA, QUADRO) or a Quantum Detectors Merlin; for Merlin "
+                        "--connect is its data port (tcp://HOST:6342), for DECTRIS its stream "
+                        "(default: the --dcu host, port 9999)")
+    g.add_argument("--dcu", metavar="http://HOST:PORT", help="DECTRIS: the DCU's REST API")
+    g.add_argument("--control", metavar="tcp://HOST:PORT", help="Merlin: its control port (6341)")
+    g.add_argument("--scan", metavar="NYxNX", help="probe positions of every scan (rows x columns)")
+    g.add_argument("--mode", choices=("passive", "active"),
+                   help="passive (default): follow the acquisitions someone else starts; active: "
+                        "arm (and trigger) --acquisitions scans, then stop")
+    g.add_argument("--trigger-mode", metavar="MODE",
+                   help="active mode: DECTRIS exte (default; the scan engine triggers), exts, inte, "
+                        "ints (we trigger); Merlin soft (default; we trigger) or external")
+    g.add_argument("--acquisitions", type=int, default=1, metavar="N",
+                   help="active mode: scans to acquire one after the other (default 1)")
+
+
+def detector_from_args(cfg, args):
+    """The configuration with the detector flags applied over ``[detector]``."""
+    from dataclasses import replace
+
+    if not getattr(args, "detector", None) and cfg.detector.kind == "stemstream":
+        for flag in ("dcu", "control", "scan", "mode", "trigger_mode"):
+            if getattr(args, flag, None):
+                raise CliError(f"--{flag.replace('_', '-')} needs --detector dectris or merlin")
+        return cfg
+    d = cfg.detector
+    changes = {"kind": args.detector or d.kind}
+    if args.scan:
+        try:
+            ny, nx = (int(v) for v in args.scan.lower().split("x"))
+        except ValueError:
+            raise CliError(f"--scan {args.scan!r} is not ROWSxCOLUMNS, e.g. 256x256") from None
+        changes["scan"] = [ny, nx]
+    for flag in ("dcu", "control", "mode", "trigger_mode"):
+        if getattr(args, flag):
+            changes[flag] = getattr(args, flag)
+    if args.connect:
+        if len(args.connect) > 1 or args.sources != 1:
+            raise CliError("a DECTRIS or Merlin detector has one data address: give --connect once")
+        changes["data"] = args.connect[0]
+    if args.acquisitions < 1:
+        raise CliError("--acquisitions must be at least 1")
+    return replace(cfg, detector=replace(d, **changes))
 
 
 def session_from_args(args, **overrides):
@@ -70,6 +116,8 @@ def session_from_args(args, **overrides):
         cfg = load_config(args.config)
     except ConfigError as e:
         raise CliError(str(e)) from None
+    if hasattr(args, "detector"):
+        cfg = detector_from_args(cfg, args)
     if args.timeout is not None:
         if args.timeout <= 0:
             raise CliError("--timeout must be > 0 seconds")
@@ -88,14 +136,22 @@ def session_from_args(args, **overrides):
 
 
 def cmd_process(args) -> int:
+    from stream.sources.base import DetectorError
+
     session = session_from_args(args)
-    with session:
-        session.console.say("processing every scan that arrives; Ctrl-C to stop")
-        try:
-            while True:
-                session.wait(timeout=None)
-        except KeyboardInterrupt:
-            session.console.say("stopping")
+    try:
+        with session:
+            if session.config.detector.mode == "active" and session.detector is not None:
+                failed = sum(session.acquire().status != "complete" for _ in range(args.acquisitions))
+                return 1 if failed else 0
+            session.console.say("processing every scan that arrives; Ctrl-C to stop")
+            try:
+                while True:
+                    session.wait(timeout=None)
+            except KeyboardInterrupt:
+                session.console.say("stopping")
+    except DetectorError as e:
+        raise CliError(str(e)) from None
     return 0
 
 

@@ -15,6 +15,7 @@ from operators.dense import counts_to_events
 from operators.electron_counting import ElectronCounter
 
 from stream.config import PipelineConfig, build_operators
+from stream.sources.build import build_source
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
 
@@ -24,18 +25,22 @@ STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstr
 class ReceiverPlugin(WorkerPlugin):
     """Starts a :class:`Receiver` in every worker (also in workers that join later)."""
 
-    def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig):
+    def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig,
+                 source_plan=None):
         self.name = name
         self.connect = connect
         self.control_address = control_address
         self.config = config
+        self.source_plan = source_plan  # a detector source's SourcePlan (stream/sources), or None
         self.receiver: Receiver | None = None
 
     async def setup(self, worker):
         # compile the kernels before the first frame, off the worker's event loop
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
+        source = build_source(self.source_plan, worker.address)
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
-                                 spill_dir=self.config.memory.spill_dir or worker.local_directory)
+                                 spill_dir=self.config.memory.spill_dir or worker.local_directory,
+                                 source=source)
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
             worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)
@@ -55,6 +60,16 @@ def _receiver(plugin_name: str) -> Receiver:
 def close_on_worker(plugin_name: str, scan_id: str) -> WorkerScan:
     """Close ``scan_id`` on this worker's receiver; the result stays on this worker."""
     return _receiver(plugin_name).close_scan(scan_id)
+
+
+def source_command(plugin_name: str, name: str, *args, dask_worker=None):
+    """Pass a control request to this worker's detector source (e.g. DECTRIS hold/expect);
+    run with ``client.run``, which gives ``dask_worker``."""
+    plugin = dask_worker.plugins.get(plugin_name)
+    source = plugin.receiver.source if plugin is not None and plugin.receiver is not None else None
+    if source is None:
+        raise RuntimeError(f"worker {dask_worker.address} runs no detector source")
+    return source.command(name, *args)
 
 
 def warm_up(config: PipelineConfig) -> float:
@@ -89,7 +104,17 @@ def warm_up(config: PipelineConfig) -> float:
         op.merge(state, other)
         op.finalize(state)
     warm_up_dense(config)
+    if config.detector.kind != "stemstream":  # raw Merlin bits
+        warm_up_sources()
     return time.perf_counter() - t0
+
+
+def warm_up_sources() -> None:
+    """Compile the detector sources' kernels (raw 1-bit MIB frames)."""
+    from stream.sources import mib
+
+    fh = mib.parse_frame_header(mib.frame_header(1, 1, raw=True))
+    mib.decode_payloads(np.zeros((1, fh.payload_size), np.uint8), fh)
 
 
 def warm_up_dense(config: PipelineConfig) -> None:

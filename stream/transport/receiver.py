@@ -106,12 +106,16 @@ class Receiver:
     worker: a name for reports and logs (the dask worker address).
     spill_dir: where the events of open scans go past ``[memory] events_in_memory_mb``
         (default: the system's temporary directory).
+    source: a detector source (``stream.sources``) to take messages from instead of decoding
+        ``stemstream/1`` from the PULL socket (which then connects to nothing).
     Only the receiver's own thread touches its sockets; other threads queue their reports.
     """
 
     def __init__(self, connect: list[str], control_address: str, config,
-                 worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None):
-        self.connect = list(connect)
+                 worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None,
+                 source=None):
+        self.source = source
+        self.connect = list(connect) if source is None else []
         self.control_address = control_address
         self.config = config
         self.worker = worker
@@ -154,6 +158,8 @@ class Receiver:
 
         Later messages of this scan are rejected as late. A receiver that never saw the scan
         returns an empty WorkerScan."""
+        if self.source is not None:
+            self.source.scan_closed(scan_id)
         with self._lock:
             self._closed[scan_id] = None
             while len(self._closed) > 4096:
@@ -178,6 +184,8 @@ class Receiver:
             report = ctx.socket(zmq.PUSH)
             report.setsockopt(zmq.LINGER, 2000)
             report.connect(self.control_address)
+            if self.source is not None:
+                self.source.open(ctx, self._reject, self._notice)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._error = e
             self._ready.set()
@@ -189,7 +197,9 @@ class Receiver:
         poll_ms = max(1, int(self.config.chunking.max_latency_ms / 2))
         try:
             while not self._stop.is_set():
-                if pull.poll(poll_ms):
+                if self.source is not None:
+                    self._receive_from_source(poll_ms)
+                elif pull.poll(poll_ms):
                     for _ in range(64):  # drain what is queued before looking at the clocks
                         try:
                             parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -215,6 +225,8 @@ class Receiver:
                         break  # the coordinator is not reading; try again next turn
                     self._outbox.popleft()
         finally:
+            if self.source is not None:
+                self.source.close()
             pull.close()
             report.close(linger=0)
 
@@ -234,6 +246,22 @@ class Receiver:
                         reason, detail)
         self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id})
 
+    def _notice(self, text: str) -> None:
+        """One line for the session's console (a detector source's news)."""
+        self._send({"kind": "notice", "text": text})
+
+    def _receive_from_source(self, poll_ms: int) -> None:
+        try:
+            messages = self.source.receive(poll_ms)
+        except Exception as e:  # noqa: BLE001 - a source's bug must not stop the receiver
+            if INTERNAL_ERROR not in self._warned:
+                log.exception("detector source failed")
+            self._reject(INTERNAL_ERROR, f"detector source: {type(e).__name__}: {e}")
+            time.sleep(poll_ms / 1000)
+            return
+        for msg in messages:
+            self._handle_safely(msg)
+
     def _handle_safely(self, parts) -> None:
         try:
             self._handle(parts)
@@ -247,7 +275,7 @@ class Receiver:
             self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
 
     def _handle(self, parts) -> None:
-        msg = decode(parts)
+        msg = parts if isinstance(parts, Message) else decode(parts)  # a source's are decoded
         with self._lock:
             if msg.scan_id in self._closed:
                 self._reject(LATE, f"{msg.kind} message of scan {msg.scan_id}, which is closed",
