@@ -11,8 +11,8 @@ its own SLURM job) receives a scan exactly and, stopped, cancels its worker jobs
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -143,8 +143,8 @@ def sbatch_run(slurm, tmp_path_factory):
 
 def test_sbatch_writes_the_emulated_scan_exactly(sbatch_run):
     r = check_scan_file(sbatch_run["out"] / "whole-0000.h5", complete=True)
-    sched = json.loads((sbatch_run["out"] / f"scheduler-{sbatch_run['job']}.json").read_text())
-    assert sched["address"].startswith("tcp://127.0.0.1:"), sched["address"]  # INTERFACE=lo
+    log = sbatch_run["log"].read_text(errors="replace")
+    assert re.search(r"Scheduler at:\s+tcp://127\.0\.0\.1:", log), log[-3000:]  # INTERFACE=lo
     assert r["received"].all()
     text = console(sbatch_run["log"])
     assert "stemstream: 2 workers receiving from" in text, text  # both srun workers run a receiver
@@ -208,7 +208,8 @@ def jobqueue_run(slurm, tmp_path_factory):
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         subprocess.run(["scancel", "-n", "dask-worker"], env=slurm, capture_output=True, check=False)
-    return dict(out=out, log=log, jobs=jobs, rc=rc, left=left)
+    worker_logs = "".join(f.read_text(errors="replace") for f in (tmp / "logs").glob("*.err"))
+    return dict(out=out, log=log, jobs=jobs, rc=rc, left=left, worker_logs=worker_logs)
 
 
 def test_jobqueue_workers_are_slurm_jobs_and_write_the_scan_exactly(jobqueue_run):
@@ -217,6 +218,14 @@ def test_jobqueue_workers_are_slurm_jobs_and_write_the_scan_exactly(jobqueue_run
     text = console(jobqueue_run["log"])
     assert "stemstream: 2 workers receiving from" in text, text
     assert "[jq-0000] complete: 384/384 frames" in text, text
+
+
+def test_jobqueue_workers_speak_tls(jobqueue_run):
+    """dask's traffic is TLS; the workers' certificate directory is gone after the run."""
+    assert len(re.findall(r"Start worker at:\s+tls://127\.0\.0\.1:", jobqueue_run["worker_logs"])) == 2, \
+        jobqueue_run["worker_logs"][-3000:]
+    assert "tcp://" not in jobqueue_run["worker_logs"], jobqueue_run["worker_logs"][-3000:]
+    assert not list(jobqueue_run["out"].glob(".jobqueue-tls-*"))
 
 
 def test_jobqueue_stopped_cancels_its_worker_jobs(jobqueue_run):

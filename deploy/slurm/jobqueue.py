@@ -6,16 +6,22 @@
 
 The dask scheduler and the coordinator run in this process (on a login or workflow node);
 every SLURM job is one worker process with one thread (one receiver). Takes the options of
-``stemstream process`` (except --scheduler and --workers) plus the job's shape. Ctrl-C or
+``stemstream process`` (except --scheduler and --workers) plus the job's shape. dask's traffic
+is TLS with a certificate made for this run; the worker jobs read it from a private (0700)
+directory under --out (the shared file system), removed at the end. Ctrl-C or
 SIGTERM stops it: open scans are written (incomplete, their missing frames named), then the
 worker jobs are cancelled.
 """
 
 import argparse
+import os
+import shutil
 import signal
+import tempfile
 
 from dask_jobqueue import SLURMCluster
 from distributed import Client
+from distributed.security import Security
 
 from stream.cli.commands import add_process_args, session_from_args
 from stream.config import ConfigError
@@ -36,19 +42,38 @@ if args.jobs < 1:
     p.error("--jobs must be at least 1")
 
 
+def tls_files(directory: str) -> Security:
+    """A certificate made for this run (its own CA), written where the worker jobs read it."""
+    temp = Security.temporary()
+    paths = {}
+    for name, text in (("ca.pem", temp.tls_ca_file), ("cert.pem", temp.tls_worker_cert),
+                       ("key.pem", temp.tls_worker_key)):
+        paths[name] = os.path.join(directory, name)
+        with os.fdopen(os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text)
+    cert, key = paths["cert.pem"], paths["key.pem"]
+    return Security(tls_ca_file=paths["ca.pem"], tls_scheduler_cert=cert, tls_scheduler_key=key,
+                    tls_worker_cert=cert, tls_worker_key=key, tls_client_cert=cert, tls_client_key=key,
+                    require_encryption=True)
+
+
 def _stop(*_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated stop must not cut the clean-up short
     raise KeyboardInterrupt
 
 
 signal.signal(signal.SIGTERM, _stop)
+out = args.out or "out"
+os.makedirs(out, exist_ok=True)
+tls_dir = tempfile.mkdtemp(prefix=".jobqueue-tls-", dir=out)  # 0700: the workers' key is in it
+security = tls_files(tls_dir)
 cluster = SLURMCluster(cores=args.cores, processes=1, memory=args.memory, queue=args.queue,
                        walltime=args.walltime, interface=args.interface, log_directory=args.log_directory,
-                       scheduler_options={"dashboard_address": ":0"},
+                       scheduler_options={"dashboard_address": ":0"}, security=security, protocol="tls://",
                        worker_extra_args=["--nthreads", "1"])
 try:
     cluster.scale(jobs=args.jobs)
-    with Client(cluster) as client:
+    with Client(cluster, security=cluster.security) as client:
         print(f"jobqueue.py: waiting for {args.jobs} worker jobs", flush=True)
         client.wait_for_workers(args.jobs)
         try:
@@ -62,3 +87,4 @@ except KeyboardInterrupt:
     print("jobqueue.py: stopped; cancelling the worker jobs", flush=True)
 finally:
     cluster.close()
+    shutil.rmtree(tls_dir, ignore_errors=True)
