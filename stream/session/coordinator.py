@@ -206,7 +206,8 @@ class Session:
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
-        stopping.install(self._client, f"{self._plugin_name}-stop", self.config.cluster.stop_grace_s)
+        if self._cluster is None:  # a cluster started elsewhere: a batch system stops it with us
+            stopping.install(self._client, f"{self._plugin_name}-stop", self.config.cluster.stop_grace_s)
         plan = None
         if self.detector is not None:
             plan = source_plan(self.config.detector, self._client, detector_workers(self._client))
@@ -255,7 +256,8 @@ class Session:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.debug("unregistering the receiver plugin failed: %s", e)
-            stopping.uninstall(self._client, f"{self._plugin_name}-stop")  # a held SIGTERM goes on now
+            if self._cluster is None:
+                stopping.uninstall(self._client, f"{self._plugin_name}-stop")  # a held SIGTERM goes on now
         if self.detector is not None:
             self.detector.close()
         for sock in (self._pull, self._pub):
