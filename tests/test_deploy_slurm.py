@@ -53,7 +53,9 @@ def slurm():
     state.chmod(0o755)
     port = free_port_block(2)
     env = {**os.environ, "SLURM_CTLD_PORT": str(port), "SLURMD_PORT": str(port + 1),
-           "SLURM_KILLWAIT": str(KILLWAIT_S), "SLURM_CPUS": "4"}
+           "SLURM_KILLWAIT": str(KILLWAIT_S), "SLURM_CPUS": "4",
+           # the CURVE key directory the emulator and the coordinator share (docs/SECURITY.md)
+           "XDG_CONFIG_HOME": str(state / "config")}
     up = subprocess.run(["bash", str(ROOT / "tests/infra/slurm_up.sh"), str(state)], env=env,
                         capture_output=True, text=True, timeout=120)
     try:
@@ -109,7 +111,7 @@ def sbatch_run(slurm, tmp_path_factory):
     out = tmp / "scans"
     port = free_port_block(1)
     env = dict(slurm)
-    job_env = f"ALL,DETECTOR=tcp://127.0.0.1:{port},SOURCES=1,OUT={out},VENV={VENV},INTERFACE=lo"
+    job_env = f"ALL,DETECTOR=tcp://127.0.0.1:{port},SOURCES=1,OUT={out},VENV={VENV}"
     job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks=3", "--ntasks-per-node=3",
                           "--time=20", f"--output={tmp}/job.out", f"--export={job_env}",
                           str(ROOT / "deploy/slurm/stemstream.sbatch")],
@@ -119,7 +121,7 @@ def sbatch_run(slurm, tmp_path_factory):
     log = tmp / "job.out"
     emulators = []
     try:
-        wait_for_text(log, r"processing every scan", 300, "(the coordinator did not start)")
+        wait_for_text(log, r"processing every scan", 240, "(the coordinator did not start)")
         emulators.append(emulator(tmp, port, "whole", "max", env))
         assert emulators[-1].wait(300) == 0, (tmp / "emulator-whole.log").read_text()
         wait_for_text(log, r"\[whole-0000\] (complete|incomplete)", 120)
@@ -144,7 +146,9 @@ def sbatch_run(slurm, tmp_path_factory):
 def test_sbatch_writes_the_emulated_scan_exactly(sbatch_run):
     r = check_scan_file(sbatch_run["out"] / "whole-0000.h5", complete=True)
     log = sbatch_run["log"].read_text(errors="replace")
-    assert re.search(r"Scheduler at:\s+tcp://127\.0\.0\.1:", log), log[-3000:]  # INTERFACE=lo
+    assert re.search(r"Scheduler at:\s+tls://", log), log[-3000:]
+    assert "security: CURVE on every channel; dask over TLS" in console(sbatch_run["log"]), log[-3000:]
+    assert not (sbatch_run["out"] / f"tls-{sbatch_run['job']}").exists(), "the job's TLS files outlive it"
     assert r["received"].all()
     text = console(sbatch_run["log"])
     assert "stemstream: 2 workers receiving from" in text, text  # both srun workers run a receiver

@@ -25,6 +25,7 @@ from distributed.security import Security
 
 from stream.cli.commands import add_process_args, session_from_args
 from stream.config import ConfigError
+from stream.security.tls import write_tls_files
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 add_process_args(p)
@@ -43,18 +44,11 @@ if args.jobs < 1:
 
 
 def tls_files(directory: str) -> Security:
-    """A certificate made for this run (its own CA), written where the worker jobs read it."""
-    temp = Security.temporary()
-    paths = {}
-    for name, text in (("ca.pem", temp.tls_ca_file), ("cert.pem", temp.tls_worker_cert),
-                       ("key.pem", temp.tls_worker_key)):
-        paths[name] = os.path.join(directory, name)
-        with os.fdopen(os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(text)
-    cert, key = paths["cert.pem"], paths["key.pem"]
-    return Security(tls_ca_file=paths["ca.pem"], tls_scheduler_cert=cert, tls_scheduler_key=key,
-                    tls_worker_cert=cert, tls_worker_key=key, tls_client_cert=cert, tls_client_key=key,
-                    require_encryption=True)
+    """A CA and certificate made for this run (``stemstream keys --tls``), where the worker jobs read them."""
+    f = {k: str(v) for k, v in write_tls_files(directory).items()}
+    return Security(tls_ca_file=f["ca"], tls_scheduler_cert=f["cert"], tls_scheduler_key=f["key"],
+                    tls_worker_cert=f["cert"], tls_worker_key=f["key"], tls_client_cert=f["cert"],
+                    tls_client_key=f["key"], require_encryption=True)
 
 
 def _stop(*_):
