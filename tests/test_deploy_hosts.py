@@ -4,7 +4,8 @@ a head host runs ``dask scheduler`` and ``stemstream process`` (the coordinator)
 the file system (as a cluster's hosts share /global/scratch), not the network: every byte
 between them crosses the bridge.
 
-A scan is received exactly across the hosts; then one worker host's link is cut mid-scan
+dask's traffic is TLS (``stemstream keys --tls``), the detector's frames and the receivers'
+reports CURVE (docs/SECURITY.md). A scan is received exactly across the hosts; then one worker host's link is cut mid-scan
 (``ip link set ... down``): the session stays up, the scan is written with the frames that
 host had taken named as missing and why, and the next scan is complete on the other host.
 """
@@ -28,7 +29,7 @@ NETNS = ROOT / "tests/infra/netns.sh"
 BIN = Path(sys.executable).parent
 PREFIX = f"s{os.getpid() % 10000:04d}-"  # this run's namespaces; interface names stay < 16 chars
 IP = {"head": "10.77.0.10", "detector": "10.77.0.20", "worker1": "10.77.0.21", "worker2": "10.77.0.22"}
-SCHED = f"tcp://{IP['head']}:8786"
+SCHED = f"tls://{IP['head']}:8786"
 DETECTOR = f"tcp://{IP['detector']}:6001"
 SOURCES = 2
 WORKER_TTL_S = 5  # the scheduler drops a silent worker after this (dask's default is 300 s)
@@ -54,12 +55,14 @@ class Hosts:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen] = {}
+        # every host: the same CURVE key directory (docs/SECURITY.md: copied to the detector's host)
+        self.env = {**os.environ, "XDG_CONFIG_HOME": str(tmp / "config")}
 
     def run(self, host: str, name: str, cmd: list[str], **env) -> Path:
         log = self.tmp / f"{name}.log"
         with open(log, "w") as f:
             self.procs[name] = subprocess.Popen(["ip", "netns", "exec", PREFIX + host, *cmd], cwd=self.tmp,
-                                                env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT,
+                                                env={**self.env, **env}, stdout=f, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
         return log
 
@@ -104,12 +107,18 @@ def cluster(hosts):
     """Scheduler and coordinator on the head host, a worker on each worker host."""
     h = hosts
     out = h.tmp / "scans"
-    h.run("head", "scheduler", [str(BIN / "dask"), "scheduler", "--host", IP["head"], "--port", "8786",
-                                "--no-dashboard"], DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL=f"{WORKER_TTL_S}s")
+    keys = subprocess.run([str(BIN / "stemstream"), "keys", "--tls", str(h.tmp / "tls")], capture_output=True,
+                          text=True, timeout=120, env=h.env)
+    assert keys.returncode == 0, keys.stderr
+    tls = ["--tls-ca-file", str(h.tmp / "tls/ca.pem"), "--tls-cert", str(h.tmp / "tls/cert.pem"),
+           "--tls-key", str(h.tmp / "tls/key.pem")]
+    h.run("head", "scheduler", [str(BIN / "dask"), "scheduler", "--protocol", "tls", "--host", IP["head"],
+                                "--port", "8786", "--no-dashboard", *tls],
+          DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL=f"{WORKER_TTL_S}s")
     for w in ("worker1", "worker2"):
-        h.run(w, w, [str(BIN / "dask"), "worker", SCHED, "--host", IP[w], "--nthreads", "1",
-                     "--memory-limit", "0", "--no-dashboard", "--death-timeout", "60"])
-    log = h.run("head", "coordinator", [str(BIN / "stemstream"), "process", "--scheduler", SCHED,
+        h.run(w, w, [str(BIN / "dask"), "worker", SCHED, "--protocol", "tls", "--host", IP[w], "--nthreads", "1",
+                     "--memory-limit", "0", "--no-dashboard", "--death-timeout", "60", *tls])
+    log = h.run("head", "coordinator", [str(BIN / "stemstream"), "process", "--scheduler", SCHED, *tls,
                                         "--connect", DETECTOR, "--sources", str(SOURCES), "--out", str(out),
                                         "--timeout", "4"])
     wait_for_text(log, r"processing every scan", 180, "(the coordinator did not start)")
@@ -125,6 +134,12 @@ def written_after(log: Path, scan_id: str) -> float:
 def test_a_scan_across_hosts_is_exact(hosts, cluster):
     text = console(cluster["log"])
     assert f"stemstream: 2 workers receiving from {DETECTOR}, " in text, text
+    assert "security: CURVE on every channel; dask over TLS" in text, text
+    # from the detector host, a dask client without the cluster's certificate gets nothing
+    plain = subprocess.run(["ip", "netns", "exec", PREFIX + "detector", sys.executable, "-c",
+                            f"from distributed import Client; Client('{SCHED.replace('tls', 'tcp')}', timeout=5)"],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0, plain.stdout
     em = emulate(hosts, "hosts", "max")
     assert em.wait(300) == 0, (hosts.tmp / "emulator-hosts.log").read_text()
     wait_for_text(cluster["log"], r"\[hosts-0000\] (complete|incomplete)", 120)
