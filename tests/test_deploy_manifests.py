@@ -134,6 +134,17 @@ def cli_problems(docs: list[dict]) -> list[str]:
                         problems.append(f"{where}: terminationGracePeriodSeconds {grace} <= stop_grace_s")
             else:
                 problems.append(f"{where}: runs {cmd[0]}, neither stemstream nor dask")
+            tls_files = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a in ("--tls-ca-file", "--tls-cert", "--tls-key")]
+            secret_mounts = {m["mountPath"] for m in c.get("volumeMounts", [])
+                             for v in spec.get("volumes", []) if v["name"] == m["name"] and "secret" in v}
+            for f in tls_files:
+                if str(Path(f).parent) not in secret_mounts:
+                    problems.append(f"{where}: TLS file {f} is not in a mounted Secret")
+            addresses = [a for a in cmd if "://" in a and "stemstream-scheduler" in a]
+            if any(not a.startswith("tls://") for a in addresses) or ("--protocol" in cmd and len(tls_files) < 3):
+                problems.append(f"{where}: dask not over TLS ({' '.join(cmd)})")
+            if cmd[:2] == ["dask", "scheduler"] and cmd[cmd.index("--protocol") + 1 if "--protocol" in cmd else 0] != "tls":
+                problems.append(f"{where}: the scheduler does not speak TLS")
             for env in c.get("env", []):  # DASK_A__B_C is dask's setting a.b-c (a.b_c)
                 key = ".".join(env["name"].removeprefix("DASK_").lower().split("__"))
                 if not env["name"].startswith("DASK_") or dask_config.get(key, default=_UNSET) is _UNSET:
@@ -186,6 +197,11 @@ def test_a_manifest_off_the_cli_is_refused():
         "is no dask setting": ("scheduler", lambda c: c["env"].append(
             {"name": "DASK_DISTRIBUTED__SCHEDULER__WORKER_TTLL", "value": "30s"})),
         "is not a mounted volume": ("coordinator", lambda c: c.__setitem__("volumeMounts", [])),
+        "is not in a mounted Secret": ("worker", lambda c: c.__setitem__("volumeMounts", c["volumeMounts"][:1])),
+        "dask not over TLS": ("coordinator", lambda c: c["command"].__setitem__(
+            c["command"].index("tls://stemstream-scheduler:8786"), "tcp://stemstream-scheduler:8786")),
+        "the scheduler does not speak TLS": ("scheduler", lambda c: c["command"].__setitem__(
+            c["command"].index("tls"), "tcp")),
     }
     for expected, (container, change) in cases.items():
         broken = copy.deepcopy(docs)
