@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # stempy and LiberTEM, the tools whose files the interoperability tests exchange, and the
 # libraries the cross-checks compare with (tests/test_crosscheck.py)
 $(PEERS): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,peers,dectris,crosscheck]'
+	$(BIN)/pip install --quiet -e '.[test,peers,dectris,crosscheck,deploy]'
 	touch $(PEERS)
 
 # Atomap (with hyperspy) for the slow refinement cross-check
