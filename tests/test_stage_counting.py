@@ -178,18 +178,22 @@ def test_stage_on_512_image_is_fast_and_counts_right():
     # warm the numba caches on a small image (a worker does this once)
     small = img[:64, :64]
     count_atoms(analyze_columns(small, min_distance_px=5).cross_section_shared, n_mc=2)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     cols = analyze_columns(img, min_distance_px=5, smooth_px=1.0, step_A=0.2)
     t1 = time.perf_counter()
     res = count_atoms(cols.cross_section_shared, n_mc=100)
     t2 = time.perf_counter()
+    cpu = time.process_time() - c0
     print(f"\n512x512, {len(cols.y_px)} columns: columns {t1 - t0:.2f} s, counting "
           f"{t2 - t1:.2f} s (K={res.n_components}, MC 100 runs)")
     d, j, false = match(np.c_[cols.y_px, cols.x_px], P)
     assert false == 0 and (d < 1).all() and len(cols.y_px) == len(P)
     assert res.n_components == 12
     assert (res.counts[j] == true).mean() >= 0.99
-    assert t2 - t0 < 10.0
+    # a guard against a pathological slow-down only (the speed itself is measured in
+    # BENCHMARKS.md): CPU time, so that a machine shared with other work does not fail it
+    assert cpu < 10.0, cpu
 
 
 # ----------------------------------------------------------------- emulated MgO
