@@ -88,8 +88,8 @@ class ChunkingSpec:
 
 @dataclass
 class ScanSpec:
-    timeout_s: float = 5.0  # close an unfinished scan this long after its last message
-    finalize_timeout_s: float = 600.0  # give up on writing a scan after this long (a lost worker)
+    timeout_s: float = 5.0  # a scan whose sources did not all end closes this long after its last message
+    finalize_timeout_s: float = 600.0  # an attempt to write a scan ends after this long (then it is retried)
 
 
 @dataclass
@@ -112,6 +112,7 @@ class OutputSpec:
     dir: str = "out"
     previews: bool = True
     compression_level: int = 2
+    fallback_dir: str = ""  # where a scan file goes when dir cannot be written ("" : held on the workers)
 
 
 @dataclass

@@ -484,7 +484,10 @@ def test_a_worker_that_joins_later_receives_too(scripted_source, tmp_path):
             assert s.wait("one", timeout=60).status == "complete"
             cluster.scale(2)
             client.wait_for_workers(2)
-            time.sleep(1.0)  # its receiver connects to the source
+            # its receiver compiles its kernels, connects to the source and says so (heartbeat)
+            assert len(poll(s.receivers, lambda v: len([r for r in v if r["silent_s"] < 1]) == 2,
+                            timeout_s=120)) == 2
+            time.sleep(0.2)  # the source's side of the connection
             src.start("two", GEOM)
             src.frames("two", GEOM, *b, batch=4)
             src.end("two", GEOM.n_frames)

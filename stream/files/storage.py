@@ -3,12 +3,20 @@
 The layout is documented in ``docs/FORMAT.md``. A file is written under a temporary name and
 renamed only when everything is in it, so a file named ``<scan_id>.h5`` is never half-written;
 its root attribute ``status`` says whether the scan itself was complete.
+
+A file may be built in a local *staging* directory and then published into its directory
+with plain file operations (a hard link on the same file system, else a copy): HDF5 does not
+survive a failed write (after ENOSPC the library can crash the process on the next file), so
+an output that is full, read-only or gone fails in ``publish`` with an OSError and the
+finished file waits in staging until it can be published.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import threading
 import uuid
 import zlib
@@ -27,6 +35,78 @@ EVENTS_CHUNK = 1 << 20  # events per HDF5 chunk (4 MiB of uint32)
 
 class ScanFileError(ValueError):
     """A file that is not a readable stemstream scan file; the message names path and problem."""
+
+
+class OutputError(OSError):
+    """A scan file that cannot be written where it should go (read-only, full, gone); the
+    message names the path, the system's reason and the fix. ``errno`` as the OSError's."""
+
+
+def output_error(e: OSError, path: Path, what: str = "cannot write") -> OutputError:
+    fix = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there (quota)",
+           errno.EROFS: "make it writable", errno.EACCES: "make it writable for this user",
+           errno.EPERM: "make it writable for this user"}.get(e.errno, "check the file system")
+    return OutputError(e.errno, f"{what} {path}: {e.strerror or e}; {fix}")
+
+
+def check_space(directory: Path, needed: int) -> None:
+    """OutputError (ENOSPC) unless ``directory`` has ``needed`` bytes free."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as e:
+        raise output_error(e, directory, "cannot use") from None
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise OutputError(errno.ENOSPC, f"cannot write in {directory}: {free / 1e6:.1f} MB free, the "
+                                        f"scan file needs up to {needed / 1e6:.1f} MB; free space there")
+
+
+def publish(staged: Path, path: Path) -> Path:
+    """Give the finished file ``staged`` its name in ``path``'s directory (``path``, or
+    stem-2, …: never overwrites) and return it: a hard link on the same file system, else a
+    copy under a temporary name, synced, then linked. ``staged`` stays where it is. Raises
+    OutputError, leaving nothing behind in the target directory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            final = link_unique(staged, path, rename=False)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+            try:
+                shutil.copyfile(staged, partial)
+                with open(partial, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                final = link_unique(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+    except OutputError:
+        raise
+    except OSError as e:
+        raise output_error(e, path) from None
+    _sync_dir(path.parent)
+    return final
+
+
+def move_into(src: str | Path, directory: str | Path) -> Path:
+    """Move a finished scan file into ``directory`` (never overwriting: stem-2, … if its
+    name is taken) and return its new path; OutputError leaves it where it was."""
+    src = Path(src)
+    final = publish(src, Path(directory) / src.name)
+    src.unlink(missing_ok=True)
+    return final
+
+
+def _sync_dir(directory: Path) -> None:
+    try:  # the name itself on disk
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not every file system lets a directory be fsynced
 
 
 def _attr_value(v):
@@ -217,20 +297,32 @@ class ScanWriter:
     ``close()``); on an exception nothing is left behind.
 
     Takes the fields of :func:`write_scan` without ``indices``: ``offsets`` (n_frames + 1,)
-    says how many events there will be.
+    says how many events there will be. ``staging``: a local directory to build the file in
+    (checked for room first); ``close()`` then publishes it (``publish``) and, if that fails
+    (OutputError), keeps it in ``self.tmp`` for ``publish`` to try again.
     """
 
     def __init__(self, path: str | Path, *, compression_level: int, offsets=None, copy_from=None,
-                 **fields):
+                 staging: str | Path | None = None, **fields):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
+        self.staging = Path(staging) if staging else None
+        where = self.staging or self.path.parent
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(e, where, "cannot create") from None
+        if self.staging is not None:
+            check_space(where, _upper_bound(offsets, fields))
+        self.tmp = where / f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial"
         self.level = compression_level
         self.final: Path | None = None
         self.n_events = 0 if copy_from is not None else int(np.asarray(offsets)[-1])
         self.given = self.written = 0  # events appended; events in the file
         self._carry = np.zeros(0, np.uint32)  # appended, less than a chunk, not compressed yet
-        self._file = h5py.File(self.tmp, "w")
+        try:
+            self._file = h5py.File(self.tmp, "w")
+        except OSError as e:
+            raise output_error(e, self.tmp) from None
         try:
             self._indices = _write_head(self._file, offsets, copy_from, compression_level, **fields)
         except BaseException:
@@ -277,7 +369,8 @@ class ScanWriter:
 
     def close(self) -> Path:
         """Check that every announced event came, then give the file its name (``path``, or
-        ``<stem>-2.h5``, … : never overwrites) and return it."""
+        ``<stem>-2.h5``, … : never overwrites) and return it. Built in staging, the file is
+        published; if that fails (OutputError) it stays in ``self.tmp``, finished."""
         try:
             if self.written != self.n_events:
                 raise ValueError(f"{self.tmp}: {self.given} events written, the offsets announce "
@@ -285,17 +378,17 @@ class ScanWriter:
             self._file.close()
             with open(self.tmp, "rb+") as fh:  # on disk before it gets its final name
                 os.fsync(fh.fileno())
-            self.final = link_unique(self.tmp, self.path)
-        finally:
+            if self.staging is None:
+                self.final = link_unique(self.tmp, self.path)
+        except BaseException:
             self.discard()
-        try:  # and the name itself on disk
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # not every file system lets a directory be fsynced
+            raise
+        if self.staging is None:
+            self.discard()
+            _sync_dir(self.path.parent)
+            return self.final
+        self.final = publish(self.tmp, self.path)  # OutputError: the finished file stays staged
+        self.discard()
         return self.final
 
     def discard(self) -> None:
@@ -315,9 +408,10 @@ class ScanWriter:
             self.discard()
 
 
-def link_unique(tmp: Path, path: Path) -> Path:
+def link_unique(tmp: Path, path: Path, rename: bool = True) -> Path:
     """Give ``tmp`` the name ``path`` (or stem-2, stem-3, …) without ever replacing a file:
-    a hard link fails atomically if the name exists."""
+    a hard link fails atomically if the name exists. ``rename``: where hard links are not
+    possible, check then rename (a small race); else raise that OSError."""
     for n in range(1, 10_000):
         candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
         try:
@@ -326,10 +420,23 @@ def link_unique(tmp: Path, path: Path) -> Path:
         except FileExistsError:
             continue
         except OSError:  # no hard links here: check, then rename (a small race)
+            if not rename:
+                raise
             if not candidate.exists():
                 os.replace(tmp, candidate)
                 return candidate
     raise FileExistsError(f"{path}: 10,000 files of this name exist already")
+
+
+def _upper_bound(offsets, fields: dict) -> int:
+    """Bytes a scan file can take at most: its events and arrays uncompressed, plus 1 MB."""
+    n = 0
+    if offsets is not None:
+        offsets = np.asarray(offsets)
+        n += 4 * int(offsets[-1]) + 8 * len(offsets)
+    for group in ("results", "completeness"):
+        n += sum(np.asarray(r.data).nbytes for r in (fields.get(group) or {}).values())
+    return n + (1 << 20)
 
 
 def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, reason, geometry,

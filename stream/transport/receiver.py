@@ -34,6 +34,8 @@ LATE = "late"  # a message of a scan that is already closed
 OPERATOR_ERROR = "operator_error"  # the scan's operators could not be built or failed
 INTERNAL_ERROR = "internal_error"  # anything else that went wrong with one message
 SPILL_FAILED = "spill_failed"  # events could not go to disk; they stay in memory, none lost
+HEARTBEAT_S = 0.25  # a receiver says what it holds and whether its queue is empty this often
+OPERATOR_CACHE = 8  # geometries whose operators a receiver keeps built (bursts of similar scans)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class ScanWork:
     mem_bytes: int = 0
     spill: SpillFile | None = None  # created on the first spill
     spill_failed: bool = False  # after a failure the scan's events stay in memory
+    frames_read: int = 0  # frame parts of frames messages read (heartbeats report both)
+    frames_processed: int = 0  # ... and processed and reported
 
 
 @dataclass
@@ -124,6 +128,9 @@ class Receiver:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._built: OrderedDict = OrderedDict()  # geometry -> operators (immutable once built)
+        self._empty_at = 0.0  # wall-clock time the input queue was last found empty
+        self._heartbeats = 0
 
     # -------------------------------------------------------------- lifecycle
     def start(self, timeout_s: float = 10.0) -> None:
@@ -183,15 +190,20 @@ class Receiver:
         next_live = time.monotonic() + (live_period or 0)
         latency = self.config.chunking.max_latency_ms / 1000
         poll_ms = max(1, int(self.config.chunking.max_latency_ms / 2))
+        next_heartbeat = time.monotonic()
         try:
             while not self._stop.is_set():
-                if pull.poll(poll_ms):
+                empty = not pull.poll(poll_ms)
+                if not empty:
                     for _ in range(64):  # drain what is queued before looking at the clocks
                         try:
                             parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
+                            empty = True
                             break
                         self._handle_safely(parts)
+                if empty:  # every message that reached this process so far has been read
+                    self._empty_at = time.time()
                 try:
                     now = time.monotonic()
                     with self._lock:
@@ -201,6 +213,9 @@ class Receiver:
                     if live_period and now >= next_live:
                         self._snapshot_live()
                         next_live = now + live_period
+                    if now >= next_heartbeat:
+                        next_heartbeat = now + HEARTBEAT_S
+                        self._heartbeat(bool(pull.get(zmq.EVENTS) & zmq.POLLIN))
                 except Exception as e:  # noqa: BLE001 - the loop must go on
                     log.exception("receiver housekeeping failed")
                     self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
@@ -223,12 +238,27 @@ class Receiver:
         arrays = {k: np.array(v) for k, v in (arrays or {}).items()}
         self._outbox.append(control.encode(dict(header, worker=self.worker), arrays))
 
-    def _reject(self, reason: str, detail: str, scan_id: str | None = None) -> None:
+    def _heartbeat(self, input_waiting: bool) -> None:
+        """Tell the coordinator what this receiver holds and whether it has read everything
+        that reached it: ``empty_at`` (wall-clock s) is the last moment its input queue was
+        empty, ``pending`` the scans with messages read but not yet processed and reported.
+        Reports travel in order, so every frame read before ``empty_at`` of a scan not in
+        ``pending`` was reported before this heartbeat (docs/PROTOCOL.md, liveness)."""
+        self._heartbeats += 1
+        with self._lock:
+            scans = {sid: [w.frames_read, w.frames_processed] for sid, w in self._scans.items()}
+            pending = [sid for sid, w in self._scans.items() if w.pending]
+        self._send({"kind": "heartbeat", "seq": self._heartbeats, "empty_at": self._empty_at,
+                    "input_waiting": input_waiting, "pending": pending, "scans": scans,
+                    "outbox": len(self._outbox)})
+
+    def _reject(self, reason: str, detail: str, scan_id: str | None = None, ranges: list | None = None) -> None:
         if reason not in self._warned:  # once per reason; the counts tell the rest
             self._warned.add(reason)
             log.warning("rejected message (%s): %s; further rejects of this kind are only counted",
                         reason, detail)
-        self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id})
+        self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id,
+                    "ranges": ranges or []})
 
     def _handle_safely(self, parts) -> None:
         try:
@@ -247,7 +277,7 @@ class Receiver:
         with self._lock:
             if msg.scan_id in self._closed:
                 self._reject(LATE, f"{msg.kind} message of scan {msg.scan_id}, which is closed",
-                             msg.scan_id)
+                             msg.scan_id, [[msg.source, msg.first, msg.count]] if msg.kind == "frames" else None)
                 return
             if msg.kind == "start":
                 if self._open(msg) is not None:
@@ -261,16 +291,17 @@ class Receiver:
                 if not work.pending_frames:
                     work.oldest = time.monotonic()
                 work.pending_frames += msg.count
+                work.frames_read += msg.count
                 work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
                 chunking = self.config.chunking
                 if work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes:
                     self._flush(work)
-            elif msg.kind == "end":
+            elif msg.kind == "end":  # t: when it arrived here (the liveness rule counts from it)
                 self._send({"kind": "end", "scan_id": msg.scan_id, "source": msg.source,
-                            "frames_sent": msg.header["frames_sent"]})
+                            "frames_sent": msg.header["frames_sent"], "t": time.time()})
             else:
                 self._send({"kind": "abort", "scan_id": msg.scan_id, "source": msg.source,
-                            "reason": msg.header.get("reason", "")})
+                            "reason": msg.header.get("reason", ""), "t": time.time()})
 
     def _open(self, msg: Message) -> ScanWork | None:
         """The scan's work, created from the message's geometry on first sight."""
@@ -283,7 +314,7 @@ class Receiver:
             return work
         geometry = msg.geometry.for_sector(None)
         try:
-            operators = self.config.operators(geometry)
+            operators = self._operators(geometry)
             states = {op.name: op.new_state() for op in operators}
         except (ValueError, MemoryError) as e:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
@@ -293,6 +324,17 @@ class Receiver:
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         return work
+
+    def _operators(self, geometry: Geometry) -> list:
+        """The operators of a scan of this geometry: built once per geometry (building takes
+        tens of ms; operators hold no per-scan state, their states are separate)."""
+        ops = self._built.get(geometry)
+        if ops is None:
+            ops = self._built[geometry] = self.config.operators(geometry)
+            while len(self._built) > OPERATOR_CACHE:
+                self._built.popitem(last=False)
+        self._built.move_to_end(geometry)
+        return ops
 
     def _flush(self, work: ScanWork, spill: bool = True) -> None:
         """Turn the pending messages of a scan into one chunk and run its operators; then, if
@@ -319,6 +361,7 @@ class Receiver:
             lo, hi = int(valid.min()), int(valid.max()) + 1
             t = work.touched
             work.touched = [lo if t[0] is None else min(t[0], lo), hi if t[1] is None else max(t[1], hi)]
+        work.frames_processed += sum(m.count for m in msgs)
         self._send({"kind": "frames", "scan_id": work.scan_id,
                     "ranges": [[m.source, m.first, m.count] for m in msgs],
                     "events": int(chunk.n_events)})
