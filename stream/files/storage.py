@@ -41,6 +41,9 @@ class OutputError(OSError):
     """A scan file that cannot be written where it should go (read-only, full, gone); the
     message names the path, the system's reason and the fix. ``errno`` as the OSError's."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def output_error(e: OSError, path: Path, what: str = "cannot write") -> OutputError:
     fix = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there (quota)",

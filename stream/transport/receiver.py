@@ -193,17 +193,22 @@ class Receiver:
         next_heartbeat = time.monotonic()
         try:
             while not self._stop.is_set():
+                # The clock is read *before* looking: found empty, the queue was empty at that
+                # time even if this thread is stopped right after (a stopped worker must not
+                # claim afterwards to have drained what queued meanwhile).
+                looked = time.time()
                 empty = not pull.poll(poll_ms)
                 if not empty:
                     for _ in range(64):  # drain what is queued before looking at the clocks
+                        looked = time.time()
                         try:
                             parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             empty = True
                             break
                         self._handle_safely(parts)
-                if empty:  # every message that reached this process so far has been read
-                    self._empty_at = time.time()
+                if empty:  # every message that reached this process before `looked` has been read
+                    self._empty_at = looked
                 try:
                     now = time.monotonic()
                     with self._lock:
