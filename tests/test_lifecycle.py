@@ -211,3 +211,15 @@ def test_forgotten_scans_are_never_reopened():
                    frames("a", 0, 0, 3), geometry("a")):
         t.handle({"worker": "w", **report})
     assert set(t.scans) == {"b"}
+
+
+def test_a_reject_that_reaches_the_coordinator_before_its_scan_opened_still_counts_in_it():
+    """Receivers report independently: one may reject a message naming scan "a" before
+    another receiver's report opens "a". Such rejects are kept (bounded) and counted in "a"."""
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    t.handle({"kind": "reject", "reason": "bad_version", "detail": "", "scan_id": "a", "worker": "w1"})
+    t.handle({"kind": "reject", "reason": "not_msgpack", "detail": "", "scan_id": None, "worker": "w1"})
+    assert "a" not in t.scans
+    reports(t, geometry("a"))
+    assert t.scans["a"].rejects == 1 and t.scans["a"].reject_reasons == {"bad_version": 1}
+    assert t.rejects == {"bad_version": 1, "not_msgpack": 1}

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+
+
+class PendingError(Exception):
+    """A user error: printed as one line, exit code 2."""
 
 
 def add_pending_args(p: argparse.ArgumentParser) -> None:
@@ -68,17 +73,24 @@ def format_session(about: dict, answer: dict) -> str:
 
 
 def run_pending(args) -> int:
-    from stream.cli.commands import CliError
+    try:
+        return _run(args)
+    except PendingError as e:
+        print(f"stemstream pending: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from stream.session.ask import ControlError, ask, sessions
 
     if args.finish and not args.to:
-        raise CliError("--finish SCAN needs --to DIR: the directory to write the scan in")
+        raise PendingError("--finish SCAN needs --to DIR: the directory to write the scan in")
     if args.to and not args.finish:
-        raise CliError("--to DIR goes with --finish SCAN")
+        raise PendingError("--to DIR goes with --finish SCAN")
     try:
         found = [s for s in sessions() if args.session in (None, s["pid"])]
     except ControlError as e:
-        raise CliError(str(e)) from None
+        raise PendingError(str(e)) from None
     if not found:
         where = f" with process id {args.session}" if args.session else ""
         print(f"no running stemstream session{where} of this user: nothing is held (scans are held "
@@ -97,7 +109,7 @@ def run_pending(args) -> int:
                 if not answer.get("ok"):
                     if scan is not None and len(found) > 1:
                         continue  # another session may hold it
-                    raise CliError(answer.get("error", "refused"))
+                    raise PendingError(answer.get("error", "refused"))
                 if op == "finish":
                     return _wait_finished(about, scan, args.wait)
                 print(f"session {about['pid']}: {op} {', '.join(answer['scans']) or 'nothing held'}")

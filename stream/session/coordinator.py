@@ -33,8 +33,8 @@ from stream.session import cluster
 from stream.transport import control
 from stream.config import ConfigError, PipelineConfig, build_operators, load_config, validate
 from stream.session.ask import ControlError, ControlServer
-from stream.session.finalize import (SMALL_SCAN_EVENTS, ScanInfo, ScanResult, drop_staged,
-                                     finalize_on_cluster, publish_staged)
+from stream.session.finalize import (SMALL_SCAN_EVENTS, ScanInfo, ScanResult, config_json, drop_staged,
+                                     finalize_on_cluster, publish_staged, result_of, written_here)
 from stream.session.held import BACKOFF_S, REMIND_S, HeldScan, MovingFile, loud_lines, rescue_dir
 from stream.session.lifecycle import DONE, SILENT_S, ScanStatus, ScanTracker
 from stream.files.storage import move_into
@@ -161,6 +161,7 @@ class Session:
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # from dask's event thread
         self._missing_since: dict[str, float] = {}  # worker -> when the scheduler stopped listing it
         self._control: ControlServer | None = None
+        self._config_json = config_json(self.config)  # /provenance of every scan file
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
         self._thread = None
         self._failure: BaseException | None = None
@@ -407,7 +408,14 @@ class Session:
     def live(self, scan_id: str) -> dict[str, np.ndarray]:
         """Partial results of a scan that is still running (merged over workers)."""
         states = {}
+        st = self._tracker.scans.get(scan_id)
         with self._live_lock:  # the workers' arrays are updated in place under this lock
+            if scan_id not in self._live_ops and st is not None and st.geometry is not None \
+                    and scan_id in self._live:  # built when first asked for, not per scan
+                try:
+                    self._live_ops[scan_id] = [op for op in build_operators(self.config, st.geometry) if op.live]
+                except ValueError:
+                    self._live_ops[scan_id] = []
             ops = self._live_ops.get(scan_id)
             for arrays in self._live.get(scan_id, {}).values():
                 for key, value in arrays.items():
@@ -601,11 +609,6 @@ class Session:
         with self._live_lock:
             if st.state != "receiving":
                 return
-            if sid not in self._live_ops:
-                try:
-                    self._live_ops[sid] = [op for op in build_operators(self.config, st.geometry) if op.live]
-                except ValueError:
-                    self._live_ops[sid] = []
             held = self._live.setdefault(sid, {}).setdefault(report["worker"], {})
             lo, hi, n_pos = report["lo"], report["hi"], st.geometry.n_positions
             for key, value in arrays.items():
@@ -686,15 +689,28 @@ class Session:
         out = h.target or str(self.config.output.dir)
         fallback = "" if h.target else self.config.output.fallback_dir
         timeout = self.config.scan.finalize_timeout_s
+        live = set(self._live_workers())
+        for w in [w for w in h.writers if w in live]:  # did an earlier attempt finish after all?
+            state, r = result_of(self._on(w, written_here, h.write_id), timeout, h.stop, st.scan_id)
+            if state == "writing":
+                raise RuntimeError(f"an earlier attempt is still writing it on worker {w}")
+            if state == "written":
+                return self._landed(r, w)
+            if state == "staged":
+                h.staged = (w, r.staged)
         if h.staged is not None:
             worker, token = h.staged
             try:
-                r = self._on(worker, publish_staged, token, out).result(timeout=timeout)
+                r = result_of(self._on(worker, publish_staged, token, out), timeout, h.stop, st.scan_id)
             except KeyError:  # that worker restarted: build the file again from the states
                 h.staged = None
             else:
                 return self._maybe_fallback(r, worker, fallback)
-        self._ensure_closed(h)
+        small = st.events <= SMALL_SCAN_EVENTS
+        if small and h.planned is None:  # the writer first: the others close straight to it
+            h.planned = min(live or [None], key=lambda w: (self._writing.get(w, 0),
+                                                           -st.worker_events.get(w, 0), str(w)))
+        self._ensure_closed(h, travel=small)
         if st.geometry is None:  # nothing but rejects or an abort before any geometry
             from distributed import wait
             wait(list(h.closed.values()), timeout=timeout)  # the workers forget the scan
@@ -703,8 +719,8 @@ class Session:
             return ScanResult(st.scan_id, None, "failed", f"closed ({st.close_reason}): {why}")
         closed = dict(h.closed)
         live = self._live_workers()
-        writer = min(closed or live or [None], key=lambda w: (self._writing.get(w, 0),
-                                                              -st.worker_events.get(w, 0), str(w)))
+        writer = h.planned if h.planned in closed or (not closed and h.planned in live) else \
+            min(closed or live or [None], key=lambda w: (self._writing.get(w, 0), -st.worker_events.get(w, 0), str(w)))
         if writer is None:
             raise RuntimeError("no worker in the cluster right now to write it")
         reported, late = st.reported(), st.late_mask()
@@ -715,11 +731,14 @@ class Session:
                         errors=list(st.errors), out_dir=out, lost=dict(st.lost),
                         reported=None if reported is None else np.packbits(reported, axis=-1),
                         late=None if late is None else np.packbits(late, axis=-1),
-                        late_frames=st.late_frames, reject_reasons=dict(st.reject_reasons))
+                        late_frames=st.late_frames, reject_reasons=dict(st.reject_reasons),
+                        config_json=self._config_json, write_id=h.write_id)
+        if writer not in h.writers:
+            h.writers.append(writer)
         self._writing[writer] = self._writing.get(writer, 0) + 1
         try:
             r = finalize_on_cluster(client, info, self.config, closed, writer, timeout,
-                                    small=st.events <= SMALL_SCAN_EVENTS, stop=h.stop)
+                                    small=small, stop=h.stop, travelling=h.travelling)
         finally:
             self._writing[writer] -= 1
         if r.path is None and r.staged:
@@ -730,17 +749,21 @@ class Session:
     def _on(self, worker: str, fn, *args):
         return self._client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
 
-    def _ensure_closed(self, h: HeldScan) -> None:
+    def _ensure_closed(self, h: HeldScan, travel: bool) -> None:
         """Close the scan on every live worker not closed yet (a worker that joined, or an
         earlier attempt that found none); the states stay there as futures. Silent workers
-        that processed none of its frames are closed without waiting for them."""
+        that processed none of its frames are closed without waiting for them. ``travel``:
+        workers other than the planned writer make their state ready to go to it."""
         st = h.status
         silent = {rv.worker for rv in self._tracker.stalled()}
         for w in self._live_workers():
             if w in h.closed or w in h.asked:
                 continue
             h.asked.add(w)
-            fut = self._on(w, close_on_worker, self._plugin_name, st.scan_id)
+            moves = travel and w != h.planned
+            fut = self._on(w, close_on_worker, self._plugin_name, st.scan_id, moves)
+            if moves:
+                h.travelling.add(w)
             if st.worker_frames.get(w) or w not in silent:
                 h.closed[w] = fut
             else:
@@ -752,15 +775,23 @@ class Session:
         it moves into the output directory when that can be written)."""
         if r.path is not None or not fallback:
             return r
-        r2 = self._on(worker, publish_staged, r.staged, fallback).result(timeout=self.config.scan.finalize_timeout_s)
+        r2 = result_of(self._on(worker, publish_staged, r.staged, fallback), self.config.scan.finalize_timeout_s)
         if r2.path is None:
             return replace(r, write_error=f"{r.write_error}; fallback: {r2.write_error}")
-        with self._held_lock:
-            self._moving[r.scan_id] = MovingFile(r.scan_id, Path(r2.path), worker, next_try=time.monotonic() + 1.0)
         self.console.say(f"WARNING [{r.scan_id}] {r.write_error}: written to the fallback directory instead, "
                          f"{r2.path}; it moves to {self.config.output.dir} once that can be written "
                          "('stemstream pending' shows it)")
-        return r2
+        return self._landed(r2, worker)
+
+    def _landed(self, r: ScanResult, worker: str) -> ScanResult:
+        """A written file: one in the fallback directory is to move into the output directory."""
+        fallback = self.config.output.fallback_dir
+        if r.path is not None and fallback and Path(r.path).parent == Path(fallback):
+            with self._held_lock:
+                if r.scan_id not in self._moving:
+                    self._moving[r.scan_id] = MovingFile(r.scan_id, Path(r.path), worker,
+                                                         next_try=time.monotonic() + 1.0)
+        return r
 
     def _move(self, m: MovingFile) -> None:
         """One attempt to move a fallback file into the output directory."""
@@ -768,7 +799,7 @@ class Session:
         try:
             fut = self._client.submit(move_into, str(m.path), out, workers=[m.worker],
                                       allow_other_workers=True, pure=False)
-            final = fut.result(timeout=self.config.scan.finalize_timeout_s)
+            final = result_of(fut, self.config.scan.finalize_timeout_s)
         except Exception as e:  # noqa: BLE001 - tried again later; the file is safe where it is
             now = time.monotonic()
             with self._held_lock:

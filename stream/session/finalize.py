@@ -10,6 +10,7 @@ holds a whole scan's events at once, and the work of the events is spread over t
 
 from __future__ import annotations
 
+import json
 import platform
 import socket
 import tempfile
@@ -31,7 +32,7 @@ from stream.config import PipelineConfig, build_operators
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
 from stream.transport.spill import SpillFile
-from stream.files.storage import EventBlock, OutputError, ScanWriter, compress_block, publish
+from stream.files.storage import EventBlock, JSONText, OutputError, ScanWriter, compress_block, publish
 
 IN_FLIGHT = 3  # blocks on their way to the writer at once
 SMALL_SCAN_EVENTS = 4_000_000  # up to this many electrons a scan is written by one task
@@ -61,6 +62,8 @@ class ScanInfo:
     late: np.ndarray | None = None  # packbits of (n_sources, n_frames): parts dropped as late
     late_frames: int = 0  # frame parts dropped because they came after the scan closed
     reject_reasons: dict = field(default_factory=dict)  # reason -> rejected messages naming it
+    config_json: str = ""  # the configuration for /provenance, serialised once per session
+    write_id: str = ""  # the same for every attempt at this scan's file (written_here)
 
 
 @dataclass
@@ -267,10 +270,49 @@ class _OpenScan:
     writer: ScanWriter
     offsets: np.ndarray
     result: ScanResult
+    write_id: str = ""
 
 
 _OPEN: dict[str, _OpenScan] = {}  # token -> scan file being written in this process
 _STAGED: dict[str, _OpenScan] = {}  # token -> finished file in staging, not yet published
+_BUSY: dict[str, int] = {}  # write id -> attempts at it under way in this process
+_DONE: dict[str, ScanResult] = {}  # write id -> result of a file this process published (last 256)
+
+
+def _busy(write_id: str, delta: int) -> None:
+    if not write_id:
+        return
+    with _OPEN_LOCK:
+        n = _BUSY.get(write_id, 0) + delta
+        if n > 0:
+            _BUSY[write_id] = n
+        else:
+            _BUSY.pop(write_id, None)
+
+
+def _done(write_id: str, result: ScanResult) -> None:
+    if write_id:
+        with _OPEN_LOCK:
+            _DONE[write_id] = result
+            for old in list(_DONE)[:-256]:
+                del _DONE[old]
+
+
+def written_here(write_id: str) -> tuple:
+    """On a worker that wrote (or writes) a scan's file: what became of attempt ``write_id``
+    here — ("writing", None), ("written", ScanResult), ("staged", ScanResult) or
+    ("none", None). A retry asks first, so that an attempt whose answer was lost is never
+    written twice."""
+    with _OPEN_LOCK:
+        if write_id in _BUSY:
+            return "writing", None
+        if write_id in _DONE:
+            return "written", _DONE[write_id]
+        staged = next((t for t, sc in _STAGED.items() if sc.write_id == write_id), None)
+        if staged is not None:
+            sc = _STAGED[staged]
+            return "staged", replace(sc.result, path=None, staged=staged, write_error="(found staged)")
+    return "none", None
 _DISCARDED: set[str] = set()  # tokens given up before their file was opened (a timeout)
 _OPEN_LOCK = threading.Lock()
 
@@ -296,6 +338,15 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
     states are not ``deduplicated`` yet (``keep_owned``)."""
     if not deduplicated and claim_frames(*map(received_counts, light)) is not None:
         return None
+    _busy(info.write_id, +1)
+    try:
+        return _open_scan_file(info, config, token, light)
+    except BaseException:
+        _busy(info.write_id, -1)
+        raise
+
+
+def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -> WritePlan:
     t0 = time.time()
     ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
@@ -329,7 +380,7 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
     timings = dict(info.timings, finalize_start=t0, merged=time.time())
     provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
                   "numpy": np.__version__, "host": socket.gethostname(), "workers": info.workers,
-                  "config": config.to_dict(), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
+                  "config": JSONText(info.config_json or config_json(config)), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
                   "rejected_messages": info.rejects, "rejects": dict(info.reject_reasons),
                   "late_frames": info.late_frames, "errors": errors}
     writer = ScanWriter(Path(info.out_dir or config.output.dir) / f"{info.scan_id}.h5", staging=staging_dir(config),
@@ -356,7 +407,7 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
             _DISCARDED.discard(token)
             writer.discard()
             raise RuntimeError(f"scan {info.scan_id}: given up while its file was opened")
-        _OPEN[token] = _OpenScan(writer, offsets, result)
+        _OPEN[token] = _OpenScan(writer, offsets, result, info.write_id)
     blocks = [(lo, hi, int(offsets[lo])) for lo, hi in
               plan_blocks(counts, max(1, int(config.memory.write_block_mb * 1e6 / 4)))]
     return WritePlan(token, blocks, store, int(offsets[-1]), config.output.compression_level)
@@ -399,7 +450,10 @@ def close_scan_file(token: str, after=None) -> ScanResult:
         with _OPEN_LOCK:
             _STAGED[token] = scan
         return replace(scan.result, path=None, staged=token, write_error=str(e))
+    finally:
+        _busy(scan.write_id, -1)
     scan.result.timings["written"] = time.time()
+    _done(scan.write_id, scan.result)
     return scan.result
 
 
@@ -416,8 +470,10 @@ def publish_staged(token: str, out_dir: str) -> ScanResult:
     except OutputError as e:
         return replace(scan.result, path=None, staged=token, write_error=str(e))
     drop_staged(token)
-    return replace(scan.result, path=final, staged="", write_error="",
-                   timings=dict(scan.result.timings, written=time.time()))
+    result = replace(scan.result, path=final, staged="", write_error="",
+                     timings=dict(scan.result.timings, written=time.time()))
+    _done(scan.write_id, result)
+    return result
 
 
 def drop_staged(token: str) -> None:
@@ -426,6 +482,11 @@ def drop_staged(token: str) -> None:
         scan = _STAGED.pop(token, None)
     if scan is not None:
         scan.writer.discard()
+
+
+def config_json(config: PipelineConfig) -> str:
+    """The configuration as /provenance keeps it (JSON text)."""
+    return json.dumps(config.to_dict(), default=str)
 
 
 def staging_dir(config: PipelineConfig) -> str:
@@ -448,6 +509,7 @@ def discard_scan_file(token: str) -> None:
         if scan is None:
             _DISCARDED.add(token)
     if scan is not None:
+        _busy(scan.write_id, -1)
         scan.writer.discard()
 
 
@@ -466,26 +528,45 @@ def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerS
 
 
 def portable(ws: WorkerScan) -> WorkerScan:
-    """The worker's scan with every event in memory (chunks on disk read back), so that it
-    can travel to the writer: for small scans, written by one task."""
+    """The worker's scan ready to travel to the writer, for small scans written by one task:
+    every event in memory (chunks on disk read back), and without its operators (the writer
+    has the same ones: they are built from the configuration and the geometry, and carry
+    masks of megabytes)."""
     store = _store(ws)
-    if store is None or all(isinstance(c, Chunk) for c in ws.states[store.name]["chunks"]):
-        return ws
-    state = dict(ws.states[store.name], chunks=list(store.iter_chunks(ws.states[store.name])))
-    return WorkerScan(ws.scan_id, ws.worker, ws.geometry, ws.operators, {**ws.states, store.name: state},
-                      ws.errors)
+    states = ws.states
+    if store is not None and not all(isinstance(c, Chunk) for c in states[store.name]["chunks"]):
+        states = {**states, store.name: dict(states[store.name],
+                                             chunks=list(store.iter_chunks(states[store.name])))}
+    return replace(ws, operators=[], states=states)
 
 
 def finalize_small(info: ScanInfo, config: PipelineConfig, here: WorkerScan | None,
                    *others: WorkerScan) -> ScanResult:
     """On the writer: a small scan finalized and written in one task, from this worker's
     state (``here``, as it is; None if it holds none) and the others' ``portable`` states."""
+    ops = here.operators if here is not None and here.operators else build_operators(config, info.geometry)
+    others = [replace(ws, operators=ops) if ws.states else ws for ws in others]
     return finalize_scan(info, config, *(ws for ws in (here, *others) if ws is not None))
+
+
+def result_of(future, timeout: float, stop: threading.Event | None = None, what: str = "a task"):
+    """``future.result()`` waited for here, never with distributed's own timeout (which, when
+    it expires as the task ends, can raise an UnboundLocalError instead of the outcome).
+    TimeoutError after ``timeout`` s; WorkerLost as soon as ``stop`` is set."""
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    deadline = time.monotonic() + timeout
+    while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+        if stop is not None and stop.is_set():
+            raise WorkerLost(f"{what}: a worker holding it left the cluster")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not done within {timeout:.0f} s")
+    return future.result()
 
 
 def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: dict,
                         writer: str, timeout: float, small: bool = False,
-                        stop: threading.Event | None = None) -> ScanResult:
+                        stop: threading.Event | None = None, travelling: set = frozenset()) -> ScanResult:
     """``finalize_scan`` with every worker's state left where it is.
 
     closed: worker address → future of its ``WorkerScan`` (on that worker); writer: the
@@ -495,23 +576,15 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     the writer writes it. No process holds a whole scan, and the workers share the work.
     ``small``: the other workers send their whole states to the writer, which does
     everything in one task (fewer round trips; for scans of a few million electrons).
-    ``stop``: set by another thread when a worker of the scan left; raises WorkerLost."""
+    ``stop``: set by another thread when a worker of the scan left; raises WorkerLost.
+    ``travelling``: workers whose closed state is already ``portable``."""
     deadline = time.monotonic() + timeout
 
     def on(worker, fn, *args):
         return client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
 
     def wait(future):
-        from distributed import TimeoutError as DaskTimeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                return future.result(timeout=max(0.0, min(0.5, left)))
-            except (TimeoutError, DaskTimeout):
-                if stop is not None and stop.is_set():
-                    raise WorkerLost(f"scan {info.scan_id}: a worker holding it left the cluster") from None
-                if left <= 0.5:
-                    raise
+        return result_of(future, max(0.0, deadline - time.monotonic()), stop, f"scan {info.scan_id}")
 
     workers = list(closed)
     token = uuid.uuid4().hex
@@ -524,7 +597,8 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     if small:
         try:
             return wait(on_(writer, finalize_small, info, config, closed.get(writer),
-                            *(on(w, portable, closed[w]) for w in workers if w != writer)))
+                            *(closed[w] if w in travelling else on(w, portable, closed[w])
+                              for w in workers if w != writer)))
         except BaseException:
             client.cancel(futures)
             raise
@@ -550,7 +624,7 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     except BaseException:
         client.cancel(futures)  # what has not started never will
         try:
-            on(writer, discard_scan_file, token).result(timeout=10)
+            result_of(on(writer, discard_scan_file, token), 10.0)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
         raise

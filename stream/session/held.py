@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class HeldScan:
     busy: bool = False
     said: float = 0.0  # monotonic time of the last console line about it
     asked: set = field(default_factory=set)  # workers asked to close it
+    writers: list = field(default_factory=list)  # workers an attempt wrote it on (asked first next time)
+    planned: str | None = None  # the writer chosen when it was closed (small scans)
+    travelling: set = field(default_factory=set)  # workers whose state is ready to travel (portable)
+    write_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per scan, every attempt
     stop: threading.Event = field(default_factory=threading.Event)
 
     def failed(self, error: str, now: float) -> float:

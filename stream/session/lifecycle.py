@@ -35,6 +35,8 @@ RECEIVING, CLOSING, DONE = "receiving", "closing", "done"
 # well within it, as NTP keeps them).
 DRAIN_GRACE_S = 1.0
 SILENT_S = 2.0  # a receiver without a heartbeat for this long is stalled (named on the console)
+EARLY_REJECTS_S = 60.0  # a reject naming a scan not open yet counts in it if it opens this soon
+EARLY_REJECTS_MAX = 4096  # scan ids whose early rejects are remembered (a flood costs no more)
 
 
 @dataclass
@@ -142,14 +144,29 @@ class ScanTracker:
         self.scans: dict[str, ScanStatus] = {}
         self.rejects: dict[str, int] = {}
         self.receivers: dict[str, ReceiverView] = {}
+        self._early: OrderedDict[str, tuple[float, dict]] = OrderedDict()  # scan -> (time, reason counts)
         self._forgotten: OrderedDict[str, None] = OrderedDict()  # finished long ago: never reopened
 
     def _scan(self, scan_id: str) -> ScanStatus:
         st = self.scans.get(scan_id)
         if st is None:
             st = self.scans[scan_id] = ScanStatus(scan_id, opened=self.wall(), last_activity=self.clock())
+            t, reasons = self._early.pop(scan_id, (0.0, {}))
+            if self.clock() - t <= EARLY_REJECTS_S:  # rejected before any receiver reported it open
+                for reason, n in reasons.items():
+                    st.rejects += n
+                    st.reject_reasons[reason] = st.reject_reasons.get(reason, 0) + n
         st.last_activity = self.clock()
         return st
+
+    def _remember_early(self, scan_id: str, reason: str) -> None:
+        """A reject naming a scan that is not open (its receiver's report may simply come
+        later): kept, bounded, for the scan's file."""
+        t, reasons = self._early.pop(scan_id, (self.clock(), {}))
+        reasons[reason] = reasons.get(reason, 0) + 1
+        self._early[scan_id] = (t, reasons)
+        while len(self._early) > EARLY_REJECTS_MAX:
+            self._early.popitem(last=False)
 
     def _count_reject(self, reason: str, st: ScanStatus | None = None) -> None:
         self.rejects[reason] = self.rejects.get(reason, 0) + 1
@@ -243,6 +260,8 @@ class ScanTracker:
                 if st is not None and st.geometry is None and report["reason"] == "operator_error" \
                         and len(st.errors) < 5:
                     st.errors.append(report.get("detail", ""))
+                if st is None and sid not in self._forgotten:
+                    self._remember_early(sid, report["reason"])
             self._count_reject(report["reason"], st)
             if st is not None and report["reason"] == "late":
                 self._late(st, report.get("ranges") or [])

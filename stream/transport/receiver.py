@@ -60,6 +60,7 @@ class ScanWork:
     mem_bytes: int = 0
     spill: SpillFile | None = None  # created on the first spill
     spill_failed: bool = False  # after a failure the scan's events stay in memory
+    opened: float = field(default_factory=time.monotonic)
     frames_read: int = 0  # frame parts of frames messages read (heartbeats report both)
     frames_processed: int = 0  # ... and processed and reported
 
@@ -420,10 +421,11 @@ class Receiver:
     def _snapshot_live(self) -> None:
         """Partial states of every scan that changed: scan-shaped arrays only over the
         positions that changed since the last snapshot, detector-shaped ones whole."""
+        young = time.monotonic() - 1.0 / self.config.live.rate_hz  # scans done sooner need none
         with self._lock:
             for work in self._scans.values():
                 lo, hi = work.touched
-                if lo is None:
+                if lo is None or work.opened > young:
                     continue
                 work.touched = [None, None]
                 arrays = {}
