@@ -23,11 +23,22 @@ def send_scan(src, scan_id, events):
     src.end(scan_id, GEOM.n_frames)
 
 
-def clean_run(s, src, events, scan_id="clean"):
-    send_scan(src, scan_id, events)
-    r = s.wait(scan_id, timeout=120)
+def clean_copy(s, src, events, tmp_path):
+    """A clean run of the scan (output writable), copied aside as the reference file."""
+    send_scan(src, "clean", events)
+    r = s.wait("clean", timeout=120)
     assert r.status == "complete", r.reason
-    return r
+    copy = tmp_path / "clean.h5"
+    copy.write_bytes(r.path.read_bytes())
+    return r, copy
+
+
+def session(tmp_path, out, src, client, console=True, **output):
+    cfg = config(tmp_path, timeout_s=60)
+    cfg.output.dir = str(out)
+    for key, value in output.items():
+        setattr(cfg.output, key, value)
+    return Session(src.addresses, config=cfg, client=client, console=console)
 
 
 def test_read_only_output_holds_the_scan_until_it_is_writable(client2, scripted_source, tmp_path, capsys):
@@ -36,13 +47,9 @@ def test_read_only_output_holds_the_scan_until_it_is_writable(client2, scripted_
     events = synthetic_events(GEOM, seed=31)
     src = scripted_source(2)
     with writable_dir(tmp_path) as out:
-        cfg = config(tmp_path, timeout_s=60)
-        cfg.output.dir = str(out)
-        with Session(src.addresses, config=cfg, client=client2) as s:
+        with session(tmp_path, out, src, client2) as s:
             src.wait_for_receivers()
-            clean = clean_run(s, src, events)
-            reference_copy = tmp_path / "clean.h5"
-            reference_copy.write_bytes(clean.path.read_bytes())
+            _, reference_copy = clean_copy(s, src, events, tmp_path)
             set_read_only(out, True)
             try:
                 send_scan(src, "held", events)
@@ -62,7 +69,7 @@ def test_read_only_output_holds_the_scan_until_it_is_writable(client2, scripted_
     said = capsys.readouterr().out
     assert "ERROR [held] its file cannot be written" in said and "nothing is lost" in said
     assert "stemstream pending --finish held --to DIR" in said
-    assert f"[held] written after" in said
+    assert "[held] written after" in said
 
 
 @needs_root
@@ -73,14 +80,10 @@ def test_a_full_file_system_holds_the_scan_until_there_is_room(client2, scripted
     events = synthetic_events(GEOM, seed=32, dose=400)
     src = scripted_source(1)
     with tmpfs(tmp_path / "small", "5m") as out:
-        cfg = config(tmp_path, timeout_s=60)
-        cfg.output.dir = str(out)
-        with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+        with session(tmp_path, out, src, client2, console=False) as s:
             src.wait_for_receivers()
-            clean = clean_run(s, src, events)
+            clean, reference_copy = clean_copy(s, src, events, tmp_path)
             size = clean.path.stat().st_size
-            reference_copy = tmp_path / "clean.h5"
-            reference_copy.write_bytes(clean.path.read_bytes())
             clean.path.unlink()
             filler = fill(out, size // 2)
             send_scan(src, "full", events)
@@ -102,13 +105,9 @@ def test_a_fallback_directory_takes_the_file_and_it_moves_back(client2, scripted
     events = synthetic_events(GEOM, seed=33)
     src = scripted_source(1)
     with writable_dir(tmp_path) as out:
-        cfg = config(tmp_path, timeout_s=60)
-        cfg.output.dir, cfg.output.fallback_dir = str(out), str(tmp_path / "fallback")
-        with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+        with session(tmp_path, out, src, client2, console=False, fallback_dir=str(tmp_path / "fallback")) as s:
             src.wait_for_receivers()
-            clean = clean_run(s, src, events)
-            reference_copy = tmp_path / "clean.h5"
-            reference_copy.write_bytes(clean.path.read_bytes())
+            _, reference_copy = clean_copy(s, src, events, tmp_path)
             set_read_only(out, True)
             try:
                 send_scan(src, "fell", events)
@@ -134,14 +133,10 @@ def test_stopping_the_session_waits_for_a_held_scan_then_rescues_it(client2, scr
     events = synthetic_events(GEOM, seed=34)
     src = scripted_source(1)
     with writable_dir(tmp_path) as out:
-        cfg = config(tmp_path, timeout_s=60)
-        cfg.output.dir = str(out)
-        s = Session(src.addresses, config=cfg, client=client2).start()
+        s = session(tmp_path, out, src, client2).start()
         try:
             src.wait_for_receivers()
-            clean = clean_run(s, src, events)
-            reference_copy = tmp_path / "clean.h5"
-            reference_copy.write_bytes(clean.path.read_bytes())
+            _, reference_copy = clean_copy(s, src, events, tmp_path)
             set_read_only(out, True)
             send_scan(src, "stop", events)
             wait_for(lambda: [p for p in s.pending() if p["attempts"] >= 1], 120)
@@ -163,9 +158,7 @@ def test_pending_lists_held_scans_and_finishes_one_elsewhere(client2, scripted_s
     events = synthetic_events(GEOM, seed=35)
     src = scripted_source(1)
     with writable_dir(tmp_path) as out:
-        cfg = config(tmp_path, timeout_s=60)
-        cfg.output.dir = str(out)
-        with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+        with session(tmp_path, out, src, client2, console=False) as s:
             src.wait_for_receivers()
             set_read_only(out, True)
             try:

@@ -26,6 +26,16 @@ def frames_of(s, scan_id):
     return next((st for st in s.status() if st["scan_id"] == scan_id), {})
 
 
+def first_half_on_both_workers(s, src, scan_id, events):
+    """Start the scan and send its first half; return once both workers processed some of it
+    and every frame of it is counted."""
+    half = GEOM.n_frames // 2
+    src.start(scan_id, GEOM)
+    src.frames(scan_id, GEOM, *events, batch=4, only=range(half))
+    return poll(lambda: frames_of(s, scan_id), lambda v: v and v["frames_received"] == half
+                and len([w for w, n in v["worker_events"].items() if n]) == 2, timeout_s=60)
+
+
 def test_a_stopped_worker_delays_the_scan_and_loses_nothing(client2, scripted_source, tmp_path, capsys):
     """One worker stopped for 3 s mid-scan with a 0.5 s silence timeout: the scan waits for
     it (the old timeout would have closed it and dropped its queue as late). Lost: nothing.
@@ -35,10 +45,7 @@ def test_a_stopped_worker_delays_the_scan_and_loses_nothing(client2, scripted_so
     half = GEOM.n_frames // 2
     with Session(src.addresses, config=config(tmp_path, timeout_s=0.5), client=client2) as s:
         src.wait_for_receivers()
-        src.start("stall", GEOM)
-        src.frames("stall", GEOM, *events, batch=4, only=range(half))
-        poll(lambda: frames_of(s, "stall"), lambda v: v and v["frames_received"] == half
-             and len([w for w, n in v["worker_events"].items() if n]) == 2, timeout_s=60)
+        first_half_on_both_workers(s, src, "stall", events)
         victim, pid = sorted(worker_pids(client2).items())[1]
         with stopped(pid):
             src.frames("stall", GEOM, *events, batch=4, only=range(half, GEOM.n_frames))
@@ -80,10 +87,7 @@ def test_a_killed_worker_loses_what_it_held_and_the_file_names_it(own_cluster, s
     half = GEOM.n_frames // 2
     with Session(src.addresses, config=config(tmp_path, timeout_s=60), client=client) as s:
         src.wait_for_receivers()
-        src.start("kill", GEOM)
-        src.frames("kill", GEOM, *events, batch=4, only=range(half))
-        before = poll(lambda: frames_of(s, "kill"), lambda v: v and v["frames_received"] == half
-                      and len([w for w, n in v["worker_events"].items() if n]) == 2, timeout_s=60)
+        before = first_half_on_both_workers(s, src, "kill", events)
         victim, pid = sorted(worker_pids(client).items())[1]
         import os
         import signal

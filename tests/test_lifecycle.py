@@ -135,14 +135,21 @@ def test_frames_sent_counts_distinct_frames_and_a_larger_count_is_tolerated():
     assert [s.close_reason for s in t.due()] == ["complete"]
 
 
-def test_late_rejects_are_counted_in_their_scan_with_the_frames_they_carried():
+def timed_out(sid="a"):
+    """A tracker whose scan ``sid`` (3 frames) timed out and closed; and its clock."""
     clock = Clock()
     t = ScanTracker(timeout_s=1, clock=clock, wall=clock)
-    reports(t, geometry("a"), frames("a", 0, 0, 3))
+    reports(t, geometry(sid), frames(sid, 0, 0, 3))
     clock.t += 2
     t.due()
     t.handle(heartbeat("w0", clock.t + 5))
-    [st] = t.due()
+    assert [st.scan_id for st in t.due()] == [sid]
+    return t, clock
+
+
+def test_late_rejects_are_counted_in_their_scan_with_the_frames_they_carried():
+    t, _ = timed_out()
+    st = t.scans["a"]
     for r in ({"reason": "late", "ranges": [[0, 3, 4]]}, {"reason": "bad_version", "ranges": []}):
         t.handle({"kind": "reject", "detail": "", "scan_id": "a", "worker": "w0", **r})
     assert st.rejects == 2 and st.reject_reasons == {"late": 1, "bad_version": 1}
@@ -167,13 +174,7 @@ def test_late_rejects_of_forgotten_scans_do_not_open_a_scan():
 
 
 def test_reports_of_a_closing_scan_change_nothing():
-    clock = Clock()
-    t = ScanTracker(timeout_s=1, clock=clock, wall=clock)
-    reports(t, geometry("a"), frames("a", 0, 0, 3))
-    clock.t += 2
-    t.due()
-    t.handle(heartbeat("w0", clock.t + 5))
-    t.due()
+    t, _ = timed_out()
     before = t.scans["a"].frames_received
     reports(t, frames("a", 0, 3, 5), geometry("c"))
     assert t.scans["a"].frames_received == before

@@ -50,6 +50,7 @@ KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep
 BACKOFF_LAST = BACKOFF_S[-1]
 WRITERS = 4  # scans written at once (the threads mostly wait for the workers)
 GONE_AFTER_S = 10.0  # a worker missing from the scheduler's list this long has left
+PREVIEW_BACKLOG = 8  # scans whose previews may wait to be drawn; more are skipped
 
 
 def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
@@ -153,6 +154,7 @@ class Session:
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="stemstream-finalize")
         self._preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemstream-previews")
+        self._previews_waiting = self._previews_skipped = 0
         self._held: dict[str, HeldScan] = {}  # closed scans whose file is not in place yet
         self._moving: dict[str, MovingFile] = {}  # files in the fallback directory, to move
         self._held_lock = threading.Lock()
@@ -214,7 +216,8 @@ class Session:
         plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config)
         self._client.register_plugin(plugin, name=self._plugin_name)
         self.workers = sorted(self._client.scheduler_info()["workers"])
-        self._client.subscribe_topic("all", self._on_dask_event)  # workers that leave, and why
+        self._client.subscribe_topic("all", self._on_dask_event)  # workers that join or leave, and why
+        threading.Thread(target=self._watch_workers, name="stemstream-workers", daemon=True).start()
         try:
             self._control = ControlServer(self._ctx, {"out": str(self.config.output.dir),
                                                       "fallback": self.config.output.fallback_dir,
@@ -443,7 +446,7 @@ class Session:
 
     def _coordinate(self) -> None:
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
-        next_live = next_forget = next_workers = time.monotonic()
+        next_live = next_forget = time.monotonic()
         warned = set()
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
@@ -463,9 +466,6 @@ class Session:
                     self._serve_control()
                 self._handle_events()
                 now = time.monotonic()
-                if now >= next_workers:
-                    next_workers = now + 1.0
-                    self._check_workers(now)
                 for st in self._tracker.due():
                     self._close_scan(st)
                 self._retry_due(now)
@@ -489,9 +489,14 @@ class Session:
 
     # -------------------------------------------------------------- workers that stall or leave
     def _on_dask_event(self, event) -> None:
-        """dask's 'all' topic (in the client's thread): a worker the scheduler removed."""
+        """dask's 'all' topic (in the client's thread): a worker that joined, or that the
+        scheduler removed, and why."""
         msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
-        if isinstance(msg, dict) and msg.get("action") == "remove-worker" and msg.get("worker"):
+        if not isinstance(msg, dict) or not msg.get("worker"):
+            return
+        if msg.get("action") == "add-worker":
+            self._events.put(("added", msg["worker"], ""))
+        elif msg.get("action") == "remove-worker":
             stimulus = str(msg.get("stimulus_id", ""))
             if "worker-ttl" in stimulus:
                 cause = "dask removed it: no heartbeat within distributed.scheduler.worker-ttl (stalled)"
@@ -501,26 +506,33 @@ class Session:
                 cause = f"its process died or lost its connection (dask: {stimulus or 'removed'})"
             self._events.put(("gone", msg["worker"], cause))
 
+    def _watch_workers(self, every_s: float = 10.0) -> None:
+        """In its own thread (asking the scheduler can take long on a busy machine): the
+        scheduler's list of workers every ``every_s``, in case an event was missed."""
+        while not self._stop.wait(every_s):
+            try:
+                workers = set(self._client.scheduler_info()["workers"])
+            except Exception:  # noqa: BLE001 - asked again later
+                continue
+            if workers:  # a momentarily empty list is not believed
+                self._events.put(("listed", workers, ""))
+
     def _handle_events(self) -> None:
+        now = time.monotonic()
         while not self._events.empty():
             kind, worker, cause = self._events.get()
             if kind == "gone":
                 self._worker_gone(worker, cause)
-
-    def _check_workers(self, now: float) -> None:
-        """The scheduler's list of workers (momentarily empty lists are not believed); a
-        receiver whose worker stays off it for GONE_AFTER_S has left."""
-        try:
-            workers = set(self._client.scheduler_info()["workers"])
-        except Exception:  # noqa: BLE001 - asked again in a second
-            return
-        if workers:
-            self.workers = sorted(workers)
-        for w, rv in list(self._tracker.receivers.items()):
-            if rv.gone or w in workers:
-                self._missing_since.pop(w, None)
-            elif now - self._missing_since.setdefault(w, now) >= GONE_AFTER_S:
-                self._worker_gone(w, "it left the cluster")
+            elif kind == "added" and worker not in self.workers:
+                self.workers = sorted(self.workers + [worker])
+            elif kind == "listed":
+                listed = worker
+                self.workers = sorted(listed)
+                for w, rv in list(self._tracker.receivers.items()):  # a worker off the list has left
+                    if rv.gone or w in listed:
+                        self._missing_since.pop(w, None)
+                    elif now - self._missing_since.setdefault(w, now) >= GONE_AFTER_S:
+                        self._worker_gone(w, "it left the cluster")
 
     def _live_workers(self) -> list[str]:
         gone = {w for w, rv in self._tracker.receivers.items() if rv.gone}
@@ -633,7 +645,7 @@ class Session:
     # -------------------------------------------------------------- finalization
     def _close_scan(self, st: ScanStatus) -> None:
         """A scan closed: its state stays on the workers until its file is in place."""
-        h = HeldScan(st.scan_id, st, {}, busy=True)
+        h = HeldScan(st.scan_id, busy=True, status=st)
         with self._held_lock:
             self._held[st.scan_id] = h
         self._executor.submit(self._attempt, h)
@@ -789,8 +801,8 @@ class Session:
         if r.path is not None and fallback and Path(r.path).parent == Path(fallback):
             with self._held_lock:
                 if r.scan_id not in self._moving:
-                    self._moving[r.scan_id] = MovingFile(r.scan_id, Path(r.path), worker,
-                                                         next_try=time.monotonic() + 1.0)
+                    self._moving[r.scan_id] = MovingFile(r.scan_id, next_try=time.monotonic() + 1.0,
+                                                         path=Path(r.path), worker=worker)
         return r
 
     def _move(self, m: MovingFile) -> None:
@@ -841,7 +853,29 @@ class Session:
             self._cond.notify_all()
         self.console.forget(st.scan_id)
         if self.config.output.previews and result.path is not None:
-            self._preview_pool.submit(self._write_previews, result)
+            self._queue_previews(result)
+
+    def _queue_previews(self, r: ScanResult) -> None:
+        """Previews in their own thread, off the path that writes files; in a burst of scans
+        faster than they can be drawn, those of the scans beyond PREVIEW_BACKLOG are skipped."""
+        with self._held_lock:
+            if self._previews_waiting >= PREVIEW_BACKLOG:
+                skip, self._previews_skipped = True, self._previews_skipped + 1
+            else:
+                skip, self._previews_waiting = False, self._previews_waiting + 1
+        if skip:
+            if self._previews_skipped == 1:
+                self.console.say(f"WARNING [{r.scan_id}] previews skipped: scans finish faster than previews "
+                                 "are drawn (a burst); the scan files are complete ('stemstream info FILE')")
+            return
+
+        def draw():
+            try:
+                self._write_previews(r)
+            finally:
+                with self._held_lock:
+                    self._previews_waiting -= 1
+        self._preview_pool.submit(draw)
 
     # -------------------------------------------------------------- the control socket
     def _serve_control(self) -> None:

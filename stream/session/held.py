@@ -25,28 +25,15 @@ REMIND_S = 60.0  # a held scan is named on the console again this often
 
 
 @dataclass
-class HeldScan:
-    """A closed scan on its way to a file. ``closed``: worker → future of its state;
-    ``staged``: (worker, token) of a finished file waiting in that worker's staging
-    directory; ``target``: where the next attempt writes ('' : the output directory)."""
+class Retried:
+    """Attempts at something that may fail for a while: counted, spaced by BACKOFF_S."""
 
     scan_id: str
-    status: object  # the tracker's ScanStatus
-    closed: dict
-    since: float = field(default_factory=time.time)
     attempts: int = 0
     next_try: float = 0.0  # monotonic
     error: str = ""
-    staged: tuple | None = None
-    target: str = ""
-    busy: bool = False
-    said: float = 0.0  # monotonic time of the last console line about it
-    asked: set = field(default_factory=set)  # workers asked to close it
-    writers: list = field(default_factory=list)  # workers an attempt wrote it on (asked first next time)
-    planned: str | None = None  # the writer chosen when it was closed (small scans)
-    travelling: set = field(default_factory=set)  # workers whose state is ready to travel (portable)
-    write_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per scan, every attempt
-    stop: threading.Event = field(default_factory=threading.Event)
+    busy: bool = False  # an attempt is under way
+    since: float = field(default_factory=time.time)
 
     def failed(self, error: str, now: float) -> float:
         """Count a failed attempt and schedule the next; returns the delay (s)."""
@@ -58,6 +45,25 @@ class HeldScan:
 
     def due(self, now: float) -> bool:
         return not self.busy and now >= self.next_try
+
+
+@dataclass
+class HeldScan(Retried):
+    """A closed scan on its way to a file. ``closed``: worker → future of its state;
+    ``staged``: (worker, token) of a finished file waiting in that worker's staging
+    directory; ``target``: where the next attempt writes ('' : the output directory)."""
+
+    status: object = None  # the tracker's ScanStatus
+    closed: dict = field(default_factory=dict)
+    staged: tuple | None = None
+    target: str = ""
+    said: float = 0.0  # monotonic time of the last console line about it
+    asked: set = field(default_factory=set)  # workers asked to close it
+    writers: list = field(default_factory=list)  # workers an attempt wrote it on (asked first next time)
+    planned: str | None = None  # the writer chosen when it was closed (small scans)
+    travelling: set = field(default_factory=set)  # workers whose state is ready to travel (portable)
+    write_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per scan, every attempt
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def where(self) -> str:
         if self.staged is not None:
@@ -76,27 +82,11 @@ class HeldScan:
 
 
 @dataclass
-class MovingFile:
+class MovingFile(Retried):
     """A scan file written to the fallback directory, to move into the output directory."""
 
-    scan_id: str
-    path: Path
-    worker: str
-    attempts: int = 0
-    next_try: float = 0.0
-    error: str = ""
-    busy: bool = False
-    since: float = field(default_factory=time.time)
-
-    def failed(self, error: str, now: float) -> float:
-        self.attempts += 1
-        self.error = error
-        delay = BACKOFF_S[min(self.attempts, len(BACKOFF_S)) - 1]
-        self.next_try = now + delay
-        return delay
-
-    def due(self, now: float) -> bool:
-        return not self.busy and now >= self.next_try
+    path: Path | None = None
+    worker: str = ""
 
     def describe(self, now: float) -> dict:
         return {"scan_id": self.scan_id, "state": "in fallback", "since": self.since,
