@@ -317,7 +317,14 @@ class Session:
         self._rescue()
 
     def _rescue(self) -> None:
-        """Last resort when the session stops: held scans to ~/stemstream-rescued, once."""
+        """Last resort when the session stops: held scans to ~/stemstream-rescued, once
+        (after the attempts under way have ended: one of them may still succeed)."""
+        deadline = time.monotonic() + self.config.scan.finalize_timeout_s
+        while time.monotonic() < deadline:
+            with self._held_lock:
+                if not any(h.busy for h in self._held.values()):
+                    break
+            time.sleep(0.1)
         with self._held_lock:
             held = [h for h in self._held.values() if not h.busy]
         for h in held:
@@ -561,11 +568,11 @@ class Session:
     def _say_waiting(self, now: float) -> None:
         """Every 5 s per scan: a scan that must close but waits for a silent receiver."""
         for st in self._tracker.active():
-            if st.settle_from is None or now - getattr(st, "_said_waiting", 0.0) < 5.0:
+            if st.settle_from is None or now - st.said_waiting < 5.0:
                 continue
             silent = [rv for rv in self._tracker.waiting_for(st) if now - rv.last_seen >= SILENT_S]
             if silent:
-                st._said_waiting = now
+                st.said_waiting = now
                 for rv in silent:
                     self.console.say(f"[{st.scan_id}] waiting for worker {rv.worker}: no report for "
                                      f"{now - rv.last_seen:.0f} s (stopped or overloaded?); the frames "

@@ -73,6 +73,7 @@ class ScanStatus:
     worker_frames: dict = field(default_factory=dict)  # worker -> frame parts it processed
     late_frames: int = 0  # frame parts dropped because they came after the scan closed
     reject_reasons: dict = field(default_factory=dict)  # reason -> rejected messages naming it
+    said_waiting: float = 0.0  # monotonic time the console last named the receivers it waits for
     frames_sent: dict = field(default_factory=dict)  # source -> frames its end announced
     events: int = 0
     worker_events: dict = field(default_factory=dict)  # worker -> electrons it processed

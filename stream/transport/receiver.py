@@ -250,6 +250,8 @@ class Receiver:
         empty, ``pending`` the scans with messages read but not yet processed and reported.
         Reports travel in order, so every frame read before ``empty_at`` of a scan not in
         ``pending`` was reported before this heartbeat (docs/PROTOCOL.md, liveness)."""
+        if len(self._outbox) > 1000:  # the coordinator is not reading: the next one says the same
+            return
         self._heartbeats += 1
         with self._lock:
             scans = {sid: [w.frames_read, w.frames_processed] for sid, w in self._scans.items()}
