@@ -528,7 +528,8 @@ def test_events_that_disagree_with_their_counts_refuse_the_file(tmp_path):
     from stream.transport.receiver import WorkerScan
 
     counts, indices = synthetic_events(GEOM, seed=6)
-    cfg = config(tmp_path)
+    (tmp_path / "stage").mkdir()
+    cfg = config(tmp_path, memory=MemorySpec(spill_dir=str(tmp_path / "stage")))  # files are built there
     ops = build_operators(cfg, GEOM)
     states = {op.name: op.new_state() for op in ops}
     frames = np.arange(GEOM.n_frames)
@@ -542,4 +543,5 @@ def test_events_that_disagree_with_their_counts_refuse_the_file(tmp_path):
                     timings={"opened": 0.0, "first_frame": 0.0, "last_frame": 0.0, "closed": 0.0})
     with pytest.raises(RuntimeError, match="other events for stored frame 0 than they counted"):
         finalize_scan(info, cfg, WorkerScan("lost", "w", GEOM, ops, states, []))
-    assert not list((tmp_path / "out").iterdir()) and not _OPEN
+    out = tmp_path / "out"
+    assert not (out.exists() and list(out.iterdir())) and not list((tmp_path / "stage").iterdir()) and not _OPEN

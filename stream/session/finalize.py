@@ -25,6 +25,7 @@ import numpy as np
 from operators.base import Result
 from operators.chunk import Chunk
 from operators.completeness import Completeness, repeat_mask, runs
+from operators.electron_counting import ElectronCounter
 from operators.events import EventStore, plan_blocks
 
 from stream import __version__
@@ -350,10 +351,14 @@ def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -
     t0 = time.time()
     ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
-    store = counts = None
+    store = counts = counting = None
     for op in ops:
         if isinstance(op, EventStore):
             store, counts = op, states[op.name]["counts"]
+        elif isinstance(op, ElectronCounter):
+            if states[op.name]["frames"][0]:  # raw frames were counted: say how, in /counting
+                record = op.describe(states[op.name])
+                counting = (record.attrs, record.arrays)
         elif isinstance(op, Completeness):
             completeness = op.finalize(states[op.name])
             summary = op.summary(states[op.name])
@@ -388,7 +393,7 @@ def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -
                         status=status, reason=reason, geometry=info.geometry.for_sector(None).to_wire(),
                         metadata=info.metadata, results=results, offsets=offsets,
                         completeness=completeness, completeness_summary=summary_attrs,
-                        provenance={**provenance, "timings": timings},
+                        provenance={**provenance, "timings": timings}, counting=counting,
                         compression_level=config.output.compression_level)
     g = info.geometry
     result = ScanResult(info.scan_id, None, status, reason, n_frames=g.n_frames,
