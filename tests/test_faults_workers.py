@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import h5py
@@ -65,6 +66,34 @@ def test_a_stopped_worker_delays_the_scan_and_loses_nothing(client2, scripted_so
           "stopped; all counted")
     assert f"waiting for worker {victim}: no report for" in capsys.readouterr().out
 
+
+
+def test_a_momentarily_empty_worker_list_delays_the_file_and_loses_nothing(client2, scripted_source, tmp_path, capsys):
+    """Issue 13's intermittent crash: the writer was chosen from a worker list that was
+    momentarily empty, and a complete scan was lost. Here the session's list of live workers
+    is made empty (the fault injected in this session only) while a scan closes: the attempt
+    fails, the scan is held, and it is written on a retry once workers are known again.
+    Lost: nothing. Survived: the whole scan, exact."""
+    events = synthetic_events(GEOM, seed=43)
+    src = scripted_source(2)
+    empty = threading.Event()
+    empty.set()
+    with Session(src.addresses, config=config(tmp_path), client=client2) as s:
+        src.wait_for_receivers()
+        live_workers = s._live_workers
+        s._live_workers = lambda: [] if empty.is_set() else live_workers()
+        src.start("blank", GEOM)
+        src.frames("blank", GEOM, *events, batch=4)
+        src.end("blank", GEOM.n_frames)
+        held = wait_for(lambda: [p for p in s.pending() if p["scan_id"] == "blank" and p["attempts"] >= 1], 120)
+        assert "no worker in the cluster right now" in held[0]["error"], held
+        assert held[0]["frames_received"] == GEOM.n_frames
+        empty.clear()
+        r = s.wait("blank", timeout=120)
+    assert r.status == "complete", r.reason
+    assert_matches(r, reference(*events, GEOM), r.path)
+    out = capsys.readouterr().out
+    assert "ERROR [blank] its file cannot be written" in out and "[blank] written after" in out
 
 @pytest.fixture
 def own_cluster():

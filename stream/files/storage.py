@@ -538,6 +538,13 @@ def _write_results(g: h5py.Group, items: dict, level: int) -> None:
         write_attrs(d, res.attrs)
 
 
+def read_images(path: str | Path) -> tuple[dict, np.ndarray]:
+    """A scan file's result arrays (name -> array) and ``/completeness/position_frames``."""
+    with h5py.File(path, "r") as f:
+        results = {name: d[()] for name, d in f["results"].items() if isinstance(d, h5py.Dataset)}
+        return results, f["completeness/position_frames"][()]
+
+
 def open_scan(path: str | Path) -> h5py.File:
     """Open a scan file for reading; ScanFileError with the path and the reason otherwise."""
     path = Path(path)

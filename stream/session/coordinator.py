@@ -35,7 +35,7 @@ from stream.config import ConfigError, PipelineConfig, build_operators, load_con
 from stream.session.ask import ControlError, ControlServer
 from stream.session.finalize import (SMALL_SCAN_EVENTS, ScanInfo, ScanResult, config_json, drop_staged,
                                      finalize_on_cluster, publish_staged, result_of, written_here)
-from stream.session.held import BACKOFF_S, REMIND_S, HeldScan, MovingFile, loud_lines, rescue_dir
+from stream.session.held import BACKOFF_S, NO_WORKER, REMIND_S, HeldScan, MovingFile, loud_lines, rescue_dir
 from stream.session.lifecycle import DONE, SILENT_S, ScanStatus, ScanTracker
 from stream.files.storage import move_into
 from stream.files.previews import write_scan_previews
@@ -166,7 +166,7 @@ class Session:
         self._writing: dict[str, int] = {}  # worker -> files it is writing now
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # from dask's event thread
         self._missing_since: dict[str, float] = {}  # worker -> when the scheduler stopped listing it
-        self._control: ControlServer | None = None
+        self._pending_ctl: ControlServer | None = None  # answers `stemstream pending` (ipc://)
         self._config_json = config_json(self.config)  # /provenance of every scan file
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
         self._thread = None
@@ -235,7 +235,7 @@ class Session:
         self._client.subscribe_topic("all", self._on_dask_event)  # workers that join or leave, and why
         threading.Thread(target=self._watch_workers, name="stemstream-workers", daemon=True).start()
         try:
-            self._control = ControlServer(self._ctx, {"out": str(self.config.output.dir),
+            self._pending_ctl = ControlServer(self._ctx, {"out": str(self.config.output.dir),
                                                       "fallback": self.config.output.fallback_dir,
                                                       "connect": self.connect})
         except (ControlError, zmq.ZMQError, OSError) as e:  # the session still works without it
@@ -290,8 +290,8 @@ class Session:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.debug("unregistering the receiver plugin failed: %s", e)
-        if self._control is not None:
-            self._control.close()
+        if self._pending_ctl is not None:
+            self._pending_ctl.close()
         if self.detector is not None:
             self.detector.close()
         for sock in (self._pull, self._pub):
@@ -327,7 +327,7 @@ class Session:
                                      + "); retrying. 'stemstream pending' shows them; stop again to "
                                      f"write them to {rescue_dir()}")
                 self._retry_due(now, moves=False)
-                self._serve_control()
+                self._serve_pending()
                 self._handle_events()
                 time.sleep(0.1)
         except KeyboardInterrupt:
@@ -487,8 +487,8 @@ class Session:
         warned = set()
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
-        if self._control is not None:
-            poller.register(self._control.socket, zmq.POLLIN)
+        if self._pending_ctl is not None:
+            poller.register(self._pending_ctl.socket, zmq.POLLIN)
         while not self._stop.is_set():
             try:
                 ready = dict(poller.poll(50))
@@ -499,8 +499,8 @@ class Session:
                         except zmq.Again:
                             break
                         self._handle_report(parts, warned)
-                if self._control is not None and self._control.socket in ready:
-                    self._serve_control()
+                if self._pending_ctl is not None and self._pending_ctl.socket in ready:
+                    self._serve_pending()
                 self._handle_events()
                 now = time.monotonic()
                 for st in self._tracker.due():
@@ -774,7 +774,7 @@ class Session:
         writer = h.planned if h.planned in closed or (not closed and h.planned in live) else \
             min(closed or live or [None], key=lambda w: (self._writing.get(w, 0), -st.worker_events.get(w, 0), str(w)))
         if writer is None:
-            raise RuntimeError("no worker in the cluster right now to write it")
+            raise RuntimeError(f"{NO_WORKER} to write it")
         reported, late = st.reported(), st.late_mask()
         info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
                         dict(st.frames_sent), st.rejects,
@@ -918,16 +918,16 @@ class Session:
         self._preview_pool.submit(draw)
 
     # -------------------------------------------------------------- the control socket
-    def _serve_control(self) -> None:
+    def _serve_pending(self) -> None:
         """Answer ``stemstream pending`` (stream/session/ask.py)."""
-        if self._control is None:
+        if self._pending_ctl is None:
             return
-        for ident, req in self._control.requests():
+        for ident, req in self._pending_ctl.requests():
             try:
                 answer = self._control_answer(req)
             except Exception as e:  # noqa: BLE001 - answered, the session goes on
                 answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            self._control.reply(ident, answer)
+            self._pending_ctl.reply(ident, answer)
 
     def _control_answer(self, req: dict) -> dict:
         op, sid = req.get("op"), req.get("scan")

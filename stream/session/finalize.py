@@ -33,7 +33,8 @@ from stream.config import PipelineConfig, build_operators
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
 from stream.transport.spill import SpillFile
-from stream.files.storage import EventBlock, JSONText, OutputError, ScanWriter, compress_block, publish
+from stream.files.storage import (EventBlock, JSONText, OutputError, ScanWriter, compress_block, publish,
+                                  read_images)
 
 IN_FLIGHT = 3  # blocks on their way to the writer at once
 SMALL_SCAN_EVENTS = 4_000_000  # up to this many electrons a scan is written by one task
@@ -277,7 +278,8 @@ class _OpenScan:
 _OPEN: dict[str, _OpenScan] = {}  # token -> scan file being written in this process
 _STAGED: dict[str, _OpenScan] = {}  # token -> finished file in staging, not yet published
 _BUSY: dict[str, int] = {}  # write id -> attempts at it under way in this process
-_DONE: dict[str, ScanResult] = {}  # write id -> result of a file this process published (last 256)
+_DONE: dict[str, ScanResult] = {}  # write id -> result of a file this process published (last 256,
+# without its arrays: they are in the file, and 256 detector-sized sums would be 100s of MB)
 
 
 def _busy(write_id: str, delta: int) -> None:
@@ -294,7 +296,7 @@ def _busy(write_id: str, delta: int) -> None:
 def _done(write_id: str, result: ScanResult) -> None:
     if write_id:
         with _OPEN_LOCK:
-            _DONE[write_id] = result
+            _DONE[write_id] = replace(result, results={}, position_frames=None)
             for old in list(_DONE)[:-256]:
                 del _DONE[old]
 
@@ -307,12 +309,17 @@ def written_here(write_id: str) -> tuple:
     with _OPEN_LOCK:
         if write_id in _BUSY:
             return "writing", None
-        if write_id in _DONE:
-            return "written", _DONE[write_id]
+        done = _DONE.get(write_id)
         staged = next((t for t, sc in _STAGED.items() if sc.write_id == write_id), None)
-        if staged is not None:
+        if done is None and staged is not None:
             sc = _STAGED[staged]
             return "staged", replace(sc.result, path=None, staged=staged, write_error="(found staged)")
+    if done is not None:
+        try:
+            results, position_frames = read_images(done.path)
+        except OSError:  # moved on since (a fallback file): written all the same
+            return "written", done
+        return "written", replace(done, results=results, position_frames=position_frames)
     return "none", None
 _DISCARDED: set[str] = set()  # tokens given up before their file was opened (a timeout)
 _OPEN_LOCK = threading.Lock()

@@ -68,8 +68,9 @@ class HeldScan(Retried):
     def where(self) -> str:
         if self.staged is not None:
             return f"a finished file in the staging directory of worker {self.staged[0]}, and the workers' memory"
-        n = len(self.closed)
-        return f"the memory of {n} worker{'s' if n != 1 else ''} ({', '.join(self.closed) or 'none'})"
+        holders = list(self.closed) or [w for w, n in getattr(self.status, "worker_frames", {}).items() if n]
+        n = len(holders)
+        return f"the memory of {n} worker{'s' if n != 1 else ''} ({', '.join(holders) or 'none'})"
 
     def describe(self, now: float) -> dict:
         """Plain values for ``stemstream pending`` and Session.pending()."""
@@ -94,11 +95,15 @@ class MovingFile(Retried):
                 "next_try_s": max(0.0, self.next_try - now), "writing": self.busy}
 
 
+NO_WORKER = "no worker in the cluster right now"
+
+
 def loud_lines(held: HeldScan, out_dir: str, fallback: str) -> list[str]:
     """What the console says the first time a scan cannot be written."""
     st = held.status
     what = f"{st.frames_received:,}/{st.n_frames:,} frames, {st.events / 1e6:.2f} M e-"
-    fix = f"make {out_dir} writable or free space there"
+    fix = "start a worker (it is tried again when one joins)" if NO_WORKER in held.error else \
+        f"make {out_dir} writable or free space there"
     return [f"ERROR [{held.scan_id}] its file cannot be written: {held.error}",
             f"ERROR [{held.scan_id}] nothing is lost: the scan ({what}) is held in {held.where()}; "
             f"writing is tried again every <= {BACKOFF_S[-1]:.0f} s"
