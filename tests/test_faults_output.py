@@ -182,22 +182,22 @@ def test_pending_lists_held_scans_and_finishes_one_elsewhere(client2, scripted_s
 
 
 def test_the_publish_step_never_leaves_a_partial_file(tmp_path):
-    """storage.publish onto a full file system: an OutputError naming the path and the fix,
+    """storage.publish onto a full file system: a PublishError naming the path and the fix,
     nothing left in the target directory, the staged file intact (plain file I/O: no HDF5
     state is at risk)."""
-    from stream.files.storage import OutputError, publish
+    from stream.files.storage import PublishError, publish
     staged = tmp_path / "staged.h5"
     staged.write_bytes(np.random.default_rng(0).bytes(2_000_000))
     if not ROOT:
         target = tmp_path / "ro"
         target.mkdir()
         target.chmod(0o555)
-        with pytest.raises(OutputError, match="make it writable"):
+        with pytest.raises(PublishError, match="make it writable"):
             publish(staged, target / "x.h5")
         target.chmod(0o755)
         assert not list(target.iterdir())
         return
     with tmpfs(tmp_path / "small", "1m") as small:
-        with pytest.raises(OutputError, match=r"No space left on device; free space there"):
+        with pytest.raises(PublishError, match=r"No space left on device; free space there"):
             publish(staged, small / "x.h5")
         assert not list(small.iterdir()) and staged.stat().st_size == 2_000_000

@@ -37,7 +37,7 @@ class ScanFileError(ValueError):
     """A file that is not a readable stemstream scan file; the message names path and problem."""
 
 
-class OutputError(OSError):
+class PublishError(OSError):
     """A scan file that cannot be written where it should go (read-only, full, gone); the
     message names the path, the system's reason and the fix. ``errno`` as the OSError's."""
 
@@ -45,22 +45,22 @@ class OutputError(OSError):
         return self.strerror or super().__str__()
 
 
-def output_error(e: OSError, path: Path, what: str = "cannot write") -> OutputError:
+def publish_error(e: OSError, path: Path, what: str = "cannot write") -> PublishError:
     fix = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there (quota)",
            errno.EROFS: "make it writable", errno.EACCES: "make it writable for this user",
            errno.EPERM: "make it writable for this user"}.get(e.errno, "check the file system")
-    return OutputError(e.errno, f"{what} {path}: {e.strerror or e}; {fix}")
+    return PublishError(e.errno, f"{what} {path}: {e.strerror or e}; {fix}")
 
 
 def check_space(directory: Path, needed: int) -> None:
-    """OutputError (ENOSPC) unless ``directory`` has ``needed`` bytes free."""
+    """PublishError (ENOSPC) unless ``directory`` has ``needed`` bytes free."""
     try:
         st = os.statvfs(directory)
     except OSError as e:
-        raise output_error(e, directory, "cannot use") from None
+        raise publish_error(e, directory, "cannot use") from None
     free = st.f_bavail * st.f_frsize
     if free < needed:
-        raise OutputError(errno.ENOSPC, f"cannot write in {directory}: {free / 1e6:.1f} MB free, the "
+        raise PublishError(errno.ENOSPC, f"cannot write in {directory}: {free / 1e6:.1f} MB free, the "
                                         f"scan file needs up to {needed / 1e6:.1f} MB; free space there")
 
 
@@ -68,7 +68,7 @@ def publish(staged: Path, path: Path) -> Path:
     """Give the finished file ``staged`` its name in ``path``'s directory (``path``, or
     stem-2, …: never overwrites) and return it: a hard link on the same file system, else a
     copy under a temporary name, synced, then linked. ``staged`` stays where it is. Raises
-    OutputError, leaving nothing behind in the target directory."""
+    PublishError, leaving nothing behind in the target directory."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -84,17 +84,17 @@ def publish(staged: Path, path: Path) -> Path:
                 final = link_unique(partial, path)
             finally:
                 partial.unlink(missing_ok=True)
-    except OutputError:
+    except PublishError:
         raise
     except OSError as e:
-        raise output_error(e, path) from None
+        raise publish_error(e, path) from None
     _sync_dir(path.parent)
     return final
 
 
 def move_into(src: str | Path, directory: str | Path) -> Path:
     """Move a finished scan file into ``directory`` (never overwriting: stem-2, … if its
-    name is taken) and return its new path; OutputError leaves it where it was."""
+    name is taken) and return its new path; PublishError leaves it where it was."""
     src = Path(src)
     final = publish(src, Path(directory) / src.name)
     src.unlink(missing_ok=True)
@@ -110,6 +110,40 @@ def _sync_dir(directory: Path) -> None:
             os.close(fd)
     except OSError:
         pass  # not every file system lets a directory be fsynced
+
+
+class OutputError(ValueError):
+    """An output that cannot be written where the user asked; the message names it and the fix."""
+
+
+def output_dir(path, option: str = "--out") -> Path:
+    """The directory ``path``, created if needed; OutputError naming ``option`` when it is a
+    file or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path} is a file, not a directory; give a directory (it is created "
+                          "if needed)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".stemstream-write-test-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{option} {path} cannot be written: {os.strerror(e.errno) if e.errno else e}; "
+                          "choose a directory you can write to") from None
+    return path
+
+
+def cannot_write(path, e: OSError) -> OutputError:
+    """The one-line error for a failed write of ``path`` (not of its temporary name)."""
+    why = os.strerror(e.errno) if e.errno else (e.strerror or str(e) or type(e).__name__)
+    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a directory you can write to"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or choose another disk"
+    else:
+        fix = "check the path"
+    return OutputError(f"cannot write {path}: {why}; {fix}")
 
 
 def _attr_value(v):
@@ -342,7 +376,7 @@ class ScanWriter:
     Takes the fields of :func:`write_scan` without ``indices``: ``offsets`` (n_frames + 1,)
     says how many events there will be. ``staging``: a local directory to build the file in
     (checked for room first); ``close()`` then publishes it (``publish``) and, if that fails
-    (OutputError), keeps it in ``self.tmp`` for ``publish`` to try again.
+    (PublishError), keeps it in ``self.tmp`` for ``publish`` to try again.
     """
 
     def __init__(self, path: str | Path, *, compression_level: int, offsets=None, copy_from=None,
@@ -353,7 +387,7 @@ class ScanWriter:
         try:
             where.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise output_error(e, where, "cannot create") from None
+            raise publish_error(e, where, "cannot create") from None
         if self.staging is not None:
             check_space(where, _upper_bound(offsets, fields))
         self.tmp = where / f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial"
@@ -365,7 +399,7 @@ class ScanWriter:
         try:
             self._file = h5py.File(self.tmp, "w")
         except OSError as e:
-            raise output_error(e, self.tmp) from None
+            raise publish_error(e, self.tmp) from None
         try:
             self._indices = _write_head(self._file, offsets, copy_from, compression_level, **fields)
         except BaseException:
@@ -413,7 +447,7 @@ class ScanWriter:
     def close(self) -> Path:
         """Check that every announced event came, then give the file its name (``path``, or
         ``<stem>-2.h5``, … : never overwrites) and return it. Built in staging, the file is
-        published; if that fails (OutputError) it stays in ``self.tmp``, finished."""
+        published; if that fails (PublishError) it stays in ``self.tmp``, finished."""
         try:
             if self.written != self.n_events:
                 raise ValueError(f"{self.tmp}: {self.given} events written, the offsets announce "
@@ -430,7 +464,7 @@ class ScanWriter:
             self.discard()
             _sync_dir(self.path.parent)
             return self.final
-        self.final = publish(self.tmp, self.path)  # OutputError: the finished file stays staged
+        self.final = publish(self.tmp, self.path)  # PublishError: the finished file stays staged
         self.discard()
         return self.final
 
@@ -563,27 +597,68 @@ def open_scan(path: str | Path) -> h5py.File:
     if fmt != FORMAT:
         truth = "stemstream-emulator-truth" in [fmt] + [g.attrs.get("format") for g in f.values()
                                                      if isinstance(g, h5py.Group)]
+        stempy = fmt is None and "electron_events" in f
         f.close()
-        hint = " (it is the emulator's ground truth)" if truth else ""
+        hint = " (it is the emulator's ground truth)" if truth else \
+            (f" (it is a stempy sparse file: 'stemstream import-stempy {path} SCAN.h5' converts it; replay, "
+             "process-file and export read it as it is)") if stempy else \
+            " (it is a tilt-series file of 'stemstream tomo'; docs/SERIES.md)" if fmt == "stemstream-tomo" else ""
         raise ScanFileError(f"{path}: not a stemstream scan file{hint}: root attribute format is "
                             f"{fmt!r}, expected {FORMAT!r}")
     return f
 
 
+def _datasets(group: h5py.Group) -> dict:
+    """Shape, dtype and the kind/unit/description attributes of each dataset of ``group``
+    (never the values: a description stays small whatever the scan's size)."""
+    out = {}
+    for name, d in group.items():
+        if isinstance(d, h5py.Dataset):
+            out[name] = {"shape": list(d.shape), "dtype": str(d.dtype),
+                         **{k: _plain(v) for k, v in d.attrs.items() if k in ("kind", "unit", "description")}}
+    return out
+
+
+def _attrs(group: h5py.Group) -> dict:
+    json_keys = set(_plain(group.attrs.get(JSON_KEYS, [])))
+    return {k: json.loads(v) if k in json_keys else _plain(v) for k, v in group.attrs.items() if k != JSON_KEYS}
+
+
+def describe_stages(f: h5py.File) -> dict:
+    """Each stage that ran on the scan (``/stages/NAME``): status, headline, error, seconds,
+    parameters, its scalar values, and its arrays and tables by shape (docs/STAGES.md)."""
+    out = {}
+    groups = sorted(f["stages"].items(), key=lambda kv: float(kv[1].attrs.get("finished", 0))) if "stages" in f else []
+    for name, g in groups:  # in the order they ran
+        a = _attrs(g)
+        params = a.pop("params", "{}")
+        try:
+            params = json.loads(params) if isinstance(params, str) else params
+        except ValueError:
+            pass
+        info = {k: a.pop(k) for k in ("status", "headline", "error", "seconds", "finished") if k in a}
+        tables = {t.removeprefix("table_"): {"rows": max((d.shape[0] for d in sub.values() if d.ndim), default=0),
+                                             "columns": list(sub)}
+                  for t, sub in g.items() if isinstance(sub, h5py.Group) and t.startswith("table_")}
+        out[name] = {**info, "params": params, "values": a, "arrays": _datasets(g), "tables": tables}
+    return out
+
+
 def describe(path: str | Path) -> dict:
-    """Everything ``stemstream info`` shows, as plain values."""
+    """Everything ``stemstream info`` shows, as plain values: the scan's attributes, geometry,
+    metadata, provenance, results and completeness by shape, events, stages."""
     with open_scan(path) as f:
-        out = {"path": str(path), **read_attrs(f)}
-        for key in ("results", "completeness"):
-            out[key] = out.get(key, {})
-            for name, d in f[key].items():
-                out[key][name] = {"shape": list(d.shape), "dtype": str(d.dtype),
-                                  **{k: (v.item() if isinstance(v, np.generic) else v)
-                                     for k, v in d.attrs.items() if k in ("kind", "unit", "description")}}
+        out = {"path": str(path), **_attrs(f)}
+        for key in ("geometry", "metadata", "provenance"):
+            if key in f:
+                out[key] = read_attrs(f[key])
+        out["results"] = _datasets(f["results"])
+        out["completeness"] = {**_attrs(f["completeness"]), **_datasets(f["completeness"])}
         ev = f["events"]
         out["events"] = {"n_frames": int(ev["offsets"].shape[0] - 1), "n_events": int(ev.attrs["n_events"]),
                          "stored_bytes": int(ev["indices"].id.get_storage_size()
                                              + ev["offsets"].id.get_storage_size())}
+        out["stages"] = describe_stages(f)
         out["file_bytes"] = Path(path).stat().st_size
         if "counting" in f:  # its attributes; the dark and gain maps stay in the file
             out["counting"] = {k: _plain(v) for k, v in f["counting"].attrs.items()}

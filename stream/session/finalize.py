@@ -33,7 +33,7 @@ from stream.config import PipelineConfig, build_operators
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
 from stream.transport.spill import SpillFile
-from stream.files.storage import (EventBlock, JSONText, OutputError, ScanWriter, compress_block, publish,
+from stream.files.storage import (EventBlock, JSONText, PublishError, ScanWriter, compress_block, publish,
                                   read_images)
 
 IN_FLIGHT = 3  # blocks on their way to the writer at once
@@ -90,6 +90,7 @@ class ScanResult:
     events: int = 0
     results: dict = field(default_factory=dict)  # name -> np.ndarray
     kinds: dict = field(default_factory=dict)  # name -> 'nav' | 'sig' | 'table'
+    units: dict = field(default_factory=dict)  # name -> unit of the values ('counts', 'mrad', ...)
     position_frames: np.ndarray | None = None  # (ny, nx) frame parts received per position
     expected_frames_per_position: int = 1  # frames_per_position · n_sources
     timings: dict = field(default_factory=dict)
@@ -98,10 +99,13 @@ class ScanResult:
     stages: list = field(default_factory=list)  # StageReports, when the stages ran with the scan
     staged: str = ""  # finished but not yet in its directory: the writer's token for publish_staged
     write_error: str = ""  # why it could not be published there
+    geometry: Geometry | None = None  # scan and detector geometry (calibration as streamed)
+    metadata: dict = field(default_factory=dict)  # the scan's metadata (scan_step_A: Å per position)
 
     @property
     def result_objects(self) -> dict:
-        return {n: Result(d, self.kinds.get(n, "table")) for n, d in self.results.items()}
+        return {n: Result(d, self.kinds.get(n, "table"), self.units.get(n, ""))
+                for n, d in self.results.items()}
 
     @property
     def complete(self) -> bool:
@@ -411,9 +415,10 @@ def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -
                         lost_ranges=runs(lost), lost_cause=lost_cause, late_ranges=runs(late),
                         events=int(offsets[-1]), results={k: r.data for k, r in results.items()},
                         kinds={k: r.kind for k, r in results.items()},
+                        units={k: r.unit for k, r in results.items()},
                         position_frames=completeness["position_frames"].data,
                         expected_frames_per_position=g.frames_per_position * g.n_sources,
-                        timings=timings, errors=errors)
+                        timings=timings, errors=errors, geometry=g, metadata=dict(info.metadata))
     with _OPEN_LOCK:
         if token in _DISCARDED:  # the coordinator gave up on this file while it was opening
             _DISCARDED.discard(token)
@@ -458,7 +463,7 @@ def close_scan_file(token: str, after=None) -> ScanResult:
         scan = _OPEN.pop(token)
     try:
         scan.result.path = scan.writer.close()
-    except OutputError as e:
+    except PublishError as e:
         with _OPEN_LOCK:
             _STAGED[token] = scan
         return replace(scan.result, path=None, staged=token, write_error=str(e))
@@ -479,7 +484,7 @@ def publish_staged(token: str, out_dir: str) -> ScanResult:
         raise KeyError(f"no staged scan file {token} on this worker")
     try:
         final = publish(scan.writer.tmp, Path(out_dir) / scan.writer.path.name)
-    except OutputError as e:
+    except PublishError as e:
         return replace(scan.result, path=None, staged=token, write_error=str(e))
     drop_staged(token)
     result = replace(scan.result, path=final, staged="", write_error="",

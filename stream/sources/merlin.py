@@ -31,6 +31,7 @@ from stream.transport.protocol import ProtocolError, decode, encode_abort, encod
 log = logging.getLogger("stemstream.sources.merlin")
 RC_TEXT = {0: "ok", 1: "system busy", 2: "command not recognised", 3: "parameter out of range"}
 BLOCK_BYTES = 8 << 20  # values per forwarded block, at most
+BLOCK_FRAMES = 16  # frames per forwarded block, at most: small scans are still shared by all workers
 
 
 class MerlinControl:
@@ -216,7 +217,8 @@ class MerlinLeader(threading.Thread):
             push.bind(self.plan.forward)
         except zmq.ZMQError as e:
             self.error = e
-            self.notice(f"ERROR: Merlin leader cannot bind {self.plan.forward}: {e.strerror}")
+            self.notice(f"ERROR: Merlin leader cannot bind {self.plan.forward}: {e.strerror}; "
+                        "restart the session (it picks another port)")
             push.close()
             return
         self.push = push
@@ -228,7 +230,9 @@ class MerlinLeader(threading.Thread):
                 except OSError as e:
                     if not failing:
                         self.notice(f"WARNING: cannot connect to the Merlin data port {self.plan.data} "
-                                    f"({e.strerror or e}); retrying every {self.reconnect_s:g} s")
+                                    f"({e.strerror or e}); check that the Merlin software runs and "
+                                    "the data address (--connect; port 6342 by default); retrying "
+                                    f"every {self.reconnect_s:g} s")
                         failing = True
                     self._stop_event.wait(self.reconnect_s)
                     continue
@@ -334,7 +338,7 @@ class MerlinLeader(threading.Thread):
             acq.fh = fh
         fh, g = acq.fh, acq.geometry
         per_frame = fh.frame_shape[0] * fh.frame_shape[1] * fh.value_dtype.itemsize
-        limit = max(1, min(BLOCK_BYTES // per_frame, acq.n_frames - acq.received))
+        limit = max(1, min(BLOCK_BYTES // per_frame, BLOCK_FRAMES, acq.n_frames - acq.received))
         rows = reader.frames(n_body, limit)
         k = len(rows)
         first = acq.received
