@@ -201,3 +201,47 @@ def test_the_publish_step_never_leaves_a_partial_file(tmp_path):
         with pytest.raises(PublishError, match=r"No space left on device; free space there"):
             publish(staged, small / "x.h5")
         assert not list(small.iterdir()) and staged.stat().st_size == 2_000_000
+
+
+def test_the_commands_a_user_runs_while_the_output_is_read_only(tmp_path):
+    """Real processes, as a user runs them: `stemstream process` writing into an output
+    directory made read-only mid-session, `stemstream simulate` sending a scan, `stemstream
+    pending` from another process listing it; once the directory is writable again the file
+    appears, dataset by dataset equal to a clean run of the same seed, and the session stops
+    cleanly. Lost: nothing."""
+    import shutil
+    import signal
+
+    from stream.transport.net import free_port_block
+    from test_cli import Cli, run_cli
+
+    addr = f"tcp://127.0.0.1:{free_port_block(1)}"
+    simulate = ["simulate", "--scan", "24x24", "--detector", "64x64", "--dose", "20", "--seed", "9",
+                "--bind", addr, "--rate", "max", "--quiet", "--wait", "120"]
+    with writable_dir(tmp_path) as out:
+        proc = Cli(["process", "--connect", addr, "--workers", 2, "--out", out], cwd=tmp_path)
+        try:
+            proc.wait_for("processing every scan", 180)
+            assert run_cli(*simulate, "--scan-id", "clean", cwd=tmp_path, timeout=300).returncode == 0
+            proc.wait_for(r"\[clean-0000\] complete", 120)
+            shutil.copy(out / "clean-0000.h5", tmp_path / "clean.h5")
+            set_read_only(out, True)
+            try:
+                assert run_cli(*simulate, "--scan-id", "held", cwd=tmp_path, timeout=300).returncode == 0
+                proc.wait_for(r"ERROR \[held-0000\] nothing is lost", 120)
+                listed = run_cli("pending", cwd=tmp_path, timeout=60)
+                assert listed.returncode == 0, listed.stderr
+                assert re.search(r"held-0000  held for \S+: 576/576 frames", listed.stdout), listed.stdout
+                assert not list(out.glob("held*.h5"))
+            finally:
+                set_read_only(out, False)
+            proc.wait_for(r"\[held-0000\] written after \d+ attempts", 120)
+            proc.p.send_signal(signal.SIGINT)
+            rc = proc.wait(120)
+        finally:
+            proc.kill()
+        assert rc == 0 and "Traceback" not in proc.stderr, proc.stderr
+        with h5py.File(out / "held-0000.h5") as f:
+            assert f.attrs["status"] == "complete"
+        assert_same_scan(out / "held-0000.h5", tmp_path / "clean.h5")
+    assert "LOST" not in proc.stdout

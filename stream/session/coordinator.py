@@ -1152,6 +1152,9 @@ class Session:
         try:
             # after interrupt() the operator waits for nothing but the files: "stopping" stays the last line
             r.previews = scan_previews(r, self.config, stop=self._interrupted.is_set)
+        except OSError as e:  # the output went read-only or full: the scan file is safe, say so in one line
+            log.info("previews of scan %s not written", r.scan_id, exc_info=True)
+            self.console.say(f"WARNING [{r.scan_id}] previews not written: {e}; the scan file is not affected")
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
