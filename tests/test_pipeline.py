@@ -345,6 +345,7 @@ def test_overlapping_and_back_to_back_scans_equal_scans_alone(client2, scripted_
 def test_live_results_fill_in_while_the_scan_runs(client2, scripted_source, tmp_path):
     import zmq
 
+    from stream.security import as_client, viewer_keys
     from stream.transport import control
     from stream.transport.net import free_port_block
     counts, indices = synthetic_events(GEOM, seed=9)
@@ -354,6 +355,7 @@ def test_live_results_fill_in_while_the_scan_runs(client2, scripted_source, tmp_
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    as_client(sub, viewer_keys())  # the live channel lets in the key directory's viewer
     with Session(src.addresses, config=cfg, client=client2, console=False) as s:
         sub.connect(pub)
         src.wait_for_receivers()
@@ -363,7 +365,10 @@ def test_live_results_fill_in_while_the_scan_runs(client2, scripted_source, tmp_
         partial = {}
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            partial = s.live("live")
+            try:
+                partial = s.live("live")
+            except KeyError:  # the coordinator has not seen the scan's start yet
+                partial = {}
             if partial and partial["bf"].sum() == reference(counts, indices, GEOM, keep=np.arange(GEOM.n_frames) < half)["bf"].sum():
                 break
             time.sleep(0.1)
