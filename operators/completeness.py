@@ -2,7 +2,8 @@
 
 Frames are numbered in raster order with flyback: frame = (row*(nx+flyback) + col)*fpp + k,
 k < frames_per_position. Every source (detector sector) sends its part of every frame, so a
-frame is complete when all ``n_sources`` parts arrived, exactly once each.
+frame is complete when all ``n_sources`` parts arrived (a part that arrived more than once is
+duplicated, and counted once).
 
 Examples
 --------
@@ -88,7 +89,7 @@ def repeat_mask(frames, sources, seen) -> np.ndarray:
     return out
 
 
-def _ranges(sorted_frames: np.ndarray) -> list[list[int]]:
+def runs(sorted_frames: np.ndarray) -> list[list[int]]:
     """Sorted frame numbers -> [[first, stop), ...] runs of consecutive frames."""
     if len(sorted_frames) == 0:
         return []
@@ -172,7 +173,8 @@ class Completeness(Operator):
     def summary(self, state: State) -> dict:
         """Plain-Python report: counts, missing and duplicated frames.
 
-        Keys: n_frames, n_sources, complete (bool: nothing missing or duplicated),
+        Keys: n_frames, n_sources, complete (bool: every part of every frame arrived at least
+        once; duplicates are counted once and do not make a scan incomplete),
         n_frames_received (frames of which every source's part arrived), per_source (list of
         dicts: source, received / missing / duplicated frame counts, extra_copies),
         n_missing, missing_frames (sorted list; only the first max_listed when
@@ -194,14 +196,14 @@ class Completeness(Operator):
         duplicated = np.nonzero((rec > 1).any(axis=0))[0]
         pf = self.position_frames(state)
         out = {"n_frames": self.n_frames, "n_sources": self.n_sources,
-               "complete": bool(len(missing) == 0 and len(duplicated) == 0),
+               "complete": bool(len(missing) == 0),
                "per_source": per_source}
         out["n_frames_received"] = int(np.count_nonzero((rec > 0).all(axis=0)))
         for key, frames in (("missing", missing), ("duplicated", duplicated)):
             out[f"n_{key}"] = int(len(frames))
             out[f"{key}_frames"] = [int(f) for f in frames[:self.max_listed]]
             out[f"{key}_truncated"] = bool(len(frames) > self.max_listed)
-            out[f"{key}_ranges"] = _ranges(frames)
+            out[f"{key}_ranges"] = runs(frames)
         out["incomplete_positions"] = int(np.count_nonzero(pf < self.fpp * self.n_sources))
         return out
 

@@ -105,8 +105,8 @@ class ChunkingSpec:
 
 @dataclass
 class ScanSpec:
-    timeout_s: float = 5.0  # close an unfinished scan this long after its last message
-    finalize_timeout_s: float = 600.0  # give up on writing a scan after this long (a lost worker)
+    timeout_s: float = 5.0  # a scan whose sources did not all end closes this long after its last message
+    finalize_timeout_s: float = 600.0  # an attempt to write a scan ends after this long (then it is retried)
 
 
 @dataclass
@@ -130,6 +130,7 @@ class OutputSpec:
     dir: str = "out"
     previews: bool = True
     compression_level: int = 2
+    fallback_dir: str = ""  # where a scan file goes when dir cannot be written ("" : held on the workers)
 
 
 @dataclass
@@ -158,7 +159,7 @@ class LimitsSpec:
     """What one message or one scan may cost (docs/SECURITY.md, budgets)."""
 
     scan_state_mb: float = 0.0  # per-scan state on a receiver or the coordinator; 0 = 1/4 of a worker's memory limit
-    max_open_scans: int = 32  # scans receiving at once; more are refused
+    max_open_scans: int = 256  # scans receiving at once (a burst of small scans keeps dozens in flight); more are refused
     max_message_mb: float = 0.0  # largest message part a receiver accepts; 0 = [chunking] max_bytes + 1 MB
     unannounced_mb: float = 64.0  # frames of scans no start announced yet, held per receiver
     announce_grace_s: float = 5.0  # how long such frames wait for their scan's start

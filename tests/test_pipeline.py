@@ -489,7 +489,10 @@ def test_a_worker_that_joins_later_receives_too(scripted_source, tmp_path):
             assert s.wait("one", timeout=60).status == "complete"
             cluster.scale(2)
             client.wait_for_workers(2)
-            time.sleep(1.0)  # its receiver connects to the source
+            # its receiver compiles its kernels, connects to the source and says so (heartbeat)
+            assert len(poll(s.receivers, lambda v: len([r for r in v if r["silent_s"] < 1]) == 2,
+                            timeout_s=120)) == 2
+            time.sleep(0.2)  # the source's side of the connection
             src.start("two", GEOM)
             src.frames("two", GEOM, *b, batch=4)
             src.end("two", GEOM.n_frames)
@@ -530,7 +533,8 @@ def test_events_that_disagree_with_their_counts_refuse_the_file(tmp_path):
     from stream.transport.receiver import WorkerScan
 
     counts, indices = synthetic_events(GEOM, seed=6)
-    cfg = config(tmp_path)
+    (tmp_path / "stage").mkdir()
+    cfg = config(tmp_path, memory=MemorySpec(spill_dir=str(tmp_path / "stage")))  # files are built there
     ops = build_operators(cfg, GEOM)
     states = {op.name: op.new_state() for op in ops}
     frames = np.arange(GEOM.n_frames)
@@ -544,4 +548,5 @@ def test_events_that_disagree_with_their_counts_refuse_the_file(tmp_path):
                     timings={"opened": 0.0, "first_frame": 0.0, "last_frame": 0.0, "closed": 0.0})
     with pytest.raises(RuntimeError, match="other events for stored frame 0 than they counted"):
         finalize_scan(info, cfg, WorkerScan("lost", "w", GEOM, ops, states, []))
-    assert not list((tmp_path / "out").iterdir()) and not _OPEN
+    out = tmp_path / "out"
+    assert not (out.exists() and list(out.iterdir())) and not list((tmp_path / "stage").iterdir()) and not _OPEN

@@ -1,5 +1,5 @@
 """The ``stemstream`` command: simulate, process, demo, info, replay, process-file, export,
-import-stempy, analyze, tomo, atoms, calibrate, keys.
+import-stempy, analyze, tomo, atoms, calibrate, keys, pending.
 
 Errors a user can cause print one line naming the problem and the fix, and exit with code 2.
 """
@@ -59,6 +59,9 @@ def add_process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live-rate", type=float, metavar="HZ", help="live results rate (default 2; 0 = off)")
     p.add_argument("--publish", metavar="tcp://HOST:PORT",
                    help="bind a ZeroMQ PUB socket there for live results (docs/PROTOCOL.md)")
+    p.add_argument("--fallback-dir", metavar="DIR",
+                   help="where scan files go when --out cannot be written (they move to --out later; "
+                        "default: [output] fallback_dir, else they are held by the workers)")
     g = p.add_argument_group("a real detector (docs/DECTRIS.md, docs/MERLIN.md)")
     g.add_argument("--detector", choices=("stemstream", "dectris", "merlin"),
                    help="what sends the frames: the stemstream/1 protocol (default), a DECTRIS "
@@ -154,6 +157,8 @@ def session_from_args(args, **overrides):
     if args.live_rate is not None or args.publish:
         cfg = replace(cfg, live=replace(cfg.live, rate_hz=cfg.live.rate_hz if args.live_rate is None
                                         else args.live_rate, publish=args.publish or cfg.live.publish))
+    if getattr(args, "fallback_dir", None):
+        cfg = replace(cfg, output=replace(cfg.output, fallback_dir=args.fallback_dir))
     if args.workers is not None and args.workers < 1:
         raise CliError("--workers must be at least 1")
     try:
@@ -168,22 +173,27 @@ def session_from_args(args, **overrides):
                    workers=args.workers, **overrides)
 
 
+TERM_WAIT_S = 10.0  # stopped by a batch system: how long held scans are retried before rescue
+
+
 def cmd_process(args) -> int:
     from stream.sources.base import DetectorError
 
     session = session_from_args(args)
     try:
-        with session:
+        session.start()
+        try:
             if session.config.detector.mode == "active" and session.detector is not None:
                 failed = sum(session.acquire().status != "complete" for _ in range(args.acquisitions))
                 return 1 if failed else 0
             session.console.say("processing every scan that arrives; Ctrl-C to stop")
-            try:
-                while True:
-                    session.wait(timeout=None)
-            except KeyboardInterrupt:
-                session.console.say("stopping")
-                session.interrupt()  # the scan files are finished; previews not drawn yet are not
+            while True:
+                session.wait(timeout=None)
+        except KeyboardInterrupt:
+            session.console.say("stopping")
+            session.interrupt()  # the scan files are finished; previews not drawn yet are not
+        finally:  # a batch system's SIGTERM is followed by SIGKILL: do not wait for a person then
+            session.close(wait_held_s=TERM_WAIT_S if _TERMINATED else None)
     except DetectorError as e:
         raise CliError(str(e)) from None
     return 0
@@ -479,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     from stream.cli.calibrate import add_calibrate_args
     from stream.stages.atoms import add_atoms_args
     from stream.cli.demo import add_demo_args
+    from stream.cli.pending import add_pending_args
     from stream.files.replay import add_replay_args
     from stream.stages.tomo import add_tomo_args
 
@@ -528,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
          "the counting thresholds from sample frames as stempy's calculate_thresholds does (seeded), "
          "or set them by hand; writes the counting file [counting] file reads (docs/COUNTING.md).",
          add_calibrate_args),
+        ("pending", "scans a running session could not write yet: list, retry, finish elsewhere",
+         "List the scans running sessions hold because their output directory could not be written "
+         "(read-only, full, gone), try them again, write one into another directory, or give one up.",
+         add_pending_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
         ("keys", "create and show the CURVE keys (and TLS files) sources, receivers and viewers use",
@@ -541,8 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TERMINATED: list = []  # set by SIGTERM
+
+
 def _interrupt(*_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated stop request must not cut the clean-up short
+    _TERMINATED.append(True)
     raise KeyboardInterrupt
 
 
@@ -564,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             from stream.files.replay import run_replay
             return run_replay(args)
+        if args.command == "pending":
+            from stream.cli.pending import run_pending
+            return run_pending(args)
         if args.command == "calibrate":
             from stream.cli.calibrate import run_calibrate
             return run_calibrate(args)

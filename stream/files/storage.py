@@ -3,6 +3,12 @@
 The layout is documented in ``docs/FORMAT.md``. A file is written under a temporary name and
 renamed only when everything is in it, so a file named ``<scan_id>.h5`` is never half-written;
 its root attribute ``status`` says whether the scan itself was complete.
+
+A file may be built in a local *staging* directory and then published into its directory
+with plain file operations (a hard link on the same file system, else a copy): HDF5 does not
+survive a failed write (after ENOSPC the library can crash the process on the next file), so
+an output that is full, read-only or gone fails in ``publish`` with an OSError and the
+finished file waits in staging until it can be published.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import threading
 import uuid
 import zlib
@@ -28,6 +35,81 @@ EVENTS_CHUNK = 1 << 20  # events per HDF5 chunk (4 MiB of uint32)
 
 class ScanFileError(ValueError):
     """A file that is not a readable stemstream scan file; the message names path and problem."""
+
+
+class PublishError(OSError):
+    """A scan file that cannot be written where it should go (read-only, full, gone); the
+    message names the path, the system's reason and the fix. ``errno`` as the OSError's."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def publish_error(e: OSError, path: Path, what: str = "cannot write") -> PublishError:
+    fix = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there (quota)",
+           errno.EROFS: "make it writable", errno.EACCES: "make it writable for this user",
+           errno.EPERM: "make it writable for this user"}.get(e.errno, "check the file system")
+    return PublishError(e.errno, f"{what} {path}: {e.strerror or e}; {fix}")
+
+
+def check_space(directory: Path, needed: int) -> None:
+    """PublishError (ENOSPC) unless ``directory`` has ``needed`` bytes free."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as e:
+        raise publish_error(e, directory, "cannot use") from None
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise PublishError(errno.ENOSPC, f"cannot write in {directory}: {free / 1e6:.1f} MB free, the "
+                                        f"scan file needs up to {needed / 1e6:.1f} MB; free space there")
+
+
+def publish(staged: Path, path: Path) -> Path:
+    """Give the finished file ``staged`` its name in ``path``'s directory (``path``, or
+    stem-2, …: never overwrites) and return it: a hard link on the same file system, else a
+    copy under a temporary name, synced, then linked. ``staged`` stays where it is. Raises
+    PublishError, leaving nothing behind in the target directory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            final = link_unique(staged, path, rename=False)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+            try:
+                shutil.copyfile(staged, partial)
+                with open(partial, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                final = link_unique(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+    except PublishError:
+        raise
+    except OSError as e:
+        raise publish_error(e, path) from None
+    _sync_dir(path.parent)
+    return final
+
+
+def move_into(src: str | Path, directory: str | Path) -> Path:
+    """Move a finished scan file into ``directory`` (never overwriting: stem-2, … if its
+    name is taken) and return its new path; PublishError leaves it where it was."""
+    src = Path(src)
+    final = publish(src, Path(directory) / src.name)
+    src.unlink(missing_ok=True)
+    return final
+
+
+def _sync_dir(directory: Path) -> None:
+    try:  # the name itself on disk
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not every file system lets a directory be fsynced
 
 
 class OutputError(ValueError):
@@ -81,17 +163,25 @@ MAX_ATTR_BYTES = 16_000  # HDF5 keeps attributes in a 64 KiB header; larger valu
 JSON_KEYS = "json_keys"  # attribute listing the attributes of a group stored as JSON text
 
 
+class JSONText(str):
+    """A value already serialised as JSON: ``write_attrs`` stores it as one JSON attribute
+    (a nested map that would otherwise become many subgroups and attributes)."""
+
+
 def write_attrs(group: h5py.Group | h5py.Dataset, mapping: dict) -> None:
-    """Plain values as attributes, nested maps as subgroups, anything else as JSON text (named
-    in the ``json_keys`` attribute); values too large for an attribute become datasets."""
+    """Plain values as attributes, nested maps as subgroups, ``JSONText`` and anything else as
+    JSON text (named in the ``json_keys`` attribute); values too large for an attribute become
+    datasets."""
     json_keys = []
     for key, value in mapping.items():
         key = str(key)
         if isinstance(value, dict):
             write_attrs(group.require_group(key), value)
             continue
-        v = _attr_value(value)
-        if v is None:
+        v = str(value) if isinstance(value, JSONText) else _attr_value(value)
+        if isinstance(value, JSONText):
+            json_keys.append(key)
+        elif v is None:
             v = json.dumps(value, default=str)
             json_keys.append(key)
         if np.asarray(v).nbytes > MAX_ATTR_BYTES or (isinstance(v, str) and len(v) > MAX_ATTR_BYTES):
@@ -101,9 +191,37 @@ def write_attrs(group: h5py.Group | h5py.Dataset, mapping: dict) -> None:
             else:
                 group.create_dataset(key, data=v)
                 continue
-        group.attrs[key] = v
+        put_attr(group, key, v)
     if json_keys:
-        group.attrs[JSON_KEYS] = np.asarray(json_keys, dtype=h5py.string_dtype())
+        put_attr(group, JSON_KEYS, np.asarray(json_keys, dtype=h5py.string_dtype()))
+
+
+_HTYPES: dict = {}  # numpy dtype -> (HDF5 file type, memory type): made once per process
+
+
+def put_attr(obj, name: str, value) -> None:
+    """``obj.attrs[name] = value`` for a new attribute, about twice as fast as h5py's
+    (which checks for an existing one and builds the HDF5 types every time): a scan file
+    has some 170 attributes, the largest cost of writing a small scan. Same stored types."""
+    data = np.array(value, dtype=h5py.string_dtype()) if isinstance(value, str) else np.asarray(value)
+    if data.dtype.kind in "OUSV" and not isinstance(value, str) and data.dtype != h5py.string_dtype():
+        obj.attrs[name] = value  # anything unusual: h5py's own way
+        return
+    key = (data.dtype.str, repr(data.dtype.metadata))
+    types = _HTYPES.get(key)
+    if types is None:
+        types = _HTYPES[key] = (h5py.h5t.py_create(data.dtype, logical=True), h5py.h5t.py_create(data.dtype))
+    space = h5py.h5s.create_simple(data.shape) if data.shape else h5py.h5s.create(h5py.h5s.SCALAR)
+    attr = h5py.h5a.create(obj.id, name.encode(), types[0], space)
+    try:
+        attr.write(np.ascontiguousarray(data), mtype=types[1])
+    finally:
+        attr.close()
+
+
+def put_attrs(obj, **values) -> None:
+    for name, value in values.items():
+        put_attr(obj, name, value)
 
 
 def _plain(value):
@@ -145,7 +263,8 @@ def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: 
                      level: int, threads: int | None = None) -> h5py.Dataset:
     """A dataset with the standard shuffle + gzip filters, chunked along its first axis
     (``chunk_len`` rows per chunk), the chunks compressed in parallel threads (the
-    compressors release the GIL) and written directly: any HDF5 reader opens it."""
+    compressors release the GIL; ``threads`` = 1: in this one) and written directly: any
+    HDF5 reader opens it."""
     data = np.ascontiguousarray(data)
     if data.ndim == 0 or data.size == 0:  # HDF5 refuses chunks for empty or scalar datasets
         return group.create_dataset(name, data=data)
@@ -159,9 +278,12 @@ def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: 
     def compress(i):
         return _padded_chunk(data[i * chunk_len:(i + 1) * chunk_len], chunk_len, level)
 
-    with ThreadPoolExecutor(min(n_chunks, threads or os.cpu_count() or 1)) as pool:
-        for i, payload in enumerate(pool.map(compress, range(n_chunks))):
-            ds.id.write_direct_chunk((i * chunk_len,) + (0,) * (data.ndim - 1), payload)
+    # one chunk: here; more: this process's compression threads (starting threads per call
+    # cost more than compressing a small scan's images)
+    payloads = map(compress, range(n_chunks)) if n_chunks == 1 or threads == 1 else \
+        _deflate_pool().map(compress, range(n_chunks))
+    for i, payload in enumerate(payloads):
+        ds.id.write_direct_chunk((i * chunk_len,) + (0,) * (data.ndim - 1), payload)
     return ds
 
 
@@ -252,20 +374,32 @@ class ScanWriter:
     ``close()``); on an exception nothing is left behind.
 
     Takes the fields of :func:`write_scan` without ``indices``: ``offsets`` (n_frames + 1,)
-    says how many events there will be.
+    says how many events there will be. ``staging``: a local directory to build the file in
+    (checked for room first); ``close()`` then publishes it (``publish``) and, if that fails
+    (PublishError), keeps it in ``self.tmp`` for ``publish`` to try again.
     """
 
     def __init__(self, path: str | Path, *, compression_level: int, offsets=None, copy_from=None,
-                 **fields):
+                 staging: str | Path | None = None, **fields):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
+        self.staging = Path(staging) if staging else None
+        where = self.staging or self.path.parent
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise publish_error(e, where, "cannot create") from None
+        if self.staging is not None:
+            check_space(where, _upper_bound(offsets, fields))
+        self.tmp = where / f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial"
         self.level = compression_level
         self.final: Path | None = None
         self.n_events = 0 if copy_from is not None else int(np.asarray(offsets)[-1])
         self.given = self.written = 0  # events appended; events in the file
         self._carry = np.zeros(0, np.uint32)  # appended, less than a chunk, not compressed yet
-        self._file = h5py.File(self.tmp, "w")
+        try:
+            self._file = h5py.File(self.tmp, "w")
+        except OSError as e:
+            raise publish_error(e, self.tmp) from None
         try:
             self._indices = _write_head(self._file, offsets, copy_from, compression_level, **fields)
         except BaseException:
@@ -312,7 +446,8 @@ class ScanWriter:
 
     def close(self) -> Path:
         """Check that every announced event came, then give the file its name (``path``, or
-        ``<stem>-2.h5``, … : never overwrites) and return it."""
+        ``<stem>-2.h5``, … : never overwrites) and return it. Built in staging, the file is
+        published; if that fails (PublishError) it stays in ``self.tmp``, finished."""
         try:
             if self.written != self.n_events:
                 raise ValueError(f"{self.tmp}: {self.given} events written, the offsets announce "
@@ -320,17 +455,17 @@ class ScanWriter:
             self._file.close()
             with open(self.tmp, "rb+") as fh:  # on disk before it gets its final name
                 os.fsync(fh.fileno())
-            self.final = link_unique(self.tmp, self.path)
-        finally:
+            if self.staging is None:
+                self.final = link_unique(self.tmp, self.path)
+        except BaseException:
             self.discard()
-        try:  # and the name itself on disk
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # not every file system lets a directory be fsynced
+            raise
+        if self.staging is None:
+            self.discard()
+            _sync_dir(self.path.parent)
+            return self.final
+        self.final = publish(self.tmp, self.path)  # PublishError: the finished file stays staged
+        self.discard()
         return self.final
 
     def discard(self) -> None:
@@ -350,9 +485,10 @@ class ScanWriter:
             self.discard()
 
 
-def link_unique(tmp: Path, path: Path) -> Path:
+def link_unique(tmp: Path, path: Path, rename: bool = True) -> Path:
     """Give ``tmp`` the name ``path`` (or stem-2, stem-3, …) without ever replacing a file:
-    a hard link fails atomically if the name exists."""
+    a hard link fails atomically if the name exists. ``rename``: where hard links are not
+    possible, check then rename (a small race); else raise that OSError."""
     for n in range(1, 10_000):
         candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
         try:
@@ -361,10 +497,23 @@ def link_unique(tmp: Path, path: Path) -> Path:
         except FileExistsError:
             continue
         except OSError:  # no hard links here: check, then rename (a small race)
+            if not rename:
+                raise
             if not candidate.exists():
                 os.replace(tmp, candidate)
                 return candidate
     raise FileExistsError(f"{path}: 10,000 files of this name exist already")
+
+
+def _upper_bound(offsets, fields: dict) -> int:
+    """Bytes a scan file can take at most: its events and arrays uncompressed, plus 1 MB."""
+    n = 0
+    if offsets is not None:
+        offsets = np.asarray(offsets)
+        n += 4 * int(offsets[-1]) + 8 * len(offsets)
+    for group in ("results", "completeness"):
+        n += sum(np.asarray(r.data).nbytes for r in (fields.get(group) or {}).values())
+    return n + (1 << 20)
 
 
 def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, reason, geometry,
@@ -375,7 +524,7 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
     compressed chunks, nothing decoded) instead of ``offsets``/``completeness`` (and its
     ``/counting``). counting: (attributes, arrays) of the ``/counting`` group, for a scan
     counted from raw frames."""
-    f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
+    put_attrs(f, format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
                    status=status, reason=reason)
     write_attrs(f.create_group("geometry"), geometry)
     write_attrs(f.create_group("metadata"), metadata)
@@ -388,7 +537,7 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
         offsets = np.asarray(offsets, np.uint64)
         n = int(offsets[-1])
         ev = f.create_group("events")
-        ev.attrs.update(layout="csr", sorted_within_frame=True, n_events=n,
+        put_attrs(ev, layout="csr", sorted_within_frame=True, n_events=n,
                         frame_shape=geometry["frame_shape"], scan_shape=geometry["scan_shape"],
                         frames_per_position=geometry["frames_per_position"])
         write_compressed(ev, "offsets", offsets, 1 << 18, level)
@@ -419,8 +568,15 @@ def _write_results(g: h5py.Group, items: dict, level: int) -> None:
             d = write_compressed(g, name, data, rows, level)
         else:
             d = g.create_dataset(name, data=data)
-        d.attrs.update(kind=res.kind, unit=res.unit, description=res.description)
+        put_attrs(d, kind=res.kind, unit=res.unit, description=res.description)
         write_attrs(d, res.attrs)
+
+
+def read_images(path: str | Path) -> tuple[dict, np.ndarray]:
+    """A scan file's result arrays (name -> array) and ``/completeness/position_frames``."""
+    with h5py.File(path, "r") as f:
+        results = {name: d[()] for name, d in f["results"].items() if isinstance(d, h5py.Dataset)}
+        return results, f["completeness/position_frames"][()]
 
 
 def open_scan(path: str | Path) -> h5py.File:

@@ -46,8 +46,12 @@ from stream.transport.protocol import Geometry
 from stream.transport.receiver import OVER_BUDGET, TOO_MANY_SCANS
 from stream.config import (ConfigError, PipelineConfig, build_operators, calibration, coordinator_state_bytes,
                            detector_regions, load_config, validate)
-from stream.session.finalize import ScanInfo, ScanResult, finalize_on_cluster
-from stream.session.lifecycle import DONE, ScanStatus, ScanTracker
+from stream.session.ask import ControlError, ControlServer
+from stream.session.finalize import (SMALL_SCAN_EVENTS, ScanInfo, ScanResult, config_json, drop_staged,
+                                     finalize_on_cluster, publish_staged, result_of, written_here)
+from stream.session.held import BACKOFF_S, NO_WORKER, REMIND_S, HeldScan, MovingFile, loud_lines, rescue_dir
+from stream.session.lifecycle import DONE, SILENT_S, ScanStatus, ScanTracker
+from stream.files.storage import move_into
 from stream.files.previews import write_scan_previews
 from stream.stages.series import SeriesCollector
 from stream.stages.runner import run_stages
@@ -58,6 +62,10 @@ from stream.session.detector import DetectorLink, detector_workers, source_plan
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
 KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
+BACKOFF_LAST = BACKOFF_S[-1]
+WRITERS = 4  # scans written at once (the threads mostly wait for the workers)
+GONE_AFTER_S = 10.0  # a worker missing from the scheduler's list this long has left
+PREVIEW_BACKLOG = 8  # scans whose previews may wait to be drawn; more are skipped
 LINK_GRACE_S = 5.0  # after this, sources no receiver could connect to are named on the console
 REPORTS, LIVE = "stemstream-reports", "stemstream-live"  # ZAP domains of this process's servers
 ANNOUNCE_PERIOD_S = 0.5  # the open scans are announced again this often (receivers that joined late)
@@ -179,7 +187,18 @@ class Session:
         self._stop = threading.Event()
         self._interrupted = threading.Event()  # interrupt(): previews not drawn yet are skipped
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stemstream-finalize")
+        self._executor = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="stemstream-finalize")
+        self._preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemstream-previews")
+        self._previews_waiting = self._previews_skipped = 0
+        self._held: dict[str, HeldScan] = {}  # closed scans whose file is not in place yet
+        self._moving: dict[str, MovingFile] = {}  # files in the fallback directory, to move
+        self._held_lock = threading.Lock()
+        self._written: list[tuple[str, str]] = []  # (scan id, path) of the last files written
+        self._writing: dict[str, int] = {}  # worker -> files it is writing now
+        self._events: queue.SimpleQueue = queue.SimpleQueue()  # from dask's event thread
+        self._missing_since: dict[str, float] = {}  # worker -> when the scheduler stopped listing it
+        self._pending_ctl: ControlServer | None = None  # answers `stemstream pending` (ipc://)
+        self._config_json = config_json(self.config)  # /provenance of every scan file
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
         self._thread = None
         self._failure: BaseException | None = None
@@ -271,6 +290,14 @@ class Session:
                                 source_plan=plan)
         self._client.register_plugin(plugin, name=self._plugin_name)
         self.workers = sorted(self._client.scheduler_info()["workers"])
+        self._client.subscribe_topic("all", self._on_dask_event)  # workers that join or leave, and why
+        threading.Thread(target=self._watch_workers, name="stemstream-workers", daemon=True).start()
+        try:
+            self._pending_ctl = ControlServer(self._ctx, {"out": str(self.config.output.dir),
+                                                      "fallback": self.config.output.fallback_dir,
+                                                      "connect": self.connect})
+        except (ControlError, zmq.ZMQError, OSError) as e:  # the session still works without it
+            self.console.say(f"WARNING: no control socket for 'stemstream pending': {e}")
         self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
         self._thread.start()
 
@@ -331,21 +358,26 @@ class Session:
         that ``close()`` waits only for the scan files. Call before ``close()``."""
         self._interrupted.set()
 
-    def close(self) -> None:
+    def close(self, wait_held_s: float | None = None) -> None:
         """Stop receiving. Reports already sent are read first; then scans still receiving
         are closed with what arrived (written as incomplete, reason 'the session stopped');
-        scans already closing are finished first."""
+        scans already closing are finished first. A scan whose file cannot be written is
+        tried again while the console says so, for ``wait_held_s`` seconds (None: until it is
+        written, or the session is interrupted again, e.g. a second Ctrl-C); whatever is
+        still held then is written to ~/stemstream-rescued, or named as lost."""
         if self._thread is not None and self._thread.is_alive():
             self._stop.set()
             self._thread.join(30)
         if self._pull is not None and not (self._thread and self._thread.is_alive()):
             self._drain_reports()  # this thread owns the sockets from here on
             for st in self._tracker.due():
-                self._executor.submit(self._finalize, st)
+                self._close_scan(st)
             for st in self._tracker.active():
                 self._tracker.close(st, "closed")
-                self._executor.submit(self._finalize, st)
+                self._close_scan(st)
+            self._settle_held(wait_held_s)
         self._executor.shutdown(wait=True)
+        self._preview_pool.shutdown(wait=True)
         for scan_id, fut in list(self._stage_runs.items()) + list(self._series_runs.items()):  # they write files
             try:
                 fut.result(timeout=self.config.scan.finalize_timeout_s)
@@ -358,11 +390,17 @@ class Session:
             self._pub.send_multipart(self._outbox.get())
         if self._client is not None and self._thread is not None:
             try:
+                self._client.unsubscribe_topic("all")
+            except Exception as e:  # noqa: BLE001 - shutting down anyway
+                log.debug("unsubscribing from dask's events failed: %s", e)
+            try:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.debug("unregistering the receiver plugin failed: %s", e)
             if self._cluster is None:
                 stopping.uninstall(self._client, f"{self._plugin_name}-stop")  # a held SIGTERM goes on now
+        if self._pending_ctl is not None:
+            self._pending_ctl.close()
         if self.detector is not None:
             self.detector.close()
         for sock in (self._pull, self._pub, self._control):
@@ -377,17 +415,72 @@ class Session:
             if self._cluster is not None:
                 self._cluster.close()
 
+    def _settle_held(self, wait_s: float | None) -> None:
+        """While stopping: write what is held, retrying (every <= 5 s) and saying so, for
+        ``wait_s`` (None: until done or interrupted); then rescue what is left."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        said = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                with self._held_lock:
+                    held = list(self._held.values())
+                    for h in held:
+                        h.next_try = min(h.next_try, now + 5.0)
+                if not held:
+                    break
+                if deadline is not None and now >= deadline and not any(h.busy for h in held):
+                    break
+                if now - said >= 10.0 and not all(h.busy and not h.attempts for h in held):
+                    said = now
+                    self.console.say(f"stopping: {len(held)} scan(s) not written yet ("
+                                     + ", ".join(f"{h.scan_id}: {h.error or 'writing'}" for h in held)
+                                     + "); retrying. 'stemstream pending' shows them; stop again to "
+                                     f"write them to {rescue_dir()}")
+                self._retry_due(now, moves=False)
+                self._serve_pending()
+                self._handle_events()
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            self.console.say(f"stopped again: writing the scans still held to {rescue_dir()}")
+        self._rescue()
+
+    def _rescue(self) -> None:
+        """Last resort when the session stops: held scans to ~/stemstream-rescued, once
+        (after the attempts under way have ended: one of them may still succeed)."""
+        deadline = time.monotonic() + self.config.scan.finalize_timeout_s
+        while time.monotonic() < deadline:
+            with self._held_lock:
+                if not any(h.busy for h in self._held.values()):
+                    break
+            time.sleep(0.1)
+        with self._held_lock:
+            held = [h for h in self._held.values() if not h.busy]
+        for h in held:
+            h.target = str(rescue_dir())
+            h.busy = True
+            self._attempt(h)
+        with self._held_lock:
+            for h in self._held.values():
+                self.console.say(f"ERROR [{h.scan_id}] LOST: the session stopped and the scan could not be "
+                                 f"written anywhere ({h.error}); its {h.status.frames_received:,} frames are gone")
+            for m in self._moving.values():
+                self.console.say(f"WARNING [{m.scan_id}] {m.path} stays in the fallback directory: move it to "
+                                 f"{self.config.output.dir} yourself (it is a complete scan file)")
+
     def _drain_reports(self, quiet_s: float = 0.3, max_s: float = 2.0) -> None:
-        """Handle every report already on its way (until ``quiet_s`` without one, at most
-        ``max_s``: a detector still sending must not keep a stopping session open)."""
-        end = time.monotonic() + max_s
-        while time.monotonic() < end and self._pull.poll(int(quiet_s * 1000)):
+        """Handle every report already on its way (until ``quiet_s`` without one other than
+        heartbeats, which never stop; at most ``max_s``: a detector still sending must not
+        keep a stopping session open)."""
+        deadline, end = time.monotonic() + quiet_s, time.monotonic() + max_s
+        while time.monotonic() < min(deadline, end) and self._pull.poll(50):
             while True:
                 try:
                     parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                self._handle_report(parts, set())
+                if self._handle_report(parts, set()) != "heartbeat":
+                    deadline = time.monotonic() + quiet_s
 
     # -------------------------------------------------------------- results
     def wait(self, scan_id: str | None = None, timeout: float | None = None) -> ScanResult:
@@ -425,12 +518,28 @@ class Session:
         with self._cond:
             return dict(self._results)
 
+    def pending(self) -> list[dict]:
+        """Scans closed but not yet in the output directory (held, or in the fallback
+        directory to be moved), as plain values; ``stemstream pending`` shows the same."""
+        now = time.monotonic()
+        with self._held_lock:
+            return [h.describe(now) for h in self._held.values()] + \
+                [m.describe(now) for m in self._moving.values()]
+
     def status(self) -> list[dict]:
         """Plain-value status of every scan seen (for dashboards and tests)."""
         return [{"scan_id": s.scan_id, "state": s.state, "frames_received": s.frames_received,
                  "n_frames": s.n_frames, "events": s.events, "missing_so_far": s.missing_so_far(),
                  "duplicates": s.duplicates, "worker_events": dict(s.worker_events)}
                 for s in list(self._tracker.scans.values())]
+
+    def receivers(self) -> list[dict]:
+        """The receivers the session hears from (their heartbeats, docs/PROTOCOL.md): worker,
+        seconds since its last report, whether its input queue has messages waiting, the
+        frame parts of each open scan it read and processed, and why its worker left (if)."""
+        now = time.monotonic()
+        return [{"worker": rv.worker, "silent_s": now - rv.last_seen, "input_waiting": rv.input_waiting,
+                 "scans": dict(rv.scans), "gone": rv.gone} for rv in list(self._tracker.receivers.values())]
 
     def acquire(self, timeout: float | None = None) -> ScanResult:
         """Active mode (``[detector] mode = "active"``): arm (and trigger) one acquisition of
@@ -462,7 +571,14 @@ class Session:
             raise KeyError(f"no scan {scan_id!r} in this session; running: {', '.join(running) or 'none'}"
                            f" (session.status() lists every scan seen, session.results the finished ones)")
         states = {}
+        st = self._tracker.scans.get(scan_id)
         with self._live_lock:  # the workers' arrays are updated in place under this lock
+            if scan_id not in self._live_ops and st is not None and st.geometry is not None \
+                    and scan_id in self._live:  # built when first asked for, not per scan
+                try:
+                    self._live_ops[scan_id] = [op for op in build_operators(self.config, st.geometry) if op.live]
+                except ValueError:
+                    self._live_ops[scan_id] = []
             ops = self._live_ops.get(scan_id)
             for arrays in self._live.get(scan_id, {}).values():
                 for key, value in arrays.items():
@@ -493,26 +609,36 @@ class Session:
         next_live = next_forget = next_announce = time.monotonic()
         next_links = next_live + LINK_GRACE_S  # connecting takes a moment; then say what is not
         warned = set()
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        if self._pending_ctl is not None:
+            poller.register(self._pending_ctl.socket, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if self._pull.poll(50):
+                ready = dict(poller.poll(50))
+                if self._pull in ready:
                     for _ in range(1000):
                         try:
                             parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle_report(parts, warned)
+                if self._pending_ctl is not None and self._pending_ctl.socket in ready:
+                    self._serve_pending()
+                self._handle_events()
+                now = time.monotonic()
                 due = self._tracker.due()
                 for st in due:
-                    self._executor.submit(self._finalize, st)
+                    self._close_scan(st)
                 if due:  # receivers stop counting them as open
                     self._tell_receivers("closing", [st.scan_id for st in due])
                 if self._tracker.expire_unannounced() and "unannounced" not in warned:
                     warned.add("unannounced")
                     self.console.say("WARNING: end or abort messages of a scan no source announced with "
                                      "start were dropped (further ones are counted, not shown)")
+                self._retry_due(now)
                 self.console.progress(self._tracker.active())
-                now = time.monotonic()
+                self._say_waiting(now)
                 if now >= next_announce:  # for receivers that joined late or missed a message
                     next_announce = now + ANNOUNCE_PERIOD_S
                     active = [st.scan_id for st in self._tracker.active()]
@@ -536,6 +662,91 @@ class Session:
                 if type(e).__name__ not in warned:
                     warned.add(type(e).__name__)
                     self.console.say(f"WARNING: coordinator error (the session goes on): {e!r}")
+
+    # -------------------------------------------------------------- workers that stall or leave
+    def _on_dask_event(self, event) -> None:
+        """dask's 'all' topic (in the client's thread): a worker that joined, or that the
+        scheduler removed, and why."""
+        msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+        if not isinstance(msg, dict) or not msg.get("worker"):
+            return
+        if msg.get("action") == "add-worker":
+            self._events.put(("added", msg["worker"], ""))
+        elif msg.get("action") == "remove-worker":
+            stimulus = str(msg.get("stimulus_id", ""))
+            if "worker-ttl" in stimulus:
+                cause = "dask removed it: no heartbeat within distributed.scheduler.worker-ttl (stalled)"
+            elif msg.get("expected"):
+                cause = "dask retired it from the cluster"
+            else:
+                cause = f"its process died or lost its connection (dask: {stimulus or 'removed'})"
+            self._events.put(("gone", msg["worker"], cause))
+
+    def _watch_workers(self, every_s: float = 10.0) -> None:
+        """In its own thread (asking the scheduler can take long on a busy machine): the
+        scheduler's list of workers every ``every_s``, in case an event was missed."""
+        while not self._stop.wait(every_s):
+            try:
+                workers = set(self._client.scheduler_info()["workers"])
+            except Exception:  # noqa: BLE001 - asked again later
+                continue
+            if workers:  # a momentarily empty list is not believed
+                self._events.put(("listed", workers, ""))
+
+    def _handle_events(self) -> None:
+        now = time.monotonic()
+        while not self._events.empty():
+            kind, worker, cause = self._events.get()
+            if kind == "gone":
+                self._worker_gone(worker, cause)
+            elif kind == "added" and worker not in self.workers:
+                self.workers = sorted(self.workers + [worker])
+            elif kind == "listed":
+                listed = worker
+                self.workers = sorted(listed)
+                for w, rv in list(self._tracker.receivers.items()):  # a worker off the list has left
+                    if rv.gone or w in listed:
+                        self._missing_since.pop(w, None)
+                    elif now - self._missing_since.setdefault(w, now) >= GONE_AFTER_S:
+                        self._worker_gone(w, "it left the cluster")
+
+    def _live_workers(self) -> list[str]:
+        gone = {w for w, rv in self._tracker.receivers.items() if rv.gone}
+        return [w for w in self.workers if w not in gone]
+
+    def _worker_gone(self, worker: str, cause: str) -> None:
+        rv = self._tracker.receivers.get(worker)
+        if rv is not None and rv.gone:
+            return
+        hit = self._tracker.worker_gone(worker, cause)
+        self.workers = [w for w in self.workers if w != worker]
+        lost = ", ".join(f"{st.scan_id} ({st.worker_frames.get(worker, 0):,} frame parts)" for st in hit)
+        self.console.say(f"WARNING: worker {worker} left the cluster: {cause}"
+                         + (f"; what it had processed is lost: {lost}" if lost else ""))
+        with self._held_lock:
+            for h in self._held.values():
+                fut = h.closed.pop(worker, None)
+                if fut is not None:
+                    self._client.cancel([fut])
+                    h.status.lost.setdefault(worker, cause)
+                    h.stop.set()  # an attempt under way gives up at once, and is tried again
+                    h.next_try = 0.0
+                if h.staged is not None and h.staged[0] == worker:
+                    h.staged = None
+
+    def _say_waiting(self, now: float) -> None:
+        """Every 5 s per scan: a scan that must close but waits for a silent receiver."""
+        for st in self._tracker.active():
+            if st.settle_from is None or now - st.said_waiting < 5.0:
+                continue
+            silent = [rv for rv in self._tracker.waiting_for(st) if now - rv.last_seen >= SILENT_S]
+            if silent:
+                st.said_waiting = now
+                for rv in silent:
+                    self.console.say(f"[{st.scan_id}] waiting for worker {rv.worker}: no report for "
+                                     f"{now - rv.last_seen:.0f} s (stopped or overloaded?); the frames "
+                                     "in its queue count when it resumes; if it never does, dask removes "
+                                     "it (distributed.scheduler.worker-ttl) and its frames are named lost")
 
     def _tell_receivers(self, kind: str, scan_ids: list[str], **fields) -> None:
         """Publish on the control channel (this thread owns the socket)."""
@@ -571,9 +782,11 @@ class Session:
                              "are counted, not shown)")
         self._tell_receivers("drop", [sid], reason=reason, detail=detail)
 
-    def _handle_report(self, parts, warned: set) -> None:
+    def _handle_report(self, parts, warned: set) -> str | None:
         try:
-            self._on_report(*control.decode(parts), warned)
+            report, arrays = control.decode(parts)
+            self._on_report(report, arrays, warned)
+            return report.get("kind")
         except Exception as e:  # noqa: BLE001 - one odd report must not stop the session
             log.exception("a receiver report could not be handled")
             self._tracker.rejects["bad_report"] = self._tracker.rejects.get("bad_report", 0) + 1
@@ -598,9 +811,10 @@ class Session:
             reason, sid = report["reason"], report.get("scan_id")
             if reason == "late" and sid not in self._late_warned:
                 self._late_warned.add(sid)
+                written = "its file is written and lists them as missing" if self._tracker.finished(sid) \
+                    else "they are counted as rejected in its file"
                 self.console.say(f"WARNING: messages of scan {sid} arrive after it was closed and are "
-                                 "dropped (after an abort or a failure, a stale stream, or a scan id "
-                                 "used twice)")
+                                 f"dropped as late ({written}; a stale stream, or a scan id used twice)")
             elif reason != "late" and reason not in warned:
                 warned.add(reason)
                 self.console.say(f"WARNING: rejected a message ({reason}): {report['detail']} "
@@ -634,11 +848,6 @@ class Session:
         with self._live_lock:
             if st.state != "receiving":
                 return
-            if sid not in self._live_ops:
-                try:
-                    self._live_ops[sid] = [op for op in build_operators(self.config, st.geometry) if op.live]
-                except ValueError:
-                    self._live_ops[sid] = []
             held = self._live.setdefault(sid, {}).setdefault(report["worker"], {})
             lo, hi, n_pos = report["lo"], report["hi"], st.geometry.n_positions
             for key, value in arrays.items():
@@ -697,12 +906,198 @@ class Session:
         self._links_said = missing
 
     # -------------------------------------------------------------- finalization
-    def _finalize(self, st: ScanStatus) -> None:
+    def _close_scan(self, st: ScanStatus) -> None:
+        """A scan closed: its state stays on the workers until its file is in place."""
+        h = HeldScan(st.scan_id, busy=True, status=st)
+        with self._held_lock:
+            self._held[st.scan_id] = h
+        self._executor.submit(self._attempt, h)
+
+    def _retry_due(self, now: float, moves: bool = True) -> None:
+        """Held scans (and files to move) whose next attempt is due, to the writer threads."""
+        with self._held_lock:
+            due = [h for h in self._held.values() if h.due(now)]
+            todo = [m for m in self._moving.values() if m.due(now)] if moves else []
+            for job in due + todo:
+                job.busy = True
+        for h in due:
+            self._executor.submit(self._attempt, h)
+        for m in todo:
+            self._executor.submit(self._move, m)
+
+    def _attempt(self, h: HeldScan) -> None:
+        """One attempt at a held scan's file (a writer thread); on failure it is scheduled
+        again, and the console says where the data is."""
+        h.stop.clear()
         try:
-            result = self._run_finalize(st)
-        except Exception as e:  # noqa: BLE001 - reported, and the session goes on
-            log.exception("finalizing scan %s failed", st.scan_id)
-            result = ScanResult(st.scan_id, None, "failed", f"finalize failed: {type(e).__name__}: {e}")
+            result = self._write(h)
+            error = "" if result.path is not None or result.status == "failed" else result.write_error
+        except Exception as e:  # noqa: BLE001 - the scan stays held and is tried again
+            log.info("writing scan %s failed", h.scan_id, exc_info=True)
+            result, error = None, f"{type(e).__name__}: {e}"
+        if error:
+            now = time.monotonic()
+            with self._held_lock:
+                h.busy = False
+                delay = h.failed(error, now)
+                say = h.attempts == 1 or now - h.said >= REMIND_S
+                h.said = now if say else h.said
+            if h.attempts == 1:
+                for line in loud_lines(h, h.target or self.config.output.dir, self.config.output.fallback_dir):
+                    self.console.say(line)
+            elif say:
+                self.console.say(f"WARNING [{h.scan_id}] still not written after {h.attempts} attempts "
+                                 f"(next in {delay:.0f} s): {error}; it is held in {h.where()}")
+            return
+        with self._held_lock:
+            self._held.pop(h.scan_id, None)
+            h.busy = False
+        if h.attempts:
+            self.console.say(f"[{h.scan_id}] written after {h.attempts + 1} attempts: {result.path}")
+        self._finish(h.status, result)
+
+    def _write(self, h: HeldScan) -> ScanResult:
+        """Publish the finished file of a held scan, or finalize it from the workers' states
+        (closing it on the workers first), into its target; a file that cannot go there goes
+        to the fallback directory when one is configured."""
+        st, client = h.status, self._client
+        out = h.target or str(self.config.output.dir)
+        fallback = "" if h.target else self.config.output.fallback_dir
+        timeout = self.config.scan.finalize_timeout_s
+        live = set(self._live_workers())
+        for w in [w for w in h.writers if w in live]:  # did an earlier attempt finish after all?
+            state, r = result_of(self._on(w, written_here, h.write_id), timeout, h.stop, st.scan_id)
+            if state == "writing":
+                raise RuntimeError(f"an earlier attempt is still writing it on worker {w}")
+            if state == "written":
+                return self._landed(r, w)
+            if state == "staged":
+                h.staged = (w, r.staged)
+        if h.staged is not None:
+            worker, token = h.staged
+            try:
+                r = result_of(self._on(worker, publish_staged, token, out), timeout, h.stop, st.scan_id)
+            except KeyError:  # that worker restarted: build the file again from the states
+                h.staged = None
+            else:
+                return self._maybe_fallback(r, worker, fallback)
+        small = st.events <= SMALL_SCAN_EVENTS
+        if small and h.planned is None:  # the writer first: the others close straight to it
+            h.planned = min(live or [None], key=lambda w: (self._writing.get(w, 0),
+                                                           -st.worker_events.get(w, 0), str(w)))
+        self._ensure_closed(h, travel=small)
+        if st.geometry is None:  # nothing but rejects or an abort before any geometry
+            from distributed import wait
+            wait(list(h.closed.values()), timeout=timeout)  # the workers forget the scan
+            why = st.errors[0] if st.errors else f"aborted by the source: {st.abort_reason}" \
+                if st.abort_reason else "no valid message gave its geometry"
+            return ScanResult(st.scan_id, None, "failed", f"closed ({st.close_reason}): {why}")
+        closed = dict(h.closed)
+        live = self._live_workers()
+        writer = h.planned if h.planned in closed or (not closed and h.planned in live) else \
+            min(closed or live or [None], key=lambda w: (self._writing.get(w, 0), -st.worker_events.get(w, 0), str(w)))
+        if writer is None:
+            raise RuntimeError(f"{NO_WORKER} to write it")
+        reported, late = st.reported(), st.late_mask()
+        info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
+                        dict(st.frames_sent), st.rejects,
+                        {"opened": st.opened, "first_frame": st.first_frame_time,
+                         "last_frame": st.last_frame_time, "closed": st.closed_time}, sorted(closed),
+                        errors=list(st.errors), out_dir=out, lost=dict(st.lost),
+                        reported=None if reported is None else np.packbits(reported, axis=-1),
+                        late=None if late is None else np.packbits(late, axis=-1),
+                        late_frames=st.late_frames, reject_reasons=dict(st.reject_reasons),
+                        config_json=self._config_json, write_id=h.write_id)
+        if writer not in h.writers:
+            h.writers.append(writer)
+        self._writing[writer] = self._writing.get(writer, 0) + 1
+        try:
+            r = finalize_on_cluster(client, info, self.config, closed, writer, timeout,
+                                    small=small, stop=h.stop, travelling=h.travelling)
+        finally:
+            self._writing[writer] -= 1
+        if r.path is None and r.staged:
+            h.staged = (writer, r.staged)
+            return self._maybe_fallback(r, writer, fallback)
+        return r
+
+    def _on(self, worker: str, fn, *args):
+        return self._client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
+
+    def _ensure_closed(self, h: HeldScan, travel: bool) -> None:
+        """Close the scan on every live worker not closed yet (a worker that joined, or an
+        earlier attempt that found none); the states stay there as futures. Silent workers
+        that processed none of its frames are closed without waiting for them. ``travel``:
+        workers other than the planned writer make their state ready to go to it."""
+        st = h.status
+        silent = {rv.worker for rv in self._tracker.stalled()}
+        for w in self._live_workers():
+            if w in h.closed or w in h.asked:
+                continue
+            h.asked.add(w)
+            moves = travel and w != h.planned
+            fut = self._on(w, close_on_worker, self._plugin_name, st.scan_id, moves)
+            if moves:
+                h.travelling.add(w)
+            if st.worker_frames.get(w) or w not in silent:
+                h.closed[w] = fut
+            else:
+                from distributed import fire_and_forget
+                fire_and_forget(fut)
+
+    def _maybe_fallback(self, r: ScanResult, worker: str, fallback: str) -> ScanResult:
+        """A finished file its directory refused: into the fallback directory, if any (then
+        it moves into the output directory when that can be written)."""
+        if r.path is not None or not fallback:
+            return r
+        r2 = result_of(self._on(worker, publish_staged, r.staged, fallback), self.config.scan.finalize_timeout_s)
+        if r2.path is None:
+            return replace(r, write_error=f"{r.write_error}; fallback: {r2.write_error}")
+        self.console.say(f"WARNING [{r.scan_id}] {r.write_error}: written to the fallback directory instead, "
+                         f"{r2.path}; it moves to {self.config.output.dir} once that can be written "
+                         "('stemstream pending' shows it)")
+        return self._landed(r2, worker)
+
+    def _landed(self, r: ScanResult, worker: str) -> ScanResult:
+        """A written file: one in the fallback directory is to move into the output directory."""
+        fallback = self.config.output.fallback_dir
+        if r.path is not None and fallback and Path(r.path).parent == Path(fallback):
+            with self._held_lock:
+                if r.scan_id not in self._moving:
+                    self._moving[r.scan_id] = MovingFile(r.scan_id, next_try=time.monotonic() + 1.0,
+                                                         path=Path(r.path), worker=worker)
+        return r
+
+    def _move(self, m: MovingFile) -> None:
+        """One attempt to move a fallback file into the output directory."""
+        out = str(self.config.output.dir)
+        try:
+            fut = self._client.submit(move_into, str(m.path), out, workers=[m.worker],
+                                      allow_other_workers=True, pure=False)
+            final = result_of(fut, self.config.scan.finalize_timeout_s)
+        except Exception as e:  # noqa: BLE001 - tried again later; the file is safe where it is
+            now = time.monotonic()
+            with self._held_lock:
+                m.busy = False
+                delay = m.failed(f"{type(e).__name__}: {e}", now)
+            if m.attempts == 1 or delay >= BACKOFF_LAST:
+                self.console.say(f"WARNING [{m.scan_id}] still in the fallback directory ({m.path}): {e}")
+            return
+        with self._held_lock:
+            self._moving.pop(m.scan_id, None)
+        with self._cond:
+            if m.scan_id in self._results:
+                self._results[m.scan_id] = replace(self._results[m.scan_id], path=final)
+        self._note_written(m.scan_id, final)
+        self.console.say(f"[{m.scan_id}] moved from the fallback directory to {final}")
+
+    def _note_written(self, scan_id: str, path) -> None:
+        with self._held_lock:
+            self._written.append((scan_id, str(path)))
+            del self._written[:-50]
+
+    def _finish(self, st: ScanStatus, result: ScanResult) -> None:
+        """A scan's file is in place (or the scan failed without one): report it."""
         self._start_stages(result)  # before wait() can return: wait_stages() then finds them
         self._feed_series(result, st.metadata)
         with self._live_lock:
@@ -711,6 +1106,8 @@ class Session:
             self._live_ops.pop(st.scan_id, None)
         st.release()
         self._report_result(result)
+        if result.path is not None:
+            self._note_written(st.scan_id, result.path)
         with self._cond:
             self._results[st.scan_id] = result
             self._order.append(st.scan_id)
@@ -718,36 +1115,79 @@ class Session:
                 self._results[old] = replace(self._results[old], results={})  # the caller's copy stays whole
             self._cond.notify_all()
         self.console.forget(st.scan_id)
-        self._write_previews(result)
+        if self.config.output.previews and result.path is not None:
+            self._queue_previews(result)
 
-    def _run_finalize(self, st: ScanStatus) -> ScanResult:
-        """Close the scan on every worker (its state stays there), then finalize it with the
-        worker that processed most of its electrons as the writer: the others' states travel
-        to it, their events block by block."""
-        from distributed import wait
+    def _queue_previews(self, r: ScanResult) -> None:
+        """Previews in their own thread, off the path that writes files; in a burst of scans
+        faster than they can be drawn, those of the scans beyond PREVIEW_BACKLOG are skipped."""
+        with self._held_lock:
+            if self._previews_waiting >= PREVIEW_BACKLOG:
+                skip, self._previews_skipped = True, self._previews_skipped + 1
+            else:
+                skip, self._previews_waiting = False, self._previews_waiting + 1
+        if skip:
+            if self._previews_skipped == 1:
+                self.console.say(f"WARNING [{r.scan_id}] previews skipped: scans finish faster than previews "
+                                 "are drawn (a burst); the scan files are complete ('stemstream info FILE')")
+            return
 
-        client = self._client
-        workers = sorted(client.scheduler_info()["workers"])
-        closed = [client.submit(close_on_worker, self._plugin_name, st.scan_id, workers=[w],
-                                allow_other_workers=False, pure=False) for w in workers]
-        timeout = self.config.scan.finalize_timeout_s
-        workers, closed, lost = _without_lost_workers(client, workers, closed, timeout)
-        gone = sorted(set(lost) | (set(st.worker_events) - set(workers) - {None}))
-        if gone:  # a host cut off or a worker that died: what it had received is gone with it
-            st.errors.append(f"worker{'s' if len(gone) > 1 else ''} {', '.join(gone)} left the cluster during "
-                             "the scan; the frames received there are missing")
-        if st.geometry is None:  # nothing but rejects or an abort before any geometry
-            wait(closed, timeout=timeout)  # the workers forget the scan; nothing comes here
-            why = st.errors[0] if st.errors else f"aborted by the source: {st.abort_reason}" \
-                if st.abort_reason else "no valid message gave its geometry"
-            return ScanResult(st.scan_id, None, "failed", f"closed ({st.close_reason}): {why}")
-        writer = max(workers, key=lambda w: st.worker_events.get(w, 0))
-        info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
-                        dict(st.frames_sent), st.rejects,
-                        {"opened": st.opened, "first_frame": st.first_frame_time,
-                         "last_frame": st.last_frame_time, "closed": st.closed_time}, workers,
-                        errors=list(st.errors))
-        return finalize_on_cluster(client, info, self.config, dict(zip(workers, closed)), writer, timeout)
+        def draw():
+            try:
+                self._write_previews(r)
+            finally:
+                with self._held_lock:
+                    self._previews_waiting -= 1
+        self._preview_pool.submit(draw)
+
+    # -------------------------------------------------------------- the control socket
+    def _serve_pending(self) -> None:
+        """Answer ``stemstream pending`` (stream/session/ask.py)."""
+        if self._pending_ctl is None:
+            return
+        for ident, req in self._pending_ctl.requests():
+            try:
+                answer = self._control_answer(req)
+            except Exception as e:  # noqa: BLE001 - answered, the session goes on
+                answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            self._pending_ctl.reply(ident, answer)
+
+    def _control_answer(self, req: dict) -> dict:
+        op, sid = req.get("op"), req.get("scan")
+        if op == "list":
+            with self._held_lock:
+                written = list(self._written)
+            return {"ok": True, "held": self.pending(), "written": written,
+                    "session": {"out": str(self.config.output.dir), "fallback": self.config.output.fallback_dir,
+                                "connect": self.connect, "workers": self._live_workers()}}
+        with self._held_lock:
+            if sid is not None and sid not in self._held and sid not in self._moving:
+                return {"ok": False, "error": f"no held scan {sid!r} in this session"}
+            chosen = [h for h in self._held.values() if sid in (None, h.scan_id)]
+            moving = [m for m in self._moving.values() if sid in (None, m.scan_id)]
+            if op == "retry":
+                for job in chosen + moving:
+                    job.next_try = 0.0
+                return {"ok": True, "scans": [j.scan_id for j in chosen + moving]}
+            if op == "finish":
+                to = req.get("to")
+                if not sid or not to or not chosen:
+                    return {"ok": False, "error": "finish needs a held scan id and a directory (--to DIR)"}
+                chosen[0].target, chosen[0].next_try = str(Path(to).expanduser().resolve()), 0.0
+                return {"ok": True, "scans": [sid]}
+            if op == "drop":
+                if not sid or not chosen or chosen[0].busy:
+                    return {"ok": False, "error": "drop needs the id of a held scan that is not being written"}
+                h = self._held.pop(sid)
+        if op == "drop":
+            if h.staged is not None:
+                self._on(h.staged[0], drop_staged, h.staged[1])
+            self.console.say(f"WARNING [{sid}] dropped on request ('stemstream pending --drop'): its "
+                             f"{h.status.frames_received:,} frames are discarded")
+            self._finish(h.status, ScanResult(sid, None, "failed", "dropped on request before its file "
+                                              f"could be written ({h.error})"))
+            return {"ok": True, "scans": [sid]}
+        return {"ok": False, "error": f"unknown op {op!r}: list, retry, finish or drop"}
 
     def _report_result(self, r: ScanResult) -> None:
         if r.status == "failed":
@@ -761,9 +1201,17 @@ class Session:
             why = "" if r.status == "complete" else f" ({r.reason})"
             self.console.say(f"[{r.scan_id}] {r.status}: {r.frames_received:,}/{r.n_frames:,} frames, "
                              f"{r.events / 1e6:.2f} M e- ({rate}); {written}{why}")
-            if r.n_missing:
-                self.console.say(f"WARNING [{r.scan_id}] {r.n_missing:,} frames never arrived: "
-                                 f"{_ranges_text(r.missing_ranges)}; see /completeness in {r.path}")
+            never = _minus(r.missing_ranges, r.lost_ranges + r.late_ranges)
+            if never:
+                self.console.say(f"WARNING [{r.scan_id}] {sum(b - a for a, b in never):,} frames never arrived: "
+                                 f"{_ranges_text(never)}; see /completeness in {r.path}")
+            if r.lost_ranges:
+                self.console.say(f"WARNING [{r.scan_id}] {sum(b - a for a, b in r.lost_ranges):,} frames were "
+                                 f"lost with a worker ({r.lost_cause}): {_ranges_text(r.lost_ranges)}")
+            if r.late_ranges:
+                self.console.say(f"WARNING [{r.scan_id}] {sum(b - a for a, b in r.late_ranges):,} frames came "
+                                 f"after the scan closed and were dropped (late; counted in rejected_messages): "
+                                 f"{_ranges_text(r.late_ranges)}")
             if r.n_duplicated:
                 self.console.say(f"WARNING [{r.scan_id}] {r.n_duplicated:,} frames arrived more "
                                  f"than once and were counted once: {_ranges_text(r.duplicated_ranges)}")
@@ -852,25 +1300,30 @@ class Session:
         try:
             # after interrupt() the operator waits for nothing but the files: "stopping" stays the last line
             r.previews = scan_previews(r, self.config, stop=self._interrupted.is_set)
+        except OSError as e:  # the output went read-only or full: the scan file is safe, say so in one line
+            log.info("previews of scan %s not written", r.scan_id, exc_info=True)
+            self.console.say(f"WARNING [{r.scan_id}] previews not written: {e}; the scan file is not affected")
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
 
 
-def _without_lost_workers(client, workers: list, closed: list, timeout: float):
-    """Wait for every worker's close of a scan; a worker that leaves the cluster meanwhile
-    (the scheduler drops it after ``distributed.scheduler.worker-ttl`` without a heartbeat)
-    is lost, with its part of the scan. Returns the workers left, their futures, the lost."""
-    deadline = time.monotonic() + timeout
-    pending = dict(zip(workers, closed))
-    lost = []
-    while time.monotonic() < deadline and not all(f.done() for f in pending.values()):
-        time.sleep(0.2)
-        present = set(client.scheduler_info()["workers"])
-        for w in [w for w, f in pending.items() if not f.done() and w not in present]:
-            pending.pop(w).cancel()
-            lost.append(w)
-    return list(pending), list(pending.values()), lost
+def _minus(ranges: list, remove: list) -> list:
+    """[first, stop) runs of ``ranges`` not covered by any run of ``remove``."""
+    out = []
+    cuts = sorted(map(tuple, remove))
+    for a, b in ranges:
+        for c, d in cuts:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append([a, c])
+            a = max(a, d)
+            if a >= b:
+                break
+        if a < b:
+            out.append([a, b])
+    return out
 
 
 def scan_previews(r: ScanResult, config: PipelineConfig, stop=None) -> list[str]:

@@ -10,19 +10,21 @@ holds a whole scan's events at once, and the work of the events is spread over t
 
 from __future__ import annotations
 
+import json
 import platform
 import socket
+import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from operators.base import Result
 from operators.chunk import Chunk
-from operators.completeness import Completeness, repeat_mask
+from operators.completeness import Completeness, repeat_mask, runs
 from operators.electron_counting import ElectronCounter
 from operators.events import EventStore, plan_blocks
 
@@ -31,9 +33,15 @@ from stream.config import PipelineConfig, build_operators
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
 from stream.transport.spill import SpillFile
-from stream.files.storage import EventBlock, ScanWriter, compress_block
+from stream.files.storage import (EventBlock, JSONText, PublishError, ScanWriter, compress_block, publish,
+                                  read_images)
 
 IN_FLIGHT = 3  # blocks on their way to the writer at once
+SMALL_SCAN_EVENTS = 4_000_000  # up to this many electrons a scan is written by one task
+
+
+class WorkerLost(RuntimeError):
+    """A worker holding part of a scan left the cluster while the scan was being written."""
 
 
 @dataclass
@@ -50,6 +58,14 @@ class ScanInfo:
     timings: dict = field(default_factory=dict)  # wall-clock seconds since the epoch
     workers: list = field(default_factory=list)
     errors: list = field(default_factory=list)  # problems the coordinator saw
+    out_dir: str = ""  # where the file goes ("" : [output] dir)
+    lost: dict = field(default_factory=dict)  # worker -> why dask removed it (it held frames)
+    reported: np.ndarray | None = None  # packbits of (n_sources, n_frames): parts receivers reported
+    late: np.ndarray | None = None  # packbits of (n_sources, n_frames): parts dropped as late
+    late_frames: int = 0  # frame parts dropped because they came after the scan closed
+    reject_reasons: dict = field(default_factory=dict)  # reason -> rejected messages naming it
+    config_json: str = ""  # the configuration for /provenance, serialised once per session
+    write_id: str = ""  # the same for every attempt at this scan's file (written_here)
 
 
 @dataclass
@@ -68,6 +84,9 @@ class ScanResult:
     n_duplicated: int = 0
     duplicated_frames: list = field(default_factory=list)
     duplicated_ranges: list = field(default_factory=list)
+    lost_ranges: list = field(default_factory=list)  # missing because their worker was lost
+    lost_cause: str = ""
+    late_ranges: list = field(default_factory=list)  # missing because they came after the close
     events: int = 0
     results: dict = field(default_factory=dict)  # name -> np.ndarray
     kinds: dict = field(default_factory=dict)  # name -> 'nav' | 'sig' | 'table'
@@ -78,6 +97,8 @@ class ScanResult:
     errors: list = field(default_factory=list)
     previews: list = field(default_factory=list)
     stages: list = field(default_factory=list)  # StageReports, when the stages ran with the scan
+    staged: str = ""  # finished but not yet in its directory: the writer's token for publish_staged
+    write_error: str = ""  # why it could not be published there
     geometry: Geometry | None = None  # scan and detector geometry (calibration as streamed)
     metadata: dict = field(default_factory=dict)  # the scan's metadata (scan_step_A: Å per position)
 
@@ -97,11 +118,18 @@ def merge_states(worker_scans: list[WorkerScan], config: PipelineConfig, geometr
     if not held:  # no frame arrived anywhere: empty but well-formed results
         ops = build_operators(config, geometry)
         return ops, {op.name: op.new_state() for op in ops}
-    ops, states = held[0].operators, held[0].states
+    # merging adds into the first state: a copy, so that the workers' states stay as they
+    # are (a write that fails is tried again from them)
+    ops, states = held[0].operators, {name: _copy_state(st) for name, st in held[0].states.items()}
     for ws in held[1:]:
         for op in ops:
             op.merge(states[op.name], ws.states[op.name])
     return ops, states
+
+
+def _copy_state(state: dict) -> dict:
+    return {k: v.copy() if isinstance(v, np.ndarray) else list(v) if isinstance(v, list) else v
+            for k, v in state.items()}
 
 
 def received_counts(ws: WorkerScan) -> np.ndarray | None:
@@ -193,6 +221,44 @@ def events_in(ws: WorkerScan, lo: int, hi: int) -> list[Chunk]:
     return store.events_in(ws.states[store.name], lo, hi) if store else []
 
 
+def _unpack(bits: np.ndarray | None, shape) -> np.ndarray:
+    if bits is None:
+        return np.zeros(shape, bool)
+    return np.unpackbits(bits, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+
+
+def _explained(info: ScanInfo, received: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Missing frames with a known cause: (lost, late), sorted int64 frame numbers. Lost: some
+    part was processed by a receiver (the coordinator has its report) but is not in the
+    merged states, so it went with a worker dask removed; late: some part was dropped
+    because it came after the scan closed."""
+    absent = received == 0
+    lost = (absent & _unpack(info.reported, received.shape)).any(axis=0)
+    late = (absent & _unpack(info.late, received.shape)).any(axis=0) & ~lost
+    return np.flatnonzero(lost).astype(np.int64), np.flatnonzero(late).astype(np.int64)
+
+
+def _reason(info: ScanInfo, config: PipelineConfig, n_missing: int, n_lost: int, n_late: int) -> str:
+    """One line saying why the scan closed and what is missing, with each cause."""
+    never = n_missing - n_lost - n_late
+    reason = {"complete": "all frames arrived" if not n_missing else f"{n_missing} frames missing",
+              "ended": f"every source sent its end; {n_missing} frames missing, every receiver drained",
+              "timeout": f"no message for {config.scan.timeout_s} s and every receiver drained; "
+                         "closed with what arrived",
+              "abort": f"aborted by the source: {info.abort_reason}",
+              "closed": "the session stopped while the scan was running"}[info.close_reason]
+    if info.close_reason == "timeout":
+        reason += _what_never_came(info)
+    causes = []
+    if never > 0 and info.close_reason in ("complete", "ended"):
+        causes.append(f"{never} never arrived")
+    if n_lost:
+        causes.append(f"{n_lost} lost with worker {', '.join(f'{w} ({c})' for w, c in info.lost.items())}")
+    if n_late:
+        causes.append(f"{n_late} came after the scan closed (dropped as late, counted as rejected)")
+    return reason + (f": {'; '.join(causes)}" if causes else "")
+
+
 def _what_never_came(info: ScanInfo) -> str:
     """Why a scan timed out: the sources whose ``end`` never arrived (a source that stopped
     early, or a lost connection), so that an operator knows where to look."""
@@ -210,9 +276,55 @@ class _OpenScan:
     writer: ScanWriter
     offsets: np.ndarray
     result: ScanResult
+    write_id: str = ""
 
 
 _OPEN: dict[str, _OpenScan] = {}  # token -> scan file being written in this process
+_STAGED: dict[str, _OpenScan] = {}  # token -> finished file in staging, not yet published
+_BUSY: dict[str, int] = {}  # write id -> attempts at it under way in this process
+_DONE: dict[str, ScanResult] = {}  # write id -> result of a file this process published (last 256,
+# without its arrays: they are in the file, and 256 detector-sized sums would be 100s of MB)
+
+
+def _busy(write_id: str, delta: int) -> None:
+    if not write_id:
+        return
+    with _OPEN_LOCK:
+        n = _BUSY.get(write_id, 0) + delta
+        if n > 0:
+            _BUSY[write_id] = n
+        else:
+            _BUSY.pop(write_id, None)
+
+
+def _done(write_id: str, result: ScanResult) -> None:
+    if write_id:
+        with _OPEN_LOCK:
+            _DONE[write_id] = replace(result, results={}, position_frames=None)
+            for old in list(_DONE)[:-256]:
+                del _DONE[old]
+
+
+def written_here(write_id: str) -> tuple:
+    """On a worker that wrote (or writes) a scan's file: what became of attempt ``write_id``
+    here — ("writing", None), ("written", ScanResult), ("staged", ScanResult) or
+    ("none", None). A retry asks first, so that an attempt whose answer was lost is never
+    written twice."""
+    with _OPEN_LOCK:
+        if write_id in _BUSY:
+            return "writing", None
+        done = _DONE.get(write_id)
+        staged = next((t for t, sc in _STAGED.items() if sc.write_id == write_id), None)
+        if done is None and staged is not None:
+            sc = _STAGED[staged]
+            return "staged", replace(sc.result, path=None, staged=staged, write_error="(found staged)")
+    if done is not None:
+        try:
+            results, position_frames = read_images(done.path)
+        except OSError:  # moved on since (a fallback file): written all the same
+            return "written", done
+        return "written", replace(done, results=results, position_frames=position_frames)
+    return "none", None
 _DISCARDED: set[str] = set()  # tokens given up before their file was opened (a timeout)
 _OPEN_LOCK = threading.Lock()
 
@@ -238,6 +350,15 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
     states are not ``deduplicated`` yet (``keep_owned``)."""
     if not deduplicated and claim_frames(*map(received_counts, light)) is not None:
         return None
+    _busy(info.write_id, +1)
+    try:
+        return _open_scan_file(info, config, token, light)
+    except BaseException:
+        _busy(info.write_id, -1)
+        raise
+
+
+def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -> WritePlan:
     t0 = time.time()
     ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
@@ -258,26 +379,31 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
     np.cumsum(counts, out=offsets[1:])
     errors = info.errors + [e for ws in light for e in ws.errors]
     n_missing = summary["n_missing"]
-    status = "complete" if info.close_reason == "complete" and not n_missing and not errors else "incomplete"
-    reason = {"complete": "all frames arrived" if not n_missing else f"{n_missing} frames never arrived",
-              "timeout": f"no message for {config.scan.timeout_s} s; closed with what arrived",
-              "abort": f"aborted by the source: {info.abort_reason}",
-              "closed": "the session stopped while the scan was running"}[info.close_reason]
-    if info.close_reason == "timeout":
-        reason += _what_never_came(info)
+    lost, late = _explained(info, completeness["received"].data)
+    status = "complete" if info.close_reason in ("complete", "ended") and not n_missing and not errors \
+        else "incomplete"
+    reason = _reason(info, config, n_missing, len(lost), len(late))
     if errors:
         reason += f"; {len(errors)} errors: {errors[0]}"
+    completeness["lost_frames"] = Result(lost, "table", "frame", "missing frames a receiver had "
+                                         "processed, lost with its worker (lost_cause)")
+    completeness["late_frames"] = Result(late, "table", "frame", "missing frames that arrived after "
+                                         "the scan closed and were dropped (counted as rejected)")
+    listed = ("missing_frames", "missing_ranges", "duplicated_frames", "duplicated_ranges")
+    summary_attrs = {k: v for k, v in summary.items() if k not in listed}  # those are datasets
+    lost_cause = "; ".join(f"worker {w}: {c}" for w, c in info.lost.items())
+    summary_attrs.update(n_lost=len(lost), lost_cause=lost_cause, n_late=len(late))
     timings = dict(info.timings, finalize_start=t0, merged=time.time())
     provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
                   "numpy": np.__version__, "host": socket.gethostname(), "workers": info.workers,
-                  "config": config.to_dict(), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
-                  "rejected_messages": info.rejects, "errors": errors}
-    writer = ScanWriter(Path(config.output.dir) / f"{info.scan_id}.h5", scan_id=info.scan_id,
+                  "config": JSONText(info.config_json or config_json(config)), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
+                  "rejected_messages": info.rejects, "rejects": dict(info.reject_reasons),
+                  "late_frames": info.late_frames, "errors": errors}
+    writer = ScanWriter(Path(info.out_dir or config.output.dir) / f"{info.scan_id}.h5", staging=staging_dir(config),
+                        scan_id=info.scan_id,
                         status=status, reason=reason, geometry=info.geometry.for_sector(None).to_wire(),
                         metadata=info.metadata, results=results, offsets=offsets,
-                        completeness=completeness,
-                        completeness_summary={k: v for k, v in summary.items()
-                                              if not k.endswith(("_frames", "_ranges"))},  # datasets
+                        completeness=completeness, completeness_summary=summary_attrs,
                         provenance={**provenance, "timings": timings}, counting=counting,
                         compression_level=config.output.compression_level)
     g = info.geometry
@@ -286,6 +412,7 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
                         **{f"{a}_{b}": summary[f"{a}_{b}"] for a in ("missing", "duplicated")
                            for b in ("frames", "ranges")},
                         n_missing=n_missing, n_duplicated=summary["n_duplicated"],
+                        lost_ranges=runs(lost), lost_cause=lost_cause, late_ranges=runs(late),
                         events=int(offsets[-1]), results={k: r.data for k, r in results.items()},
                         kinds={k: r.kind for k, r in results.items()},
                         units={k: r.unit for k, r in results.items()},
@@ -297,7 +424,7 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
             _DISCARDED.discard(token)
             writer.discard()
             raise RuntimeError(f"scan {info.scan_id}: given up while its file was opened")
-        _OPEN[token] = _OpenScan(writer, offsets, result)
+        _OPEN[token] = _OpenScan(writer, offsets, result, info.write_id)
     blocks = [(lo, hi, int(offsets[lo])) for lo, hi in
               plan_blocks(counts, max(1, int(config.memory.write_block_mb * 1e6 / 4)))]
     return WritePlan(token, blocks, store, int(offsets[-1]), config.output.compression_level)
@@ -329,12 +456,66 @@ def write_block(token: str, lo: int, hi: int, after, built: tuple[np.ndarray, Ev
 
 
 def close_scan_file(token: str, after=None) -> ScanResult:
-    """On the writer: check every event is in, name the file, return the scan's result."""
+    """On the writer: check every event is in, name the file, return the scan's result. A
+    finished file that cannot go into its directory stays staged here: the result then has
+    no ``path`` but ``staged`` (for ``publish_staged``) and ``write_error``."""
     with _OPEN_LOCK:
         scan = _OPEN.pop(token)
-    scan.result.path = scan.writer.close()
+    try:
+        scan.result.path = scan.writer.close()
+    except PublishError as e:
+        with _OPEN_LOCK:
+            _STAGED[token] = scan
+        return replace(scan.result, path=None, staged=token, write_error=str(e))
+    finally:
+        _busy(scan.write_id, -1)
     scan.result.timings["written"] = time.time()
+    _done(scan.write_id, scan.result)
     return scan.result
+
+
+def publish_staged(token: str, out_dir: str) -> ScanResult:
+    """On the writer: put a staged scan file (``close_scan_file``) into ``out_dir``; the
+    result says where, or ``write_error`` why not (it stays staged). KeyError if this worker
+    holds no such file (it restarted)."""
+    with _OPEN_LOCK:
+        scan = _STAGED.get(token)
+    if scan is None:
+        raise KeyError(f"no staged scan file {token} on this worker")
+    try:
+        final = publish(scan.writer.tmp, Path(out_dir) / scan.writer.path.name)
+    except PublishError as e:
+        return replace(scan.result, path=None, staged=token, write_error=str(e))
+    drop_staged(token)
+    result = replace(scan.result, path=final, staged="", write_error="",
+                     timings=dict(scan.result.timings, written=time.time()))
+    _done(scan.write_id, result)
+    return result
+
+
+def drop_staged(token: str) -> None:
+    """On the writer: forget a staged file (published, or written elsewhere)."""
+    with _OPEN_LOCK:
+        scan = _STAGED.pop(token, None)
+    if scan is not None:
+        scan.writer.discard()
+
+
+def config_json(config: PipelineConfig) -> str:
+    """The configuration as /provenance keeps it (JSON text)."""
+    return json.dumps(config.to_dict(), default=str)
+
+
+def staging_dir(config: PipelineConfig) -> str:
+    """Where this process builds scan files before publishing them: ``[memory] spill_dir``,
+    else the dask worker's local directory, else the system's temporary directory."""
+    if config.memory.spill_dir:
+        return config.memory.spill_dir
+    try:
+        from distributed import get_worker
+        return get_worker().local_directory
+    except (ImportError, ValueError):
+        return tempfile.gettempdir()
 
 
 def discard_scan_file(token: str) -> None:
@@ -345,6 +526,7 @@ def discard_scan_file(token: str) -> None:
         if scan is None:
             _DISCARDED.add(token)
     if scan is not None:
+        _busy(scan.write_id, -1)
         scan.writer.discard()
 
 
@@ -362,22 +544,64 @@ def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerS
         raise
 
 
+def portable(ws: WorkerScan) -> WorkerScan:
+    """The worker's scan ready to travel to the writer, for small scans written by one task:
+    every event in memory (chunks on disk read back), and without its operators (the writer
+    has the same ones: they are built from the configuration and the geometry, and carry
+    masks of megabytes)."""
+    store = _store(ws)
+    states = ws.states
+    if store is not None and not all(isinstance(c, Chunk) for c in states[store.name]["chunks"]):
+        states = {**states, store.name: dict(states[store.name],
+                                             chunks=list(store.iter_chunks(states[store.name])))}
+    return replace(ws, operators=[], states=states)
+
+
+def finalize_small(info: ScanInfo, config: PipelineConfig, here: WorkerScan | None,
+                   *others: WorkerScan) -> ScanResult:
+    """On the writer: a small scan finalized and written in one task, from this worker's
+    state (``here``, as it is; None if it holds none) and the others' ``portable`` states."""
+    ops = here.operators if here is not None and here.operators else build_operators(config, info.geometry)
+    others = [replace(ws, operators=ops) if ws.states else ws for ws in others]
+    return finalize_scan(info, config, *(ws for ws in (here, *others) if ws is not None))
+
+
+def result_of(future, timeout: float, stop: threading.Event | None = None, what: str = "a task"):
+    """``future.result()`` waited for here, never with distributed's own timeout (which, when
+    it expires as the task ends, can raise an UnboundLocalError instead of the outcome).
+    TimeoutError after ``timeout`` s; WorkerLost as soon as ``stop`` is set."""
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    deadline = time.monotonic() + timeout
+    while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+        if stop is not None and stop.is_set():
+            raise WorkerLost(f"{what}: a worker holding it left the cluster")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not done within {timeout:.0f} s")
+    return future.result()
+
+
 def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: dict,
-                        writer: str, timeout: float) -> ScanResult:
+                        writer: str, timeout: float, small: bool = False,
+                        stop: threading.Event | None = None, travelling: set = frozenset()) -> ScanResult:
     """``finalize_scan`` with every worker's state left where it is.
 
     closed: worker address → future of its ``WorkerScan`` (on that worker); writer: the
     worker that writes the file. Small states go to the writer first. Then the events, one
     block of frames at a time, at most ``IN_FLIGHT`` blocks under way: the workers take
     their parts of a block to one of them (in turn), which builds and compresses it, and
-    the writer writes it. No process holds a whole scan, and the workers share the work."""
+    the writer writes it. No process holds a whole scan, and the workers share the work.
+    ``small``: the other workers send their whole states to the writer, which does
+    everything in one task (fewer round trips; for scans of a few million electrons).
+    ``stop``: set by another thread when a worker of the scan left; raises WorkerLost.
+    ``travelling``: workers whose closed state is already ``portable``."""
     deadline = time.monotonic() + timeout
 
     def on(worker, fn, *args):
         return client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
 
     def wait(future):
-        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        return result_of(future, max(0.0, deadline - time.monotonic()), stop, f"scan {info.scan_id}")
 
     workers = list(closed)
     token = uuid.uuid4().hex
@@ -387,6 +611,14 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         futures.append(on(worker, fn, *args))
         return futures[-1]
 
+    if small:
+        try:
+            return wait(on_(writer, finalize_small, info, config, closed.get(writer),
+                            *(closed[w] if w in travelling else on(w, portable, closed[w])
+                              for w in workers if w != writer)))
+        except BaseException:
+            client.cancel(futures)
+            raise
     try:
         kept = closed
         plan = wait(on_(writer, open_scan_file, info, config, token, False,
@@ -401,7 +633,7 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         for k, (lo, hi, _) in enumerate(plan.blocks):
             at = builders[k % len(builders)]
             parts = [on(w, events_in, kept[w], lo, hi) for w in workers if w != at]
-            built = on(at, build_block, plan, k, kept[at], *parts)
+            built = on(at, build_block, plan, k, kept.get(at), *parts)
             writes.append(on_(writer, write_block, token, lo, hi, writes[-1] if writes else None, built))
             if len(writes) > IN_FLIGHT:
                 wait(writes[-IN_FLIGHT - 1])
@@ -409,7 +641,7 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     except BaseException:
         client.cancel(futures)  # what has not started never will
         try:
-            on(writer, discard_scan_file, token).result(timeout=10)
+            result_of(on(writer, discard_scan_file, token), 10.0)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
         raise

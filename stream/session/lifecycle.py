@@ -1,9 +1,20 @@
 """Scan lifecycle, decided from the receivers' reports.
 
-open (first report of a scan_id) → receiving → closed when every source's ``end`` arrived and
-every frame it announced is accounted for, or when nothing arrived for ``timeout_s``, or
-shortly after an ``abort`` → finalized by the session. The tracker is plain Python over small
-messages: no sockets, no dask, so that it can be tested alone.
+open (first report of a scan_id) → receiving → closed → finalized by the session. A scan
+closes
+
+- ``complete``: at once when every source's ``end`` arrived and every frame it announced was
+  processed (an announcement counts at most the scan's frames);
+- otherwise when it must (every source ended: ``ended``; an ``abort``; no message of it for
+  ``timeout_s``: ``timeout``) *and* every live receiver has drained: its heartbeat says its
+  input queue was empty at least ``DRAIN_GRACE_S`` after that moment and it holds no
+  unprocessed message of the scan. A silent receiver (a stopped or overloaded worker) keeps
+  the scan open, so its frames count when it resumes; only when dask removes its worker
+  (``worker_gone``) does it stop counting, and the frames it had processed are named lost
+  with that cause.
+
+The tracker is plain Python over small messages: no sockets, no dask, so that it can be
+tested alone.
 
 A scan exists for the tracker once a receiver reports its ``start`` or opens it (receivers open
 only announced scans, docs/PROTOCOL.md). An ``end`` or ``abort`` of a scan not seen yet waits
@@ -23,9 +34,31 @@ from operators.completeness import Completeness
 from stream.transport.protocol import Geometry, ProtocolError
 
 RECEIVING, CLOSING, DONE = "receiving", "closing", "done"
-ABORT_GRACE_S = 1.0  # after an abort, frames already queued in other receivers still count
+# Frames a source sent before its end (or abort, or the timeout) are in a live receiver's
+# queue within this long (s, wall clock; receivers on other hosts need clocks synchronised
+# well within it, as NTP keeps them).
+DRAIN_GRACE_S = 1.0
+SILENT_S = 2.0  # a receiver without a heartbeat for this long is stalled (named on the console)
+EARLY_REJECTS_S = 60.0  # a reject naming a scan not open yet counts in it if it opens this soon
+EARLY_REJECTS_MAX = 4096  # scan ids whose early rejects are remembered (a flood costs no more)
 WAIT_FOR_START_S = 60.0  # an end or abort of a scan not seen yet waits this long for its start
 MAX_WAITING = 4096  # scans whose end or abort waits for their start
+
+
+@dataclass
+class ReceiverView:
+    """One receiver as its heartbeats describe it. ``last_seen`` is monotonic (this clock);
+    ``empty_at`` wall-clock s (the receiver's) when its input queue was last found empty;
+    ``pending``: scans with messages read but not yet reported; ``gone``: why dask removed
+    its worker ('' while it is there)."""
+
+    worker: str
+    last_seen: float
+    empty_at: float = 0.0
+    pending: frozenset = frozenset()
+    input_waiting: bool = False
+    scans: dict = field(default_factory=dict)  # scan -> [frame parts read, processed]
+    gone: str = ""
 
 
 @dataclass
@@ -39,8 +72,14 @@ class ScanStatus:
     geometry: Geometry | None = None
     metadata: dict = field(default_factory=dict)
     state: str = RECEIVING
-    close_reason: str = ""  # complete | timeout | abort | closed
+    close_reason: str = ""  # complete | ended | timeout | abort | closed
     abort_reason: str = ""
+    settle_from: float | None = None  # wall-clock s from which receivers must drain to close it
+    lost: dict = field(default_factory=dict)  # worker -> why dask removed it (it held frames)
+    worker_frames: dict = field(default_factory=dict)  # worker -> frame parts it processed
+    late_frames: int = 0  # frame parts dropped because they came after the scan closed
+    reject_reasons: dict = field(default_factory=dict)  # reason -> rejected messages naming it
+    said_waiting: float = 0.0  # monotonic time the console last named the receivers it waits for
     frames_sent: dict = field(default_factory=dict)  # source -> frames its end announced
     events: int = 0
     worker_events: dict = field(default_factory=dict)  # worker -> electrons it processed
@@ -52,6 +91,7 @@ class ScanStatus:
     _completeness: Completeness | None = None
     _received: dict | None = None
     _distinct: np.ndarray | None = None  # distinct frames received per source
+    _late: np.ndarray | None = None  # (n_sources, n_frames) bool: parts dropped as late
 
     @property
     def n_frames(self) -> int:
@@ -73,11 +113,21 @@ class ScanStatus:
 
     def missing_so_far(self) -> int:
         """Frames announced by the sources' ``end`` messages that have not all arrived yet:
-        the most any one source still owes (0 until a source has ended)."""
+        the most any one source still owes (0 until a source has ended). ``frames_sent``
+        counts distinct frames; a larger number (a source that counted its re-sends) owes at
+        most the scan's frames."""
         if self._distinct is None:
             return 0
-        return max((sent - int(self._distinct[s]) for s, sent in self.frames_sent.items()
+        return max((min(sent, self.n_frames) - int(self._distinct[s]) for s, sent in self.frames_sent.items()
                     if 0 <= s < len(self._distinct)), default=0)
+
+    def late_mask(self) -> np.ndarray | None:
+        """(n_sources, n_frames) bool: frame parts dropped because they came after the close."""
+        return self._late
+
+    def reported(self) -> np.ndarray | None:
+        """(n_sources, n_frames) bool: frame parts some receiver processed and reported."""
+        return None if self._received is None else self._received["received"] > 0
 
     @property
     def all_ended(self) -> bool:
@@ -85,7 +135,7 @@ class ScanStatus:
 
     def release(self) -> None:
         """Drop the per-frame bookkeeping once the scan is done (the file has it)."""
-        self._completeness = self._received = None
+        self._completeness = self._received = self._late = None
 
 
 class ScanTracker:
@@ -102,6 +152,8 @@ class ScanTracker:
         self.wall = wall
         self.scans: dict[str, ScanStatus] = {}
         self.rejects: dict[str, int] = {}
+        self.receivers: dict[str, ReceiverView] = {}
+        self._early: OrderedDict[str, tuple[float, dict]] = OrderedDict()  # scan -> (time, reason counts)
         # end / abort reports of scans not opened yet: scan -> (first seen, reports)
         self._waiting: OrderedDict[str, tuple[float, list]] = OrderedDict()
         self._forgotten: OrderedDict[str, None] = OrderedDict()  # finished long ago: never reopened
@@ -110,13 +162,78 @@ class ScanTracker:
         st = self.scans.get(scan_id)
         if st is None:
             st = self.scans[scan_id] = ScanStatus(scan_id, opened=self.wall(), last_activity=self.clock())
+            t, reasons = self._early.pop(scan_id, (0.0, {}))
+            if self.clock() - t <= EARLY_REJECTS_S:  # rejected before any receiver reported it open
+                for reason, n in reasons.items():
+                    st.rejects += n
+                    st.reject_reasons[reason] = st.reject_reasons.get(reason, 0) + n
         st.last_activity = self.clock()
         return st
+
+    def _remember_early(self, scan_id: str, reason: str, n: int = 1) -> None:
+        """A reject naming a scan that is not open (its receiver's report may simply come
+        later): kept, bounded, for the scan's file."""
+        t, reasons = self._early.pop(scan_id, (self.clock(), {}))
+        reasons[reason] = reasons.get(reason, 0) + n
+        self._early[scan_id] = (t, reasons)
+        while len(self._early) > EARLY_REJECTS_MAX:
+            self._early.popitem(last=False)
 
     def _count_reject(self, reason: str, st: ScanStatus | None = None, n: int = 1) -> None:
         self.rejects[reason] = self.rejects.get(reason, 0) + n
         if st is not None:
             st.rejects += n
+            st.reject_reasons[reason] = st.reject_reasons.get(reason, 0) + n
+
+    # -------------------------------------------------------------- receivers
+    def _receiver(self, worker) -> ReceiverView | None:
+        if worker is None:
+            return None
+        rv = self.receivers.get(worker)
+        if rv is None:
+            rv = self.receivers[worker] = ReceiverView(worker, self.clock())
+        rv.last_seen = self.clock()
+        return rv
+
+    def heartbeat(self, report: dict) -> None:
+        """A receiver's heartbeat (stream.transport.receiver.Receiver._heartbeat)."""
+        rv = self._receiver(report.get("worker"))
+        if rv is None or rv.gone:
+            return
+        rv.empty_at = float(report.get("empty_at", 0.0))
+        rv.pending = frozenset(report.get("pending", ()))
+        rv.input_waiting = bool(report.get("input_waiting"))
+        rv.scans = dict(report.get("scans", {}))
+
+    def worker_gone(self, worker: str, cause: str) -> list[ScanStatus]:
+        """Dask removed ``worker``: its receiver no longer holds scans open, and the scans
+        whose frames it processed lose them (``lost``, with ``cause``). Returns those scans."""
+        rv = self.receivers.get(worker) or self.receivers.setdefault(worker, ReceiverView(worker, self.clock()))
+        rv.gone = rv.gone or cause
+        hit = []
+        for st in self.scans.values():
+            if st.state != DONE and st.worker_frames.get(worker):
+                st.lost.setdefault(worker, cause)
+                hit.append(st)
+        return hit
+
+    def live(self) -> list[ReceiverView]:
+        return [rv for rv in self.receivers.values() if not rv.gone]
+
+    def _drained(self, rv: ReceiverView, st: ScanStatus) -> bool:
+        return rv.empty_at >= st.settle_from + DRAIN_GRACE_S and st.scan_id not in rv.pending
+
+    def waiting_for(self, st: ScanStatus) -> list[ReceiverView]:
+        """Live receivers a scan that must close still waits for (their queue may hold its
+        frames)."""
+        if st.settle_from is None:
+            return []
+        return [rv for rv in self.live() if not self._drained(rv, st)]
+
+    def stalled(self, silent_s: float = SILENT_S) -> list[ReceiverView]:
+        """Live receivers that sent nothing for ``silent_s``."""
+        now = self.clock()
+        return [rv for rv in self.live() if now - rv.last_seen >= silent_s]
 
     def _set_geometry(self, st: ScanStatus, wire: dict) -> None:
         g = Geometry.from_wire(wire).for_sector(None)
@@ -137,6 +254,10 @@ class ScanTracker:
         """Take one receiver report; returns the scan it concerns (None for non-scan reports).
         A report that does not fit the scan is counted as a reject, never raised."""
         kind = report.get("kind")
+        if kind == "heartbeat":
+            self.heartbeat(report)
+            return None
+        self._receiver(report.get("worker"))
         if kind == "reject":
             sid = report.get("scan_id")
             st = None
@@ -150,7 +271,11 @@ class ScanTracker:
                 if st is not None and st.geometry is None and report["reason"] == "operator_error" \
                         and len(st.errors) < 5:
                     st.errors.append(report.get("detail", ""))
+                if st is None and sid not in self._forgotten:
+                    self._remember_early(sid, report["reason"], int(report.get("count", 1)))
             self._count_reject(report["reason"], st, int(report.get("count", 1)))
+            if st is not None and report["reason"] == "late":
+                self._late(st, report.get("ranges") or [])
             return None
         if kind not in ("start", "frames", "end", "abort", "geometry"):
             return None
@@ -213,12 +338,24 @@ class ScanTracker:
             self._count_reject(e.reason, st)
         return st
 
+    @staticmethod
+    def _late(st: ScanStatus, ranges: list) -> None:
+        for source, first, count in ranges:
+            st.late_frames += int(count)
+            if st.geometry is None:
+                continue
+            if st._late is None:
+                st._late = np.zeros((st.geometry.n_sources, st.n_frames), bool)
+            if 0 <= source < st._late.shape[0] and 0 <= first and first + count <= st._late.shape[1]:
+                st._late[source, first:first + count] = True
+
     def _frames(self, st: ScanStatus, worker, report: dict) -> None:
         now = self.wall()
         st.first_frame_time = st.first_frame_time or now
         st.last_frame_time = now
         st.events += report["events"]
         st.worker_events[worker] += report["events"]
+        st.worker_frames[worker] = st.worker_frames.get(worker, 0) + sum(r[2] for r in report["ranges"])
         if st._received is None:
             return
         rec = st._received["received"]
@@ -230,20 +367,23 @@ class ScanTracker:
 
     def due(self) -> list[ScanStatus]:
         """Scans that must close now; each is returned once and marked closing."""
-        now = self.clock()
+        now, wall = self.clock(), self.wall()
         out = []
         for st in self.active():
-            quiet = now - st.last_activity
-            reason = None
-            if st.abort_reason and quiet >= min(ABORT_GRACE_S, self.timeout_s):
-                reason = "abort"
-            elif not st.abort_reason and st.all_ended and st.missing_so_far() <= 0:
+            if not st.abort_reason and st.all_ended and st.missing_so_far() <= 0:
                 reason = "complete"
-            elif quiet >= self.timeout_s:
-                reason = "timeout"
-            if reason:
-                self.close(st, reason)
-                out.append(st)
+            else:
+                reason = "abort" if st.abort_reason else "ended" if st.all_ended else \
+                    "timeout" if now - st.last_activity >= self.timeout_s else None
+                if reason is None:  # a source is still sending
+                    st.settle_from = None
+                    continue
+                if st.settle_from is None:
+                    st.settle_from = wall
+                if self.waiting_for(st):
+                    continue
+            self.close(st, reason)
+            out.append(st)
         return out
 
     def close(self, st: ScanStatus, reason: str) -> None:

@@ -23,10 +23,10 @@ from operators.kernels import sort_segments
 
 from stream import __version__
 from stream.config import PipelineConfig, build_operators
-from stream.session.finalize import ScanResult
+from stream.session.finalize import ScanResult, config_json
 from stream.files.recording import Recording, open_recording
 from stream.stages.runner import run_stages
-from stream.files.storage import write_scan
+from stream.files.storage import JSONText, write_scan
 
 FRAMES_PER_TASK = 1 << 16  # at 100 e-/frame: 26 MB of events per task
 
@@ -83,7 +83,7 @@ def write_result(path: str, flyback: int | None, config: PipelineConfig, states:
     g = rec.geometry
     provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
                   "numpy": np.__version__, "host": socket.gethostname(), "workers": workers,
-                  "config": config.to_dict(), "source_file": str(Path(path).resolve()),
+                  "config": JSONText(config_json(config)), "source_file": str(Path(path).resolve()),
                   "source_format": rec.kind, "source_provenance": rec.provenance,
                   "timings": {"started": t_start, "merged": t_merged}}
     fields = dict(scan_id=rec.scan_id, geometry=g.to_wire(), metadata=rec.metadata, results=results,

@@ -16,6 +16,7 @@ from operators.electron_counting import ElectronCounter
 
 from stream.config import PipelineConfig, build_operators
 from stream.security import ReceiverKeys
+from stream.session.finalize import portable
 from stream.sources.build import build_source
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
@@ -71,9 +72,11 @@ def _receiver(plugin_name: str) -> Receiver:
     return plugin.receiver
 
 
-def close_on_worker(plugin_name: str, scan_id: str) -> WorkerScan:
-    """Close ``scan_id`` on this worker's receiver; the result stays on this worker."""
-    return _receiver(plugin_name).close_scan(scan_id)
+def close_on_worker(plugin_name: str, scan_id: str, travel: bool = False) -> WorkerScan:
+    """Close ``scan_id`` on this worker's receiver; the result stays on this worker.
+    ``travel``: ready to go to another worker that writes the file (stream.session.finalize.portable)."""
+    ws = _receiver(plugin_name).close_scan(scan_id)
+    return portable(ws) if travel else ws
 
 
 def source_command(plugin_name: str, name: str, *args, dask_worker=None):

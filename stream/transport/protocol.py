@@ -282,6 +282,8 @@ def encode_dense(scan_id: str, source: int, geometry: Geometry, first: int, fram
 
 
 def encode_end(scan_id: str, source: int, frames_sent: int) -> list:
+    """``end``: ``frames_sent`` distinct frames of the scan this source sent (a frame sent
+    again counts once)."""
     return [_header("end", scan_id, source, frames_sent=int(frames_sent))]
 
 
@@ -339,13 +341,14 @@ def decode(parts: Sequence[Any], check_events: bool = True) -> Message:
         raise ProtocolError("not_msgpack", f"{type(e).__name__}: {e}") from None
     if not isinstance(h, dict):
         raise ProtocolError("not_msgpack", f"part 0 decodes to {type(h).__name__}, not a map")
-    if h.get("proto") != PROTO:
-        raise ProtocolError("bad_version", f"proto {h.get('proto')!r}, this receiver speaks {PROTO!r}")
+    scan_id = h.get("scan_id")
+    named = scan_id if isinstance(scan_id, str) and SCAN_ID_PATTERN.match(scan_id) else None
+    if h.get("proto") != PROTO:  # a reject whose header names a scan counts in that scan's file
+        raise ProtocolError("bad_version", f"proto {h.get('proto')!r}, this receiver speaks {PROTO!r}", named)
     kind = h.get("kind")
     if kind not in KINDS:
-        raise ProtocolError("unknown_kind", f"kind {kind!r}, expected one of {', '.join(KINDS)}")
-    scan_id = h.get("scan_id")
-    if not isinstance(scan_id, str) or not SCAN_ID_PATTERN.match(scan_id):
+        raise ProtocolError("unknown_kind", f"kind {kind!r}, expected one of {', '.join(KINDS)}", named)
+    if named is None:
         raise ProtocolError("bad_header", f"scan_id {scan_id!r} is not a valid scan id")
     try:
         source = _int(h.get("source"))
@@ -368,6 +371,8 @@ def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
         msg.metadata = md
     elif kind == "end":
         h["frames_sent"] = _int(h.get("frames_sent"))
+        if h["frames_sent"] < 0:
+            raise ProtocolError("bad_header", f"frames_sent {h['frames_sent']} must be >= 0")
     elif kind == "abort":
         if not isinstance(h.get("reason", ""), str):
             raise ProtocolError("bad_header", "abort reason must be a string")

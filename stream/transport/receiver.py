@@ -46,6 +46,8 @@ LATE = "late"  # a message of a scan that is already closed
 OPERATOR_ERROR = "operator_error"  # the scan's operators could not be built or failed
 INTERNAL_ERROR = "internal_error"  # anything else that went wrong with one message
 SPILL_FAILED = "spill_failed"  # events could not go to disk; they stay in memory, none lost
+HEARTBEAT_S = 0.25  # a receiver says what it holds and whether its queue is empty this often
+OPERATOR_CACHE = 8  # geometries whose operators a receiver keeps built (bursts of similar scans)
 OVER_BUDGET = "over_budget"  # the scan's state would exceed [limits] scan_state_mb
 TOO_MANY_SCANS = "too_many_scans"  # [limits] max_open_scans scans are open already
 UNANNOUNCED = "unannounced"  # frames of a scan no start announced within [limits] announce_grace_s
@@ -85,6 +87,9 @@ class ScanWork:
     mem_bytes: int = 0
     spill: SpillFile | None = None  # created on the first spill
     spill_failed: bool = False  # after a failure the scan's events stay in memory
+    opened: float = field(default_factory=time.monotonic)
+    frames_read: int = 0  # frame parts of frames messages read (heartbeats report both)
+    frames_processed: int = 0  # ... and processed and reported
     closing: bool = False  # the coordinator closed it: it no longer counts as open
     counter: ElectronCounter | None = None  # counts the scan's raw frames ([counting])
 
@@ -169,6 +174,9 @@ class Receiver:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._built: OrderedDict = OrderedDict()  # geometry -> operators (immutable once built)
+        self._empty_at = 0.0  # wall-clock time the input queue was last found empty
+        self._heartbeats = 0
 
     # -------------------------------------------------------------- lifecycle
     def start(self, timeout_s: float = 10.0) -> None:
@@ -209,7 +217,8 @@ class Receiver:
             held = self._forget_held(scan_id)
             if held is not None:  # its announcement never came here: they arrived too late to count
                 self._reject(LATE, f"{len(held.msgs)} frames message(s) of scan {scan_id} still waiting for "
-                             "its announcement when it closed", scan_id, len(held.msgs))
+                             "its announcement when it closed", scan_id, len(held.msgs),
+                             ranges=[[m.source, m.first, m.count] for m in held.msgs])
             work = self._scans.pop(scan_id, None)
             if work is None:
                 return WorkerScan(scan_id, self.worker, None, [], {}, [])
@@ -263,12 +272,17 @@ class Receiver:
             if sock is not None:
                 receiving.register(sock, zmq.POLLIN)
                 waiting.register(sock, zmq.POLLIN)
+        next_heartbeat = time.monotonic()
         try:
             while not self._stop.is_set():
                 # frames held for an announcement fill their budget: stop taking more (the
                 # sources are held back) until the coordinator announces or the grace ends
                 full = self._held_bytes >= held_budget
                 poller = waiting if full else receiving
+                # The clock is read *before* looking: found empty, the queue was empty at that
+                # time even if this thread is stopped right after (a stopped worker must not
+                # claim afterwards to have drained what queued meanwhile).
+                looked = time.time()
                 # a detector source waits in its own receive (below)
                 ready = dict(poller.poll(0 if self.source is not None and not full else poll_ms))
                 if links.monitor in ready and links.poll():
@@ -281,21 +295,28 @@ class Receiver:
                         except zmq.Again:
                             break
                         self._on_control_safely(parts)
+                empty = False  # while frames wait for an announcement, the input is not read
                 if self.source is not None:
                     if not full:
-                        self._receive_from_source(poll_ms, report)
+                        empty = not self._receive_from_source(poll_ms, report)
                 elif pull in ready:
                     for _ in range(64):  # drain what is queued before looking at the clocks
                         if self._held_bytes >= held_budget:
                             break
+                        looked = time.time()
                         try:
                             parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
+                            empty = True
                             break
                         self._handle_safely(parts)
                         # a start's report goes out before the next chunk is processed: the
                         # other receivers wait for its announcement to open the scan
                         self._send_reports(report)
+                elif not full:
+                    empty = True
+                if empty:  # every message that reached this process before `looked` has been read
+                    self._empty_at = looked
                 try:
                     now = time.monotonic()
                     with self._lock:
@@ -306,6 +327,9 @@ class Receiver:
                     if live_period and now >= next_live:
                         self._snapshot_live()
                         next_live = now + live_period
+                    if now >= next_heartbeat:
+                        next_heartbeat = now + HEARTBEAT_S
+                        self._heartbeat(bool(pull.get(zmq.EVENTS) & zmq.POLLIN))
                     if links.poll():
                         self._send(links.report())
                 except Exception as e:  # noqa: BLE001 - the loop must go on
@@ -362,20 +386,39 @@ class Receiver:
         arrays = {k: np.array(v) for k, v in (arrays or {}).items()}
         self._outbox.append(control.encode(dict(header, worker=self.worker), arrays))
 
-    def _reject(self, reason: str, detail: str, scan_id: str | None = None, count: int = 1) -> None:
-        """Report ``count`` rejected messages of one reason (logged once per reason)."""
+    def _heartbeat(self, input_waiting: bool) -> None:
+        """Tell the coordinator what this receiver holds and whether it has read everything
+        that reached it: ``empty_at`` (wall-clock s) is the last moment its input queue was
+        empty, ``pending`` the scans with messages read but not yet processed and reported.
+        Reports travel in order, so every frame read before ``empty_at`` of a scan not in
+        ``pending`` was reported before this heartbeat (docs/PROTOCOL.md, liveness)."""
+        if len(self._outbox) > 1000:  # the coordinator is not reading: the next one says the same
+            return
+        self._heartbeats += 1
+        with self._lock:
+            scans = {sid: [w.frames_read, w.frames_processed] for sid, w in self._scans.items()}
+            pending = [sid for sid, w in self._scans.items() if w.pending] + list(self._held)  # held: not processed
+        self._send({"kind": "heartbeat", "seq": self._heartbeats, "empty_at": self._empty_at,
+                    "input_waiting": input_waiting, "pending": pending, "scans": scans,
+                    "outbox": len(self._outbox)})
+
+    def _reject(self, reason: str, detail: str, scan_id: str | None = None, count: int = 1,
+                ranges: list | None = None) -> None:
+        """Report ``count`` rejected messages of one reason (logged once per reason); for late
+        frames, their ``ranges`` ([source, first, count] each)."""
         if reason not in self._warned:  # once per reason; the counts tell the rest
             self._warned.add(reason)
             log.warning("rejected message (%s): %s; further rejects of this kind are only counted",
                         reason, detail)
         self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id,
-                    "count": count})
+                    "count": count, "ranges": ranges or []})
 
     def _notice(self, text: str) -> None:
         """One line for the session's console (a detector source's news)."""
         self._send({"kind": "notice", "text": text})
 
-    def _receive_from_source(self, poll_ms: int, report: zmq.Socket) -> None:
+    def _receive_from_source(self, poll_ms: int, report: zmq.Socket) -> int:
+        """Messages read from the detector source (0: none reached it, or it failed)."""
         try:
             messages = self.source.receive(poll_ms)
         except Exception as e:  # noqa: BLE001 - a source's bug must not stop the receiver
@@ -383,10 +426,11 @@ class Receiver:
                 log.exception("detector source failed")
             self._reject(INTERNAL_ERROR, f"detector source: {type(e).__name__}: {e}")
             time.sleep(poll_ms / 1000)
-            return
+            return 0
         for msg in messages:
             self._handle_safely(msg)
             self._send_reports(report)  # a start's report before the next block is processed
+        return len(messages)
 
     def _handle_safely(self, parts) -> None:
         try:
@@ -405,16 +449,28 @@ class Receiver:
         sid = msg.scan_id
         with self._lock:
             if sid in self._closed:
-                self._reject(LATE, f"{msg.kind} message of scan {sid}, which is closed", sid)
+                self._reject(LATE, f"{msg.kind} message of scan {sid}, which is closed", sid,
+                             ranges=[[msg.source, msg.first, msg.count]] if msg.kind in ("frames", "dense") else None)
                 return
             if sid in self._refused:
                 reason, detail = self._refused[sid]
                 self._reject(reason, detail, sid)
                 return
             if msg.kind == "start":
+                report = {"kind": "start", "scan_id": sid, "source": msg.source,
+                          "geometry": msg.geometry.to_wire(), "metadata": msg.metadata}
+                if sid not in self._scans and sid not in self._announced and self._open_scans() \
+                        >= self.config.limits.max_open_scans:
+                    # at the limit (a burst of small scans outruns the closing of the earlier
+                    # ones): held, not built nor refused; the coordinator admits it or not
+                    # (announced / drop), and what is held is bounded ([limits] unannounced_mb,
+                    # then the sources are held back)
+                    if sid not in self._held:
+                        self._hold(msg)
+                        self._send(report)
+                    return
                 if self._open(msg) is not None:
-                    self._send({"kind": "start", "scan_id": sid, "source": msg.source,
-                                "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
+                    self._send(report)
             elif msg.kind in ("frames", "dense"):
                 work = self._scans.get(sid)
                 if work is None:
@@ -426,11 +482,12 @@ class Receiver:
                         return
                 self._add_frames(work, msg)
             elif msg.kind == "end":
+                # t: when it arrived here (the liveness rule counts from it)
                 self._send({"kind": "end", "scan_id": sid, "source": msg.source,
-                            "frames_sent": msg.header["frames_sent"]})
+                            "frames_sent": msg.header["frames_sent"], "t": time.time()})
             else:
                 self._send({"kind": "abort", "scan_id": sid, "source": msg.source,
-                            "reason": msg.header.get("reason", "")})
+                            "reason": msg.header.get("reason", ""), "t": time.time()})
 
     def _add_frames(self, work: ScanWork, msg: Message, flush: bool = True) -> None:
         """Queue a ``frames`` (or ``dense``, as its events) message of an open scan; process
@@ -451,6 +508,7 @@ class Receiver:
         if not work.pending_frames:
             work.oldest = time.monotonic()
         work.pending_frames += msg.count
+        work.frames_read += msg.count
         work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
         chunking = self.config.chunking
         if flush and (work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes):
@@ -491,7 +549,7 @@ class Receiver:
             return None
         # the coordinator admits announced scans within its own limit; this one bounds what a
         # flood of start messages can make this receiver build before the coordinator says no
-        n_open = sum(1 for w in self._scans.values() if not w.closing)
+        n_open = self._open_scans()
         if msg.scan_id not in self._announced and n_open >= self.config.limits.max_open_scans:
             self._forget_held(msg.scan_id)
             self._refuse(msg.scan_id, TOO_MANY_SCANS,
@@ -500,7 +558,7 @@ class Receiver:
             return None
         geometry = msg.geometry.for_sector(None)
         try:
-            operators = self.config.operators(geometry)
+            operators = self._operators(geometry)
             states = {op.name: op.new_state() for op in operators}
         except (ValueError, MemoryError) as e:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
@@ -512,8 +570,24 @@ class Receiver:
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         held = self._forget_held(msg.scan_id)
         for m in held.msgs if held is not None else []:  # processed after this scan's reports went out
-            self._add_frames(work, m, flush=False)
+            if m.kind in ("frames", "dense"):  # (a start held at the open-scan limit is done)
+                self._add_frames(work, m, flush=False)
         return work
+
+    def _open_scans(self) -> int:
+        """Scans open here that the coordinator has not closed."""
+        return sum(1 for w in self._scans.values() if not w.closing)
+
+    def _operators(self, geometry: Geometry) -> list:
+        """The operators of a scan of this geometry: built once per geometry (building takes
+        tens of ms; operators hold no per-scan state, their states are separate)."""
+        ops = self._built.get(geometry)
+        if ops is None:
+            ops = self._built[geometry] = self.config.operators(geometry)
+            while len(self._built) > OPERATOR_CACHE:
+                self._built.popitem(last=False)
+        self._built.move_to_end(geometry)
+        return ops
 
     # -------------------------------------------------------------- scans not announced yet
     def _hold(self, msg: Message) -> None:
@@ -526,7 +600,8 @@ class Receiver:
                 oldest = next(iter(self._held))
                 self._drop_held(oldest, f"more than {MAX_HELD_SCANS} scans waited for their start")
             held = self._held[msg.scan_id] = Held(time.monotonic())
-        nbytes = (msg.dense.nbytes if msg.kind == "dense" else msg.indices.nbytes + msg.counts.nbytes) + 200
+        nbytes = (msg.dense.nbytes if msg.kind == "dense" else msg.indices.nbytes + msg.counts.nbytes
+                  if msg.kind == "frames" else 0) + 200
         held.msgs.append(msg)
         held.nbytes += nbytes
         self._held_bytes += nbytes
@@ -648,6 +723,7 @@ class Receiver:
             lo, hi = int(valid.min()), int(valid.max()) + 1
             t = work.touched
             work.touched = [lo if t[0] is None else min(t[0], lo), hi if t[1] is None else max(t[1], hi)]
+        work.frames_processed += sum(m.count for m in msgs)
         self._send({"kind": "frames", "scan_id": work.scan_id,
                     "ranges": [[m.source, m.first, m.count] for m in msgs],
                     "events": int(chunk.n_events)})
@@ -701,10 +777,11 @@ class Receiver:
     def _snapshot_live(self) -> None:
         """Partial states of every scan that changed: scan-shaped arrays only over the
         positions that changed since the last snapshot, detector-shaped ones whole."""
+        young = time.monotonic() - 1.0 / self.config.live.rate_hz  # scans done sooner need none
         with self._lock:
             for work in self._scans.values():
                 lo, hi = work.touched
-                if lo is None:
+                if lo is None or work.opened > young:
                     continue
                 work.touched = [None, None]
                 arrays = {}
