@@ -58,6 +58,8 @@ def add_process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live-rate", type=float, metavar="HZ", help="live results rate (default 2; 0 = off)")
     p.add_argument("--publish", metavar="tcp://HOST:PORT",
                    help="bind a ZeroMQ PUB socket there for live results (docs/PROTOCOL.md)")
+    from stream.viewer.server import add_view_arg
+    add_view_arg(p)
 
 
 def session_from_args(args, **overrides):
@@ -84,7 +86,7 @@ def session_from_args(args, **overrides):
     except ValueError as e:
         raise CliError(str(e)) from None
     return Session(connect, out=args.out, config=cfg, scheduler=args.scheduler,
-                   workers=args.workers, **overrides)
+                   workers=args.workers, view=args.view, **overrides)
 
 
 def cmd_process(args) -> int:

@@ -24,6 +24,8 @@ def add_demo_args(p) -> None:
                    help="emulator frame rate (default 87000)")
     p.add_argument("--sources", type=int, default=4, help="emulator sources / detector sectors (default 4)")
     p.add_argument("--workers", type=int, default=2, help="local dask worker processes (default 2)")
+    from stream.viewer.server import add_view_arg
+    add_view_arg(p)
 
 
 def run_demo(args) -> int:
@@ -38,12 +40,14 @@ def run_demo(args) -> int:
     print(f"demo: local cluster of {args.workers} workers, emulator with {args.sources} sources at {bind}, "
           f"output in {out}/", flush=True)
     with Session(expand_sources([bind], args.sources), out=out, workers=args.workers,
-                 config=demo_config()) as session:
+                 config=demo_config(), view=args.view) as session:
         cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", args.specimen,
                "--scan", f"{args.scan[0]}x{args.scan[1]}", "--detector", f"{args.detector[0]}x{args.detector[1]}",
                "--dose", str(args.dose), "--rate", "max" if args.rate is None else str(args.rate),
                "--sources", str(args.sources), "--bind", bind, "--truth", str(truth),
                "--scan-id", "demo", "--wait", "120"]
+        if session.viewer is not None:
+            _wait_for_a_page(session.viewer)
         t0 = time.time()
         emulator = subprocess.Popen(cmd)
         try:
@@ -53,6 +57,14 @@ def run_demo(args) -> int:
             if emulator.poll() is None:
                 emulator.terminate()
             code = emulator.wait(timeout=30)
+        if session.viewer is not None and result is not None:
+            print(f"demo: the viewer stays open at {session.viewer.url} (draw apertures on the finished "
+                  "scan); Ctrl-C to stop", flush=True)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
     if result is None or code != 0 or result.status == "failed":
         why = f"scan {result.status}: {result.reason}" if result else "no scan arrived"
         print(f"demo: FAILED (emulator exit code {code}; {why})", file=sys.stderr)
@@ -60,6 +72,16 @@ def run_demo(args) -> int:
     print(summary(result, truth, time.time() - t0))
     print(stage_summary(result, stages, truth))
     return 0
+
+
+def _wait_for_a_page(viewer, timeout_s: float = 60) -> None:
+    """With --view, the scan starts once a browser shows the page (or after ``timeout_s``)."""
+    print(f"demo: open {viewer.url} in a browser; the scan starts when the page is open "
+          f"(or in {timeout_s:.0f} s)", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while viewer.sessions() == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0 if viewer.sessions() else 0)  # let the page draw before the frames come
 
 
 def demo_config():

@@ -108,12 +108,16 @@ class Session:
         Two sessions on one cluster must receive from different sources.
     ``wait()`` returns each finished scan's ScanResult with its images; ``results`` keeps the
     images of the last 16 scans only (a session may run for weeks).
+    view: ``HOST:PORT`` to serve the live viewer in the browser (docs/VIEWER.md), e.g.
+        ``"127.0.0.1:8800"``; any other host than loopback needs ``view_token`` (one is made
+        up and printed when not given). ``session.viewer.url`` is its address.
     Raises ConfigError for a configuration or address it cannot use.
     """
 
     def __init__(self, connect: list[str], out: str | None = None,
                  config: PipelineConfig | str | None = None, scheduler: str | None = None,
-                 workers: int | None = None, client=None, console: bool = True):
+                 workers: int | None = None, client=None, console: bool = True,
+                 view: str | None = None, view_token: str | None = None):
         cfg = config if isinstance(config, PipelineConfig) else load_config(config)
         if out is not None:
             cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
@@ -152,6 +156,8 @@ class Session:
         self.series = SeriesCollector()  # tilt series being collected (stream/stages/series.py)
         self._series_runs: dict[str, object] = {}  # series id -> future of its reconstruction
         self.workers: list[str] = []
+        self._view = (view, view_token)
+        self.viewer = None  # the browser viewer (stream/viewer/), when ``view`` is given
 
     # -------------------------------------------------------------- start / stop
     def __enter__(self):
@@ -165,11 +171,16 @@ class Session:
         """Start (or join) the cluster, install the receivers, start coordinating."""
         try:
             self._start()
+            if self._view[0]:
+                from stream.viewer import start_viewer  # the one upward import (pyproject.toml)
+                self.viewer = start_viewer(self, *self._view)
         except BaseException:
             self.close()
             raise
         self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
                          f"{', '.join(self.connect)}; writing to {self.config.output.dir}")
+        if self.viewer is not None:
+            self.console.say(f"viewer: {self.viewer.url}")
         return self
 
     def _start(self) -> None:
@@ -212,6 +223,8 @@ class Session:
         """Stop receiving. Reports already sent are read first; then scans still receiving
         are closed with what arrived (written as incomplete, reason 'the session stopped');
         scans already closing are finished first."""
+        if self.viewer is not None:
+            self.viewer.close()
         if self._thread is not None and self._thread.is_alive():
             self._stop.set()
             self._thread.join(30)
@@ -304,6 +317,53 @@ class Session:
     def rejects(self) -> dict[str, int]:
         """Rejected messages so far, by reason (docs/PROTOCOL.md)."""
         return dict(self._tracker.rejects)
+
+    def scan_info(self, scan_id: str):
+        """(state, geometry, metadata) of a scan the session follows, None for one it does not
+        (or no longer) know; state is receiving, closing or done."""
+        st = self._tracker.scans.get(scan_id)
+        return None if st is None else (st.state, st.geometry, dict(st.metadata))
+
+    def stage_reports(self, scan_id: str) -> list | None:
+        """The StageReports of a finished scan's stages once they ran; None while they run
+        (or if none are configured, or the scan is unknown)."""
+        fut = self._stage_runs.get(scan_id)
+        if fut is None or not fut.done():
+            return None
+        try:
+            return fut.result()
+        except Exception:  # noqa: BLE001 - reported on the console by the stage callback
+            return None
+
+    def apply(self, scan_id: str, op, timeout: float | None = None):
+        """Run an ad-hoc operator over every event of a scan, where the events are: the
+        receivers while it is open, its file once written (stream/session/adhoc.py). Waits
+        for the file when the scan is being written. Returns an ``AdhocRun`` (its ``state``
+        goes to ``op.finalize``). Raises KeyError for a scan this session does not know and
+        RuntimeError for one that has no file (failed)."""
+        from stream.session import adhoc
+
+        timeout = self.config.scan.finalize_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                r = self._results.get(scan_id)
+            if r is not None:
+                if r.path is None:
+                    raise RuntimeError(f"scan {scan_id} has no file: {r.reason}")
+                return adhoc.on_file(self._client, r.path, op, timeout=timeout)
+            info = self.scan_info(scan_id)
+            if info is None:
+                raise KeyError(f"no scan {scan_id!r} in this session")
+            if info[0] == "receiving":
+                run = adhoc.on_open_scan(self._client, self._plugin_name, scan_id, op, timeout=timeout)
+                if run is not None:
+                    return run
+            with self._cond:  # closing: its file comes next (not wait(): that is the caller's)
+                if scan_id not in self._results:
+                    if time.monotonic() > deadline or self._closed:
+                        raise TimeoutError(f"scan {scan_id} was not written within {timeout:g} s")
+                    self._cond.wait(0.2)
 
     def live(self, scan_id: str) -> dict[str, np.ndarray]:
         """Partial results of a scan that is still running (merged over workers)."""

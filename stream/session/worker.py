@@ -54,6 +54,12 @@ def close_on_worker(plugin_name: str, scan_id: str) -> WorkerScan:
     return _receiver(plugin_name).close_scan(scan_id)
 
 
+def apply_on_worker(plugin_name: str, scan_id: str, op):
+    """An ad-hoc operator over this worker's events of the open scan ``scan_id``
+    (``Receiver.apply``): (state, frame parts, events), or None if the scan is not open here."""
+    return _receiver(plugin_name).apply(scan_id, op)
+
+
 def warm_up(config: PipelineConfig) -> float:
     """Compile (or load from numba's cache) the kernels of this configuration's operators on a
     tiny synthetic scan; returns the seconds it took.
