@@ -319,6 +319,76 @@ def test_adhoc_operators_run_where_the_events_are_open_scan_and_file(client2, sc
             s.apply("never-seen", VirtualDetectors(det[None], ["d"], GEOM.scan_shape))
 
 
+def test_a_viewer_attached_from_another_process_sees_the_session_and_draws_on_its_cluster(
+        client2, scripted_source, tmp_path):
+    """``stemstream view``'s AttachedSession: the live channel gives progress, geometry and the
+    partial images; the drawn detector runs on the session's receivers through the scheduler
+    while the scan is open and on its file afterwards; the finished scan is found in --out
+    (with the file's completeness), and the images the page would draw carry the units."""
+    from stream.transport.net import free_port_block
+    from stream.viewer.attach import AttachedSession
+    from stream.viewer.feed import SessionFeed
+
+    counts, indices, md = emulated(GEOM, seed=5)
+    det = shapes.disk(shapes.DetectorAxes(GEOM.frame_shape, GEOM.center, 0.5), -1.0, 0.5, 2.7)
+    pub = f"tcp://127.0.0.1:{free_port_block(1)}"
+    cfg = session_config(tmp_path, timeout_s=8.0)  # the frames never sent: closed 8 s after the last message
+    cfg = validate(PipelineConfig(**{**cfg.__dict__, "live": LiveSpec(rate_hz=5.0, publish=pub)}))
+    src = scripted_source(2)
+    with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+        attached = AttachedSession(pub, cfg.output.dir, client2.scheduler.address)
+        try:
+            feed = SessionFeed(attached)
+            src.wait_for_receivers()
+            src.start("attached", GEOM, md)
+            first = np.arange(0, 120)
+            src.frames("attached", GEOM, counts, indices, only=first, batch=6)
+            wait_frames(s, "attached", len(first))
+            d = dense(counts, indices, GEOM, first)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 30:  # the live channel's next snapshots carry them all
+                st = attached.status()
+                if st and st[0]["frames_received"] == len(first):
+                    break
+                time.sleep(0.1)
+            assert st[0]["scan_id"] == "attached" and st[0]["state"] == "receiving"
+            assert st[0]["n_frames"] == GEOM.n_frames and st[0]["events"] == int(counts[first].sum())
+            np.testing.assert_array_equal(attached.live("attached")["bf"],
+                                          s.live("attached")["bf"])  # what the session itself merged
+            view = feed.view("attached")
+            assert view.scan_axes.unit == "Å" and view.det_axes.unit == "mrad" and "bf" in view.images
+            run = attached.apply("attached", VirtualDetectors(det[None], ["d"], GEOM.scan_shape))
+            assert run.source == "receivers" and run.workers == 2
+            np.testing.assert_array_equal(run.state["images"][0].reshape(GEOM.scan_shape), (d * det).sum((2, 3)))
+
+            rest = np.arange(len(first), GEOM.n_frames)
+            keep = rest[rest % 17 != 3]  # a few frames never sent: the file says so
+            src.frames("attached", GEOM, counts, indices, only=keep, batch=9)
+            src.end("attached", GEOM.n_frames)
+            r = s.wait("attached", timeout=90)
+            t0 = time.monotonic()
+            while "attached" not in attached.results and time.monotonic() - t0 < 30:
+                time.sleep(0.1)
+            got = attached.results["attached"]
+            assert (got.status, got.n_missing, got.events) == (r.status, r.n_missing, r.events)
+            assert got.n_missing == GEOM.n_frames - len(first) - len(keep) > 0
+            d = dense(counts, indices, GEOM, np.concatenate([first, keep]))
+            run = attached.apply("attached", VirtualDetectors(det[None], ["d"], GEOM.scan_shape))
+            assert run.source == str(r.path)
+            np.testing.assert_array_equal(run.state["images"][0].reshape(GEOM.scan_shape), (d * det).sum((2, 3)))
+            summary = [x for x in feed.scans() if x.scan_id == "attached"][0]
+            assert summary.state == "incomplete" and summary.missing == got.n_missing
+        finally:
+            attached.close()
+    # without a scheduler: the written scan is read by the viewer's own process
+    here = AttachedSession(out=cfg.output.dir)
+    try:
+        run = here.apply("attached", VirtualDetectors(det[None], ["d"], GEOM.scan_shape))
+        np.testing.assert_array_equal(run.state["images"][0].reshape(GEOM.scan_shape), (d * det).sum((2, 3)))
+    finally:
+        here.close()
+
+
 # ------------------------------------------------------------------ the page in a real browser
 
 # screenshots go here (pytest's own temporary directories are pruned by later runs)

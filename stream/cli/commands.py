@@ -362,12 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
          "(docs/STAGES_3D_STATS.md).", add_atoms_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
+        ("view", "the live viewer in the browser, attached to a running session or a directory",
+         "Serve the live viewer (docs/VIEWER.md) for a session running in another process: its live "
+         "channel (--subscribe, the session's --publish), its scan files (--out) and its cluster "
+         "(--scheduler, where drawn apertures are computed).", _add_view_args),
     ]
     parser = Parser(prog="stemstream", description="Real-time processing of electron-counted 4D-STEM data.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, help_, description, add_args in commands:
         add_args(sub.add_parser(name, help=help_, description=description))
     return parser
+
+
+def _add_view_args(p) -> None:
+    from stream.viewer.attach import add_view_args
+    add_view_args(p)
 
 
 def _interrupt(*_):
@@ -393,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             from stream.files.replay import run_replay
             return run_replay(args)
+        if args.command == "view":
+            from stream.viewer.attach import run_view
+            return run_view(args)
         if args.command == "atoms":
             from stream.stages.atoms import run_atoms
             return run_atoms(args)

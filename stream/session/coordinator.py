@@ -497,6 +497,7 @@ class Session:
                 header = {"proto": LIVE_PROTO, "kind": "live", "scan_id": st.scan_id,
                           "frames_received": st.frames_received, "n_frames": st.n_frames,
                           "events": st.events, "missing_so_far": st.missing_so_far()}
+                header.update(_live_context(st, self._tracker.rejects, self._plugin_name))
                 self._pub.send_multipart(control.encode(header, images))
 
     # -------------------------------------------------------------- finalization
@@ -652,6 +653,16 @@ class Session:
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
+
+
+def _live_context(st: ScanStatus, rejects: dict, plugin_name: str) -> dict:
+    """What a viewer attached to the live channel needs besides the images (docs/PROTOCOL.md):
+    the geometry for its units, the scan step, duplicates, rejected messages, and the
+    receivers' plugin name to compute drawn apertures on the cluster."""
+    step = st.metadata.get("scan_step_A") if isinstance(st.metadata, dict) else None
+    return {"duplicates": st.duplicates, "rejects": dict(rejects), "receivers": plugin_name,
+            "geometry": st.geometry.to_wire() if st.geometry is not None else None,
+            "scan_step_A": float(step) if isinstance(step, (int, float)) else None}
 
 
 def _ranges_text(ranges, limit: int = 8) -> str:
