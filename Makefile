@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # stempy and LiberTEM, the tools whose files the interoperability tests exchange
 $(PEERS): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,peers]'
+	$(BIN)/pip install --quiet -e '.[test,peers,dectris]'
 	touch $(PEERS)
 
 demo: $(STAMP)
@@ -39,7 +39,7 @@ test-all: $(PEERS) system-packages
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet -e '.[peers]'
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[peers,dectris]'
 	touch $(BENCH_STAMP)
 
 # the side-by-side suite (docs: BENCHMARKS.md); JSON in benchmarks/results, report section regenerated
@@ -51,6 +51,8 @@ bench: $(BENCH_STAMP)
 	  $(BENCH_VENV)/bin/python benchmarks/bench_$$b.py --json $(RESULTS)/$$b.json | tee $(RESULTS)/$$b.md; done
 	set -o pipefail; $(BENCH_VENV)/bin/python benchmarks/bench_scaling.py --pipeline --json $(RESULTS)/scaling.json \
 	  | tee $(RESULTS)/scaling.md
+	set -o pipefail; $(BENCH_VENV)/bin/python benchmarks/bench_counting.py --json $(RESULTS)/counting.json \
+	  | tee $(RESULTS)/counting.md
 	$(BENCH_VENV)/bin/python benchmarks/bench_plot.py --results $(RESULTS)
 	$(BENCH_VENV)/bin/python benchmarks/bench_report.py --results $(RESULTS) --report BENCHMARKS.md
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
 ORDER = [("peers", "Kernels side by side: stempy, LiberTEM, ours"), ("storage", "Storage"),
-         ("streaming", "End to end at rising rates"), ("scaling", "Scaling")]
+         ("streaming", "End to end at rising rates"), ("scaling", "Scaling"),
+         ("counting", "Electron counting of raw frames: ours vs stempy")]
 
 
 def main(argv=None):

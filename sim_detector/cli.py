@@ -7,9 +7,12 @@ import secrets
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
+import zmq
 
 from stream.transport.protocol import Geometry
 
@@ -116,7 +119,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe", type=positive_arg, metavar="Å", help="probe FWHM (default: diffraction limit)")
     g.add_argument("--dose", type=nonneg_arg, metavar="e/frame",
                    help="mean electrons per frame (default: the specimen's preset, 200)")
-    g.add_argument("--detector", type=shape_arg, default=(576, 576), metavar="HxW", help="detector pixels")
+    g.add_argument("--detector", type=shape_arg, metavar="HxW",
+                   help="detector pixels (default 576x576; 192x192 --as dectris, 256x256 --as merlin)")
     g.add_argument("--mrad-per-px", type=positive_arg, metavar="mrad", help="detector calibration")
     g.add_argument("--dark-rate", type=nonneg_arg, default=0.0, metavar="e/frame", help="mean dark counts per frame")
     g.add_argument("--hot-pixels", type=int, default=0, metavar="N", help="hot pixels (fire in most frames)")
@@ -127,21 +131,65 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sources", type=int, default=1, metavar="N",
                    help="split every frame into N detector row stripes, one source each (4D Camera: 4)")
     g.add_argument("--rate", type=rate_arg, default=87000.0, metavar="FRAMES/S|max", help="target frame rate")
-    g.add_argument("--batch", type=int, default=512, metavar="N", help="frames per message")
+    g.add_argument("--batch", type=int, metavar="N", help="frames per message (default 512; 16 with --raw)")
     g.add_argument("--scan-id", metavar="PREFIX", help="scan ids are PREFIX-0000, PREFIX-0001, … (default: date-time and a random tag)")
     g.add_argument("--truth", metavar="FILE.h5", help="write the ground truth of every scan there")
     g.add_argument("--wait", type=nonneg_arg, default=0, metavar="S",
                    help="give up if no receiver connects within S seconds (0: wait forever)")
     g.add_argument("--quiet", action="store_true", help="only the final summary")
+    g = p.add_argument_group("raw frames (the 4D Camera before counting; docs/EMULATOR.md)")
+    g.add_argument("--raw", action="store_true",
+                   help="send raw detector frames (12-bit ADU: dark, noise, charge clouds, X-rays) as "
+                        "'dense' messages, to be counted by the receivers ([counting], docs/COUNTING.md); "
+                        "--dose 0 makes a dark scan for 'stemstream calibrate'")
+    g.add_argument("--raw-files", metavar="DIR",
+                   help="with --raw: also write each scan's raw frames as 4D Camera files that "
+                        "stempy.io.reader reads (version 5, DIR/SCAN_ID/*.data; 576x576 detector)")
+    g.add_argument("--xray-rate", type=nonneg_arg, default=0.05, metavar="HITS/FRAME",
+                   help="with --raw: mean X-ray hits per frame")
+    g = p.add_argument_group("speaking a real detector's protocol (docs/EMULATOR.md)")
+    g.add_argument("--as", dest="as_detector", choices=("stemstream", "dectris", "merlin"), default="stemstream",
+                   help="stemstream/1 (default); a DECTRIS DCU: REST API on --api, ZeroMQ stream "
+                        "on --bind; a Merlin: control port --control, data port --bind")
+    g.add_argument("--api", default="http://127.0.0.1:8910", metavar="http://HOST:PORT",
+                   help="--as dectris: where the REST API listens")
+    g.add_argument("--control", default="tcp://127.0.0.1:6341", metavar="tcp://HOST:PORT",
+                   help="--as merlin: where the control port listens")
+    g.add_argument("--compression", choices=simplon_compressions(), default="bslz4",
+                   help="--as dectris: image compression")
+    g.add_argument("--counter-depth", type=int, choices=(1, 6, 12, 24), default=12,
+                   help="--as merlin: counter depth in bits (counts above 2^bits-1 are clipped)")
+    g.add_argument("--mib-raw", action="store_true", help="--as merlin: raw (R64) MIB frames instead of U08/U16/U32")
+    g.add_argument("--self-start", action="store_true",
+                   help="--as dectris|merlin: arm and trigger every scan ourselves (as an operator "
+                        "would; for passive sessions) instead of waiting to be armed")
+
+
+def simplon_compressions():
+    from stream.sources.simplon import COMPRESSIONS
+    return COMPRESSIONS
 
 
 def _check(args) -> None:
+    if args.detector is None:
+        args.detector = {"dectris": (192, 192), "merlin": (256, 256)}.get(args.as_detector, (576, 576))
+    if args.as_detector != "stemstream" and args.sources != 1:
+        raise SimulateError(f"--as {args.as_detector} sends whole frames from one source: drop --sources")
+    if args.as_detector != "stemstream" and args.raw:
+        raise SimulateError(f"--raw sends the 4D Camera's raw frames over stemstream/1; --as {args.as_detector} "
+                            "sends counted frames (for Merlin's raw MIB format: --mib-raw)")
+    if args.mib_raw and args.as_detector != "merlin":
+        raise SimulateError("--mib-raw is Merlin's raw MIB format: use it with --as merlin")
     problems = [(args.sources < 1, "--sources must be at least 1"),
                 (args.sources > args.detector[0], f"--sources {args.sources} exceeds the detector's {args.detector[0]} rows"),
                 (args.frames_per_position < 1, "--frames-per-position must be at least 1"),
                 (args.flyback < 0, "--flyback must be >= 0"),
                 (args.scans < 1, "--scans must be at least 1"),
-                (args.batch < 1, "--batch must be at least 1"),
+                (args.batch is not None and args.batch < 1, "--batch must be at least 1"),
+                ((args.raw_files is not None or args.xray_rate != 0.05) and not args.raw,
+                 "--raw-files and --xray-rate describe raw frames: add --raw"),
+                (args.raw_files is not None and tuple(args.detector) != (576, 576),
+                 "--raw-files writes the 4D Camera format, whose frames are 576x576: use --detector 576x576"),
                 (args.hot_pixels < 0 or args.dead_pixels < 0, "--hot-pixels and --dead-pixels must be >= 0"),
                 (args.detector[0] * args.detector[1] > 2**32,
                  f"--detector {args.detector[0]}x{args.detector[1]} has more pixels than a uint32 "
@@ -197,6 +245,8 @@ def run_simulate(args) -> int:
     try:
         _check(args)
         specimen, beam, det, scan = _models(args)
+        if args.as_detector != "stemstream":
+            return run_as_detector(args, specimen, beam, det, scan, say)
         publisher = Publisher(args.bind, args.sources)
     except (SimulateError, BindError) as e:
         print(f"stemstream simulate: error: {e}", file=sys.stderr)
@@ -212,8 +262,9 @@ def run_simulate(args) -> int:
         t0 = time.perf_counter()
         sim = simulate_scan(specimen, beam, det, scan, seed=args.seed + len(tilts) * k + i,
                             tilt_deg=tilt, with_expected=bool(args.truth))
-        return sim, prepare_sources(sim.counts, sim.indices, _geometry(sim), args.sources), \
-            time.perf_counter() - t0
+        sources = None if args.raw else prepare_sources(sim.counts, sim.indices, _geometry(sim),
+                                                        args.sources)
+        return sim, sources, time.perf_counter() - t0
 
     totals = {"frames": 0, "events": 0, "seconds": 0.0}
     truth_file = None
@@ -240,16 +291,20 @@ def run_simulate(args) -> int:
                 metadata = dict(sim.metadata, scan_id=scan_id, time=datetime.now().isoformat(timespec="seconds"))
                 if series_id:
                     metadata.update(series_id=series_id, series_index=job[1], series_length=len(tilts))
-                if truth_file is not None:
-                    sim.truth.write(truth_file.create_group(scan_id))
+                group = truth_file.create_group(scan_id) if truth_file is not None else None
+                if group is not None:
+                    sim.truth.write(group)
                 say(f"[{scan_id}] generated {len(sim.counts):,} frames, {len(sim.indices):,} electrons "
                     f"in {gen_s:.1f} s" + (f"; tilt {job[2]:+.1f}°" if job[2] is not None else ""))
                 if not publisher.wait_for_receivers(args.wait or None, notify=say):
                     raise SimulateError(f"no receiver connected to {publisher.addresses[0]} within {args.wait} s; "
                                         "start 'stemstream process' first or raise --wait")
                 progress = None if args.quiet else progress_printer(scan_id)
-                st = publisher.publish_scan(scan_id, sources, metadata, rate=args.rate,
-                                            batch=args.batch, progress=progress)
+                if args.raw:
+                    st = publish_raw(publisher, args, sim, scan_id, metadata, group, progress)
+                else:
+                    st = publisher.publish_scan(scan_id, sources, metadata, rate=args.rate,
+                                                batch=args.batch or 512, progress=progress)
                 totals["frames"] += st.frames
                 totals["events"] += st.events
                 totals["seconds"] += st.seconds
@@ -272,6 +327,48 @@ def run_simulate(args) -> int:
     return 0
 
 
+def publish_raw(publisher, args, sim, scan_id: str, metadata: dict, truth_group, progress):
+    """Stream one simulated scan as raw frames (``dense``, values 'raw'), made batch by batch
+    from its electrons; with --raw-files also as 4D Camera files; the true electrons and
+    X-ray hits go into ``truth_group`` (its ``raw`` subgroup)."""
+    from sim_detector.raw import RawDetector, RawFrames
+    from sim_detector.rawfile import RawFileWriter
+    from sim_detector.publisher import sector_rows
+
+    raw = RawFrames(RawDetector(xray_rate=args.xray_rate), sim.frame_shape, seed=sim.metadata["seed"])
+    g = _geometry(sim)
+    geometries = [replace(g, n_sources=args.sources, sector=sec)
+                  for sec in sector_rows(g.frame_shape[0], args.sources)]
+    offsets = sim.offsets
+    xray_count = np.zeros(g.n_frames, np.int64)
+    xray_pix = np.full((g.n_frames, 4), -1, np.int64)
+    writer = None
+    if args.raw_files:
+        writer = RawFileWriter(Path(args.raw_files) / scan_id, scan_number=int(sim.metadata["seed"]) & 0xFFFFFFFF,
+                               raster_shape=g.raster_shape, frames_per_position=g.frames_per_position)
+
+    def make_frames(first, count):
+        frames, xc, xp = raw.frames(first, sim.counts[first:first + count],
+                                    sim.indices[offsets[first]:offsets[first + count]], xrays=True)
+        xray_count[first:first + count], xray_pix[first:first + count] = xc, xp
+        if writer is not None:
+            writer.write(first, frames)
+        return frames
+
+    metadata = dict(metadata, values="raw", raw_detector=raw.detector.to_metadata(),
+                    electrons=int(len(sim.indices)))
+    try:
+        st = publisher.publish_dense(scan_id, geometries, make_frames, metadata, "raw", rate=args.rate,
+                                     batch=args.batch or 16, progress=progress)
+    finally:
+        if writer is not None:
+            writer.close()
+    st.events = int(len(sim.indices))
+    if truth_group is not None:
+        raw.write_truth(truth_group.create_group("raw"), sim.counts, sim.indices, xray_count, xray_pix)
+    return st
+
+
 def progress_printer(scan_id: str):
     last = [0.0]
 
@@ -281,3 +378,72 @@ def progress_printer(scan_id: str):
             last[0] = now
             print(f"[{scan_id}] streaming {done:,}/{total:,} frames ({100 * done / total:.0f}%)", flush=True)
     return progress
+
+
+def run_as_detector(args, specimen, beam, det, scan, say) -> int:
+    """``--as dectris|merlin``: serve every scan the way that detector would, each once it
+    is armed (or at once with --self-start)."""
+    import threading
+
+    from sim_detector.detectors import DectrisEmulator, MerlinEmulator, _Scan
+    from sim_detector.simulate import simulate_scan
+
+    try:
+        if args.as_detector == "dectris":
+            emu = DectrisEmulator(args.api, args.bind, args.detector, args.compression)
+            where = f"DCU REST API {emu.api}, stream {args.bind}"
+        else:
+            emu = MerlinEmulator(args.control, args.bind, args.detector, args.counter_depth, args.mib_raw)
+            where = f"Merlin control {emu.control}, data {emu.data}"
+    except (OSError, zmq.ZMQError, ValueError) as e:
+        print(f"stemstream simulate: error: cannot serve as {args.as_detector}: {e}", file=sys.stderr)
+        return 2
+    prefix = args.scan_id or f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    totals = {"frames": 0, "clipped": 0}
+    stop = threading.Event()
+    truth_file = None
+    try:
+        if args.truth:
+            import h5py
+            truth_file = h5py.File(args.truth, "w")
+        say(f"simulate --as {args.as_detector}: {specimen.name}, {args.scans} scan(s) of "
+            f"{scan.shape[0]}x{scan.shape[1]}, detector {det.shape[0]}x{det.shape[1]}; {where}")
+        for k in range(args.scans):
+            sim = simulate_scan(specimen, beam, det, scan, seed=args.seed + k, with_expected=bool(args.truth))
+            scan_id = f"{prefix}-{k:04d}"
+            if truth_file is not None:
+                sim.truth.write(truth_file.create_group(scan_id))
+            md = dict(sim.metadata, scan_shape=tuple(sim.scan_shape))
+            job = _Scan(scan_id, sim.counts, sim.indices, tuple(sim.frame_shape), md)
+            if args.as_detector == "merlin":
+                say(f"[{scan_id}] waiting for a data connection on {emu.data}")
+                emu.accept_data(stop)
+            if args.self_start:
+                emu.start_self()
+            else:
+                say(f"[{scan_id}] ready: waiting to be {'armed' if args.as_detector == 'dectris' else 'started'}")
+            started = emu.wait_armed(stop) if args.as_detector == "dectris" else emu.wait_started(stop)
+            if not started:
+                break
+            st = emu.send_scan(job, rate=args.rate, progress=None if args.quiet else progress_printer(scan_id))
+            totals["frames"] += st["frames"]
+            totals["clipped"] += st["clipped_electrons"]
+            series = f" (series {st['series']})" if "series" in st else ""
+            say(f"[{scan_id}]{series} sent {st['frames']:,}/{st['of']:,} frames in {st['seconds']:.2f} s"
+                + (" - aborted on the detector" if st["aborted"] else "")
+                + (f"; {st['clipped_electrons']:,} electrons lost to the counter depth" if st["clipped_electrons"] else ""))
+    except KeyboardInterrupt:
+        print("stemstream simulate: interrupted", file=sys.stderr)
+        return 130
+    except ConnectionError as e:
+        print(f"stemstream simulate: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        stop.set()
+        if truth_file is not None:
+            truth_file.close()
+        emu.close()
+    print(f"simulate: done: {totals['frames']:,} frames as {args.as_detector}"
+          + (f"; truth in {args.truth}" if args.truth else ""), flush=True)
+    return 0
+

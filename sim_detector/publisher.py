@@ -10,6 +10,7 @@ a target rate or as fast as the receivers take them (PUSH blocks instead of drop
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
@@ -17,7 +18,8 @@ import numba
 import numpy as np
 import zmq
 
-from stream.transport.protocol import (Geometry, encode_abort, encode_end, encode_frames, encode_start)
+from stream.transport.protocol import (Geometry, encode_abort, encode_dense, encode_end, encode_frames,
+                                       encode_start)
 
 
 class BindError(RuntimeError):
@@ -204,23 +206,67 @@ class Publisher:
         """
         if len(sources) != self.n_sources:
             raise ValueError(f"{len(sources)} prepared sources for {self.n_sources} sockets")
-        n_frames = sources[0].geometry.n_frames
+
+        def send_batch(lo, hi, stats):
+            for k, (s, src) in enumerate(zip(self._socks, sources)):
+                runs = [(lo, hi)] if copies is None else _runs(copies[k, lo:hi] > 0, lo)
+                for a_f, b_f in runs:
+                    a, b = src.offsets[a_f], src.offsets[b_f]
+                    s.send_multipart(encode_frames(scan_id, k, src.geometry, a_f,
+                                                   src.counts[a_f:b_f], src.indices[a:b]), copy=False)
+                    stats.events += int(b - a)
+
+        def send_copies():
+            for k, f in zip(*np.nonzero(copies > 1)):
+                src = sources[k]
+                a, b = src.offsets[f], src.offsets[f + 1]
+                for _ in range(int(copies[k, f]) - 1):
+                    self._socks[k].send_multipart(encode_frames(
+                        scan_id, int(k), src.geometry, int(f), src.counts[f:f + 1], src.indices[a:b]))
+
+        return self._publish(scan_id, [src.geometry for src in sources], metadata, batch, send_batch,
+                             rate, progress, send_copies if copies is not None else None, frames_sent)
+
+    def publish_dense(self, scan_id: str, geometries: list[Geometry], make_frames, metadata: dict,
+                      values: str = "raw", rate: float | None = None, batch: int = 16,
+                      progress=None) -> PublishStats:
+        """Send start, every frame as ``dense`` messages, then end, on every source.
+
+        geometries: one per source (its ``sector`` rows). make_frames(first, count) → (count,
+        h, w) unsigned frames, called one batch ahead in a second thread (generation overlaps
+        sending). Each source sends its sector rows of every batch. rate, progress, abort on
+        errors: as :meth:`publish_scan`.
+        """
+        if len(geometries) != self.n_sources:
+            raise ValueError(f"{len(geometries)} source geometries for {self.n_sources} sockets")
+        n_frames = geometries[0].n_frames
+        with ThreadPoolExecutor(1) as pool:
+            ahead = {0: pool.submit(make_frames, 0, min(batch, n_frames))} if n_frames else {}
+
+            def send_batch(lo, hi, stats):
+                frames = ahead.pop(lo).result()
+                if hi < n_frames:  # the next batch is made while this one goes out
+                    ahead[hi] = pool.submit(make_frames, hi, min(hi + batch, n_frames) - hi)
+                for k, (s, g) in enumerate(zip(self._socks, geometries)):
+                    part = np.ascontiguousarray(frames[:, g.sector[0]:g.sector[1]])
+                    s.send_multipart(encode_dense(scan_id, k, g, lo, part, values), copy=False)
+
+            return self._publish(scan_id, geometries, metadata, batch, send_batch, rate, progress)
+
+    def _publish(self, scan_id, geometries, metadata, batch, send_batch, rate, progress,
+                 after=None, frames_sent=None) -> PublishStats:
+        """start on every source; send_batch(lo, hi, stats) for each batch of frames, paced to
+        ``rate``; after(); end on every source. On any error an abort goes out first."""
+        n_frames = geometries[0].n_frames
         stats = PublishStats(scan_id)
-        for k, (s, src) in enumerate(zip(self._socks, sources)):
-            s.send_multipart(encode_start(scan_id, k, src.geometry, metadata))
+        for k, (s, g) in enumerate(zip(self._socks, geometries)):
+            s.send_multipart(encode_start(scan_id, k, g, metadata))
         t0 = time.perf_counter()
         next_report = t0 + 0.25
         try:
             for lo in range(0, n_frames, batch):
                 hi = min(lo + batch, n_frames)
-                for k, (s, src) in enumerate(zip(self._socks, sources)):
-                    runs = [(lo, hi)] if copies is None else _runs(copies[k, lo:hi] > 0, lo)
-                    for a_f, b_f in runs:
-                        a, b = src.offsets[a_f], src.offsets[b_f]
-                        s.send_multipart(encode_frames(scan_id, k, src.geometry, a_f,
-                                                       src.counts[a_f:b_f], src.indices[a:b]),
-                                         copy=False)
-                        stats.events += int(b - a)
+                send_batch(lo, hi, stats)
                 stats.frames = hi
                 now = time.perf_counter()
                 if rate:
@@ -230,13 +276,8 @@ class Publisher:
                 if progress and now >= next_report:
                     progress(hi, n_frames)
                     next_report = now + 0.25
-            if copies is not None:
-                for k, f in zip(*np.nonzero(copies > 1)):
-                    src = sources[k]
-                    a, b = src.offsets[f], src.offsets[f + 1]
-                    for _ in range(int(copies[k, f]) - 1):
-                        self._socks[k].send_multipart(encode_frames(
-                            scan_id, int(k), src.geometry, int(f), src.counts[f:f + 1], src.indices[a:b]))
+            if after is not None:
+                after()
             for k, s in enumerate(self._socks):
                 s.send_multipart(encode_end(scan_id, k, stats.frames if frames_sent is None
                                             else int(frames_sent[k])))

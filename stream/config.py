@@ -17,11 +17,16 @@ from operators.apertures import RealSpaceApertures, load_aperture_masks, rect_ma
 from operators.com import CenterOfMass
 from operators.completeness import Completeness
 from operators.diffraction import DiffractionSum
+from operators.electron_counting import (ROW_DARK, SECTOR_EDGES, SEMANTICS, TIES, XRAY_NEIGHBOURS,
+                                         ElectronCounter)
 from operators.events import EventStore
 from operators.fused import fuse_operators
+from operators.kernels import load_npy
 from operators.virtual import VirtualDetectors, annulus_mask, check_masks, disk_mask, load_masks
 
 from stream.transport.protocol import Geometry
+from stream.files.counting_file import Calibration as CountingCalibration
+from stream.files.counting_file import CountingFileError, read_calibration
 from stream.stages.runner import check_stages
 from stream.stages.tomo import check_series_params
 
@@ -32,11 +37,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class DetectorSpec:
-    """Overrides of the calibration the stream carries."""
+    """Overrides of the calibration the stream carries, and which detector feeds the
+    receivers: ``stemstream`` (the protocol, default), ``dectris`` or ``merlin``
+    (docs/DECTRIS.md, docs/MERLIN.md)."""
 
     mrad_per_px: float | None = None
     convergence_mrad: float | None = None
     center: list[float] | None = None
+    kind: str = "stemstream"  # stemstream | dectris | merlin
+    scan: list[int] | None = None  # [ny, nx] probe positions of every scan (dectris, merlin)
+    dcu: str | None = None  # DECTRIS: the DCU's REST API, http://HOST:PORT
+    data: str | None = None  # the frames: DECTRIS stream (default DCU host, port 9999), Merlin data port
+    control: str | None = None  # Merlin: its control port, tcp://HOST:6341
+    mode: str = "passive"  # passive: follow what others start; active: we arm (and trigger)
+    trigger_mode: str | None = None  # DECTRIS exte (default) | exts | inte | ints; Merlin soft (default) | external
+    request_timeout_s: float = 10.0  # a REST or control request without an answer fails after this
+    trigger_timeout_s: float = 30.0  # active: no frame this long after arming is an error
+    gap_timeout_s: float = 2.0  # Merlin: no frame this long mid-acquisition ends it as aborted
 
 
 @dataclass
@@ -133,6 +150,34 @@ class SeriesSpec:
 
 
 @dataclass
+class CountingSpec:
+    """Electron counting of raw frames (docs/COUNTING.md): where dark and thresholds come from,
+    and the parameters of ``stemstream calibrate``."""
+
+    file: str | None = None  # counting file of 'stemstream calibrate': dark, thresholds (+ gain)
+    dark: str | None = None  # .npy (h, w) dark reference in ADU, or "zero" (no dark subtraction)
+    gain: str | None = None  # .npy (h, w) gain map; values are divided by it
+    background_threshold: float | None = None  # ADU above the dark, set by hand
+    xray_threshold: float | None = None
+    semantics: str = "threaded"  # how a fractional dark rounds: stempy's "threaded" or "classic"
+    row_dark: str = "none"  # none | mean | median: stempy's row-dark correction
+    ties: str = "first"  # a plateau of equal maxima: one event ("first") or none ("none", stempy)
+    sector_edges: str = "top-row-dropped"  # or "kept": see docs/COUNTING.md
+    xray_neighbours: str = "dropped"  # or "kept" (stempy): events next to an X-ray pixel
+    threads: int = 1  # threads counting one message's frames
+    samples: int = 40  # calibrate: sample frames for the thresholds
+    background_n_sigma: float = 4.5  # calibrate: NCEM's values (stempy issue 259, PR 152)
+    xray_n_sigma: float = 175.0
+    seed: int = 0  # calibrate: which frames are sampled
+    calibration: CountingCalibration | None = field(default=None, repr=False, metadata={"loaded": True})
+
+    @property
+    def enabled(self) -> bool:
+        """Raw frames can be counted: a dark (or "zero") and both thresholds are known."""
+        return self.calibration is not None
+
+
+@dataclass
 class PipelineConfig:
     detector: DetectorSpec = field(default_factory=DetectorSpec)
     virtual: list[VirtualSpec] = field(default_factory=list)
@@ -147,6 +192,7 @@ class PipelineConfig:
     live: LiveSpec = field(default_factory=LiveSpec)
     stages: StagesSpec = field(default_factory=StagesSpec)
     series: SeriesSpec = field(default_factory=SeriesSpec)
+    counting: CountingSpec = field(default_factory=CountingSpec)
     path: str | None = None  # where it was read from, for messages and provenance
 
     def operators(self, geometry: Geometry) -> list:
@@ -157,6 +203,7 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         """Plain values for provenance (mask arrays summarised by shape)."""
         d = asdict(self)
+        d["counting"].pop("calibration", None)
         for v in d["virtual"]:
             if v.get("masks") is not None:
                 v["masks"] = f"array{list(np.shape(v['masks']))}"
@@ -165,7 +212,7 @@ class PipelineConfig:
 
 _SECTIONS = {"detector": DetectorSpec, "com": ComSpec, "diffraction_sum": DiffractionSpec,
              "chunking": ChunkingSpec, "scan": ScanSpec, "cluster": ClusterSpec,
-             "memory": MemorySpec, "output": OutputSpec, "live": LiveSpec}
+             "memory": MemorySpec, "output": OutputSpec, "live": LiveSpec, "counting": CountingSpec}
 _LISTS = {"virtual": VirtualSpec, "aperture": ApertureSpec}
 
 
@@ -186,7 +233,7 @@ def _type_ok(value, annotation: str) -> bool:
 def _build(cls, table: dict, where: str):
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
-    known = {f.name: f.type for f in fields(cls) if f.name != "masks"}
+    known = {f.name: f.type for f in fields(cls) if f.name != "masks" and not f.metadata.get("loaded")}
     unknown = set(table) - set(known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
@@ -322,12 +369,129 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+    check_detector(cfg.detector, where)
+    _load_counting(cfg.counting, f"{where} [counting]", base)
     try:
         check_stages(cfg.stages.run, cfg.stages.params, f"{where} [stages]")
         check_series_params(cfg.series.params, f"{where} [series]")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+def _load_counting(c: CountingSpec, where: str, base: Path) -> None:
+    """Check [counting] and load its dark, gain and counting file into ``c.calibration``
+    (None when nothing says how to count: raw frames are then refused with the fix)."""
+    checks = [(c.semantics in SEMANTICS, f"semantics {c.semantics!r} must be one of {', '.join(SEMANTICS)}"),
+              (c.row_dark in ROW_DARK, f"row_dark {c.row_dark!r} must be one of {', '.join(ROW_DARK)}"),
+              (c.ties in TIES, f"ties {c.ties!r} must be one of {', '.join(TIES)}"),
+              (c.sector_edges in SECTOR_EDGES, f"sector_edges {c.sector_edges!r} must be one of {', '.join(SECTOR_EDGES)}"),
+              (c.xray_neighbours in XRAY_NEIGHBOURS,
+               f"xray_neighbours {c.xray_neighbours!r} must be one of {', '.join(XRAY_NEIGHBOURS)}"),
+              (c.threads >= 1, "threads must be >= 1"), (c.samples >= 1, "samples must be >= 1"),
+              (c.background_n_sigma > 0 and c.xray_n_sigma > 0, "background_n_sigma and xray_n_sigma must be > 0"),
+              ((c.background_threshold is None) == (c.xray_threshold is None),
+               "give both background_threshold and xray_threshold (ADU above the dark), or neither")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+    if c.calibration is not None:  # validate() may run again on a checked configuration
+        return
+    if c.file is None and c.dark is None and c.background_threshold is None and c.gain is None:
+        return
+    cal = None
+    if c.file is not None:
+        try:
+            cal = read_calibration(base / c.file)
+        except CountingFileError as e:
+            raise ConfigError(f"{where} file: {e}") from None
+    dark, dark_source = (cal.dark, f"{cal.path}") if cal is not None else (None, None)
+    if c.dark is not None:
+        if c.dark == "zero":
+            dark, dark_source = None, "zero (no dark subtraction)"
+        else:
+            try:
+                dark = load_npy(base / c.dark, "dark reference").astype(np.float32)
+            except ValueError as e:
+                raise ConfigError(f"{where} dark: {e}") from None
+            dark_source = str(base / c.dark)
+            if dark.ndim != 2:
+                raise ConfigError(f"{where} dark: {base / c.dark} holds a {dark.ndim}-D array; a dark "
+                                  "reference is one (h, w) frame in ADU")
+    if dark_source is None:
+        raise ConfigError(f"{where}: no dark reference: set file = 'counting.h5' (stemstream calibrate), "
+                          "dark = 'dark.npy', or dark = 'zero' for a detector that subtracts its own pedestal")
+    gain = cal.gain if cal is not None else None
+    if c.gain is not None:
+        try:
+            gain = load_npy(base / c.gain, "gain map").astype(np.float32)
+        except ValueError as e:
+            raise ConfigError(f"{where} gain: {e}") from None
+    if c.background_threshold is not None:
+        bg, xr, thr_source = c.background_threshold, c.xray_threshold, "set by hand in the configuration"
+    elif cal is not None:
+        bg, xr, thr_source = cal.background_threshold, cal.xray_threshold, f"{cal.path}"
+    else:
+        raise ConfigError(f"{where}: no thresholds: set file = 'counting.h5' (stemstream calibrate) or "
+                          "background_threshold and xray_threshold (ADU above the dark)")
+    attrs = dict(cal.attrs) if cal is not None else {}
+    attrs.update(dark_source=dark_source, thresholds_source=thr_source)
+    c.calibration = CountingCalibration(dark, float(bg), float(xr), gain, attrs,
+                                cal.sample_frames if cal is not None else np.zeros(0, np.int64),
+                                cal.path if cal is not None else None)
+    try:  # the scalar checks now; the shapes when a scan says what its detector is
+        ElectronCounter(c.calibration.frame_shape or (1, 1), None, bg, xr, None, c.row_dark,
+                        attrs.get("optimized_mean"), c.semantics)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def counting_operator(c: CountingSpec, g: Geometry) -> ElectronCounter:
+    """The counting operator of a scan (its dark and gain are checked against the detector
+    when frames arrive, so a scan of counted frames never fails for them)."""
+    cal = c.calibration
+    record = {k: v for k, v in cal.attrs.items() if not isinstance(v, dict)}
+    if len(cal.sample_frames):
+        record["sample_frames"] = np.asarray(cal.sample_frames)
+    return ElectronCounter(g.frame_shape, cal.dark, cal.background_threshold, cal.xray_threshold,
+                           gain=cal.gain, row_dark=c.row_dark,
+                           optimized_mean=cal.attrs.get("optimized_mean"), semantics=c.semantics,
+                           ties=c.ties, sector_edges=c.sector_edges, xray_neighbours=c.xray_neighbours,
+                           threads=c.threads, record=record)
+def check_detector(d: DetectorSpec, where: str) -> None:
+    """The ``[detector]`` source settings make sense together (docs/CONFIG.md)."""
+    def bad(message):
+        raise ConfigError(f"{where} [detector]: {message}")
+    kinds = ("stemstream", "dectris", "merlin")
+    if d.kind not in kinds:
+        bad(f"kind {d.kind!r} must be one of {', '.join(kinds)}")
+    if d.kind == "stemstream":
+        return
+    if d.scan is not None and (len(d.scan) != 2 or min(d.scan) < 1):
+        bad(f"scan {d.scan} must be [ny, nx], two positive integers (e.g. --scan 256x256)")
+    if d.mode not in ("passive", "active"):
+        bad(f"mode {d.mode!r} must be passive (follow acquisitions others start) or active (we arm)")
+    for name in ("request_timeout_s", "trigger_timeout_s", "gap_timeout_s"):
+        if not getattr(d, name) > 0:
+            bad(f"{name} must be > 0 seconds")
+    if d.kind == "dectris":
+        if d.scan is None:
+            bad("a DECTRIS detector needs the scan shape: --scan NYxNX (or scan = [ny, nx])")
+        if not d.dcu and not d.data:
+            bad("give the DCU: --dcu http://HOST:PORT (its REST API; the stream is then HOST:9999)")
+        if d.mode == "active" and not d.dcu:
+            bad("active mode arms through the DCU's REST API: give --dcu http://HOST:PORT")
+        if d.trigger_mode not in (None, "exte", "exts", "inte", "ints"):
+            bad(f"trigger_mode {d.trigger_mode!r} must be exte, exts, inte or ints")
+    else:
+        if not d.data:
+            bad("give Merlin's data port: --connect tcp://HOST:6342")
+        if d.mode == "active" and not d.control:
+            bad("active mode starts acquisitions on Merlin's control port: give --control tcp://HOST:6341")
+        if d.mode == "active" and d.scan is None:
+            bad("active mode needs the scan shape to set the frame count: --scan NYxNX")
+        if d.trigger_mode not in (None, "soft", "external"):
+            bad(f"trigger_mode {d.trigger_mode!r} must be soft (we trigger) or external (the scan engine)")
 
 
 # ------------------------------------------------------------------ operators per scan
@@ -392,7 +556,7 @@ def build_operators(cfg: PipelineConfig, g: Geometry) -> list:
             masks.append(annulus_mask(shape, cal.center, cal.px(v.inner_px, v.inner_mrad, label),
                                       cal.px(v.outer_px, v.outer_mrad, label)))
             names.append(v.name)
-    ops = []
+    ops = [counting_operator(cfg.counting, g)] if cfg.counting.enabled else []  # first: it makes the events
     if masks:
         ops.append(VirtualDetectors(np.stack(masks), names, g.scan_shape, name="virtual"))
     for i, v in enumerate(m for m in cfg.virtual if m.shape == "masks"):

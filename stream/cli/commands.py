@@ -1,5 +1,5 @@
 """The ``stemstream`` command: simulate, process, demo, info, replay, process-file, export,
-import-stempy, analyze.
+import-stempy, analyze, tomo, atoms, calibrate.
 
 Errors a user can cause print one line naming the problem and the fix, and exit with code 2.
 """
@@ -60,6 +60,52 @@ def add_process_args(p: argparse.ArgumentParser) -> None:
                    help="bind a ZeroMQ PUB socket there for live results (docs/PROTOCOL.md)")
     from stream.viewer.server import add_view_arg
     add_view_arg(p)
+    g = p.add_argument_group("a real detector (docs/DECTRIS.md, docs/MERLIN.md)")
+    g.add_argument("--detector", choices=("stemstream", "dectris", "merlin"),
+                   help="what sends the frames: the stemstream/1 protocol (default), a DECTRIS "
+                        "SIMPLON DCU (ARINA, QUADRO) or a Quantum Detectors Merlin; for Merlin "
+                        "--connect is its data port (tcp://HOST:6342), for DECTRIS its stream "
+                        "(default: the --dcu host, port 9999)")
+    g.add_argument("--dcu", metavar="http://HOST:PORT", help="DECTRIS: the DCU's REST API")
+    g.add_argument("--control", metavar="tcp://HOST:PORT", help="Merlin: its control port (6341)")
+    g.add_argument("--scan", metavar="NYxNX", help="probe positions of every scan (rows x columns)")
+    g.add_argument("--mode", choices=("passive", "active"),
+                   help="passive (default): follow the acquisitions someone else starts; active: "
+                        "arm (and trigger) --acquisitions scans, then stop")
+    g.add_argument("--trigger-mode", metavar="MODE",
+                   help="active mode: DECTRIS exte (default; the scan engine triggers), exts, inte, "
+                        "ints (we trigger); Merlin soft (default; we trigger) or external")
+    g.add_argument("--acquisitions", type=int, default=1, metavar="N",
+                   help="active mode: scans to acquire one after the other (default 1)")
+
+
+def detector_from_args(cfg, args):
+    """The configuration with the detector flags applied over ``[detector]``."""
+    from dataclasses import replace
+
+    if not getattr(args, "detector", None) and cfg.detector.kind == "stemstream":
+        for flag in ("dcu", "control", "scan", "mode", "trigger_mode"):
+            if getattr(args, flag, None):
+                raise CliError(f"--{flag.replace('_', '-')} needs --detector dectris or merlin")
+        return cfg
+    d = cfg.detector
+    changes = {"kind": args.detector or d.kind}
+    if args.scan:
+        try:
+            ny, nx = (int(v) for v in args.scan.lower().split("x"))
+        except ValueError:
+            raise CliError(f"--scan {args.scan!r} is not ROWSxCOLUMNS, e.g. 256x256") from None
+        changes["scan"] = [ny, nx]
+    for flag in ("dcu", "control", "mode", "trigger_mode"):
+        if getattr(args, flag):
+            changes[flag] = getattr(args, flag)
+    if args.connect:
+        if len(args.connect) > 1 or args.sources != 1:
+            raise CliError("a DECTRIS or Merlin detector has one data address: give --connect once")
+        changes["data"] = args.connect[0]
+    if args.acquisitions < 1:
+        raise CliError("--acquisitions must be at least 1")
+    return replace(cfg, detector=replace(d, **changes))
 
 
 def session_from_args(args, **overrides):
@@ -72,6 +118,8 @@ def session_from_args(args, **overrides):
         cfg = load_config(args.config)
     except ConfigError as e:
         raise CliError(str(e)) from None
+    if hasattr(args, "detector"):
+        cfg = detector_from_args(cfg, args)
     if args.timeout is not None:
         if args.timeout <= 0:
             raise CliError("--timeout must be > 0 seconds")
@@ -90,14 +138,22 @@ def session_from_args(args, **overrides):
 
 
 def cmd_process(args) -> int:
+    from stream.sources.base import DetectorError
+
     session = session_from_args(args)
-    with session:
-        session.console.say("processing every scan that arrives; Ctrl-C to stop")
-        try:
-            while True:
-                session.wait(timeout=None)
-        except KeyboardInterrupt:
-            session.console.say("stopping")
+    try:
+        with session:
+            if session.config.detector.mode == "active" and session.detector is not None:
+                failed = sum(session.acquire().status != "complete" for _ in range(args.acquisitions))
+                return 1 if failed else 0
+            session.console.say("processing every scan that arrives; Ctrl-C to stop")
+            try:
+                while True:
+                    session.wait(timeout=None)
+            except KeyboardInterrupt:
+                session.console.say("stopping")
+    except DetectorError as e:
+        raise CliError(str(e)) from None
     return 0
 
 
@@ -133,6 +189,11 @@ def format_info(d: dict) -> str:
              f"{ev['stored_bytes'] / max(1, ev['n_events']):.2f} bytes/electron on disk; file {d['file_bytes'] / 1e6:.1f} MB"]
     if "n_missing" in c or "n_duplicated" in c:
         lines.append(f"  completeness: {c.get('n_missing', 0):,} missing, {c.get('n_duplicated', 0):,} duplicated frames")
+    ct = d.get("counting")
+    if ct:
+        lines.append(f"  counting: background {ct['background_threshold']:.3f} ADU, x-ray {ct['xray_threshold']:.1f} ADU "
+                     f"({ct.get('thresholds_source', '?')}); {ct['frames_counted']:,} frame parts counted into "
+                     f"{ct['events']:,} events, {ct['xray_pixels']:,} X-ray pixels rejected")
     lines.append("  results:")
     for name, r in d["results"].items():
         lines.append(f"    {name:<24} {r.get('kind', ''):<5} {str(r['shape']):<14} {r['dtype']:<8} {r.get('unit', '')}")
@@ -314,6 +375,7 @@ def cmd_import_stempy(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from sim_detector.cli import add_simulate_args
 
+    from stream.cli.calibrate import add_calibrate_args
     from stream.stages.atoms import add_atoms_args
     from stream.cli.demo import add_demo_args
     from stream.files.replay import add_replay_args
@@ -360,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
          "Per-atom and per-sample statistics (coordination, GCN, bond lengths, strain, order, Voronoi, "
          "motifs, g(r)) of atom positions in Å from any pipeline: CSV and HDF5 tables, PNG histograms "
          "(docs/STAGES_3D_STATS.md).", add_atoms_args),
+        ("calibrate", "dark reference and thresholds for counting raw frames, into a counting file",
+         "Measure the dark reference (4D Camera raw files, .npy, or a streamed dark scan) and compute "
+         "the counting thresholds from sample frames as stempy's calculate_thresholds does (seeded), "
+         "or set them by hand; writes the counting file [counting] file reads (docs/COUNTING.md).",
+         add_calibrate_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
         ("view", "the live viewer in the browser, attached to a running session or a directory",
@@ -405,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "view":
             from stream.viewer.attach import run_view
             return run_view(args)
+        if args.command == "calibrate":
+            from stream.cli.calibrate import run_calibrate
+            return run_calibrate(args)
         if args.command == "atoms":
             from stream.stages.atoms import run_atoms
             return run_atoms(args)

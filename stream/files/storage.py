@@ -333,10 +333,13 @@ def link_unique(tmp: Path, path: Path) -> Path:
 
 
 def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, reason, geometry,
-                metadata, results, provenance, completeness=None, completeness_summary=None):
+                metadata, results, provenance, completeness=None, completeness_summary=None,
+                counting=None):
     """Everything of a scan file but the event indices; returns the (empty) indices dataset.
     copy_from: a scan file whose /events and /completeness are copied as they are (raw
-    compressed chunks, nothing decoded) instead of ``offsets``/``completeness``."""
+    compressed chunks, nothing decoded) instead of ``offsets``/``completeness`` (and its
+    ``/counting``). counting: (attributes, arrays) of the ``/counting`` group, for a scan
+    counted from raw frames."""
     f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
                    status=status, reason=reason)
     write_attrs(f.create_group("geometry"), geometry)
@@ -344,7 +347,7 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
     indices = None
     if copy_from is not None:
         with h5py.File(copy_from, "r") as src:
-            for name in ("events", "completeness"):
+            for name in ("events", "completeness") + (("counting",) if "counting" in src else ()):
                 src.copy(src[name], f, name)
     else:
         offsets = np.asarray(offsets, np.uint64)
@@ -356,6 +359,13 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
         write_compressed(ev, "offsets", offsets, 1 << 18, level)
         indices = ev.create_dataset("indices", data=np.zeros(0, np.uint32)) if n == 0 else \
             _chunked(ev, "indices", (n,), np.uint32, events_chunk_len(n), level)
+    if counting is not None:
+        attrs, arrays = counting
+        g = f.create_group("counting")
+        write_attrs(g, attrs)
+        for name, data in arrays.items():
+            g.create_dataset(name, data=data, compression="gzip" if level else None,
+                             compression_opts=level or None)
     _write_results(f.create_group("results"), results, level)
     if copy_from is None:
         _write_results(f.create_group("completeness"), completeness, level)
@@ -418,4 +428,6 @@ def describe(path: str | Path) -> dict:
                          "stored_bytes": int(ev["indices"].id.get_storage_size()
                                              + ev["offsets"].id.get_storage_size())}
         out["file_bytes"] = Path(path).stat().st_size
+        if "counting" in f:  # its attributes; the dark and gain maps stay in the file
+            out["counting"] = {k: _plain(v) for k, v in f["counting"].attrs.items()}
     return out

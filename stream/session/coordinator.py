@@ -38,7 +38,8 @@ from stream.files.previews import write_scan_previews
 from stream.stages.series import SeriesCollector
 from stream.stages.runner import run_stages
 from stream.stages.tomo import reconstruct_series
-from stream.session.worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker
+from stream.session.worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker, source_command
+from stream.session.detector import DetectorLink, detector_workers, source_plan
 
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
@@ -125,7 +126,10 @@ class Session:
             cfg = replace(cfg, cluster=replace(cfg.cluster, scheduler=scheduler or cfg.cluster.scheduler,
                                                workers=workers or cfg.cluster.workers))
         self.config = validate(cfg)
-        if not connect:
+        self.detector = None  # the DetectorLink of a DECTRIS or Merlin detector (stream/session/detector.py)
+        if self.config.detector.kind != "stemstream":  # the detector's own addresses ([detector])
+            connect = []
+        elif not connect:
             raise ConfigError("no source to connect to: give at least one --connect tcp://HOST:PORT")
         try:
             self.connect = expand_sources(connect)
@@ -177,8 +181,13 @@ class Session:
         except BaseException:
             self.close()
             raise
+        source = self.detector.describe() if self.detector else ", ".join(self.connect)
         self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
-                         f"{', '.join(self.connect)}; writing to {self.config.output.dir}")
+                         f"{source}; writing to {self.config.output.dir}")
+        if self.config.counting.enabled:  # what raw frames will be counted with (docs/COUNTING.md)
+            c = self.config.counting
+            self.console.say(f"counting raw frames: {c.calibration.summary()}; semantics {c.semantics}, "
+                             f"row dark {c.row_dark}; thresholds {c.calibration.attrs['thresholds_source']}")
         if self.viewer is not None:
             self.console.say(f"viewer: {self.viewer.url}")
         return self
@@ -191,6 +200,9 @@ class Session:
             (out / ".stemstream-write-test").unlink()
         except OSError as e:
             raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
+        if self.config.detector.kind != "stemstream":  # its control first: a wrong address fails fast
+            self.detector = DetectorLink(self, self.config.detector)
+            self.detector.prepare()
         if self._client is None:
             self._client, self._cluster = cluster.connect(self.config.cluster)
         host = self._control_host()
@@ -205,7 +217,11 @@ class Session:
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
-        plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config)
+        plan = None
+        if self.detector is not None:
+            plan = source_plan(self.config.detector, self._client, detector_workers(self._client))
+            self.detector.set_plan(plan)
+        plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config, plan)
         self._client.register_plugin(plugin, name=self._plugin_name)
         self.workers = sorted(self._client.scheduler_info()["workers"])
         self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
@@ -251,6 +267,8 @@ class Session:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.debug("unregistering the receiver plugin failed: %s", e)
+        if self.detector is not None:
+            self.detector.close()
         for sock in (self._pull, self._pub):
             if sock is not None:
                 sock.close(linger=1000)
@@ -313,6 +331,18 @@ class Session:
                  "n_frames": s.n_frames, "events": s.events, "missing_so_far": s.missing_so_far(),
                  "duplicates": s.duplicates, "worker_events": dict(s.worker_events)}
                 for s in list(self._tracker.scans.values())]
+
+    def acquire(self, timeout: float | None = None) -> ScanResult:
+        """Active mode (``[detector] mode = "active"``): arm (and trigger) one acquisition of
+        the detector and return its finished scan. Raises DetectorError naming the detector
+        when it refuses, does not answer, or sends no frame (docs/DECTRIS.md, MERLIN.md)."""
+        if self.detector is None:
+            raise ConfigError("acquire() needs a DECTRIS or Merlin detector ([detector] kind)")
+        return self.detector.acquire(timeout)
+
+    def source_command(self, name: str, *args) -> None:
+        """Send a control request to every worker's detector source (and wait for them)."""
+        self._client.run(source_command, self._plugin_name, name, *args)
 
     def rejects(self) -> dict[str, int]:
         """Rejected messages so far, by reason (docs/PROTOCOL.md)."""
@@ -441,6 +471,9 @@ class Session:
         kind = report["kind"]
         if kind == "live":
             self._on_live(report, arrays)
+            return
+        if kind == "notice":  # a detector source's news: connection lost, frames dropped, ...
+            self.console.say(report["text"])
             return
         if kind == "reject":
             reason, sid = report["reason"], report.get("scan_id")

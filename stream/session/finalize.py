@@ -23,6 +23,7 @@ import numpy as np
 from operators.base import Result
 from operators.chunk import Chunk
 from operators.completeness import Completeness, repeat_mask
+from operators.electron_counting import ElectronCounter
 from operators.events import EventStore, plan_blocks
 
 from stream import __version__
@@ -236,10 +237,14 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
     t0 = time.time()
     ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
-    store = counts = None
+    store = counts = counting = None
     for op in ops:
         if isinstance(op, EventStore):
             store, counts = op, states[op.name]["counts"]
+        elif isinstance(op, ElectronCounter):
+            if states[op.name]["frames"][0]:  # raw frames were counted: say how, in /counting
+                record = op.describe(states[op.name])
+                counting = (record.attrs, record.arrays)
         elif isinstance(op, Completeness):
             completeness = op.finalize(states[op.name])
             summary = op.summary(states[op.name])
@@ -269,7 +274,7 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
                         completeness=completeness,
                         completeness_summary={k: v for k, v in summary.items()
                                               if not k.endswith(("_frames", "_ranges"))},  # datasets
-                        provenance={**provenance, "timings": timings},
+                        provenance={**provenance, "timings": timings}, counting=counting,
                         compression_level=config.output.compression_level)
     g = info.geometry
     result = ScanResult(info.scan_id, None, status, reason, n_frames=g.n_frames,

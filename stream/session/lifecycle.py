@@ -154,8 +154,9 @@ class ScanTracker:
         try:
             if kind in ("start", "geometry"):
                 self._set_geometry(st, report["geometry"])
-                if kind == "start":
-                    st.metadata = st.metadata or report.get("metadata", {})
+                if kind == "start":  # several starts (a detector's header and configuration
+                    # may reach different receivers): the first value of each key stays
+                    st.metadata = {**report.get("metadata", {}), **st.metadata}
             elif kind == "frames":
                 self._frames(st, worker, report)
             elif kind == "end":

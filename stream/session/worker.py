@@ -11,7 +11,11 @@ import numpy as np
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from operators.dense import counts_to_events
+from operators.electron_counting import ElectronCounter
+
 from stream.config import PipelineConfig, build_operators
+from stream.sources.build import build_source
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
 
@@ -21,18 +25,22 @@ STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstr
 class ReceiverPlugin(WorkerPlugin):
     """Starts a :class:`Receiver` in every worker (also in workers that join later)."""
 
-    def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig):
+    def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig,
+                 source_plan=None):
         self.name = name
         self.connect = connect
         self.control_address = control_address
         self.config = config
+        self.source_plan = source_plan  # a detector source's SourcePlan (stream/sources), or None
         self.receiver: Receiver | None = None
 
     async def setup(self, worker):
         # compile the kernels before the first frame, off the worker's event loop
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
+        source = build_source(self.source_plan, worker.address)
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
-                                 spill_dir=self.config.memory.spill_dir or worker.local_directory)
+                                 spill_dir=self.config.memory.spill_dir or worker.local_directory,
+                                 source=source)
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
             worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)
@@ -58,6 +66,16 @@ def apply_on_worker(plugin_name: str, scan_id: str, op):
     """An ad-hoc operator over this worker's events of the open scan ``scan_id``
     (``Receiver.apply``): (state, frame parts, events), or None if the scan is not open here."""
     return _receiver(plugin_name).apply(scan_id, op)
+
+
+def source_command(plugin_name: str, name: str, *args, dask_worker=None):
+    """Pass a control request to this worker's detector source (e.g. DECTRIS hold/expect);
+    run with ``client.run``, which gives ``dask_worker``."""
+    plugin = dask_worker.plugins.get(plugin_name)
+    source = plugin.receiver.source if plugin is not None and plugin.receiver is not None else None
+    if source is None:
+        raise RuntimeError(f"worker {dask_worker.address} runs no detector source")
+    return source.command(name, *args)
 
 
 def warm_up(config: PipelineConfig) -> float:
@@ -91,4 +109,34 @@ def warm_up(config: PipelineConfig) -> float:
             op.process(state, chunk)
         op.merge(state, other)
         op.finalize(state)
+    warm_up_dense(config)
+    if config.detector.kind != "stemstream":  # raw Merlin bits
+        warm_up_sources()
     return time.perf_counter() - t0
+
+
+def warm_up_sources() -> None:
+    """Compile the detector sources' kernels (raw 1-bit MIB frames)."""
+    from stream.sources import mib
+
+    fh = mib.parse_frame_header(mib.frame_header(1, 1, raw=True))
+    mib.decode_payloads(np.zeros((1, fh.payload_size), np.uint8), fh)
+
+
+def warm_up_dense(config: PipelineConfig) -> None:
+    """Compile the kernels of ``dense`` messages: electrons per pixel to events, and, with
+    [counting], the counting kernels, on read-only frames as they come off the wire."""
+    for dtype in ("<u1", "<u2", "<u4"):
+        frames = np.zeros((2, 3, 8), dtype)
+        frames[0, 1, 2] = 1
+        frames.flags.writeable = False
+        counts_to_events(frames, 0)
+    if config.counting.enabled:
+        c = config.counting
+        frames = np.zeros((2, 3, 8), np.uint16)
+        frames.flags.writeable = False
+        cal = config.counting.calibration
+        ElectronCounter((3, 8), None if cal.dark is None else np.zeros((3, 8)), cal.background_threshold,
+                        cal.xray_threshold, None if cal.gain is None else np.ones((3, 8)), c.row_dark,
+                        cal.attrs.get("optimized_mean"), c.semantics, c.ties, c.sector_edges,
+                        c.xray_neighbours).count(frames)

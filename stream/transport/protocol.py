@@ -4,7 +4,8 @@ Used by both ends: the detector emulator encodes, the receivers decode. See
 ``docs/PROTOCOL.md`` for the normative description. Every message is a ZeroMQ multipart
 message whose part 0 is a msgpack map; ``frames`` messages carry two more parts, the events
 per frame and the flat detector pixel indices, both little-endian uint32, sent and decoded
-without copies.
+without copies; ``dense`` messages carry one more, frames as pixel arrays (raw detector signal
+or electron counts per pixel), also without copies.
 
 Decoding never trusts the sender: anything malformed raises :class:`ProtocolError` with a
 short machine-readable ``reason`` (used to count rejects) and a human-readable detail.
@@ -20,12 +21,16 @@ import msgpack
 import numpy as np
 
 PROTO = "stemstream/1"
-KINDS = ("start", "frames", "end", "abort")
+KINDS = ("start", "frames", "end", "abort", "dense")
 EVENT_DTYPE = np.dtype("<u4")
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Sanity bounds: beyond them a geometry is a corrupt header, not an instrument.
 MAX_FRAMES = 2**31  # frames per scan (a 16k x 16k scan with 8 frames per position)
 MAX_SOURCES = 256
+# dense frames: little-endian unsigned pixel types, and what the values mean
+DENSE_DTYPES = ("<u1", "<u2", "<u4")
+DENSE_VALUES = ("raw", "counts")  # raw detector signal (to be counted) | electrons per pixel
+MAX_DENSE_EVENTS = 2**26  # electrons one 'counts' message may expand to (256 MB of events)
 
 # Reasons a message is rejected; receivers count rejects by these keys.
 REJECT_REASONS = {
@@ -40,6 +45,11 @@ REJECT_REASONS = {
     "event_mismatch": "events part does not match 'events' or the per-frame counts",
     "index_out_of_range": "pixel index outside the detector or the source's sector",
     "frame_out_of_range": "frame numbers outside the scan",
+    "dense_truncated": "dense part holds fewer bytes than count x sector rows x width values",
+    "dense_mismatch": "dense part holds more bytes than count x sector rows x width values",
+    "bad_dtype": "dense dtype is not one of <u1, <u2, <u4",
+    "bad_values": "dense values is not 'raw' or 'counts'",
+    "too_many_events": "a 'counts' message holds more electrons than one message may carry",
 }
 
 
@@ -181,8 +191,9 @@ def frame_positions(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 @dataclass
 class Message:
-    """A decoded message. ``counts`` and ``indices`` are set for ``frames`` only and are
-    read-only views of the received buffers (no copy)."""
+    """A decoded message. ``counts`` and ``indices`` are set for ``frames`` only, ``dense``
+    (count, sector rows, w) for ``dense`` only; all are read-only views of the received
+    buffers (no copy)."""
 
     kind: str
     scan_id: str
@@ -192,6 +203,7 @@ class Message:
     counts: np.ndarray | None = None
     indices: np.ndarray | None = None
     metadata: dict = field(default_factory=dict)
+    dense: np.ndarray | None = None
 
     @property
     def first(self) -> int:
@@ -230,6 +242,31 @@ def encode_frames(scan_id: str, source: int, geometry: Geometry, first: int,
     header = _header("frames", scan_id, source, first=int(first), count=len(counts),
                      events=len(indices), **geometry.to_wire())
     return [header, counts, indices]
+
+
+def encode_dense(scan_id: str, source: int, geometry: Geometry, first: int, frames: np.ndarray,
+                 values: str) -> list:
+    """``dense``: frames ``first .. first+len(frames)-1`` of this source as pixel arrays.
+
+    frames: (n, row1 - row0, w) of this source's sector rows, unsigned 8, 16 or 32 bit;
+    sent without a copy when C-contiguous and little-endian (keep it unchanged until the
+    message has left). values: ``"raw"`` (detector signal, counted by the receivers) or
+    ``"counts"`` (electrons per pixel).
+    """
+    frames = np.asarray(frames)
+    if frames.dtype.kind != "u" or frames.dtype.itemsize not in (1, 2, 4):
+        raise ValueError(f"dense frames must be unsigned 8, 16 or 32 bit integers, got {frames.dtype}")
+    if values not in DENSE_VALUES:
+        raise ValueError(f"values {values!r} must be one of {', '.join(DENSE_VALUES)}")
+    r0, r1 = geometry.sector
+    if frames.ndim != 3 or frames.shape[1:] != (r1 - r0, geometry.frame_shape[1]):
+        raise ValueError(f"dense frames of shape {frames.shape} do not match sector rows {r0}..{r1 - 1} "
+                         f"of a {geometry.frame_shape[0]}x{geometry.frame_shape[1]} detector "
+                         f"(expected (n, {r1 - r0}, {geometry.frame_shape[1]}))")
+    frames = np.ascontiguousarray(frames, dtype=frames.dtype.newbyteorder("<"))
+    header = _header("dense", scan_id, source, first=int(first), count=len(frames),
+                     dtype=f"<u{frames.dtype.itemsize}", values=values, **geometry.to_wire())
+    return [header, frames]
 
 
 def encode_end(scan_id: str, source: int, frames_sent: int) -> list:
@@ -308,7 +345,7 @@ def decode(parts: Sequence[Any], check_events: bool = True) -> Message:
 
 def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
     h, kind, source = msg.header, msg.kind, msg.source
-    expected_parts = 3 if kind == "frames" else 1
+    expected_parts = {"frames": 3, "dense": 2}.get(kind, 1)
     if len(parts) != expected_parts:
         raise ProtocolError("wrong_parts", f"{kind} message has {len(parts)} parts, expects {expected_parts}")
     if kind == "start":
@@ -322,6 +359,8 @@ def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
     elif kind == "abort":
         if not isinstance(h.get("reason", ""), str):
             raise ProtocolError("bad_header", "abort reason must be a string")
+    elif kind == "dense":
+        _decode_dense(msg, parts)
     else:
         _decode_frames(msg, parts, check_events)
     if not (0 <= source < (msg.geometry.n_sources if msg.geometry else MAX_SOURCES)):
@@ -356,3 +395,28 @@ def _decode_frames(msg: Message, parts, check_events: bool) -> None:
                                 f"pixel index {bad} outside rows {g.sector[0]}..{g.sector[1] - 1} "
                                 f"of a {g.frame_shape[0]}x{g.frame_shape[1]} detector")
     msg.geometry, msg.counts, msg.indices = g, counts, indices
+
+
+def _decode_dense(msg: Message, parts) -> None:
+    h = msg.header
+    g = Geometry.from_wire(h)
+    first, count = _int(h.get("first")), _int(h.get("count"))
+    if first < 0 or count < 0 or first + count > g.n_frames:
+        raise ProtocolError("frame_out_of_range",
+                            f"frames {first}..{first + count - 1} but the scan has {g.n_frames}")
+    dtype, values = h.get("dtype"), h.get("values")
+    if dtype not in DENSE_DTYPES:
+        raise ProtocolError("bad_dtype", f"dtype {dtype!r}, expected one of {', '.join(DENSE_DTYPES)}")
+    if values not in DENSE_VALUES:
+        raise ProtocolError("bad_values", f"values {values!r}, expected one of {', '.join(DENSE_VALUES)}")
+    rows, w = g.sector[1] - g.sector[0], g.frame_shape[1]
+    itemsize = int(dtype[2])
+    need = count * rows * w * itemsize
+    buf = _buffer(parts[1])
+    if buf.nbytes != need:
+        reason = "dense_truncated" if buf.nbytes < need else "dense_mismatch"
+        raise ProtocolError(reason, f"count={count} frames of rows {g.sector[0]}..{g.sector[1] - 1} x {w} "
+                                    f"px as {dtype} need {need} bytes, got {buf.nbytes}")
+    dense = np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(count, rows, w)
+    dense.flags.writeable = False  # a view of the received buffer
+    msg.geometry, msg.dense = g, dense

@@ -21,10 +21,13 @@ import zmq
 from dask.sizeof import sizeof
 
 from operators.chunk import Chunk
+from operators.dense import counts_to_events
+from operators.electron_counting import ElectronCounter
 from operators.events import EventStore
 
 from stream.transport import control
-from stream.transport.protocol import Geometry, Message, ProtocolError, decode, frame_positions
+from stream.transport.protocol import (MAX_DENSE_EVENTS, Geometry, Message, ProtocolError, decode,
+                                       frame_positions)
 from stream.transport.spill import SpillFile
 
 log = logging.getLogger("stemstream.receiver")
@@ -58,6 +61,7 @@ class ScanWork:
     mem_bytes: int = 0
     spill: SpillFile | None = None  # created on the first spill
     spill_failed: bool = False  # after a failure the scan's events stay in memory
+    counter: ElectronCounter | None = None  # counts the scan's raw frames ([counting])
 
 
 @dataclass
@@ -102,12 +106,16 @@ class Receiver:
     worker: a name for reports and logs (the dask worker address).
     spill_dir: where the events of open scans go past ``[memory] events_in_memory_mb``
         (default: the system's temporary directory).
+    source: a detector source (``stream.sources``) to take messages from instead of decoding
+        ``stemstream/1`` from the PULL socket (which then connects to nothing).
     Only the receiver's own thread touches its sockets; other threads queue their reports.
     """
 
     def __init__(self, connect: list[str], control_address: str, config,
-                 worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None):
-        self.connect = list(connect)
+                 worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None,
+                 source=None):
+        self.source = source
+        self.connect = list(connect) if source is None else []
         self.control_address = control_address
         self.config = config
         self.worker = worker
@@ -150,6 +158,8 @@ class Receiver:
 
         Later messages of this scan are rejected as late. A receiver that never saw the scan
         returns an empty WorkerScan."""
+        if self.source is not None:
+            self.source.scan_closed(scan_id)
         with self._lock:
             self._closed[scan_id] = None
             while len(self._closed) > 4096:
@@ -197,6 +207,8 @@ class Receiver:
             report = ctx.socket(zmq.PUSH)
             report.setsockopt(zmq.LINGER, 2000)
             report.connect(self.control_address)
+            if self.source is not None:
+                self.source.open(ctx, self._reject, self._notice)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._error = e
             self._ready.set()
@@ -208,7 +220,9 @@ class Receiver:
         poll_ms = max(1, int(self.config.chunking.max_latency_ms / 2))
         try:
             while not self._stop.is_set():
-                if pull.poll(poll_ms):
+                if self.source is not None:
+                    self._receive_from_source(poll_ms)
+                elif pull.poll(poll_ms):
                     for _ in range(64):  # drain what is queued before looking at the clocks
                         try:
                             parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -234,6 +248,8 @@ class Receiver:
                         break  # the coordinator is not reading; try again next turn
                     self._outbox.popleft()
         finally:
+            if self.source is not None:
+                self.source.close()
             pull.close()
             report.close(linger=0)
 
@@ -253,6 +269,22 @@ class Receiver:
                         reason, detail)
         self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id})
 
+    def _notice(self, text: str) -> None:
+        """One line for the session's console (a detector source's news)."""
+        self._send({"kind": "notice", "text": text})
+
+    def _receive_from_source(self, poll_ms: int) -> None:
+        try:
+            messages = self.source.receive(poll_ms)
+        except Exception as e:  # noqa: BLE001 - a source's bug must not stop the receiver
+            if INTERNAL_ERROR not in self._warned:
+                log.exception("detector source failed")
+            self._reject(INTERNAL_ERROR, f"detector source: {type(e).__name__}: {e}")
+            time.sleep(poll_ms / 1000)
+            return
+        for msg in messages:
+            self._handle_safely(msg)
+
     def _handle_safely(self, parts) -> None:
         try:
             self._handle(parts)
@@ -266,7 +298,7 @@ class Receiver:
             self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
 
     def _handle(self, parts) -> None:
-        msg = decode(parts)
+        msg = parts if isinstance(parts, Message) else decode(parts)  # a source's are decoded
         with self._lock:
             if msg.scan_id in self._closed:
                 self._reject(LATE, f"{msg.kind} message of scan {msg.scan_id}, which is closed",
@@ -276,10 +308,14 @@ class Receiver:
                 if self._open(msg) is not None:
                     self._send({"kind": "start", "scan_id": msg.scan_id, "source": msg.source,
                                 "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
-            elif msg.kind == "frames":
+            elif msg.kind in ("frames", "dense"):
                 work = self._open(msg)
                 if work is None:
                     return
+                if msg.kind == "dense":
+                    msg = self._events_of_dense(work, msg)
+                    if msg is None:
+                        return
                 work.pending.append(msg)
                 if not work.pending_frames:
                     work.oldest = time.monotonic()
@@ -312,10 +348,37 @@ class Receiver:
             self._reject(OPERATOR_ERROR, f"scan {msg.scan_id}: cannot build operators: {e}", msg.scan_id)
             return None
         work = ScanWork(msg.scan_id, geometry, operators, states,
-                        store=next((op for op in operators if isinstance(op, EventStore)), None))
+                        store=next((op for op in operators if isinstance(op, EventStore)), None),
+                        counter=next((op for op in operators if isinstance(op, ElectronCounter)), None))
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
         return work
+
+    def _events_of_dense(self, work: ScanWork, msg: Message) -> Message | None:
+        """A ``dense`` message as the ``frames`` message it amounts to: electrons per pixel
+        become that many events; raw frames are counted by the scan's counting operator
+        (docs/COUNTING.md). None, after a reject, when raw frames cannot be counted."""
+        row0 = msg.geometry.sector[0]
+        if msg.header["values"] == "counts":
+            try:
+                counts, indices = counts_to_events(msg.dense, row0, MAX_DENSE_EVENTS)
+            except ValueError as e:
+                raise ProtocolError("too_many_events", str(e), msg.scan_id) from None
+        else:
+            try:
+                if work.counter is None:
+                    raise ValueError("raw frames arrived but [counting] gives no dark reference and "
+                                     "thresholds: run 'stemstream calibrate' and set [counting] file, or "
+                                     "set dark and the thresholds (docs/COUNTING.md)")
+                counts, indices = work.counter.count(msg.dense, row0, work.states[work.counter.name])
+            except ValueError as e:  # a configuration that cannot count this detector's frames
+                detail = f"scan {msg.scan_id}: {e}"
+                if detail not in work.errors:
+                    work.errors.append(detail)
+                self._reject(OPERATOR_ERROR, detail, msg.scan_id)
+                return None
+        return Message("frames", msg.scan_id, msg.source, msg.header, geometry=msg.geometry,
+                       counts=counts, indices=indices)
 
     def _flush(self, work: ScanWork, spill: bool = True) -> None:
         """Turn the pending messages of a scan into one chunk and run its operators; then, if
