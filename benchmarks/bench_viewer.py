@@ -40,15 +40,15 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from bench_operators import synthetic_scan  # noqa: E402
+from bench_operators import synthetic_scan
 
-from operators.apertures import RealSpaceApertures  # noqa: E402
-from operators.virtual import VirtualDetectors  # noqa: E402
-from stream.config import LiveSpec, OutputSpec, PipelineConfig, ScanSpec, validate  # noqa: E402
-from stream.session import Session  # noqa: E402
-from stream.transport.net import free_port_block  # noqa: E402
-from stream.transport.protocol import Geometry  # noqa: E402
-from stream.viewer import shapes  # noqa: E402
+from operators.apertures import RealSpaceApertures
+from operators.virtual import VirtualDetectors
+from stream.config import LiveSpec, OutputSpec, PipelineConfig, ScanSpec, validate
+from stream.session import Session
+from stream.transport.net import free_port_block
+from stream.transport.protocol import Geometry
+from stream.viewer import shapes
 
 FRAME = (576, 576)
 MRAD = 0.1  # mrad per px: the 576-px detector spans ±29 mrad
@@ -166,7 +166,7 @@ def part_latency(a, browser_cls, rows):
                 t_img, run = timed_apply(s, sid, VirtualDetectors(det[None], ["d"], scan), a.repeats)
                 t_pat, _ = timed_apply(s, sid, RealSpaceApertures(region[None], ["r"], FRAME), a.repeats)
                 page = browser_cls.page(s.viewer.url)
-                page.wait_for(lambda: (img := page.image("src-diffraction_sum")) is not None and img.size > 1,
+                page.wait_for(lambda page=page: (img := page.image("src-diffraction_sum")) is not None and img.size > 1,
                               300, "the pattern")
                 t_page = browser_disk(page, a.repeats)
                 page.close()

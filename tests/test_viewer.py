@@ -19,19 +19,27 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from browser import available as browser_missing
 from conftest import dense_frames
+
 from operators.apertures import RealSpaceApertures
 from operators.virtual import VirtualDetectors
-from stream.config import (ChunkingSpec, LiveSpec, MemorySpec, OutputSpec, PipelineConfig, ScanSpec,
-                           build_operators, load_config, validate)
+from stream.config import (
+    ChunkingSpec,
+    LiveSpec,
+    MemorySpec,
+    OutputSpec,
+    PipelineConfig,
+    ScanSpec,
+    build_operators,
+    load_config,
+    validate,
+)
 from stream.session import Session
 from stream.transport.protocol import Geometry
 from stream.viewer import exports, shapes
 from stream.viewer.display import binned, com_rgba
 from stream.viewer.server import ViewerError, ViewerServer, is_loopback, parse_address
-
 
 # ------------------------------------------------------------------ shapes → masks
 
@@ -251,7 +259,8 @@ GEOM = Geometry((16, 14), (40, 36), frames_per_position=1, mrad_per_px=0.5, conv
 
 def emulated(geometry, seed=0, dose=60):
     """The detector emulator's electrons for ``geometry`` (an MgO slab) and its metadata."""
-    from sim_detector.simulate import Beam, Detector, ScanSpec as SimScan, simulate_scan
+    from sim_detector.simulate import Beam, Detector, simulate_scan
+    from sim_detector.simulate import ScanSpec as SimScan
     from sim_detector.specimens import make_specimen
     sim = simulate_scan(make_specimen("mgo", seed=seed), Beam(convergence_mrad=geometry.convergence_mrad, dose=dose),
                         Detector(shape=geometry.frame_shape, mrad_per_px=geometry.mrad_per_px),
@@ -336,7 +345,7 @@ def test_a_viewer_attached_from_another_process_sees_the_session_and_draws_on_it
     cfg = validate(PipelineConfig(**{**cfg.__dict__, "live": LiveSpec(rate_hz=5.0, publish=pub)}))
     src = scripted_source(2)
     with Session(src.addresses, config=cfg, client=client2, console=False) as s:
-        attached = AttachedSession(pub, cfg.output.dir, client2.scheduler.address)
+        attached = AttachedSession(pub, cfg.output.dir, client=client2)
         try:
             feed = SessionFeed(attached)
             src.wait_for_receivers()
@@ -376,7 +385,7 @@ def test_a_viewer_attached_from_another_process_sees_the_session_and_draws_on_it
             run = attached.apply("attached", VirtualDetectors(det[None], ["d"], GEOM.scan_shape))
             assert run.source == str(r.path)
             np.testing.assert_array_equal(run.state["images"][0].reshape(GEOM.scan_shape), (d * det).sum((2, 3)))
-            summary = [x for x in feed.scans() if x.scan_id == "attached"][0]
+            summary = next(x for x in feed.scans() if x.scan_id == "attached")
             assert summary.state == "incomplete" and summary.missing == got.n_missing
         finally:
             attached.close()
@@ -482,3 +491,42 @@ def test_the_page_in_chromium_fills_in_and_draws_exact_apertures(client2, script
 def _img_when(page, source, ok):
     img = page.image(source)
     return img if img is not None and img.size > 1 and ok(img) else None
+
+
+@pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
+def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
+    """``stemstream demo --view``: the scan waits for the page, the page sees the bright field
+    partly filled while the emulator streams, then whole and equal to the file's; the scan
+    list shows it complete; the viewer stays until Ctrl-C, which ends the demo cleanly."""
+    import re
+    import signal
+
+    from browser import Browser
+    from stream.transport.net import free_port_block
+    from test_cli import Cli
+
+    port = free_port_block(1)
+    out = tmp_path / "out"
+    cli = Cli(["demo", "--scan", "24x24", "--detector", "64x64", "--out", out, "--rate", "150",
+               "--sources", "2", "--workers", "2", "--view", f"127.0.0.1:{port}"])
+    browser = Browser()
+    try:
+        line = cli.wait_for(r"open http://127\.0\.0\.1:\d+/ in a browser", 240)
+        page = browser.page(re.search(r"http://\S+", line).group(0))
+        page.wait_for(lambda: _img_when(page, "src-bf", lambda a: 0 < np.isfinite(a).sum() < a.size), 180,
+                      "a partly filled bright field while the scan streams")
+        page.screenshot(ARTIFACTS / "viewer" / "demo-live.png")
+        cli.wait_for(r"viewer stays open", 600)
+        with h5py.File(out / "demo-0000.h5") as f:
+            bf = f["results/bf"][()]
+        page.wait_for(lambda: _img_when(page, "src-bf", lambda a: np.array_equal(a, bf)), 60,
+                      "the whole bright field, as in the file")
+        page.wait_for(lambda: "complete" in (page.prop("scans", "data") or {}).get("status", []), 30,
+                      "the scan listed as complete")
+        page.screenshot(ARTIFACTS / "viewer" / "demo-done.png")
+        assert "complete" in cli.stdout and not browser.errors, (cli.stdout, browser.errors)
+        os.killpg(cli.p.pid, signal.SIGINT)
+        assert cli.wait(120) == 0, cli.stderr
+    finally:
+        browser.close()
+        cli.kill()

@@ -57,7 +57,11 @@ def run_demo(args) -> int:
             if emulator.poll() is None:
                 emulator.terminate()
             code = emulator.wait(timeout=30)
-        if session.viewer is not None and result is not None:
+        elapsed = time.time() - t0
+        failed = result is None or code != 0 or result.status == "failed"
+        if session.viewer is not None and not failed:  # the summary first, then the viewer stays
+            print(summary(result, truth, elapsed))
+            print(stage_summary(result, stages, truth))
             print(f"demo: the viewer stays open at {session.viewer.url} (draw apertures on the finished "
                   "scan); Ctrl-C to stop", flush=True)
             try:
@@ -65,11 +69,12 @@ def run_demo(args) -> int:
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
-    if result is None or code != 0 or result.status == "failed":
+            return 0
+    if failed:
         why = f"scan {result.status}: {result.reason}" if result else "no scan arrived"
         print(f"demo: FAILED (emulator exit code {code}; {why})", file=sys.stderr)
         return 1
-    print(summary(result, truth, time.time() - t0))
+    print(summary(result, truth, elapsed))
     print(stage_summary(result, stages, truth))
     return 0
 

@@ -9,4 +9,4 @@ and its token. docs/VIEWER.md describes it for users.
 
 from stream.viewer.server import ViewerError, ViewerServer, start_viewer
 
-__all__ = ["ViewerServer", "ViewerError", "start_viewer"]
+__all__ = ["ViewerError", "ViewerServer", "start_viewer"]

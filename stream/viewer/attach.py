@@ -47,10 +47,11 @@ class AttachedSession:
     out: its output directory (scan files), or None. scheduler: its dask scheduler, or None.
     config: a pipeline TOML whose ``[detector]`` calibrates the pattern when the stream does not.
     recent: how many of the scan files already in ``out`` are listed at the start (newest).
+    client: a dask Client of the session's cluster to use instead of ``scheduler`` (kept open).
     """
 
     def __init__(self, subscribe: str | None = None, out: str | None = None, scheduler: str | None = None,
-                 config: str | None = None, recent: int = 32):
+                 config: str | None = None, recent: int = 32, client=None):
         if not subscribe and not out:
             raise ConfigError("stemstream view needs the session's --subscribe tcp://HOST:PORT (its "
                               "--publish address) or its --out directory, or both")
@@ -67,8 +68,8 @@ class AttachedSession:
         self._rejects: dict[str, int] = {}
         self._bad_messages = 0
         self._stop = threading.Event()
-        self._client = None
-        if scheduler:
+        self._client, self._own_client = client, client is None
+        if scheduler and client is None:
             from distributed import Client
             try:
                 self._client = Client(scheduler, timeout=30)
@@ -176,7 +177,7 @@ class AttachedSession:
         self._stop.set()
         for t in self._threads:
             t.join(5)
-        if self._client is not None:
+        if self._client is not None and self._own_client:
             self._client.close()
 
     # ------------------------------------------------------------ the live channel

@@ -18,9 +18,22 @@ from functools import partial
 import numpy as np
 from bokeh.events import PanEnd, PanStart, Press, PressUp, SelectionGeometry
 from bokeh.layouts import column, row
-from bokeh.models import (Button, Checkbox, ColumnDataSource, CustomJS, DataTable, Div, PolyDrawTool,
-                          RadioButtonGroup, RangeSlider, Select, Spinner, TableColumn, TextInput,
-                          WheelZoomTool)
+from bokeh.models import (
+    Button,
+    Checkbox,
+    ColumnDataSource,
+    CustomJS,
+    DataTable,
+    Div,
+    PolyDrawTool,
+    RadioButtonGroup,
+    RangeSlider,
+    Select,
+    Spinner,
+    TableColumn,
+    TextInput,
+    WheelZoomTool,
+)
 
 from operators.apertures import RealSpaceApertures
 from operators.virtual import VirtualDetectors
@@ -46,6 +59,9 @@ if (cb_obj.event_name === 'panstart') {
   band.data = {x: d.x, y: d.y, inner: [mode.active == 1 ? r * ratio.value : 0], outer: [r]};
 }
 """
+
+
+_DET_TITLES = {"y": "centre y", "x": "centre x", "inner": "inner", "outer": "outer"}
 
 
 def _fmt_int(n) -> str:
@@ -244,7 +260,7 @@ class ViewerPage:
         """Periodic: the scan list, progress, and the images if they changed."""
         try:
             self._refresh()
-        except Exception:  # noqa: BLE001 - a page must never die of one bad refresh
+        except Exception:
             log.exception("viewer refresh failed")
 
     def _refresh(self) -> None:
@@ -272,9 +288,7 @@ class ViewerPage:
         self._shown_live = view.live
         self._show_images(view)
         if self.detector is not None or self.region is not None:
-            if was_live and not view.live:  # the file is written: the final answer from it
-                self._request_all(view)
-            elif self.results["detector"] is None and self.results["region"] is None:
+            if was_live and not view.live or self.results["detector"] is None and self.results["region"] is None:  # the file is written: the final answer from it
                 self._request_all(view)
             else:
                 self._maybe_recompute(view)
@@ -355,7 +369,7 @@ class ViewerPage:
                         p.outlines.data = {"x": [0.0] * len(radii), "y": [0.0] * len(radii), "r": radii}
         self.ratio_unit = da.unit if da is not None else "px"
         for k, w in self.det_inputs.items():
-            w.title = f"{dict(y='centre y', x='centre x', inner='inner', outer='outer')[k]} ({self.ratio_unit})"
+            w.title = f"{_DET_TITLES[k]} ({self.ratio_unit})"
         self.brush_radius.title = f"brush radius ({sa.unit if sa else 'positions'})"
         c = view.columns
         cols = {"x": [], "y": [], "atoms": []} if c is None else \
@@ -522,7 +536,7 @@ class ViewerPage:
             data = next(iter(op.finalize(run.state).values())).data
             out = {"data": data, "run": run, "scan_id": scan_id, "mask": mask, "seconds": time.perf_counter() - t0,
                    "t": time.monotonic(), "error": None}
-        except Exception as e:  # noqa: BLE001 - shown on the page
+        except Exception as e:
             log.warning("viewer computation failed: %s", e, exc_info=not isinstance(e, (ValueError, KeyError)))
             out = {"error": f"{type(e).__name__}: {e}", "scan_id": scan_id, "t": time.monotonic(), "mask": mask}
         if not self._closed.is_set():

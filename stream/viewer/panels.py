@@ -9,9 +9,23 @@ shown (the y ranges run from the bottom edge up to the top one).
 from __future__ import annotations
 
 import numpy as np
-from bokeh.models import (BoxSelectTool, ColorBar, ColumnDataSource, FreehandDrawTool, HoverTool,
-                          LassoSelectTool, LinearColorMapper, LogColorMapper, PanTool, PolyDrawTool,
-                          Range1d, ResetTool, SaveTool, ScaleBar, WheelZoomTool)
+from bokeh.models import (
+    BoxSelectTool,
+    ColorBar,
+    ColumnDataSource,
+    FreehandDrawTool,
+    HoverTool,
+    LassoSelectTool,
+    LinearColorMapper,
+    LogColorMapper,
+    PanTool,
+    PolyDrawTool,
+    Range1d,
+    ResetTool,
+    SaveTool,
+    ScaleBar,
+    WheelZoomTool,
+)
 from bokeh.models.annotations.dimensional import Metric
 from bokeh.palettes import Greys256, Inferno256, Magma256, Turbo256, Viridis256
 from bokeh.plotting import figure
@@ -32,8 +46,8 @@ _NOT_RAD = [f"{p}rad" for p in _PREFIXES if p not in ("m", "µ")]
 def frame_size(width: float, height: float, longest: int = FRAME) -> tuple[int, int]:
     """(frame_width, frame_height) px for an image of this extent, aspect kept, ≥ 80 px."""
     if width >= height:
-        return longest, max(80, int(round(longest * height / width)))
-    return max(80, int(round(longest * width / height))), longest
+        return longest, max(80, round(longest * height / width))
+    return max(80, round(longest * width / height)), longest
 
 
 class ImagePanel:

@@ -89,8 +89,8 @@ def _token_auth(token: str, cookie: str):
         if ok(given):
             try:
                 handler.set_cookie(cookie, token, httponly=True, samesite="Strict", path="/")
-            except Exception:  # noqa: BLE001 - a websocket after the upgrade cannot set cookies
-                pass
+            except Exception as e:  # noqa: BLE001 - a websocket after the upgrade cannot set cookies
+                log.debug("viewer: no cookie set on %s: %s", type(handler).__name__, e)
             return "viewer"
         if ok(handler.get_cookie(cookie)):
             return "viewer"
@@ -151,7 +151,7 @@ class ViewerServer:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 
-    def start(self, timeout_s: float = 30.0) -> "ViewerServer":
+    def start(self, timeout_s: float = 30.0) -> ViewerServer:
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="stemstream-viewer", daemon=True)
         self._thread.start()
