@@ -134,6 +134,7 @@ class ViewerPage:
 
         self.drawn = ImagePanel("drawn", "nav", "drawn detector: image", "counts")
         self.region_pattern = ImagePanel("region", "sig", "region: summed pattern (log)", "counts")
+        self.drawn.fig.visible = self.region_pattern.fig.visible = False  # no empty panels: shown with a result
         self.wheel = ImagePanel("wheel", "rgba", "direction", "")
         self.wheel.renderer.glyph.update(x=-1, y=-1, dw=2, dh=2)
         self.wheel.x_range.update(start=-1, end=1)
@@ -565,11 +566,13 @@ class ViewerPage:
                     img = np.where(view.not_received, np.nan, img)
                 data, _ = binned(img)
                 self.drawn.show(data, *limits(data, *self.contrast.value))
+                self.drawn.fig.visible = True
                 if self.drawn.mapper is not None:
                     self.drawn.mapper.palette = PALETTES[self.palette.value]
             else:
                 data = out["data"].astype(np.float32)
                 self.region_pattern.show(data, *limits(data, *self.pattern_contrast.value, positive=True))
+                self.region_pattern.fig.visible = True
         if self._again[kind] or (stale and current is not None):
             view = self.feed.view(self.scan_id) if self.scan_id else None
             self._request(kind, view)

@@ -86,7 +86,8 @@ class ImagePanel:
         self.fig.background_fill_color = "#d8d8d8"  # what shows through NaN: not received yet
         self.scalebar = ScaleBar(range=self.x_range, unit="Å", dimensional=Metric(base_unit="Å", exclude=_NOT_A),
                                  location="bottom_left", bar_length=0.25, label_text_font_size="8pt",
-                                 background_fill_alpha=0.4, border_line_alpha=0, visible=False)
+                                 background_fill_color="white", background_fill_alpha=0.8, label_text_color="black",
+                                 bar_line_color="black", border_line_alpha=0, visible=False)
         self.fig.add_layout(self.scalebar)
         self.pan = PanTool()
         self.fig.add_tools(self.pan, WheelZoomTool(), ResetTool(), SaveTool(),
