@@ -181,15 +181,17 @@ def part_latency(a, browser_cls, rows):
 def stream_once(s, a, scan_id, pages, browser_cls, watch_updates):
     q, go = mp.Queue(), mp.Event()
     port_bind = s._bench_bind
-    p = mp.Process(target=emulator, args=(port_bind, a.sources, a.stream_scan, a.dose, scan_id, a.rate, False, q, go))
-    p.start()
-    q.get(timeout=900)
+    # the pages open (and the watcher runs) before the emulator starts: a page opens in seconds
+    # on a busy machine, longer than a scan streams
     opened = [browser_cls.page(s.viewer.url) for _ in range(pages)]
     if watch_updates and opened:
         opened[0].js("""() => { window.__updates = []; let last = null;
             window.__watch = setInterval(() => { const m = Bokeh.documents[0].get_model_by_name('src-bf');
               const d = m ? m.data.image[0] : null;
               if (d && d !== last && d.length > 1) { last = d; window.__updates.push(Date.now()); } }, 10); }""")
+    p = mp.Process(target=emulator, args=(port_bind, a.sources, a.stream_scan, a.dose, scan_id, a.rate, False, q, go))
+    p.start()
+    q.get(timeout=900)
     _, t_sent, achieved, seconds = q.get(timeout=900)
     r = s.wait(f"{scan_id}", timeout=900)
     out = {"lost": r.n_missing, "achieved": achieved, "stream_s": seconds,
