@@ -65,7 +65,10 @@ class Browser:
         p = self.browser.new_page(viewport={"width": width, "height": height})
         p.on("pageerror", lambda e: self.errors.append(str(e)))
         p.goto(url, timeout=timeout_s * 1000)
-        p.wait_for_selector("canvas", timeout=timeout_s * 1000)
+        # attached, not visible: the first canvas may be of a panel hidden until it has a result
+        p.wait_for_selector("canvas", state="attached", timeout=timeout_s * 1000)
+        p.wait_for_function("() => window.Bokeh !== undefined && Bokeh.documents.length > 0",
+                            timeout=timeout_s * 1000)
         return Page(p)
 
     def close(self):
