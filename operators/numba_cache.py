@@ -52,3 +52,12 @@ def configure() -> Path | None:
         return None
     numba.config.CACHE_DIR = str(target)
     return target
+
+
+def compiled_kernels() -> int:
+    """How many kernels numba has cached for this version of the source (0 on a first run:
+    everything will be compiled, tens of seconds on a small machine)."""
+    import numba
+
+    d = Path(numba.config.CACHE_DIR or "")
+    return sum(1 for _ in d.rglob("*.nbi")) if numba.config.CACHE_DIR and d.is_dir() else -1

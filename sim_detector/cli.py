@@ -16,7 +16,8 @@ import zmq
 
 from stream.transport.protocol import Geometry
 
-from sim_detector.publisher import BindError, Publisher, prepare_sources, source_addresses
+from sim_detector.publisher import (BindError, Publisher, StallError, prepare_sources, receivers_hint,
+                                    source_addresses)
 
 
 class SimulateError(ValueError):
@@ -135,7 +136,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scan-id", metavar="PREFIX", help="scan ids are PREFIX-0000, PREFIX-0001, … (default: date-time and a random tag)")
     g.add_argument("--truth", metavar="FILE.h5", help="write the ground truth of every scan there")
     g.add_argument("--wait", type=nonneg_arg, default=0, metavar="S",
-                   help="give up if no receiver connects within S seconds (0: wait forever)")
+                   help="give up if a source has no receiver for S seconds, before or during a scan "
+                        "(0: wait as long as it takes, saying every few seconds what is not connected)")
     g.add_argument("--quiet", action="store_true", help="only the final summary")
     g = p.add_argument_group("raw frames (the 4D Camera before counting; docs/EMULATOR.md)")
     g.add_argument("--raw", action="store_true",
@@ -296,21 +298,20 @@ def run_simulate(args) -> int:
                     sim.truth.write(group)
                 say(f"[{scan_id}] generated {len(sim.counts):,} frames, {len(sim.indices):,} electrons "
                     f"in {gen_s:.1f} s" + (f"; tilt {job[2]:+.1f}°" if job[2] is not None else ""))
-                if not publisher.wait_for_receivers(args.wait or None, notify=say):
-                    raise SimulateError(f"no receiver connected to {publisher.addresses[0]} within {args.wait} s; "
-                                        "start 'stemstream process' first or raise --wait")
+                wait_for_receivers(publisher, args.wait)
                 progress = None if args.quiet else progress_printer(scan_id)
                 if args.raw:
                     st = publish_raw(publisher, args, sim, scan_id, metadata, group, progress)
                 else:
                     st = publisher.publish_scan(scan_id, sources, metadata, rate=args.rate,
-                                                batch=args.batch or 512, progress=progress)
+                                                batch=args.batch or 512, progress=progress, notify=warn,
+                                                stall_timeout_s=args.wait or None)
                 totals["frames"] += st.frames
                 totals["events"] += st.events
                 totals["seconds"] += st.seconds
                 say(f"[{scan_id}] sent {st.frames:,} frames, {st.events:,} electrons in {st.seconds:.2f} s "
                     f"({st.rate:,.0f} frames/s)")
-    except SimulateError as e:
+    except (SimulateError, StallError) as e:
         print(f"stemstream simulate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -325,6 +326,20 @@ def run_simulate(args) -> int:
           f"in {totals['seconds']:.2f} s of streaming ({rate:,.0f} frames/s)"
           + (f"; truth in {args.truth}" if args.truth else ""), flush=True)
     return 0
+
+
+def warn(text: str) -> None:
+    """Waiting notes and warnings: printed even with --quiet."""
+    print(text, flush=True)
+
+
+def wait_for_receivers(publisher: Publisher, wait_s: float) -> None:
+    """Wait until every source has a receiver, saying what is missing every few seconds;
+    SimulateError naming the sources without one after ``wait_s`` (0: no limit)."""
+    if not publisher.wait_for_receivers(wait_s or None, notify=warn):
+        connected = [a not in publisher.unconnected() for a in publisher.addresses]
+        raise SimulateError(f"after {wait_s:g} s, {receivers_hint(publisher.addresses, connected)}; "
+                            "or raise --wait")
 
 
 def publish_raw(publisher, args, sim, scan_id: str, metadata: dict, truth_group, progress):
@@ -359,7 +374,8 @@ def publish_raw(publisher, args, sim, scan_id: str, metadata: dict, truth_group,
                     electrons=int(len(sim.indices)))
     try:
         st = publisher.publish_dense(scan_id, geometries, make_frames, metadata, "raw", rate=args.rate,
-                                     batch=args.batch or 16, progress=progress)
+                                     batch=args.batch or 16, progress=progress, notify=warn,
+                                     stall_timeout_s=args.wait or None)
     finally:
         if writer is not None:
             writer.close()

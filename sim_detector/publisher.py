@@ -9,6 +9,7 @@ a target rate or as fast as the receivers take them (PUSH blocks instead of drop
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import numba
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from stream.transport.protocol import (Geometry, encode_abort, encode_dense, encode_end, encode_frames,
                                        encode_start)
@@ -24,6 +26,37 @@ from stream.transport.protocol import (Geometry, encode_abort, encode_dense, enc
 
 class BindError(RuntimeError):
     """A source could not bind its address (port in use, bad interface, bad URL)."""
+
+
+class StallError(RuntimeError):
+    """No receiver took a frame for longer than the publisher was told to wait."""
+
+
+def address_ranges(addresses: list[str]) -> str:
+    """'tcp://h:6002..6004' for consecutive ports of one host, else the addresses."""
+    parts = [urlsplit(a) for a in addresses]
+    hosts = {p.hostname for p in parts}
+    ports = [p.port for p in parts]
+    if len(addresses) > 2 and len(hosts) == 1 and ports == list(range(ports[0], ports[0] + len(ports))):
+        return f"tcp://{parts[0].hostname}:{ports[0]}..{ports[-1]}"
+    return ", ".join(addresses)
+
+
+def receivers_hint(addresses: list[str], connected: list[bool]) -> str:
+    """What is not connected and what to do, for a publisher whose sources ``addresses``
+    have (``connected``) or lack a receiver."""
+    n = len(addresses)
+    first = urlsplit(addresses[0])
+    host = socket.gethostname() if first.hostname in ("*", "0.0.0.0", "::") else first.hostname
+    cmd = f"stemstream process --connect tcp://{host}:{first.port}" + (f" --sources {n}" if n > 1 else "")
+    py = f"Session(connect=['tcp://{host}:{first.port}']" + (f", sources={n})" if n > 1 else ")")
+    missing = [a for a, c in zip(addresses, connected) if not c]
+    if len(missing) == n:
+        return (f"no receiver has connected to {address_ranges(addresses)}: start '{cmd}' (or {py} in Python); "
+                "if it runs, check its host and ports and that this machine is reachable from it")
+    have = [a for a, c in zip(addresses, connected) if c]
+    return (f"receivers are connected to {address_ranges(have)} but not to {address_ranges(missing)}: every one of the "
+            f"{n} sources needs a receiver; start the processing with all of them ('{cmd}', or {py})")
 
 
 def source_addresses(bind: str, n_sources: int) -> list[str]:
@@ -142,12 +175,15 @@ class Publisher:
         self.n_sources = n_sources
         self._ctx = zmq.Context()
         self._socks = []
+        self._monitors = []  # per source: connections accepted and closed (zmq socket monitor)
+        self.receivers = [0] * n_sources  # receivers connected to each source now
         try:
             for addr in self.addresses:
                 s = self._ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.SNDHWM, sndhwm)
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
                 self._socks.append(s)
+                self._monitors.append(s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
                 try:
                     s.bind(addr)
                 except zmq.ZMQError as e:
@@ -166,33 +202,90 @@ class Publisher:
         self.close()
 
     def close(self, linger_s: float | None = None):
+        for s, m in zip(self._socks, self._monitors):
+            s.disable_monitor()
+            m.close(linger=0)
         for s in self._socks:
             if linger_s is not None:
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
             s.close()
-        self._socks = []
+        self._socks, self._monitors = [], []
         self._ctx.term()
 
-    def wait_for_receivers(self, timeout_s: float | None = None, notify=None) -> bool:
-        """Block until every source has a connected receiver (or timeout); True if all have."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        poller = zmq.Poller()
-        for s in self._socks:
-            poller.register(s, zmq.POLLOUT)
-        waited = 0.0
+    def count_receivers(self) -> list[int]:
+        """Receivers connected to each source now (from the sockets' monitors)."""
+        for k, m in enumerate(self._monitors):
+            while True:
+                try:
+                    event = parse_monitor_message(m.recv_multipart(zmq.NOBLOCK))["event"]
+                except zmq.Again:
+                    break
+                self.receivers[k] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event, 0)
+        return list(self.receivers)
+
+    def unconnected(self) -> list[str]:
+        """The source addresses without a receiver now."""
+        return [a for a, n in zip(self.addresses, self.count_receivers()) if n <= 0]
+
+    def wait_for_receivers(self, timeout_s: float | None = None, notify=None,
+                           first_note_s: float = 3.0, every_s: float = 10.0) -> bool:
+        """Block until every source has a connected receiver (or ``timeout_s``); True if all
+        have. ``notify(text)`` is told after ``first_note_s`` and then every ``every_s``
+        which sources still lack a receiver and what to start (:func:`receivers_hint`)."""
+        t0 = time.monotonic()
+        deadline = None if timeout_s is None else t0 + timeout_s
+        next_note = t0 + first_note_s
         while True:
-            ready = dict(poller.poll(500))
-            if all(ready.get(s, 0) & zmq.POLLOUT for s in self._socks):
+            ready = [bool(s.poll(0, zmq.POLLOUT)) for s in self._socks]
+            if all(ready):
                 return True
-            waited += 0.5
-            if notify and waited % 5 == 0:
-                notify(f"waiting for receivers to connect to {', '.join(self.addresses)} ...")
-            if deadline is not None and time.monotonic() > deadline:
+            time.sleep(0.05)  # (a poll on all sockets returns at once while any one is ready)
+            now = time.monotonic()
+            if notify and now >= next_note:
+                notify(f"waiting: {receivers_hint(self.addresses, ready)}")
+                next_note = now + every_s
+            if deadline is not None and now > deadline:
                 return False
+
+    def _send(self, k: int, parts, copy: bool = True, notify=None, stall_timeout_s: float | None = None,
+              what: str = "") -> None:
+        """Send one message on source ``k``, blocking while no receiver takes it (PUSH never
+        drops). While blocked, ``notify`` hears after 5 s and then every 15 s whether the
+        source's receivers went away or stopped taking frames; StallError after
+        ``stall_timeout_s`` (None: wait as long as it takes)."""
+        s = self._socks[k]
+        t0 = next_note = None
+        while True:
+            try:
+                s.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+                return
+            except zmq.Again:
+                pass
+            if t0 is None:  # blocked: from here on, watch the clock
+                t0 = time.monotonic()
+                next_note = t0 + 5.0
+            if s.poll(250, zmq.POLLOUT):
+                continue
+            now = time.monotonic()
+            if now < next_note and (stall_timeout_s is None or now - t0 < stall_timeout_s):
+                continue
+            next_note = now + 15.0
+            n = self.count_receivers()[k]
+            why = (f"no receiver is connected to {self.addresses[k]} any more (the processing stopped?)" if n <= 0
+                   else f"the {n} receiver(s) of {self.addresses[k]} have taken nothing for {now - t0:.0f} s "
+                        "(the processing is stalled or far behind)")
+            if stall_timeout_s is not None and now - t0 >= stall_timeout_s:
+                raise StallError(f"{why}; gave up after {stall_timeout_s:g} s{what}")
+            if notify:
+                limit = "" if stall_timeout_s is None else f" (giving up after {stall_timeout_s:g} s)"
+                notify(f"WARNING: {why}; waiting{what}{limit}: start or restart the processing "
+                       f"(stemstream process --connect {self.addresses[0]}"
+                       f"{f' --sources {self.n_sources}' if self.n_sources > 1 else ''}), or Ctrl-C to abort the scan")
 
     def publish_scan(self, scan_id: str, sources: list[SourceFrames], metadata: dict,
                      rate: float | None = None, batch: int = 512, progress=None,
-                     copies: np.ndarray | None = None, frames_sent: list[int] | None = None) -> PublishStats:
+                     copies: np.ndarray | None = None, frames_sent: list[int] | None = None,
+                     notify=None, stall_timeout_s: float | None = None) -> PublishStats:
         """Send start, all frames in batches, then end, on every source.
 
         rate: target frames/s, or None for as fast as the receivers take them.
@@ -201,41 +294,44 @@ class Publisher:
             frame (replay of a recorded scan: 0 for a part that never arrived, 2 for one that
             arrived twice; extra copies go out after the last batch). None: each part once.
         frames_sent: what each source's ``end`` announces (default: every frame of the scan).
+        notify, stall_timeout_s: what to tell, and when to give up (StallError), while no
+        receiver takes frames (``_send``).
         On KeyboardInterrupt or any error an ``abort`` goes out on every source, then the
         exception propagates.
         """
         if len(sources) != self.n_sources:
             raise ValueError(f"{len(sources)} prepared sources for {self.n_sources} sockets")
 
-        def send_batch(lo, hi, stats):
-            for k, (s, src) in enumerate(zip(self._socks, sources)):
+        def send_batch(lo, hi, stats, send):
+            for k, src in enumerate(sources):
                 runs = [(lo, hi)] if copies is None else _runs(copies[k, lo:hi] > 0, lo)
                 for a_f, b_f in runs:
                     a, b = src.offsets[a_f], src.offsets[b_f]
-                    s.send_multipart(encode_frames(scan_id, k, src.geometry, a_f,
-                                                   src.counts[a_f:b_f], src.indices[a:b]), copy=False)
+                    send(k, encode_frames(scan_id, k, src.geometry, a_f,
+                                          src.counts[a_f:b_f], src.indices[a:b]), copy=False)
                     stats.events += int(b - a)
 
-        def send_copies():
+        def send_copies(send):
             for k, f in zip(*np.nonzero(copies > 1)):
                 src = sources[k]
                 a, b = src.offsets[f], src.offsets[f + 1]
                 for _ in range(int(copies[k, f]) - 1):
-                    self._socks[k].send_multipart(encode_frames(
-                        scan_id, int(k), src.geometry, int(f), src.counts[f:f + 1], src.indices[a:b]))
+                    send(int(k), encode_frames(scan_id, int(k), src.geometry, int(f), src.counts[f:f + 1],
+                                               src.indices[a:b]))
 
         return self._publish(scan_id, [src.geometry for src in sources], metadata, batch, send_batch,
-                             rate, progress, send_copies if copies is not None else None, frames_sent)
+                             rate, progress, send_copies if copies is not None else None, frames_sent,
+                             notify, stall_timeout_s)
 
     def publish_dense(self, scan_id: str, geometries: list[Geometry], make_frames, metadata: dict,
                       values: str = "raw", rate: float | None = None, batch: int = 16,
-                      progress=None) -> PublishStats:
+                      progress=None, notify=None, stall_timeout_s: float | None = None) -> PublishStats:
         """Send start, every frame as ``dense`` messages, then end, on every source.
 
         geometries: one per source (its ``sector`` rows). make_frames(first, count) → (count,
         h, w) unsigned frames, called one batch ahead in a second thread (generation overlaps
-        sending). Each source sends its sector rows of every batch. rate, progress, abort on
-        errors: as :meth:`publish_scan`.
+        sending). Each source sends its sector rows of every batch. rate, progress, notify,
+        stall_timeout_s, abort on errors: as :meth:`publish_scan`.
         """
         if len(geometries) != self.n_sources:
             raise ValueError(f"{len(geometries)} source geometries for {self.n_sources} sockets")
@@ -243,30 +339,37 @@ class Publisher:
         with ThreadPoolExecutor(1) as pool:
             ahead = {0: pool.submit(make_frames, 0, min(batch, n_frames))} if n_frames else {}
 
-            def send_batch(lo, hi, stats):
+            def send_batch(lo, hi, stats, send):
                 frames = ahead.pop(lo).result()
                 if hi < n_frames:  # the next batch is made while this one goes out
                     ahead[hi] = pool.submit(make_frames, hi, min(hi + batch, n_frames) - hi)
-                for k, (s, g) in enumerate(zip(self._socks, geometries)):
+                for k, g in enumerate(geometries):
                     part = np.ascontiguousarray(frames[:, g.sector[0]:g.sector[1]])
-                    s.send_multipart(encode_dense(scan_id, k, g, lo, part, values), copy=False)
+                    send(k, encode_dense(scan_id, k, g, lo, part, values), copy=False)
 
-            return self._publish(scan_id, geometries, metadata, batch, send_batch, rate, progress)
+            return self._publish(scan_id, geometries, metadata, batch, send_batch, rate, progress,
+                                 notify=notify, stall_timeout_s=stall_timeout_s)
 
     def _publish(self, scan_id, geometries, metadata, batch, send_batch, rate, progress,
-                 after=None, frames_sent=None) -> PublishStats:
-        """start on every source; send_batch(lo, hi, stats) for each batch of frames, paced to
-        ``rate``; after(); end on every source. On any error an abort goes out first."""
+                 after=None, frames_sent=None, notify=None, stall_timeout_s=None) -> PublishStats:
+        """start on every source; send_batch(lo, hi, stats, send) for each batch of frames, paced
+        to ``rate``; after(send); end on every source. Every message goes through ``_send``
+        (notify, stall_timeout_s). On any error an abort goes out first."""
         n_frames = geometries[0].n_frames
         stats = PublishStats(scan_id)
-        for k, (s, g) in enumerate(zip(self._socks, geometries)):
-            s.send_multipart(encode_start(scan_id, k, g, metadata))
+
+        def send(k, parts, copy=True):
+            self._send(k, parts, copy, notify, stall_timeout_s,
+                       f" at {stats.frames:,}/{n_frames:,} frames of scan {scan_id}")
+
         t0 = time.perf_counter()
         next_report = t0 + 0.25
         try:
+            for k, g in enumerate(geometries):
+                send(k, encode_start(scan_id, k, g, metadata))
             for lo in range(0, n_frames, batch):
                 hi = min(lo + batch, n_frames)
-                send_batch(lo, hi, stats)
+                send_batch(lo, hi, stats, send)
                 stats.frames = hi
                 now = time.perf_counter()
                 if rate:
@@ -277,10 +380,9 @@ class Publisher:
                     progress(hi, n_frames)
                     next_report = now + 0.25
             if after is not None:
-                after()
-            for k, s in enumerate(self._socks):
-                s.send_multipart(encode_end(scan_id, k, stats.frames if frames_sent is None
-                                            else int(frames_sent[k])))
+                after(send)
+            for k in range(self.n_sources):
+                send(k, encode_end(scan_id, k, stats.frames if frames_sent is None else int(frames_sent[k])))
         except BaseException as e:
             stats.aborted = "interrupted by the operator (Ctrl-C)" if isinstance(e, KeyboardInterrupt) \
                 else f"emulator error: {type(e).__name__}: {e}"

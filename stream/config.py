@@ -541,21 +541,41 @@ def default_virtual(cal: Calibration, frame_shape) -> list[VirtualSpec]:
     return out
 
 
+def detector_regions(cfg: PipelineConfig, g: Geometry, max_masks: int = 8) -> list[dict]:
+    """The virtual detectors of one scan in detector px, as plain values (what the previews
+    draw on the summed pattern): ``{"name", "shape": "disk" | "annulus", "center": (cy, cx),
+    "inner_px" (0 for a disk), "outer_px"}``, then ``{"name", "shape": "mask", "mask": (h, w)}``
+    for the masks of mask stacks (the first ``max_masks``). ConfigError as build_operators."""
+    cal = calibration(cfg, g)
+    out = []
+    for v in cfg.virtual or default_virtual(cal, g.frame_shape):
+        label = f"virtual detector {v.name!r}"
+        if v.shape == "disk":
+            out.append({"name": v.name, "shape": "disk", "center": cal.center, "inner_px": 0.0,
+                        "outer_px": cal.px(v.radius_px, v.radius_mrad, label)})
+        elif v.shape == "annulus":
+            out.append({"name": v.name, "shape": "annulus", "center": cal.center,
+                        "inner_px": cal.px(v.inner_px, v.inner_mrad, label),
+                        "outer_px": cal.px(v.outer_px, v.outer_mrad, label)})
+    n_shapes = len(out)
+    for v in cfg.virtual:  # mask stacks that fit the detector (build_operators refuses the others)
+        if v.shape == "masks" and v.masks is not None and np.shape(v.masks)[-2:] == tuple(g.frame_shape):
+            for n, m in zip(v.names, np.reshape(v.masks, (-1,) + tuple(g.frame_shape))):
+                if len(out) < max_masks + n_shapes:
+                    out.append({"name": n, "shape": "mask", "mask": m})
+    return out
+
+
 def build_operators(cfg: PipelineConfig, g: Geometry) -> list:
     """The operators of one scan, in processing order. Raises ConfigError when the
     configuration does not fit this scan's geometry."""
     cal = calibration(cfg, g)
     shape = g.frame_shape
     masks, names = [], []
-    for v in cfg.virtual or default_virtual(cal, shape):
-        label = f"virtual detector {v.name!r}"
-        if v.shape == "disk":
-            masks.append(disk_mask(shape, cal.center, cal.px(v.radius_px, v.radius_mrad, label)))
-            names.append(v.name)
-        elif v.shape == "annulus":
-            masks.append(annulus_mask(shape, cal.center, cal.px(v.inner_px, v.inner_mrad, label),
-                                      cal.px(v.outer_px, v.outer_mrad, label)))
-            names.append(v.name)
+    for d in detector_regions(cfg, g, max_masks=0):
+        masks.append(annulus_mask(shape, d["center"], d["inner_px"], d["outer_px"]) if d["shape"] == "annulus"
+                     else disk_mask(shape, d["center"], d["outer_px"]))
+        names.append(d["name"])
     ops = [counting_operator(cfg.counting, g)] if cfg.counting.enabled else []  # first: it makes the events
     if masks:
         ops.append(VirtualDetectors(np.stack(masks), names, g.scan_shape, name="virtual"))

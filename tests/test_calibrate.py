@@ -166,3 +166,34 @@ def test_simulate_raw_refuses_what_it_cannot_do(capsys):
     assert "add --raw" in capsys.readouterr().err
     assert main(["simulate", "--raw", "--raw-files", "x", "--detector", "64x64"]) == 2
     assert "576x576" in capsys.readouterr().err
+
+
+def test_calibrate_waiting_for_a_dark_scan_says_what_is_not_connected(tmp_path):
+    """No emulator at the address: after a few seconds calibrate names the sources it does not
+    reach and the command that sends a dark scan (not silence)."""
+    import subprocess
+    import sys
+    import time
+
+    from stream.transport.net import free_port_block
+
+    port = free_port_block(2)
+    p = subprocess.Popen([sys.executable, "-m", "stream.cli", "calibrate", "--connect", f"tcp://127.0.0.1:{port}",
+                          "--sources", "2", "--out", str(tmp_path / "c.h5")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            lines.append(line)
+            if "waiting:" in line or not line:
+                break
+    finally:
+        p.kill()
+        p.communicate()
+    note = lines[-1]
+    assert note.startswith("calibrate: waiting: not connected to "), lines
+    assert f"tcp://127.0.0.1:{port}" in note and f"tcp://127.0.0.1:{port + 1}" in note, note
+    assert f"stemstream simulate --raw --dose 0 --bind tcp://127.0.0.1:{port} --sources 2" in note, note
+    assert not (tmp_path / "c.h5").exists()

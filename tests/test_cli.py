@@ -594,7 +594,7 @@ def test_demo_small_scan_end_to_end(demo):
     assert f"{n_events:,} electrons" in r.stdout
     previews = demo.out / "previews"
     for name in ("demo-0000_summary.png", "demo-0000_bf.png", "demo-0000_adf.png",
-                 "demo-0000_diffraction_sum.png"):
+                 "demo-0000_diffraction_sum.png", "demo-0000_com.png", "demo-0000_completeness.png"):
         p = previews / name
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
     assert (demo.out / "truth.h5").is_file()

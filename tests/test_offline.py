@@ -3,6 +3,7 @@ themselves. Same results as the live run; new apertures after the fact match den
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -119,6 +120,9 @@ def test_the_command_line(live_file, tmp_path):
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
     assert "results: ring, diffraction_sum" in p.stdout
+    assert "process-file: 1 file on 1 worker;" in p.stdout  # counted nouns, not "1 workers"
+    rate = re.search(r"([\d,.]+) (k?)frames/s\)", p.stdout)  # not "(0 kframes/s)" for a small file
+    assert rate and float(rate.group(1).replace(",", "")) > 0, p.stdout
     d = dense_scan(counts, indices, GEOM)
     rr = np.hypot(*(np.mgrid[:40, :36] - np.array([19.5, 17.5])[:, None, None]))
     with h5py.File(tmp_path / "o" / "rec.h5", "r") as f:

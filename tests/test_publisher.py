@@ -119,6 +119,97 @@ def test_rate_control_within_5_percent_at_87k_frames_per_second():
 
 def test_port_in_use_is_a_clear_error():
     port = free_port_block(1)
-    with Publisher(f"tcp://127.0.0.1:{port}"):
-        with pytest.raises(BindError, match=f"cannot bind tcp://127.0.0.1:{port}.*another --bind port"):
-            Publisher(f"tcp://127.0.0.1:{port}")
+    with Publisher(f"tcp://127.0.0.1:{port}"), \
+            pytest.raises(BindError, match=f"cannot bind tcp://127.0.0.1:{port}.*another --bind port"):
+        Publisher(f"tcp://127.0.0.1:{port}")
+
+
+# ------------------------------------------------------------------ receivers missing or gone
+
+def test_waiting_names_the_sources_without_a_receiver_and_does_not_spin():
+    """Receivers on source 0 of 3 only (a Session without sources=3): the notes name the other
+    two ports and the command that connects all of them; the wait does not busy-loop."""
+    import resource
+
+    port = free_port_block(3)
+    with Publisher(f"tcp://127.0.0.1:{port}", 3) as pub:
+        pull = zmq.Context.instance().socket(zmq.PULL)
+        pull.connect(pub.addresses[0])
+        notes = []
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+        try:
+            t0 = time.monotonic()
+            assert pub.wait_for_receivers(2.0, notify=notes.append, first_note_s=0.5, every_s=0.5) is False
+            waited = time.monotonic() - t0
+        finally:
+            pull.close(0)
+        cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0
+    assert 2.0 <= waited < 4.0
+    assert cpu < 0.5 * waited, f"{cpu:.2f} s of CPU while waiting {waited:.2f} s"  # no busy loop
+    assert 2 <= len(notes) <= 4, notes
+    text = notes[-1]
+    assert f"connected to tcp://127.0.0.1:{port} but not to tcp://127.0.0.1:{port + 1}, tcp://127.0.0.1:{port + 2}" \
+        in text, text
+    assert f"stemstream process --connect tcp://127.0.0.1:{port} --sources 3" in text
+    assert "sources=3" in text
+
+
+def test_a_publisher_counts_its_receivers():
+    port = free_port_block(2)
+    with Publisher(f"tcp://127.0.0.1:{port}", 2) as pub:
+        ctx = zmq.Context.instance()
+        pulls = [ctx.socket(zmq.PULL) for _ in range(3)]
+        for p, k in zip(pulls, (0, 0, 1)):
+            p.connect(pub.addresses[k])
+        try:
+            assert pub.wait_for_receivers(10)
+            deadline = time.monotonic() + 5
+            while pub.count_receivers() != [2, 1] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pub.count_receivers() == [2, 1]
+            pulls[2].close(0)
+            deadline = time.monotonic() + 5
+            while pub.count_receivers() != [2, 0] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pub.count_receivers() == [2, 0]
+            assert pub.unconnected() == [pub.addresses[1]]
+        finally:
+            for p in pulls:
+                p.close(0)
+
+
+def test_a_receiver_that_goes_away_mid_scan_is_said_and_ends_the_wait():
+    """The processing stops at 1/4 of the scan: the publisher does not hang silently; it warns
+    that no receiver is connected any more and, with a limit, gives up with StallError."""
+    from sim_detector.publisher import StallError
+
+    rng = np.random.default_rng(11)
+    g = Geometry((64, 64), (32, 32))
+    counts, indices = random_scan(rng, g, mean=5)
+    port = free_port_block(1)
+    with Publisher(f"tcp://127.0.0.1:{port}", sndhwm=2, linger_s=0) as pub:
+        pull = zmq.Context.instance().socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 2)
+        pull.connect(pub.addresses[0])
+        assert pub.wait_for_receivers(10)
+        notes, got = [], [0]
+
+        def receive_some():
+            while got[0] < 4:  # start + 3 batches of 256 frames, then the processing "stops"
+                if pull.poll(100):
+                    pull.recv_multipart()
+                    got[0] += 1
+            pull.close(0)
+
+        t = threading.Thread(target=receive_some)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(StallError) as err:
+            pub.publish_scan("gone", prepare_sources(counts, indices, g, 1), {}, batch=256,
+                             notify=notes.append, stall_timeout_s=6.0)
+        took = time.monotonic() - t0
+        t.join()
+    assert f"no receiver is connected to tcp://127.0.0.1:{port} any more" in str(err.value)
+    assert "gave up after 6 s" in str(err.value) and "of scan gone" in str(err.value)
+    assert 6.0 <= took < 25.0  # (a loaded machine adds to the 6 s)
+    assert notes and notes[0].startswith("WARNING: no receiver is connected") and "Ctrl-C" in notes[0]

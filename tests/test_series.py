@@ -267,7 +267,7 @@ def test_read_series_errors_name_the_file_and_the_fix(tmp_path):
         read_series([good[0], step])
     assert read_series([good[0], step], voxel_size_A=0.55).voxel_size_A == 0.55
     nostep = scan_file(tmp_path / "ns.h5", np.ones((9, 9)), md("s", 1, 3, 5.0))
-    with pytest.raises(ValueError, match=r"ns\.h5: no scan_step_A .* give voxel_size_A"):
+    with pytest.raises(ValueError, match=r"ns\.h5: no scan_step_A .* give it: --voxel-size .* voxel_size_A"):
         read_series([good[0], nostep])
     foreign = scan_file(tmp_path / "f.h5", np.ones((9, 9)), md("t", 1, 3, 5.0, scan_step_A=0.5))
     with pytest.raises(ValueError, match=r"belong to 2 series \(s, t\)"):

@@ -103,6 +103,43 @@ def test_detector_flags_need_a_detector():
 
 
 @pytest.mark.peers
+def test_dectris_stream_that_never_connects_is_one_line_naming_it():
+    """A wrong stream port is silent in ZeroMQ (it retries for ever): the source says once,
+    after its grace, which address it cannot reach and what to check; then, once, that it
+    connected."""
+    import zmq
+
+    from stream.sources.base import SourcePlan
+    from stream.sources.dectris import DectrisSource
+
+    port = free_port_block(1)
+    src = DectrisSource(SourcePlan("dectris", (4, 4), f"tcp://127.0.0.1:{port}"), "w0")
+    src.connect_grace_s = 0.5
+    notes = []
+    ctx = zmq.Context.instance()
+    src.open(ctx, lambda *a: None, notes.append)
+    try:
+        deadline = time.monotonic() + 10
+        while not notes and time.monotonic() < deadline:
+            src.receive(50)
+        assert len(notes) == 1, notes
+        assert notes[0].startswith(f"WARNING: DECTRIS stream tcp://127.0.0.1:{port}: not connected after 0.5 s "
+                                   "(worker w0); check the DCU's stream address"), notes
+        for _ in range(10):
+            src.receive(20)
+        assert len(notes) == 1, notes  # said once
+        push = ctx.socket(zmq.PUSH)  # the stream comes up
+        push.bind(f"tcp://127.0.0.1:{port}")
+        try:
+            while len(notes) < 2 and time.monotonic() < deadline:
+                src.receive(50)
+        finally:
+            push.close(0)
+        assert notes[1:] == [f"DECTRIS stream tcp://127.0.0.1:{port} connected (worker w0)"], notes
+    finally:
+        src.close()
+
+
 def test_trigger_timeout_names_the_data_address(tmp_path, client2):
     """Merlin armed for an external trigger that never comes: acquire() fails naming the
     data address after [detector] trigger_timeout_s, and the session can go on."""

@@ -137,6 +137,8 @@ class AtomStatistics:
     pdf_pairs: np.ndarray
     pdf_density: float
     pdf_correction: str
+    fit_radius: float = float("nan")  # Å patch radius of the displacement fit (NaN: not fitted)
+    displacement_note: str = ""  # why the displacement fit used another radius or did not run
 
     def table(self) -> dict[str, np.ndarray]:
         """The per-atom table: column name → (N,) array, in ``COLUMNS`` order."""
@@ -279,10 +281,13 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
     if volume is not None:
         if voxel_size is None:
             raise ValueError("voxel_size (Å) is needed with a volume")
-        radius = fit_radius if fit_radius is not None else 0.45 * float(np.median(nearest))
-        fit = displacement_fit(volume, voxel_size, pos, radius, volume_origin, volume_axes,
-                               blur_sigma=blur_sigma)
-        sig_iso, sig_p, iso, amp = fit.sigma_iso, fit.sigma_principal, fit.isotropy, fit.amplitude
+        radius, note = _fit_radius(fit_radius, float(np.median(nearest)), float(np.max(voxel_size)))
+        if radius is not None:
+            fit = displacement_fit(volume, voxel_size, pos, radius, volume_origin, volume_axes,
+                                   blur_sigma=blur_sigma)
+            sig_iso, sig_p, iso, amp = fit.sigma_iso, fit.sigma_principal, fit.isotropy, fit.amplitude
+    else:
+        radius, note = None, "no volume given"
     if intensities is not None:
         inten = check_per_atom(intensities, n, "intensities")
     else:
@@ -315,7 +320,8 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
         penetration_surface_value=float("nan"), penetration_slope=float("nan"),
         penetration_core_value=float("nan"), sigma_iso_mean=_nanmean(sig_iso),
         pdf_r=pdf.r, pdf_g=pdf.g, pdf_pairs=pdf.pairs, pdf_density=pdf.density,
-        pdf_correction=pdf.correction)
+        pdf_correction=pdf.correction, fit_radius=float("nan") if radius is None else float(radius),
+        displacement_note=note)
     try:
         pen = penetration_depth(depth, stats.table()[penetration_of])
     except ValueError:  # too few atoms with a finite value: the depth stays NaN
@@ -323,6 +329,24 @@ def atom_statistics(positions, intensities=None, *, lattice: str = "fcc",
     return dataclasses.replace(stats, penetration_depth=pen.depth,
                                penetration_surface_value=pen.surface_value,
                                penetration_slope=pen.slope, penetration_core_value=pen.core_value)
+
+
+def _fit_radius(given: float | None, nearest_A: float, voxel_A: float) -> tuple[float | None, str]:
+    """The displacement fit's patch radius (Å) and a note: ``given``, else 0.45 × the median
+    nearest-neighbour distance; the fit needs at least 1.5 voxels, so a default below that is
+    raised to 1.5 voxels while it stays within half the neighbour distance, and the fit is
+    skipped (None) when the voxels are too coarse for that."""
+    if given is not None:
+        return float(given), ""
+    radius, least = 0.45 * nearest_A, 1.5 * voxel_A
+    if radius >= least:
+        return radius, ""
+    if least <= 0.5 * nearest_A:
+        return least, (f"fit radius raised from 0.45 x the nearest-neighbour distance ({radius:.2f} Å) to "
+                       f"1.5 voxels ({least:.2f} Å)")
+    return None, (f"displacements not fitted: voxels of {voxel_A:.3g} Å are too coarse for atoms "
+                  f"{nearest_A:.2f} Å apart (the fit needs 1.5 voxels within half that distance: voxels "
+                  f"of at most {nearest_A / 3:.2f} Å)")
 
 
 # ----------------------------------------------------------------------------- writers
@@ -430,7 +454,7 @@ def _panels(stats: AtomStatistics):
             ax.set_ylabel("fraction of cells", fontsize=8)
             ax.set_title("Voronoi indices", fontsize=9)
         out.append(("voronoi", vor))
-    if s.n_tetrahedra_total >= 0:
+    if s.n_tetrahedra_total > 0:  # (none found, or not computed: no panel)
         def mot(ax):
             names = ["triplet", "quadril.", "pentag.", "hexag."]
             fr = [s.triplet_tetrahedron_fraction, s.quadrilateral_tetrahedron_fraction,
@@ -465,6 +489,7 @@ def _panels(stats: AtomStatistics):
     if np.isfinite(s.sigma_iso).any():
         out.append(("sigma_iso",
                     lambda ax: _hist(ax, s.sigma_iso, "isotropic displacement σ", "Å")))
+    if np.isfinite(s.isotropy).any():
         out.append(("isotropy",
                     lambda ax: _hist(ax, s.isotropy, "degree of isotropy", "σ²min/σ²max")))
     if np.isfinite(s.intensity_z).any():

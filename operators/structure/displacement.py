@@ -175,8 +175,9 @@ def displacement_fit(volume, voxel_size, positions, radius: float, origin="cente
     if not (radius > 0 and np.isfinite(radius)):
         raise ValueError(f"radius must be a positive distance in Å, got {radius}")
     if radius < 1.5 * vs.max():
-        raise ValueError(f"radius {radius} Å spans too few voxels of {vs.max()} Å: use at least "
-                         f"{1.5 * vs.max():.3g} Å (about half the nearest-neighbour distance)")
+        raise ValueError(f"fit radius {radius} Å spans too few voxels of {vs.max()} Å: use at least "
+                         f"{1.5 * vs.max():.3g} Å (at most about half the nearest-neighbour distance), or "
+                         "finer voxels")
     if not (0 <= floor < 1):
         raise ValueError(f"floor must be in [0, 1), got {floor}")
     iso, quad, nvox = _gauss_fits(vol, vs, org, pos, float(radius), float(floor))

@@ -21,6 +21,7 @@ from operators.electron_counting import choose_samples, compute_thresholds
 
 from stream.files.counting_file import (Calibration, CountingFileError, DarkAccumulator,
                                         write_calibration)
+from stream.transport.links import LinkWatch, unreached
 
 
 class CalibrateError(ValueError):
@@ -107,10 +108,25 @@ def dark_from_files(frames: Frames, say) -> tuple[np.ndarray, int]:
     return acc.dark(), acc.n_frames
 
 
-def receive_dark_scan(connect: list[str], timeout_s: float, n_samples: int, seed: int, say):
+def waiting_note(connect: list[str], links: LinkWatch) -> str:
+    """What a calibrate waiting for its dark scan tells: the sources it does not reach, or
+    that they are connected and send nothing yet, and the command that sends a dark scan."""
+    missing = unreached(connect, {"calibrate": links.report()})
+    hint = (f"start the dark scan (stemstream simulate --raw --dose 0 --bind {connect[0]}"
+            + (f" --sources {len(connect)}" if len(connect) > 1 else "") + "), or Ctrl-C")
+    if missing:
+        return (f"calibrate: waiting: not connected to {', '.join(missing)} "
+                f"({next(iter(missing.values()))}); {hint}")
+    return f"calibrate: waiting: connected to all {len(connect)} source(s), no scan yet; {hint}"
+
+
+def receive_dark_scan(connect: list[str], timeout_s: float, n_samples: int, seed: int, say,
+                      first_note_s: float = 3.0, every_s: float = 10.0):
     """One streamed scan of raw ``dense`` frames: (dark, dark frames, {frame: (h, w)} samples,
     scan id). The sample frames are drawn from the scan's frame numbers when its geometry
-    arrives, and assembled from every source's sector as they pass."""
+    arrives, and assembled from every source's sector as they pass. Until a scan arrives,
+    ``say`` hears after ``first_note_s`` and then every ``every_s`` what is not connected
+    (``waiting_note``); while it arrives, frames, per cent and rate about once a second."""
     import zmq
 
     from stream.transport.protocol import ProtocolError, decode
@@ -118,16 +134,23 @@ def receive_dark_scan(connect: list[str], timeout_s: float, n_samples: int, seed
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.LINGER, 0)
+    links = LinkWatch(pull)  # before connecting: no event is missed
     for addr in connect:
         pull.connect(addr)
     scan_id = acc = geometry = None
     chosen, samples, filled, ended, got = set(), {}, {}, {}, {}
-    last, report = time.monotonic(), time.monotonic()
+    last = report = t_start = time.monotonic()
+    next_note = t_start + first_note_s
     say(f"calibrate: waiting for a dark scan of raw frames from {', '.join(connect)} ...")
     try:
         while True:
             if not pull.poll(200):
-                if scan_id is not None and time.monotonic() - last > timeout_s:
+                links.poll()
+                now = time.monotonic()
+                if scan_id is None and now >= next_note:
+                    say(waiting_note(connect, links))
+                    next_note = now + every_s
+                if scan_id is not None and now - last > timeout_s:
                     say(f"WARNING: no message for {timeout_s:g} s; using the frames that arrived")
                     break
                 continue
@@ -143,6 +166,7 @@ def receive_dark_scan(connect: list[str], timeout_s: float, n_samples: int, seed
                 scan_id, geometry = msg.scan_id, msg.geometry.for_sector(None)
                 acc = DarkAccumulator(geometry.frame_shape)
                 chosen = set(int(f) for f in choose_samples(geometry.n_frames, n_samples, seed))
+                t_start = time.monotonic()
                 say(f"calibrate: dark scan {scan_id}: {geometry.n_frames:,} frames of "
                     f"{geometry.frame_shape[0]}x{geometry.frame_shape[1]} px from {geometry.n_sources} source(s)")
             if msg.scan_id != scan_id:
@@ -166,13 +190,15 @@ def receive_dark_scan(connect: list[str], timeout_s: float, n_samples: int, seed
                 raise CalibrateError(f"the dark scan {scan_id} was aborted: {msg.header.get('reason')}")
             if time.monotonic() - report > 1:
                 report = time.monotonic()
-                say(f"  [{scan_id}] {min(got.values(), default=0):,}/{geometry.n_frames:,} frames")
+                say(f"  [{scan_id}] {frames_text(min(got.values(), default=0), geometry.n_frames, report - t_start)}")
             if len(ended) == geometry.n_sources and all(got.get(k, 0) >= n for k, n in ended.items()):
                 break
     finally:
+        links.close()
         pull.close()
     if scan_id is None:
         raise CalibrateError("no scan arrived")
+    say(f"calibrate: received {frames_text(acc.n_frames, geometry.n_frames, time.monotonic() - t_start)}")
     h = geometry.frame_shape[0]
     incomplete = [f for f in samples if filled[f] != h]
     for f in incomplete:
@@ -180,6 +206,12 @@ def receive_dark_scan(connect: list[str], timeout_s: float, n_samples: int, seed
     if incomplete:
         say(f"WARNING: {len(incomplete)} sample frame(s) lack a sector and are not used")
     return acc.dark(), acc.n_frames, samples, scan_id
+
+
+def frames_text(done: int, total: int, seconds: float) -> str:
+    """'1,024/4,096 frames (25 %), 310 frames/s'."""
+    rate = done / seconds if seconds > 0 else 0.0
+    return f"{done:,}/{total:,} frames ({100 * done / max(1, total):.0f} %), {rate:,.0f} frames/s"
 
 
 # ---------------------------------------------------------------- the command

@@ -7,6 +7,7 @@ Errors a user can cause print one line naming the problem and the fix, and exit 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -152,6 +153,7 @@ def cmd_process(args) -> int:
                     session.wait(timeout=None)
             except KeyboardInterrupt:
                 session.console.say("stopping")
+                session.interrupt()  # the scan files are finished; previews not drawn yet are not
     except DetectorError as e:
         raise CliError(str(e)) from None
     return 0
@@ -197,6 +199,16 @@ def format_info(d: dict) -> str:
     lines.append("  results:")
     for name, r in d["results"].items():
         lines.append(f"    {name:<24} {r.get('kind', ''):<5} {str(r['shape']):<14} {r['dtype']:<8} {r.get('unit', '')}")
+    stages = d.get("stages", {})
+    if stages:
+        lines.append("  stages (/stages; stemstream info --json for their values and arrays):")
+    for name, st in stages.items():
+        seconds = f" in {st['seconds']:.1f} s" if isinstance(st.get("seconds"), (int, float)) else ""
+        what = st.get("headline") if st.get("status") == "ok" else st.get("error")
+        lines.append(f"    {name:<10} {st.get('status', '?')}{seconds}: {what or ''}")
+        tables = ", ".join(f"{t} ({v['rows']:,} rows)" for t, v in st.get("tables", {}).items())
+        if tables:
+            lines.append(f"    {'':<10} tables: {tables}; {len(st.get('arrays', {}))} arrays")
     md = d.get("metadata", {})
     if md:
         lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in md.items() if not isinstance(v, dict)))
@@ -224,7 +236,8 @@ def cmd_process_file(args) -> int:
     from stream.session import cluster
     from stream.config import ConfigError, load_config, validate
     from stream.session.offline import process_file
-    from stream.files.previews import write_scan_previews
+    from stream.session.coordinator import scan_previews
+    from stream.files.previews import plural
     from stream.files.recording import open_recording
     from stream.files.storage import ScanFileError
 
@@ -250,8 +263,8 @@ def cmd_process_file(args) -> int:
     failed = 0
     try:
         n_workers = len(client.scheduler_info()["workers"])
-        print(f"process-file: {len(args.files)} file(s) on {n_workers} workers; writing to {cfg.output.dir}",
-              flush=True)
+        print(f"process-file: {plural(len(args.files), 'file')} on {plural(n_workers, 'worker')}; writing to "
+              f"{cfg.output.dir}", flush=True)
         for path in args.files:
             t0 = time.perf_counter()
             try:
@@ -262,10 +275,9 @@ def cmd_process_file(args) -> int:
                 continue
             dt = time.perf_counter() - t0
             if cfg.output.previews:
-                write_scan_previews(r)
+                scan_previews(r, cfg)
             print(f"[{r.scan_id}] {path} -> {r.path}: {r.n_frames:,} frames, {r.events / 1e6:.2f} M e- in "
-                  f"{dt:.2f} s ({r.n_frames / dt / 1e3:,.0f} kframes/s); results: {', '.join(r.results)}",
-                  flush=True)
+                  f"{dt:.2f} s ({rate_text(r.n_frames, dt)}); results: {', '.join(r.results)}", flush=True)
             if r.n_missing:
                 print(f"WARNING [{r.scan_id}] the recording misses {r.n_missing:,} frames (see /completeness)",
                       flush=True)
@@ -275,6 +287,14 @@ def cmd_process_file(args) -> int:
         if local is not None:
             local.close()
     return 2 if failed else 0
+
+
+def rate_text(n_frames: int, seconds: float) -> str:
+    """'87.0 kframes/s', '1,250 frames/s', '12 frames/s': enough digits at every rate."""
+    rate = n_frames / seconds if seconds > 0 else float("inf")
+    if rate >= 1e4:
+        return f"{rate / 1e3:,.0f} kframes/s"
+    return f"{rate / 1e3:.1f} kframes/s" if rate >= 1e3 else f"{rate:,.0f} frames/s"
 
 
 def _range_progress(path):
@@ -343,7 +363,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    from stream.files.interop import ExportError, export
+    from stream.files.interop import ExportError, export, libertem_raw_files
     from stream.files.storage import ScanFileError
 
     try:
@@ -351,9 +371,18 @@ def cmd_export(args) -> int:
         out = export(args.file, args.format, args.out, args.region, args.flyback)
     except (ExportError, ScanFileError) as e:
         raise CliError(str(e)) from None
-    print(f"export: {args.file} -> {out} ({args.format}, {out.stat().st_size / 1e6:.1f} MB, "
+    files = [out] + (list(libertem_raw_files(out).values()) if args.format == "libertem-csr" else [])
+    also = f" and {len(files) - 1} raw files beside it" if len(files) > 1 else ""
+    print(f"export: {args.file} -> {out}{also} ({args.format}, {_size(sum(f.stat().st_size for f in files))}, "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _size(n_bytes: int) -> str:
+    """'33.9 MB', '412 kB', '870 bytes'."""
+    if n_bytes >= 1e6:
+        return f"{n_bytes / 1e6:.1f} MB"
+    return f"{n_bytes / 1e3:.0f} kB" if n_bytes >= 1e3 else f"{n_bytes} bytes"
 
 
 def cmd_import_stempy(args) -> int:
@@ -365,7 +394,7 @@ def cmd_import_stempy(args) -> int:
         out = import_stempy(args.file, args.out, args.flyback)
     except (ExportError, ScanFileError) as e:
         raise CliError(str(e)) from None
-    print(f"import-stempy: {args.file} -> {out} ({out.stat().st_size / 1e6:.1f} MB, "
+    print(f"import-stempy: {args.file} -> {out} ({_size(out.stat().st_size)}, "
           f"{time.perf_counter() - t0:.1f} s); 'stemstream process-file {out}' makes its images")
     return 0
 
@@ -493,6 +522,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `stemstream info FILE | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a place the user named cannot be read or written (not our bug: one line)
+        if not (e.filename or e.errno in USER_ERRNOS):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"stemstream {args.command}: error: {where}{os.strerror(e.errno) if e.errno else e}; check the "
+              "path, its permissions and the free space", file=sys.stderr)
+        return 2
+
+
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EEXIST,
+               errno.EISDIR, errno.ENOTDIR}
 
 
 if __name__ == "__main__":

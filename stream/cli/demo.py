@@ -29,16 +29,24 @@ def add_demo_args(p) -> None:
 
 
 def run_demo(args) -> int:
+    from stream.files.storage import OutputError, output_dir
     from stream.transport.net import free_port_block
     from stream.session import Session, expand_sources
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = output_dir(args.out)
+    except OutputError as e:
+        print(f"stemstream demo: error: {e}", file=sys.stderr)  # as commands.main prints a CliError
+        return 2
     port = free_port_block(args.sources)
     bind = f"tcp://127.0.0.1:{port}"
     truth = out / "truth.h5"
     print(f"demo: local cluster of {args.workers} workers, emulator with {args.sources} sources at {bind}, "
           f"output in {out}/", flush=True)
+    from operators.numba_cache import compiled_kernels
+    if compiled_kernels() == 0:  # README: what the first run costs
+        print("demo: first run of this version: the numba kernels are compiled as they are first needed "
+              "and cached for later runs (about a minute more on a 2-core machine)", flush=True)
     with Session(expand_sources([bind], args.sources), out=out, workers=args.workers,
                  config=demo_config(), view=args.view) as session:
         cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", args.specimen,
@@ -149,10 +157,18 @@ def _wait_for_scan(session, emulator, timeout_s: float = 600):
 
 def summary(result, truth_path: Path, seconds: float) -> str:
     """Where everything is, and how the images compare with the emulator's noiseless truth."""
-    lines = [f"\ndemo: scan {result.scan_id} {result.status} in {seconds:.1f} s "
-             f"({result.frames_received:,}/{result.n_frames:,} frames, {result.events:,} electrons)",
+    t = result.timings
+    took = [f"frames received and processed in {t['last_frame'] - t['first_frame']:.2f} s"
+            if t.get("first_frame") and t.get("last_frame") else "",
+            f"file written {t['written'] - t['last_frame']:.2f} s after the last frame"
+            if t.get("written") and t.get("last_frame") else "",
+            f"{seconds:.1f} s in all, with the emulator generating the scan"]
+    lines = [f"\ndemo: scan {result.scan_id} {result.status} ({result.frames_received:,}/{result.n_frames:,} frames, "
+             f"{result.events:,} electrons)",
+             f"  time      : {'; '.join(x for x in took if x)}",
              f"  scan file : {result.path}   (stemstream info {result.path})",
-             f"  previews  : {Path(result.path).parent / 'previews'}/"]
+             f"  previews  : {Path(result.path).parent / 'previews' / Path(result.path).stem}_summary.png "
+             + "(and one PNG per image there)"]
     try:
         import h5py
         with h5py.File(truth_path, "r") as f:

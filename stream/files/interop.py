@@ -23,12 +23,12 @@ from operators.completeness import Completeness
 from operators.kernels import NJIT, sort_segments
 
 from stream.files.recording import STEMPY_VERSION, Recording, open_recording
-from stream.files.storage import ScanFileError, write_attrs, write_scan
+from stream.files.storage import OutputError, ScanFileError, cannot_write, write_attrs, write_scan
 
 MAX_DENSE_BYTES = 4 << 30
 
 
-class ExportError(ValueError):
+class ExportError(OutputError):
     """An export the user asked for that cannot be done; the message says why and what to do."""
 
 
@@ -42,11 +42,14 @@ def _new_path(path) -> Path:
 
 
 def _with_tmp(path: Path, write) -> Path:
-    """Write through ``write(tmp_path)`` then rename: a file with the final name is complete."""
+    """Write through ``write(tmp_path)`` then rename: a file with the final name is complete.
+    An unwritable place is an ExportError naming ``path`` (not its temporary name)."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
         write(tmp)
         tmp.rename(path)
+    except OSError as e:
+        raise ExportError(str(cannot_write(path, e))) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -97,14 +100,17 @@ def import_stempy(src, out, flyback: int | None = None, compression_level: int =
     state = comp.new_state()
     comp.add_range(state, 0, 0, g.n_frames)
     summary = comp.summary(state)
-    written = write_scan(out, scan_id=rec.scan_id, status="complete",
-                         reason=f"imported from the stempy file {Path(src).name}",
-                         geometry=g.to_wire(), metadata=rec.metadata, results={}, offsets=offsets,
-                         indices=indices, completeness=comp.finalize(state),
-                         completeness_summary={k: v for k, v in summary.items()
-                                               if not k.endswith(("_frames", "_ranges"))},
-                         provenance={"software": "stemstream", "imported_from": str(Path(src).resolve())},
-                         compression_level=compression_level)
+    try:
+        written = write_scan(out, scan_id=rec.scan_id, status="complete",
+                             reason=f"imported from the stempy file {Path(src).name}",
+                             geometry=g.to_wire(), metadata=rec.metadata, results={}, offsets=offsets,
+                             indices=indices, completeness=comp.finalize(state),
+                             completeness_summary={k: v for k, v in summary.items()
+                                                   if not k.endswith(("_frames", "_ranges"))},
+                             provenance={"software": "stemstream", "imported_from": str(Path(src).resolve())},
+                             compression_level=compression_level)
+    except OSError as e:
+        raise ExportError(str(cannot_write(out, e))) from None
     if written != out:  # a file of that name appeared meanwhile: say where ours went
         raise ExportError(f"{out} appeared while importing; the scan was written to {written}")
     return written
@@ -135,6 +141,12 @@ def _merge_repeats(offsets, indices):
     return indptr, pixels[:j], counts[:j]
 
 
+def libertem_raw_files(toml) -> dict[str, Path]:
+    """The raw files of a LiberTEM CSR dataset beside its descriptor ``toml``."""
+    toml = Path(toml)
+    return {k: toml.with_name(f"{toml.stem}.{k}.raw") for k in ("indptr", "indices", "values")}
+
+
 def export_libertem_csr(rec: Recording | str | Path, out) -> Path:
     """Write LiberTEM's raw CSR dataset: ``out`` (a .toml descriptor) and beside it
     ``<stem>.indptr.raw`` (int64), ``<stem>.indices.raw`` (uint32), ``<stem>.values.raw``
@@ -143,7 +155,7 @@ def export_libertem_csr(rec: Recording | str | Path, out) -> Path:
     out = _new_path(out)
     if out.suffix != ".toml":
         raise ExportError(f"{out}: LiberTEM's CSR descriptor must be a .toml file, e.g. {out.with_suffix('.toml')}")
-    names = {k: out.with_name(f"{out.stem}.{k}.raw") for k in ("indptr", "indices", "values")}
+    names = libertem_raw_files(out)
     for p in names.values():
         _new_path(p)
     offsets, indices = rec.read()  # a fresh array: sorted in place
@@ -236,5 +248,5 @@ def export(src, fmt: str, out, region: str | None = None, flyback: int | None = 
     return {"stempy": export_stempy, "libertem-csr": export_libertem_csr}[fmt](rec, out)
 
 
-__all__ = ["export", "export_stempy", "import_stempy", "export_libertem_csr", "export_dense",
+__all__ = ["export", "export_stempy", "import_stempy", "export_libertem_csr", "export_dense", "libertem_raw_files",
            "ExportError", "ScanFileError"]

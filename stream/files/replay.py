@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sim_detector.cli import progress_printer, rate_arg
-from sim_detector.publisher import BindError, Publisher, SourceFrames, prepare_sources
+from sim_detector.cli import SimulateError, progress_printer, rate_arg, wait_for_receivers, warn
+from sim_detector.publisher import BindError, Publisher, SourceFrames, StallError, prepare_sources
 
 from stream.files.recording import Recording, open_recording
 from stream.files.storage import ScanFileError
@@ -83,7 +83,8 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                         "Camera's flyback frames (default: from the file's metadata, else 0)")
     p.add_argument("--batch", type=int, default=512, metavar="N", help="frames per message (default 512)")
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
-                   help="give up if no receiver connects within S seconds (default: wait forever)")
+                   help="give up if a source has no receiver for S seconds, before or during a scan "
+                        "(default 0: wait as long as it takes, saying what is not connected)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.epilog = ("Example: stemstream replay out/scan-0000.h5 --rate max --sources 4 & "
                 "stemstream process --connect tcp://127.0.0.1:6001 --sources 4 --out replayed")
@@ -137,7 +138,7 @@ def run_replay(args) -> int:
                     break
     except ScanFileError as e:
         return fail(f"{e} (scans before it were sent; nothing of this file was)")
-    except _NoReceiver as e:
+    except (SimulateError, StallError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
         print("stemstream replay: interrupted; receivers were sent an abort", file=sys.stderr)
@@ -150,10 +151,6 @@ def run_replay(args) -> int:
     return 0
 
 
-class _NoReceiver(Exception):
-    pass
-
-
 def _publish(publisher: Publisher, prep: Prepared, npass: int, args, say):
     rec = prep.recording
     suffix = f"-loop{npass}" if npass else ""
@@ -163,12 +160,11 @@ def _publish(publisher: Publisher, prep: Prepared, npass: int, args, say):
     say(f"[{scan_id}] {rec.path}: {rec.n_stored:,} frames, {prep.n_events:,} electrons")
     for note in prep.notes:
         say(f"[{scan_id}] note: {note}")
-    if not publisher.wait_for_receivers(args.wait or None, notify=say):
-        raise _NoReceiver(f"no receiver connected to {publisher.addresses[0]} within {args.wait} s; "
-                          "start 'stemstream process' first or raise --wait")
+    wait_for_receivers(publisher, args.wait)
     st = publisher.publish_scan(scan_id, prep.sources, metadata, rate=args.rate, batch=args.batch,
                                 copies=prep.copies, frames_sent=prep.frames_sent,
-                                progress=None if args.quiet else progress_printer(scan_id))
+                                progress=None if args.quiet else progress_printer(scan_id),
+                                notify=warn, stall_timeout_s=args.wait or None)
     say(f"[{scan_id}] sent {st.frames:,} frames, {st.events:,} electrons in {st.seconds:.2f} s "
         f"({st.rate:,.0f} frames/s)")
     return st

@@ -7,6 +7,7 @@ its root attribute ``status`` says whether the scan itself was complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -27,6 +28,40 @@ EVENTS_CHUNK = 1 << 20  # events per HDF5 chunk (4 MiB of uint32)
 
 class ScanFileError(ValueError):
     """A file that is not a readable stemstream scan file; the message names path and problem."""
+
+
+class OutputError(ValueError):
+    """An output that cannot be written where the user asked; the message names it and the fix."""
+
+
+def output_dir(path, option: str = "--out") -> Path:
+    """The directory ``path``, created if needed; OutputError naming ``option`` when it is a
+    file or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path} is a file, not a directory; give a directory (it is created "
+                          "if needed)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".stemstream-write-test-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{option} {path} cannot be written: {os.strerror(e.errno) if e.errno else e}; "
+                          "choose a directory you can write to") from None
+    return path
+
+
+def cannot_write(path, e: OSError) -> OutputError:
+    """The one-line error for a failed write of ``path`` (not of its temporary name)."""
+    why = os.strerror(e.errno) if e.errno else (e.strerror or str(e) or type(e).__name__)
+    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a directory you can write to"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or choose another disk"
+    else:
+        fix = "check the path"
+    return OutputError(f"cannot write {path}: {why}; {fix}")
 
 
 def _attr_value(v):
@@ -406,27 +441,68 @@ def open_scan(path: str | Path) -> h5py.File:
     if fmt != FORMAT:
         truth = "stemstream-emulator-truth" in [fmt] + [g.attrs.get("format") for g in f.values()
                                                      if isinstance(g, h5py.Group)]
+        stempy = fmt is None and "electron_events" in f
         f.close()
-        hint = " (it is the emulator's ground truth)" if truth else ""
+        hint = " (it is the emulator's ground truth)" if truth else \
+            (f" (it is a stempy sparse file: 'stemstream import-stempy {path} SCAN.h5' converts it; replay, "
+             "process-file and export read it as it is)") if stempy else \
+            " (it is a tilt-series file of 'stemstream tomo'; docs/SERIES.md)" if fmt == "stemstream-tomo" else ""
         raise ScanFileError(f"{path}: not a stemstream scan file{hint}: root attribute format is "
                             f"{fmt!r}, expected {FORMAT!r}")
     return f
 
 
+def _datasets(group: h5py.Group) -> dict:
+    """Shape, dtype and the kind/unit/description attributes of each dataset of ``group``
+    (never the values: a description stays small whatever the scan's size)."""
+    out = {}
+    for name, d in group.items():
+        if isinstance(d, h5py.Dataset):
+            out[name] = {"shape": list(d.shape), "dtype": str(d.dtype),
+                         **{k: _plain(v) for k, v in d.attrs.items() if k in ("kind", "unit", "description")}}
+    return out
+
+
+def _attrs(group: h5py.Group) -> dict:
+    json_keys = set(_plain(group.attrs.get(JSON_KEYS, [])))
+    return {k: json.loads(v) if k in json_keys else _plain(v) for k, v in group.attrs.items() if k != JSON_KEYS}
+
+
+def describe_stages(f: h5py.File) -> dict:
+    """Each stage that ran on the scan (``/stages/NAME``): status, headline, error, seconds,
+    parameters, its scalar values, and its arrays and tables by shape (docs/STAGES.md)."""
+    out = {}
+    groups = sorted(f["stages"].items(), key=lambda kv: float(kv[1].attrs.get("finished", 0))) if "stages" in f else []
+    for name, g in groups:  # in the order they ran
+        a = _attrs(g)
+        params = a.pop("params", "{}")
+        try:
+            params = json.loads(params) if isinstance(params, str) else params
+        except ValueError:
+            pass
+        info = {k: a.pop(k) for k in ("status", "headline", "error", "seconds", "finished") if k in a}
+        tables = {t.removeprefix("table_"): {"rows": max((d.shape[0] for d in sub.values() if d.ndim), default=0),
+                                             "columns": list(sub)}
+                  for t, sub in g.items() if isinstance(sub, h5py.Group) and t.startswith("table_")}
+        out[name] = {**info, "params": params, "values": a, "arrays": _datasets(g), "tables": tables}
+    return out
+
+
 def describe(path: str | Path) -> dict:
-    """Everything ``stemstream info`` shows, as plain values."""
+    """Everything ``stemstream info`` shows, as plain values: the scan's attributes, geometry,
+    metadata, provenance, results and completeness by shape, events, stages."""
     with open_scan(path) as f:
-        out = {"path": str(path), **read_attrs(f)}
-        for key in ("results", "completeness"):
-            out[key] = out.get(key, {})
-            for name, d in f[key].items():
-                out[key][name] = {"shape": list(d.shape), "dtype": str(d.dtype),
-                                  **{k: (v.item() if isinstance(v, np.generic) else v)
-                                     for k, v in d.attrs.items() if k in ("kind", "unit", "description")}}
+        out = {"path": str(path), **_attrs(f)}
+        for key in ("geometry", "metadata", "provenance"):
+            if key in f:
+                out[key] = read_attrs(f[key])
+        out["results"] = _datasets(f["results"])
+        out["completeness"] = {**_attrs(f["completeness"]), **_datasets(f["completeness"])}
         ev = f["events"]
         out["events"] = {"n_frames": int(ev["offsets"].shape[0] - 1), "n_events": int(ev.attrs["n_events"]),
                          "stored_bytes": int(ev["indices"].id.get_storage_size()
                                              + ev["offsets"].id.get_storage_size())}
+        out["stages"] = describe_stages(f)
         out["file_bytes"] = Path(path).stat().st_size
         if "counting" in f:  # its attributes; the dark and gain maps stay in the file
             out["counting"] = {k: _plain(v) for k, v in f["counting"].attrs.items()}

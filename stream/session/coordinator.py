@@ -29,9 +29,13 @@ import dask
 import numpy as np
 import zmq
 
+from sim_detector.publisher import address_ranges
+
 from stream.session import cluster
 from stream.transport import control
-from stream.config import ConfigError, PipelineConfig, build_operators, load_config, validate
+from stream.transport.links import unreached
+from stream.config import (ConfigError, PipelineConfig, build_operators, calibration, detector_regions,
+                           load_config, validate)
 from stream.session.finalize import ScanInfo, ScanResult, finalize_on_cluster
 from stream.session.lifecycle import DONE, ScanStatus, ScanTracker
 from stream.files.previews import write_scan_previews
@@ -44,6 +48,7 @@ from stream.session.detector import DetectorLink, detector_workers, source_plan
 log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
 KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
+LINK_GRACE_S = 5.0  # after this, sources no receiver could connect to are named on the console
 
 
 def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
@@ -102,7 +107,10 @@ class Console:
 class Session:
     """Process every scan that arrives from the given sources until closed.
 
-    connect: source addresses the receivers connect to (see ``expand_sources``).
+    connect: source addresses the receivers connect to: a list of ``tcp://HOST:PORT`` (or
+        one such string).
+    sources: each address of ``connect`` stands for this many sources on consecutive ports,
+        PORT … PORT+N−1, as ``stemstream simulate --sources N`` binds them (``expand_sources``).
     config: a PipelineConfig or a path to a TOML file; ``out``, ``scheduler`` and ``workers``
         override its [output] dir and [cluster] settings.
     client: an existing distributed.Client to use (the session neither starts nor stops it).
@@ -115,9 +123,9 @@ class Session:
     Raises ConfigError for a configuration or address it cannot use.
     """
 
-    def __init__(self, connect: list[str], out: str | None = None,
+    def __init__(self, connect: list[str] | str, out: str | None = None,
                  config: PipelineConfig | str | None = None, scheduler: str | None = None,
-                 workers: int | None = None, client=None, console: bool = True,
+                 workers: int | None = None, client=None, console: bool = True, sources: int = 1,
                  view: str | None = None, view_token: str | None = None):
         cfg = config if isinstance(config, PipelineConfig) else load_config(config)
         if out is not None:
@@ -126,15 +134,19 @@ class Session:
             cfg = replace(cfg, cluster=replace(cfg.cluster, scheduler=scheduler or cfg.cluster.scheduler,
                                                workers=workers or cfg.cluster.workers))
         self.config = validate(cfg)
+        if isinstance(connect, (str, bytes)):  # one address, not a sequence of characters
+            connect = [connect.decode() if isinstance(connect, bytes) else connect]
         self.detector = None  # the DetectorLink of a DECTRIS or Merlin detector (stream/session/detector.py)
         if self.config.detector.kind != "stemstream":  # the detector's own addresses ([detector])
             connect = []
         elif not connect:
             raise ConfigError("no source to connect to: give at least one --connect tcp://HOST:PORT")
+        if not isinstance(sources, int) or isinstance(sources, bool) or sources < 1:
+            raise ConfigError(f"sources must be a whole number >= 1 (sources per address), got {sources!r}")
         try:
-            self.connect = expand_sources(connect)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+            self.connect = expand_sources(list(connect), sources)
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ConfigError(f"connect: {e}" if not isinstance(e, ValueError) else str(e)) from None
         self.console = Console(console)
         self._client = client
         self._own_client = client is None
@@ -151,6 +163,7 @@ class Session:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # PUB messages from other threads
         self._late_warned: set[str] = set()
         self._stop = threading.Event()
+        self._interrupted = threading.Event()  # interrupt(): previews not drawn yet are skipped
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stemstream-finalize")
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
@@ -162,6 +175,9 @@ class Session:
         self.workers: list[str] = []
         self._view = (view, view_token)
         self.viewer = None  # the browser viewer (stream/viewer/), when ``view`` is given
+        self._links: dict[str, dict] = {}  # worker -> its receiver's last links report
+        self._links_said: dict[str, str] | None = None  # unreached sources when last told
+        self._ever_linked: set[str] = set()  # sources a receiver was connected to at some time
 
     # -------------------------------------------------------------- start / stop
     def __enter__(self):
@@ -234,6 +250,11 @@ class Session:
         from distributed.utils import get_ip
         sched = urlsplit(self._client.scheduler.address.replace("tcp://", "http://")).hostname
         return "127.0.0.1" if sched in ("127.0.0.1", "localhost") else get_ip(sched)
+
+    def interrupt(self) -> None:
+        """The operator asked to stop (Ctrl-C, SIGTERM): previews not drawn yet are skipped, so
+        that ``close()`` waits only for the scan files. Call before ``close()``."""
+        self._interrupted.set()
 
     def close(self) -> None:
         """Stop receiving. Reports already sent are read first; then scans still receiving
@@ -396,7 +417,18 @@ class Session:
                     self._cond.wait(0.2)
 
     def live(self, scan_id: str) -> dict[str, np.ndarray]:
-        """Partial results of a scan that is still running (merged over workers)."""
+        """Partial results of a scan that is still running (merged over workers): name →
+        array, as ``ScanResult.results``; empty until the first live snapshot arrives (about
+        ``1 / [live] rate_hz`` after its first frames) and once the scan has finished (its
+        images are then in ``wait(scan_id).results``). KeyError naming the scans there are for
+        a scan id this session has not seen."""
+        with self._cond:
+            finished = scan_id in self._results
+        if scan_id not in self._tracker.scans and not finished:
+            seen = [st.scan_id for st in list(self._tracker.scans.values())]
+            running = [sid for sid in seen if sid not in self._results]
+            raise KeyError(f"no scan {scan_id!r} in this session; running: {', '.join(running) or 'none'}"
+                           f" (session.status() lists every scan seen, session.results the finished ones)")
         states = {}
         with self._live_lock:  # the workers' arrays are updated in place under this lock
             ops = self._live_ops.get(scan_id)
@@ -427,6 +459,7 @@ class Session:
     def _coordinate(self) -> None:
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
         next_live = next_forget = time.monotonic()
+        next_links = next_live + LINK_GRACE_S  # connecting takes a moment; then say what is not
         warned = set()
         while not self._stop.is_set():
             try:
@@ -447,6 +480,9 @@ class Session:
                 if now >= next_forget:
                     next_forget = now + 10
                     self._tracker.forget_done()
+                if now >= next_links:
+                    next_links = now + 1.0
+                    self._check_links()
                 while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
                     parts = self._outbox.get()
                     if self._pub is not None:
@@ -469,6 +505,9 @@ class Session:
 
     def _on_report(self, report: dict, arrays: dict, warned: set) -> None:
         kind = report["kind"]
+        if kind == "links":
+            self._links[report["worker"]] = report
+            return
         if kind == "live":
             self._on_live(report, arrays)
             return
@@ -532,6 +571,42 @@ class Session:
                           "events": st.events, "missing_so_far": st.missing_so_far()}
                 header.update(_live_context(st, self._tracker.rejects, self._plugin_name))
                 self._pub.send_multipart(control.encode(header, images))
+
+    def links(self) -> dict[str, str]:
+        """Sources no receiver is connected to now, each with why as far as known (empty
+        when every source is reached)."""
+        return unreached(self.connect, dict(self._links))
+
+    def _check_links(self) -> None:
+        """Say which sources no receiver reaches, when that changes (first after
+        LINK_GRACE_S): ZeroMQ retries a wrong address silently for ever. A source that was
+        connected and went away (an emulator that finished) is only noted, unless a scan is
+        receiving."""
+        missing = self.links()
+        self._ever_linked.update(a for a in self.connect if a not in missing)
+        if missing == (self._links_said or {}):
+            return
+        never = {a: why for a, why in missing.items() if a not in self._ever_linked}
+        gone = [a for a in missing if a in self._ever_linked and a not in (self._links_said or {})]
+        if never.keys() - (self._links_said or {}).keys():  # sources not named yet
+            first = urlsplit(self.connect[0])
+            self.console.say(
+                f"waiting for the detector: no receiver could connect to {len(never)} of {len(self.connect)} "
+                "source(s) yet: " + "; ".join(f"{address_ranges([a for a in never if never[a] == why])} ({why})"
+                                              for why in dict.fromkeys(never.values()))
+                + f". If the detector or emulator runs, check that it binds exactly these addresses "
+                  f"(e.g. 'stemstream simulate --bind tcp://{first.hostname}:{first.port}"
+                  f"{f' --sources {len(self.connect)}' if len(self.connect) > 1 else ''}') and that no "
+                  "firewall is in between; the receivers keep trying")
+        if gone:
+            active = [st.scan_id for st in self._tracker.active() if not st.all_ended]  # (not: sent all, then left)
+            self.console.say(
+                (f"WARNING: during scan {', '.join(active)}, " if active else "")
+                + f"the source(s) {address_ranges(gone)} closed their connection (the detector or emulator "
+                  "ended or stopped); the receivers reconnect when they are back")
+        if not missing and self._links_said:
+            self.console.say(f"connected to all {len(self.connect)} source(s)")
+        self._links_said = missing
 
     # -------------------------------------------------------------- finalization
     def _finalize(self, st: ScanStatus) -> None:
@@ -682,7 +757,8 @@ class Session:
         if not self.config.output.previews or r.path is None:
             return
         try:
-            r.previews = write_scan_previews(r)
+            # after interrupt() the operator waits for nothing but the files: "stopping" stays the last line
+            r.previews = scan_previews(r, self.config, stop=self._interrupted.is_set)
         except Exception as e:  # noqa: BLE001 - a preview is not worth a scan
             log.exception("previews of scan %s failed", r.scan_id)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {type(e).__name__}: {e}")
@@ -696,6 +772,19 @@ def _live_context(st: ScanStatus, rejects: dict, plugin_name: str) -> dict:
     return {"duplicates": st.duplicates, "rejects": dict(rejects), "receivers": plugin_name,
             "geometry": st.geometry.to_wire() if st.geometry is not None else None,
             "scan_step_A": float(step) if isinstance(step, (int, float)) else None}
+
+
+def scan_previews(r: ScanResult, config: PipelineConfig, stop=None) -> list[str]:
+    """The PNG previews of a written scan, with the detector calibration and the virtual
+    detectors ``config`` gave it (stream/files/previews.py); ``stop`` as write_scan_previews."""
+    if r.geometry is None:
+        return write_scan_previews(r, stop=stop)
+    try:
+        cal = calibration(config, r.geometry)
+        detectors = detector_regions(config, r.geometry)
+    except ConfigError:  # the scan was written with what fitted; draw without the detectors
+        return write_scan_previews(r, stop=stop)
+    return write_scan_previews(r, detectors, cal.mrad_per_px, cal.center, stop=stop)
 
 
 def _ranges_text(ranges, limit: int = 8) -> str:

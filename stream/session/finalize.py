@@ -71,16 +71,20 @@ class ScanResult:
     events: int = 0
     results: dict = field(default_factory=dict)  # name -> np.ndarray
     kinds: dict = field(default_factory=dict)  # name -> 'nav' | 'sig' | 'table'
+    units: dict = field(default_factory=dict)  # name -> unit of the values ('counts', 'mrad', ...)
     position_frames: np.ndarray | None = None  # (ny, nx) frame parts received per position
     expected_frames_per_position: int = 1  # frames_per_position · n_sources
     timings: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     previews: list = field(default_factory=list)
     stages: list = field(default_factory=list)  # StageReports, when the stages ran with the scan
+    geometry: Geometry | None = None  # scan and detector geometry (calibration as streamed)
+    metadata: dict = field(default_factory=dict)  # the scan's metadata (scan_step_A: Å per position)
 
     @property
     def result_objects(self) -> dict:
-        return {n: Result(d, self.kinds.get(n, "table")) for n, d in self.results.items()}
+        return {n: Result(d, self.kinds.get(n, "table"), self.units.get(n, ""))
+                for n, d in self.results.items()}
 
     @property
     def complete(self) -> bool:
@@ -284,9 +288,10 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
                         n_missing=n_missing, n_duplicated=summary["n_duplicated"],
                         events=int(offsets[-1]), results={k: r.data for k, r in results.items()},
                         kinds={k: r.kind for k, r in results.items()},
+                        units={k: r.unit for k, r in results.items()},
                         position_frames=completeness["position_frames"].data,
                         expected_frames_per_position=g.frames_per_position * g.n_sources,
-                        timings=timings, errors=errors)
+                        timings=timings, errors=errors, geometry=g, metadata=dict(info.metadata))
     with _OPEN_LOCK:
         if token in _DISCARDED:  # the coordinator gave up on this file while it was opening
             _DISCARDED.discard(token)

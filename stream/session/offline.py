@@ -127,8 +127,10 @@ def write_result(path: str, flyback: int | None, config: PipelineConfig, states:
                       n_missing=n_missing, n_duplicated=int(summary.get("n_duplicated", 0)),
                       events=int(n_events), results={k: r.data for k, r in results.items()},
                       kinds={k: r.kind for k, r in results.items()}, position_frames=position_frames,
+                      units={k: r.unit for k, r in results.items()},
                       expected_frames_per_position=g.frames_per_position * g.n_sources,
-                      timings={"started": t_start, "merged": t_merged, "written": time.time()})
+                      timings={"started": t_start, "merged": t_merged, "written": time.time()},
+                      geometry=g, metadata=dict(rec.metadata))
 
 
 def process_file(path, config: PipelineConfig, client, flyback: int | None = None,

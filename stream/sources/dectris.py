@@ -150,6 +150,9 @@ class DectrisSource(Source):
         self._geometry = {}
         self._warned: set = set()
         self._connected = False
+        self._opened = 0.0
+
+    connect_grace_s = 5.0  # then one line if the stream never connected (ZeroMQ retries silently)
 
     # ---------------------------------------------------------------- lifecycle
     def open(self, ctx, reject, notice) -> None:
@@ -159,6 +162,7 @@ class DectrisSource(Source):
         self._pull.setsockopt(zmq.LINGER, 0)
         self._monitor = self._pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._pull.connect(self.plan.data)
+        self._opened = time.monotonic()
 
     def close(self) -> None:
         for s in (self._monitor, self._pull):
@@ -217,8 +221,17 @@ class DectrisSource(Source):
             elif event == zmq.EVENT_CONNECTED:
                 if self._connected is False and "connected" in self._warned:
                     self._notice(f"DECTRIS stream {self.plan.data} connected again (worker {self.worker})")
+                elif "never connected" in self._warned:
+                    self._notice(f"DECTRIS stream {self.plan.data} connected (worker {self.worker})")
                 self._connected = True
                 self._warned.add("connected")
+        if (not self._warned & {"connected", "never connected"} and self._monitor is not None
+                and time.monotonic() - self._opened > self.connect_grace_s):
+            self._warned.add("never connected")
+            self._notice(f"WARNING: DECTRIS stream {self.plan.data}: not connected after "
+                         f"{self.connect_grace_s:g} s (worker {self.worker}); check the DCU's stream "
+                         "address ([detector] data, --connect; port 9999 by default) and that "
+                         "nothing blocks it; still trying")
 
     def _scan_id(self, series: int) -> str | None:
         """The scan of a series, or None for a stale one (active mode, not the armed one)."""

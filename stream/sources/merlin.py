@@ -217,7 +217,8 @@ class MerlinLeader(threading.Thread):
             push.bind(self.plan.forward)
         except zmq.ZMQError as e:
             self.error = e
-            self.notice(f"ERROR: Merlin leader cannot bind {self.plan.forward}: {e.strerror}")
+            self.notice(f"ERROR: Merlin leader cannot bind {self.plan.forward}: {e.strerror}; "
+                        "restart the session (it picks another port)")
             push.close()
             return
         self.push = push
@@ -229,7 +230,9 @@ class MerlinLeader(threading.Thread):
                 except OSError as e:
                     if not failing:
                         self.notice(f"WARNING: cannot connect to the Merlin data port {self.plan.data} "
-                                    f"({e.strerror or e}); retrying every {self.reconnect_s:g} s")
+                                    f"({e.strerror or e}); check that the Merlin software runs and "
+                                    "the data address (--connect; port 6342 by default); retrying "
+                                    f"every {self.reconnect_s:g} s")
                         failing = True
                     self._stop_event.wait(self.reconnect_s)
                     continue

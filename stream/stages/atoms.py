@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stream.files.storage import OutputError, cannot_write, output_dir
+
 FORMATS = (".csv", ".txt", ".xyz", ".npy", ".mat", ".h5", ".hdf5")
 
 
@@ -177,7 +179,7 @@ def add_atoms_args(p) -> None:
 
 def _fresh(path: Path) -> Path:
     if path.exists():
-        raise FileExistsError(f"{path} exists; choose another --out (results are never overwritten)")
+        raise OutputError(f"{path} exists; choose another --out (results are never overwritten)")
     return path
 
 
@@ -195,9 +197,8 @@ def run_atoms(args) -> int:
     try:
         pos, inten = read_atoms(args.file, args.variable)
         stem = Path(args.file).stem
-        out = Path(args.out)
+        out = output_dir(args.out)
         targets = {k: out / f"{stem}-{k}" for k in ("atoms.csv", "summary.csv", "atoms.h5")}
-        out.mkdir(parents=True, exist_ok=True)
         for t in targets.values():
             _fresh(t)
         print(f"stemstream atoms: {len(pos):,} atoms from {args.file}; lattice {args.lattice}", flush=True)
@@ -205,7 +206,7 @@ def run_atoms(args) -> int:
         stats = atom_statistics(pos, inten, lattice=args.lattice, lattice_constant=args.lattice_constant,
                                 cutoff=args.cutoff, gcn_convention=args.gcn, pdf_r_max=args.pdf_r_max,
                                 voronoi=not args.no_voronoi, motifs=not args.no_motifs)
-    except (ValueError, FileExistsError) as e:  # AtomFileError included
+    except ValueError as e:  # AtomFileError and OutputError included
         return fail(str(e))
     seconds = time.perf_counter() - t0
     for name, write in (("atoms.csv", lambda p: write_csv(stats, p)),
@@ -215,6 +216,8 @@ def run_atoms(args) -> int:
         try:
             write(tmp)
             os.replace(tmp, targets[name])  # whole files only
+        except OSError as e:  # e.g. the disk filled up
+            return fail(str(cannot_write(targets[name], e)))
         finally:
             tmp.unlink(missing_ok=True)
     pngs = [] if args.no_previews else write_histograms(stats, out / "previews", stem=stem)

@@ -27,6 +27,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from operators.base import Result
+
 from stream.files.recording import Recording, open_recording
 from stream.files.storage import read_attrs, write_attrs
 
@@ -43,7 +45,7 @@ class StageOutput:
 
     values: dict
     headline: str
-    images: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)  # name -> (ny, nx) array, or a Result with its unit
     tables: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)  # name -> callable(Figure) drawing a preview
 
@@ -67,10 +69,18 @@ class ScanInput:
     results: dict  # name -> array, the scan's /results
     metadata: dict
     outputs: dict  # stage name -> StageOutput.values of the stages already run
+    units: dict = field(default_factory=dict)  # name -> unit of a /results array
+    missing: np.ndarray | None = None  # (ny, nx) bool: positions with frames missing
 
     @property
     def geometry(self):
         return self.recording.geometry
+
+    @property
+    def step_A(self) -> float | None:
+        """Å per scan position, from the metadata (None when unknown)."""
+        v = self.number("scan_step_A")
+        return v if v is not None and v > 0 else None
 
     def result(self, name: str, stage: str) -> np.ndarray:
         if name not in self.results:
@@ -105,11 +115,12 @@ def _phase(scan: ScanInput, p: dict) -> StageOutput:
     v = values_of(r)
     return StageOutput(v, f"phase {np.ptp(r.phase):.3g} {r.unit} peak to peak; scan rotation "
                           f"{r.rotation_deg:.1f}° ({r.rotation_source}), flip {r.flip}, curl/div {r.curl_residual:.2f}",
-                       images={"phase": r.phase})
+                       images={"phase": Result(r.phase, "nav", r.unit, "phase from the integrated centre of mass")})
 
 
 def _columns(scan: ScanInput, p: dict) -> StageOutput:
     from operators.imaging.columns import analyze_columns
+    from stream.files.previews import columns_figure
 
     name = p["image"]
     if name == "phase":
@@ -121,6 +132,7 @@ def _columns(scan: ScanInput, p: dict) -> StageOutput:
     r = analyze_columns(np.asarray(image, np.float64), min_distance_px=p["min_distance_px"],
                         threshold=p["threshold"], smooth_px=p["smooth_px"], step_A=scan.number("scan_step_A"))
     v = values_of(r)
+    v["image"] = name  # the image the columns were found in (its unit is the cross-sections')
     n = len(r.y_px)
     nn = np.nanmedian(r.nn_distance_A if np.isfinite(r.step_A) else r.nn_distance_px) if n > 1 else np.nan
     unit = "Å" if np.isfinite(r.step_A) else "px"
@@ -130,11 +142,14 @@ def _columns(scan: ScanInput, p: dict) -> StageOutput:
     return StageOutput(v, f"{n} columns in {name}; median nearest neighbour {nn:.3g} {unit}; lattice "
                           f"{'fit' if not r.lattice_error else r.lattice_error}",
                        tables={"columns": table},
-                       figures={"columns": lambda fig: _overlay(fig, image, r.y_px, r.x_px, f"columns on {name}")})
+                       figures={"columns": lambda fig: columns_figure(
+                           image, r.y_px, r.x_px, unit=_image_unit(scan, name),
+                           step_A=scan.step_A, title=f"atomic columns in {name}", fig=fig)})
 
 
 def _counting(scan: ScanInput, p: dict) -> StageOutput:
     from operators.imaging.atom_counting import count_atoms
+    from stream.files.previews import counting_figure, plural
 
     if "columns" not in scan.outputs:
         raise StageError("stage 'counting' needs the stage 'columns' to run first")
@@ -149,17 +164,21 @@ def _counting(scan: ScanInput, p: dict) -> StageOutput:
     counts[ok] = r.counts
     v["counts"] = counts  # one per column of the columns stage; -1 where its fit failed
     conf = ", ".join(f"{k}: {c_:.2f}" for k, c_ in zip(r.count_values, r.count_confidence))
-    return StageOutput(v, f"{ok.sum()} of {len(xs)} columns in {r.n_components} classes ({r.selection}), "
+    return StageOutput(v, f"{ok.sum()} of {len(xs)} columns in {plural(r.n_components, 'class', 'classes')} "
+                          f"({r.selection}), "
                           f"{int(r.count_values.min())}..{int(r.count_values.max())} atoms; Monte Carlo "
                           f"confidence per count {conf}",
                        tables={"counts": {"y_px": c["y_px"], "x_px": c["x_px"], "cross_section": xs,
                                           "atoms": counts}},
-                       figures={"counting": lambda fig: _histogram(fig, xs[ok], r)})
+                       figures={"counting": lambda fig: counting_figure(
+                           xs[ok], means=r.means, weights=r.weights, sigma=r.sigma, class_counts=r.class_counts,
+                           unit=f"{_image_unit(scan, c.get('image', 'adf'))}·px²", selection=r.selection, fig=fig)})
 
 
 def _grains(scan: ScanInput, p: dict) -> StageOutput:
     from operators.crystallography.grains import grain_diffraction
     from operators.crystallography.peak_table import grain_table, peak_table
+    from stream.files.previews import labels_figure
 
     g = scan.geometry
     if g.mrad_per_px is None:
@@ -173,7 +192,8 @@ def _grains(scan: ScanInput, p: dict) -> StageOutput:
     v = values_of(r)
     n = len(v["grain_n_positions"])
     return StageOutput(v, f"{n} grain(s): " + "; ".join(r.summary().splitlines()[:6]),
-                       images={"labels": v["labels"].astype(np.float64)},
+                       figures={"labels": lambda fig: labels_figure(v["labels"], title="grains", step_A=scan.step_A,
+                                                                    missing=scan.missing, fig=fig)},
                        tables={"peaks": peak_table(r), "grains": grain_table(r)})
 
 
@@ -232,9 +252,18 @@ def load_scan(path) -> ScanInput:
     rec = open_recording(path)
     with h5py.File(path, "r") as f:
         results = {k: d[()] for k, d in f["results"].items()}
+        units = {k: str(d.attrs.get("unit", "")) for k, d in f["results"].items()}
         outputs = {k: read_attrs(g) | {n: d[()] for n, d in g.items() if isinstance(d, h5py.Dataset)}
                    for k, g in f["stages"].items() if g.attrs.get("status") == "ok"} if "stages" in f else {}
-    return ScanInput(Path(path), rec, results, rec.metadata, outputs)
+        pf = f["completeness/position_frames"][()] if "completeness/position_frames" in f else None
+    g = rec.geometry
+    missing = None if pf is None else pf < g.frames_per_position * g.n_sources
+    return ScanInput(Path(path), rec, results, rec.metadata, outputs, units, missing)
+
+
+def _image_unit(scan: ScanInput, image: str) -> str:
+    """The unit of an image the stages read: a /results unit, 'rad' for the phase."""
+    return scan.units.get(image) or ("rad" if image == "phase" else "image units")
 
 
 def run_stages(path, run: list, params: dict | None = None, previews: bool = True) -> list[StageReport]:
@@ -272,7 +301,7 @@ def run_stages(path, run: list, params: dict | None = None, previews: bool = Tru
         report.previews = _tables(path, name, out)
         if previews:
             try:
-                report.previews += _previews(path, name, out)
+                report.previews += _previews(scan, name, out)
             except Exception as e:  # noqa: BLE001 - a preview is not worth a stage
                 report.headline += f" (previews failed: {type(e).__name__}: {e})"
         reports.append(report)
@@ -335,25 +364,25 @@ def _write_csv(target: Path, cols: dict) -> None:
             out.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
 
 
-def _previews(path, name: str, out: StageOutput) -> list[str]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _previews(scan: ScanInput, name: str, out: StageOutput) -> list[str]:
+    """PNG previews of a stage's images (colour bar in their unit, scale bar in Å, missing
+    positions marked) and figures, in ``previews/`` beside the scan file."""
+    from stream.files.previews import image_figure, new_figure, save
 
-    from stream.files.previews import write_previews
-    from operators.base import Result
-
-    path = Path(path)
+    path = scan.path
     directory = path.parent / "previews"
     stem = f"{path.stem}_stage_{name}"
-    written = [str(p) for p in write_previews(directory, stem, {k: Result(np.asarray(v), "nav")
-                                                                for k, v in out.images.items()})]
+    written = []
+    for key, img in out.images.items():
+        data, unit = (img.data, img.unit) if isinstance(img, Result) else (np.asarray(img), "")
+        title = (img.description if isinstance(img, Result) else "") or (key if key == name else f"{name}: {key}")
+        fig = image_figure(data, title=title, unit=unit or "a.u.", step_A=scan.step_A,
+                           missing=scan.missing)
+        written.append(str(save(fig, directory / f"{stem}_{key}.png")))
     for fname, draw in out.figures.items():
-        fig = Figure(figsize=(6, 5), dpi=100)
-        FigureCanvasAgg(fig)
+        fig = new_figure(6, 5)
         draw(fig)
-        target = directory / f"{stem}_{fname}.png"
-        fig.savefig(target)
-        written.append(str(target))
+        written.append(str(save(fig, directory / f"{stem}_{fname}.png")))
     return written
 
 
@@ -366,22 +395,3 @@ def _tables(path, name: str, out: StageOutput) -> list[str]:
         _write_csv(target, cols)
         written.append(str(target))
     return written
-
-
-def _overlay(fig, image, ys, xs, title):
-    ax = fig.add_subplot()
-    ax.imshow(image, cmap="gray")
-    ax.plot(xs, ys, "+", color="tab:red", ms=4, mew=0.8)
-    ax.set_title(f"{title}: {len(ys)}")
-    ax.set_axis_off()
-
-
-def _histogram(fig, xs, r):
-    ax = fig.add_subplot()
-    ax.hist(xs, bins=max(20, int(np.sqrt(len(xs)) * 2)), density=True, color="0.7")
-    grid = np.linspace(xs.min(), xs.max(), 400)
-    for mu, w, n in zip(r.means, r.weights, r.class_counts):
-        ax.plot(grid, w * np.exp(-0.5 * ((grid - mu) / r.sigma) ** 2) / (r.sigma * np.sqrt(2 * np.pi)))
-        ax.annotate(str(n), (mu, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
-    ax.set_xlabel("scattering cross-section")
-    ax.set_title(f"atom counting: {r.n_components} classes")

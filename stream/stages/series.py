@@ -386,12 +386,12 @@ def read_series(paths, image: str = "adf", *, tilt_sign: float = -1.0, voxel_siz
         if None in steps:
             bad = paths[steps.index(None)]
             raise ValueError(f"{bad}: no scan_step_A in the metadata, so the voxel size is unknown; give "
-                             "voxel_size_A (Å)")
+                             "it: --voxel-size Å ('stemstream tomo'), voxel_size_A (Python, [series])")
         if max(steps) - min(steps) > 1e-6 * max(steps):
             k = int(np.argmax(np.abs(np.array(steps) - steps[0])))
             raise ValueError(f"{paths[k]}: scan_step_A {steps[k]:g} Å differs from {paths[0]}'s "
-                             f"{steps[0]:g} Å; scans of a series need one scan step (or give voxel_size_A "
-                             "to override)")
+                             f"{steps[0]:g} Å; scans of a series need one scan step (or give --voxel-size / "
+                             "voxel_size_A to override)")
         voxel_size_A = steps[0]
     elif not (isinstance(voxel_size_A, Real) and np.isfinite(voxel_size_A) and voxel_size_A > 0):
         raise ValueError(f"voxel_size_A must be a positive number of Å, got {voxel_size_A!r}")

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from stream.stages.series import SeriesInput, group_series, open_when_free, read_series, series_key  # noqa: F401 - SeriesInput re-exported
-from stream.files.storage import read_attrs
+from stream.files.storage import cannot_write, output_dir, read_attrs
 from stream.stages.tomo_output import write_atomically, write_series_file, write_series_previews, write_series_tables
 
 # ---------------------------------------------------------------- reconstruction
@@ -145,7 +145,7 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
     _check_options(atom_statistics, statistics_options, "statistics_options",
                    ("positions", "intensities", "lattice", "volume", "voxel_size"))
     s = read_series(paths, image, tilt_sign=tilt_sign, voxel_size_A=voxel_size_A, series_id=series_id)
-    out_dir = Path(out_dir) if out_dir is not None else s.paths[0].parent
+    out_dir = output_dir(out_dir if out_dir is not None else s.paths[0].parent, "the output directory")
     vox = s.voxel_size_A
 
     b = s.images.copy()
@@ -159,8 +159,8 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
         empty = np.flatnonzero(np.clip(b - level, 0, None).sum(axis=(1, 2)) <= 0)
         if len(empty):
             raise ValueError(f"{s.paths[empty[0]]}: /results/{image} has no signal above the background "
-                             "(vacuum level), so it has no centre of mass: leave the scan out, or use "
-                             "align='xcorr'")
+                             "(vacuum level), so it has no centre of mass: leave the scan out, or align by "
+                             "cross-correlation (--align xcorr; align='xcorr' in Python)")
     if align == "none":
         shifts, reference = np.zeros((len(b), 2)), int(np.argmin(np.abs(s.angles[:, 1])))
     else:
@@ -181,6 +181,9 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
                                         volume=rec.volume, voxel_size=vox, **(statistics_options or {}))
             except Exception as e:  # noqa: BLE001 - e.g. fewer than 5 atoms, all in a plane
                 error = f"statistics failed: {type(e).__name__}: {e}"
+            if stats is not None and stats.displacement_note:
+                s.warnings.append(stats.displacement_note + (" (voxels are the scans' step unless "
+                                  "--voxel-size says otherwise)" if "not fitted" in stats.displacement_note else ""))
     if error:
         s.warnings.append(error)
 
@@ -206,8 +209,10 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
         write_series_file(f, s, b, shifts, reference, align, rec, vox, atoms, stats, error, params)
         f.attrs.update(headline=head, seconds=time.perf_counter() - t0)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_atomically(out_dir / f"{_file_stem(s.series_id)}-tomo.h5", write)
+    try:
+        path = write_atomically(out_dir / f"{_file_stem(s.series_id)}-tomo.h5", write)
+    except OSError as e:
+        raise cannot_write(out_dir / f"{_file_stem(s.series_id)}-tomo.h5", e) from None
     seconds = time.perf_counter() - t0
     headline = f"{head}; {seconds:.0f} s -> {path.name}"
     csvs, pngs = write_series_tables(path, s, shifts, rec, atoms, stats), []

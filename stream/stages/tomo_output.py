@@ -131,6 +131,7 @@ def write_series_previews(path: Path, s: SeriesInput, rec, atoms, stats) -> list
     from matplotlib.figure import Figure
 
     from operators.tomography.reconstruct import plot_r_factor
+    from stream.files.previews import add_colorbar
 
     directory = path.parent / "previews"
     directory.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,7 @@ def write_series_previews(path: Path, s: SeriesInput, rec, atoms, stats) -> list
     v = rec.volume
     nz, ny, nx = v.shape
     vox = s.voxel_size_A
-    fig = Figure(figsize=(10, 6.6))
+    fig = Figure(figsize=(12, 7.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3)
     # (title, image, extent in Å, which position columns are the image's x and y)
@@ -161,7 +162,8 @@ def write_series_previews(path: Path, s: SeriesInput, rec, atoms, stats) -> list
               ("sum along y", v.sum(1), ext(nx, nz), (0, 2)), ("sum along x", v.sum(2), ext(ny, nz), (1, 2))]
     labels = {0: "x (Å)", 1: "y (Å)", 2: "z (Å)"}
     for ax, (title, img, extent, cols), xy in zip(axes.flat, panels, [(0, 1), (0, 2), (1, 2)] * 2):
-        ax.imshow(img, cmap="gray", extent=extent, interpolation="nearest")
+        im = ax.imshow(img, cmap="gray", extent=extent, interpolation="nearest")
+        add_colorbar(ax, im, "intensity per voxel" if cols is None else "summed intensity")
         if cols is not None and atoms is not None and len(atoms.positions_A):
             ax.plot(atoms.positions_A[:, cols[0]], atoms.positions_A[:, cols[1]], "+", color="tab:red",
                     ms=3, mew=0.6)
@@ -170,7 +172,8 @@ def write_series_previews(path: Path, s: SeriesInput, rec, atoms, stats) -> list
         ax.set_ylabel(labels[xy[1]], fontsize=8)
         ax.tick_params(labelsize=7)
     n = 0 if atoms is None else len(atoms.positions_A)
-    fig.suptitle(f"{s.series_id}: {nz}x{ny}x{nx} voxels of {vox:.3g} Å, R {rec.r_factor[-1]:.3f}"
+    fig.suptitle(f"{s.series_id}: RESIRE reconstruction, "
+                 f"{nz}x{ny}x{nx} voxels of {vox:.3g} Å, R {rec.r_factor[-1]:.3f}"
                  + (f", {n} atoms (+)" if atoms is not None else ""), fontsize=10)
     fig.tight_layout()
     target = directory / f"{path.stem}_volume.png"

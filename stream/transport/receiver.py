@@ -26,6 +26,7 @@ from operators.electron_counting import ElectronCounter
 from operators.events import EventStore
 
 from stream.transport import control
+from stream.transport.links import LinkWatch
 from stream.transport.protocol import (MAX_DENSE_EVENTS, Geometry, Message, ProtocolError, decode,
                                        frame_positions)
 from stream.transport.spill import SpillFile
@@ -202,6 +203,7 @@ class Receiver:
             pull = ctx.socket(zmq.PULL)
             pull.setsockopt(zmq.RCVHWM, self.rcvhwm)
             pull.setsockopt(zmq.LINGER, 0)
+            links = LinkWatch(pull)  # before connecting: no event is missed
             for addr in self.connect:
                 pull.connect(addr)
             report = ctx.socket(zmq.PUSH)
@@ -214,6 +216,7 @@ class Receiver:
             self._ready.set()
             return
         self._ready.set()
+        self._send(links.report())  # none yet: the coordinator knows this receiver is there
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
         next_live = time.monotonic() + (live_period or 0)
         latency = self.config.chunking.max_latency_ms / 1000
@@ -238,6 +241,8 @@ class Receiver:
                     if live_period and now >= next_live:
                         self._snapshot_live()
                         next_live = now + live_period
+                    if links.poll():
+                        self._send(links.report())
                 except Exception as e:  # noqa: BLE001 - the loop must go on
                     log.exception("receiver housekeeping failed")
                     self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
@@ -248,6 +253,7 @@ class Receiver:
                         break  # the coordinator is not reading; try again next turn
                     self._outbox.popleft()
         finally:
+            links.close()
             if self.source is not None:
                 self.source.close()
             pull.close()

@@ -1,6 +1,6 @@
 """What the page draws, from result arrays: binned copies for large images, contrast limits
 from percentiles, and the centre of mass as a colour wheel (direction → hue, magnitude →
-brightness). Pure numpy; the page only colours what it is given.
+brightness, the previews' wheel). Pure numpy; the page only colours what it is given.
 
 Examples
 --------
@@ -16,6 +16,8 @@ array([[ 2.5,  4.5],
 from __future__ import annotations
 
 import numpy as np
+
+from stream.files.previews import com_rgb
 
 MAX_SIDE = 512  # images larger than this are binned for the page (the files keep every pixel)
 
@@ -64,36 +66,16 @@ def limits(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
 
 def com_rgba(com_y: np.ndarray, com_x: np.ndarray, clip: float | None = None) -> np.ndarray:
     """The centre of mass (scan frame, y down) as colours, (ny, nx) uint32 RGBA (little-endian
-    0xAABBGGRR, as Bokeh's ``image_rgba`` takes them): hue = direction (0° = +x red, 90° = +y
-    chartreuse-green, ...), brightness = magnitude / ``clip`` (default: the 99th percentile
-    of the magnitudes), transparent where NaN."""
-    cy, cx = np.asarray(com_y, float), np.asarray(com_x, float)
-    mag = np.hypot(cy, cx)
-    ok = np.isfinite(mag)
-    if clip is None:
-        clip = float(np.percentile(mag[ok], 99)) if ok.any() else 1.0
-    value = np.clip(np.where(ok, mag, 0) / (clip if clip > 0 else 1.0), 0, 1)
-    hue = (np.degrees(np.arctan2(np.where(ok, cy, 0), np.where(ok, cx, 0))) % 360) / 60.0
-    rgb = _hsv_to_rgb(hue, value)
-    out = np.zeros(cy.shape, np.uint32)
+    0xAABBGGRR, as Bokeh's ``image_rgba`` takes them): the previews' colour wheel
+    (stream.files.previews.com_rgb: hue = direction, 0° = +x red, 90° = +y chartreuse, ...;
+    brightness = magnitude / ``clip``, default the 99th percentile), transparent where NaN."""
+    rgb, _ = com_rgb(com_y, com_x, clip)
+    ok = np.isfinite(rgb).all(axis=-1)
+    out = np.zeros(ok.shape, np.uint32)
     for c in range(3):
-        out |= (np.round(rgb[..., c] * 255).astype(np.uint32)) << np.uint32(8 * c)
+        out |= np.round(np.where(ok, rgb[..., c], 0) * 255).astype(np.uint32) << np.uint32(8 * c)
     out |= np.where(ok, np.uint32(255), np.uint32(0)) << np.uint32(24)
     return out
-
-
-def _hsv_to_rgb(h6: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Saturation 1: hue in sixths of a turn [0, 6), value [0, 1] → (..., 3) RGB in [0, 1]."""
-    i = np.floor(h6).astype(int) % 6
-    f = h6 - np.floor(h6)
-    q, t = v * (1 - f), v * f
-    z = np.zeros_like(v)
-    table = [(v, t, z), (q, v, z), (z, v, t), (z, q, v), (t, z, v), (v, z, q)]
-    rgb = np.zeros(v.shape + (3,))
-    for k, (r, g, b) in enumerate(table):
-        sel = i == k
-        rgb[sel, 0], rgb[sel, 1], rgb[sel, 2] = r[sel], g[sel], b[sel]
-    return rgb
 
 
 def color_wheel(size: int = 64) -> np.ndarray:

@@ -19,7 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from stream.config import calibration, default_virtual
+from stream.config import ConfigError, calibration, detector_regions
+from stream.files.previews import missing_positions
 from stream.files.recording import open_recording
 from stream.viewer.display import binned, com_rgba
 from stream.viewer.shapes import DetectorAxes, ScanAxes
@@ -326,7 +327,9 @@ class SessionFeed:
                     stages, columns, _ = read_stage_outputs(summary.path, step)
                 except OSError:
                     pass  # the file is being written by a stage: next time
-            hidden = None if pf is None else np.asarray(pf) == 0
+            # positions short of frame parts are missing (as in the previews); the number expected
+            # is the session's, else (a file's map alone) the most any position got
+            hidden = missing_positions(pf, r.expected_frames_per_position if r is not None and r.results else None)
             images = scan_images(results, hidden, stages)
         scan_axes = det_axes = None
         detectors = []
@@ -334,23 +337,20 @@ class SessionFeed:
             scan_axes = ScanAxes(tuple(geometry.scan_shape), _number(metadata.get("scan_step_A")))
             cal = calibration(self.session.config, geometry)
             det_axes = DetectorAxes(tuple(geometry.frame_shape), cal.center, cal.mrad_per_px)
-            detectors = self._detector_outlines(cal, geometry, det_axes)
+            detectors = self._detector_outlines(geometry, det_axes)
         self._version += 1
         return ScanView(sid, summary, self._version, scan_axes, det_axes, images, columns, detectors, metadata,
                         hidden)
 
-    def _detector_outlines(self, cal, geometry, ax: DetectorAxes) -> list:
-        out = []
-        for v in self.session.config.virtual or default_virtual(cal, geometry.frame_shape):
-            try:
-                if v.shape == "disk":
-                    out.append((v.name, 0.0, cal.px(v.radius_px, v.radius_mrad, v.name) * ax.scale))
-                elif v.shape == "annulus":
-                    out.append((v.name, cal.px(v.inner_px, v.inner_mrad, v.name) * ax.scale,
-                                cal.px(v.outer_px, v.outer_mrad, v.name) * ax.scale))
-            except ValueError:
-                continue
-        return out
+    def _detector_outlines(self, geometry, ax: DetectorAxes) -> list:
+        """(name, inner, outer) radii in page units of the configured disks and annuli (drawn
+        dashed on the pattern; stream.config.detector_regions, as the previews draw them)."""
+        try:
+            regions = detector_regions(self.session.config, geometry)
+        except ConfigError:
+            return []
+        return [(d["name"], d["inner_px"] * ax.scale, d["outer_px"] * ax.scale)
+                for d in regions if d["shape"] in ("disk", "annulus")]
 
     def _file_info(self, path: str):
         if not path:
