@@ -77,6 +77,63 @@ def make_chunks(counts, indices, chunk_frames, n_sources, frame_shape):
     return chunks
 
 
+def shuffle_within_frames(counts, indices, seed=1):
+    """The same events in a random order within each frame, as a detector whose sectors or
+    readout threads interleave delivers them."""
+    frame_of = np.repeat(np.arange(len(counts)), counts)
+    order = np.lexsort((np.random.default_rng(seed).random(len(indices)), frame_of))
+    return indices[order]
+
+
+def receiver_chunks(counts, indices, frame_shape, n_sources=4, batch=512, chunk_parts=4096):
+    """Chunks as a receiver builds them from a detector of ``n_sources`` row sectors: each
+    source sends messages of ``batch`` frames (its sector's part of each), the sources take
+    turns, and every ``chunk_parts`` frame parts (``[chunking] max_frames``) become a chunk.
+    Event order within a part is the frame's (stable split)."""
+    n = len(counts)
+    h, w = frame_shape
+    frame_of = np.repeat(np.arange(n), counts)
+    bounds = np.linspace(0, h, n_sources + 1).round().astype(np.int64)
+    sector = np.searchsorted(bounds, indices // w, side="right") - 1
+    per_source = []
+    for s in range(n_sources):
+        sel = sector == s
+        c = np.bincount(frame_of[sel], minlength=n)
+        per_source.append((c, indices[sel], np.concatenate([[0], np.cumsum(c)])))
+    chunks, pending, parts = [], [], 0
+
+    def flush():
+        frames = np.concatenate([np.arange(a, a + len(c)) for _, a, c, _ in pending])
+        sources = np.concatenate([np.full(len(c), s) for s, _, c, _ in pending])
+        chunks.append(Chunk.from_counts(frames, sources, frames,
+                                        np.concatenate([c for _, _, c, _ in pending]),
+                                        np.concatenate([e for _, _, _, e in pending])))
+
+    for a in range(0, n, batch):
+        b = min(a + batch, n)
+        for s, (c, ev, off) in enumerate(per_source):
+            pending.append((s, a, c[a:b], ev[off[a]:off[b]]))
+            parts += b - a
+            if parts >= chunk_parts:
+                flush()
+                pending, parts = [], 0
+    if pending:
+        flush()
+    return chunks
+
+
+def frame_events(chunks):
+    """The events of ``chunks`` frame by frame (each frame's parts in source order), as a
+    tool that reads whole frames (stempy) gets them: (n_frames + 1,) offsets, indices."""
+    frames = np.concatenate([c.frames for c in chunks])
+    order = np.lexsort((np.concatenate([c.sources for c in chunks]), frames))
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate([c.counts for c in chunks]))])
+    indices = np.concatenate([c.indices for c in chunks])
+    out = np.concatenate([indices[offsets[i]:offsets[i + 1]] for i in order])
+    per_frame = np.bincount(frames, weights=np.diff(offsets), minlength=frames.max() + 1)
+    return np.concatenate([[0], np.cumsum(per_frame)]).astype(np.int64), out
+
+
 def time_op(op, chunks, repeats):
     def once():
         state = op.new_state()

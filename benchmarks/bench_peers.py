@@ -32,10 +32,16 @@ pickled back and merged (states merged then finalized; stempy's images concatena
 added) in this process: all of that is timed. "2" for LiberTEM is its own executor with two
 workers (``Context.make_with('pipelined', cpus=2)`` by default).
 
-Bounds (rows that are not a task): a numba pass that only reads every event once (the floor
-of any one-pass kernel; "ratio at the floor" in the targets table is a peer's time over it,
-the most any such kernel could reach), and, when operators/fused.py exists, its kernel doing
-one task only (what that operator alone could cost).
+Bounds (rows that are not a task): a numba pass that only reads every event once, with
+contiguous vector loads (the floor of any one-pass kernel; "ratio at the floor" in the targets
+table is a peer's time over it, the most any such kernel could reach), and, when
+operators/fused.py exists, its kernel doing one task only (what that operator alone could cost).
+
+Issue 19, one core: the same events unsorted within each frame and cut into 4 row sectors in
+the receiver's chunks (benchmarks/bench_operators.py ``receiver_chunks``: messages of 512
+frames per source, sources taking turns, 4096 frame parts per chunk), as the 4D Camera and the
+emulator deliver them: the fused operator on those chunks, and stempy's ``create_stem_images``
+on the same frames whole (each frame's sector parts concatenated, unsorted).
 
 Every time is the median of at least ``--repeats`` runs (more until they last 0.5 s) after one
 untimed warm-up run, min..max given; the warm-up run's results are checked before the timed
@@ -68,9 +74,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from numba import njit  # noqa: E402
 
 import common  # noqa: E402
+from bench_operators import frame_events, receiver_chunks, shuffle_within_frames  # noqa: E402
 from operators.com import CenterOfMass  # noqa: E402
 from operators.diffraction import DiffractionSum  # noqa: E402
 from operators.virtual import VirtualDetectors, annulus_mask  # noqa: E402
@@ -82,17 +88,11 @@ TASKS = ["two annular images", "centre of mass", "diffraction sum", "all three",
 OURS = {"two annular images": "ours: VirtualDetectors", "centre of mass": "ours: CenterOfMass",
         "diffraction sum": "ours: DiffractionSum", "all three": "ours: the three in sequence"}
 FUSED = "ours: fused (operators.fused)"
-FLOOR = "floor: one numba pass reading every event (sum of a frame's indices)"
-
-
-@njit(cache=True, nogil=True)
-def _read_pass(positions, offsets, indices, out):
-    """The least a one-pass kernel does: read every event of every frame once."""
-    for i in range(positions.shape[0]):
-        s = np.int64(0)
-        for e in range(offsets[i], offsets[i + 1]):
-            s += indices[e]
-        out[positions[i]] += s
+FLOOR = "floor: one numba pass reading every event (sum of a frame's indices, contiguous loads)"
+# Issue 19: events as a 4-sector detector delivers them, unsorted within frames, in the
+# receiver's chunks; stempy reads the same frames whole.
+FUSED_UNSORTED = "ours: fused, unsorted events in 4-sector chunks"
+STEMPY_UNSORTED = "stempy: create_stem_images, unsorted events"
 
 
 # ---------------------------------------------------------------- ours
@@ -301,7 +301,7 @@ def run_dose(dose, args, checks, notes) -> tuple[list, dict]:
 
     def floor():
         for c in chunks:
-            _read_pass(c.positions, c.offsets, c.indices, floor_out)
+            common.read_pass(c.positions, c.offsets, c.indices, floor_out)
     log(row(BOUNDS, FLOOR, dose, scan, 1, timed(floor, R)[0]))
     if fused is not None:  # the fused kernel on one task: what each operator alone could cost
         for label, kw in (("two images", {"virtual": vd}), ("centre of mass", {"com": com}),
@@ -345,6 +345,21 @@ def run_dose(dose, args, checks, notes) -> tuple[list, dict]:
             t, _ = timed(lambda fn=fn: fn(sa), R,
                                     check=lambda res, key=key: check_stempy(key, res, f"{dose} e/f: {impl} x1"))
             log(row(task, impl, dose, scan, 1, t))
+
+    # -- one process, events unsorted within frames and cut in 4 sectors (issue 19)
+    shuffled = shuffle_within_frames(counts, indices)
+    chunks_u = receiver_chunks(counts, shuffled, frame_shape, n_sources=4)
+    if fused is not None:
+        t, _ = timed(lambda: ours_finalize([fused], ours_states([fused], chunks_u)), R,
+                     check=lambda res: same(checks, f"{dose} e/f: {FUSED_UNSORTED} = separate", res, ref))
+        log(row("all three", FUSED_UNSORTED, dose, scan, 1, t))
+    if sp_funcs is not None:
+        off_u, frames_u = frame_events(chunks_u)
+        sa_u = common.stempy_sparse_array(np.diff(off_u), frames_u, scan_shape, frame_shape)
+        t, _ = timed(lambda: sp_funcs["stem"][0](sa_u), R,
+                     check=lambda res: check_stempy("stem", res, f"{dose} e/f: {STEMPY_UNSORTED} x1"))
+        log(row("two annular images", STEMPY_UNSORTED, dose, scan, 1, t))
+        del sa_u
 
     # -- two processes: ours, and stempy on the same halves
     tasks = {f"ours:{impl}": (lambda part, ops=ops: ours_states(ops, halves[part])) for _, impl, ops in ours_runs}
@@ -429,7 +444,8 @@ def add_ratios(rows, fused_present) -> list:
             if r["implementation"].startswith("ours")}
     pairs = []
     for r in rows:
-        if r["task"] == BOUNDS or r["implementation"].startswith("ours"):
+        if r["task"] == BOUNDS or r["implementation"].startswith("ours") or \
+                r["implementation"] == STEMPY_UNSORTED:  # (compared in the targets)
             continue
         refs = [OURS[r["task"]]] + ([FUSED] if r["task"] == "all three" and fused_present else [])
         for impl in refs:
@@ -473,6 +489,9 @@ def targets(rows, fused_present, doses) -> list:
             add(dose, "fused >= 2x stempy create_stem_images (two images alone)", OURS["all three"],
                 "stempy: create_stem_images", 2.0,
                 "operators/fused.py missing: the three operators in sequence stand in for it")
+        if fused_present:
+            add(dose, "fused >= 2.5x stempy create_stem_images, unsorted 4-sector events (issue 19)",
+                FUSED_UNSORTED, STEMPY_UNSORTED, 2.5)
         add(dose, "centre of mass >= 10x stempy com_sparse", OURS["centre of mass"],
             "stempy: com_sparse (default, version 0)", 10.0)
         add(dose, "centre of mass >= 10x stempy com_sparse", OURS["centre of mass"],

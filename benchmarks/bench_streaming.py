@@ -10,6 +10,13 @@ latency from the emulator's last frame sent to the scan file renamed into place,
 of the emulator, of each worker and of this process (scheduler + coordinator), and peak
 memory (resident set high-water mark). A rate is "held" when the emulator achieved at least
 95 % of it with zero frames lost. Medians over ``--repeats`` runs per rate.
+
+The two cores while the frames stream (from the emulator's scan generated, in memory, to its
+last frame sent): CPU seconds of every process over that time (/proc/PID/stat, 10 ms ticks),
+as cores, so the emulator's share of the machine is visible. ``--pinned`` adds an unpaced
+run with the emulator alone on CPU 1 (``taskset``; it sends its pre-generated scan from
+memory) and everything else (scheduler, coordinator, workers, every thread) on CPU 0: the
+pipeline's own ceiling on one core, with nothing else of ours on it.
 """
 
 from __future__ import annotations
@@ -47,12 +54,41 @@ def _vm_hwm_mb():
     return float("nan")
 
 
-def run_emulator(args, bind, scan_id, rate):
-    """Run `stemstream simulate`; return (achieved frames/s, wall time of the last frame sent)."""
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far, all its threads, ended
+    ones included (/proc/PID/stat, in clock ticks of 10 ms); 0 for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin_tree(cpus) -> None:
+    """Every thread of this process and of its descendants (nannies, workers) on ``cpus``."""
+    import psutil
+    for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            for t in p.threads():
+                try:
+                    os.sched_setaffinity(t.id, cpus)
+                except OSError:
+                    pass  # a thread that just ended
+        except psutil.Error:
+            pass
+
+
+def run_emulator(args, bind, scan_id, rate, on_generated=None, cpu=None):
+    """Run `stemstream simulate` (on CPU ``cpu`` alone if given, by taskset); call
+    ``on_generated(pid)`` when its scan is generated and about to stream. Returns (achieved
+    frames/s, wall time of the last frame sent, emulator pid)."""
     cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", args.specimen,
            "--scan", args.scan, "--detector", args.detector, "--dose", str(args.dose),
            "--sources", str(args.sources), "--bind", bind, "--rate", str(rate),
            "--scan-id", scan_id, "--wait", "60"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
     sent = {}
 
@@ -61,13 +97,17 @@ def run_emulator(args, bind, scan_id, rate):
             m = SENT.search(line)
             if m:
                 sent.update(time=time.time(), rate=float(m.group(4).replace(",", "")))
+                if on_generated is not None:
+                    sent["cpu"] = on_generated(proc.pid)
+            elif "] generated " in line and on_generated is not None:
+                sent["cpu0"] = on_generated(proc.pid)
     reader = threading.Thread(target=read)
     reader.start()
     code = proc.wait()
     reader.join()
-    if code != 0 or not sent:
+    if code != 0 or "rate" not in sent:
         raise RuntimeError(f"emulator failed (exit code {code}): {' '.join(cmd)}")
-    return sent["rate"], sent["time"]
+    return sent
 
 
 def main(argv=None):
@@ -85,6 +125,8 @@ def main(argv=None):
                     help="[memory] events_in_memory_mb of the receivers (default: the configuration's)")
     ap.add_argument("--write-block-mb", type=float, default=None,
                     help="[memory] write_block_mb (default: the configuration's)")
+    ap.add_argument("--pinned", action="store_true",
+                    help="add an unpaced run with the emulator alone on CPU 1, the pipeline on CPU 0")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")
     a = ap.parse_args(argv)
 
@@ -97,40 +139,61 @@ def main(argv=None):
         cfg.memory.write_block_mb = a.write_block_mb
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scan {a.scan}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
-          f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate\n")
+          f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate; "
+          f"load average {os.getloadavg()[0]:.2f} at the start\n")
     rows = []
+    plan = [(rate, None) for rate in a.rates] + ([("max", 1)] if a.pinned else [])
     with Session(expand_sources([bind], a.sources), out=a.out, config=cfg, workers=a.workers,
                  console=False) as s:
         client = s._client
-        for rate in a.rates:
+        worker_pids = client.run(os.getpid)
+        pids = [os.getpid()] + [worker_pids[k] for k in sorted(worker_pids)]
+
+        def snapshot(emu_pid):  # (time, CPU s of: emulator, coordinator + scheduler, workers...)
+            return time.perf_counter(), [cpu_s(emu_pid)] + [cpu_s(p) for p in pids]
+
+        for rate, emu_cpu in plan:
+            label = rate if emu_cpu is None else "max, emulator alone on CPU 1"
+            if emu_cpu is not None:
+                pin_tree({0})
             runs = []
             for i in range(a.repeats):
-                sid = f"bench-{rate}-{i}"
+                sid = f"bench-{rate}-{'p' if emu_cpu is not None else ''}{i}"
                 w0 = client.run(_proc_times)
                 c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 me0 = _proc_times()
-                achieved, t_sent = run_emulator(a, bind, sid, rate)
+                sent = run_emulator(a, bind, sid, rate, snapshot, emu_cpu)
+                achieved, t_sent = sent["rate"], sent["time"]
                 r = s.wait(f"{sid}-0000", timeout=300)  # the emulator numbers its scans
                 c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 w1 = client.run(_proc_times)
+                (ta, ca), (tb, cb) = sent["cpu0"], sent["cpu"]
+                streaming = [(y - x) / (tb - ta) for x, y in zip(ca, cb)]  # cores while streaming
                 runs.append({"achieved": achieved, "lost": r.n_missing,
                              "latency": r.timings["written"] - t_sent, "status": r.status,
                              "cpu_emulator": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
                              "cpu_workers": [w1[k] - w0[k] for k in sorted(w0)],
                              "cpu_coordinator": _proc_times() - me0, "events": r.events,
                              "frames": r.frames_received,
+                             "streaming_s": tb - ta, "cores_emulator": streaming[0],
+                             "cores_coordinator": streaming[1], "cores_workers": streaming[2:],
                              # where the latency goes: the receivers' backlog, closing and merging
                              # the small states, then the events block by block
                              "catch_up": r.timings["last_frame"] - t_sent,
                              "merge": r.timings["merged"] - r.timings["last_frame"],
                              "events_written": r.timings["written"] - r.timings["merged"]})
+            if emu_cpu is not None:
+                pin_tree(set(range(os.cpu_count())))
             med = {k: statistics.median(x[k] for x in runs)
                    for k in ("achieved", "latency", "cpu_emulator", "cpu_coordinator", "catch_up",
-                             "merge", "events_written")}
+                             "merge", "events_written", "streaming_s", "cores_emulator",
+                             "cores_coordinator")}
             lost = max(x["lost"] for x in runs)
             held = rate != "max" and med["achieved"] >= 0.95 * float(rate) and lost == 0
             cpu_w = [statistics.median(x["cpu_workers"][k] for x in runs) for k in range(a.workers)]
-            rows.append((rate, med, lost, held, cpu_w, runs))
+            med["cores_workers"] = [statistics.median(x["cores_workers"][k] for x in runs)
+                                    for k in range(a.workers)]
+            rows.append((label, med, lost, held, cpu_w, runs))
         mem_workers = client.run(_vm_hwm_mb)
     mem_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem_emu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -150,6 +213,17 @@ def main(argv=None):
     print("|---:|---:|---:|---:|")
     for rate, med, *_ in rows:
         print(f"| {rate} | {med['catch_up']:.2f} | {med['merge']:.2f} | {med['events_written']:.2f} |")
+    print("\nThe two cores while the frames stream (from the emulator's scan generated to its last "
+          "frame sent; medians): CPU seconds per second of each process, i.e. cores\n")
+    print("| target frames/s | streaming s | emulator | workers | coordinator + scheduler | all "
+          "| emulator's share |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for rate, med, *_ in rows:
+        total = med["cores_emulator"] + med["cores_coordinator"] + sum(med["cores_workers"])
+        print(f"| {rate} | {med['streaming_s']:.2f} | {med['cores_emulator']:.2f} | "
+              f"{' + '.join(f'{c:.2f}' for c in med['cores_workers'])} | "
+              f"{med['cores_coordinator']:.2f} | {total:.2f} | "
+              f"{med['cores_emulator'] / total:.0%} |")
     held = [r[0] for r in rows if r[3]]
     print(f"\nhighest target rate held with zero frames lost: {held[-1] if held else 'none'}")
     print(f"peak resident memory: workers {', '.join(f'{m:.0f}' for m in mem_workers.values())} MB; "

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -38,6 +39,18 @@ DOSES = (100, 1000)
 BF_FRACTION = 0.6
 BF_RADIUS = 40.0  # px
 CHUNK_FRAMES = 8192
+
+
+@njit(cache=True, nogil=True)
+def read_pass(positions, offsets, indices, out):
+    """The least a one-pass kernel does: read every event of every frame once (a sum per
+    frame into ``out``). Unsigned event indices, so that numba emits contiguous vector loads
+    (with signed ones it must allow negative indices and gathers every event instead)."""
+    for i in range(positions.shape[0]):
+        s = np.uint64(0)
+        for e in range(np.uint64(offsets[i]), np.uint64(offsets[i + 1])):
+            s += indices[e]
+        out[positions[i]] += np.int64(s)
 
 
 def sparse_scan(scan_shape, frame_shape, mean_events, seed=0):

@@ -26,9 +26,8 @@ from operators.kernels import NJIT, shape2, sort_segments
 def _sort_check_kernel(offsets, indices, n_pix):
     """Sort every frame's events in place; return how many are >= n_pix."""
     bad = 0
-    for e in range(indices.shape[0]):
-        if np.int64(indices[e]) >= n_pix:
-            bad += 1
+    for e in range(np.uint64(indices.shape[0])):  # (unsigned: contiguous vector loads)
+        bad += np.int64(indices[e]) >= n_pix
     sort_segments(offsets, indices)
     return bad
 

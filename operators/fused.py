@@ -43,10 +43,11 @@ MAX_CODES = 256
 # Up to this many codes, a frame's per-code counts are packed into one 64-bit register
 # (64 // n_codes bits each) instead of a histogram in memory.
 MAX_PACKED = 8
-# Events ahead whose pixels are prefetched (summed pattern and code table): the events outside
+# Events ahead whose pixels are prefetched (summed pattern and class table): the events outside
 # the bright-field disk land anywhere in the int64 pattern, larger than an L2 cache (2.6 MB
-# at 576 x 576). 16 was the fastest of 8, 16, 32, 64 on the benchmark machine.
-PREFETCH_AHEAD = 16
+# at 576 x 576), and unsorted events anywhere in the class table too. 32 was the fastest of
+# 0, 16, 24, 32, 48, 64 on unsorted 4-sector events (benchmarks/bench_fused.py).
+PREFETCH_AHEAD = 32
 
 
 def _prefetch_codegen(context, builder, signature, args):
@@ -83,24 +84,26 @@ def _division_magic(n_pix, w):
 
 
 @njit(inline="always", **NJIT)
-def _packed_run(indices, a, stop, pf_end, code, lut, n_inside, m, s, total, com, all_in):
-    """Events a..stop (all pixel indices valid, stop - a < 2**bits): per-code counts packed in
-    one register, CoM sums of the codes < n_inside (of every event if ``all_in`` is not
-    None; ``com`` and ``all_in`` are None or not at compile time, like ``total``).
+def _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s, total, com, all_in):
+    """Events a..stop (all pixel indices valid, stop - a < 2**bits): per-class counts packed
+    in one register, CoM sums of the classes inside the radius (of every event if ``all_in``
+    is not None; ``com`` and ``all_in`` are None or not at compile time, like ``total``).
+    shift (n_pix,) uint8: per pixel the bit offset of its class's field (class x bits).
     Returns (packed counts, sum y, sum idx)."""
     acc = np.uint64(0)
     cy = np.uint64(0)
     ci = np.uint64(0)
+    one = np.uint64(1)
     ahead = np.uint64(PREFETCH_AHEAD)
     mid = min(stop, pf_end)
     for e in range(a, mid):
         nxt = np.uint64(indices[e + ahead])
         if total is not None:
             _prefetch(total, nxt)
-        _prefetch(code, nxt)
+        _prefetch(shift, nxt)
         idx = np.uint64(indices[e])
-        c = code[idx]
-        acc += lut[c]
+        sh = shift[idx]
+        acc += one << np.uint64(sh)
         if total is not None:
             total[idx] += 1
         if com is not None:
@@ -108,13 +111,13 @@ def _packed_run(indices, a, stop, pf_end, code, lut, n_inside, m, s, total, com,
                 cy += (idx * m) >> s
                 ci += idx
             else:
-                f = np.uint64(c < n_inside)
+                f = np.uint64(sh < inside_shift)
                 cy += f * ((idx * m) >> s)
                 ci += f * idx
     for e in range(max(a, mid), stop):  # the last events of the chunk: nothing ahead
         idx = np.uint64(indices[e])
-        c = code[idx]
-        acc += lut[c]
+        sh = shift[idx]
+        acc += one << np.uint64(sh)
         if total is not None:
             total[idx] += 1
         if com is not None:
@@ -122,7 +125,7 @@ def _packed_run(indices, a, stop, pf_end, code, lut, n_inside, m, s, total, com,
                 cy += (idx * m) >> s
                 ci += idx
             else:
-                f = np.uint64(c < n_inside)
+                f = np.uint64(sh < inside_shift)
                 cy += f * ((idx * m) >> s)
                 ci += f * idx
     return acc, cy, ci
@@ -178,31 +181,52 @@ def _checked_run(indices, a, stop, code, hist, n_inside, m, s, total, com):
 
 
 @njit(**NJIT)
-def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow, cweight,
-                  m, s, uw, images, n, sy, sx, total):
+def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cptr, crow,
+                  cweight, g_row, g_field, g_weight, m, s, uw, images, n, sy, sx, total,
+                  all_in):
     """One pass over the events of the non-flyback frames of a chunk.
 
     code (n_pix,) uint8: per pixel its class; classes < n_inside are inside the CoM radius.
+    shift (n_pix,) uint8: code x bits, the field of the class in a packed counter (used
+    with at most MAX_PACKED classes).
     cptr, crow, cweight: per class, the (image row, fixed-point weight) pairs it adds to.
+    g_row, g_field, g_weight: the same as groups: image row g_row[g] adds g_weight[g] times
+    the events of the classes whose packed fields g_field[g] (uint64 mask) covers; g_field
+    is None with more than MAX_PACKED classes (then counted in a histogram).
     m, s: (idx * m) >> s == idx // w, w = uw the detector width (uint64).
     images (K, n_pos) int64; n, sy, sx (n_pos,) int64 or all None (no CoM); total (n_pix,)
-    int64 or None (no summed pattern); all updated in place.
+    int64 or None (no summed pattern); all updated in place. all_in: n if every class is
+    inside the CoM radius (no per-event test), else None.
+    g_field, total, n and all_in being None or not selects the compiled variant, so that
+    each variant's event loop holds only its own work.
     Returns (events with a pixel index >= n_pix, frames with a position >= n_pos).
     """
     n_pix = code.shape[0]
     n_codes = cptr.shape[0] - 1
-    packed = n_codes <= MAX_PACKED
     # Packed counts: a field of `bits` bits per code, unpacked at least every `block` events
-    # so that no field overflows.
+    # so that no field overflows; the sum of all fields then fits in one field too, which
+    # sums a group of fields with one multiply: ((acc & fields) * ones) >> top.
     bits = min(64 // n_codes, 32)
     block = np.uint64((1 << bits) - 1)
-    lut = np.zeros(256, dtype=np.uint64)
+    ones = np.uint64(0)
     for c in range(n_codes):
-        lut[c] = np.uint64(1) << np.uint64(bits * c)
+        ones |= np.uint64(1) << np.uint64(bits * c)
+    top = np.uint64(bits * (n_codes - 1))
+    inside_field = np.uint64(0)
+    for c in range(min(n_inside, n_codes)):
+        inside_field |= block << np.uint64(bits * c)
+    inside_shift = np.uint8(min(n_inside * bits, 255))
+    n_groups = g_row.shape[0]
     hist = np.zeros((2, n_codes), dtype=np.int64)
     u_inside = np.uint8(n_inside)
-    all_inside = n_inside == n_codes
-    pf_end = np.uint64(max(indices.shape[0] - PREFETCH_AHEAD, 0))
+    n_ev = indices.shape[0]
+    pf_end = np.uint64(max(n_ev - PREFETCH_AHEAD, 0))
+    # One vectorised look at the chunk's largest index lets the event loops trust them all;
+    # only a chunk holding a bad one looks frame by frame.
+    mx = np.uint32(0)
+    for e in range(np.uint64(n_ev)):  # (unsigned: contiguous vector loads, not gathers)
+        mx = max(mx, indices[e])
+    checked = np.int64(mx) >= n_pix
     bad_ev = 0
     bad_fr = 0
     for i in range(positions.shape[0]):
@@ -214,29 +238,38 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
             continue
         a = np.uint64(offsets[i])
         b = np.uint64(offsets[i + 1])
-        # A vectorised look at the frame's largest index lets the event loops trust them all.
-        mx = np.uint32(0)
-        for e in range(a, b):
-            mx = max(mx, indices[e])
         cy = np.uint64(0)
         ci = np.uint64(0)
-        if np.int64(mx) >= n_pix:
+        bad_frame = False
+        if checked:
+            fmx = np.uint32(0)
+            for e in range(a, b):
+                fmx = max(fmx, indices[e])
+            bad_frame = np.int64(fmx) >= n_pix
+        if bad_frame:
             cy, ci, bad = _checked_run(indices, a, b, code, hist, u_inside, m, s, total, n)
             bad_ev += bad
-        elif packed:
+        elif g_field is not None:
+            cn = np.uint64(0)
             while a < b:
                 stop = min(b, a + block)
-                if all_inside:  # (CoM of all electrons: no per-event test)
-                    acc, y1, i1 = _packed_run(indices, a, stop, pf_end, code, lut, u_inside, m,
-                                              s, total, n, n)
-                else:
-                    acc, y1, i1 = _packed_run(indices, a, stop, pf_end, code, lut, u_inside, m,
-                                              s, total, n, None)
+                acc, y1, i1 = _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s,
+                                          total, n, all_in)
                 cy += y1
                 ci += i1
-                for c in range(n_codes):
-                    hist[0, c] += np.int64((acc >> np.uint64(bits * c)) & block)
+                for g in range(n_groups):
+                    cnt = (((acc & g_field[g]) * ones) >> top) & block
+                    images[g_row[g], p] += np.int64(cnt) * g_weight[g]
+                if all_in is None:
+                    cn += (((acc & inside_field) * ones) >> top) & block
+                else:
+                    cn += stop - a
                 a = stop
+            if n is not None:
+                n[p] += np.int64(cn)
+                sy[p] += np.int64(cy)
+                sx[p] += np.int64(ci - cy * uw)
+            continue
         else:
             cy, ci = _hist_run(indices, a, b, pf_end, code, hist, u_inside, m, s, total, n)
         cn = np.int64(0)
@@ -290,7 +323,7 @@ class FusedStreaming(Operator):
     CoM radius or not), one count of the class (in a register while there are at most 8
     classes, ``self.n_codes``), one increment of the summed pattern and the CoM sums; per
     frame the class counts are expanded into the k images and the CoM count. The pixels of
-    the summed pattern and the code table are prefetched 16 events ahead.
+    the summed pattern and the code table are prefetched 32 events ahead.
 
     Out-of-range input raises ValueError after the rest of the chunk was accumulated, as in
     the separate operators; one difference: with a virtual detector or a CoM, frames at
@@ -397,6 +430,23 @@ class FusedStreaming(Operator):
         self._crow = np.concatenate(rows).astype(np.int64)
         self._cweight = np.concatenate(weights).astype(np.int64)
         self.n_codes = n_codes
+        # The packed path (at most MAX_PACKED classes): per pixel the bit offset of its
+        # class's counter field, and the image updates as groups of fields of one weight.
+        bits = min(64 // n_codes, 32)
+        self._shift = (self._code * np.uint8(bits if n_codes <= MAX_PACKED else 0)).astype(np.uint8)
+        groups: dict[tuple[int, int], int] = {}
+        for c in range(n_codes if n_codes <= MAX_PACKED else 0):
+            for t in range(self._cptr[c], self._cptr[c + 1]):
+                key = (int(self._crow[t]), int(self._cweight[t]))
+                groups[key] = groups.get(key, 0) | (((1 << bits) - 1) << (bits * c))
+        self._g_row = np.array([k[0] for k in groups], dtype=np.int64)
+        self._g_weight = np.array([k[1] for k in groups], dtype=np.int64)
+        self._g_field = (np.array(list(groups.values()), dtype=np.uint64)
+                         if n_codes <= MAX_PACKED else None)
+        self._kernel_args = (self._n_pos, self._code, self._shift, self.n_inside, self._cptr,
+                             self._crow, self._cweight, self._g_row, self._g_field,
+                             self._g_weight, self._magic[0], self._magic[1],
+                             np.uint64(self.frame_shape[1]))
 
     def new_state(self) -> State:
         state = {}
@@ -412,13 +462,13 @@ class FusedStreaming(Operator):
 
     def process(self, state: State, chunk: Chunk) -> None:
         com = self.com is not None
-        bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices, self._n_pos,
-                            self._code, self.n_inside, self._cptr, self._crow, self._cweight,
-                            self._magic[0], self._magic[1], np.uint64(self.frame_shape[1]),
-                            state.get("images", self._no_images),
-                            state["n"] if com else None, state["sum_y"] if com else None,
-                            state["sum_x"] if com else None, state.get("sum"))
-        raise_if_bad(self.label, *bad, self.n_pixels, int(self._n_pos))
+        n = state["n"] if com else None
+        bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices, *self._kernel_args,
+                            state.get("images", self._no_images), n,
+                            state["sum_y"] if com else None, state["sum_x"] if com else None,
+                            state.get("sum"), n if self.n_inside == self.n_codes else None)
+        if bad[0] or bad[1]:
+            raise_if_bad(self.label, *bad, self.n_pixels, int(self._n_pos))
 
     def split_state(self, state: State) -> dict[str, State]:
         """{wrapped operator name: its own state (views into ``state``)}."""
@@ -473,18 +523,25 @@ def _fusable(op) -> bool:
     return (role == "virtual" and op.kernel == "combos") or role in ("com", "diffraction")
 
 
+_ROLE_ORDER = {"virtual": 0, "com": 1, "diffraction": 2}
+
+
+def _in_order(run) -> bool:
+    """Whether fusing ``run`` keeps its results in order: virtual detectors first, then at
+    most one CoM, then at most one diffraction sum (what FusedStreaming.parts returns)."""
+    ranks = [_ROLE_ORDER[o.fused_role] for o in run]
+    return ranks == sorted(ranks) and ranks.count(1) <= 1 and ranks.count(2) <= 1
+
+
 def _fuse(run, name):
     """FusedStreaming of the operators in ``run``, or None if they cannot be fused."""
-    roles = [o.fused_role for o in run]
-    if roles.count("com") > 1 or roles.count("diffraction") > 1:
-        return None
     pick = (lambda role: next((o for o in run if o.fused_role == role), None))
     try:
         fused = FusedStreaming([o for o in run if o.fused_role == "virtual"],
                                pick("com"), pick("diffraction"), name=name)
     except ValueError:  # different geometries, too many pixel classes
         return None
-    return fused
+    return fused if fused.parts == list(run) else None
 
 
 def fuse_operators(ops, name="fused") -> list:
@@ -506,13 +563,16 @@ def fuse_operators(ops, name="fused") -> list:
     ops = list(ops)
     i = 0
     while i < len(ops):
-        j, fused = i, None
-        while j < len(ops) and _fusable(ops[j]):
-            trial = _fuse(ops[i:j + 1], name)
-            if trial is None or trial.parts != ops[i:j + 1]:  # (or results would reorder)
-                break
-            fused, j = trial, j + 1
-        if j - i >= 2:
-            return ops[:i] + [fused] + ops[j:]
-        i = max(j, i + 1)
+        # the longest run from i whose every prefix keeps the results' order ...
+        j = i
+        while j < len(ops) and _fusable(ops[j]) and _in_order(ops[i:j + 1]):
+            j += 1
+        # ... built once, shorter only if it does not fit (different detectors, too many
+        # classes: adding an operator never mends either), since building costs a pass over
+        # the detector's pixels per operator at every scan start
+        for k in range(j, i + 1, -1):
+            fused = _fuse(ops[i:k], name)
+            if fused is not None:
+                return ops[:i] + [fused] + ops[k:]
+        i += 1
     return ops

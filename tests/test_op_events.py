@@ -151,17 +151,23 @@ def test_bad_chunks_are_not_stored():
     assert offsets.tolist() == [0, 0, 0, 0, 0] and len(indices) == 0
 
 
-@pytest.mark.parametrize("dtype", [np.uint32, np.int64])
+@pytest.mark.parametrize("dtype", [np.uint32, np.int64, np.int32, np.uint16])
 def test_sort_segments_equals_numpy_sort_for_every_length(dtype):
-    """Every segment length from 0 to 140 (the sorting networks of 8..64 and numpy's sort
-    beyond), random, with repeated values, already sorted and reversed: each segment equal
-    to np.sort of it, and nothing outside the segments moves."""
+    """Every segment length from 0 to 300 (the vector sorting networks of 8..128 lanes and
+    numpy's sort beyond), random, with repeated values, already sorted and reversed, with the
+    dtype's extremes (its largest value is what pads a network's unused lanes): each segment
+    equal to np.sort of it, and nothing outside the segments moves, the last segment ending
+    at the end of the array."""
     from operators.kernels import sort_segments
     rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
     segments = []
-    for n in list(range(141)) * 3:
-        kind = rng.integers(4)
-        v = rng.integers(0, 2**31 - 1 if kind else 5, n).astype(dtype)  # kind 0: many repeats
+    for n in list(range(301)) * 2:
+        kind = rng.integers(5)
+        v = rng.integers(0, min(2**31 - 1, info.max) if kind else 5, n).astype(dtype)  # kind 0: repeats
+        if kind == 4 and n:  # the extremes
+            v[rng.integers(n, size=max(1, n // 4))] = info.max
+            v[rng.integers(n, size=max(1, n // 4))] = info.min
         segments.append(np.sort(v) if kind == 2 else np.sort(v)[::-1].copy() if kind == 3 else v)
     offsets = np.r_[0, np.cumsum([len(v) for v in segments])].astype(np.int64)
     indices = np.concatenate(segments)

@@ -328,3 +328,19 @@ def test_division_without_division_at_2_31_pixels(shape):
     # both sides of every row boundary, where a rounding error would show first
     idx = np.concatenate([rows * uw, rows * uw + uw - np.uint64(1), rows * uw + uw // 2])
     np.testing.assert_array_equal((idx * m) >> s, idx // uw)
+
+
+def test_fuse_operators_builds_the_pixel_classes_once(monkeypatch):
+    """Building the class table is a pass over the detector per operator, at every scan
+    start on every receiver: the usual run (virtual, CoM, sum) is built once, not once per
+    prefix."""
+    import operators.fused as fused_mod
+    scan = edge_scan(4)
+    virtual, com, ds, _ = configs(scan.scan_shape)["2annuli+com_r+sum"]
+    builds = []
+    real = fused_mod.FusedStreaming._build_codes
+    monkeypatch.setattr(fused_mod.FusedStreaming, "_build_codes",
+                        lambda self: builds.append(1) or real(self))
+    out = fuse_operators(virtual + [com, ds])
+    assert len(out) == 1 and out[0].parts == virtual + [com, ds]
+    assert len(builds) == 1

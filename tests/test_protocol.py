@@ -104,6 +104,9 @@ def header_with(**changes):
     ([header_with(scan_id="../etc")] + wire(good_frames())[1:], "bad_header"),
     ([header_with(source=5)] + wire(good_frames())[1:], "bad_header"),
     ([header_with(scan_shape=[0, 5])] + wire(good_frames())[1:], "bad_geometry"),
+    ([header_with(mrad_per_px=float("nan"))] + wire(good_frames())[1:], "bad_geometry"),
+    ([header_with(convergence_mrad=-1.0)] + wire(good_frames())[1:], "bad_geometry"),
+    ([header_with(center=[7.5, float("inf")])] + wire(good_frames())[1:], "bad_geometry"),
 ])
 def test_bad_messages_are_rejected_with_their_reason(parts, reason):
     with pytest.raises(p.ProtocolError) as e:
@@ -115,3 +118,27 @@ def test_bad_messages_are_rejected_with_their_reason(parts, reason):
 def test_encoder_refuses_unsafe_scan_ids():
     with pytest.raises(ValueError, match="scan_id"):
         p.encode_end("a/b", 0, 1)
+
+
+def test_same_scan_ignores_the_sector_only():
+    from dataclasses import replace
+    assert GEOM.same_scan(replace(GEOM, sector=(0, 8))) and GEOM.same_scan(GEOM.for_sector(None))
+    for change in ({"scan_shape": (4, 6)}, {"frame_shape": (16, 13)}, {"frames_per_position": 1},
+                   {"n_sources": 3}, {"flyback": 0}, {"mrad_per_px": 0.25},
+                   {"convergence_mrad": None}, {"center": (7.5, 5.0)}):
+        assert not GEOM.same_scan(replace(GEOM, **change)), change
+
+
+def test_a_remembered_geometry_never_lets_a_bad_one_through():
+    """Decoding remembers the geometries it validated; a header whose values only compare
+    equal to a remembered one (True for 1, 2.0 for 2) is still checked and refused."""
+    good = wire(good_frames())
+    assert p.decode(good).geometry == GEOM and p.decode(good).geometry == GEOM
+    for change, reason in (({"frames_per_position": True}, "bad_header"),
+                           ({"frames_per_position": 2.0}, "bad_header"),
+                           ({"n_sources": True}, "bad_header"),
+                           ({"scan_shape": [4.0, 5]}, "bad_header")):
+        with pytest.raises(p.ProtocolError) as e:
+            p.decode([header_with(**change)] + good[1:])
+        assert e.value.reason == reason, change
+    assert p.decode(good).geometry == GEOM

@@ -13,12 +13,14 @@ short machine-readable ``reason`` (used to count rejects) and a human-readable d
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import msgpack
 import numpy as np
+from numba import njit
 
 PROTO = "stemstream/1"
 KINDS = ("start", "frames", "end", "abort", "dense")
@@ -108,11 +110,13 @@ class Geometry:
             problems.append(f"n_sources {self.n_sources} must be 1..{MAX_SOURCES}")
         if self.flyback < 0:
             problems.append(f"flyback {self.flyback} must be >= 0")
+        # (math, not numpy: every frames message builds a Geometry, at thousands per second)
         for name in ("mrad_per_px", "convergence_mrad"):
             v = getattr(self, name)
-            if v is not None and not (np.isfinite(v) and v > 0):
+            if v is not None and not (math.isfinite(v) and v > 0):
                 problems.append(f"{name} {v} must be a positive number")
-        if self.center is not None and (len(self.center) != 2 or not np.all(np.isfinite(self.center))):
+        if self.center is not None and (len(self.center) != 2 or
+                                        not all(math.isfinite(c) for c in self.center)):
             problems.append(f"center {self.center} must be two finite numbers (y, x) in px")
         if not problems and self.n_frames > MAX_FRAMES:
             problems.append(f"{self.n_frames} frames per scan is beyond {MAX_FRAMES}")
@@ -143,7 +147,9 @@ class Geometry:
 
     def same_scan(self, other: "Geometry") -> bool:
         """True when both describe the same scan (the sector may differ between sources)."""
-        return self.for_sector(None) == other.for_sector(None)
+        # field by field: building two geometries per message (for_sector) cost more than
+        # decoding the message
+        return all(getattr(self, f) == getattr(other, f) for f in _SCAN_FIELDS)
 
     def for_sector(self, sector: tuple[int, int] | None) -> "Geometry":
         """The same geometry for another source's sector (None: the whole detector)."""
@@ -178,6 +184,9 @@ class Geometry:
             if isinstance(e, ProtocolError):
                 raise
             raise ProtocolError("bad_geometry", str(e)) from None
+
+
+_SCAN_FIELDS = tuple(f for f in Geometry.__dataclass_fields__ if f != "sector")
 
 
 def frame_positions(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -368,9 +377,43 @@ def _decode_kind(msg: Message, parts, check_events: bool) -> Message:
     return msg
 
 
+_GEOMETRY_FIELDS = tuple(Geometry.__dataclass_fields__)
+_geometries: dict[str, Geometry] = {}
+
+
+def _geometry_of(h: dict) -> Geometry:
+    """Geometry.from_wire(h), remembered: every frames message of a source carries the same
+    geometry, and validating it again costs more than the rest of the message's header. The
+    key is the fields' repr, so values that compare equal but are not (True and 1, 1.0 and 1)
+    stay apart; a geometry that does not validate raises and is not remembered."""
+    key = repr([h.get(k) for k in _GEOMETRY_FIELDS])
+    g = _geometries.get(key)
+    if g is None:
+        g = Geometry.from_wire(h)
+        if len(_geometries) >= 256:
+            _geometries.clear()
+        _geometries[key] = g
+    return g
+
+
+@njit(cache=True, nogil=True)
+def _sum_min_max(counts, indices):
+    """(sum of counts, smallest index, largest index) in one call: three numpy reductions
+    cost more than the message's pass over its events (0, 0 for no events)."""
+    total = np.uint64(0)
+    for k in range(np.uint64(counts.shape[0])):  # (unsigned: contiguous vector loads)
+        total += counts[k]
+    lo = indices[0] if indices.shape[0] else np.uint32(0)
+    hi = lo
+    for k in range(np.uint64(indices.shape[0])):
+        lo = min(lo, indices[k])
+        hi = max(hi, indices[k])
+    return total, lo, hi
+
+
 def _decode_frames(msg: Message, parts, check_events: bool) -> None:
     h = msg.header
-    g = Geometry.from_wire(h)
+    g = _geometry_of(h)
     first, count, events = _int(h.get("first")), _int(h.get("count")), _int(h.get("events"))
     if first < 0 or count < 0 or first + count > g.n_frames:
         raise ProtocolError("frame_out_of_range",
@@ -383,12 +426,12 @@ def _decode_frames(msg: Message, parts, check_events: bool) -> None:
     counts = np.frombuffer(cbuf, dtype=EVENT_DTYPE)
     indices = np.frombuffer(ibuf, dtype=EVENT_DTYPE)
     counts.flags.writeable = indices.flags.writeable = False  # views of the received buffers
-    total = int(counts.sum(dtype=np.uint64))
+    total, imin, imax = _sum_min_max(counts, indices)
     if total != events:
         raise ProtocolError("event_mismatch", f"per-frame counts sum to {total}, header says events={events}")
     if check_events and events:
         lo, hi = g.sector[0] * g.frame_shape[1], g.sector[1] * g.frame_shape[1]
-        imin, imax = int(indices.min()), int(indices.max())
+        imin, imax = int(imin), int(imax)
         if imin < lo or imax >= hi:
             bad = imax if imax >= hi else imin
             raise ProtocolError("index_out_of_range",
