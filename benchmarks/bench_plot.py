@@ -31,15 +31,21 @@ def main(argv=None):
     s = res / "streaming.json"
     if s.is_file():
         d = json.loads(s.read_text())
-        paced = [r for r in d["rows"] if r["target"] != "max"]
-        x = [float(r["target"]) for r in paced]
-        ax1.plot(x, [r["achieved"] for r in paced], "o-", label="achieved (0 lost)" if all(
-            r["lost"] == 0 for r in paced) else "achieved")
-        top = max(x + [r["achieved"] for r in d["rows"]])
+        top = 0.0
+        for auth, marker, color in (("on", "o-", "tab:blue"), ("off", "s--", "tab:orange")):
+            rows = [r for r in d["rows"] if r.get("auth", "on") == auth]
+            paced = [r for r in rows if r["target"] != "max"]
+            if not rows:
+                continue
+            x = [float(r["target"]) for r in paced]
+            what = "CURVE + TLS" if auth == "on" else "no authentication"
+            ax1.plot(x, [r["achieved"] for r in paced], marker, color=color,
+                     label=f"achieved, {what}" + (" (0 lost)" if all(r["lost"] == 0 for r in paced) else ""))
+            top = max([top, *x, *(r["achieved"] for r in rows)])
+            for r in rows:
+                if r["target"] == "max":
+                    ax1.axhline(r["achieved"], color=color, ls=":", label=f"unpaced, {what}: {r['achieved']:,.0f}/s")
         ax1.plot([0, top], [0, top], ":", color="0.5", label="target")
-        for r in d["rows"]:
-            if r["target"] == "max":
-                ax1.axhline(r["achieved"], color="tab:red", ls="--", label=f"unpaced {r['achieved']:,.0f}/s")
         ax1.set_xlabel("emulator target rate (frames/s)")
         ax1.set_ylabel("frames/s written to the scan file")
         ax1.set_title(f"end to end, {d['scan']} scan, {d['dose']:g} e⁻/frame, {d['workers']} workers")

@@ -87,7 +87,8 @@ def pipeline_scaling(a):
             with tempfile.TemporaryDirectory() as tmp:
                 js = Path(tmp) / "s.json"
                 subprocess.run([sys.executable, str(HERE / "bench_streaming.py"), "--scan", scan, "--workers",
-                                str(workers), "--rates", "max", "--repeats", "1", "--out", tmp, "--json", str(js)],
+                                str(workers), "--rates", "max", "--repeats", "1", "--out", tmp, "--json", str(js),
+                                "--auth", "on"],
                                check=True, capture_output=True, text=True)
                 r = json.loads(js.read_text())
             row = r["rows"][0]

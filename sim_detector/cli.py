@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from stream.transport.protocol import Geometry
+from stream.transport.protocol import MAX_PIXELS, MAX_SIDE, Geometry
 
 from sim_detector.publisher import (BindError, Publisher, StallError, prepare_sources, receivers_hint,
                                     source_addresses)
@@ -165,6 +165,30 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--self-start", action="store_true",
                    help="--as dectris|merlin: arm and trigger every scan ourselves (as an operator "
                         "would; for passive sessions) instead of waiting to be armed")
+    add_source_security_args(p)
+
+
+def add_source_security_args(p: argparse.ArgumentParser) -> None:
+    """--curve-keys, --curve-client-key, --insecure: how a source lets receivers in."""
+    g = p.add_argument_group("security (docs/SECURITY.md)")
+    g.add_argument("--curve-keys", metavar="DIR",
+                   help="key directory: bind with its source key and accept its receiver key "
+                        "(default ~/.config/stemstream/keys, created on first use)")
+    g.add_argument("--curve-client-key", action="append", default=[], metavar="KEY",
+                   help="also accept receivers with this public key (40 Z85 characters or a .key file); repeat")
+    g.add_argument("--insecure", action="store_true",
+                   help="bind plain sockets: anyone who reaches the port can take the frames (for "
+                        "receivers that cannot authenticate, on a private network)")
+
+
+def source_security(args):
+    """The SourceKeys of the arguments, or None with --insecure. Raises SecurityError."""
+    from stream.security import source_keys
+    if args.insecure:
+        if args.curve_client_key or args.curve_keys:
+            raise SimulateError("--insecure binds plain sockets: drop --curve-keys / --curve-client-key")
+        return None
+    return source_keys(args.curve_keys, args.curve_client_key)
 
 
 def simplon_compressions():
@@ -193,9 +217,9 @@ def _check(args) -> None:
                 (args.raw_files is not None and tuple(args.detector) != (576, 576),
                  "--raw-files writes the 4D Camera format, whose frames are 576x576: use --detector 576x576"),
                 (args.hot_pixels < 0 or args.dead_pixels < 0, "--hot-pixels and --dead-pixels must be >= 0"),
-                (args.detector[0] * args.detector[1] > 2**32,
-                 f"--detector {args.detector[0]}x{args.detector[1]} has more pixels than a uint32 "
-                 "pixel index can address (2^32)")]
+                (args.detector[0] * args.detector[1] > MAX_PIXELS or max(args.detector) > MAX_SIDE,
+                 f"--detector {args.detector[0]}x{args.detector[1]} is beyond the protocol's bounds "
+                 f"({MAX_SIDE} a side, {MAX_PIXELS:,} pixels)")]
     for bad, message in problems:
         if bad:
             raise SimulateError(message)
@@ -244,13 +268,15 @@ def run_simulate(args) -> int:
         if not args.quiet:
             print(text, flush=True)
 
+    from stream.security import SecurityError
+
     try:
         _check(args)
         specimen, beam, det, scan = _models(args)
-        if args.as_detector != "stemstream":
+        if args.as_detector != "stemstream":  # a detector's protocol: no CURVE (docs/SECURITY.md)
             return run_as_detector(args, specimen, beam, det, scan, say)
-        publisher = Publisher(args.bind, args.sources)
-    except (SimulateError, BindError) as e:
+        publisher = Publisher(args.bind, args.sources, curve=source_security(args))
+    except (SimulateError, BindError, SecurityError) as e:
         print(f"stemstream simulate: error: {e}", file=sys.stderr)
         return 2
     # date-time plus a random tag: two emulators started in the same second never share ids
@@ -279,7 +305,7 @@ def run_simulate(args) -> int:
                 raise SimulateError(f"cannot write --truth {args.truth}: {e}") from None
         say(f"simulate: {specimen.name}, {len(jobs)} scan(s) of {scan.shape[0]}x{scan.shape[1]} positions, "
             f"detector {det.shape[0]}x{det.shape[1]}, {beam.dose:g} e-/frame, sources on "
-            f"{', '.join(publisher.addresses)}")
+            f"{', '.join(publisher.addresses)} ({security_note(publisher)})")
         with ThreadPoolExecutor(1) as pool:  # generate the next scan while this one streams
             pending = pool.submit(generate, jobs[0])
             for n, job in enumerate(jobs):
@@ -338,8 +364,15 @@ def wait_for_receivers(publisher: Publisher, wait_s: float) -> None:
     SimulateError naming the sources without one after ``wait_s`` (0: no limit)."""
     if not publisher.wait_for_receivers(wait_s or None, notify=warn):
         connected = [a not in publisher.unconnected() for a in publisher.addresses]
-        raise SimulateError(f"after {wait_s:g} s, {receivers_hint(publisher.addresses, connected)}; "
+        refused = (f"; it refused {publisher.refused} connection attempt(s) from receivers with other keys "
+                   "(docs/SECURITY.md)" if publisher.refused else "")
+        raise SimulateError(f"after {wait_s:g} s, {receivers_hint(publisher.addresses, connected)}{refused}; "
                             "or raise --wait")
+def security_note(publisher) -> str:
+    """How a publisher's sockets let receivers in, for its first line."""
+    if publisher.curve is None:
+        return "plain: any receiver that reaches them gets frames"
+    return f"CURVE, source key {publisher.curve.keypair.public.decode()}, {len(publisher.curve.clients)} receiver key(s) accepted"
 
 
 def publish_raw(publisher, args, sim, scan_id: str, metadata: dict, truth_group, progress):

@@ -5,6 +5,9 @@ sources every frame is split into detector row stripes (sectors), as the 4D Came
 its 4 sectors of 144 rows, and each source sends only its stripe of every frame. Frames are
 sent from prepared buffers (no per-frame Python work) in batches of ``batch`` frames, paced to
 a target rate or as fast as the receivers take them (PUSH blocks instead of dropping).
+
+With ``curve`` keys every socket is a CURVE server: traffic is encrypted and only receivers
+whose public key is listed get a connection (a stray PULL receives nothing; docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from stream.security.curve import Gatekeeper, SourceKeys, as_server
 from stream.transport.protocol import (Geometry, encode_abort, encode_dense, encode_end, encode_frames,
                                        encode_start)
 
@@ -168,22 +172,35 @@ class Publisher:
 
     bind: ``tcp://HOST:PORT``; source k binds PORT + k.
     sndhwm: messages queued per socket before ``send`` blocks (back-pressure, never drops).
+    curve: the source's server keypair and the receivers' public keys it accepts; None binds
+        plain sockets that any receiver (anyone who can reach the port) may pull from.
     """
 
-    def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0):
+    def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0,
+                 curve: SourceKeys | None = None):
         self.addresses = source_addresses(bind, n_sources)
         self.n_sources = n_sources
+        self.curve = curve
         self._ctx = zmq.Context()
         self._socks = []
-        self._monitors = []  # per source: connections accepted and closed (zmq socket monitor)
+        self._gate = None
+        self._monitors = []  # per source: connections accepted and closed, handshakes failed (zmq socket monitor)
         self.receivers = [0] * n_sources  # receivers connected to each source now
+        self._failed_handshakes = 0
         try:
+            if curve is not None:
+                self._gate = Gatekeeper(self._ctx)
+                self._gate.allow(SourceKeys.DOMAIN, curve.clients)
             for addr in self.addresses:
                 s = self._ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.SNDHWM, sndhwm)
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
+                events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+                if curve is not None:
+                    as_server(s, curve.keypair, SourceKeys.DOMAIN)
+                    events |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                 self._socks.append(s)
-                self._monitors.append(s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
+                self._monitors.append(s.get_monitor_socket(events))  # (one monitor per socket)
                 try:
                     s.bind(addr)
                 except zmq.ZMQError as e:
@@ -201,19 +218,36 @@ class Publisher:
     def __exit__(self, *exc):
         self.close()
 
+    @property
+    def refused(self) -> int:
+        """Connections refused so far: receivers whose key this source does not accept, that
+        expect another source key, or that speak no CURVE."""
+        self._poll_monitors()
+        return self._failed_handshakes
+
     def close(self, linger_s: float | None = None):
-        for s, m in zip(self._socks, self._monitors):
+        for s in self._socks[:len(self._monitors)]:
             s.disable_monitor()
+        for m in self._monitors:
             m.close(linger=0)
+        self._monitors = []
         for s in self._socks:
             if linger_s is not None:
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
             s.close()
-        self._socks, self._monitors = [], []
+        self._socks = []
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
         self._ctx.term()
 
     def count_receivers(self) -> list[int]:
         """Receivers connected to each source now (from the sockets' monitors)."""
+        self._poll_monitors()
+        return list(self.receivers)
+
+    def _poll_monitors(self) -> None:
+        failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
         for k, m in enumerate(self._monitors):
             while True:
                 try:
@@ -221,7 +255,7 @@ class Publisher:
                 except zmq.Again:
                     break
                 self.receivers[k] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event, 0)
-        return list(self.receivers)
+                self._failed_handshakes += bool(event & failed)
 
     def unconnected(self) -> list[str]:
         """The source addresses without a receiver now."""
@@ -242,7 +276,10 @@ class Publisher:
             time.sleep(0.05)  # (a poll on all sockets returns at once while any one is ready)
             now = time.monotonic()
             if notify and now >= next_note:
-                notify(f"waiting: {receivers_hint(self.addresses, ready)}")
+                refused = (f"; refused {self.refused} connection attempt(s) from receivers with other keys "
+                           "(they expect another source key, or present a receiver key this source does not "
+                           "accept; docs/SECURITY.md)" if self.refused else "")
+                notify(f"waiting: {receivers_hint(self.addresses, ready)}{refused}")
                 next_note = now + every_s
             if deadline is not None and now > deadline:
                 return False

@@ -138,6 +138,45 @@ class LiveSpec:
 
 
 @dataclass
+class SecuritySpec:
+    """Who may talk to the session (docs/SECURITY.md)."""
+
+    curve: bool = True  # CURVE on every ZeroMQ channel stemstream opens; false: plain (trusted network only)
+    keys: str = ""  # key directory; "" = $XDG_CONFIG_HOME/stemstream/keys (~/.config/stemstream/keys)
+    source_key: str = ""  # the sources' public key (Z85 or a .key file); "" = source.key of the key directory
+    plain_sources: list[str] = field(default_factory=list)  # source addresses trusted without CURVE
+    live_clients: list[str] = field(default_factory=list)  # more public keys the live channel accepts
+    dask_tls: bool = True  # the local cluster's dask traffic over TLS (temporary certificates)
+    tls_ca_file: str = ""  # joining a tls:// scheduler: CA certificate,
+    tls_cert: str = ""  # this client's certificate
+    tls_key: str = ""  # and its key (PEM files)
+
+
+@dataclass
+class LimitsSpec:
+    """What one message or one scan may cost (docs/SECURITY.md, budgets)."""
+
+    scan_state_mb: float = 0.0  # per-scan state on a receiver or the coordinator; 0 = 1/4 of a worker's memory limit
+    max_open_scans: int = 32  # scans receiving at once; more are refused
+    max_message_mb: float = 0.0  # largest message part a receiver accepts; 0 = [chunking] max_bytes + 1 MB
+    unannounced_mb: float = 64.0  # frames of scans no start announced yet, held per receiver
+    announce_grace_s: float = 5.0  # how long such frames wait for their scan's start
+
+    def scan_state_bytes(self, memory_limit: float | None) -> int:
+        """The per-scan budget in bytes; ``memory_limit``: a worker's memory limit in bytes
+        (None or 0: unlimited, then a quarter of this machine's memory)."""
+        if self.scan_state_mb > 0:
+            return int(self.scan_state_mb * 1e6)
+        if not memory_limit:
+            import psutil
+            memory_limit = psutil.virtual_memory().total
+        return int(memory_limit / 4)
+
+    def max_message_bytes(self, chunking: ChunkingSpec) -> int:
+        return int(self.max_message_mb * 1e6) if self.max_message_mb > 0 else chunking.max_bytes + 1_000_000
+
+
+@dataclass
 class StagesSpec:
     run: list[str] = field(default_factory=list)  # stages run on every finished scan
     params: dict = field(default_factory=dict)  # stage name -> {parameter: value} ([stages.NAME])
@@ -193,12 +232,18 @@ class PipelineConfig:
     stages: StagesSpec = field(default_factory=StagesSpec)
     series: SeriesSpec = field(default_factory=SeriesSpec)
     counting: CountingSpec = field(default_factory=CountingSpec)
+    security: SecuritySpec = field(default_factory=SecuritySpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
     path: str | None = None  # where it was read from, for messages and provenance
 
     def operators(self, geometry: Geometry) -> list:
         """The operators of one scan (:func:`build_operators`): how a receiver, which knows
         nothing of configuration files, builds them."""
         return build_operators(self, geometry)
+
+    def scan_state_bytes(self, geometry: Geometry) -> int:
+        """Memory building one scan's operators and states takes (:func:`scan_state_bytes`)."""
+        return scan_state_bytes(self, geometry)
 
     def to_dict(self) -> dict:
         """Plain values for provenance (mask arrays summarised by shape)."""
@@ -212,7 +257,8 @@ class PipelineConfig:
 
 _SECTIONS = {"detector": DetectorSpec, "com": ComSpec, "diffraction_sum": DiffractionSpec,
              "chunking": ChunkingSpec, "scan": ScanSpec, "cluster": ClusterSpec,
-             "memory": MemorySpec, "output": OutputSpec, "live": LiveSpec, "counting": CountingSpec}
+             "memory": MemorySpec, "output": OutputSpec, "live": LiveSpec, "counting": CountingSpec,
+             "security": SecuritySpec, "limits": LimitsSpec}
 _LISTS = {"virtual": VirtualSpec, "aperture": ApertureSpec}
 
 
@@ -365,6 +411,17 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
               (0 <= cfg.output.compression_level <= 9, "[output] compression_level must be 0..9"),
               (cfg.live.rate_hz >= 0, "[live] rate_hz must be >= 0 (0 turns live results off)"),
               (cfg.com.radius_px is None or cfg.com.radius_px > 0, "[com] radius_px must be > 0"),
+              (cfg.limits.scan_state_mb >= 0, "[limits] scan_state_mb must be >= 0 (0: a quarter of "
+                                              "the worker's memory limit)"),
+              (cfg.limits.max_open_scans >= 1, "[limits] max_open_scans must be >= 1"),
+              (cfg.limits.max_message_mb >= 0, "[limits] max_message_mb must be >= 0 (0: [chunking] "
+                                               "max_bytes + 1 MB)"),
+              (cfg.limits.unannounced_mb > 0, "[limits] unannounced_mb must be > 0"),
+              (cfg.limits.announce_grace_s > 0, "[limits] announce_grace_s must be > 0"),
+              (all(isinstance(a, str) and a.startswith("tcp://") for a in cfg.security.plain_sources),
+               "[security] plain_sources must be addresses like \"tcp://10.0.0.5:6001\""),
+              (all(isinstance(k, str) for k in cfg.security.live_clients),
+               "[security] live_clients must be public keys (40 Z85 characters) or .key files"),
               (cfg.com.radius_mrad is None or cfg.com.radius_mrad > 0, "[com] radius_mrad must be > 0")]
     for ok, message in checks:
         if not ok:
@@ -564,6 +621,38 @@ def detector_regions(cfg: PipelineConfig, g: Geometry, max_masks: int = 8) -> li
                 if len(out) < max_masks + n_shapes:
                     out.append({"name": n, "shape": "mask", "mask": m})
     return out
+def scan_state_bytes(cfg: PipelineConfig, g: Geometry) -> int:
+    """An upper bound of the bytes one receiver allocates to open a scan of geometry ``g``:
+    building its operators (masks, tables: the peak while they are made) and their states
+    (images per probe position, sums per detector pixel, completeness per frame and source).
+    Computed from the geometry alone, so that an oversized scan is refused before anything
+    is allocated (``[limits] scan_state_mb``). Events are not included: they are bounded by
+    ``[memory] events_in_memory_mb``."""
+    per_pos, per_px = _state_coefficients(cfg)
+    counting = 16 if cfg.counting.enabled else 0  # the counter's dark and gain maps per pixel
+    return (g.n_positions * (per_pos + 9 * len(cfg.aperture))  # aperture masks and indices
+            + g.n_pixels * (per_px + 64 + counting)  # radii and masks while they are built
+            + g.n_frames * (2 * g.n_sources + 8)  # completeness (uint16) and events per frame
+            + 1_000_000)
+
+
+def coordinator_state_bytes(cfg: PipelineConfig, g: Geometry, n_workers: int) -> int:
+    """An upper bound of the bytes the coordinator keeps for one scan: completeness per frame
+    and source, and with live results on, every worker's partial images and sums and their
+    merge."""
+    per_pos, per_px = _state_coefficients(cfg)
+    live = (n_workers + 1) * (g.n_positions * per_pos + g.n_pixels * per_px) if cfg.live.rate_hz > 0 else 0
+    return g.n_frames * 2 * g.n_sources + live + 1_000_000
+
+
+def _state_coefficients(cfg: PipelineConfig) -> tuple[int, int]:
+    """(bytes per probe position, bytes per detector pixel) of a scan's integer states."""
+    n_images = sum(len(v.names or [v.name]) if v.shape == "masks" else 1 for v in cfg.virtual) \
+        if cfg.virtual else 2  # bf and adf
+    n_weights = sum(len(v.masks) for v in cfg.virtual if v.shape == "masks" and v.masks is not None)
+    per_pos = 8 * n_images + (24 if cfg.com.enabled else 0)
+    per_px = 8 * (int(cfg.diffraction_sum.enabled) + len(cfg.aperture) + n_weights)
+    return per_pos, per_px
 
 
 def build_operators(cfg: PipelineConfig, g: Geometry) -> list:

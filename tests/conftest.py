@@ -1,11 +1,17 @@
 """Shared fixtures: real dask clusters (separate worker processes) and a scripted detector.
 
 Every server binds 127.0.0.1 on free ports and is stopped by the fixture that started it.
+The tests use a key directory of their own (XDG_CONFIG_HOME points to a temporary directory,
+inherited by the commands they start), never the user's ~/.config/stemstream/keys.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,13 +27,16 @@ TA_MODEL = SHARED_DATA / "aet-amorphous" / "Ta_film_atomic_model.mat"
 needs_shared_data = pytest.mark.skipif(not TA_MODEL.is_file(),
                                        reason=f"published data not found at {SHARED_DATA}")
 os.environ.setdefault("MPLBACKEND", "Agg")
+_CONFIG_HOME = tempfile.mkdtemp(prefix="stemstream-test-config-")
+os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME
+atexit.register(shutil.rmtree, _CONFIG_HOME, True)
 
 
 def _cluster(n_workers):
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           host="127.0.0.1", dashboard_address=":0", memory_limit="4GB")
+                           host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit="4GB")
     client = Client(cluster)
     return cluster, client
 
@@ -49,14 +58,50 @@ def client_1_or_3(request):
     cluster.close()
 
 
+@contextlib.contextmanager
+def external_dask(tmp_path, args=(), n_workers=2):
+    """`dask scheduler` and ``n_workers`` `dask worker` programs started by hand on 127.0.0.1
+    (``args``: flags for both, e.g. TLS files); yields the scheduler's address."""
+    import json
+    import subprocess
+    import sys
+
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        for _ in range(n_workers):
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                           "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", *args],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 class ScriptedSource:
     """A detector under the test's control: the emulator's bound PUSH sockets, one per source,
-    sending exactly the messages a test asks for (good, duplicated, missing, malformed)."""
+    sending exactly the messages a test asks for (good, duplicated, missing, malformed).
+    CURVE with the default key directory's source key (as ``stemstream simulate``), or plain
+    with ``curve=False``; ``curve`` may also be a SourceKeys of the test's own."""
 
-    def __init__(self, n_sources: int = 1):
+    def __init__(self, n_sources: int = 1, curve=True):
+        from stream.security import source_keys
         self.n_sources = n_sources
+        keys = source_keys() if curve is True else (curve or None)
         self.publisher = Publisher(f"tcp://127.0.0.1:{free_port_block(n_sources)}", n_sources,
-                                   sndhwm=1000, linger_s=2.0)
+                                   sndhwm=1000, linger_s=2.0, curve=keys)
         self.addresses = self.publisher.addresses
         self.send = self.publisher.send
 
@@ -106,8 +151,8 @@ class ScriptedSource:
 def scripted_source():
     made = []
 
-    def make(n_sources=1):
-        s = ScriptedSource(n_sources)
+    def make(n_sources=1, curve=True):
+        s = ScriptedSource(n_sources, curve)
         made.append(s)
         return s
     yield make

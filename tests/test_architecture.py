@@ -1,7 +1,7 @@
 """The import rule of docs/ARCHITECTURE.md, checked with import-linter (its contracts are in
 pyproject.toml): the rooms of ``stream`` import only the rooms below them, ``operators`` imports
 no stream, dask or zmq, the streaming operators do not import the analysis packages, the
-emulator imports only the wire protocol, and no room has an import circle."""
+emulator imports only the wire protocol and the security room, and no room has an import circle."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def test_the_tree_keeps_the_import_rule():
     ("stream/transport/protocol.py", "import stream.session.coordinator", "each room imports only the rooms below it"),
     # the viewer sits above the session: only Session.start may start it (one ignored import)
     ("stream/session/finalize.py", "import stream.viewer.feed", "each room imports only the rooms below it"),
+    # the security room is the lowest of stream: it knows no transport
+    ("stream/security/keys.py", "import stream.transport.protocol", "each room imports only the rooms below it"),
     # the emulator may import the wire protocol only
     ("sim_detector/model.py", "import operators.com", "the emulator imports only the wire protocol"),
     # a streaming kernel importing an analysis package

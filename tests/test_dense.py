@@ -13,7 +13,7 @@ from conftest import dense_scan
 from test_receiver import frames_reported
 from test_receiver import reports as _reports
 from operators.electron_counting import ElectronCounter
-from stream.config import ChunkingSpec, CountingSpec, LiveSpec, PipelineConfig, ScanSpec, validate
+from stream.config import ChunkingSpec, CountingSpec, LimitsSpec, LiveSpec, PipelineConfig, ScanSpec, validate
 from stream.files.counting_file import Calibration
 from stream.transport import protocol as p
 from stream.transport.receiver import Receiver
@@ -104,14 +104,14 @@ SECTORS = [(0, 10), (10, 24)]
 DARK = np.random.default_rng(1).uniform(15, 25, (24, 20)).astype(np.float32)
 
 
-def rig(scripted_source, counting: CountingSpec | None = None, rcvhwm=64):
-    src = scripted_source(2)
+def rig(scripted_source, counting: CountingSpec | None = None, rcvhwm=64, limits=None):
+    src = scripted_source(2, curve=False)  # the receiver alone: plain sockets
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     cfg = validate(PipelineConfig(chunking=ChunkingSpec(max_frames=10_000, max_latency_ms=20.0),
                                   scan=ScanSpec(timeout_s=5), live=LiveSpec(rate_hz=0.0),
-                                  counting=counting or CountingSpec()))
+                                  counting=counting or CountingSpec(), limits=limits or LimitsSpec()))
     rec = Receiver(src.addresses, f"tcp://127.0.0.1:{port}", cfg, worker="w0", rcvhwm=rcvhwm)
     rec.start()
     src.wait_for_receivers()
@@ -124,8 +124,12 @@ def reports(pull, until):
 
 
 def send_sectors(src, scan_id, frames, values, batch=8, first=0):
+    """Each sector's frames from ``first`` on as dense messages, after its start (the scan
+    is announced) when ``first`` is 0."""
     for k, (a, b) in enumerate(SECTORS):
         g = G.for_sector((a, b))
+        if first == 0:
+            src.send(k, p.encode_start(scan_id, k, g, {}))
         for lo in range(0, len(frames), batch):
             src.send(k, p.encode_dense(scan_id, k, g, first + lo, np.ascontiguousarray(frames[lo:lo + batch, a:b]),
                                        values))
@@ -239,15 +243,23 @@ def test_raw_frames_without_counting_or_with_a_wrong_dark_are_refused_clearly(sc
         pull.close(0)
 
 
-def test_a_counts_message_may_not_expand_beyond_its_budget(scripted_source, monkeypatch):
-    import stream.transport.receiver as receiver
-    monkeypatch.setattr(receiver, "MAX_DENSE_EVENTS", 1000)
-    src, rec, pull = rig(scripted_source)
+def test_a_counts_message_may_not_expand_beyond_its_budget(scripted_source):
+    """A counts message may expand to no more events than a frames message of the largest
+    accepted size carries ([limits] max_message_mb / 4 bytes per event): 4,000 bytes here."""
+    src, rec, pull = rig(scripted_source, limits=LimitsSpec(max_message_mb=0.004))
     try:
-        heavy = np.full((2, 24, 20), 3, np.uint8)  # 2,880 electrons in one message per sector
+        heavy = np.full((2, 24, 20), 3, np.uint8)  # per sector: 600 and 840 electrons per frame
+        light = np.ones((2, 24, 20), np.uint8)  # 200 and 280: 400 and 560 per message
         send_sectors(src, "t", heavy, "counts")
-        got = reports(pull, lambda g: sum(h["kind"] == "reject" for h, _ in g) >= 2)
-        assert sorted(h["reason"] for h, _ in got if h["kind"] == "reject") == ["too_many_events"] * 2
+        send_sectors(src, "u", light, "counts")
+        def u_frames(g):
+            return sum(c for h, _ in g if h["kind"] == "frames" and h["scan_id"] == "u" for _, _, c in h["ranges"])
+        got = reports(pull, lambda g: sum(h["kind"] == "reject" for h, _ in g) >= 2 and u_frames(g) >= 4)
+        assert u_frames(got) == 4  # both sectors' 2 frames of the light scan
+        rejects = [h for h, _ in got if h["kind"] == "reject"]
+        # 2 x 10 x 20 x 3 = 1,200 and 2 x 14 x 20 x 3 = 1,680 electrons, beyond 4,000 / 4 = 1,000
+        assert sorted(h["reason"] for h in rejects) == ["too_many_events"] * 2
+        assert {h["scan_id"] for h in rejects} == {"t"}
     finally:
         rec.stop()
         pull.close(0)

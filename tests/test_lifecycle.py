@@ -117,9 +117,36 @@ def test_rejects_are_counted_by_reason():
 def test_an_end_before_the_geometry_from_a_source_that_does_not_exist():
     t = ScanTracker(timeout_s=5, clock=Clock())
     reports(t, {"kind": "end", "scan_id": "a", "source": 7, "frames_sent": 20})
-    assert t.due() == [] and t.scans["a"].missing_so_far() == 0
+    assert t.due() == [] and "a" not in t.scans  # it waits for the scan's start
     reports(t, geometry("a"))
     assert t.scans["a"].frames_sent == {} and t.rejects == {"bad_header": 1}
+
+
+def test_an_end_that_comes_before_the_start_counts_once_the_start_comes():
+    """The end of a source can reach the coordinator through another receiver before the
+    start does: it waits for it."""
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    reports(t, {"kind": "end", "scan_id": "a", "source": 0, "frames_sent": 20},
+            {"kind": "end", "scan_id": "a", "source": 1, "frames_sent": 20})
+    reports(t, {"kind": "start", "scan_id": "a", "source": 0, "geometry": G.to_wire(), "metadata": {}},
+            frames("a", 0, 0, 20), frames("a", 1, 0, 20))
+    [st] = t.due()
+    assert st.close_reason == "complete" and st.frames_sent == {0: 20, 1: 20}
+
+
+def test_end_and_abort_of_a_scan_nobody_announced_are_dropped_after_a_minute():
+    clock = Clock()
+    t = ScanTracker(timeout_s=5, clock=clock, announce_grace_s=2)
+    for k in range(300):
+        reports(t, {"kind": "end", "scan_id": f"junk{k}", "source": 0, "frames_sent": 3},
+                {"kind": "abort", "scan_id": f"junk{k}", "source": 0, "reason": "x"})
+    assert t.expire_unannounced() == 0 and t.due() == [] and t.scans == {}
+    clock.t += 30  # a start may be late behind a busy receiver's backlog: they still wait
+    assert t.expire_unannounced() == 0
+    clock.t += 31
+    assert t.expire_unannounced() == 600 and t.rejects == {"unannounced": 600}
+    reports(t, geometry("junk1"))  # a start after the grace opens a new scan, without the old end
+    assert t.scans["junk1"].frames_sent == {}
 
 
 def test_forgotten_scans_are_never_reopened():

@@ -345,6 +345,7 @@ def test_overlapping_and_back_to_back_scans_equal_scans_alone(client2, scripted_
 def test_live_results_fill_in_while_the_scan_runs(client2, scripted_source, tmp_path):
     import zmq
 
+    from stream.security import as_client, viewer_keys
     from stream.transport import control
     from stream.transport.net import free_port_block
     counts, indices = synthetic_events(GEOM, seed=9)
@@ -354,6 +355,7 @@ def test_live_results_fill_in_while_the_scan_runs(client2, scripted_source, tmp_
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    as_client(sub, viewer_keys())  # the live channel lets in the key directory's viewer
     with Session(src.addresses, config=cfg, client=client2, console=False) as s:
         sub.connect(pub)
         src.wait_for_receivers()

@@ -24,7 +24,7 @@ def rig(scripted_source):
     made = []
 
     def make(max_frames=10_000, max_latency_ms=50.0, live_rate=0.0):
-        src = scripted_source(1)
+        src = scripted_source(1, curve=False)  # the receiver alone: plain sockets
         ctx = zmq.Context.instance()
         pull = ctx.socket(zmq.PULL)
         port = pull.bind_to_random_port("tcp://127.0.0.1")
@@ -102,8 +102,9 @@ def test_late_and_broken_messages_are_reported_and_the_receiver_goes_on(rig, mon
     monkeypatch.setattr(PipelineConfig, "operators", build_or_fail)
     src.frames("c", G, counts, indices, only=range(5, 7))                 # late
     src.send(0, [b"\x00garbage"])                                         # not msgpack
+    src.start("bug", Geometry((7, 7), (24, 24)))                          # the bug
     src.send(0, encode_frames("bug", 0, Geometry((7, 7), (24, 24)), 0, np.array([1], np.uint32),
-                              np.array([5], np.uint32)))                  # the bug
+                              np.array([5], np.uint32)))
     too_big = Geometry((4, 4), (24, 24)).to_wire() | {"scan_shape": [2**20, 2**20]}
     import msgpack
     header = msgpack.packb({"proto": "stemstream/1", "kind": "frames", "scan_id": "huge", "source": 0,

@@ -142,7 +142,7 @@ def rig(scripted_source, tmp_path):
     made = []
 
     def make(budget_mb=None, spill_dir=None):
-        src = scripted_source(N_SOURCES)
+        src = scripted_source(N_SOURCES, curve=False)  # the receiver alone: plain sockets
         pull = zmq.Context.instance().socket(zmq.PULL)
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         memory = MemorySpec() if budget_mb is None else MemorySpec(events_in_memory_mb=budget_mb)

@@ -43,6 +43,15 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="with --connect: the N sources PORT..PORT+N-1 (default 1)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="with --connect: give up S seconds after the last message (default 30)")
+    g = p.add_argument_group("with --connect: security (docs/SECURITY.md)")
+    g.add_argument("--curve-keys", metavar="DIR",
+                   help="key directory (default ~/.config/stemstream/keys): connect with its receiver key and "
+                        "expect its source key, as 'stemstream process' does")
+    g.add_argument("--curve-server-key", metavar="KEY",
+                   help="the source's public key (40 Z85 characters or a .key file), if not the key directory's")
+    g.add_argument("--insecure", action="store_true",
+                   help="connect without CURVE (a source that cannot authenticate, on a private network: "
+                        "anyone who can answer on that address feeds the dark scan)")
     p.add_argument("--frames", nargs="+", metavar="FILE",
                    help="sample frames for the thresholds (raw files or a .npy stack; default: the dark frames)")
     p.add_argument("--raw-version", type=int, choices=(3, 4, 5), metavar="V",
@@ -65,7 +74,7 @@ class Frames:
     """Frames of files: ``n`` frames, ``frame(i)`` → (h, w)."""
 
     def __init__(self, paths, raw_version=None, what="frames"):
-        from sim_detector.rawfile import RawFileError, RawFileReader
+        from sim_detector.rawfile import RawFileReader
 
         paths = [Path(p) for p in paths]
         self.dark_map = None
@@ -120,20 +129,42 @@ def waiting_note(connect: list[str], links: LinkWatch) -> str:
     return f"calibrate: waiting: connected to all {len(connect)} source(s), no scan yet; {hint}"
 
 
+def dark_scan_keys(args):
+    """The CURVE keys --connect uses (None with --insecure), as 'stemstream process' does."""
+    from stream.security import ClientKeys, SecurityError, ensure_keys, read_public
+    if args.insecure:
+        if args.curve_keys or args.curve_server_key:
+            raise CalibrateError("--insecure connects without CURVE: drop --curve-keys / --curve-server-key")
+        return None
+    try:
+        kd = ensure_keys(args.curve_keys, roles=("source", "receiver"))
+        server = read_public(args.curve_server_key) if args.curve_server_key else kd["source"].public
+    except SecurityError as e:
+        raise CalibrateError(str(e)) from None
+    return ClientKeys(kd["receiver"], server)
+
+
 def receive_dark_scan(connect: list[str], timeout_s: float, n_samples: int, seed: int, say,
-                      first_note_s: float = 3.0, every_s: float = 10.0):
+                      keys=None, max_message_bytes: int = 0, first_note_s: float = 3.0,
+                      every_s: float = 10.0):
     """One streamed scan of raw ``dense`` frames: (dark, dark frames, {frame: (h, w)} samples,
     scan id). The sample frames are drawn from the scan's frame numbers when its geometry
-    arrives, and assembled from every source's sector as they pass. Until a scan arrives,
+    arrives, and assembled from every source's sector as they pass. ``keys``: the CURVE
+    ClientKeys to connect with (None: plain); ``max_message_bytes``: the largest message part
+    taken ([limits] max_message_mb; a larger one drops the connection). Until a scan arrives,
     ``say`` hears after ``first_note_s`` and then every ``every_s`` what is not connected
     (``waiting_note``); while it arrives, frames, per cent and rate about once a second."""
     import zmq
 
+    from stream.security import as_client
     from stream.transport.protocol import ProtocolError, decode
 
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.LINGER, 0)
+    if max_message_bytes:
+        pull.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    as_client(pull, keys)
     links = LinkWatch(pull)  # before connecting: no event is missed
     for addr in connect:
         pull.connect(addr)
@@ -236,13 +267,14 @@ def run_calibrate(args) -> int:
 
 def calibrate(args, say) -> Calibration:
     """The counting file's contents from the command's arguments."""
-    from stream.config import ConfigError, CountingSpec, load_config
+    from stream.config import ConfigError, PipelineConfig, load_config
     from stream.session.coordinator import expand_sources
 
     try:
-        spec = load_config(args.config).counting if args.config else CountingSpec()
+        cfg = load_config(args.config) if args.config else PipelineConfig()
     except ConfigError as e:
         raise CalibrateError(str(e)) from None
+    spec = cfg.counting
     params = {k: getattr(args, k) for k in ("samples", "background_n_sigma", "xray_n_sigma", "seed")
               if getattr(args, k) is not None}
     spec = replace(spec, calibration=None, **params)
@@ -264,7 +296,9 @@ def calibrate(args, say) -> Calibration:
             connect = expand_sources([args.connect], args.sources)
         except ValueError as e:
             raise CalibrateError(str(e)) from None
-        dark, n_dark, got, scan_id = receive_dark_scan(connect, args.timeout, spec.samples, spec.seed, say)
+        dark, n_dark, got, scan_id = receive_dark_scan(connect, args.timeout, spec.samples, spec.seed, say,
+                                                       dark_scan_keys(args),
+                                                       cfg.limits.max_message_bytes(cfg.chunking))
         attrs.update(dark_frames=n_dark, dark_source=f"dark scan {scan_id} streamed from {args.connect}")
         if not args.frames:
             sample_ids = np.array(sorted(got), np.int64)

@@ -1,5 +1,5 @@
 """The ``stemstream`` command: simulate, process, demo, info, replay, process-file, export,
-import-stempy, analyze, tomo, atoms, calibrate.
+import-stempy, analyze, tomo, atoms, calibrate, keys.
 
 Errors a user can cause print one line naming the problem and the fix, and exit with code 2.
 """
@@ -78,6 +78,34 @@ def add_process_args(p: argparse.ArgumentParser) -> None:
                         "ints (we trigger); Merlin soft (default; we trigger) or external")
     g.add_argument("--acquisitions", type=int, default=1, metavar="N",
                    help="active mode: scans to acquire one after the other (default 1)")
+    g = p.add_argument_group("security (docs/SECURITY.md)")
+    g.add_argument("--curve-keys", metavar="DIR",
+                   help="key directory (default ~/.config/stemstream/keys, created on first use): the "
+                        "receivers present its receiver key and expect its source key from every source")
+    g.add_argument("--curve-server-key", metavar="KEY",
+                   help="the sources' public key (40 Z85 characters or a .key file), if not the key "
+                        "directory's source key")
+    g.add_argument("--insecure-source", action="append", metavar="tcp://HOST:PORT",
+                   help="also receive from this source without authentication or encryption (a detector "
+                        "that cannot do CURVE, on a private network; expanded by --sources); repeat")
+    add_tls_args(g)
+
+
+def add_tls_args(g) -> None:
+    g.add_argument("--tls-ca-file", metavar="PEM", help="joining a tls:// --scheduler: the CA certificate")
+    g.add_argument("--tls-cert", metavar="PEM", help="joining a tls:// --scheduler: this client's certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="joining a tls:// --scheduler: the certificate's key")
+
+
+def security_from_args(cfg, args):
+    """The configuration with the security flags of ``args`` applied."""
+    from dataclasses import replace
+
+    changes = {k: getattr(args, a) for k, a in (("tls_ca_file", "tls_ca_file"), ("tls_cert", "tls_cert"),
+                                                 ("tls_key", "tls_key"), ("keys", "curve_keys"),
+                                                 ("source_key", "curve_server_key"))
+               if getattr(args, a, None)}
+    return replace(cfg, security=replace(cfg.security, **changes)) if changes else cfg
 
 
 def detector_from_args(cfg, args):
@@ -116,7 +144,7 @@ def session_from_args(args, **overrides):
     from stream.session import Session, expand_sources
 
     try:
-        cfg = load_config(args.config)
+        cfg = security_from_args(load_config(args.config), args)
     except ConfigError as e:
         raise CliError(str(e)) from None
     if hasattr(args, "detector"):
@@ -131,9 +159,13 @@ def session_from_args(args, **overrides):
     if args.workers is not None and args.workers < 1:
         raise CliError("--workers must be at least 1")
     try:
-        connect = expand_sources(args.connect or ["tcp://127.0.0.1:6001"], args.sources)
+        plain = expand_sources(args.insecure_source or [], args.sources)
+        default = [] if plain else ["tcp://127.0.0.1:6001"]
+        connect = expand_sources(args.connect or default, args.sources) + plain
     except ValueError as e:
         raise CliError(str(e)) from None
+    if plain:
+        cfg = replace(cfg, security=replace(cfg.security, plain_sources=[*cfg.security.plain_sources, *plain]))
     return Session(connect, out=args.out, config=cfg, scheduler=args.scheduler,
                    workers=args.workers, view=args.view, **overrides)
 
@@ -228,6 +260,7 @@ def add_process_file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flyback", type=int, metavar="N",
                    help="stempy files: flyback columns at the end of every row (default: from the "
                         "file's metadata, else 0)")
+    add_tls_args(p.add_argument_group("security (docs/SECURITY.md)"))
 
 
 def cmd_process_file(args) -> int:
@@ -242,7 +275,7 @@ def cmd_process_file(args) -> int:
     from stream.files.storage import ScanFileError
 
     try:
-        cfg = load_config(args.config)
+        cfg = security_from_args(load_config(args.config), args)
     except ConfigError as e:
         raise CliError(str(e)) from None
     if args.workers is not None and args.workers < 1:
@@ -259,7 +292,7 @@ def cmd_process_file(args) -> int:
         raise CliError(str(e)) from None
     except OSError as e:
         raise CliError(f"output directory {cfg.output.dir} cannot be created: {e.strerror or e}") from None
-    client, local = cluster.connect(cfg.cluster)
+    client, local = cluster.connect(cfg.cluster, cfg.security)
     failed = 0
     try:
         n_workers = len(client.scheduler_info()["workers"])
@@ -399,6 +432,40 @@ def cmd_import_stempy(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- keys
+
+def add_keys_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", metavar="DIR", help="key directory (default ~/.config/stemstream/keys)")
+    p.add_argument("--tls", metavar="DIR",
+                   help="instead: write a CA certificate, a certificate and its key (ca.pem, cert.pem, "
+                        "key.pem) for a dask cluster started by hand (dask scheduler --tls-...)")
+    p.epilog = ("Copy NAME.key (public) files to the peers that must accept a key; never copy a "
+                "NAME.key_secret. See docs/SECURITY.md.")
+
+
+def cmd_keys(args) -> int:
+    from stream.security import ROLES, SecurityError, ensure_keys, key_dir
+    from stream.security.tls import write_tls_files
+
+    try:
+        if args.tls:
+            files = write_tls_files(args.tls)
+            print(f"TLS files for a dask cluster in {Path(args.tls).resolve()}:")
+            for name, path in files.items():
+                print(f"  {name:<5} {path}")
+            print(f"  dask scheduler --tls-ca-file {files['ca']} --tls-cert {files['cert']} --tls-key {files['key']}"
+                  " --protocol tls ...; the same three flags for dask worker and stemstream process")
+            return 0
+        directory = key_dir(args.dir)
+        kps = ensure_keys(directory)
+    except SecurityError as e:
+        raise CliError(str(e)) from None
+    print(f"key directory: {directory} (secret keys readable by you only)")
+    for role, what in ROLES.items():
+        print(f"  {role:<9} {kps[role].public.decode()}  {directory / role}.key  ({what})")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
          "Serve the live viewer (docs/VIEWER.md) for a session running in another process: its live "
          "channel (--subscribe, the session's --publish), its scan files (--out) and its cluster "
          "(--scheduler, where drawn apertures are computed).", _add_view_args),
+        ("keys", "create and show the CURVE keys (and TLS files) sources, receivers and viewers use",
+         "Create the key directory's keypairs where missing and print their public keys "
+         "(docs/SECURITY.md).", add_keys_args),
     ]
     parser = Parser(prog="stemstream", description="Real-time processing of electron-counted 4D-STEM data.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -511,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             from stream.stages.tomo import run_tomo
             return run_tomo(args)
         commands = {"process-file": cmd_process_file, "export": cmd_export, "analyze": cmd_analyze,
-                    "import-stempy": cmd_import_stempy, "info": cmd_info}
+                    "import-stempy": cmd_import_stempy, "info": cmd_info, "keys": cmd_keys}
         return commands[args.command](args)
     except (CliError, ConfigError) as e:
         print(f"stemstream {args.command}: error: {e}", file=sys.stderr)

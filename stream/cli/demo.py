@@ -1,11 +1,17 @@
 """``stemstream demo``: the whole pipeline on one machine — emulator process → ZeroMQ → local
-dask cluster → scan file, previews and a summary checked against the emulator's ground truth."""
+dask cluster → scan file, previews and a summary checked against the emulator's ground truth.
+
+The demo makes CURVE keys for itself alone (a temporary key directory, deleted at the end):
+the emulator accepts only this session's receivers, and the session only this emulator."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +37,6 @@ def add_demo_args(p) -> None:
 def run_demo(args) -> int:
     from stream.files.storage import OutputError, output_dir
     from stream.transport.net import free_port_block
-    from stream.session import Session, expand_sources
 
     try:
         out = output_dir(args.out)
@@ -47,13 +52,25 @@ def run_demo(args) -> int:
     if compiled_kernels() == 0:  # README: what the first run costs
         print("demo: first run of this version: the numba kernels are compiled as they are first needed "
               "and cached for later runs (about a minute more on a 2-core machine)", flush=True)
-    with Session(expand_sources([bind], args.sources), out=out, workers=args.workers,
-                 config=demo_config(), view=args.view) as session:
+    keys = tempfile.mkdtemp(prefix="stemstream-demo-keys-")  # this demo's keys only (0700)
+    try:
+        return _run(args, out, bind, truth, keys)
+    finally:
+        shutil.rmtree(keys, ignore_errors=True)
+
+
+def _run(args, out: Path, bind: str, truth: Path, keys: str) -> int:
+    from stream.session import Session, expand_sources
+
+    cfg = demo_config()
+    cfg = replace(cfg, security=replace(cfg.security, keys=keys))
+    with Session(expand_sources([bind], args.sources), out=out, workers=args.workers, config=cfg,
+                 view=args.view) as session:
         cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", args.specimen,
                "--scan", f"{args.scan[0]}x{args.scan[1]}", "--detector", f"{args.detector[0]}x{args.detector[1]}",
                "--dose", str(args.dose), "--rate", "max" if args.rate is None else str(args.rate),
                "--sources", str(args.sources), "--bind", bind, "--truth", str(truth),
-               "--scan-id", "demo", "--wait", "120"]
+               "--scan-id", "demo", "--wait", "120", "--curve-keys", keys]
         if session.viewer is not None:
             _wait_for_a_page(session.viewer)
         t0 = time.time()

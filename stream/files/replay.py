@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sim_detector.cli import SimulateError, progress_printer, rate_arg, wait_for_receivers, warn
+from sim_detector.cli import (SimulateError, add_source_security_args, progress_printer, rate_arg,
+                              security_note, source_security, wait_for_receivers, warn)
 from sim_detector.publisher import BindError, Publisher, SourceFrames, StallError, prepare_sources
 
 from stream.files.recording import Recording, open_recording
@@ -86,6 +87,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    help="give up if a source has no receiver for S seconds, before or during a scan "
                         "(default 0: wait as long as it takes, saying what is not connected)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    add_source_security_args(p)
     p.epilog = ("Example: stemstream replay out/scan-0000.h5 --rate max --sources 4 & "
                 "stemstream process --connect tcp://127.0.0.1:6001 --sources 4 --out replayed")
 
@@ -108,10 +110,10 @@ def run_replay(args) -> int:
     try:  # every file's structure first: a bad file stops the replay before anything is sent
         recordings = [open_recording(p, args.flyback, with_received=True) for p in args.files]
         n_sources = args.sources or max(r.geometry.n_sources for r in recordings)
-        publisher = Publisher(args.bind, n_sources)
-    except (ScanFileError, BindError, ValueError) as e:
+        publisher = Publisher(args.bind, n_sources, curve=source_security(args))
+    except (ScanFileError, BindError, SimulateError, ValueError) as e:  # SecurityError is a ValueError
         return fail(str(e))
-    say(f"replay: {len(recordings)} file(s) on {', '.join(publisher.addresses)}, "
+    say(f"replay: {len(recordings)} file(s) on {', '.join(publisher.addresses)} ({security_note(publisher)}), "
         f"{'as fast as received' if args.rate is None else f'{args.rate:,.0f} frames/s'}"
         + (", looping until Ctrl-C" if args.loop else ""))
     totals = {"frames": 0, "events": 0, "seconds": 0.0, "scans": 0}

@@ -1,4 +1,9 @@
-"""Start a local dask cluster or join a running scheduler, as the configuration says."""
+"""Start a local dask cluster or join a running scheduler, as the configuration says.
+
+The local cluster listens on 127.0.0.1 only (scheduler, workers, nannies, dashboard) and, with
+``[security] dask_tls`` (the default), speaks TLS with a temporary certificate held in memory.
+A running scheduler is joined with the TLS files of ``[security]`` (docs/SECURITY.md).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import contextlib
 import signal
 import threading
 
-from stream.config import ClusterSpec
+from stream.config import ClusterSpec, ConfigError, SecuritySpec
+from stream.security import SecurityError
 
 
 @contextlib.contextmanager
@@ -23,17 +29,26 @@ def _workers_ignore_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-def connect(cl: ClusterSpec):
+def connect(cl: ClusterSpec, security: SecuritySpec | None = None):
     """(client, cluster): a Client of ``cl.scheduler``, or of a new LocalCluster of
-    ``cl.workers`` processes bound to 127.0.0.1 (then ``cluster`` is it; close both when done)."""
+    ``cl.workers`` processes bound to 127.0.0.1 (then ``cluster`` is it; close both when done).
+    Raises ConfigError for TLS settings it cannot use."""
     from distributed import Client, LocalCluster
 
-    if cl.scheduler:
-        return Client(cl.scheduler), None
+    from stream.security.tls import client_security, temporary_security
+
+    security = security or SecuritySpec()
+    try:
+        if cl.scheduler:
+            sec = client_security(cl.scheduler, security.tls_ca_file, security.tls_cert, security.tls_key)
+            return Client(cl.scheduler, security=sec), None
+        sec = temporary_security() if security.dask_tls else None
+    except SecurityError as e:
+        raise ConfigError(str(e)) from None
     with _workers_ignore_ctrl_c():
         cluster = LocalCluster(n_workers=cl.workers, threads_per_worker=cl.threads_per_worker,
-                               processes=True, host="127.0.0.1", dashboard_address=":0",
-                               memory_limit=cl.memory_limit)
+                               processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                               memory_limit=cl.memory_limit, security=sec)
     try:
         return Client(cluster), cluster
     except BaseException:

@@ -10,6 +10,11 @@
 The session starts a LocalCluster (or joins ``scheduler``), installs a receiver in every
 worker, follows each scan from the receivers' reports, and finalizes every closed scan with
 tasks on the workers that hold its state. Bulk data never reaches this process.
+
+Its sockets (receivers' reports, the control channel to the receivers, live results) are CURVE
+servers that let in only this session's receivers (keys made for this session and handed to
+the workers with the plugin) and, on the live channel, the configured viewers
+(docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +37,15 @@ import zmq
 
 from sim_detector.publisher import address_ranges
 
+from stream.security import (ClientKeys, Gatekeeper, ReceiverKeys, SecurityError, as_server, ensure_keys,
+                             generate, read_public)
 from stream.session import cluster
 from stream.transport import control
 from stream.transport.links import unreached
-from stream.config import (ConfigError, PipelineConfig, build_operators, calibration, detector_regions,
-                           load_config, validate)
+from stream.transport.protocol import Geometry
+from stream.transport.receiver import OVER_BUDGET, TOO_MANY_SCANS
+from stream.config import (ConfigError, PipelineConfig, build_operators, calibration, coordinator_state_bytes,
+                           detector_regions, load_config, validate)
 from stream.session.finalize import ScanInfo, ScanResult, finalize_on_cluster
 from stream.session.lifecycle import DONE, ScanStatus, ScanTracker
 from stream.files.previews import write_scan_previews
@@ -49,6 +59,8 @@ log = logging.getLogger("stemstream.session")
 LIVE_PROTO = "stemstream-live/1"
 KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
 LINK_GRACE_S = 5.0  # after this, sources no receiver could connect to are named on the console
+REPORTS, LIVE = "stemstream-reports", "stemstream-live"  # ZAP domains of this process's servers
+ANNOUNCE_PERIOD_S = 0.5  # the open scans are announced again this often (receivers that joined late)
 
 
 def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
@@ -152,7 +164,13 @@ class Session:
         self._own_client = client is None
         self._cluster = None
         self._ctx = self._pull = self._pub = None
-        self._tracker = ScanTracker(cfg.scan.timeout_s)
+        self._tracker = ScanTracker(cfg.scan.timeout_s, announce_grace_s=cfg.limits.announce_grace_s)
+        self._control = None  # PUB: announced, closing and dropped scans, to the receivers
+        self._gate: Gatekeeper | None = None
+        self._refused: OrderedDict[str, str] = OrderedDict()  # scans this session refused -> reason
+        self._refusals_warned: set[str] = set()
+        self.state_budget = 0  # bytes a scan's bookkeeping may take here (set at start)
+        self.coordinator_key: bytes | None = None  # this session's CURVE server key (public half)
         self._results: dict[str, ScanResult] = {}
         self._order: list[str] = []
         self._waited: set[str] = set()
@@ -200,6 +218,7 @@ class Session:
         source = self.detector.describe() if self.detector else ", ".join(self.connect)
         self.console.say(f"stemstream: {len(self.workers)} workers receiving from "
                          f"{source}; writing to {self.config.output.dir}")
+        self.console.say(f"security: {self.describe_security()}")
         if self.config.counting.enabled:  # what raw frames will be counted with (docs/COUNTING.md)
             c = self.config.counting
             self.console.say(f"counting raw frames: {c.calibration.summary()}; semantics {c.semantics}, "
@@ -220,14 +239,31 @@ class Session:
             self.detector = DetectorLink(self, self.config.detector)
             self.detector.prepare()
         if self._client is None:
-            self._client, self._cluster = cluster.connect(self.config.cluster)
+            self._client, self._cluster = cluster.connect(self.config.cluster, self.config.security)
+        receiver_keys, coordinator_kp, live_kp, viewers = self._session_keys()
+        self.coordinator_key = coordinator_kp.public if coordinator_kp else None  # public: no secret
         host = self._control_host()
         self._ctx = zmq.Context()
+        if receiver_keys is not None:
+            self._gate = Gatekeeper(self._ctx, on_refuse=self._refused_connection)
+            self._gate.allow(REPORTS, [receiver_keys.coordinator.keypair.public])
+            self._gate.allow(LIVE, viewers)
         self._pull = self._ctx.socket(zmq.PULL)
+        self._control = self._ctx.socket(zmq.PUB)
+        for sock in (self._pull, self._control):
+            if coordinator_kp is not None:
+                as_server(sock, coordinator_kp, REPORTS)
+        workers = self._client.scheduler_info()["workers"]
+        limits = [w.get("memory_limit") or 0 for w in workers.values()]
+        self.state_budget = self.config.limits.scan_state_bytes(min(limits) if limits and all(limits) else None)
+        self._pull.setsockopt(zmq.MAXMSGSIZE, self.state_budget + 1_000_000)  # a live snapshot at most
         port = self._pull.bind_to_random_port(f"tcp://{host}")
         self.control_address = f"tcp://{host}:{port}"
+        self.announce_address = f"tcp://{host}:{self._control.bind_to_random_port(f'tcp://{host}')}"
         if self.config.live.publish:
             self._pub = self._ctx.socket(zmq.PUB)
+            if live_kp is not None:
+                as_server(self._pub, live_kp, LIVE)
             try:
                 self._pub.bind(self.config.live.publish)
             except zmq.ZMQError as e:
@@ -235,13 +271,61 @@ class Session:
                                   f"{e.strerror}; choose another --publish address") from None
         plan = None
         if self.detector is not None:
-            plan = source_plan(self.config.detector, self._client, detector_workers(self._client))
+            plan = source_plan(self.config.detector, self._client, detector_workers(self._client),
+                               curve=receiver_keys is not None,
+                               max_message_bytes=self.config.limits.max_message_bytes(self.config.chunking))
             self.detector.set_plan(plan)
-        plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config, plan)
+        plugin = ReceiverPlugin(self._plugin_name, self.connect, self.control_address, self.config,
+                                keys=receiver_keys, announce_address=self.announce_address,
+                                source_plan=plan)
         self._client.register_plugin(plugin, name=self._plugin_name)
         self.workers = sorted(self._client.scheduler_info()["workers"])
         self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
         self._thread.start()
+
+    def _session_keys(self):
+        """(receiver keys, this session's server keypair, the live channel's keypair, the viewer
+        keys it accepts), or Nones with ``[security] curve = false``. The receivers get the
+        user's receiver key (sources accept it) and a keypair made for this session only, the
+        one key the report and control sockets accept."""
+        sec = self.config.security
+        if not sec.curve:
+            return None, None, None, None
+        try:
+            kd = ensure_keys(sec.keys)
+            source = read_public(sec.source_key) if sec.source_key else kd["source"].public
+            viewers = {kd["viewer"].public, *(read_public(k) for k in sec.live_clients)}
+        except SecurityError as e:
+            raise ConfigError(str(e)) from None
+        coordinator, report = generate(), generate()
+        plain = set(sec.plain_sources)
+        sources = {a: None if a in plain else ClientKeys(kd["receiver"], source) for a in self.connect}
+        return ReceiverKeys(sources, ClientKeys(report, coordinator.public)), coordinator, kd["live"], viewers
+
+    def _refused_connection(self, domain: str, key: bytes) -> None:
+        """Called by the authenticator's thread for a client with a key this session does not know."""
+        if domain not in self._refusals_warned:
+            self._refusals_warned.add(domain)
+            what = "the receivers' report socket" if domain == REPORTS else "the live results channel"
+            self.console.say(f"WARNING: refused a connection to {what} from a program without an "
+                             f"accepted key ({key.decode(errors='replace')}); see docs/SECURITY.md "
+                             "(further refusals are counted, not shown)")
+
+    def describe_security(self) -> str:
+        """One line: how each channel is protected (for the start message)."""
+        sec = self.config.security
+        det = self.config.detector
+        if not sec.curve:
+            chan = "plain ZeroMQ ([security] curve = false): anyone who reaches a port can talk to it"
+        elif det.kind != "stemstream":  # its makers' protocol cannot authenticate
+            chan = (f"CURVE on every channel stemstream opens; the {det.kind} detector's data "
+                    f"{det.data or '(from the DCU)'} is plain: trusted network only")
+        else:
+            plain = [a for a in self.connect if a in set(sec.plain_sources)]
+            chan = "CURVE on every channel" + (f" except the plain sources {', '.join(plain)}" if plain else "")
+        dask = "dask over TLS" if self._client.scheduler.address.startswith("tls://") else \
+            "dask traffic NOT encrypted (tcp://)"
+        return f"{chan}; {dask}"
 
     def _control_host(self) -> str:
         """The address workers can reach this process at."""
@@ -290,9 +374,11 @@ class Session:
                 log.debug("unregistering the receiver plugin failed: %s", e)
         if self.detector is not None:
             self.detector.close()
-        for sock in (self._pull, self._pub):
+        for sock in (self._pull, self._pub, self._control):
             if sock is not None:
                 sock.close(linger=1000)
+        if self._gate is not None:
+            self._gate.stop()
         if self._ctx is not None:
             self._ctx.term()
         if self._own_client and self._client is not None:
@@ -458,7 +544,7 @@ class Session:
 
     def _coordinate(self) -> None:
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
-        next_live = next_forget = time.monotonic()
+        next_live = next_forget = next_announce = time.monotonic()
         next_links = next_live + LINK_GRACE_S  # connecting takes a moment; then say what is not
         warned = set()
         while not self._stop.is_set():
@@ -470,10 +556,22 @@ class Session:
                         except zmq.Again:
                             break
                         self._handle_report(parts, warned)
-                for st in self._tracker.due():
+                due = self._tracker.due()
+                for st in due:
                     self._executor.submit(self._finalize, st)
+                if due:  # receivers stop counting them as open
+                    self._tell_receivers("closing", [st.scan_id for st in due])
+                if self._tracker.expire_unannounced() and "unannounced" not in warned:
+                    warned.add("unannounced")
+                    self.console.say("WARNING: end or abort messages of a scan no source announced with "
+                                     "start were dropped (further ones are counted, not shown)")
                 self.console.progress(self._tracker.active())
                 now = time.monotonic()
+                if now >= next_announce:  # for receivers that joined late or missed a message
+                    next_announce = now + ANNOUNCE_PERIOD_S
+                    active = [st.scan_id for st in self._tracker.active()]
+                    if active:
+                        self._tell_receivers("announced", active)
                 if live_period and now >= next_live:
                     next_live = now + live_period
                     self._publish_live()
@@ -493,6 +591,40 @@ class Session:
                     warned.add(type(e).__name__)
                     self.console.say(f"WARNING: coordinator error (the session goes on): {e!r}")
 
+    def _tell_receivers(self, kind: str, scan_ids: list[str], **fields) -> None:
+        """Publish on the control channel (this thread owns the socket)."""
+        if self._control is not None:
+            self._control.send_multipart(control.encode({"kind": kind, "scan_ids": scan_ids, **fields}))
+
+    def _admit(self, report: dict) -> tuple[str, str] | None:
+        """None if a new scan fits this session's limits, else (reason, detail)."""
+        sid = report["scan_id"]
+        g = Geometry.from_wire(report["geometry"]).for_sector(None)
+        need = coordinator_state_bytes(self.config, g, len(self.workers))
+        if need > self.state_budget:
+            return OVER_BUDGET, (f"scan {sid}: {g.scan_shape[0]}x{g.scan_shape[1]} positions need about "
+                                 f"{need / 1e6:,.0f} MB of bookkeeping here, over the budget of "
+                                 f"{self.state_budget / 1e6:,.0f} MB ([limits] scan_state_mb); raise it or "
+                                 "scan fewer positions")
+        n_open = len(self._tracker.active())
+        if n_open >= self.config.limits.max_open_scans:
+            return TOO_MANY_SCANS, (f"scan {sid}: {n_open} scans are receiving, the most [limits] "
+                                    "max_open_scans allows; end or abort scans, or raise it")
+        return None
+
+    def _refuse_scan(self, sid: str, reason: str, detail: str) -> None:
+        """Refuse a scan announced to this session: count it, say it once per reason, and tell
+        the receivers to drop what they hold of it."""
+        self._refused[sid] = reason
+        while len(self._refused) > 4096:
+            self._refused.popitem(last=False)
+        self._tracker.rejects[reason] = self._tracker.rejects.get(reason, 0) + 1
+        if reason not in self._refusals_warned:
+            self._refusals_warned.add(reason)
+            self.console.say(f"ERROR: refused a scan ({reason}): {detail} (further refusals of this kind "
+                             "are counted, not shown)")
+        self._tell_receivers("drop", [sid], reason=reason, detail=detail)
+
     def _handle_report(self, parts, warned: set) -> None:
         try:
             self._on_report(*control.decode(parts), warned)
@@ -508,6 +640,8 @@ class Session:
         if kind == "links":
             self._links[report["worker"]] = report
             return
+        if kind != "reject" and report.get("scan_id") in self._refused:
+            return  # what receivers still report of a scan this session refused
         if kind == "live":
             self._on_live(report, arrays)
             return
@@ -531,7 +665,16 @@ class Session:
             fire_and_forget(self._client.submit(close_on_worker, self._plugin_name, report["scan_id"],
                                                 workers=[report["worker"]], pure=False))
             return
+        sid = report.get("scan_id")
+        new = kind in ("geometry", "start") and sid not in self._tracker.scans
+        if new:
+            refusal = self._admit(report)
+            if refusal is not None:
+                self._refuse_scan(sid, *refusal)
+                return
         st = self._tracker.handle(report)
+        if new and st is not None:  # receivers that did not see its start open it now
+            self._tell_receivers("announced", [sid])
         if kind == "abort" and st is not None:
             self.console.say(f"[{st.scan_id}] aborted by source {report['source']}: {report.get('reason')}")
 

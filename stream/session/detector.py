@@ -7,6 +7,7 @@ import time
 from urllib.parse import urlsplit
 
 from stream.config import DetectorSpec
+from stream.security import generate
 from stream.sources.base import DetectorError, DetectorRefused, SourcePlan, new_prefix
 from stream.sources.dectris import DectrisControl, SimplonClient, dcu_url, default_stream
 from stream.sources.merlin import MerlinControl
@@ -24,26 +25,34 @@ def _alive():
     return True
 
 
-def source_plan(spec: DetectorSpec, client, workers: list[str], prefix: str | None = None) -> SourcePlan | None:
+def source_plan(spec: DetectorSpec, client, workers: list[str], prefix: str | None = None,
+                curve: bool = False, max_message_bytes: int = 0) -> SourcePlan | None:
     """The SourcePlan every worker builds its source from; None for ``stemstream``.
 
-    Merlin: the first worker holds the data connection and forwards on a free port of its
-    host (found there, through dask, before any receiver starts)."""
+    Merlin: the first worker holds the data connection and forwards on a free port of the
+    host its dask worker listens on (the interface dask was configured with; 127.0.0.1 for
+    the local cluster), found there, through dask, before any receiver starts. With ``curve``
+    that channel is CURVE with keys made for this session (they travel in the plan, over
+    dask's TLS). ``max_message_bytes``: the per-message budget ([limits] max_message_mb)."""
     if spec.kind == "stemstream":
         return None
     calibration = {k: getattr(spec, k) for k in ("mrad_per_px", "convergence_mrad", "center")
                    if getattr(spec, k) is not None}
     scan = tuple(spec.scan) if spec.scan else None
     plan = SourcePlan(spec.kind, scan, spec.data or "", mode=spec.mode, prefix=prefix or new_prefix(),
-                      gap_timeout_s=spec.gap_timeout_s, calibration=calibration, control=spec.control)
+                      gap_timeout_s=spec.gap_timeout_s, calibration=calibration, control=spec.control,
+                      max_message_bytes=max_message_bytes)
     if spec.kind == "dectris":
         plan.dcu = dcu_url(spec.dcu) if spec.dcu else None
         plan.data = spec.data or default_stream(plan.dcu)
     else:
         plan.leader = workers[0]
+        plan.n_workers = len(workers)
         host = urlsplit(workers[0]).hostname
         port = client.run(free_port_block, 1, host, workers=[workers[0]])[workers[0]]
         plan.forward = f"tcp://{host}:{port}"
+        if curve:
+            plan.forward_server, plan.forward_client = generate(), generate()
     return plan
 
 

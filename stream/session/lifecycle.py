@@ -4,6 +4,10 @@ open (first report of a scan_id) → receiving → closed when every source's ``
 every frame it announced is accounted for, or when nothing arrived for ``timeout_s``, or
 shortly after an ``abort`` → finalized by the session. The tracker is plain Python over small
 messages: no sockets, no dask, so that it can be tested alone.
+
+A scan exists for the tracker once a receiver reports its ``start`` or opens it (receivers open
+only announced scans, docs/PROTOCOL.md). An ``end`` or ``abort`` of a scan not seen yet waits
+for it (``WAIT_FOR_START_S``); if none comes it is counted as an ``unannounced`` reject.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from stream.transport.protocol import Geometry, ProtocolError
 
 RECEIVING, CLOSING, DONE = "receiving", "closing", "done"
 ABORT_GRACE_S = 1.0  # after an abort, frames already queued in other receivers still count
+WAIT_FOR_START_S = 60.0  # an end or abort of a scan not seen yet waits this long for its start
+MAX_WAITING = 4096  # scans whose end or abort waits for their start
 
 
 @dataclass
@@ -88,12 +94,16 @@ class ScanTracker:
     clock: monotonic seconds for timeouts; wall: seconds since the epoch for timestamps.
     """
 
-    def __init__(self, timeout_s: float = 5.0, clock=time.monotonic, wall=time.time):
+    def __init__(self, timeout_s: float = 5.0, clock=time.monotonic, wall=time.time,
+                 announce_grace_s: float = 5.0):
         self.timeout_s = timeout_s
+        self.announce_grace_s = announce_grace_s
         self.clock = clock
         self.wall = wall
         self.scans: dict[str, ScanStatus] = {}
         self.rejects: dict[str, int] = {}
+        # end / abort reports of scans not opened yet: scan -> (first seen, reports)
+        self._waiting: OrderedDict[str, tuple[float, list]] = OrderedDict()
         self._forgotten: OrderedDict[str, None] = OrderedDict()  # finished long ago: never reopened
 
     def _scan(self, scan_id: str) -> ScanStatus:
@@ -103,10 +113,10 @@ class ScanTracker:
         st.last_activity = self.clock()
         return st
 
-    def _count_reject(self, reason: str, st: ScanStatus | None = None) -> None:
-        self.rejects[reason] = self.rejects.get(reason, 0) + 1
+    def _count_reject(self, reason: str, st: ScanStatus | None = None, n: int = 1) -> None:
+        self.rejects[reason] = self.rejects.get(reason, 0) + n
         if st is not None:
-            st.rejects += 1
+            st.rejects += n
 
     def _set_geometry(self, st: ScanStatus, wire: dict) -> None:
         g = Geometry.from_wire(wire).for_sector(None)
@@ -140,7 +150,7 @@ class ScanTracker:
                 if st is not None and st.geometry is None and report["reason"] == "operator_error" \
                         and len(st.errors) < 5:
                     st.errors.append(report.get("detail", ""))
-            self._count_reject(report["reason"], st)
+            self._count_reject(report["reason"], st, int(report.get("count", 1)))
             return None
         if kind not in ("start", "frames", "end", "abort", "geometry"):
             return None
@@ -148,7 +158,41 @@ class ScanTracker:
         existing = self.scans.get(sid)
         if (existing is not None and existing.state != RECEIVING) or sid in self._forgotten:
             return None  # the receivers reject late messages; nothing more changes this scan
+        if existing is None and kind in ("end", "abort", "frames"):
+            self._wait_for_start(sid, report)
+            return None
         st = self._scan(sid)
+        waiting = self._waiting.pop(sid, None)
+        if waiting is not None:  # its end or abort came first, through another receiver
+            self._apply(st, report)
+            for early in waiting[1]:
+                self._apply(st, early)
+            return st
+        return self._apply(st, report)
+
+    def _wait_for_start(self, sid: str, report: dict) -> None:
+        since, reports = self._waiting.get(sid, (self.clock(), []))
+        if len(reports) < 2 * 256:  # at most an end and an abort per source
+            reports.append(report)
+        self._waiting[sid] = (since, reports)
+
+    def expire_unannounced(self) -> int:
+        """Drop the end / abort reports of scans no start came for (counted as ``unannounced``
+        rejects): after ``WAIT_FOR_START_S`` (the start's report may be late behind a busy
+        receiver's backlog, and these reports are small), or the oldest beyond
+        ``MAX_WAITING`` scans. Returns how many were dropped."""
+        now, dropped = self.clock(), 0
+        while self._waiting:
+            sid, (since, reports) = next(iter(self._waiting.items()))
+            if now - since < max(WAIT_FOR_START_S, self.announce_grace_s) and len(self._waiting) <= MAX_WAITING:
+                break
+            del self._waiting[sid]
+            self._count_reject("unannounced", None, len(reports))
+            dropped += len(reports)
+        return dropped
+
+    def _apply(self, st: ScanStatus, report: dict) -> ScanStatus:
+        kind = report["kind"]
         worker = report.get("worker")
         st.worker_events.setdefault(worker, 0)
         try:

@@ -15,6 +15,7 @@ from operators.dense import counts_to_events
 from operators.electron_counting import ElectronCounter
 
 from stream.config import PipelineConfig, build_operators
+from stream.security import ReceiverKeys
 from stream.sources.build import build_source
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
@@ -23,24 +24,37 @@ STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstr
 
 
 class ReceiverPlugin(WorkerPlugin):
-    """Starts a :class:`Receiver` in every worker (also in workers that join later)."""
+    """Starts a :class:`Receiver` in every worker (also in workers that join later).
+
+    keys: the receivers' CURVE keys (stream.security.ReceiverKeys: for the sources, and this
+        session's own keypair for the coordinator); they travel to the workers with the plugin,
+        over dask's connections (TLS, docs/SECURITY.md). None: plain sockets.
+    announce_address: the coordinator's control channel.
+    source_plan: a detector source's SourcePlan (stream/sources), or None.
+    """
 
     def __init__(self, name: str, connect: list[str], control_address: str, config: PipelineConfig,
+                 keys: ReceiverKeys | None = None, announce_address: str | None = None,
                  source_plan=None):
         self.name = name
         self.connect = connect
         self.control_address = control_address
         self.config = config
+        self.keys = keys
+        self.announce_address = announce_address
         self.source_plan = source_plan  # a detector source's SourcePlan (stream/sources), or None
         self.receiver: Receiver | None = None
 
     async def setup(self, worker):
         # compile the kernels before the first frame, off the worker's event loop
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
+        memory_limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+        budget = self.config.limits.scan_state_bytes(memory_limit)
         source = build_source(self.source_plan, worker.address)
         self.receiver = Receiver(self.connect, self.control_address, self.config, worker=worker.address,
                                  spill_dir=self.config.memory.spill_dir or worker.local_directory,
-                                 source=source)
+                                 keys=self.keys, announce_address=self.announce_address,
+                                 state_budget=budget, source=source)
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
             worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)

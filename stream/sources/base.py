@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from stream.security import KeyPair
 from stream.transport.protocol import Geometry, Message
 
 KINDS = ("stemstream", "dectris", "merlin")
@@ -50,8 +51,14 @@ class SourcePlan:
     prefix: str = ""
     leader: str | None = None  # Merlin: the worker address that connects to the data port
     forward: str | None = None  # Merlin: the leader's PUSH address every worker pulls from
+    n_workers: int = 1  # Merlin: workers that pull from it (the leader waits for them, a while)
     gap_timeout_s: float = 2.0
     calibration: dict = field(default_factory=dict)  # mrad_per_px, convergence_mrad, center
+    max_message_bytes: int = 0  # [limits] max_message_mb: a detector message or frame at most; 0 = no bound
+    # Merlin's forwarding channel, made for this session (None: plain, [security] curve = false):
+    # the leader binds with forward_server and lets in only forward_client, which every worker has
+    forward_server: KeyPair | None = field(default=None, repr=False)
+    forward_client: KeyPair | None = field(default=None, repr=False)
 
     def geometry(self, frame_shape: tuple[int, int], scan_shape=None) -> Geometry:
         """The protocol geometry of one scan of this detector (one source, no flyback)."""
@@ -59,6 +66,15 @@ class SourcePlan:
         return Geometry(tuple(scan_shape or self.scan_shape), tuple(frame_shape),
                         mrad_per_px=c.get("mrad_per_px"), convergence_mrad=c.get("convergence_mrad"),
                         center=tuple(c["center"]) if c.get("center") else None)
+
+
+def budget_error(what: str, nbytes: int, plan: SourcePlan) -> str | None:
+    """Why ``nbytes`` of ``what`` are refused under the plan's per-message budget, or None."""
+    if plan.max_message_bytes and nbytes > plan.max_message_bytes:
+        return (f"{what} of {nbytes:,} bytes is beyond the per-message budget of "
+                f"{plan.max_message_bytes:,} bytes ([limits] max_message_mb); raise it if the detector "
+                "really sends frames this large")
+    return None
 
 
 def new_prefix() -> str:

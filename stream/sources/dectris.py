@@ -20,14 +20,14 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from stream.sources.base import (STALE, UNDECODABLE, DetectorError, DetectorRefused, Source, SourcePlan,
-                                 dense_message, end_message, start_message)
+                                 budget_error, dense_message, end_message, start_message)
 from stream.sources.simplon import SimplonError, decode_image, image_shape_dtype, parse_json
 from stream.transport.protocol import ProtocolError
+from stream.transport.receiver import OVER_BUDGET
 
 log = logging.getLogger("stemstream.sources.dectris")
 API = "1.8.0"
@@ -160,6 +160,8 @@ class DectrisSource(Source):
         self._pull = ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 256)
         self._pull.setsockopt(zmq.LINGER, 0)
+        if self.plan.max_message_bytes:  # a larger part drops the connection (ZeroMQ reconnects)
+            self._pull.setsockopt(zmq.MAXMSGSIZE, self.plan.max_message_bytes)
         self._monitor = self._pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._pull.connect(self.plan.data)
         self._opened = time.monotonic()
@@ -209,10 +211,17 @@ class DectrisSource(Source):
         return out
 
     def _watch_connection(self) -> None:
-        """One console line when the DCU's stream goes away and when it is back; ZeroMQ
-        reconnects by itself, so nothing else has to happen."""
+        """One console line when the DCU's stream goes away and when it is back. ZeroMQ
+        reconnects by itself, except after a protocol error (a part beyond [limits]
+        max_message_mb): so every lost connection is made again here."""
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                try:
+                    self._pull.disconnect(self.plan.data)
+                except zmq.ZMQError:
+                    pass  # already gone
+                self._pull.connect(self.plan.data)
             if event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._connected = False
                 self._notice(f"WARNING: DECTRIS stream {self.plan.data} disconnected (worker "
@@ -285,7 +294,12 @@ class DectrisSource(Source):
             self._stale(series)
             return
         dimage_d = parse_json(parts[1])
-        shape, _ = image_shape_dtype(dimage_d)
+        shape, dtype = image_shape_dtype(dimage_d)
+        too_big = budget_error(f"a {shape[0]}x{shape[1]} {dtype.name} image", shape[0] * shape[1] * dtype.itemsize,
+                               self.plan)
+        if too_big:  # refused before it is decompressed or a scan is opened for it
+            self._reject(OVER_BUDGET, f"image {frame} of DECTRIS series {series}: {too_big}", scan_id)
+            return
         g = self._geometry.get(shape)
         if g is None:
             g = self._geometry[shape] = self.plan.geometry(shape)

@@ -23,7 +23,8 @@ import time
 import numpy as np
 import zmq
 
-from stream.sources.base import DetectorError, Source, SourcePlan, tcp_address
+from stream.security import ClientKeys, Gatekeeper, as_client, as_server
+from stream.sources.base import DetectorError, Source, SourcePlan, budget_error, tcp_address
 from stream.sources.mib import (MPX_PREFIX_LEN, AcquisitionHeader, FrameHeader, MibError,
                                 decode_payloads, mpx_prefix, parse_frame_header, parse_mpx_prefix)
 from stream.transport.protocol import ProtocolError, decode, encode_abort, encode_dense, encode_end, encode_start
@@ -32,6 +33,7 @@ log = logging.getLogger("stemstream.sources.merlin")
 RC_TEXT = {0: "ok", 1: "system busy", 2: "command not recognised", 3: "parameter out of range"}
 BLOCK_BYTES = 8 << 20  # values per forwarded block, at most
 BLOCK_FRAMES = 16  # frames per forwarded block, at most: small scans are still shared by all workers
+FORWARD_DOMAIN = "stemstream-merlin-forward"  # the ZAP domain of the leader's PUSH socket
 
 
 class MerlinControl:
@@ -123,10 +125,11 @@ class MpxReader:
     many at a time straight from the buffer (no per-frame copy). The views ``body`` and
     ``frames`` return are valid until the next ``fill``."""
 
-    def __init__(self, sock: socket.socket, size: int = 32 << 20):
+    def __init__(self, sock: socket.socket, size: int = 32 << 20, max_body: int = 1 << 30):
         self.sock = sock
         self.buf = bytearray(size)
         self.lo = self.hi = 0
+        self.max_body = max_body  # a longer message is refused before it is buffered
 
     @property
     def available(self) -> int:
@@ -157,8 +160,9 @@ class MpxReader:
         if self.available < MPX_PREFIX_LEN:
             return None
         n = parse_mpx_prefix(bytes(self.buf[self.lo:self.lo + MPX_PREFIX_LEN]))
-        if n > (1 << 30):
-            raise MibError(f"an MPX message of {n} bytes: lost sync with the stream")
+        if n > self.max_body:
+            raise MibError(f"an MPX message of {n:,} bytes, beyond {self.max_body:,} ([limits] "
+                           "max_message_mb, or lost sync with the stream)")
         return n if self.available >= MPX_PREFIX_LEN + n else None
 
     def body(self, n: int) -> memoryview:
@@ -188,6 +192,7 @@ class _Acquisition:
         self.received = 0
         self.fh: FrameHeader | None = None
         self.overflow = False
+        self.refused = False  # its frames are beyond the per-message budget
 
 
 class MerlinLeader(threading.Thread):
@@ -209,19 +214,45 @@ class MerlinLeader(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
 
-    def run(self) -> None:
-        push = self.ctx.socket(zmq.PUSH)
+    def _forward_socket(self):
+        """(context, gatekeeper, PUSH socket) of the forwarding channel: with this session's
+        keys a CURVE server that lets in only the workers' key (a context of its own: one
+        ZAP handler per context); without them plain. Not bound yet."""
+        ctx, gate = self.ctx, None
+        if self.plan.forward_server is not None:
+            ctx = zmq.Context()
+            gate = Gatekeeper(ctx, on_refuse=self._refused)
+            gate.allow(FORWARD_DOMAIN, [self.plan.forward_client.public])
+        push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 16)
         push.setsockopt(zmq.LINGER, 0)
+        if self.plan.forward_server is not None:
+            as_server(push, self.plan.forward_server, FORWARD_DOMAIN)
+        return ctx, gate, push
+
+    def _refused(self, domain: str, key: bytes) -> None:
+        if not getattr(self, "_warned_refused", False):
+            self._warned_refused = True
+            self.notice(f"WARNING: the Merlin forwarding socket {self.plan.forward} refused a program "
+                        f"without this session's key ({key.decode(errors='replace')}); it gets no frames "
+                        "(docs/SECURITY.md; further refusals are not shown)")
+
+    def run(self) -> None:
+        ctx, gate, push = self._forward_socket()
+        # set before bind: no worker's handshake is missed
+        monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
             push.bind(self.plan.forward)
         except zmq.ZMQError as e:
             self.error = e
             self.notice(f"ERROR: Merlin leader cannot bind {self.plan.forward}: {e.strerror}; "
                         "restart the session (it picks another port)")
-            push.close()
+            push.disable_monitor()
+            monitor.close(0)
+            self._close_forward(ctx, gate, push)
             return
         self.push = push
+        self._wait_for_workers(push, monitor)
         failing = False
         try:
             while not self._stop_event.is_set():
@@ -241,7 +272,9 @@ class MerlinLeader(threading.Thread):
                 failing = False
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-                    self._serve(MpxReader(sock))
+                    limit = self.plan.max_message_bytes
+                    # a frame's wire size never exceeds its decoded values (decoding only widens)
+                    self._serve(MpxReader(sock, max_body=limit + (64 << 10) if limit else 1 << 30))
                 except Exception as e:  # noqa: BLE001 - lost connection, lost sync, or a bug: reconnect
                     if not isinstance(e, (ConnectionError, OSError, MibError)):
                         log.exception("Merlin leader failed")
@@ -253,7 +286,33 @@ class MerlinLeader(threading.Thread):
                 finally:
                     sock.close()
         finally:
-            push.close(0)
+            self._close_forward(ctx, gate, push)
+
+    def _close_forward(self, ctx, gate, push) -> None:
+        push.close(0)
+        if gate is not None:
+            gate.stop()
+        if ctx is not self.ctx:
+            ctx.term()
+
+    def _wait_for_workers(self, push, monitor, timeout_s: float = 10.0) -> None:
+        """Before the first frame is read: every worker's PULL connected (its CURVE handshake
+        done), so that the first blocks are shared, not all taken by the first to connect.
+        After ``timeout_s`` it goes on with those that are there, and says so."""
+        from zmq.utils.monitor import recv_monitor_message
+        ready, deadline = 0, time.monotonic() + timeout_s
+        try:
+            while ready < self.plan.n_workers and time.monotonic() < deadline and not self._stop_event.is_set():
+                if monitor.poll(100):
+                    recv_monitor_message(monitor)
+                    ready += 1
+        finally:
+            push.disable_monitor()
+            monitor.close(0)
+        if ready < self.plan.n_workers and not self._stop_event.is_set():
+            self.notice(f"WARNING: {ready} of {self.plan.n_workers} workers connected to the Merlin "
+                        f"forwarding socket {self.plan.forward} within {timeout_s:g} s; the frames go to "
+                        "those that are (the others join when they connect)")
 
     def _send(self, parts) -> None:
         while not self._stop_event.is_set():
@@ -325,6 +384,13 @@ class MerlinLeader(threading.Thread):
             if fh.header_size + fh.payload_size != n_body:
                 raise MibError(f"frame message of {n_body} bytes; its header says "
                                f"{fh.header_size + fh.payload_size}")
+            too_big = budget_error(f"a {fh.frame_shape[0]}x{fh.frame_shape[1]} Merlin frame",
+                                   fh.frame_shape[0] * fh.frame_shape[1] * fh.value_dtype.itemsize, self.plan)
+            if too_big:  # refused before it is decoded or a scan is opened for it
+                if not acq.refused:
+                    acq.refused = True
+                    self.notice(f"ERROR [{acq.scan_id}] {too_big}; this acquisition is dropped")
+                return MPX_PREFIX_LEN + n_body
             if acq.geometry is None:
                 acq.geometry = self.plan.geometry(fh.frame_shape, self._shape)
                 meta = {"detector": "merlin", "data": self.plan.data, "control": self.plan.control or "",
@@ -375,6 +441,10 @@ class MerlinSource(Source):
         self._pull = ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 4)
         self._pull.setsockopt(zmq.LINGER, 0)
+        if self.plan.max_message_bytes:
+            self._pull.setsockopt(zmq.MAXMSGSIZE, self.plan.max_message_bytes + (64 << 10))
+        if self.plan.forward_server is not None:
+            as_client(self._pull, ClientKeys(self.plan.forward_client, self.plan.forward_server.public))
         self._pull.connect(self.plan.forward)
 
     def close(self) -> None:

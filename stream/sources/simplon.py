@@ -75,6 +75,12 @@ def decode_image(blob, dimage_d: dict) -> np.ndarray:
     buf = memoryview(getattr(blob, "buffer", blob))
     nbytes = h * w * dtype.itemsize
     if enc.startswith("bs") and "lz4" in enc:
+        # the frame's first 8 bytes give the size it decompresses to: checked first, so a
+        # forged size never allocates more than the image
+        declared = struct.unpack(">Q", buf[:8])[0] if len(buf) >= 12 else None
+        if declared != nbytes:
+            raise SimplonError(f"bitshuffle-LZ4 image declares {declared} bytes; a {h}x{w} "
+                               f"{dtype.name} image has {nbytes}")
         decompress = _need("dectris.compression", "dectris-compression").decompress
         try:
             raw = decompress(bytes(buf), "bslz4", elem_size=dtype.itemsize)

@@ -8,6 +8,8 @@ whenever they change, and the coordinator says which sources no receiver reaches
 
 from __future__ import annotations
 
+import time
+
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -18,17 +20,22 @@ _FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed",
 
 class LinkWatch:
     """The endpoints of ``sock`` (a connecting socket) that completed the ZeroMQ handshake and
-    are still connected, and the last handshake failure of each endpoint. Call ``poll()``
-    from the socket's thread; it returns True when something changed."""
+    are still connected, the last handshake failure of each endpoint, and ``dropped``: the
+    endpoints whose connection closed and that ZeroMQ has not started connecting again (after
+    a protocol error, such as a part beyond MAXMSGSIZE, it never does), with when (monotonic
+    s). Call ``poll()`` from the socket's thread; it returns True when the links changed.
+    (One monitor per socket: ZeroMQ keeps only the last one.)"""
 
     def __init__(self, sock: zmq.Socket):
-        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        events = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+                  | zmq.EVENT_CONNECT_DELAYED)
         for e in _FAILED:
             events |= e
         self._sock = sock
         self.monitor = sock.get_monitor_socket(events)
         self.connected: set[str] = set()
         self.failed: dict[str, str] = {}
+        self.dropped: dict[str, float] = {}
 
     def poll(self) -> bool:
         changed = False
@@ -39,6 +46,10 @@ class LinkWatch:
                 return changed
             ep = msg["endpoint"].decode() if isinstance(msg["endpoint"], bytes) else str(msg["endpoint"])
             event = msg["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self.dropped[ep] = time.monotonic()
+            elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
+                self.dropped.pop(ep, None)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 changed |= ep not in self.connected or ep in self.failed
                 self.connected.add(ep)

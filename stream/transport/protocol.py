@@ -26,8 +26,11 @@ PROTO = "stemstream/1"
 KINDS = ("start", "frames", "end", "abort", "dense")
 EVENT_DTYPE = np.dtype("<u4")
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Sanity bounds: beyond them a geometry is a corrupt header, not an instrument.
-MAX_FRAMES = 2**31  # frames per scan (a 16k x 16k scan with 8 frames per position)
+# Sanity bounds: beyond them a geometry is a corrupt header, not an instrument. What a scan
+# within them may cost is the receivers' per-scan budget ([limits] scan_state_mb).
+MAX_FRAMES = 2**28  # frames per scan, flyback included (16384 x 16384 positions, 1 frame each)
+MAX_PIXELS = 2**26  # detector pixels (8192 x 8192; a K3 is 5760 x 4092)
+MAX_SIDE = 2**16  # rows or columns of the scan or the detector
 MAX_SOURCES = 256
 # dense frames: little-endian unsigned pixel types, and what the values mean
 DENSE_DTYPES = ("<u1", "<u2", "<u4")
@@ -98,18 +101,18 @@ class Geometry:
         if self.sector is None:
             object.__setattr__(self, "sector", (0, self.frame_shape[0]))
         problems = []
-        if len(self.scan_shape) != 2 or min(self.scan_shape) < 1:
-            problems.append(f"scan_shape {self.scan_shape} must be two positive integers")
-        if len(self.frame_shape) != 2 or min(self.frame_shape) < 1:
-            problems.append(f"frame_shape {self.frame_shape} must be two positive integers")
-        elif self.frame_shape[0] * self.frame_shape[1] > 2**32:
-            problems.append(f"frame_shape {self.frame_shape} has more pixels than uint32 indexes")
-        if self.frames_per_position < 1:
-            problems.append(f"frames_per_position {self.frames_per_position} must be >= 1")
+        if len(self.scan_shape) != 2 or not 1 <= min(self.scan_shape) <= max(self.scan_shape) <= MAX_SIDE:
+            problems.append(f"scan_shape {self.scan_shape} must be two integers 1..{MAX_SIDE}")
+        if len(self.frame_shape) != 2 or not 1 <= min(self.frame_shape) <= max(self.frame_shape) <= MAX_SIDE:
+            problems.append(f"frame_shape {self.frame_shape} must be two integers 1..{MAX_SIDE}")
+        elif self.frame_shape[0] * self.frame_shape[1] > MAX_PIXELS:
+            problems.append(f"frame_shape {self.frame_shape} has more than {MAX_PIXELS} pixels")
+        if not 1 <= self.frames_per_position <= MAX_FRAMES:
+            problems.append(f"frames_per_position {self.frames_per_position} must be 1..{MAX_FRAMES}")
         if not 1 <= self.n_sources <= MAX_SOURCES:
             problems.append(f"n_sources {self.n_sources} must be 1..{MAX_SOURCES}")
-        if self.flyback < 0:
-            problems.append(f"flyback {self.flyback} must be >= 0")
+        if not 0 <= self.flyback <= MAX_SIDE:
+            problems.append(f"flyback {self.flyback} must be 0..{MAX_SIDE}")
         # (math, not numpy: every frames message builds a Geometry, at thousands per second)
         for name in ("mrad_per_px", "convergence_mrad"):
             v = getattr(self, name)

@@ -5,6 +5,13 @@ frames, bytes and latency), runs the scan's operators on each chunk in this proc
 the resulting per-scan state here. Only small reports (frame ranges, counters) and, at the
 live rate, the partial results that changed go to the coordinator; the events themselves stay
 until the scan is closed and the coordinator's finalize task takes this worker's state.
+
+Nothing is allocated for a scan before it is announced (docs/PROTOCOL.md, "Announcement"):
+a receiver opens a scan when it receives its ``start`` or when the coordinator says on the
+control channel that another receiver did; until then its ``frames`` wait, bounded in bytes
+and time (``[limits] unannounced_mb``, ``announce_grace_s``), and are dropped if no ``start``
+comes. Before opening, the scan's state is checked against the per-scan budget
+(``[limits] scan_state_mb``) and the number of open scans (``max_open_scans``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from operators.dense import counts_to_events
 from operators.electron_counting import ElectronCounter
 from operators.events import EventStore
 
+from stream.security.curve import ReceiverKeys, as_client
 from stream.transport import control
 from stream.transport.links import LinkWatch
 from stream.transport.protocol import (MAX_DENSE_EVENTS, Geometry, Message, ProtocolError, decode,
@@ -38,6 +46,21 @@ LATE = "late"  # a message of a scan that is already closed
 OPERATOR_ERROR = "operator_error"  # the scan's operators could not be built or failed
 INTERNAL_ERROR = "internal_error"  # anything else that went wrong with one message
 SPILL_FAILED = "spill_failed"  # events could not go to disk; they stay in memory, none lost
+OVER_BUDGET = "over_budget"  # the scan's state would exceed [limits] scan_state_mb
+TOO_MANY_SCANS = "too_many_scans"  # [limits] max_open_scans scans are open already
+UNANNOUNCED = "unannounced"  # frames of a scan no start announced within [limits] announce_grace_s
+CONNECTION_DROPPED = "connection_dropped"  # a source's connection failed on a protocol error (too large)
+MAX_HELD_SCANS = 1024  # unannounced scans held at once; the oldest is dropped beyond
+MAX_REMEMBERED = 4096  # refused or closed scan ids remembered, to reject their later messages
+
+
+@dataclass
+class Held:
+    """Frames of a scan no ``start`` announced yet, waiting for one."""
+
+    since: float
+    msgs: list = field(default_factory=list)
+    nbytes: int = 0
 
 
 @dataclass
@@ -62,6 +85,7 @@ class ScanWork:
     mem_bytes: int = 0
     spill: SpillFile | None = None  # created on the first spill
     spill_failed: bool = False  # after a failure the scan's events stay in memory
+    closing: bool = False  # the coordinator closed it: it no longer counts as open
     counter: ElectronCounter | None = None  # counts the scan's raw frames ([counting])
 
 
@@ -107,6 +131,10 @@ class Receiver:
     worker: a name for reports and logs (the dask worker address).
     spill_dir: where the events of open scans go past ``[memory] events_in_memory_mb``
         (default: the system's temporary directory).
+    keys: CURVE keys per source and for the coordinator (None: plain sockets everywhere).
+    announce_address: the coordinator's control channel (announced, dropped and closing scans);
+        None: only scans whose ``start`` this receiver sees are opened.
+    state_budget: bytes one scan's state may take here (default from ``[limits]``).
     source: a detector source (``stream.sources``) to take messages from instead of decoding
         ``stemstream/1`` from the PULL socket (which then connects to nothing).
     Only the receiver's own thread touches its sockets; other threads queue their reports.
@@ -114,11 +142,19 @@ class Receiver:
 
     def __init__(self, connect: list[str], control_address: str, config,
                  worker: str = "receiver", rcvhwm: int = 64, spill_dir: str | None = None,
-                 source=None):
+                 keys: ReceiverKeys | None = None, announce_address: str | None = None,
+                 state_budget: int | None = None, source=None):
         self.source = source
         self.connect = list(connect) if source is None else []
         self.control_address = control_address
+        self.announce_address = announce_address
+        self.keys = keys
         self.config = config
+        self.state_budget = state_budget or config.limits.scan_state_bytes(None)
+        self._held: OrderedDict[str, Held] = OrderedDict()  # unannounced scans, oldest first
+        self._held_bytes = 0
+        self._announced: OrderedDict[str, None] = OrderedDict()  # by the coordinator
+        self._refused: OrderedDict[str, tuple[str, str]] = OrderedDict()  # scan -> (reason, detail)
         self.worker = worker
         self.rcvhwm = rcvhwm
         self.spill_dir = spill_dir or tempfile.gettempdir()
@@ -149,6 +185,11 @@ class Receiver:
             self._thread.join(timeout_s)
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of frames waiting for their scan's ``start`` (``[limits] unannounced_mb``)."""
+        return self._held_bytes
+
+    @property
     def events_in_memory_bytes(self) -> int:
         """Bytes of events the open scans hold in memory (the budget bounds this)."""
         return self._mem_bytes
@@ -163,8 +204,12 @@ class Receiver:
             self.source.scan_closed(scan_id)
         with self._lock:
             self._closed[scan_id] = None
-            while len(self._closed) > 4096:
+            while len(self._closed) > MAX_REMEMBERED:
                 self._closed.popitem(last=False)
+            held = self._forget_held(scan_id)
+            if held is not None:  # its announcement never came here: they arrived too late to count
+                self._reject(LATE, f"{len(held.msgs)} frames message(s) of scan {scan_id} still waiting for "
+                             "its announcement when it closed", scan_id, len(held.msgs))
             work = self._scans.pop(scan_id, None)
             if work is None:
                 return WorkerScan(scan_id, self.worker, None, [], {}, [])
@@ -199,16 +244,29 @@ class Receiver:
     # -------------------------------------------------------------- the receive loop
     def _run(self) -> None:
         ctx = zmq.Context.instance()
+        keys = self.keys
         try:
             pull = ctx.socket(zmq.PULL)
             pull.setsockopt(zmq.RCVHWM, self.rcvhwm)
             pull.setsockopt(zmq.LINGER, 0)
+            # one message part may cost at most this (a larger one drops the connection)
+            pull.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes(self.config.chunking))
+            # the links the coordinator hears about, and the sources ZeroMQ does not connect
+            # again after a protocol error (a part beyond MAXMSGSIZE): the receiver does (_reconnect)
             links = LinkWatch(pull)  # before connecting: no event is missed
             for addr in self.connect:
-                pull.connect(addr)
+                self._connect(pull, addr)
             report = ctx.socket(zmq.PUSH)
             report.setsockopt(zmq.LINGER, 2000)
+            as_client(report, keys.coordinator if keys is not None else None)
             report.connect(self.control_address)
+            sub = None
+            if self.announce_address:
+                sub = ctx.socket(zmq.SUB)
+                sub.setsockopt(zmq.LINGER, 0)
+                sub.setsockopt(zmq.SUBSCRIBE, b"")
+                as_client(sub, keys.coordinator if keys is not None else None)
+                sub.connect(self.announce_address)
             if self.source is not None:
                 self.source.open(ctx, self._reject, self._notice)
         except BaseException as e:  # noqa: BLE001 - handed to start()
@@ -221,23 +279,53 @@ class Receiver:
         next_live = time.monotonic() + (live_period or 0)
         latency = self.config.chunking.max_latency_ms / 1000
         poll_ms = max(1, int(self.config.chunking.max_latency_ms / 2))
+        held_budget = self.config.limits.unannounced_mb * 1e6
+        receiving, waiting = zmq.Poller(), zmq.Poller()
+        receiving.register(pull, zmq.POLLIN)
+        for sock in (sub, links.monitor):
+            if sock is not None:
+                receiving.register(sock, zmq.POLLIN)
+                waiting.register(sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                # frames held for an announcement fill their budget: stop taking more (the
+                # sources are held back) until the coordinator announces or the grace ends
+                full = self._held_bytes >= held_budget
+                poller = waiting if full else receiving
+                # a detector source waits in its own receive (below)
+                ready = dict(poller.poll(0 if self.source is not None and not full else poll_ms))
+                if links.monitor in ready and links.poll():
+                    self._send(links.report())
+                self._reconnect(pull, links.dropped)
+                if sub is not None and sub in ready:
+                    while True:
+                        try:
+                            parts = sub.recv_multipart(flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_control_safely(parts)
                 if self.source is not None:
-                    self._receive_from_source(poll_ms)
-                elif pull.poll(poll_ms):
+                    if not full:
+                        self._receive_from_source(poll_ms, report)
+                elif pull in ready:
                     for _ in range(64):  # drain what is queued before looking at the clocks
+                        if self._held_bytes >= held_budget:
+                            break
                         try:
                             parts = pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle_safely(parts)
+                        # a start's report goes out before the next chunk is processed: the
+                        # other receivers wait for its announcement to open the scan
+                        self._send_reports(report)
                 try:
                     now = time.monotonic()
                     with self._lock:
                         for work in list(self._scans.values()):
                             if work.pending and now - work.oldest >= latency:
                                 self._flush(work)
+                        self._expire_held(now)
                     if live_period and now >= next_live:
                         self._snapshot_live()
                         next_live = now + live_period
@@ -246,18 +334,47 @@ class Receiver:
                 except Exception as e:  # noqa: BLE001 - the loop must go on
                     log.exception("receiver housekeeping failed")
                     self._reject(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
-                while self._outbox:
-                    try:  # never block: stop() must be able to end this thread
-                        report.send_multipart(self._outbox[0], flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break  # the coordinator is not reading; try again next turn
-                    self._outbox.popleft()
+                self._send_reports(report)
         finally:
             links.close()
             if self.source is not None:
                 self.source.close()
             pull.close()
             report.close(linger=0)
+            if sub is not None:
+                sub.close()
+
+    def _send_reports(self, report: zmq.Socket) -> None:
+        while self._outbox:
+            try:  # never block: stop() must be able to end this thread
+                report.send_multipart(self._outbox[0], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the coordinator is not reading; try again next turn
+            self._outbox.popleft()
+
+    def _connect(self, pull: zmq.Socket, addr: str) -> None:
+        """Connect to one source with its security (each connect takes the options set now)."""
+        as_client(pull, self.keys.sources.get(addr) if self.keys is not None else None)
+        pull.connect(addr)
+
+    def _reconnect(self, pull: zmq.Socket, dropped: dict, wait_s: float = 0.5) -> None:
+        """Connect again to a source ZeroMQ gave up on: after a protocol error (a message part
+        beyond ``[limits] max_message_mb``, a corrupt stream) it does not, and that source's
+        later frames would never arrive here."""
+        now = time.monotonic()
+        for addr, when in list(dropped.items()):
+            if now - when < wait_s or addr not in self.connect:
+                continue
+            del dropped[addr]
+            try:
+                pull.disconnect(addr)
+            except zmq.ZMQError:
+                pass  # already gone
+            self._connect(pull, addr)
+            limit = self.config.limits.max_message_bytes(self.config.chunking) / 1e6
+            self._reject(CONNECTION_DROPPED, f"the connection to {addr} failed on a protocol error (a "
+                         f"message part beyond [limits] max_message_mb = {limit:g} MB, or a corrupt "
+                         "stream) and was made again; the message in flight is lost")
 
     def _send(self, header: dict, arrays=None) -> None:
         """Queue a report; the receiver thread sends it (ZMQ sockets belong to one thread).
@@ -268,18 +385,20 @@ class Receiver:
         arrays = {k: np.array(v) for k, v in (arrays or {}).items()}
         self._outbox.append(control.encode(dict(header, worker=self.worker), arrays))
 
-    def _reject(self, reason: str, detail: str, scan_id: str | None = None) -> None:
+    def _reject(self, reason: str, detail: str, scan_id: str | None = None, count: int = 1) -> None:
+        """Report ``count`` rejected messages of one reason (logged once per reason)."""
         if reason not in self._warned:  # once per reason; the counts tell the rest
             self._warned.add(reason)
             log.warning("rejected message (%s): %s; further rejects of this kind are only counted",
                         reason, detail)
-        self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id})
+        self._send({"kind": "reject", "reason": reason, "detail": detail, "scan_id": scan_id,
+                    "count": count})
 
     def _notice(self, text: str) -> None:
         """One line for the session's console (a detector source's news)."""
         self._send({"kind": "notice", "text": text})
 
-    def _receive_from_source(self, poll_ms: int) -> None:
+    def _receive_from_source(self, poll_ms: int, report: zmq.Socket) -> None:
         try:
             messages = self.source.receive(poll_ms)
         except Exception as e:  # noqa: BLE001 - a source's bug must not stop the receiver
@@ -290,6 +409,7 @@ class Receiver:
             return
         for msg in messages:
             self._handle_safely(msg)
+            self._send_reports(report)  # a start's report before the next block is processed
 
     def _handle_safely(self, parts) -> None:
         try:
@@ -305,40 +425,83 @@ class Receiver:
 
     def _handle(self, parts) -> None:
         msg = parts if isinstance(parts, Message) else decode(parts)  # a source's are decoded
+        sid = msg.scan_id
         with self._lock:
-            if msg.scan_id in self._closed:
-                self._reject(LATE, f"{msg.kind} message of scan {msg.scan_id}, which is closed",
-                             msg.scan_id)
+            if sid in self._closed:
+                self._reject(LATE, f"{msg.kind} message of scan {sid}, which is closed", sid)
+                return
+            if sid in self._refused:
+                reason, detail = self._refused[sid]
+                self._reject(reason, detail, sid)
                 return
             if msg.kind == "start":
                 if self._open(msg) is not None:
-                    self._send({"kind": "start", "scan_id": msg.scan_id, "source": msg.source,
+                    self._send({"kind": "start", "scan_id": sid, "source": msg.source,
                                 "geometry": msg.geometry.to_wire(), "metadata": msg.metadata})
             elif msg.kind in ("frames", "dense"):
-                work = self._open(msg)
+                work = self._scans.get(sid)
                 if work is None:
-                    return
-                if msg.kind == "dense":
-                    msg = self._events_of_dense(work, msg)
-                    if msg is None:
+                    if sid not in self._announced:
+                        self._hold(msg)
                         return
-                work.pending.append(msg)
-                if not work.pending_frames:
-                    work.oldest = time.monotonic()
-                work.pending_frames += msg.count
-                work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
-                chunking = self.config.chunking
-                if work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes:
-                    self._flush(work)
+                    work = self._open(msg)
+                    if work is None:
+                        return
+                self._add_frames(work, msg)
             elif msg.kind == "end":
-                self._send({"kind": "end", "scan_id": msg.scan_id, "source": msg.source,
+                self._send({"kind": "end", "scan_id": sid, "source": msg.source,
                             "frames_sent": msg.header["frames_sent"]})
             else:
-                self._send({"kind": "abort", "scan_id": msg.scan_id, "source": msg.source,
+                self._send({"kind": "abort", "scan_id": sid, "source": msg.source,
                             "reason": msg.header.get("reason", "")})
 
+    def _add_frames(self, work: ScanWork, msg: Message, flush: bool = True) -> None:
+        """Queue a ``frames`` (or ``dense``, as its events) message of an open scan; process
+        the queue when it reaches a chunk (``flush``)."""
+        if not work.geometry.same_scan(msg.geometry):
+            self._reject("bad_geometry", f"scan {msg.scan_id}: geometry {msg.geometry} disagrees "
+                         f"with {work.geometry} seen before", msg.scan_id)
+            return
+        if msg.kind == "dense":
+            try:
+                msg = self._events_of_dense(work, msg)
+            except ProtocolError as e:
+                self._reject(e.reason, e.detail, msg.scan_id)
+                return
+            if msg is None:
+                return
+        work.pending.append(msg)
+        if not work.pending_frames:
+            work.oldest = time.monotonic()
+        work.pending_frames += msg.count
+        work.pending_bytes += msg.indices.nbytes + msg.counts.nbytes
+        chunking = self.config.chunking
+        if flush and (work.pending_frames >= chunking.max_frames or work.pending_bytes >= chunking.max_bytes):
+            self._flush(work)
+
+    def _refuse(self, scan_id: str, reason: str, detail: str, count: int = 1) -> None:
+        """Refuse a scan here: this message and every later one of it are rejected."""
+        self._refused[scan_id] = (reason, detail)
+        while len(self._refused) > MAX_REMEMBERED:
+            self._refused.popitem(last=False)
+        self._reject(reason, detail, scan_id, count)
+
+    def _over_budget(self, msg: Message) -> bool:
+        """Refuse the scan if its state would exceed the per-scan budget (nothing allocated)."""
+        g = msg.geometry
+        need = self.config.scan_state_bytes(g)  # the sector does not change it
+        if need <= self.state_budget:
+            return False
+        self._refuse(msg.scan_id, OVER_BUDGET,
+                     f"scan {msg.scan_id}: {g.scan_shape[0]}x{g.scan_shape[1]} positions on a "
+                     f"{g.frame_shape[0]}x{g.frame_shape[1]} detector need about {need / 1e6:,.0f} MB of "
+                     f"state per scan, over the budget of {self.state_budget / 1e6:,.0f} MB ([limits] "
+                     "scan_state_mb); raise it (and the workers' memory) or scan fewer positions")
+        return True
+
     def _open(self, msg: Message) -> ScanWork | None:
-        """The scan's work, created from the message's geometry on first sight."""
+        """The scan's work, created from the message's geometry on first sight (after the
+        budget and open-scan checks), with the frames held for it processed."""
         work = self._scans.get(msg.scan_id)
         if work is not None:
             if not work.geometry.same_scan(msg.geometry):
@@ -346,6 +509,18 @@ class Receiver:
                              f"with {work.geometry} seen before", msg.scan_id)
                 return None
             return work
+        if self._over_budget(msg):
+            self._forget_held(msg.scan_id)
+            return None
+        # the coordinator admits announced scans within its own limit; this one bounds what a
+        # flood of start messages can make this receiver build before the coordinator says no
+        n_open = sum(1 for w in self._scans.values() if not w.closing)
+        if msg.scan_id not in self._announced and n_open >= self.config.limits.max_open_scans:
+            self._forget_held(msg.scan_id)
+            self._refuse(msg.scan_id, TOO_MANY_SCANS,
+                         f"scan {msg.scan_id}: {n_open} scans are open on this receiver, the most "
+                         "[limits] max_open_scans allows; end or abort scans, or raise it")
+            return None
         geometry = msg.geometry.for_sector(None)
         try:
             operators = self.config.operators(geometry)
@@ -358,7 +533,90 @@ class Receiver:
                         counter=next((op for op in operators if isinstance(op, ElectronCounter)), None))
         self._scans[msg.scan_id] = work
         self._send({"kind": "geometry", "scan_id": msg.scan_id, "geometry": geometry.to_wire()})
+        held = self._forget_held(msg.scan_id)
+        for m in held.msgs if held is not None else []:  # processed after this scan's reports went out
+            self._add_frames(work, m, flush=False)
         return work
+
+    # -------------------------------------------------------------- scans not announced yet
+    def _hold(self, msg: Message) -> None:
+        """Keep frames of a scan no start announced yet (no state is built for it)."""
+        held = self._held.get(msg.scan_id)
+        if held is None:
+            if self._over_budget(msg):
+                return
+            while len(self._held) >= MAX_HELD_SCANS:
+                oldest = next(iter(self._held))
+                self._drop_held(oldest, f"more than {MAX_HELD_SCANS} scans waited for their start")
+            held = self._held[msg.scan_id] = Held(time.monotonic())
+        nbytes = (msg.dense.nbytes if msg.kind == "dense" else msg.indices.nbytes + msg.counts.nbytes) + 200
+        held.msgs.append(msg)
+        held.nbytes += nbytes
+        self._held_bytes += nbytes
+
+    def _forget_held(self, scan_id: str) -> Held | None:
+        held = self._held.pop(scan_id, None)
+        if held is not None:
+            self._held_bytes -= held.nbytes
+        return held
+
+    def _drop_held(self, scan_id: str, why: str) -> None:
+        held = self._forget_held(scan_id)
+        if held is not None:
+            self._refuse(scan_id, UNANNOUNCED,
+                         f"{len(held.msgs)} frames message(s) of scan {scan_id}, which no source announced "
+                         f"with start: {why}; dropped (docs/PROTOCOL.md, announcement)", len(held.msgs))
+
+    def _expire_held(self, now: float) -> None:
+        grace = self.config.limits.announce_grace_s
+        while self._held:
+            sid, held = next(iter(self._held.items()))
+            if now - held.since < grace:
+                break
+            self._drop_held(sid, f"none came within [limits] announce_grace_s = {grace:g} s")
+
+    # -------------------------------------------------------------- the coordinator's control channel
+    def _on_control_safely(self, parts) -> None:
+        try:
+            header, _ = control.decode(parts)
+            with self._lock:
+                self._on_control(header)
+        except Exception as e:  # noqa: BLE001 - a bad control message must not stop the receiver
+            log.exception("control message could not be handled")
+            self._reject(INTERNAL_ERROR, f"control message: {type(e).__name__}: {e}")
+
+    def _on_control(self, header: dict) -> None:
+        """``announced``: another receiver saw the scans' start, open them here too;
+        ``closing``: the coordinator closed them (they no longer count as open);
+        ``drop``: the coordinator refused them: free their state, reject their messages."""
+        kind, ids = header["kind"], header["scan_ids"]
+        if kind == "announced":
+            for sid in ids:
+                if sid in self._announced:
+                    continue
+                self._announced[sid] = None
+                while len(self._announced) > MAX_REMEMBERED:
+                    self._announced.popitem(last=False)
+                if self._refused.get(sid, ("",))[0] == TOO_MANY_SCANS:  # admitted after all
+                    del self._refused[sid]
+                held = self._held.get(sid)
+                if held is not None and sid not in self._scans:
+                    self._open(held.msgs[0])
+        elif kind == "closing":
+            for sid in ids:
+                if sid in self._scans:
+                    self._scans[sid].closing = True
+        elif kind == "drop":
+            for sid in ids:
+                self._forget_held(sid)
+                work = self._scans.pop(sid, None)
+                if work is not None:
+                    self._mem_bytes -= work.mem_bytes
+                    if work.spill is not None:
+                        work.spill.close()
+                self._refused[sid] = (header["reason"], header.get("detail", ""))
+                while len(self._refused) > MAX_REMEMBERED:
+                    self._refused.popitem(last=False)
 
     def _events_of_dense(self, work: ScanWork, msg: Message) -> Message | None:
         """A ``dense`` message as the ``frames`` message it amounts to: electrons per pixel
@@ -366,8 +624,10 @@ class Receiver:
         (docs/COUNTING.md). None, after a reject, when raw frames cannot be counted."""
         row0 = msg.geometry.sector[0]
         if msg.header["values"] == "counts":
+            # its events may cost what a frames message of the largest accepted size carries
+            limit = min(MAX_DENSE_EVENTS, self.config.limits.max_message_bytes(self.config.chunking) // 4)
             try:
-                counts, indices = counts_to_events(msg.dense, row0, MAX_DENSE_EVENTS)
+                counts, indices = counts_to_events(msg.dense, row0, limit)
             except ValueError as e:
                 raise ProtocolError("too_many_events", str(e), msg.scan_id) from None
         else:
