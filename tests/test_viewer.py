@@ -524,8 +524,9 @@ def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
     import signal
 
     from browser import Browser
-    from stream.transport.net import free_port_block
     from test_cli import Cli
+
+    from stream.transport.net import free_port_block
 
     port = free_port_block(1)
     out = tmp_path / "out"

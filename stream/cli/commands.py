@@ -543,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_view_args(p) -> None:
     from stream.viewer.attach import add_view_args
     add_view_args(p)
+    g = p.add_argument_group("security (docs/SECURITY.md)")
+    g.add_argument("--curve-keys", metavar="DIR",
+                   help="key directory (default ~/.config/stemstream/keys): the live channel is joined with "
+                        "its viewer key and expected to present its live key")
+    add_tls_args(g)
 
 
 def _interrupt(*_):
@@ -569,8 +574,9 @@ def main(argv: list[str] | None = None) -> int:
             from stream.files.replay import run_replay
             return run_replay(args)
         if args.command == "view":
+            from stream.config import load_config
             from stream.viewer.attach import run_view
-            return run_view(args)
+            return run_view(args, security_from_args(load_config(args.config), args))
         if args.command == "calibrate":
             from stream.cli.calibrate import run_calibrate
             return run_calibrate(args)

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.config import ConfigError, load_config
+from stream.config import ConfigError, PipelineConfig, load_config
 from stream.files.recording import open_recording
 from stream.files.storage import ScanFileError, open_scan
+from stream.security import SecurityError, as_client, viewer_keys
 from stream.session import adhoc
 from stream.session.finalize import ScanResult
 from stream.session.offline import apply_to_range
@@ -45,7 +46,10 @@ class AttachedSession:
 
     subscribe: the session's live channel (``tcp://HOST:PORT`` of its ``--publish``), or None.
     out: its output directory (scan files), or None. scheduler: its dask scheduler, or None.
-    config: a pipeline TOML whose ``[detector]`` calibrates the pattern when the stream does not.
+    config: a PipelineConfig or pipeline TOML: its ``[detector]`` calibrates the pattern when
+    the stream does not; its ``[security]`` says how to reach the session (docs/SECURITY.md):
+    the live channel with the key directory's ``viewer`` key (CURVE, unless ``curve = false``),
+    a ``tls://`` scheduler with ``tls_ca_file``, ``tls_cert``, ``tls_key``.
     recent: how many of the scan files already in ``out`` are listed at the start (newest).
     client: a dask Client of the session's cluster to use instead of ``scheduler`` (kept open).
     """
@@ -55,7 +59,7 @@ class AttachedSession:
         if not subscribe and not out:
             raise ConfigError("stemstream view needs the session's --subscribe tcp://HOST:PORT (its "
                               "--publish address) or its --out directory, or both")
-        self.config = load_config(config)
+        self.config = config if isinstance(config, PipelineConfig) else load_config(config)
         self.out = Path(out) if out else None
         if self.out is not None and not self.out.is_dir():
             raise ConfigError(f"--out {out}: no such directory (the session's --out, where its scan files are)")
@@ -71,13 +75,25 @@ class AttachedSession:
         self._client, self._own_client = client, client is None
         if scheduler and client is None:
             from distributed import Client
+
+            from stream.security.tls import client_security
+            sec = self.config.security
             try:
-                self._client = Client(scheduler, timeout=30)
+                self._client = Client(scheduler, timeout=30, security=client_security(
+                    scheduler, sec.tls_ca_file, sec.tls_cert, sec.tls_key))
+            except SecurityError as e:
+                raise ConfigError(str(e)) from None
             except OSError as e:
                 raise ConfigError(f"--scheduler {scheduler}: cannot connect ({e}); give the address "
                                   "the session's cluster listens on") from None
         if self.out is not None:
             self._scan_dir(recent)
+        self._live_keys = None
+        if subscribe and self.config.security.curve:  # the live channel is a CURVE server (docs/SECURITY.md)
+            try:
+                self._live_keys = viewer_keys(self.config.security.keys or None)
+            except SecurityError as e:
+                raise ConfigError(str(e)) from None
         self._threads = []
         if subscribe:
             self._threads.append(threading.Thread(target=self._subscribe, args=(subscribe,), daemon=True,
@@ -188,6 +204,7 @@ class AttachedSession:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 8)  # only the newest snapshots matter
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        as_client(sub, self._live_keys)  # None: plain
         sub.connect(address)
         try:
             while not self._stop.is_set():
@@ -293,17 +310,20 @@ def add_view_args(p) -> None:
     p.add_argument("--out", metavar="DIR", help="the session's output directory (its scan files)")
     p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                    help="the session's dask scheduler: drawn apertures run on its workers")
-    p.add_argument("--config", metavar="FILE", help="pipeline TOML (its [detector] calibration)")
+    p.add_argument("--config", metavar="FILE",
+                   help="pipeline TOML (its [detector] calibration, its [security] keys and TLS files)")
     p.add_argument("--view", metavar="HOST:PORT", default=f"127.0.0.1:{DEFAULT_PORT}",
                    help=f"where to serve the page (default 127.0.0.1:{DEFAULT_PORT}); any other host than "
                         f"loopback needs the token printed with the URL (or ${TOKEN_ENV})")
 
 
-def run_view(args) -> int:
+def run_view(args, config=None) -> int:
+    """``stemstream view``; ``config``: the PipelineConfig (else ``--config``) with the
+    command line's security flags applied."""
     from stream.viewer.feed import SessionFeed
     from stream.viewer.server import ViewerError, ViewerServer
 
-    attached = AttachedSession(args.subscribe, args.out, args.scheduler, args.config)
+    attached = AttachedSession(args.subscribe, args.out, args.scheduler, config or args.config)
     try:
         save = (attached.out or Path(".")) / "viewer"
         server = ViewerServer(SessionFeed(attached), args.view, save_dir=save,
