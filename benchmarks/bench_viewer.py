@@ -74,7 +74,9 @@ def emulator(bind, n_sources, scan, dose, scan_id, rate, hold_last, queue, go):
     counts, indices = synthetic_scan(scan, FRAME, dose, 0.6, 40.0, seed=1)
     g = geometry(scan, n_sources)
     md = {"scan_step_A": 0.5}
-    with Publisher(bind, n_sources, linger_s=30) as pub:
+    from stream.security import source_keys
+    # CURVE as a detector bridge would: the bench's own key directory (main()), the session's too
+    with Publisher(bind, n_sources, linger_s=30, curve=source_keys()) as pub:
         sources = prepare_sources(counts.astype(np.uint32), indices, g, n_sources)
         pub.wait_for_receivers(120)
         time.sleep(0.5)
@@ -251,6 +253,10 @@ def main(argv=None):
     from browser import Browser
 
     mp.set_start_method("fork", force=True)
+    import shutil
+    import tempfile
+    keys_home = tempfile.mkdtemp(prefix="stemstream-bench-viewer-")  # this run's keys only
+    os.environ["XDG_CONFIG_HOME"] = keys_home
     cmd = f"python benchmarks/bench_viewer.py {' '.join(argv or sys.argv[1:])}"
     print(f"command: {cmd}\n{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; "
           f"detector {FRAME[0]}x{FRAME[1]}, {a.dose:g} e-/frame, {a.sources} sources, {a.workers} workers\n", flush=True)
@@ -263,6 +269,7 @@ def main(argv=None):
             part_streaming(a, browser, result)
     finally:
         browser.close()
+    shutil.rmtree(keys_home, ignore_errors=True)
     result["load_average_end"] = os.getloadavg()[0]
     report(a, result)
     if a.json:
