@@ -26,6 +26,7 @@ from stream.viewer.display import binned, com_rgba
 from stream.viewer.shapes import DetectorAxes, ScanAxes
 
 LIVE, CLOSING = "receiving", "closing"
+IDLE_REBUILD_S = 1.0  # a live view whose frames did not move is rebuilt this often
 
 
 @dataclass
@@ -294,8 +295,12 @@ class SessionFeed:
             if hit is not None:
                 t, v = hit
                 same = v.summary.state == summary.state and v.summary.stages == summary.stages
-                if same and (not v.live or now - t < self.min_interval):
-                    return v  # a finished scan does not change (until its stages arrive)
+                # a finished scan does not change (until its stages arrive); a live one is rebuilt
+                # when frames arrived (at most every min_interval), else every IDLE_REBUILD_S for
+                # a late live snapshot: rebuilding a 1024² scan's images costs the pages' thread
+                moved = (v.summary.frames_received, v.summary.events) != (summary.frames_received, summary.events)
+                if same and (not v.live or now - t < (self.min_interval if moved else IDLE_REBUILD_S)):
+                    return v
             v = self._build(summary)
             if hit is not None and hit[1].fingerprint == v.fingerprint:
                 hit[1].summary = summary  # nothing new to draw: the pages keep what they have
