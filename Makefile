@@ -18,10 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# stempy and LiberTEM, the tools whose files the interoperability tests exchange
+# stempy and LiberTEM, the tools whose files the interoperability tests exchange, and the
+# libraries the cross-checks compare with (tests/test_crosscheck.py)
 $(PEERS): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,peers,dectris]'
+	$(BIN)/pip install --quiet -e '.[test,peers,dectris,crosscheck,deploy]'
 	touch $(PEERS)
+
+# Atomap (with hyperspy) for the slow refinement cross-check
+ATOMAP := $(VENV)/.atomap
+$(ATOMAP): $(PEERS)
+	$(BIN)/pip install --quiet -e '.[crosscheck-atomap]'
+	touch $(ATOMAP)
 
 demo: $(STAMP)
 	$(BIN)/stemstream demo --out demo-out
@@ -33,7 +40,7 @@ system-packages:
 test: $(PEERS) system-packages
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: $(PEERS) system-packages
+test-all: $(PEERS) $(ATOMAP) system-packages
 	$(BIN)/python -m pytest -q
 
 $(BENCH_STAMP): pyproject.toml

@@ -108,7 +108,7 @@ def main(argv=None):
     if a.write_block_mb is not None:
         cfg.memory.write_block_mb = a.write_block_mb
     load0 = os.getloadavg()
-    print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
+    print(f"command: python benchmarks/bench_auth.py {' '.join(argv or sys.argv[1:])}")
     print(f"scan {a.scan}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate; "
           f"authentication {' and '.join(a.auth)}; load average at start {load0[0]:.1f} (1 min), "
@@ -165,7 +165,7 @@ def main(argv=None):
               f"{', '.join(f'{m:.0f}' for m in mem.get(auth, {}).values())} MB")
     print(f"coordinators + schedulers {mem_self:.0f} MB; emulator {mem_emu:.0f} MB; "
           f"load average at the end {load1[0]:.1f} (1 min), {load1[1]:.1f} (5 min)")
-    result = {"command": f"python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}",
+    result = {"command": f"python benchmarks/bench_auth.py {' '.join(argv or sys.argv[1:])}",
               "scan": a.scan, "detector": a.detector, "dose": a.dose, "sources": a.sources,
               "workers": a.workers, "repeats": a.repeats, "load_average": load0[0], "load_average_end": load1[0],
               "events_in_memory_mb": cfg.memory.events_in_memory_mb,

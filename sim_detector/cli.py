@@ -138,6 +138,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", type=nonneg_arg, default=0, metavar="S",
                    help="give up if a source has no receiver for S seconds, before or during a scan "
                         "(0: wait as long as it takes, saying every few seconds what is not connected)")
+    g.add_argument("--heartbeat", type=nonneg_arg, default=0, metavar="S",
+                   help="ZeroMQ heartbeats every S seconds; a receiver silent for 5·S is dropped with "
+                        "the frames queued to it (a vanished host, but also a stalled one). 0: never (default)")
     g.add_argument("--quiet", action="store_true", help="only the final summary")
     g = p.add_argument_group("raw frames (the 4D Camera before counting; docs/EMULATOR.md)")
     g.add_argument("--raw", action="store_true",
@@ -275,7 +278,8 @@ def run_simulate(args) -> int:
         specimen, beam, det, scan = _models(args)
         if args.as_detector != "stemstream":  # a detector's protocol: no CURVE (docs/SECURITY.md)
             return run_as_detector(args, specimen, beam, det, scan, say)
-        publisher = Publisher(args.bind, args.sources, curve=source_security(args))
+        publisher = Publisher(args.bind, args.sources, curve=source_security(args),
+                              heartbeat_s=args.heartbeat)
     except (SimulateError, BindError, SecurityError) as e:
         print(f"stemstream simulate: error: {e}", file=sys.stderr)
         return 2

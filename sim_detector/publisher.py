@@ -172,12 +172,16 @@ class Publisher:
 
     bind: ``tcp://HOST:PORT``; source k binds PORT + k.
     sndhwm: messages queued per socket before ``send`` blocks (back-pressure, never drops).
+    heartbeat_s: if > 0, ZeroMQ heartbeats every ``heartbeat_s`` and a receiver that has not
+        answered for 5 of them is dropped with the messages queued to it: a receiver whose host
+        vanished (link cut) is then left out, but so is one that reads nothing for that long
+        (a stall under back-pressure). 0 (default): never drop.
     curve: the source's server keypair and the receivers' public keys it accepts; None binds
         plain sockets that any receiver (anyone who can reach the port) may pull from.
     """
 
     def __init__(self, bind: str, n_sources: int = 1, sndhwm: int = 64, linger_s: float = 10.0,
-                 curve: SourceKeys | None = None):
+                 curve: SourceKeys | None = None, heartbeat_s: float = 0.0):
         self.addresses = source_addresses(bind, n_sources)
         self.n_sources = n_sources
         self.curve = curve
@@ -195,6 +199,9 @@ class Publisher:
                 s = self._ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.SNDHWM, sndhwm)
                 s.setsockopt(zmq.LINGER, int(linger_s * 1000))
+                if heartbeat_s > 0:  # a vanished host sends no FIN: its share would queue unseen
+                    s.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
+                    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(5 * heartbeat_s * 1000))
                 events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
                 if curve is not None:
                     as_server(s, curve.keypair, SourceKeys.DOMAIN)

@@ -115,6 +115,7 @@ class ClusterSpec:
     workers: int = 2
     threads_per_worker: int = 1
     memory_limit: str | int | float = "auto"  # per worker, as dask takes it: "4GB", 4e9, 0 (none)
+    stop_grace_s: float = 25.0  # a batch system's SIGTERM waits this long for open scans (stream/session/stopping.py)
 
 
 @dataclass
@@ -404,6 +405,7 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
               (cfg.scan.finalize_timeout_s > 0, "[scan] finalize_timeout_s must be > 0"),
               (cfg.cluster.workers >= 1, "[cluster] workers must be >= 1"),
               (cfg.cluster.threads_per_worker >= 1, "[cluster] threads_per_worker must be >= 1"),
+              (cfg.cluster.stop_grace_s >= 0, "[cluster] stop_grace_s must be >= 0 seconds"),
               (cfg.memory.events_in_memory_mb > 0,
                "[memory] events_in_memory_mb must be > 0 (MB of events a receiver keeps in memory)"),
               (cfg.memory.write_block_mb > 0,

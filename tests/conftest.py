@@ -22,7 +22,9 @@ from sim_detector.publisher import Publisher, prepare_sources
 from stream.transport.net import free_port_block
 from stream.transport.protocol import Geometry, encode_abort, encode_end, encode_frames, encode_start
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data of the repo
+# ../shared/data of the repo, or $STEMSTREAM_SHARED_DATA (a checkout elsewhere, e.g. a worktree)
+SHARED_DATA = Path(os.environ.get("STEMSTREAM_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
 TA_MODEL = SHARED_DATA / "aet-amorphous" / "Ta_film_atomic_model.mat"
 needs_shared_data = pytest.mark.skipif(not TA_MODEL.is_file(),
                                        reason=f"published data not found at {SHARED_DATA}")

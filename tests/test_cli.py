@@ -571,8 +571,10 @@ def test_process_config_wrong_value_type_is_one_line_exit_2(tmp_path):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
-    r = run_cli("demo", "--scan", "24x24", "--detector", "64x64", "--out", d / "out", "--rate", "max",
-                cwd=d, timeout=180)
+    # the Pt scan at 48² samples the particle at 0.54 Å: about half its 81 columns are
+    # resolved, enough for the counting stage
+    r = run_cli("demo", "--scan", "24x24", "--counting-scan", "48x48", "--detector", "64x64", "--out", d / "out",
+                "--rate", "max", cwd=d, timeout=300)
     return SimpleNamespace(dir=d, out=d / "out", r=r)
 
 
@@ -584,7 +586,7 @@ def test_demo_small_scan_end_to_end(demo):
     assert m, r.stdout
     assert Path(m.group(1)).resolve() == path.resolve()
     assert path.is_file()
-    assert re.search(r"scan demo-0000 complete", r.stdout), r.stdout
+    assert re.search(r"scan demo-0000 \(mgo, 500 e⁻/frame\) complete", r.stdout), r.stdout
     with h5py.File(path, "r") as f:
         assert f.attrs["status"] == "complete"
         assert f["events/offsets"].shape == (24 * 24 + 1,)
@@ -606,6 +608,39 @@ def test_demo_small_scan_end_to_end(demo):
     with h5py.File(path, "r") as f:
         assert {k: f["stages"][k].attrs["status"] for k in f["stages"]} == \
             {"phase": "ok", "columns": "ok", "counting": "ok"}
+        # the dose advice of each 2D stage, in the stage's group
+        # the dose is the file's electrons over its positions (and per Å² with the truth's step)
+        adv = f["stages/phase/dose_advice"].attrs
+        assert adv["dose_e_per_position"] == pytest.approx(n_events / (24 * 24), rel=1e-9)
+        from sim_detector.truth import Truth
+        with h5py.File(demo.out / "truth.h5", "r") as t:
+            step = float(Truth.read(t["demo-0000"]).scan["step_A"])
+        assert adv["dose_e_per_A2"] == pytest.approx(n_events / (24 * 24) / step ** 2, rel=1e-6)
+        assert f["stages/counting/dose_advice"].attrs["counting_status"] in ("not possible", "possible",
+                                                                              "uncertain")
+    # the second scan: the Pt particle where counting can work; the demo's comparison with
+    # the emulator's truth finds its columns, and where the stage gives counts their
+    # measured exact fraction is what the stage predicted, within 10 points
+    second = demo.out / "demo-counting-0000.h5"
+    assert second.is_file() and "scan demo-counting-0000 (pt-particle" in r.stdout
+    assert (demo.out / "truth-counting.h5").is_file()
+    assert r.stdout.count("  stages    :") == 2
+    pt = r.stdout[r.stdout.index("scan demo-counting-0000 (pt-particle"):]
+    m = re.search(r"vs truth +(\d+)/(\d+) true columns found within 1 Å .*, (\d+) found columns match none", pt)
+    assert m and int(m.group(1)) >= 0.4 * int(m.group(2)) > 0 and int(m.group(3)) <= 1, pt
+    with h5py.File(second, "r") as f:
+        counted = bool(f["stages/counting"].attrs["counted"])
+    m = re.search(r"atom counts exact for (\d+)% of the found true columns \(predicted by the stage: (\d+)%\)", pt)
+    assert (m is not None) == counted, pt
+    if m:
+        assert abs(int(m.group(1)) - int(m.group(2))) <= 10, pt
+    # `stemstream info` shows the stored dose advice of the most complete 2D stage; --json has it
+    info = run_cli("info", second)
+    assert info.returncode == 0 and "dose advice (stage counting): dose " in info.stdout, info.stdout + info.stderr
+    d = json.loads(run_cli("info", "--json", second).stdout)
+    with h5py.File(second, "r") as f:
+        n = f["events/indices"].shape[0]
+    assert d["dose_advice"]["dose_e_per_position"] == pytest.approx(n / 48 ** 2, rel=1e-9)
 
 
 def test_demo_summary_has_no_nan_and_no_warnings(demo):

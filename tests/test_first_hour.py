@@ -177,10 +177,10 @@ def test_emulator_names_the_sources_without_a_receiver(tmp_path):
     sources=3): the emulator says, within seconds and once it gives up, which ports lack one
     and which command connects all."""
     port = free_port_block(3)
-    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull = zmq.Context.instance().socket(zmq.PULL)  # a plain receiver (simulate --insecure)
     pull.connect(f"tcp://127.0.0.1:{port}")
     try:
-        r = run_cli("simulate", *SMALL, "--sources", "3", "--bind", f"tcp://127.0.0.1:{port}", "--wait", "6",
+        r = run_cli("simulate", *SMALL, "--sources", "3", "--bind", f"tcp://127.0.0.1:{port}", "--wait", "6", "--insecure",
                     timeout=300)
     finally:
         pull.close(0)
@@ -198,7 +198,8 @@ def test_emulator_says_when_the_processing_stops_mid_scan(tmp_path):
     gives up with one line."""
     port = free_port_block(1)
     sim = Cli(["simulate", "--specimen", "mgo", "--scan", "64x64", "--detector", "32x32", "--dose", "20",
-               "--rate", "2000", "--batch", "32", "--bind", f"tcp://127.0.0.1:{port}", "--wait", "12"], cwd=tmp_path)
+               "--rate", "2000", "--batch", "32", "--bind", f"tcp://127.0.0.1:{port}", "--wait", "12", "--insecure"],
+              cwd=tmp_path)  # (plain: the test's own PULL socket plays the receiver)
     pull = zmq.Context.instance().socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 4)
     pull.connect(f"tcp://127.0.0.1:{port}")

@@ -623,8 +623,9 @@ def test_the_slurm_script_starts_its_dask_cluster_over_tls(scripted_source, tmp_
     root = Path(__file__).resolve().parents[1]
     stub = tmp_path / "bin"
     stub.mkdir()
-    (stub / "srun").write_text('#!/bin/bash\n# stand-in for srun: drop its options, run the command here\n'
-                               'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (stub / "srun").write_text('#!/bin/bash\n# stand-in for srun: run the command here, --ntasks times\n'
+                               'n=1; while [[ "$1" == --* ]]; do [[ "$1" == --ntasks=* ]] && n=${1#--ntasks=}; shift; done\n'
+                               'for _ in $(seq "$n"); do "$@" & done; wait\n')
     (stub / "srun").chmod(0o755)
     src = scripted_source(1)
     counts, indices = synthetic_events(GEOM, seed=44)

@@ -68,7 +68,8 @@ def test_a_source_nobody_listens_at_is_named_then_its_arrival(client2, tmp_path,
         took = time.monotonic() - t0
         assert coordinator.LINK_GRACE_S - 1 <= took
         assert s.links() == {f"tcp://127.0.0.1:{port + k}": "nothing accepts the connection there" for k in (0, 1)}
-        with Publisher(f"tcp://127.0.0.1:{port}", 2, linger_s=0):
+        from stream.security import source_keys
+        with Publisher(f"tcp://127.0.0.1:{port}", 2, linger_s=0, curve=source_keys()):
             assert _wait_for(lambda: s.links() == {}, 30)
             assert _wait_for(lambda: "connected to all 2 source(s)" in capsys.readouterr().out, 10)
         assert _wait_for(lambda: "closed their connection" in capsys.readouterr().out, 15)

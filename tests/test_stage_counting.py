@@ -20,9 +20,10 @@ from operators.imaging.atom_counting import (alternating_class_counts, count_ato
                                              scattering_cross_sections)
 
 try:
-    from test_stage_columns import lattice_image, match, mgo_scan, true_columns_px
+    from test_stage_columns import lattice_image, match, mgo_image, mgo_preset, true_columns_px  # noqa: F401 - fixture
 except ImportError:  # collected as a package
-    from tests.test_stage_columns import lattice_image, match, mgo_scan, true_columns_px
+    from tests.test_stage_columns import (lattice_image, match, mgo_image, mgo_preset,  # noqa: F401 - fixture
+                                          true_columns_px)
 
 
 def ladder(counts, unit=1.0, noise=0.08, seed=0):
@@ -177,28 +178,27 @@ def test_stage_on_512_image_is_fast_and_counts_right():
     # warm the numba caches on a small image (a worker does this once)
     small = img[:64, :64]
     count_atoms(analyze_columns(small, min_distance_px=5).cross_section_shared, n_mc=2)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     cols = analyze_columns(img, min_distance_px=5, smooth_px=1.0, step_A=0.2)
     t1 = time.perf_counter()
     res = count_atoms(cols.cross_section_shared, n_mc=100)
     t2 = time.perf_counter()
+    cpu = time.process_time() - c0
     print(f"\n512x512, {len(cols.y_px)} columns: columns {t1 - t0:.2f} s, counting "
           f"{t2 - t1:.2f} s (K={res.n_components}, MC 100 runs)")
     d, j, false = match(np.c_[cols.y_px, cols.x_px], P)
     assert false == 0 and (d < 1).all() and len(cols.y_px) == len(P)
     assert res.n_components == 12
     assert (res.counts[j] == true).mean() >= 0.99
-    assert t2 - t0 < 10.0
+    # a guard against a pathological slow-down only (the speed itself is measured in
+    # BENCHMARKS.md): CPU time, so that a machine shared with other work does not fail it
+    assert cpu < 10.0, cpu
 
 
 # ----------------------------------------------------------------- emulated MgO
 
 MGO_COUNTING_DOSE = 1024  # x the preset's 200 e-/frame
-
-
-@pytest.fixture(scope="module")
-def mgo_preset():
-    return mgo_scan()
 
 
 def mgo_classes():
@@ -234,15 +234,166 @@ def test_mgo_counts_at_high_dose(mgo_preset):
     assert exact == pytest.approx(res.confidence_overall, abs=0.04)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 target at the preset dose (200 e-/frame): a "
-                   "column gives 2-8 ADF electrons, one atom ~0.6 electron; >= 95 % exact "
-                   "needs ~1000 x the dose (test_mgo_counts_at_high_dose)")
-def test_mgo_issue_counting_target_at_preset_dose(mgo_preset):
-    sim, img = mgo_preset
+def test_mgo_counting_is_honest_over_the_dose_table(mgo_preset):
+    """The counting stage's logic (operators.imaging.dose.count_and_advise, with the MgO class
+    structure) on the preset slab from 1x to 2048x the preset dose, several noise draws:
+
+    - where it says counting is possible, >= 95 % of the counts are exact;
+    - wherever it gives counts, its Monte Carlo confidence predicts the exact fraction within
+      10 percentage points;
+    - where it says counting is not possible, it gives no counts (no invented classes), and
+      its lower bound on the dose for counting is below the dose where counting with the
+      true class structure forced reaches 95 % (between 512x and 1024x: the measured table of
+      docs/STAGES_2D.md; below 1024x here);
+    - at 1024x and above it counts (the ICL resolves the 15 classes).
+    """
+    from operators.imaging.dose import count_and_advise
+
+    sim, _ = mgo_preset
     tr = sim.truth
-    cols = analyze_columns(img["adf"], min_distance_px=3, smooth_px=0.6)
-    d, j, _ = match(np.c_[cols.y_px, cols.x_px], true_columns_px(tr))
-    res = count_atoms(cols.cross_section_shared[j], class_counts=None, min_count=3, n_mc=20)
-    exact = (res.counts == tr.columns["count"]).mean()
-    print(f"\nMgO preset dose: K={res.n_components}, exact {exact:.3f}")
-    assert exact >= 0.95
+    step = tr.scan["step_A"]
+    true_n = tr.columns["count"]
+    table = []
+    for factor in (1, 16, 64, 256, 512, 1024, 2048):
+        for seed in ((1, 2, 3) if factor in (512, 1024) else (1,)):
+            img = mgo_image(mgo_preset, factor, seed)
+            cols = analyze_columns(img, min_distance_px=3.5, smooth_px=1.0, step_A=step)
+            res = count_and_advise(cols, dose_e_per_position=200.0 * factor,
+                                   class_counts=mgo_classes(), n_mc=100, seed=seed)
+            a = res.advice
+            d, j, _ = match(np.c_[cols.y_px, cols.x_px], true_columns_px(tr), tol=1.0 / step)
+            hit = d < 1.0 / step
+            got = res.counts[j[hit]]
+            exact = float((got == true_n[hit]).mean())
+            table.append((factor, seed, a.counting_status, a.predicted_exact, exact,
+                          a.dose_factor_for_counting, a.dose_for_counting_kind))
+            print(f"\nx{factor} seed {seed}: {a.counting_status}, predicted {a.predicted_exact:.3f}, "
+                  f"exact {exact:.3f}; counting at x{a.dose_factor_for_counting:.3g} "
+                  f"({a.dose_for_counting_kind or 'unknown'})")
+            if res.counted:
+                assert (got >= 0).all()
+                assert abs(a.predicted_exact - exact) <= 0.10
+                if a.counting_status == "possible":
+                    assert exact >= 0.95
+            else:
+                assert a.counting_status == "not possible" and (res.counts == -1).all()
+                if a.dose_for_counting_kind == "lower bound":
+                    assert a.dose_factor_for_counting * factor < 1024
+            if factor >= 1024:
+                assert a.counting_status == "possible"
+            if factor <= 64:
+                assert a.counting_status == "not possible"
+
+
+def test_physical_monte_carlo_is_honest_where_the_mixture_merges_classes():
+    """Ten classes 1 noise sigma apart: the ICL merges them, and the mixture's own Monte Carlo
+    ("linear") reports near-certain counts that are mostly wrong; with the shot noise given,
+    the noise ratio shows the components are wider than the noise (not resolved)."""
+    rng = np.random.default_rng(8)
+    true = rng.integers(1, 11, 2000)
+    sig = np.full(len(true), 1.0)
+    x = true * 1.0 + rng.normal(0, 1.0, len(true))
+    naive = count_atoms(x, n_mc=50)
+    assert naive.n_components < 10
+    assert naive.confidence_overall > 0.8 > (naive.counts == true).mean()
+    r = count_atoms(x, n_mc=0, noise_sigma=sig)
+    assert r.noise_ratio > 1.2
+    # well separated classes: ratio ~1 and the physical Monte Carlo agrees with the truth
+    x2 = true * 4.0 + rng.normal(0, 1.0, len(true))
+    r2 = count_atoms(x2, n_mc=100, noise_sigma=sig)
+    assert r2.n_components == 10 and r2.noise_ratio == pytest.approx(1.0, abs=0.1)
+    assert r2.confidence_overall == pytest.approx((r2.counts == true).mean(), abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def pt_particle():
+    """The demo's counting case: the emulator's Pt particle (20 Å truncated octahedron along
+    [001], 81 columns of 1..6 atoms) in a 96² scan (0.27 Å steps), with its truth."""
+    from sim_detector.simulate import Beam, Detector, ScanSpec, presets, prepare_scan
+    from sim_detector.specimens import make_specimen
+
+    p = presets("pt-particle")
+    return prepare_scan(make_specimen("pt-particle"), Beam(**p["beam"]), Detector(**p["detector"]),
+                        ScanSpec(**dict(p["scan"], shape=(96, 96)))).truth
+
+
+@pytest.mark.parametrize("dose", [250.0, 500.0, 1000.0, 2000.0])
+def test_pt_particle_counting_is_honest(pt_particle, dose):
+    """Heavy atoms: one Pt atom adds ~24x the ADF signal of an Mg atom, so counting works at
+    demo doses. ADF counts drawn from the truth's expected image at the dose (as above), two
+    draws: where counts are given, the predicted fraction of exact counts is within 10
+    points of the measured one; where the stage says possible, >= 95 % are exact; every
+    column found and at most one false one (a lattice site beyond the particle's edge passes
+    the lattice growth with p < 0.01; its cross-section is within 3 sigma of zero, so it is
+    not counted); at 2000 e-/frame (the demo's) counting is possible. (At 1000 e-/frame the
+    ICL merges the 5- and 6-atom classes, 9 and 4 columns, in about one draw of eight: the
+    stage then says counting is not possible.)"""
+    from operators.imaging.dose import count_and_advise
+
+    tr = pt_particle
+    step = tr.scan["step_A"]
+    true = true_columns_px(tr)
+    for seed in (1, 2):
+        img = np.random.default_rng(seed).poisson(tr.expected["adf"] * dose / 200.0).astype(float)
+        cols = analyze_columns(img, min_distance_px=3.5, smooth_px=1.0, step_A=step)
+        res = count_and_advise(cols, dose_e_per_position=dose, n_mc=100, seed=seed)
+        a = res.advice
+        d, j, false = match(np.c_[cols.y_px, cols.x_px], true, tol=1.0 / step)
+        hit = d < 1.0 / step
+        exact = float((res.counts[j[hit]] == tr.columns["count"][hit]).mean())
+        print(f"\nPt {dose:g} e-/frame seed {seed}: {hit.sum()}/{len(true)} columns, {false} false; "
+              f"{a.counting_status}, predicted {a.predicted_exact:.3f}, exact {exact:.3f}")
+        assert false <= 1 and hit.sum() == len(true)
+        if res.counted:
+            assert abs(a.predicted_exact - exact) <= 0.10
+            if a.counting_status == "possible":
+                assert exact >= 0.95
+        else:
+            assert (res.counts == -1).all()
+        if dose >= 2000:
+            assert a.counting_status == "possible"
+
+
+def test_analyze_of_a_low_dose_mgo_scan_gives_no_invented_counts(tmp_path):
+    """The user's case of the issue: `stemstream analyze` on a 64 x 64 scan of the emulated MgO
+    slab at 200 e-/frame (its events in a scan file, the ADF image from them). It used to print
+    "144 of 191 columns in 30 classes ... confidence 1.00" for counts that are impossible at
+    this dose; now no count is given (-1), the stage says why and prints no confidence, the
+    advice in the file says "not possible", and its dose is the file's electrons per
+    position."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    from operators.base import Result
+    from stream.files.storage import write_scan
+    from stream.transport.protocol import Geometry
+    from test_recording import stored
+    from test_stage_columns import mgo_scan
+
+    sim, img = mgo_scan(dose=200.0, scan={"shape": (64, 64)}, com=False)
+    g = Geometry(sim.scan_shape, sim.frame_shape, frames_per_position=sim.frames_per_position,
+                 flyback=sim.flyback)
+    frames = stored(sim.counts, sim.indices, g)
+    offsets = np.r_[0, np.cumsum([len(f) for f in frames])].astype(np.uint64)
+    path = tmp_path / "mgo.h5"
+    write_scan(path, scan_id="mgo", status="complete", reason="test", geometry=g.to_wire(),
+               metadata={"specimen": "mgo", "scan_step_A": float(sim.truth.scan["step_A"])},
+               results={"adf": Result(img["adf"], "nav", "counts")}, offsets=offsets,
+               indices=np.concatenate(frames).astype(np.uint32),
+               completeness={"received": Result(np.ones((g.n_sources, g.n_frames), np.uint16), "table")},
+               completeness_summary={}, provenance={"frames_sent_per_source": {"0": g.n_frames}},
+               compression_level=1)
+    r = subprocess.run([sys.executable, "-m", "stream.cli", "analyze", str(path), "--stage", "columns",
+                        "--stage", "counting", "--no-previews"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    counting = [line for line in r.stdout.splitlines() if "stage counting" in line]
+    # at this dose and sampling (0.8 Å per px) no column is significant above the shot noise
+    assert counting and ("atom counting not possible" in counting[0] or "nothing to count" in counting[0]), r.stdout
+    assert "confidence" not in counting[0], r.stdout
+    with h5py.File(path, "r") as f:
+        assert (f["stages/counting/counts"][()] == -1).all()
+        assert f["stages/counting/dose_advice"].attrs["counting_status"] == "not possible"
+        adv = f["stages/columns/dose_advice"].attrs
+        assert adv["dose_e_per_position"] == pytest.approx(len(f["events/indices"]) / 64 ** 2, rel=1e-9)

@@ -375,16 +375,21 @@ def test_atom_statistics_of_a_pt_cuboctahedron(tmp_path):
     vol = gaussian_volume((n, n, n), voxel, pos[:, ::-1] + n // 2 * voxel,
                           [np.eye(3) * sigma ** 2] * len(pos))
     peaks = rng.uniform(1, 2, len(pos))
-    s = atom_statistics(pos, peaks, lattice="fcc", volume=vol, voxel_size=voxel, pdf_r_max=8.0)
+    s = atom_statistics(pos, peaks, lattice="fcc", volume=vol, voxel_size=voxel, pdf_r_max=8.0,
+                        voronoi_atoms="all")
     assert s.lattice_constant == pytest.approx(A_PT, abs=1e-9)
+    assert s.lattice_source == "given" and s.n_crystalline == s.n_crystalline_raw == len(pos)
     assert {int(c): int(n) for c, n in zip(*np.unique(s.cn, return_counts=True))} == \
         {5: 12, 7: 48, 8: 24, 9: 8, 12: 55}
     np.testing.assert_allclose(s.sigma_iso, sigma, rtol=1e-3)
     np.testing.assert_allclose(s.isotropy, 1.0, atol=1e-3)
     np.testing.assert_allclose(s.intensity_z, (peaks - peaks.mean()) / peaks.std())
     assert s.gcn_norm == "/12" and s.cutoff_source.startswith("fcc lattice")
-    assert (s.voronoi_index[s.voronoi_index[:, 0] >= 0] == [0, 12, 0, 0]).all()
+    assert s.voronoi_n_indexed == 55 and (s.voronoi_index[s.voronoi_cn >= 0] == [0, 12, 0, 0]).all()
+    assert (s.voronoi_cn[s.voronoi_status == 0] == 12).all()
     np.testing.assert_allclose(s.q4[s.cn == 12], 0.190941, atol=1e-6)
+    # the lattice is inferred the same when not given
+    assert atom_statistics(pos, pdf_r_max=8.0, voronoi=False, motifs=False).lattice == "fcc"
     np.testing.assert_allclose(s.q6[s.cn == 12], 0.574524, atol=1e-6)
     table = s.table()
     assert list(table) == list(COLUMNS) and all(len(c) == len(pos) for c in table.values())
@@ -410,6 +415,8 @@ def test_atom_statistics_of_a_pt_cuboctahedron(tmp_path):
         assert g["atoms/bond_length"].attrs["unit"] == "Å"
         assert g.attrs["lattice"] == "fcc" and g.attrs["n_atoms"] == len(pos)
         np.testing.assert_array_equal(g["pdf/g"][()], s.pdf_g)
+        assert g["voronoi/top_labels"][0].decode() == "<0,12,0,0>" and g["voronoi/top_counts"][0] == 55
+        assert g["motifs/icosahedral_filling"].shape == (12,)
 
     # PNGs
     paths = write_histograms(s, tmp_path / "png", stem="pt147")
@@ -427,6 +434,9 @@ def test_atom_statistics_amorphous_needs_no_lattice():
     assert np.isnan(s.sigma_iso).all() and np.isnan(s.intensity_z).all()
     with pytest.raises(ValueError, match="lattice"):
         atom_statistics(pos, lattice="glass")
+    # never assumed: random atoms are inferred amorphous
+    inferred = atom_statistics(pos, cutoff=3.0, pdf_r_max=6.0, voronoi=False, motifs=False)
+    assert inferred.lattice == "amorphous" and inferred.lattice_source.startswith("inferred")
     with pytest.raises(ValueError, match="penetration_of"):
         atom_statistics(pos, lattice="amorphous", cutoff=3.0, penetration_of="nope")
 

@@ -1,5 +1,6 @@
-"""Polytetrahedral motifs: bipyramids and triplets built by hand, the icosahedron, and brute-force
-checks of the tetrahedron filter and the pentagonal-bipyramid networks on the Ta film."""
+"""Polytetrahedral motifs: bipyramids and triplets built by hand, the icosahedron, brute-force
+checks of the tetrahedron filter and the pentagonal-bipyramid networks on the Ta film, and the
+Ta film against the literal port of the authors' MATLAB (tests/reference, stored result)."""
 
 import itertools
 
@@ -10,7 +11,10 @@ from scipy.spatial import Delaunay
 from operators.structure.motifs import atom_motif_counts, find_motifs, motif_summary
 
 from conftest import TA_MODEL, needs_shared_data
+from reference.digests import motif_digest, set_digest
 from test_stats3d_order import icosahedron
+
+REFERENCE = __import__("pathlib").Path(__file__).parent / "data" / "ta_film_authors_port.npz"
 
 
 def bipyramid(n_ring, ring_edge=2.8, half_axis=None, n_present=None):
@@ -32,16 +36,19 @@ def distortion(pos, tet):
     (4, 1.4, 4),    # ring edge 2.8: pole edges 2.42 Å, axis 2.8 Å, δ ≈ 0.10
     (5, None, 5),   # all edges 2.8 Å but the axis, 2.94 Å: δ ≈ 0.02
     (6, 1.4, 6),    # pole edges 3.13 Å, axis 2.8 Å: δ ≈ 0.04
-], ids=["quadrilateral", "pentagonal", "hexagonal"])
+    (7, 1.4, 7),    # pole edges 3.52 Å: δ ≈ 0.07
+    (8, 1.4, 8),    # pole edges 3.92 Å: δ ≈ 0.10
+], ids=["quadrilateral", "pentagonal", "hexagonal", "heptagonal", "octagonal"])
 def test_single_bipyramid(n_ring, half_axis, kind):
     pos = bipyramid(n_ring, half_axis=half_axis)
-    m = find_motifs(pos, bond_cutoff=3.5)
+    m = find_motifs(pos, bond_cutoff=4.0)
     assert len(m.tetrahedra) == n_ring
     assert all(set(t) >= {0, 1} for t in m.tetrahedra.tolist())  # all share the axis A-B
     assert m.kind.tolist() == [kind] and m.axis.tolist() == [[0, 1]]
     assert sorted(m.motif_atoms(0).tolist()) == list(range(n_ring + 2))
     counts = atom_motif_counts(m)
-    name = {4: "n_quadrilateral", 5: "n_pentagonal", 6: "n_hexagonal"}[kind]
+    name = {4: "n_quadrilateral", 5: "n_pentagonal", 6: "n_hexagonal", 7: "n_heptagonal",
+            8: "n_octagonal"}[kind]
     assert counts[name].tolist() == [1] * (n_ring + 2)
     assert counts["n_tetrahedra"].tolist() == [n_ring, n_ring] + [2] * n_ring
 
@@ -74,6 +81,35 @@ def test_broken_pentagon_is_a_triplet():
     assert motif_summary(m)["triplet_tetrahedron_fraction"] == 1.0
 
 
+def test_open_run_of_four_is_two_triplets():
+    """Five of six ring atoms: four tetrahedra in an open run around A-B. The authors' triplet
+    is a walk t1-t2-t3 that ends at a tetrahedron with no other neighbour: both ends of the
+    run give one, so two triplets (a maximal run of exactly three, the old definition here,
+    gave none)."""
+    pos = bipyramid(6, half_axis=1.4, n_present=5)
+    m = find_motifs(pos, bond_cutoff=3.5)
+    assert len(m.tetrahedra) == 4 and m.kind.tolist() == [3, 3]
+    sets = [set(m.members[m.offsets[k]:m.offsets[k + 1]].tolist()) for k in range(2)]
+    assert len(sets[0] & sets[1]) == 2 and len(sets[0] | sets[1]) == 4
+    assert m.axis.tolist() == [[0, 1], [0, 1]]
+
+
+def test_a_triplet_touching_a_short_cycle_is_dropped():
+    """A pentagonal bipyramid with one more tetrahedron on an outer face: that tetrahedron is
+    a leaf whose walks run into the bipyramid's 5-cycle, so no triplet is counted."""
+    pos = bipyramid(5)
+    # an atom above the outer face (A, ring0, ring1), at edge length from all three
+    a, r0, r1 = pos[0], pos[2], pos[3]
+    c = (a + r0 + r1) / 3
+    nrm = np.cross(r0 - a, r1 - a)
+    nrm /= np.linalg.norm(nrm)
+    if nrm @ (c - pos.mean(axis=0)) < 0:
+        nrm = -nrm
+    pos = np.vstack([pos, c + nrm * 2.8 * np.sqrt(2 / 3)])
+    m = find_motifs(pos, bond_cutoff=3.5)
+    assert len(m.tetrahedra) == 6 and m.kind.tolist() == [5]
+
+
 def test_icosahedron_is_twelve_pentagonal_bipyramids_in_one_network():
     pos = icosahedron(2.8)
     m = find_motifs(pos, bond_cutoff=3.5)
@@ -87,6 +123,11 @@ def test_icosahedron_is_twelve_pentagonal_bipyramids_in_one_network():
     s = motif_summary(m)
     assert s["n_pentagonal"] == 12 and s["n_triplet"] == 0 and s["pb_network_max"] == 12
     assert s["n_pb_networks"] == 1 and s["pentagonal_tetrahedron_fraction"] == 1.0
+    # every bipyramid shares an edge (two tetrahedra) with the 5 of its neighbouring vertices
+    # and nothing with the others; the centre is the axis end of all 12 (a filled
+    # icosahedron), each vertex of one
+    assert m.pb_edge_sharing.tolist() == [5] * 12 and m.pb_vertex_sharing.tolist() == [0] * 12
+    assert m.icosahedral_filling[11] == 1 and m.icosahedral_filling[0] == 12
     c = atom_motif_counts(m)
     assert c["n_pentagonal"].tolist() == [12] + [6] * 12  # a vertex: its own + 5 neighbours'
     assert (c["pb_network_size"] == 12).all()
@@ -121,8 +162,8 @@ def test_ta_film_against_brute_force():
         assert all({*m.axis[k]} <= set(t) for t in tets.tolist())
         if m.kind[k] >= 4:
             assert len(np.unique(tets)) == m.kind[k] + 2
-    # networks: union-find over pentagonal bipyramids sharing exactly two tetrahedra
-    pb = np.flatnonzero(m.kind == 5)
+    # networks: union-find over the selected pentagonal bipyramids sharing two tetrahedra
+    pb = np.flatnonzero((m.kind == 5) & m.selected)
     sets = [set(m.members[m.offsets[k]:m.offsets[k + 1]].tolist()) for k in pb]
     by_tet = {}
     for i, s in enumerate(sets):
@@ -147,8 +188,52 @@ def test_ta_film_against_brute_force():
         assert len(set(lab[np.array(roots) == r])) == 1
 
 
+@needs_shared_data
+def test_ta_film_equals_the_authors_port():
+    """The published Ta film with its amorphous atoms after the authors' cleaning: the accepted
+    tetrahedra, the triplets and every k-fold bipyramid (k = 4..8) are the same sets as the
+    literal port of the authors' findclustersN / uniqueCluster / smallestCluster / shareAB
+    finds (tests/reference/make_ta_reference.py), with the same fractions of the amorphous
+    tetrahedra; Main_4's selection, sharing, icosahedral filling and networks agree too."""
+    from scipy.io import loadmat
+
+    ref = np.load(REFERENCE)
+    pos = loadmat(TA_MODEL)["model"].T.astype(np.float64)
+    m = find_motifs(pos, bond_cutoff=4.12, delta_max=0.255, amorphous=~ref["crystalline_clean"])
+    assert len(m.tetrahedra) == ref["n_tetrahedra"] == 19655
+    assert set_digest(m.tetrahedra) == str(ref["tetrahedra_digest"])
+    s = motif_summary(m)
+    for k, name in ((3, "triplet"), (4, "quadrilateral"), (5, "pentagonal"), (6, "hexagonal"),
+                    (7, "heptagonal"), (8, "octagonal")):
+        rows = [m.members[m.offsets[q]:m.offsets[q + 1]] for q in np.flatnonzero(m.kind == k)]
+        assert len(rows) == ref[f"n_{k}"], name
+        assert motif_digest(m.tetrahedra, rows) == str(ref[f"digest_{k}"]), name
+        assert s[f"{name}_tetrahedron_fraction"] == pytest.approx(float(ref[f"fraction_{k}"]), abs=1e-12)
+    assert (s["n_triplet"], s["n_heptagonal"], s["n_octagonal"]) == (1336, 95, 5)
+    assert s["n_amorphous_tetrahedra"] == ref["n_amorphous_tetrahedra"]
+    assert s["tetrahedral_atom_fraction"] == pytest.approx(float(ref["tetrahedral_atom_fraction"]))
+    for k in (4, 5, 6):
+        assert s[f"n_selected_{k}fold"] == ref[f"n_selected_{k}"]
+        sizes = getattr(m, f"network_size_{k}")
+        np.testing.assert_array_equal(sizes[sizes >= 5], ref[f"networks_{k}_ge5"])
+    np.testing.assert_array_equal(np.bincount(m.pb_vertex_sharing), ref["pb_vertex_sharing_hist"])
+    np.testing.assert_array_equal(np.bincount(m.pb_edge_sharing), ref["pb_edge_sharing_hist"])
+    fill = ref["icosahedral_filling_rows"][1:]
+    np.testing.assert_array_equal(m.icosahedral_filling[:len(fill)], fill)
+    assert s["pb_network_max"] == 135 and s["network_length_max_5fold"] == pytest.approx(28.73, abs=0.01)
+    # the selection Main_4 evidently meant (at least half of the tetrahedra amorphous)
+    half = motif_summary(find_motifs(pos, bond_cutoff=4.12, amorphous=~ref["crystalline_clean"],
+                                     selection="half"))
+    assert [half[f"n_selected_{k}fold"] for k in (4, 5, 6)] == \
+        [int(ref[f"n_half_amorphous_{k}"]) for k in (4, 5, 6)]
+
+
 def test_bad_parameters_raise():
     with pytest.raises(ValueError, match="bond_cutoff"):
         find_motifs(icosahedron(), bond_cutoff=0.0)
     with pytest.raises(ValueError, match="delta_max"):
         find_motifs(icosahedron(), bond_cutoff=3.5, delta_max=-1)
+    with pytest.raises(ValueError, match="selection"):
+        find_motifs(icosahedron(), bond_cutoff=3.5, selection="most")
+    with pytest.raises(ValueError, match="amorphous"):
+        find_motifs(icosahedron(), bond_cutoff=3.5, amorphous=[True])

@@ -109,7 +109,11 @@ def test_ta_film_order_equals_published():
     diff = np.abs(bo.order - published)
     assert diff.max() < 1e-5, f"max |order - published| = {diff.max():.3g}"
     assert int((bo.order > 0.5).sum()) == 1832
-    assert int(bo.crystalline.sum()) == 1832
+    assert int(bo.crystalline_raw.sum()) == 1832 and bo.crystalline_fraction_raw == 1832 / 8284
+    # the authors' cleaning (Main_2/Main_3 l.14-48): 163 isolated ones back to amorphous
+    assert int(bo.crystalline.sum()) == 1669
+    ref = np.load(__import__("pathlib").Path(__file__).parent / "data" / "ta_film_authors_port.npz")
+    np.testing.assert_array_equal(bo.crystalline, ref["crystalline_clean"])
     # the two atoms without a neighbour carry 0 in the published file, as here
     assert set(np.flatnonzero(bo.n_neighbors == 0)) == set(np.flatnonzero(published == 0))
 
@@ -121,6 +125,27 @@ def test_ta_film_positions_file_is_the_same_model():
     a = loadmat(TA_MODEL)["model"]
     b = load_boo()["model"]
     np.testing.assert_array_equal(a, b)
+
+
+def test_cleaning_returns_isolated_crystalline_atoms():
+    """The authors' rule by hand: a block of 27 crystalline atoms 2.5 Å apart stays; a lone
+    crystalline atom far away goes back; a square of 4 next to the block (10 or 13
+    crystalline atoms within 8 Å, but 6 or more of the block) stays, the same square far from
+    the block goes back."""
+    from operators.structure.order3d import clean_crystalline
+
+    g = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * 2.5
+    square = np.array([[0, 0, 0], [0, 2.5, 0], [0, 0, 2.5], [0, 2.5, 2.5]])
+    pos = np.vstack([g, [[40.0, 0, 0]], square + [11.0, 0, 0], square + [0, 60.0, 0],
+                     [[0, 0, -30.0]]])
+    cry = np.ones(len(pos), bool)
+    cry[-1] = False                                    # an amorphous atom stays amorphous
+    out = clean_crystalline(pos, cry)
+    assert out[:27].all() and not out[27]
+    assert out[28:32].all() and not out[32:36].any() and not out[-1]
+    # three of the square have fewer than 13 crystalline atoms within 8 Å (10, 11, 11; the
+    # fourth 13): without the rescue they go back, the fourth stays
+    assert clean_crystalline(pos, cry, rescue=100)[28:32].tolist() == [False, False, False, True]
 
 
 def test_isolated_atom_gets_zero_order():

@@ -531,7 +531,7 @@ def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
     port = free_port_block(1)
     out = tmp_path / "out"
     cli = Cli(["demo", "--scan", "24x24", "--detector", "64x64", "--out", out, "--rate", "150",
-               "--sources", "2", "--workers", "2", "--view", f"127.0.0.1:{port}"])
+               "--sources", "2", "--workers", "2", "--counting-dose", "0", "--view", f"127.0.0.1:{port}"])
     browser = Browser()
     try:
         line = cli.wait_for(r"open http://127\.0\.0\.1:\d+/ in a browser", 240)

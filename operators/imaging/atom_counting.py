@@ -246,8 +246,16 @@ class CountingResult:
         probability that a column with that count is given the right count (two classes of
         one count may be confused without harm); confidence_overall : the same over all
         columns. NaN when n_mc = 0.
-    mc_sigma : (K,) noise of each class used by the Monte Carlo.
+    mc_sigma : (K,) noise of each class used by the Monte Carlo (RMS over its columns for
+        ``mc_noise="physical"``).
     n_mc, seed : Monte Carlo runs and seed used; selection : "icl" or "given".
+    noise_ratio : with ``noise_sigma``: sqrt(Σ_i Σ_k τ_ik (x_i − μ_k)² / Σ_i σ_i²), the
+        spread of the columns about their components in units of their shot noise: ≈ 1 when
+        every component is one class of columns (the mixture resolves the counts), well
+        above 1 when a component still holds several counts (NaN without noise_sigma).
+    hidden_spread : (K,) the spread of each component beyond the shot noise of its columns,
+        sqrt(max(0, s_k² − mean σ_i²)) (cross-section units; NaN without noise_sigma).
+    mc_noise : the Monte Carlo noise model used.
     """
 
     counts: np.ndarray
@@ -270,11 +278,14 @@ class CountingResult:
     n_mc: int
     seed: int
     selection: str
+    noise_ratio: float = float("nan")
+    hidden_spread: np.ndarray | None = None
+    mc_noise: str = "linear"
 
 
 def count_atoms(cross_sections, *, max_components=None, n_components=None, min_count=1,
                 class_counts=None, n_starts=4, seed=0, n_mc=100,
-                mc_noise="linear") -> CountingResult:
+                mc_noise=None, noise_sigma=None) -> CountingResult:
     """Count the atoms in every column from its scattering cross-section.
 
     Parameters
@@ -295,9 +306,16 @@ def count_atoms(cross_sections, *, max_components=None, n_components=None, min_c
     n_mc : Monte Carlo runs for the confidence: every column's cross-section is redrawn from
         its component, the K-component mixture refitted (EM from the fitted means) and the
         columns recounted; 0 skips it.
-    mc_noise : noise of the redrawn cross-sections: "linear" (default) a variance growing
-        linearly with the class mean, fitted to the measured spread of the classes (shot
-        noise: thick columns scatter more), or "shared" the mixture's one sigma.
+    mc_noise : noise of the redrawn cross-sections: "physical" (the default with
+        ``noise_sigma``) each column's own shot noise σ_i, scaled up for a class whose
+        measured spread exceeds its columns' shot noise (model errors); "linear" (the default
+        without) a variance growing linearly with the class mean, fitted to the measured
+        spread of the classes (thick columns scatter more); or "shared" the mixture's one
+        sigma. "linear" and "shared" describe the fitted mixture only: where it merges
+        several counts into one component they stay optimistic (see ``noise_ratio``).
+    noise_sigma : optional (n,) shot noise of every cross-section (same unit), e.g.
+        ``ColumnsResult.cross_section_sigma``; gives ``noise_ratio``, ``hidden_spread`` and
+        the "physical" Monte Carlo.
 
     Returns
     -------
@@ -320,8 +338,20 @@ def count_atoms(cross_sections, *, max_components=None, n_components=None, min_c
     if n_components is not None and not (1 <= int(n_components) <= n):
         raise ValueError(f"count_atoms: n_components must be between 1 and the number of "
                          f"columns ({n}), got {n_components!r}")
-    if mc_noise not in ("linear", "shared"):
-        raise ValueError(f"count_atoms: mc_noise must be 'linear' or 'shared', got {mc_noise!r}")
+    if noise_sigma is not None:
+        noise_sigma = np.asarray(noise_sigma, np.float64).ravel()
+        if noise_sigma.shape != x.shape or not (np.isfinite(noise_sigma).all()
+                                                and (noise_sigma > 0).all()):
+            raise ValueError(f"count_atoms: noise_sigma must be {n} finite values > 0, one per "
+                             "cross-section; drop the columns without one first")
+    if mc_noise is None:
+        mc_noise = "linear" if noise_sigma is None else "physical"
+    if mc_noise not in ("linear", "shared", "physical"):
+        raise ValueError(f"count_atoms: mc_noise must be 'physical', 'linear' or 'shared', got "
+                         f"{mc_noise!r}")
+    if mc_noise == "physical" and noise_sigma is None:
+        raise ValueError("count_atoms: mc_noise='physical' needs noise_sigma (the shot noise of "
+                         "every cross-section)")
     if int(n_starts) < 1 or int(n_mc) < 0:
         raise ValueError(f"count_atoms: n_starts must be >= 1 and n_mc >= 0, got "
                          f"{n_starts!r}, {n_mc!r}")
@@ -357,9 +387,27 @@ def count_atoms(cross_sections, *, max_components=None, n_components=None, min_c
             raise ValueError(f"count_atoms: class_counts has {len(cc)} entries but the mixture "
                              f"has {K} components; give one count per component, or fix "
                              f"n_components={len(cc)}")
-    sig_mc = _class_sigmas(x, resp, mu, w, var) if mc_noise == "linear" else \
-        np.full(K, np.sqrt(var))
-    tally = _monte_carlo(comp, mu, sig_mc, K, int(n_mc), np.random.default_rng([seed, 1]))
+    ratio, hidden = np.nan, np.full(K, np.nan)
+    if noise_sigma is not None:
+        nk = np.maximum(resp.sum(axis=0), 1e-12)
+        spread2 = (resp * (x[:, None] - mu[None, :]) ** 2).sum(axis=0) / nk
+        shot2 = (resp * noise_sigma[:, None] ** 2).sum(axis=0) / nk
+        hidden = np.sqrt(np.clip(spread2 - shot2, 0, None))
+        ratio = float(np.sqrt((resp * (x[:, None] - mu[None, :]) ** 2).sum()
+                              / (noise_sigma ** 2).sum()))
+    if mc_noise == "physical":
+        # each column redrawn with its own shot noise, scaled up where its class scatters
+        # more than that (model errors the shot noise does not contain)
+        scale = np.sqrt(np.maximum(1.0, spread2 / shot2))
+        col_sigma = noise_sigma * scale[comp]
+        sig_mc = np.sqrt(np.bincount(comp, col_sigma ** 2, K) / np.maximum(np.bincount(comp, None, K), 1))
+    elif mc_noise == "linear":
+        sig_mc = _class_sigmas(x, resp, mu, w, var)
+        col_sigma = sig_mc[comp]
+    else:
+        sig_mc = np.full(K, np.sqrt(var))
+        col_sigma = sig_mc[comp]
+    tally = _monte_carlo(comp, mu, col_sigma, K, int(n_mc), np.random.default_rng([seed, 1]))
     values = np.unique(cc)
     with np.errstate(invalid="ignore"):
         rows = tally.sum(axis=1)
@@ -376,7 +424,8 @@ def count_atoms(cross_sections, *, max_components=None, n_components=None, min_c
                           confusion=frac, count_values=values.astype(np.int64),
                           count_confidence=by_count, confidence_overall=overall,
                           mc_sigma=sig_mc,
-                          n_mc=int(n_mc), seed=int(seed), selection=selection)
+                          n_mc=int(n_mc), seed=int(seed), selection=selection,
+                          noise_ratio=ratio, hidden_spread=hidden, mc_noise=mc_noise)
 
 
 def _class_sigmas(x, resp, mu, w, var):
@@ -396,11 +445,12 @@ def _class_sigmas(x, resp, mu, w, var):
 
 def _monte_carlo(comp, mu, sigma, K, n_mc, rng):
     """(K, K) tally of class i (true component) assigned to class j: every column redrawn
-    from its component, K components refitted (EM started at the fitted means), recounted."""
+    from its component with its noise sigma (n,), K components refitted (EM started at the
+    fitted means), recounted."""
     tally = np.zeros((K, K))
     n = len(comp)
     for _ in range(n_mc):
-        xs = mu[comp] + sigma[comp] * rng.standard_normal(n)
+        xs = mu[comp] + sigma * rng.standard_normal(n)
         got = _run_em(xs, mu, 300, max(1e-3, 1e-5 * n))[4].argmax(axis=1)
         np.add.at(tally, (comp, got), 1.0)
     return tally

@@ -131,6 +131,87 @@ def auto_threshold(image, smooth_px=0.0, k=5.0):
     return k * noise
 
 
+def is_counts(image) -> bool:
+    """True when ``image`` holds electron counts: finite, non-negative whole numbers (an ADF
+    image summed from the events), so its noise is Poisson."""
+    img = np.asarray(image)
+    if img.dtype.kind in "ui":
+        return True
+    return bool(np.isfinite(img).all() and (img >= 0).all() and (img == np.rint(img)).all())
+
+
+def _disk(radius):
+    r = int(np.ceil(radius))
+    oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
+    return (oy * oy + ox * ox <= radius * radius).astype(np.float64)
+
+
+def detection_pvalues(image, yx, footprint_px):
+    """Poisson significance of a column at each candidate of a counts image.
+
+    N = the counts in the disk of radius ``footprint_px`` around the candidate's pixel, R =
+    the counts in the ring footprint_px < d <= 2 footprint_px around it (pixels inside the
+    image only). Without a column the disk and the ring see the same background rate, and
+    given T = N + R counts in both, N is binomial(T, q) with q = disk area / (disk + ring
+    area): the exact conditional test of two Poisson rates, which needs no estimate of the
+    background and stays valid where it is uncertain (few counts, vacuum). Returns (n,)
+    p-values P(binomial(T, q) >= N): small where the disk holds more than its share.
+    """
+    from scipy import ndimage as ndi
+    from scipy.special import betainc
+
+    img = _check_image(image)
+    yx = np.asarray(yx, np.float64).reshape(-1, 2)
+    if len(yx) == 0:
+        return np.zeros(0)
+    inner = _disk(footprint_px)
+    outer = _disk(2.0 * footprint_px)
+    pad = (outer.shape[0] - inner.shape[0]) // 2
+    ring = outer - np.pad(inner, pad)
+    y = np.clip(np.rint(yx[:, 0]).astype(np.int64), 0, img.shape[0] - 1)
+    x = np.clip(np.rint(yx[:, 1]).astype(np.int64), 0, img.shape[1] - 1)
+    ones = np.ones_like(img)
+    n_in = np.rint(ndi.convolve(img, inner, mode="constant")[y, x])
+    n_ring = np.rint(ndi.convolve(img, ring, mode="constant")[y, x])
+    a_in = ndi.convolve(ones, inner, mode="constant")[y, x]
+    a_ring = ndi.convolve(ones, ring, mode="constant")[y, x]
+    q = a_in / (a_in + a_ring)
+    # P(binomial(T, q) >= N) = I_q(N, T - N + 1) (regularised incomplete beta); 1 for N = 0
+    return np.where(n_in > 0, betainc(np.maximum(n_in, 1), n_ring + 1, q), 1.0)
+
+
+def _lattice_growth(yx, p, strong, p_lattice, tolerance=0.2):
+    """Candidates on the lattice of the ``strong`` ones (at least 10, for a lattice fit that
+    holds), next to an accepted column (within 1.1 x the longer basis vector) and with
+    p < p_lattice, added repeatedly: a crystal's columns continue over a thin region where
+    each one alone is not significant, filled from its edges inwards; vacuum off the lattice
+    is never tested, and a site beyond the crystal's edge passes with probability p_lattice.
+    Returns the mask of the grown candidates and the lattice fit (or None when it fails)."""
+    from scipy.spatial import cKDTree
+
+    grown = np.zeros(len(yx), bool)
+    if strong.sum() < 10:
+        return grown, None
+    try:
+        lat = fit_lattice(yx[strong])
+    except ValueError:
+        return grown, None
+    B = np.stack([lat.a1_px, lat.a2_px], axis=1)
+    frac = np.linalg.solve(B, (yx - lat.origin_px).T).T
+    on = np.abs(frac - np.rint(frac)).max(axis=1) <= tolerance
+    reach = 1.1 * max(np.hypot(*lat.a1_px), np.hypot(*lat.a2_px))
+    near = cKDTree(yx).query_ball_point(yx, reach)
+    accepted = strong.copy()
+    todo = on & ~strong & (p < p_lattice)
+    while todo.any():
+        new = np.array([bool(todo[i]) and bool(accepted[near[i]].any()) for i in range(len(yx))])
+        if not new.any():
+            break
+        accepted |= new
+        todo &= ~new
+    return accepted & ~strong, lat
+
+
 # ----------------------------------------------------------------- 2. centre of mass
 
 def _disk_offsets(radius):
@@ -459,6 +540,78 @@ def fit_gaussians(image, yx, radius_px, *, sigma_px=None, shape="elliptical", ma
                         rms_residual=rms, n_pixels=n_pix, n_iter=n_iter, status=status)
 
 
+def column_uncertainties(image_shape, yx, amplitude, background, sigma_px, radius_px):
+    """Shot-noise uncertainties of round Gaussian columns of known width in a counts image.
+
+    Model of the expected counts: μ(p) = b_i + Σ_j A_j g_j(p) on the pixels of column i's
+    window (within ``radius_px`` of it and closer to it than to any other column, as in
+    :func:`fit_gaussians`), g_j(p) = exp(-|p - r_j|²/2σ²). For each column, with J the
+    derivatives of μ by (A, b, y, x):
+
+    - cross-section noise: the standard deviation of 2πσ²·Â for the least-squares amplitude
+      (the estimator :func:`fit_gaussians` uses) under Poisson counts,
+      sqrt([(JᵀJ)⁻¹ Jᵀ diag(μ) J (JᵀJ)⁻¹]_AA) · 2πσ²;
+    - position bound: the Cramér–Rao bound of the radial position error of any unbiased
+      estimator, sqrt(C_yy + C_xx) with C = (Jᵀ diag(1/μ) J)⁻¹ (A, b unknown, σ known).
+
+    Parameters
+    ----------
+    image_shape : (ny, nx).
+    yx : (n, 2) (y, x) px; amplitude, background : (n,) counts (from a fixed-width fit);
+    sigma_px : the shared width, px; radius_px : window radius, px.
+
+    Returns
+    -------
+    ((n,) cross-section noise, counts·px²; (n,) radial position bound, px); NaN where the
+    window holds too few pixels.
+    """
+    from scipy.spatial import cKDTree
+
+    yx = np.asarray(yx, np.float64).reshape(-1, 2)
+    n = len(yx)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    A = np.nan_to_num(np.asarray(amplitude, np.float64))
+    b = np.nan_to_num(np.asarray(background, np.float64))
+    s = float(sigma_px)
+    ny, nx = image_shape
+    # the model of every column's peak over the image (to 4 σ)
+    model = np.zeros((ny, nx))
+    R = int(np.ceil(4 * s))
+    gy, gx = np.mgrid[-R:R + 1, -R:R + 1]
+    cy, cx = np.rint(yx[:, 0]).astype(np.int64), np.rint(yx[:, 1]).astype(np.int64)
+    py, px = cy[:, None] + gy.ravel(), cx[:, None] + gx.ravel()
+    inside = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
+    val = A[:, None] * np.exp(-((py - yx[:, [0]]) ** 2 + (px - yx[:, [1]]) ** 2) / (2 * s * s))
+    np.add.at(model, (py[inside], px[inside]), val[inside])
+    oy, ox = _disk_offsets(radius_px)
+    py, px = cy[:, None] + oy, cx[:, None] + ox
+    ok = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
+    owner = cKDTree(yx).query(np.c_[py.ravel(), px.ravel()])[1].reshape(py.shape)
+    ok &= owner == np.arange(n)[:, None]
+    dy, dx = py - yx[:, [0]], px - yx[:, [1]]
+    g = np.exp(-(dy * dy + dx * dx) / (2 * s * s))
+    mu = b[:, None] + model[np.clip(py, 0, ny - 1), np.clip(px, 0, nx - 1)]
+    mu = np.maximum(mu, 1e-6 * max(float(np.abs(A).max()), 1e-12))
+    J = np.stack([g, np.ones_like(g), A[:, None] * g * dy / s ** 2,
+                  A[:, None] * g * dx / s ** 2], axis=-1) * ok[..., None]
+    cs_sigma = np.full(n, np.nan)
+    crb = np.full(n, np.nan)
+    good = ok.sum(axis=1) > 4
+    if good.any():
+        Jg, mg = J[good], mu[good]
+        JtJ = np.einsum("npi,npj->nij", Jg, Jg)
+        meat = np.einsum("npi,np,npj->nij", Jg, mg, Jg)
+        fisher = np.einsum("npi,np,npj->nij", Jg, 1.0 / mg, Jg)
+        with np.errstate(invalid="ignore"):
+            inv = np.linalg.pinv(JtJ)
+            cov = inv @ meat @ inv
+            cs_sigma[good] = np.sqrt(np.clip(cov[:, 0, 0], 0, None)) * 2 * np.pi * s * s
+            c = np.linalg.pinv(fisher)
+            crb[good] = np.sqrt(np.clip(c[:, 2, 2] + c[:, 3, 3], 0, None))
+    return cs_sigma, crb
+
+
 # ----------------------------------------------------------------- 4. lattice
 
 @dataclass
@@ -631,6 +784,14 @@ class ColumnsResult:
     atoms with, much less noisy than the free-width one (NaN where that fit failed, all NaN
     when not requested).
     step_A : Å per px (NaN if not given). Positions in Å are step_A × px from pixel (0, 0).
+    noise_model : "poisson" (a counts image) or "gaussian". Detection, per column:
+    p_value (Poisson significance, :func:`detection_pvalues`; NaN for gaussian noise) and
+    detection (1: significant on its own, 2: on the lattice next to accepted columns);
+    n_candidates (local maxima examined), false_alarms (expected false columns allowed among
+    them). Shot-noise uncertainties (counts images only, else NaN;
+    :func:`column_uncertainties`): cross_section_sigma (n,), the noise of
+    cross_section_shared, and position_crb_px / position_crb_A (n,), the Cramér–Rao bound of
+    the radial position error at this dose.
     """
 
     y_px: np.ndarray
@@ -661,11 +822,20 @@ class ColumnsResult:
     x_A: np.ndarray
     nn_distance_A: np.ndarray
     displacement_A: np.ndarray
+    noise_model: str = "gaussian"
+    p_value: np.ndarray | None = None
+    detection: np.ndarray | None = None
+    n_candidates: int = 0
+    false_alarms: float = float("nan")
+    cross_section_sigma: np.ndarray | None = None
+    position_crb_px: np.ndarray | None = None
+    position_crb_A: np.ndarray | None = None
 
 
 def analyze_columns(image, *, min_distance_px, threshold=None, smooth_px=0.0,
                     window_px=None, shape="elliptical", sigma_px=None, step_A=None,
-                    lattice=True, shared_width=True) -> ColumnsResult:
+                    lattice=True, shared_width=True, noise="auto", false_alarms=0.2,
+                    p_lattice=0.01, footprint_px=None) -> ColumnsResult:
     """Find, refine and fit the atomic columns of an image; fit the lattice.
 
     Parameters
@@ -679,6 +849,17 @@ def analyze_columns(image, *, min_distance_px, threshold=None, smooth_px=0.0,
     step_A : scan step in Å per px, to report Å.
     lattice : fit the lattice (needs >= 4 columns on a 2D lattice).
     shared_width : also fit every column with one shared width (for atom counting).
+    noise : "poisson" (an image of electron counts), "gaussian", or "auto" (poisson when
+        every value is a non-negative whole number, :func:`is_counts`). With Poisson noise
+        a candidate (any local maximum above its surroundings, or above ``threshold`` when
+        given) is a column when its counts are significant, p < false_alarms / (number of
+        pixels) (:func:`detection_pvalues`; a local maximum is the largest of the disks
+        around it, so the disk of every pixel counts as a test: at most about ``false_alarms``
+        false columns per image), or, with ``lattice``, when it sits on the lattice of those
+        columns next to an accepted one with p < p_lattice. With Gaussian noise the contrast threshold of
+        :func:`find_candidates` decides alone.
+    footprint_px : radius of the disk whose counts are tested (default
+        max(1, min_distance_px / 2)).
 
     Returns
     -------
@@ -688,7 +869,32 @@ def analyze_columns(image, *, min_distance_px, threshold=None, smooth_px=0.0,
     img = _check_image(image)
     if step_A is not None and not (np.isfinite(step_A) and step_A > 0):
         raise ValueError(f"step_A must be a number > 0 (Å per px) or None, got {step_A!r}")
-    cand, _ = find_candidates(img, min_distance_px, threshold, smooth_px)
+    if noise not in ("auto", "poisson", "gaussian"):
+        raise ValueError(f"noise must be 'auto', 'poisson' or 'gaussian', got {noise!r}")
+    poisson = is_counts(img) if noise == "auto" else noise == "poisson"
+    if poisson and not (img >= 0).all():
+        raise ValueError("noise='poisson' needs an image of counts (>= 0); use noise='gaussian'")
+    if poisson:
+        cand, _ = find_candidates(img, min_distance_px, 0.0 if threshold is None else threshold,
+                                  smooth_px)
+        n_cand = len(cand)
+        foot = max(1.0, 0.5 * float(min_distance_px)) if footprint_px is None \
+            else float(footprint_px)
+        pv = detection_pvalues(img, cand, foot)
+        # candidates are local maxima, each the largest of the disks around it: every pixel's
+        # disk is a test (Bonferroni over the pixels), not only the candidates'
+        n_tests = max(img.size, 1)
+        strong = pv < float(false_alarms) / n_tests
+        grown = _lattice_growth(cand, pv, strong, float(p_lattice))[0] if lattice \
+            else np.zeros(n_cand, bool)
+        keep = strong | grown
+        cand, pv = cand[keep], pv[keep]
+        detection = np.where(strong[keep], 1, 2).astype(np.int8)
+    else:
+        cand, _ = find_candidates(img, min_distance_px, threshold, smooth_px)
+        n_cand = len(cand)
+        pv = np.full(n_cand, np.nan)
+        detection = np.ones(n_cand, np.int8)
     if window_px is None:
         nn = nearest_neighbour_distances(cand)
         window_px = max(1.5, 0.5 * float(np.nanmedian(nn))) if len(cand) > 1 \
@@ -711,11 +917,16 @@ def analyze_columns(image, *, min_distance_px, threshold=None, smooth_px=0.0,
     else:
         err = "not requested"
     shared, cs_shared = np.nan, np.full(n, np.nan)
+    cs_sigma, crb = np.full(n, np.nan), np.full(n, np.nan)
     conv = fit.status == FIT_OK
     if shared_width and conv.any():
         shared = float(np.median(np.sqrt(fit.sigma1_px[conv] * fit.sigma2_px[conv])))
         fixed = fit_gaussians(img, yx, window_px, sigma_px=shared, shape="fixed")
         cs_shared = np.where(fixed.status > 0, fixed.cross_section, np.nan)
+        if poisson:
+            cs_sigma, crb = column_uncertainties(img.shape, yx, fixed.amplitude,
+                                                 fixed.background, shared, window_px)
+            cs_sigma[fixed.status == FIT_FAILED] = np.nan
     nn = nearest_neighbour_distances(yx)
     s = np.nan if step_A is None else float(step_A)
     disp = lat.displacement_px if lat else np.full((n, 2), np.nan)
@@ -731,4 +942,7 @@ def analyze_columns(image, *, min_distance_px, threshold=None, smooth_px=0.0,
         origin_px=lat.origin_px if lat else nan2.copy(),
         lattice_rms_px=lat.rms_px if lat else np.nan, lattice_error=err,
         shared_sigma_px=shared, cross_section_shared=cs_shared, step_A=s,
-        y_A=y * s, x_A=x * s, nn_distance_A=nn * s, displacement_A=disp * s)
+        y_A=y * s, x_A=x * s, nn_distance_A=nn * s, displacement_A=disp * s,
+        noise_model="poisson" if poisson else "gaussian", p_value=pv, detection=detection,
+        n_candidates=int(n_cand), false_alarms=float(false_alarms) if poisson else np.nan,
+        cross_section_sigma=cs_sigma, position_crb_px=crb, position_crb_A=crb * s)

@@ -9,10 +9,15 @@ Convention (RESIRE's, Pham et al., Sci. Rep. 2023)
 - Coordinates are in voxels relative to the centre voxel ``(nz // 2, ny // 2, nx // 2)``; the
   projection centre is pixel ``(h // 2, w // 2)``. Both are the rotation centre, the same
   centres as RESIRE's ``round((n + 1) / 2)`` in MATLAB's 1-based indexing.
-- Euler angles ``(phi, theta, psi)`` in degrees, ZYZ by default: ``M = Rz(phi) Ry(theta)
-  Rz(psi)`` with right-handed active rotations ``R_a(t)``. A voxel at ``r = (x, y, z)`` lands
-  on the detector at ``(u, v) = (Mᵀ r)_x, (Mᵀ r)_y``. For a single tilt ``(0, theta, 0)`` the
-  tilt axis is y and ``u = x cos(theta) - z sin(theta)``, ``v = y``.
+- Euler angles ``(phi, theta, psi)`` in degrees, about z, y, x by default (``axes="zyx"``,
+  :data:`RESIRE_AXES`): ``M = Rz(phi) Ry(theta) Rx(psi)`` with right-handed active rotations
+  ``R_a(t)`` (scipy's intrinsic ``"ZYX"``). That is RESIRE's published convention: its
+  ``vector1 = [0 0 1]``, ``vector2 = [0 1 0]``, ``vector3 = [1 0 0]`` and
+  ``R = (Rv1(phi) Rv2(theta) Rv3(psi))ᵀ`` (``RESIRE_reconstructor.m``, ``interp_pj_realspace.m``).
+  A voxel at ``r = (x, y, z)`` lands on the detector at ``(u, v) = (Mᵀ r)_x, (Mᵀ r)_y``. For a
+  single tilt ``(0, theta, 0)`` the tilt axis is y and ``u = x cos(theta) - z sin(theta)``,
+  ``v = y`` — the same in every convention with the y axis second; ``axes`` ("zyz" for
+  GENFIRE-style angles, …) matters only when phi or psi is not 0.
 - The emulator (``sim_detector``) tilts the specimen by ``t`` about y with
   ``x' = x cos t + z sin t``: its scan at tilt ``t`` is the projection at ``(0, -t, 0)``.
 - The measured tilt series of the AET papers (MATLAB arrays ``(x, y, n)``) becomes a stack
@@ -38,6 +43,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+RESIRE_AXES = "zyx"  # rotation axes of (phi, theta, psi) in RESIRE's published scripts
 from numba import njit, prange
 
 from operators.kernels import NJIT
@@ -87,15 +94,15 @@ def check_angles(angles_deg, n: int | None = None) -> np.ndarray:
 
 
 def check_axes(axes: str) -> str:
-    """Three rotation axes such as "zyz" (RESIRE's default) or "zyx"; ValueError otherwise."""
+    """Three rotation axes such as "zyx" (RESIRE's) or "zyz"; ValueError otherwise."""
     ax = str(axes).lower()
     if len(ax) != 3 or any(c not in AXES for c in ax):
-        raise ValueError(f"axes must be three letters from 'x', 'y', 'z' such as 'zyz', "
-                         f"got {axes!r}")
+        raise ValueError(f"axes must be three letters from 'x', 'y', 'z' such as 'zyx' (RESIRE) "
+                         f"or 'zyz', got {axes!r}")
     return ax
 
 
-def rotation_matrices(angles_deg, axes: str = "zyz") -> np.ndarray:
+def rotation_matrices(angles_deg, axes: str = RESIRE_AXES) -> np.ndarray:
     """(n, 3, 3) float64 ``M = R_a1(phi) R_a2(theta) R_a3(psi)`` for (n, 3) Euler angles in
     degrees (or (n,) tilts). A voxel at r projects to ``(Mᵀ r)[:2]`` (see the module doc)."""
     a = check_angles(angles_deg)
@@ -118,7 +125,7 @@ def _detector_maps(mats: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(mats, (0, 2, 1))[:, :2, :])
 
 
-def project(volume, angles_deg, proj_shape=None, axes: str = "zyz") -> np.ndarray:
+def project(volume, angles_deg, proj_shape=None, axes: str = RESIRE_AXES) -> np.ndarray:
     """Projections Π_i O of a volume.
 
     Parameters
@@ -126,7 +133,7 @@ def project(volume, angles_deg, proj_shape=None, axes: str = "zyz") -> np.ndarra
     volume : (nz, ny, nx) real array, any units per voxel; z is the beam axis at zero angles.
     angles_deg : (n, 3) Euler angles (phi, theta, psi) in degrees, or (n,) tilts theta.
     proj_shape : (h, w) px of each projection; default (ny, nx).
-    axes : rotation axes of phi, theta, psi; "zyz" (default, RESIRE) or e.g. "zyx".
+    axes : rotation axes of phi, theta, psi; "zyx" (default, RESIRE's) or e.g. "zyz".
 
     Returns
     -------
@@ -145,7 +152,7 @@ def project(volume, angles_deg, proj_shape=None, axes: str = "zyz") -> np.ndarra
     return out
 
 
-def backproject(projections, angles_deg, volume_shape, axes: str = "zyz") -> np.ndarray:
+def backproject(projections, angles_deg, volume_shape, axes: str = RESIRE_AXES) -> np.ndarray:
     """Back-projection Σ_i Π_iᵀ p_i, the exact adjoint of :func:`project`.
 
     Parameters

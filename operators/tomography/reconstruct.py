@@ -10,7 +10,7 @@ with s in [1, 3] in the paper (stable below about 1.8 here, see :func:`resire`).
 Π_iᵀ are :func:`operators.tomography.projector.project` and
 :func:`~operators.tomography.projector.backproject`; see that module for the geometry (volumes
 ``(nz, ny, nx)``, projections ``(n, h, w)`` with rows y and columns x, Euler angles
-``(phi, theta, psi)`` in degrees, ZYZ, theta the tilt about y).
+``(phi, theta, psi)`` in degrees about z, y, x as RESIRE, theta the tilt about y).
 
 Example
 -------
@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from operators.tomography.projector import (_backproject_kernel, _check_volume, _detector_maps, _project_kernel,
-                                            check_angles, check_axes, rotation_matrices)
+                                            RESIRE_AXES, check_angles, check_axes, rotation_matrices)
 
 
 # ---------------------------------------------------------------------------- alignment
@@ -219,7 +219,7 @@ class Reconstruction:
     step : the step t used (1 / voxel-length² units), = step_scale / (n · nz).
     step_scale : s.
     iterations : number of gradient steps.
-    axes : Euler-angle axes ("zyz").
+    axes : Euler-angle axes ("zyx", RESIRE's).
     """
 
     volume: np.ndarray
@@ -232,7 +232,7 @@ class Reconstruction:
 
 
 def extended_volume_shape(proj_shape, angles_deg, thickness: int,
-                          axes: str = "zyz") -> tuple[int, int, int]:
+                          axes: str = RESIRE_AXES) -> tuple[int, int, int]:
     """(nz, ny, nx) voxels of a slab (a film wider than the field of view) that holds every
     ray reaching the detector, as RESIRE's ``extenedobject`` option.
 
@@ -276,7 +276,7 @@ def extended_volume_shape(proj_shape, angles_deg, thickness: int,
 
 def resire(projections, angles_deg, *, iterations: int = 100, step_scale: float = 1.0,
            volume_shape=None, positivity: bool = True, initial=None,
-           axes: str = "zyz") -> Reconstruction:
+           axes: str = RESIRE_AXES) -> Reconstruction:
     """RESIRE reconstruction of a volume from aligned projections.
 
     Parameters
@@ -292,7 +292,8 @@ def resire(projections, angles_deg, *, iterations: int = 100, step_scale: float 
     volume_shape : (nz, ny, nx) voxels; default (w, h, w) (thickness = projection width).
     positivity : clip negative voxels to 0 after every step.
     initial : optional (nz, ny, nx) starting volume (default zeros).
-    axes : Euler-angle axes, "zyz" (RESIRE default).
+    axes : Euler-angle axes, "zyx" (default: RESIRE's published scripts, M = Rz(phi) Ry(theta)
+        Rx(psi)) or e.g. "zyz" (GENFIRE-style angles).
 
     Returns
     -------

@@ -90,22 +90,25 @@ class TracedAtoms:
 
 
 def otsu_threshold(values, bins: int = 256) -> float:
-    """Otsu's threshold of an array of values (histogram of ``bins`` bins): the bin edge
-    maximising the between-class variance. ValueError for fewer than two distinct values."""
+    """Otsu's threshold of an array of values: over a histogram of ``bins`` equal bins from the
+    minimum to the maximum, the cut between two bins that maximises the between-class
+    variance w1·w2·(m1 − m2)²; the threshold is the centre of the last bin below the cut
+    (values above it are foreground). This is scikit-image's ``threshold_otsu`` for
+    floating-point data, to the last bit (tests/test_crosscheck.py). ValueError for fewer
+    than two distinct values."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0 or v.min() == v.max():
         raise ValueError("Otsu threshold needs at least two distinct finite values")
-    hist, edges = np.histogram(v, bins=int(bins))
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist).astype(np.float64)
-    m0 = np.cumsum(hist * centres)
-    total, mtot = w0[-1], m0[-1]
-    w1 = total - w0
+    counts, edges = np.histogram(v, bins=int(bins), range=(v.min(), v.max()))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w1 = np.cumsum(counts)
+    w2 = np.cumsum(counts[::-1])[::-1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        between = w0 * w1 * (m0 / w0 - (mtot - m0) / w1) ** 2
-    between[~np.isfinite(between)] = -1.0
-    return float(edges[int(np.argmax(between)) + 1])
+        m1 = np.cumsum(counts * centres) / w1
+        m2 = (np.cumsum((counts * centres)[::-1]) / w2[::-1])[::-1]
+    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
+    return float(centres[int(np.nanargmax(between))])
 
 
 def simulate_atoms(shape, positions_vox, sigma_vox: float, amplitudes=None) -> np.ndarray:

@@ -195,6 +195,7 @@ def cmd_process(args) -> int:
 
 def cmd_info(args) -> int:
     from stream.files.storage import ScanFileError, describe
+    from stream.stages.runner import read_dose_advice
 
     out = []
     for path in args.files:
@@ -202,6 +203,9 @@ def cmd_info(args) -> int:
             out.append(describe(path))
         except ScanFileError as e:
             raise CliError(str(e)) from None
+        advice = read_dose_advice(path)  # what the scan's dose can measure, from its 2D stages
+        if advice:
+            out[-1]["dose_advice"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in advice.items()}
     if args.json:
         print(json.dumps(out if len(out) > 1 else out[0], indent=2, default=str))
         return 0
@@ -231,6 +235,9 @@ def format_info(d: dict) -> str:
     lines.append("  results:")
     for name, r in d["results"].items():
         lines.append(f"    {name:<24} {r.get('kind', ''):<5} {str(r['shape']):<14} {r['dtype']:<8} {r.get('unit', '')}")
+    adv = d.get("dose_advice")
+    if adv:
+        lines.append(f"  dose advice (stage {adv['stage']}): " + "\n    ".join(adv["lines"]))
     stages = d.get("stages", {})
     if stages:
         lines.append("  stages (/stages; stemstream info --json for their values and arrays):")

@@ -1,5 +1,9 @@
 """``stemstream demo``: the whole pipeline on one machine — emulator process → ZeroMQ → local
-dask cluster → scan file, previews and a summary checked against the emulator's ground truth.
+dask cluster → scan files, previews and a summary checked against the emulator's ground truth.
+
+Two scans: an MgO slab at a low dose, where columns are found to the precision the dose
+allows and the stages say that atom counting is not possible; and a Pt particle at a dose
+where counting is possible, whose counts are compared with the true ones.
 
 The demo makes CURVE keys for itself alone (a temporary key directory, deleted at the end):
 the emulator accepts only this session's receivers, and the session only this emulator."""
@@ -32,6 +36,16 @@ def add_demo_args(p) -> None:
     p.add_argument("--workers", type=int, default=2, help="local dask worker processes (default 2)")
     from stream.viewer.server import add_view_arg
     add_view_arg(p)
+    p.add_argument("--counting-dose", type=nonneg_arg, default=COUNTING_DOSE, metavar="e/frame",
+                   help=f"dose of the second scan, a Pt particle where atoms can be counted (default "
+                        f"{COUNTING_DOSE:g}); 0 skips that scan")
+    p.add_argument("--counting-scan", type=shape_arg, default=COUNTING_SCAN, metavar="NYxNX",
+                   help="probe positions of the second scan (default {0}x{1})".format(*COUNTING_SCAN))
+
+
+COUNTING_SPECIMEN = "pt-particle"   # heavy atoms: one Pt atom adds ~24x the ADF signal of an Mg atom
+COUNTING_SCAN = (96, 96)            # 0.27 Å per px over a 20 Å particle: 81 columns of 1..6 atoms
+COUNTING_DOSE = 2000.0            # counting possible in every noise draw tried (1000: 7 of 8)
 
 
 def run_demo(args) -> int:
@@ -45,7 +59,10 @@ def run_demo(args) -> int:
         return 2
     port = free_port_block(args.sources)
     bind = f"tcp://127.0.0.1:{port}"
-    truth = out / "truth.h5"
+    scans = [("demo", args.specimen, args.scan, args.dose, out / "truth.h5")]
+    if args.counting_dose > 0:
+        scans.append(("demo-counting", COUNTING_SPECIMEN, args.counting_scan, args.counting_dose,
+                      out / "truth-counting.h5"))
     print(f"demo: local cluster of {args.workers} workers, emulator with {args.sources} sources at {bind}, "
           f"output in {out}/", flush=True)
     from operators.numba_cache import compiled_kernels
@@ -54,54 +71,62 @@ def run_demo(args) -> int:
               "and cached for later runs (about a minute more on a 2-core machine)", flush=True)
     keys = tempfile.mkdtemp(prefix="stemstream-demo-keys-")  # this demo's keys only (0700)
     try:
-        return _run(args, out, bind, truth, keys)
+        return _run(args, out, bind, scans, keys)
     finally:
         shutil.rmtree(keys, ignore_errors=True)
 
 
-def _run(args, out: Path, bind: str, truth: Path, keys: str) -> int:
+def _run(args, out: Path, bind: str, scans: list, keys: str) -> int:
     from stream.session import Session, expand_sources
 
+    done = []
     cfg = demo_config()
     cfg = replace(cfg, security=replace(cfg.security, keys=keys))
     with Session(expand_sources([bind], args.sources), out=out, workers=args.workers, config=cfg,
                  view=args.view) as session:
-        cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", args.specimen,
-               "--scan", f"{args.scan[0]}x{args.scan[1]}", "--detector", f"{args.detector[0]}x{args.detector[1]}",
-               "--dose", str(args.dose), "--rate", "max" if args.rate is None else str(args.rate),
-               "--sources", str(args.sources), "--bind", bind, "--truth", str(truth),
-               "--scan-id", "demo", "--wait", "120", "--curve-keys", keys]
         if session.viewer is not None:
             _wait_for_a_page(session.viewer)
-        t0 = time.time()
-        emulator = subprocess.Popen(cmd)
-        try:
-            result = _wait_for_scan(session, emulator)
-            stages = session.wait_stages(result.scan_id, timeout=600) if result and result.path else []
-        finally:
-            if emulator.poll() is None:
-                emulator.terminate()
-            code = emulator.wait(timeout=30)
-        elapsed = time.time() - t0
-        failed = result is None or code != 0 or result.status == "failed"
-        if session.viewer is not None and not failed:  # the summary first, then the viewer stays
-            print(summary(result, truth, elapsed))
-            print(stage_summary(result, stages, truth))
+        for prefix, specimen, shape, dose, truth in scans:
+            cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", specimen,
+                   "--scan", f"{shape[0]}x{shape[1]}", "--detector", f"{args.detector[0]}x{args.detector[1]}",
+                   "--dose", str(dose), "--rate", "max" if args.rate is None else str(args.rate),
+                   "--sources", str(args.sources), "--bind", bind, "--truth", str(truth),
+                   "--scan-id", prefix, "--wait", "120", "--curve-keys", keys]
+            t0 = time.time()
+            emulator = subprocess.Popen(cmd)
+            result = None
+            try:
+                result = _wait_for_scan(session, emulator)
+                stages = session.wait_stages(result.scan_id, timeout=600) if result and result.path else []
+            finally:
+                try:  # the emulator exits by itself once its scan is sent; give it that time
+                    code = emulator.wait(timeout=60 if result is not None else 1)
+                except subprocess.TimeoutExpired:
+                    emulator.terminate()
+                    code = emulator.wait(timeout=30)
+            if result is None or code != 0 or result.status == "failed":
+                why = f"scan {result.status}: {result.reason}" if result else "no scan arrived"
+                print(f"demo: FAILED (emulator exit code {code}; {why})", file=sys.stderr)
+                return 1
+            done.append((result, stages, truth, time.time() - t0, specimen, dose))
+        if session.viewer is not None:  # the summary first, then the viewer stays
+            _summaries(done)
             print(f"demo: the viewer stays open at {session.viewer.url} (draw apertures on the finished "
-                  "scan); Ctrl-C to stop", flush=True)
+                  "scans); Ctrl-C to stop", flush=True)
             try:
                 while True:
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
             return 0
-    if failed:
-        why = f"scan {result.status}: {result.reason}" if result else "no scan arrived"
-        print(f"demo: FAILED (emulator exit code {code}; {why})", file=sys.stderr)
-        return 1
-    print(summary(result, truth, elapsed))
-    print(stage_summary(result, stages, truth))
+    _summaries(done)
     return 0
+
+
+def _summaries(done) -> None:
+    for result, stages, truth, seconds, specimen, dose in done:
+        print(summary(result, truth, seconds, f"{specimen}, {dose:g} e⁻/frame"))
+        print(stage_summary(result, stages, truth))
 
 
 def _wait_for_a_page(viewer, timeout_s: float = 60) -> None:
@@ -122,7 +147,8 @@ def demo_config():
 
 
 def stage_summary(result, reports, truth_path: Path) -> str:
-    """Each stage's headline, and the columns against the emulator's true columns."""
+    """Each stage's headline, the dose advice, and the columns and counts against the
+    emulator's true ones."""
     lines = ["  stages    :"]
     for r in reports:
         lines.append(f"    {r.name:<9} {r.headline if r.status == 'ok' else r.status + ': ' + r.error} "
@@ -133,14 +159,23 @@ def stage_summary(result, reports, truth_path: Path) -> str:
         import h5py
         from scipy.spatial import cKDTree
 
+        from operators.imaging.dose import position_bound_known_image
         from sim_detector.truth import Truth
+        from stream.stages.runner import read_dose_advice
         with h5py.File(truth_path, "r") as f:
             truth = Truth.read(f[result.scan_id])
         with h5py.File(result.path, "r") as f:
             c = f["stages/columns"]
             found = np.column_stack([c["y_px"][()], c["x_px"][()]])
-            counts = f["stages/counting/counts"][()] if "counting" in f["stages"] and \
+            counting = f["stages/counting"] if "counting" in f["stages"] and \
                 f["stages/counting"].attrs["status"] == "ok" else None
+            counts = counting["counts"][()] if counting is not None else None
+            predicted = float(counting.attrs.get("confidence_overall", np.nan)) if counting is not None \
+                else float("nan")
+            counted = bool(counting.attrs.get("counted", False)) if counting is not None else False
+        advice = read_dose_advice(result.path)
+        if advice:
+            lines.append("  dose      : " + "\n              ".join(advice["lines"]))
         cols = truth.columns
         true_yx = np.column_stack([cols["row_px"], cols["col_px"]])
         ny, nx = result.results["adf"].shape
@@ -148,13 +183,24 @@ def stage_summary(result, reports, truth_path: Path) -> str:
         step = float(truth.scan["step_A"])
         d, j = cKDTree(found).query(true_yx[inside]) if len(found) else (np.full(inside.sum(), np.inf), None)
         hit = d < 1.0 / step  # within 1 Å
+        false = int((cKDTree(true_yx).query(found)[0] >= 1.0 / step).sum()) if len(found) else 0
         rms_pm = float(np.sqrt(np.mean((d[hit] * step) ** 2)) * 100) if hit.any() else float("nan")
-        lines.append(f"    vs truth  {hit.sum()}/{inside.sum()} true columns found within 1 Å "
-                     f"(RMS {rms_pm:.0f} pm), {max(0, len(found) - hit.sum())} found columns match none")
+        # the best any estimator could do: Cramér–Rao from the truth's noiseless image at this dose
+        fpp = int(truth.scan.get("frames_per_position", 1))
+        sigma = truth.metadata["probe_fwhm_A"] / (2 * np.sqrt(2 * np.log(2))) / step
+        bound = position_bound_known_image(truth.expected["adf"] * fpp, true_yx[inside][hit], sigma)
+        bound_pm = float(np.sqrt(np.nanmean(bound ** 2)) * step * 100) if hit.any() else float("nan")
+        rms = f" (RMS {rms_pm:.2g} pm; Cramér–Rao bound {bound_pm:.2g} pm)" if hit.any() else ""
+        lines.append(f"    vs truth  {hit.sum()}/{inside.sum()} true columns found within 1 Å{rms}, "
+                     f"{false} found columns match none")
         if counts is not None and hit.any():
-            exact = counts[j[hit]] == np.asarray(cols["count"])[inside][hit]
-            lines.append(f"    vs truth  atom counts exact for {exact.mean():.0%} of the found true columns "
-                         "(this dose is far below what counting needs: docs/STAGES_2D.md)")
+            if counted:
+                got = counts[j[hit]]
+                exact = got == np.asarray(cols["count"])[inside][hit]
+                lines.append(f"    vs truth  atom counts exact for {exact.mean():.0%} of the found true columns "
+                             f"(predicted by the stage: {predicted:.0%})")
+            else:
+                lines.append("    vs truth  no counts given: the stage says this dose cannot count atoms")
     except (OSError, KeyError, ValueError) as e:
         lines.append(f"    (truth comparison skipped: {e})")
     return "\n".join(lines)
@@ -172,15 +218,16 @@ def _wait_for_scan(session, emulator, timeout_s: float = 600):
     return None
 
 
-def summary(result, truth_path: Path, seconds: float) -> str:
+def summary(result, truth_path: Path, seconds: float, what: str = "") -> str:
     """Where everything is, and how the images compare with the emulator's noiseless truth."""
+    what = f" ({what})" if what else ""
     t = result.timings
     took = [f"frames received and processed in {t['last_frame'] - t['first_frame']:.2f} s"
             if t.get("first_frame") and t.get("last_frame") else "",
             f"file written {t['written'] - t['last_frame']:.2f} s after the last frame"
             if t.get("written") and t.get("last_frame") else "",
             f"{seconds:.1f} s in all, with the emulator generating the scan"]
-    lines = [f"\ndemo: scan {result.scan_id} {result.status} ({result.frames_received:,}/{result.n_frames:,} frames, "
+    lines = [f"\ndemo: scan {result.scan_id}{what} {result.status} ({result.frames_received:,}/{result.n_frames:,} frames, "
              f"{result.events:,} electrons)",
              f"  time      : {'; '.join(x for x in took if x)}",
              f"  scan file : {result.path}   (stemstream info {result.path})",

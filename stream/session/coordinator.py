@@ -39,7 +39,7 @@ from sim_detector.publisher import address_ranges
 
 from stream.security import (ClientKeys, Gatekeeper, ReceiverKeys, SecurityError, as_server, ensure_keys,
                              generate, read_public)
-from stream.session import cluster
+from stream.session import cluster, stopping
 from stream.transport import control
 from stream.transport.links import unreached
 from stream.transport.protocol import Geometry
@@ -269,6 +269,8 @@ class Session:
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
+        if self._cluster is None:  # a cluster started elsewhere: a batch system stops it with us
+            stopping.install(self._client, f"{self._plugin_name}-stop", self.config.cluster.stop_grace_s)
         plan = None
         if self.detector is not None:
             plan = source_plan(self.config.detector, self._client, detector_workers(self._client),
@@ -372,6 +374,8 @@ class Session:
                 self._client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.debug("unregistering the receiver plugin failed: %s", e)
+            if self._cluster is None:
+                stopping.uninstall(self._client, f"{self._plugin_name}-stop")  # a held SIGTERM goes on now
         if self.detector is not None:
             self.detector.close()
         for sock in (self._pull, self._pub, self._control):
@@ -386,9 +390,11 @@ class Session:
             if self._cluster is not None:
                 self._cluster.close()
 
-    def _drain_reports(self, quiet_s: float = 0.3) -> None:
-        """Handle every report already on its way (until ``quiet_s`` without one)."""
-        while self._pull.poll(int(quiet_s * 1000)):
+    def _drain_reports(self, quiet_s: float = 0.3, max_s: float = 2.0) -> None:
+        """Handle every report already on its way (until ``quiet_s`` without one, at most
+        ``max_s``: a detector still sending must not keep a stopping session open)."""
+        end = time.monotonic() + max_s
+        while time.monotonic() < end and self._pull.poll(int(quiet_s * 1000)):
             while True:
                 try:
                     parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -786,6 +792,11 @@ class Session:
         closed = [client.submit(close_on_worker, self._plugin_name, st.scan_id, workers=[w],
                                 allow_other_workers=False, pure=False) for w in workers]
         timeout = self.config.scan.finalize_timeout_s
+        workers, closed, lost = _without_lost_workers(client, workers, closed, timeout)
+        gone = sorted(set(lost) | (set(st.worker_events) - set(workers) - {None}))
+        if gone:  # a host cut off or a worker that died: what it had received is gone with it
+            st.errors.append(f"worker{'s' if len(gone) > 1 else ''} {', '.join(gone)} left the cluster during "
+                             "the scan; the frames received there are missing")
         if st.geometry is None:  # nothing but rejects or an abort before any geometry
             wait(closed, timeout=timeout)  # the workers forget the scan; nothing comes here
             why = st.errors[0] if st.errors else f"aborted by the source: {st.abort_reason}" \
@@ -915,6 +926,22 @@ def _live_context(st: ScanStatus, rejects: dict, plugin_name: str) -> dict:
     return {"duplicates": st.duplicates, "rejects": dict(rejects), "receivers": plugin_name,
             "geometry": st.geometry.to_wire() if st.geometry is not None else None,
             "scan_step_A": float(step) if isinstance(step, (int, float)) else None}
+
+
+def _without_lost_workers(client, workers: list, closed: list, timeout: float):
+    """Wait for every worker's close of a scan; a worker that leaves the cluster meanwhile
+    (the scheduler drops it after ``distributed.scheduler.worker-ttl`` without a heartbeat)
+    is lost, with its part of the scan. Returns the workers left, their futures, the lost."""
+    deadline = time.monotonic() + timeout
+    pending = dict(zip(workers, closed))
+    lost = []
+    while time.monotonic() < deadline and not all(f.done() for f in pending.values()):
+        time.sleep(0.2)
+        present = set(client.scheduler_info()["workers"])
+        for w in [w for w, f in pending.items() if not f.done() and w not in present]:
+            pending.pop(w).cancel()
+            lost.append(w)
+    return list(pending), list(pending.values()), lost
 
 
 def scan_previews(r: ScanResult, config: PipelineConfig, stop=None) -> list[str]:

@@ -165,7 +165,9 @@ def add_atoms_args(p) -> None:
     p.add_argument("file", metavar="FILE", help=f"atomic model ({', '.join(FORMATS)}), positions in Å")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory")
     p.add_argument("--variable", metavar="NAME", help="MATLAB variable or HDF5 dataset of the positions")
-    p.add_argument("--lattice", default="fcc", help="fcc, bcc, bcc14, hcp, sc or amorphous (default fcc)")
+    p.add_argument("--lattice", default="auto",
+                   help="auto (default: inferred from the atoms' bond order, refused when it matches no "
+                        "lattice), fcc, bcc, bcc14, hcp, sc or amorphous")
     p.add_argument("--lattice-constant", type=float, metavar="Å", help="default: fitted to the first shell")
     p.add_argument("--cutoff", type=float, metavar="Å",
                    help="neighbour shell (default from the lattice; amorphous: first valley of g(r))")
@@ -175,6 +177,16 @@ def add_atoms_args(p) -> None:
     p.add_argument("--no-voronoi", action="store_true", help="skip Voronoi indices (slow for many atoms)")
     p.add_argument("--no-motifs", action="store_true", help="skip tetrahedra and motifs")
     p.add_argument("--no-previews", action="store_true", help="write no PNG histograms")
+    p.add_argument("--voronoi-atoms", choices=["amorphous", "all"], default="amorphous",
+                   help="cells to index: the amorphous atoms after the crystalline cleaning (default, as "
+                        "Yuan et al.) or all")
+    p.add_argument("--no-voronoi-recompute", action="store_true",
+                   help="drop the small faces without recomputing the cell (not the authors' method)")
+    p.add_argument("--motif-selection", choices=["published", "half", "all"], default="published",
+                   help="4/5/6-fold motifs that enter sharing and networks (default published: with an "
+                        "amorphous tetrahedron, as the authors' Main_4)")
+    p.add_argument("--no-cleaning", action="store_true",
+                   help="keep the raw crystalline flags (order > 0.5) instead of the authors' cleaning")
 
 
 def _fresh(path: Path) -> Path:
@@ -201,12 +213,15 @@ def run_atoms(args) -> int:
         targets = {k: out / f"{stem}-{k}" for k in ("atoms.csv", "summary.csv", "atoms.h5")}
         for t in targets.values():
             _fresh(t)
-        print(f"stemstream atoms: {len(pos):,} atoms from {args.file}; lattice {args.lattice}", flush=True)
+        print(f"stemstream atoms: {len(pos):,} atoms from {args.file}; lattice {args.lattice}"
+              f"{' (inferred from the atoms)' if args.lattice == 'auto' else ''}", flush=True)
         t0 = time.perf_counter()
         stats = atom_statistics(pos, inten, lattice=args.lattice, lattice_constant=args.lattice_constant,
                                 cutoff=args.cutoff, gcn_convention=args.gcn, pdf_r_max=args.pdf_r_max,
-                                voronoi=not args.no_voronoi, motifs=not args.no_motifs)
-    except ValueError as e:  # AtomFileError and OutputError included
+                                voronoi=not args.no_voronoi, motifs=not args.no_motifs,
+                                voronoi_atoms=args.voronoi_atoms, voronoi_recompute=not args.no_voronoi_recompute,
+                                motif_selection=args.motif_selection, clean_crystalline=not args.no_cleaning)
+    except (ValueError, FileExistsError) as e:  # AtomFileError and OutputError included
         return fail(str(e))
     seconds = time.perf_counter() - t0
     for name, write in (("atoms.csv", lambda p: write_csv(stats, p)),
@@ -223,9 +238,12 @@ def run_atoms(args) -> int:
     pngs = [] if args.no_previews else write_histograms(stats, out / "previews", stem=stem)
     s = stats.summary()
     lines = [f"{k} = {s[k]:.4g}" if isinstance(s[k], float) else f"{k} = {s[k]}"
-             for k in ("n_atoms", "lattice", "lattice_constant", "cutoff", "crystalline_fraction")
+             for k in ("n_atoms", "lattice", "lattice_constant", "cutoff", "crystalline_fraction",
+                       "crystalline_fraction_raw", "voronoi_n_indexed", "voronoi_top_index", "voronoi_cn_mean",
+                       "n_triplets", "n_pentagonal_bipyramids", "pb_network_max")
              if k in s]
     print(f"stemstream atoms: {'; '.join(lines)} ({seconds:.1f} s)", flush=True)
+    print(f"  lattice {s['lattice']} ({s['lattice_source']})", flush=True)
     for t in targets.values():
         print(f"  {t}", flush=True)
     if pngs:

@@ -48,6 +48,7 @@ class StageOutput:
     images: dict = field(default_factory=dict)  # name -> (ny, nx) array, or a Result with its unit
     tables: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)  # name -> callable(Figure) drawing a preview
+    groups: dict = field(default_factory=dict)  # name -> {key: scalar}: attributes of /stages/<stage>/<name>
 
 
 @dataclass
@@ -92,6 +93,15 @@ class ScanInput:
         v = self.metadata.get(key)
         return float(v) if isinstance(v, (int, float, np.number)) and np.isfinite(v) else None
 
+    def dose_per_position(self) -> float | None:
+        """Electrons per probe position: the scan's own events (all stored frames) over its
+        positions, else the metadata's ``dose_e_per_frame`` × frames per position, else None."""
+        g = self.geometry
+        if self.recording.n_events >= 0 and g.n_positions:
+            return self.recording.n_events / g.n_positions
+        d = self.number("dose_e_per_frame")
+        return None if d is None else d * g.frames_per_position
+
 
 def values_of(obj) -> dict:
     """A result dataclass of ``operators`` → {field: value}."""
@@ -113,9 +123,42 @@ def _phase(scan: ScanInput, p: dict) -> StageOutput:
              padding=p["padding"], mrad_per_unit=1.0 if mrad else scan.geometry.mrad_per_px,
              wavelength_A=scan.number("wavelength_A"), step_A=scan.number("scan_step_A"))
     v = values_of(r)
+    dose, step = scan.dose_per_position(), scan.number("scan_step_A")
+    d_A2 = dose / step ** 2 if dose is not None and step else float("nan")
+    advice = {"dose_e_per_position": float("nan") if dose is None else dose, "dose_e_per_A2": d_A2,
+              "lines": json.dumps([f"dose {d_A2:.3g} e⁻/Å² ({dose:.3g} e⁻ per probe position); the column "
+                                   "precision and atom counting it supports: stages columns and counting"]
+                                  if dose is not None and step else [])}
+    dose_txt = f"; dose {d_A2:.3g} e⁻/Å²" if np.isfinite(d_A2) else ""
     return StageOutput(v, f"phase {np.ptp(r.phase):.3g} {r.unit} peak to peak; scan rotation "
-                          f"{r.rotation_deg:.1f}° ({r.rotation_source}), flip {r.flip}, curl/div {r.curl_residual:.2f}",
-                       images={"phase": Result(r.phase, "nav", r.unit, "phase from the integrated centre of mass")})
+                          f"{r.rotation_deg:.1f}° ({r.rotation_source}), flip {r.flip}, curl/div {r.curl_residual:.2f}"
+                          f"{dose_txt}",
+                       images={"phase": Result(r.phase, "nav", r.unit, "phase from the integrated centre of mass")},
+                       groups={"dose_advice": advice})
+
+
+def _advice_group(a) -> dict:
+    """A DoseAdvice as the attributes of /stages/<stage>/dose_advice (its console lines as JSON)."""
+    d = values_of(a)
+    d["lines"] = json.dumps(a.lines())
+    return d
+
+
+def read_dose_advice(path, stage: str | None = None) -> dict | None:
+    """The dose advice a 2D stage stored in a scan file: {field: value} of
+    ``operators.imaging.dose.DoseAdvice`` plus ``lines`` (list of str, the console text) and
+    ``stage``; from ``stage`` or else the most complete one (counting, columns, phase).
+    None when no stage stored one. For viewers and scripts."""
+    names = [stage] if stage else ["counting", "columns", "phase"]
+    with h5py.File(path, "r") as f:
+        for name in names:
+            key = f"stages/{name}/dose_advice"
+            if key in f and f[f"stages/{name}"].attrs.get("status") == "ok":
+                d = read_attrs(f[key])
+                d["lines"] = json.loads(d.get("lines") or "[]")
+                d["stage"] = name
+                return d
+    return None
 
 
 def _columns(scan: ScanInput, p: dict) -> StageOutput:
@@ -129,47 +172,93 @@ def _columns(scan: ScanInput, p: dict) -> StageOutput:
         image = scan.outputs["phase"]["phase"]
     else:
         image = scan.result(name, "columns")
+    from operators.imaging.dose import advise
+
     r = analyze_columns(np.asarray(image, np.float64), min_distance_px=p["min_distance_px"],
-                        threshold=p["threshold"], smooth_px=p["smooth_px"], step_A=scan.number("scan_step_A"))
+                        threshold=p["threshold"], smooth_px=p["smooth_px"], step_A=scan.number("scan_step_A"),
+                        noise=p["noise"], false_alarms=p["false_alarms"], p_lattice=p["p_lattice"])
     v = values_of(r)
     v["image"] = name  # the image the columns were found in (its unit is the cross-sections')
     n = len(r.y_px)
     nn = np.nanmedian(r.nn_distance_A if np.isfinite(r.step_A) else r.nn_distance_px) if n > 1 else np.nan
     unit = "Å" if np.isfinite(r.step_A) else "px"
     table = {k: v[k] for k in ("y_px", "x_px", "y_A", "x_A", "sigma1_px", "sigma2_px", "amplitude",
-                               "background", "cross_section", "cross_section_shared", "nn_distance_px",
-                               "fit_status")}
-    return StageOutput(v, f"{n} columns in {name}; median nearest neighbour {nn:.3g} {unit}; lattice "
-                          f"{'fit' if not r.lattice_error else r.lattice_error}",
-                       tables={"columns": table},
+                               "background", "cross_section", "cross_section_shared", "cross_section_sigma",
+                               "position_crb_A", "p_value", "detection", "nn_distance_px", "fit_status")}
+    a = advise(r, dose_e_per_position=scan.dose_per_position())
+    nn_txt = f"median nearest neighbour {nn:.3g} {unit}" if np.isfinite(nn) else "no nearest neighbours"
+    return StageOutput(v, f"{n} columns in {name}; {nn_txt}; lattice "
+                          f"{'fit' if not r.lattice_error else r.lattice_error}; {_advice_short(a)}",
+                       tables={"columns": table}, groups={"dose_advice": _advice_group(a)},
                        figures={"columns": lambda fig: columns_figure(
                            image, r.y_px, r.x_px, unit=_image_unit(scan, name),
                            step_A=scan.step_A, title=f"atomic columns in {name}", fig=fig)})
 
 
-def _counting(scan: ScanInput, p: dict) -> StageOutput:
-    from operators.imaging.atom_counting import count_atoms
-    from stream.files.previews import counting_figure, plural
+def _advice_short(a) -> str:
+    """The dose advice in a few words, for a headline."""
+    if a.noise_model != "poisson":
+        return "not a counts image: no dose advice"
+    if not np.isfinite(a.position_precision_pm):
+        return "no columns to advise on"
+    # the counting stage, with its Monte Carlo and the specimen's classes, has the last word
+    txt = f"positions ±{a.position_precision_pm:.2g} {a.unit} at this dose; first look: counting {a.counting_status}"
+    if a.counting_status == "possible" or a.counting_status == "uncertain":
+        txt += f" ({a.predicted_exact:.0%} predicted right)"
+    elif a.dose_for_counting_kind == "lower bound" and a.dose_factor_for_counting > 1:
+        txt += f" (needs at least ×{a.dose_factor_for_counting:.2g} the dose)"
+    elif a.dose_for_counting_kind == "estimate":
+        txt += f" (needs ×{a.dose_factor_for_counting:.2g} the dose)"
+    else:
+        txt += " (needs more dose)"
+    return txt
 
+
+def _counting(scan: ScanInput, p: dict) -> StageOutput:
     if "columns" not in scan.outputs:
         raise StageError("stage 'counting' needs the stage 'columns' to run first")
+    from types import SimpleNamespace
+
+    from operators.imaging.dose import count_and_advise
+    from stream.files.previews import counting_figure, plural
+
     c = scan.outputs["columns"]
     xs = np.asarray(c["cross_section_shared"], np.float64)  # NaN where the shared-width fit failed
-    ok = np.isfinite(xs)
-    r = count_atoms(xs[ok], max_components=p["max_components"], n_components=p["n_components"],
-                    min_count=p["min_count"], class_counts=p["class_counts"], mc_noise=p["mc_noise"],
-                    n_mc=p["n_mc"], seed=p["seed"])
+    cols = SimpleNamespace(y_px=c["y_px"], step_A=c.get("step_A", np.nan),
+                           noise_model=c.get("noise_model", "gaussian"), cross_section_shared=xs,
+                           cross_section_sigma=c.get("cross_section_sigma"),
+                           position_crb_px=c.get("position_crb_px"))
+    cc = p["class_counts"]
+    res = count_and_advise(cols, dose_e_per_position=scan.dose_per_position(), class_counts=cc,
+                           n_mc=p["n_mc"], seed=p["seed"], target_exact=p["target_exact"],
+                           atom_cross_section_A2=p["atom_cross_section_A2"],
+                           max_components=p["max_components"], n_components=p["n_components"],
+                           min_count=p["min_count"], mc_noise=p["mc_noise"])
+    r, a, ok, counts = res.counting, res.advice, res.used, res.counts
+    if r is None:  # nothing to fit a mixture to: said, not failed
+        return StageOutput({"counts": counts, "counted": False},
+                           f"{int(ok.sum())} of {len(xs)} columns with a significant cross-section: "
+                           "nothing to count",
+                           tables={"counts": {"y_px": c["y_px"], "x_px": c["x_px"], "cross_section": xs,
+                                              "atoms": counts}},
+                           groups={"dose_advice": _advice_group(a)})
     v = values_of(r)
-    counts = np.full(len(xs), -1, np.int64)
-    counts[ok] = r.counts
-    v["counts"] = counts  # one per column of the columns stage; -1 where its fit failed
-    conf = ", ".join(f"{k}: {c_:.2f}" for k, c_ in zip(r.count_values, r.count_confidence))
-    return StageOutput(v, f"{ok.sum()} of {len(xs)} columns in {plural(r.n_components, 'class', 'classes')} "
-                          f"({r.selection}), "
-                          f"{int(r.count_values.min())}..{int(r.count_values.max())} atoms; Monte Carlo "
-                          f"confidence per count {conf}",
+    v["counts"] = counts  # one per column of the columns stage; -1 where not counted
+    v["counted"] = res.counted
+    if res.counted:
+        conf = ", ".join(f"{k}: {c_:.2f}" for k, c_ in zip(r.count_values, r.count_confidence))
+        head = (f"{ok.sum()} of {len(xs)} columns in {plural(r.n_components, 'class', 'classes')} ({r.selection}), "
+                f"{int(r.count_values.min())}..{int(r.count_values.max())} atoms; Monte Carlo "
+                f"confidence per count {conf}; overall {r.confidence_overall:.2f}")
+    else:
+        head = (f"no counts given ({ok.sum()} of {len(xs)} columns with a cross-section above 3× "
+                "its shot noise)")
+    head += f"; {a.lines()[-1]}" if a.noise_model == "poisson" else \
+        "; not a counts image: the classes are taken as the mixture gives them (no shot-noise check)"
+    return StageOutput(v, head,
                        tables={"counts": {"y_px": c["y_px"], "x_px": c["x_px"], "cross_section": xs,
                                           "atoms": counts}},
+                       groups={"dose_advice": _advice_group(a)},
                        figures={"counting": lambda fig: counting_figure(
                            xs[ok], means=r.means, weights=r.weights, sigma=r.sigma, class_counts=r.class_counts,
                            unit=f"{_image_unit(scan, c.get('image', 'adf'))}·px²", selection=r.selection, fig=fig)})
@@ -206,10 +295,12 @@ class Stage:
 
 STAGES = {
     "phase": Stage(_phase, {"rotation_deg": None, "flip": None, "padding": "mirror"}),
-    "columns": Stage(_columns, {"image": "adf", "min_distance_px": 3.0, "threshold": None, "smooth_px": 0.0},
+    "columns": Stage(_columns, {"image": "adf", "min_distance_px": 3.0, "threshold": None, "smooth_px": 0.0,
+                                "noise": "auto", "false_alarms": 0.2, "p_lattice": 0.01},
                      after=("phase",)),
     "counting": Stage(_counting, {"max_components": None, "n_components": None, "min_count": 1,
-                                  "class_counts": None, "mc_noise": "linear", "n_mc": 100, "seed": 0},
+                                  "class_counts": None, "mc_noise": "physical", "n_mc": 100, "seed": 0,
+                                  "target_exact": 0.95, "atom_cross_section_A2": None},
                       after=("columns",)),
     "grains": Stage(_grains, {"energy_keV": 300.0, "disk_radius_px": None, "window_px": None}),
 }
@@ -346,6 +437,8 @@ def _record(path, report: StageReport, out: StageOutput | None, params: dict) ->
             t = g.require_group(f"table_{tname}")
             for col, arr in cols.items():
                 t.create_dataset(col, data=_storable(np.asarray(arr)))
+        for gname, attrs in out.groups.items():
+            write_attrs(g.require_group(gname), attrs)
 
 
 def _storable(a: np.ndarray) -> np.ndarray:

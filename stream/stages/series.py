@@ -12,7 +12,12 @@ Angle convention: a scan at stage tilt ``t`` (degrees, about the image rows' axi
 projection at Euler angles ``(0, tilt_sign · t, 0)``, ``tilt_sign = −1`` by default: the
 emulator rotates the specimen by ``x' = x cos t + z sin t`` (``Specimen.rotated``), which is
 the projector's ``theta = −t`` (docs/STAGES_TOMOGRAPHY.md). A scan whose metadata has
-``euler_deg = [phi, theta, psi]`` uses those as they are (the projector's ZYZ convention).
+``euler_deg = [phi, theta, psi]`` uses those as they are, in the convention the
+reconstruction is asked for (``euler_axes``, default "zyx": RESIRE's, docs/STAGES_TOMOGRAPHY.md).
+
+:func:`read_matlab_series` reads the authors' inputs instead of scan files: a MATLAB
+projection stack (x, y, n) and its (n, 3) Euler angles [phi theta psi] in degrees, as
+RESIRE's ``Main_RESIRE_*.m`` scripts load them.
 
 Example
 -------
@@ -416,3 +421,97 @@ def read_series(paths, image: str = "adf", *, tilt_sign: float = -1.0, voxel_siz
     return SeriesInput(np.stack(images)[order], angles[order], np.array(tilts)[order], pick(paths),
                        pick(ids), pick(status), np.array(index)[order], float(voxel_size_A),
                        str(series_id), warnings)
+
+
+def _mat_variable(path: Path, name: str | None, what: str) -> np.ndarray:
+    """One numeric array of a MATLAB file (v5 through scipy, v7.3 through h5py, whose arrays
+    come out with MATLAB's dimensions reversed: they are reversed back here): the variable
+    ``name``, or the only numeric array in the file."""
+    from scipy.io import loadmat
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; give the MATLAB file of the {what}")
+    try:
+        d = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+    except NotImplementedError:  # v7.3: HDF5
+        with h5py.File(path, "r") as f:
+            d = {k: np.transpose(f[k][()]) for k in f if isinstance(f[k], h5py.Dataset)}
+    except Exception as e:  # noqa: BLE001 - scipy raises several kinds
+        raise ValueError(f"{path}: not a readable MATLAB file ({e}); give the {what} as a .mat file") from None
+    arrays = {k: np.asarray(v) for k, v in d.items()
+              if isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and v.size > 1}
+    if name is not None:
+        if name not in arrays:
+            raise ValueError(f"{path}: no numeric variable {name!r} (it has {', '.join(sorted(arrays)) or 'none'}); "
+                             f"give FILE.mat:NAME for the {what}")
+        return arrays[name]
+    if len(arrays) != 1:
+        raise ValueError(f"{path}: {len(arrays) or 'no'} numeric variables ({', '.join(sorted(arrays))}); name the "
+                         f"{what} with FILE.mat:NAME")
+    return next(iter(arrays.values()))
+
+
+def split_mat_spec(spec) -> tuple[Path, str | None]:
+    """'FILE.mat:NAME' or 'FILE.mat' -> (path, name or None)."""
+    text = str(spec)
+    if ":" in Path(text).name:
+        head, name = text.rsplit(":", 1)
+        return Path(head), name or None
+    return Path(text), None
+
+
+def read_matlab_series(projections, angles, *, voxel_size_A: float | None = None,
+                       tilt_only: bool = False, series_id: str | None = None) -> SeriesInput:
+    """A tilt series from the authors' inputs: a MATLAB projection stack and its angles.
+
+    Parameters
+    ----------
+    projections : 'FILE.mat' or 'FILE.mat:NAME', a (Dim1, Dim2, n) array as RESIRE reads it:
+        Dim1 = x (across the tilt axis), Dim2 = y (the tilt axis), slice k the projection at
+        angles(k, :). It becomes (n, y, x) here (``np.transpose(p, (2, 1, 0))``).
+    angles : 'FILE.mat' or 'FILE.mat:NAME', (n, 3) [phi theta psi] in degrees, one row per
+        projection (a (3, n) array is transposed); used as they are.
+    voxel_size_A : Å per pixel (the files do not say; default 1: positions in pixels).
+    tilt_only : accept an (n,) or (n, 1) array of tilts as (0, theta, 0) (RESIRE's own reader
+        mishandles that shape, so it is refused unless asked for).
+    series_id : name of the series file (default: the projection file's stem).
+
+    Returns
+    -------
+    SeriesInput (paths: the projection file for every projection; scan_ids
+    'STEM[k]' in the file's order; sorted by theta). ValueError naming the file and the fix.
+    """
+    ppath, pname = split_mat_spec(projections)
+    apath, aname = split_mat_spec(angles)
+    stack = np.asarray(_mat_variable(ppath, pname, "projections"), np.float64)
+    if stack.ndim != 3:
+        raise ValueError(f"{ppath}: the projections have shape {stack.shape}; expected a (Dim1, Dim2, n) stack "
+                         "as RESIRE reads it")
+    images = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)))
+    n = len(images)
+    ang = np.asarray(_mat_variable(apath, aname, "angles"), np.float64)
+    if ang.ndim == 2 and ang.shape[1] != 3 and ang.shape[0] == 3:
+        ang = ang.T
+    if ang.ndim == 1 or (ang.ndim == 2 and 1 in ang.shape and ang.size == n):
+        if not tilt_only:
+            raise ValueError(f"{apath}: {ang.size} angles in one column; RESIRE needs (n, 3) [phi theta psi] "
+                             "per projection: give those, or --tilt-only to read them as tilts (0, theta, 0)")
+        t = ang.ravel()
+        ang = np.stack([np.zeros_like(t), t, np.zeros_like(t)], axis=1)
+    if ang.ndim != 2 or ang.shape != (n, 3):
+        raise ValueError(f"{apath}: angles of shape {ang.shape} for {n} projections in {ppath}; expected ({n}, 3) "
+                         "[phi theta psi] in degrees")
+    for what, a, path in (("projections", images, ppath), ("angles", ang, apath)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path}: the {what} hold {int((~np.isfinite(a)).sum())} NaN or infinite values")
+    if n < 2:
+        raise ValueError(f"{ppath}: {n} projection; a tilt series needs at least 2")
+    if voxel_size_A is None:
+        voxel_size_A = 1.0
+    elif not (isinstance(voxel_size_A, Real) and np.isfinite(voxel_size_A) and voxel_size_A > 0):
+        raise ValueError(f"voxel_size_A must be a positive number of Å, got {voxel_size_A!r}")
+    order = np.argsort(ang[:, 1], kind="stable")
+    stem = ppath.stem
+    return SeriesInput(images[order], ang[order], ang[order, 1].copy(), [ppath] * n,
+                       [f"{stem}[{k}]" for k in order], ["complete"] * n, order.astype(np.int64),
+                       float(voxel_size_A), str(series_id or stem), [])

@@ -32,8 +32,8 @@ from stream.stages.tomo_output import write_atomically, write_series_file, write
 # against them (check_series_params).
 SERIES_DEFAULTS = {
     "image": "adf", "iterations": 100, "step_scale": 1.0, "align": "com", "background": "border",
-    "tilt_sign": -1.0, "voxel_size_A": None, "volume_shape": None, "atom_sigma_A": 0.45,
-    "trace": True, "trace_options": None, "statistics": True, "lattice": "fcc",
+    "tilt_sign": -1.0, "euler_axes": "zyx", "voxel_size_A": None, "volume_shape": None, "atom_sigma_A": 0.45,
+    "trace": True, "trace_options": None, "statistics": True, "lattice": "auto",
     "statistics_options": None, "previews": True,
 }
 
@@ -91,10 +91,12 @@ def _file_stem(series_id: str) -> str:
 
 def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: int = 100,
                        step_scale: float = 1.0, align: str = "com", background="border",
-                       tilt_sign: float = -1.0, voxel_size_A: float | None = None, volume_shape=None,
+                       tilt_sign: float = -1.0, euler_axes: str = "zyx", voxel_size_A: float | None = None,
+                       volume_shape=None,
                        atom_sigma_A: float = 0.45, trace: bool = True, trace_options: dict | None = None,
-                       statistics: bool = True, lattice: str = "fcc", statistics_options: dict | None = None,
-                       previews: bool = True, series_id: str | None = None) -> SeriesResult:
+                       statistics: bool = True, lattice: str = "auto", statistics_options: dict | None = None,
+                       previews: bool = True, series_id: str | None = None,
+                       series: SeriesInput | None = None) -> SeriesResult:
     """Reconstruct a tilt series from its scan files and write ``<out_dir>/<series_id>-tomo.h5``.
 
     Parameters
@@ -110,6 +112,9 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
         particles), "none" (films), or a number subtracted from every image.
     tilt_sign : theta = tilt_sign · tilt_deg (−1: the emulator's convention); scans whose
         metadata gives ``euler_deg`` use it as it is.
+    euler_axes : rotation axes of (phi, theta, psi): "zyx" (default, RESIRE's published
+        scripts: M = Rz(phi) Ry(theta) Rx(psi)) or e.g. "zyz"; matters only where phi or psi
+        is not 0.
     voxel_size_A : Å per voxel; default the scans' ``scan_step_A``.
     volume_shape : (nz, ny, nx); default (w, h, w).
     atom_sigma_A, trace, trace_options : atom tracing (``operators.tomography.tracing.trace_atoms``
@@ -121,6 +126,8 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
     previews : write the PNG previews.
     series_id : name of the series file; default the scans' series_id (or the first file's
         stem).
+    series : a SeriesInput already read (``read_matlab_series`` for the authors' MATLAB
+        inputs); ``paths``, ``image``, ``tilt_sign`` and ``voxel_size_A`` are then not used.
 
     Returns
     -------
@@ -129,6 +136,7 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
     """
     from operators.structure.atom_tables import atom_statistics
     from operators.structure.lattices import bulk_coordination
+    from operators.tomography.projector import check_axes
     from operators.tomography.reconstruct import align_projections, resire
     from operators.tomography.tracing import trace_atoms
 
@@ -139,12 +147,14 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
         raise ValueError(f"background must be 'border', 'none' or a number, got {background!r}")
     if not (isinstance(atom_sigma_A, Real) and np.isfinite(atom_sigma_A) and atom_sigma_A > 0):
         raise ValueError(f"atom_sigma_A must be a positive number of Å, got {atom_sigma_A!r}")
-    if statistics and lattice != "amorphous":
+    if statistics and lattice not in ("amorphous", "auto"):
         bulk_coordination(lattice)  # names the valid lattices, before a long reconstruction
     _check_options(trace_atoms, trace_options, "trace_options", ("volume", "voxel_size_A", "atom_sigma_A"))
     _check_options(atom_statistics, statistics_options, "statistics_options",
                    ("positions", "intensities", "lattice", "volume", "voxel_size"))
-    s = read_series(paths, image, tilt_sign=tilt_sign, voxel_size_A=voxel_size_A, series_id=series_id)
+    euler_axes = check_axes(euler_axes)
+    s = series if series is not None else \
+        read_series(paths, image, tilt_sign=tilt_sign, voxel_size_A=voxel_size_A, series_id=series_id)
     out_dir = output_dir(out_dir if out_dir is not None else s.paths[0].parent, "the output directory")
     vox = s.voxel_size_A
 
@@ -167,7 +177,8 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
         al = align_projections(b, s.angles, method=align,
                                background=0.0 if background != "none" else None)
         b, shifts, reference = al.projections, al.shifts_px, al.reference
-    rec = resire(b, s.angles, iterations=iterations, step_scale=step_scale, volume_shape=volume_shape)
+    rec = resire(b, s.angles, iterations=iterations, step_scale=step_scale, volume_shape=volume_shape,
+                 axes=euler_axes)
 
     atoms, stats, error = None, None, ""
     if trace:  # the volume is worth keeping even when tracing or a statistic fails
@@ -195,12 +206,12 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
     if atoms is not None:
         head += f"; {n_atoms} atoms traced"
     if stats is not None:
-        head += f" (CN mean {stats.cn_mean:.2f}"
+        head += f" (lattice {stats.lattice}, CN mean {stats.cn_mean:.2f}"
         head += f", a = {stats.lattice_constant:.3f} Å)" if np.isfinite(stats.lattice_constant) else ")"
     if error:
         head += f"; {error}"
     params = {"image": image, "iterations": iterations, "step_scale": step_scale, "align": align,
-              "background": background, "tilt_sign": tilt_sign, "voxel_size_A": vox,
+              "background": background, "tilt_sign": tilt_sign, "euler_axes": euler_axes, "voxel_size_A": vox,
               "volume_shape": list(rec.volume.shape), "atom_sigma_A": atom_sigma_A, "trace": trace,
               "trace_options": trace_options or {}, "statistics": statistics, "lattice": lattice,
               "statistics_options": statistics_options or {}}
@@ -230,22 +241,37 @@ def reconstruct_series(paths, out_dir=None, *, image: str = "adf", iterations: i
 
 def add_tomo_args(p) -> None:
     """Arguments of ``stemstream tomo`` (an argparse parser)."""
-    p.add_argument("files", nargs="+", metavar="FILE",
+    p.add_argument("files", nargs="*", metavar="FILE",
                    help="scan files of one or more tilt series (grouped by their metadata series_id)")
+    p.add_argument("--projections", metavar="FILE.mat[:NAME]",
+                   help="instead of scan files: a MATLAB projection stack (x, y, n), as RESIRE reads it")
+    p.add_argument("--angles", metavar="FILE.mat[:NAME]",
+                   help="with --projections: the (n, 3) Euler angles [phi theta psi] in degrees")
+    p.add_argument("--tilt-only", action="store_true",
+                   help="with --angles: accept one tilt per projection, read as (0, theta, 0)")
+    p.add_argument("--euler-axes", default="zyx", metavar="AXES",
+                   help="rotation axes of phi, theta, psi (default zyx: RESIRE's M = Rz(phi) Ry(theta) Rx(psi); "
+                        "zyz for GENFIRE-style angles)")
+    p.add_argument("--film-thickness", type=int, metavar="PX",
+                   help="reconstruct a film of this thickness (voxels) in a volume that holds every ray "
+                        "through it (RESIRE's extended object)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: the first scan's)")
     p.add_argument("--series-id", metavar="NAME", help="reconstruct all FILEs as one series of this name")
     p.add_argument("--image", default="adf", help="scan result used as projection (default adf)")
     p.add_argument("--iterations", type=int, default=100, help="RESIRE iterations (default 100)")
     p.add_argument("--step-scale", type=float, default=1.0, help="RESIRE step scale s, 0 < s <= 3 (default 1)")
-    p.add_argument("--align", choices=["com", "xcorr", "com+xcorr", "none"], default="com",
-                   help="projection alignment (default com: centre of mass, for isolated particles)")
-    p.add_argument("--background", default="border",
-                   help="border (subtract the vacuum level at the image border; default), none (films), or a number")
+    p.add_argument("--align", choices=["com", "xcorr", "com+xcorr", "none"], default=None,
+                   help="projection alignment (default com: centre of mass, for isolated particles; none with "
+                        "--projections, which are aligned already)")
+    p.add_argument("--background", default=None,
+                   help="border (subtract the vacuum level at the image border; default), none (films; default "
+                        "with --projections), or a number")
     p.add_argument("--tilt-sign", type=float, choices=[-1.0, 1.0], default=-1.0,
                    help="theta = sign x tilt_deg (default -1: the emulator's convention)")
     p.add_argument("--voxel-size", type=float, metavar="Å", help="voxel size (default: the scans' scan_step_A)")
     p.add_argument("--atom-sigma", type=float, default=0.45, metavar="Å", help="atom width for tracing (0.45)")
-    p.add_argument("--lattice", default="fcc", help="fcc, bcc, bcc14, hcp, sc or amorphous (default fcc)")
+    p.add_argument("--lattice", default="auto",
+                   help="auto (default: inferred from the traced atoms), fcc, bcc, bcc14, hcp, sc or amorphous")
     p.add_argument("--no-trace", action="store_true", help="stop after the reconstruction")
     p.add_argument("--no-statistics", action="store_true", help="trace atoms but compute no statistics")
     p.add_argument("--no-previews", action="store_true", help="write no PNG previews")
@@ -261,12 +287,18 @@ def run_tomo(args) -> int:
         print(f"stemstream tomo: error: {text}", file=sys.stderr)
         return 2
 
-    background = args.background
+    matlab = args.projections is not None or args.angles is not None
+    background = args.background or ("none" if matlab else "border")
+    align = args.align or ("none" if matlab else "com")
     if background not in ("border", "none"):
         try:
             background = float(background)
         except ValueError:
             return fail(f"--background must be border, none or a number, got {background!r}")
+    if matlab:
+        return _run_matlab(args, align, background, fail)
+    if not args.files:
+        return fail("give scan files, or --projections FILE.mat --angles FILE.mat")
     try:
         groups, notes = group_series(args.files)
         for note in notes:
@@ -284,8 +316,9 @@ def run_tomo(args) -> int:
                     print(f"WARNING [{sid}] {len(paths)} of {length} scans: reconstructing an incomplete "
                           "series", flush=True)
             r = reconstruct_series(paths, args.out, image=args.image, iterations=args.iterations,
-                                   step_scale=args.step_scale, align=args.align, background=background,
-                                   tilt_sign=args.tilt_sign, voxel_size_A=args.voxel_size,
+                                   step_scale=args.step_scale, align=align, background=background,
+                                   tilt_sign=args.tilt_sign, euler_axes=args.euler_axes,
+                                   voxel_size_A=args.voxel_size,
                                    atom_sigma_A=args.atom_sigma, trace=not args.no_trace,
                                    statistics=not args.no_statistics, lattice=args.lattice,
                                    previews=not args.no_previews,
@@ -297,3 +330,40 @@ def run_tomo(args) -> int:
         return 1 if failed else 0
     except ValueError as e:  # ScanFileError included
         return fail(str(e))
+
+
+def _run_matlab(args, align, background, fail) -> int:
+    """``stemstream tomo --projections P.mat --angles A.mat``: the authors' inputs."""
+    from operators.tomography.reconstruct import extended_volume_shape
+    from stream.stages.series import read_matlab_series
+
+    if args.projections is None or args.angles is None:
+        return fail("--projections and --angles go together: the MATLAB stack and its (n, 3) Euler angles")
+    if args.files:
+        return fail("give either scan files or --projections/--angles, not both")
+    from operators.tomography.projector import check_axes
+
+    try:
+        check_axes(args.euler_axes)
+        s = read_matlab_series(args.projections, args.angles, voxel_size_A=args.voxel_size,
+                               tilt_only=args.tilt_only, series_id=args.series_id)
+        shape = None
+        if args.film_thickness is not None:
+            if args.film_thickness < 1:
+                return fail(f"--film-thickness must be a positive number of voxels, got {args.film_thickness}")
+            shape = extended_volume_shape(s.images.shape[1:], s.angles, args.film_thickness,
+                                          axes=args.euler_axes)
+        print(f"stemstream tomo: {len(s.images)} projections of {s.images.shape[1]}x{s.images.shape[2]} px "
+              f"from {args.projections}, Euler axes {args.euler_axes}", flush=True)
+        out = args.out if args.out is not None else Path(str(args.projections).rsplit(":", 1)[0]).parent
+        r = reconstruct_series([], out, iterations=args.iterations, step_scale=args.step_scale, align=align,
+                               background=background, euler_axes=args.euler_axes, volume_shape=shape,
+                               atom_sigma_A=args.atom_sigma, trace=not args.no_trace,
+                               statistics=not args.no_statistics, lattice=args.lattice,
+                               previews=not args.no_previews, series=s)
+    except ValueError as e:
+        return fail(str(e))
+    print(f"[{r.series_id}] {r.headline}", flush=True)
+    for w in r.warnings:
+        print(f"WARNING [{r.series_id}] {w}", flush=True)
+    return 1 if r.error else 0

@@ -57,7 +57,9 @@ def write_series_file(f, s: SeriesInput, b, shifts, reference, align, rec, vox, 
     src.create_dataset("status", data=_strings(s.status))
     src.create_dataset("series_index", data=s.index)
     src.create_dataset("tilt_deg", data=s.tilt_deg).attrs["unit"] = "degrees (stage tilt, NaN: euler_deg given)"
-    src.create_dataset("euler_deg", data=s.angles).attrs["unit"] = "degrees (phi, theta, psi), ZYZ"
+    src.create_dataset("euler_deg", data=s.angles).attrs["unit"] = \
+        f"degrees (phi, theta, psi) about the axes {rec.axes} (M = R_{rec.axes[0]}(phi) R_{rec.axes[1]}(theta) " \
+        f"R_{rec.axes[2]}(psi))"
     src.attrs.update(image=params["image"], tilt_sign=params["tilt_sign"])
 
     al = f.create_group("alignment")
