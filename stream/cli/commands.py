@@ -62,6 +62,8 @@ def add_process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback-dir", metavar="DIR",
                    help="where scan files go when --out cannot be written (they move to --out later; "
                         "default: [output] fallback_dir, else they are held by the workers)")
+    from stream.viewer.server import add_view_arg
+    add_view_arg(p)
     g = p.add_argument_group("a real detector (docs/DECTRIS.md, docs/MERLIN.md)")
     g.add_argument("--detector", choices=("stemstream", "dectris", "merlin"),
                    help="what sends the frames: the stemstream/1 protocol (default), a DECTRIS "
@@ -170,7 +172,7 @@ def session_from_args(args, **overrides):
     if plain:
         cfg = replace(cfg, security=replace(cfg.security, plain_sources=[*cfg.security.plain_sources, *plain]))
     return Session(connect, out=args.out, config=cfg, scheduler=args.scheduler,
-                   workers=args.workers, **overrides)
+                   workers=args.workers, view=args.view, **overrides)
 
 
 TERM_WAIT_S = 10.0  # stopped by a batch system: how long held scans are retried before rescue
@@ -545,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
          add_pending_args),
         ("import-stempy", "convert a stempy sparse file into a stemstream scan file",
          "Convert a stempy sparse HDF5 file (version 3) into a stemstream scan file.", add_import_args),
+        ("view", "the live viewer in the browser, attached to a running session or a directory",
+         "Serve the live viewer (docs/VIEWER.md) for a session running in another process: its live "
+         "channel (--subscribe, the session's --publish), its scan files (--out) and its cluster "
+         "(--scheduler, where drawn apertures are computed).", _add_view_args),
         ("keys", "create and show the CURVE keys (and TLS files) sources, receivers and viewers use",
          "Create the key directory's keypairs where missing and print their public keys "
          "(docs/SECURITY.md).", add_keys_args),
@@ -554,6 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_, description, add_args in commands:
         add_args(sub.add_parser(name, help=help_, description=description))
     return parser
+
+
+def _add_view_args(p) -> None:
+    from stream.viewer.attach import add_view_args
+    add_view_args(p)
+    g = p.add_argument_group("security (docs/SECURITY.md)")
+    g.add_argument("--curve-keys", metavar="DIR",
+                   help="key directory (default ~/.config/stemstream/keys): the live channel is joined with "
+                        "its viewer key and expected to present its live key")
+    add_tls_args(g)
 
 
 _TERMINATED: list = []  # set by SIGTERM
@@ -586,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pending":
             from stream.cli.pending import run_pending
             return run_pending(args)
+        if args.command == "view":
+            from stream.config import load_config
+            from stream.viewer.attach import run_view
+            return run_view(args, security_from_args(load_config(args.config), args))
         if args.command == "calibrate":
             from stream.cli.calibrate import run_calibrate
             return run_calibrate(args)

@@ -34,6 +34,8 @@ def add_demo_args(p) -> None:
                    help="emulator frame rate (default 87000)")
     p.add_argument("--sources", type=int, default=4, help="emulator sources / detector sectors (default 4)")
     p.add_argument("--workers", type=int, default=2, help="local dask worker processes (default 2)")
+    from stream.viewer.server import add_view_arg
+    add_view_arg(p)
     p.add_argument("--counting-dose", type=nonneg_arg, default=COUNTING_DOSE, metavar="e/frame",
                    help=f"dose of the second scan, a Pt particle where atoms can be counted (default "
                         f"{COUNTING_DOSE:g}); 0 skips that scan")
@@ -80,7 +82,10 @@ def _run(args, out: Path, bind: str, scans: list, keys: str) -> int:
     done = []
     cfg = demo_config()
     cfg = replace(cfg, security=replace(cfg.security, keys=keys))
-    with Session(expand_sources([bind], args.sources), out=out, workers=args.workers, config=cfg) as session:
+    with Session(expand_sources([bind], args.sources), out=out, workers=args.workers, config=cfg,
+                 view=args.view) as session:
+        if session.viewer is not None:
+            _wait_for_a_page(session.viewer)
         for prefix, specimen, shape, dose, truth in scans:
             cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", specimen,
                    "--scan", f"{shape[0]}x{shape[1]}", "--detector", f"{args.detector[0]}x{args.detector[1]}",
@@ -104,10 +109,34 @@ def _run(args, out: Path, bind: str, scans: list, keys: str) -> int:
                 print(f"demo: FAILED (emulator exit code {code}; {why})", file=sys.stderr)
                 return 1
             done.append((result, stages, truth, time.time() - t0, specimen, dose))
+        if session.viewer is not None:  # the summary first, then the viewer stays
+            _summaries(done)
+            print(f"demo: the viewer stays open at {session.viewer.url} (draw apertures on the finished "
+                  "scans); Ctrl-C to stop", flush=True)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            return 0
+    _summaries(done)
+    return 0
+
+
+def _summaries(done) -> None:
     for result, stages, truth, seconds, specimen, dose in done:
         print(summary(result, truth, seconds, f"{specimen}, {dose:g} e⁻/frame"))
         print(stage_summary(result, stages, truth))
-    return 0
+
+
+def _wait_for_a_page(viewer, timeout_s: float = 60) -> None:
+    """With --view, the scan starts once a browser shows the page (or after ``timeout_s``)."""
+    print(f"demo: open {viewer.url} in a browser; the scan starts when the page is open "
+          f"(or in {timeout_s:.0f} s)", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while viewer.sessions() == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0 if viewer.sessions() else 0)  # let the page draw before the frames come
 
 
 def demo_config():

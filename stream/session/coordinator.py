@@ -137,12 +137,16 @@ class Session:
         Two sessions on one cluster must receive from different sources.
     ``wait()`` returns each finished scan's ScanResult with its images; ``results`` keeps the
     images of the last 16 scans only (a session may run for weeks).
+    view: ``HOST:PORT`` to serve the live viewer in the browser (docs/VIEWER.md), e.g.
+        ``"127.0.0.1:8800"``; any other host than loopback needs ``view_token`` (one is made
+        up and printed when not given). ``session.viewer.url`` is its address.
     Raises ConfigError for a configuration or address it cannot use.
     """
 
     def __init__(self, connect: list[str] | str, out: str | None = None,
                  config: PipelineConfig | str | None = None, scheduler: str | None = None,
-                 workers: int | None = None, client=None, console: bool = True, sources: int = 1):
+                 workers: int | None = None, client=None, console: bool = True, sources: int = 1,
+                 view: str | None = None, view_token: str | None = None):
         cfg = config if isinstance(config, PipelineConfig) else load_config(config)
         if out is not None:
             cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
@@ -206,6 +210,8 @@ class Session:
         self.series = SeriesCollector()  # tilt series being collected (stream/stages/series.py)
         self._series_runs: dict[str, object] = {}  # series id -> future of its reconstruction
         self.workers: list[str] = []
+        self._view = (view, view_token)
+        self.viewer = None  # the browser viewer (stream/viewer/), when ``view`` is given
         self._links: dict[str, dict] = {}  # worker -> its receiver's last links report
         self._links_said: dict[str, str] | None = None  # unreached sources when last told
         self._ever_linked: set[str] = set()  # sources a receiver was connected to at some time
@@ -222,6 +228,9 @@ class Session:
         """Start (or join) the cluster, install the receivers, start coordinating."""
         try:
             self._start()
+            if self._view[0]:
+                from stream.viewer import start_viewer  # the one upward import (pyproject.toml)
+                self.viewer = start_viewer(self, *self._view)
         except BaseException:
             self.close()
             raise
@@ -233,6 +242,8 @@ class Session:
             c = self.config.counting
             self.console.say(f"counting raw frames: {c.calibration.summary()}; semantics {c.semantics}, "
                              f"row dark {c.row_dark}; thresholds {c.calibration.attrs['thresholds_source']}")
+        if self.viewer is not None:
+            self.console.say(f"viewer: {self.viewer.url}")
         return self
 
     def _start(self) -> None:
@@ -365,6 +376,8 @@ class Session:
         tried again while the console says so, for ``wait_held_s`` seconds (None: until it is
         written, or the session is interrupted again, e.g. a second Ctrl-C); whatever is
         still held then is written to ~/stemstream-rescued, or named as lost."""
+        if self.viewer is not None:
+            self.viewer.close()
         if self._thread is not None and self._thread.is_alive():
             self._stop.set()
             self._thread.join(30)
@@ -556,6 +569,53 @@ class Session:
     def rejects(self) -> dict[str, int]:
         """Rejected messages so far, by reason (docs/PROTOCOL.md)."""
         return dict(self._tracker.rejects)
+
+    def scan_info(self, scan_id: str):
+        """(state, geometry, metadata) of a scan the session follows, None for one it does not
+        (or no longer) know; state is receiving, closing or done."""
+        st = self._tracker.scans.get(scan_id)
+        return None if st is None else (st.state, st.geometry, dict(st.metadata))
+
+    def stage_reports(self, scan_id: str) -> list | None:
+        """The StageReports of a finished scan's stages once they ran; None while they run
+        (or if none are configured, or the scan is unknown)."""
+        fut = self._stage_runs.get(scan_id)
+        if fut is None or not fut.done():
+            return None
+        try:
+            return fut.result()
+        except Exception:  # noqa: BLE001 - reported on the console by the stage callback
+            return None
+
+    def apply(self, scan_id: str, op, timeout: float | None = None):
+        """Run an ad-hoc operator over every event of a scan, where the events are: the
+        receivers while it is open, its file once written (stream/session/adhoc.py). Waits
+        for the file when the scan is being written. Returns an ``AdhocRun`` (its ``state``
+        goes to ``op.finalize``). Raises KeyError for a scan this session does not know and
+        RuntimeError for one that has no file (failed)."""
+        from stream.session import adhoc
+
+        timeout = self.config.scan.finalize_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                r = self._results.get(scan_id)
+            if r is not None:
+                if r.path is None:
+                    raise RuntimeError(f"scan {scan_id} has no file: {r.reason}")
+                return adhoc.on_file(self._client, r.path, op, timeout=timeout)
+            info = self.scan_info(scan_id)
+            if info is None:
+                raise KeyError(f"no scan {scan_id!r} in this session")
+            if info[0] == "receiving":
+                run = adhoc.on_open_scan(self._client, self._plugin_name, scan_id, op, timeout=timeout)
+                if run is not None:
+                    return run
+            with self._cond:  # closing: its file comes next (not wait(): that is the caller's)
+                if scan_id not in self._results:
+                    if time.monotonic() > deadline or self._closed:
+                        raise TimeoutError(f"scan {scan_id} was not written within {timeout:g} s")
+                    self._cond.wait(0.2)
 
     def live(self, scan_id: str) -> dict[str, np.ndarray]:
         """Partial results of a scan that is still running (merged over workers): name →
@@ -867,6 +927,7 @@ class Session:
                 header = {"proto": LIVE_PROTO, "kind": "live", "scan_id": st.scan_id,
                           "frames_received": st.frames_received, "n_frames": st.n_frames,
                           "events": st.events, "missing_so_far": st.missing_so_far()}
+                header.update(_live_context(st, self._tracker.rejects, self._plugin_name))
                 self._pub.send_multipart(control.encode(header, images))
 
     def links(self) -> dict[str, str]:
@@ -1324,6 +1385,16 @@ def _minus(ranges: list, remove: list) -> list:
         if a < b:
             out.append([a, b])
     return out
+
+
+def _live_context(st: ScanStatus, rejects: dict, plugin_name: str) -> dict:
+    """What a viewer attached to the live channel needs besides the images (docs/PROTOCOL.md):
+    the geometry for its units, the scan step, duplicates, rejected messages, and the
+    receivers' plugin name to compute drawn apertures on the cluster."""
+    step = st.metadata.get("scan_step_A") if isinstance(st.metadata, dict) else None
+    return {"duplicates": st.duplicates, "rejects": dict(rejects), "receivers": plugin_name,
+            "geometry": st.geometry.to_wire() if st.geometry is not None else None,
+            "scan_step_A": float(step) if isinstance(step, (int, float)) else None}
 
 
 def scan_previews(r: ScanResult, config: PipelineConfig, stop=None) -> list[str]:

@@ -65,6 +65,17 @@ def process_range(path: str, flyback: int | None, lo: int, hi: int, config: Pipe
     return states
 
 
+def apply_to_range(path: str, flyback: int | None, lo: int, hi: int, op) -> tuple[dict, int, int]:
+    """On a worker: an ad-hoc operator over stored frames lo:hi of the file at ``path``;
+    (its state, frames, events)."""
+    state = op.new_state()
+    if hi <= lo:
+        return state, 0, 0
+    chunk = chunk_of(open_recording(path, flyback), lo, hi)
+    op.process(state, chunk)
+    return state, chunk.n_frames, chunk.n_events
+
+
 def merge_pair(path: str, flyback: int | None, config: PipelineConfig, a: dict, b: dict) -> dict:
     rec = open_recording(path, flyback)
     for op in result_operators(config, rec):

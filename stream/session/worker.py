@@ -79,6 +79,12 @@ def close_on_worker(plugin_name: str, scan_id: str, travel: bool = False) -> Wor
     return portable(ws) if travel else ws
 
 
+def apply_on_worker(plugin_name: str, scan_id: str, op):
+    """An ad-hoc operator over this worker's events of the open scan ``scan_id``
+    (``Receiver.apply``): (state, frame parts, events), or None if the scan is not open here."""
+    return _receiver(plugin_name).apply(scan_id, op)
+
+
 def source_command(plugin_name: str, name: str, *args, dask_worker=None):
     """Pass a control request to this worker's detector source (e.g. DECTRIS hold/expect);
     run with ``client.run``, which gives ``dask_worker``."""

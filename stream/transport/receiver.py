@@ -227,6 +227,29 @@ class Receiver:
             return WorkerScan(scan_id, self.worker, work.geometry, work.operators, work.states,
                               work.errors)
 
+    def apply(self, scan_id: str, op) -> tuple[dict, int, int] | None:
+        """Run an ad-hoc operator (a virtual detector drawn in the viewer, say) over every
+        event this receiver holds of the open scan ``scan_id``, in memory or spilled; returns
+        (its state, frame parts, events) or None when the scan is not open here.
+
+        Pending frames are processed first, so the answer covers every frame reported so
+        far. The list of stored chunks is copied under the lock; the work runs outside it
+        (the receiver goes on meanwhile) on chunks that never change once stored."""
+        with self._lock:
+            work = self._scans.get(scan_id)
+            if work is None or work.store is None:
+                return None
+            self._flush(work, spill=False)
+            chunks = list(work.states[work.store.name]["chunks"])
+        state = op.new_state()
+        frames = events = 0
+        for c in chunks:
+            c = c if isinstance(c, Chunk) else c.load()
+            op.process(state, c)
+            frames += c.n_frames
+            events += c.n_events
+        return state, frames, events
+
     # -------------------------------------------------------------- the receive loop
     def _run(self) -> None:
         ctx = zmq.Context.instance()

@@ -1,0 +1,12 @@
+"""The live viewer in the browser: a Bokeh page served by the session (``--view HOST:PORT``).
+
+feed.py gathers what the pages show from the session once for all of them; page.py is one
+open page (images, progress, scan list, drawn apertures); panels.py one image with its axes,
+colour bar and scale bar; shapes.py turns drawn shapes into masks; display.py prepares images
+for the page; exports.py writes drawn apertures and region patterns; server.py the web server
+and its token. docs/VIEWER.md describes it for users.
+"""
+
+from stream.viewer.server import ViewerError, ViewerServer, start_viewer
+
+__all__ = ["ViewerError", "ViewerServer", "start_viewer"]

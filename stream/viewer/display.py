@@ -1,0 +1,88 @@
+"""What the page draws, from result arrays: binned copies for large images, contrast limits
+from percentiles, and the centre of mass as a colour wheel (direction → hue, magnitude →
+brightness, the previews' wheel). Pure numpy; the page only colours what it is given.
+
+Examples
+--------
+>>> import numpy as np
+>>> binned(np.arange(16.0).reshape(4, 4), 2)[0]
+array([[ 2.5,  4.5],
+       [10.5, 12.5]], dtype=float32)
+>>> rgba = com_rgba(np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]]), clip=1.0)
+>>> [hex(v) for v in rgba.ravel()]      # +x is red, +y (down the image) is chartreuse, opaque
+['0xff0000ff', '0xff00ff80']
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream.files.previews import com_rgb
+
+MAX_SIDE = 512  # images larger than this are binned for the page (the files keep every pixel)
+
+
+def bin_factor(shape, max_side: int = MAX_SIDE) -> int:
+    """The smallest integer factor that brings both sides of ``shape`` to ≤ ``max_side``."""
+    return max(1, -(-max(shape) // max_side))
+
+
+def binned(image: np.ndarray, factor: int | None = None) -> tuple[np.ndarray, int]:
+    """(image averaged over factor × factor blocks as float32, factor); NaN pixels are left out
+    of their block's mean (a block of NaN stays NaN). Edges that do not fill a block are kept
+    as partial blocks."""
+    image = np.asarray(image, dtype=np.float64)
+    factor = bin_factor(image.shape) if factor is None else int(factor)
+    if factor == 1:
+        return image.astype(np.float32), 1
+    h, w = image.shape
+    ph, pw = -h % factor, -w % factor
+    padded = np.pad(image, ((0, ph), (0, pw)), constant_values=np.nan)
+    blocks = padded.reshape((h + ph) // factor, factor, (w + pw) // factor, factor)
+    finite = np.isfinite(blocks)
+    n = finite.sum(axis=(1, 3))
+    total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / n, np.nan).astype(np.float32), factor
+
+
+def limits(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
+           positive: bool = False) -> tuple[float, float]:
+    """(low, high) display limits: percentiles of the finite pixels (of the positive ones
+    when ``positive``, for a log scale). Never equal; (0, 1) for an image with nothing to show."""
+    data = np.asarray(image)
+    data = data[np.isfinite(data)]
+    if positive:
+        data = data[data > 0]
+    if not data.size:
+        return (1.0, 10.0) if positive else (0.0, 1.0)
+    if data.size > 200_000:  # percentiles of a regular subsample: same limits, 10x faster
+        data = data[:: data.size // 200_000]
+    lo, hi = (float(v) for v in np.percentile(data, [low_pct, high_pct]))
+    if hi <= lo:
+        hi = lo * 10 if positive else lo + 1
+    return lo, hi
+
+
+def com_rgba(com_y: np.ndarray, com_x: np.ndarray, clip: float | None = None) -> np.ndarray:
+    """The centre of mass (scan frame, y down) as colours, (ny, nx) uint32 RGBA (little-endian
+    0xAABBGGRR, as Bokeh's ``image_rgba`` takes them): the previews' colour wheel
+    (stream.files.previews.com_rgb: hue = direction, 0° = +x red, 90° = +y chartreuse, ...;
+    brightness = magnitude / ``clip``, default the 99th percentile), transparent where NaN."""
+    rgb, _ = com_rgb(com_y, com_x, clip)
+    ok = np.isfinite(rgb).all(axis=-1)
+    out = np.zeros(ok.shape, np.uint32)
+    for c in range(3):
+        out |= np.round(np.where(ok, rgb[..., c], 0) * 255).astype(np.uint32) << np.uint32(8 * c)
+    out |= np.where(ok, np.uint32(255), np.uint32(0)) << np.uint32(24)
+    return out
+
+
+def color_wheel(size: int = 64) -> np.ndarray:
+    """(size, size) uint32 RGBA legend of :func:`com_rgba`: direction and magnitude (centre
+    dark, rim bright) of a unit disk; transparent outside."""
+    c = (size - 1) / 2
+    y, x = np.mgrid[0:size, 0:size]
+    dy, dx = (y - c) / c, (x - c) / c
+    outside = np.hypot(dy, dx) > 1
+    return com_rgba(np.where(outside, np.nan, dy), np.where(outside, np.nan, dx), clip=1.0)
