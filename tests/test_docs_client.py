@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from stream.config import OutputSpec, PipelineConfig, ScanSpec, validate
+from stream.config import OutputSpec, PipelineConfig, ScanSpec, SecuritySpec, validate
 from stream.session import Session, expand_sources
 from stream.transport.net import free_port_block
 
@@ -101,8 +101,10 @@ def test_what_the_documents_promise_about_a_scan_with_missing_duplicated_and_bad
     rng = np.random.default_rng(7)
     ev = electrons(rng)
     det = Detector()
+    # a detector that cannot authenticate, allowed by configuration (docs/SECURITY.md)
     cfg = validate(PipelineConfig(output=OutputSpec(dir=str(tmp_path / "out"), previews=False),
-                                  scan=ScanSpec(timeout_s=60.0)))
+                                  scan=ScanSpec(timeout_s=60.0),
+                                  security=SecuritySpec(plain_sources=expand_sources([det.first], 2))))
     missing, dup = [10, 11, 12], [3, 4]
     with Session(expand_sources([det.first], 2), config=cfg, client=client2, console=False) as s:
         det.wait_for_receivers()

@@ -221,8 +221,9 @@ class Session:
         self.start()
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        # leaving on an error: held scans get a bounded retry, then go to the rescue directory
+        self.close(wait_held_s=None if exc_type is None else 30.0)
 
     def start(self) -> "Session":
         """Start (or join) the cluster, install the receivers, start coordinating."""
