@@ -187,9 +187,13 @@ def test_a_receiver_that_goes_away_mid_scan_is_said_and_ends_the_wait():
     g = Geometry((64, 64), (32, 32))
     counts, indices = random_scan(rng, g, mean=5)
     port = free_port_block(1)
-    with Publisher(f"tcp://127.0.0.1:{port}", sndhwm=2, linger_s=0) as pub:
+    from stream.security import ClientKeys, SourceKeys, as_client, generate
+    source, receiver = generate(), generate()  # keys of this test alone: no other receiver gets in
+    with Publisher(f"tcp://127.0.0.1:{port}", sndhwm=2, linger_s=0,
+                   curve=SourceKeys(source, frozenset({receiver.public}))) as pub:
         pull = zmq.Context.instance().socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, 2)
+        as_client(pull, ClientKeys(receiver, source.public))
         pull.connect(pub.addresses[0])
         assert pub.wait_for_receivers(10)
         notes, got = [], [0]
