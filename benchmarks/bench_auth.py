@@ -42,20 +42,10 @@ from stream.security import ensure_keys  # noqa: E402
 from stream.transport.net import free_port_block  # noqa: E402
 from stream.session import Session, expand_sources  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_streaming import _proc_times, _vm_hwm_mb  # noqa: E402  (one copy of the process probes)
+
 SENT = re.compile(r"\] sent ([\d,]+) frames, ([\d,]+) electrons in ([\d.]+) s \(([\d,]+) frames/s\)")
-
-
-def _proc_times():
-    t = os.times()
-    return t.user + t.system
-
-
-def _vm_hwm_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_emulator(args, bind, scan_id, rate, security):
