@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream.config import load_config  # noqa: E402
+from stream.security import ensure_keys  # noqa: E402
 from stream.session import Session  # noqa: E402
 from stream.transport.net import free_port_block  # noqa: E402
 
@@ -35,19 +38,21 @@ def _cpu():
     return t.user + t.system
 
 
-def publish(bind: str, prefix: str, n_scans: int, scan: str, detector: str, dose: float) -> None:
-    """The publisher process: one emulated scan, sent n_scans times under new ids."""
+def publish(bind: str, prefix: str, n_scans: int, scan: str, detector: str, dose: float, keys: str) -> None:
+    """The publisher process: one emulated scan, sent n_scans times under new ids, with the
+    CURVE keys of the key directory ``keys`` (as the session's receivers expect)."""
     from sim_detector.cli import _geometry
     from sim_detector.publisher import Publisher, prepare_sources
     from sim_detector.simulate import Beam, Detector, ScanSpec, simulate_scan
     from sim_detector.specimens import make_specimen
+    from stream.security import source_keys
 
     ny, nx = (int(v) for v in scan.split("x"))
     h, w = (int(v) for v in detector.split("x"))
     sim = simulate_scan(make_specimen("mgo", seed=0), Beam(dose=dose), Detector(shape=(h, w)),
                         ScanSpec(shape=(ny, nx)), seed=0, with_expected=False)
     g = _geometry(sim)
-    with Publisher(bind, 1, linger_s=30) as pub:
+    with Publisher(bind, 1, linger_s=30, curve=source_keys(keys)) as pub:
         sources = prepare_sources(sim.counts, sim.indices, g, 1)
         if not pub.wait_for_receivers(120):
             raise SystemExit("no receiver connected")
@@ -58,12 +63,20 @@ def publish(bind: str, prefix: str, n_scans: int, scan: str, detector: str, dose
         print(f"sent {time.time():.6f} {int(sim.counts.sum())}", flush=True)
 
 
-def run_burst(s, a, bind: str, prefix: str) -> dict:
+def run_burst(s, a, bind: str, prefix: str, keys: str) -> dict:
     client = s._client
     w0, me0 = client.run(_cpu), _cpu()
     pub = subprocess.Popen([sys.executable, __file__, "--publish", bind, prefix, str(a.scans), a.scan,
-                            a.detector, str(a.dose)], stdout=subprocess.PIPE, text=True)
-    results = [s.wait(f"{prefix}-{i:04d}", timeout=600) for i in range(a.scans)]
+                            a.detector, str(a.dose), keys], stdout=subprocess.PIPE, text=True)
+    results = []
+    for i in range(a.scans):
+        while True:
+            try:
+                results.append(s.wait(f"{prefix}-{i:04d}", timeout=5))
+                break
+            except TimeoutError:
+                if pub.poll():  # the publisher failed (it said why on stderr): no scan will come
+                    raise SystemExit(f"the publisher process exited with {pub.returncode}") from None
     out, _ = pub.communicate(timeout=60)
     w1, me1 = client.run(_cpu), _cpu()
     lines = dict(line.split(" ", 1) for line in out.splitlines())
@@ -90,8 +103,8 @@ def run_burst(s, a, bind: str, prefix: str) -> dict:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--publish":
-        bind, prefix, n, scan, detector, dose = argv[1:]
-        return publish(bind, prefix, int(n), scan, detector, float(dose))
+        bind, prefix, n, scan, detector, dose, keys = argv[1:]
+        return publish(bind, prefix, int(n), scan, detector, float(dose), keys)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", type=int, default=100)
     ap.add_argument("--scan", default="32x32")
@@ -104,23 +117,29 @@ def main(argv=None):
     a = ap.parse_args(argv)
     port = free_port_block(1)
     bind = f"tcp://127.0.0.1:{port}"
+    keys = tempfile.mkdtemp(prefix="stemstream-bench-keys-")  # this benchmark's keys only
+    ensure_keys(keys)
     cfg = load_config(None)
     cfg.output.previews = a.previews
+    cfg.security.keys = keys
     command = f"python benchmarks/bench_burst.py {' '.join(argv)}".rstrip()
     print(f"command: {command}")
     print(f"{a.scans} scans of {a.scan} positions, detector {a.detector}, {a.dose:g} e-/frame (emulated "
           f"MgO), {a.workers} workers, {os.cpu_count()} cores, previews {'on' if a.previews else 'off'}; "
           f"load average {os.getloadavg()[0]:.1f} at the start\n")
     runs = []
-    with Session([bind], out=a.out, config=cfg, workers=a.workers, console=False) as s:
-        for k in range(a.repeats):
-            runs.append(run_burst(s, a, bind, f"burst{k}-{int(time.time())}"))
-            r = runs[-1]
-            print(f"burst {k + 1}: {r['scans_per_s']:.1f} scans/s, {r['complete']}/{a.scans} complete, "
-                  f"statuses {r['statuses']}, mislabelled {len(r['mislabelled'])}; latency median "
-                  f"{r['latency_median']:.2f} s, p90 {r['latency_p90']:.2f} s, max {r['latency_max']:.2f} s; "
-                  f"CPU per scan: workers {' + '.join(f'{1e3 * c:.0f}' for c in r['cpu_workers_per_scan'])} ms, "
-                  f"coordinator + scheduler {1e3 * r['cpu_coordinator_per_scan']:.0f} ms", flush=True)
+    try:
+        with Session([bind], out=a.out, config=cfg, workers=a.workers, console=False) as s:
+            for k in range(a.repeats):
+                runs.append(run_burst(s, a, bind, f"burst{k}-{int(time.time())}", keys))
+                r = runs[-1]
+                print(f"burst {k + 1}: {r['scans_per_s']:.1f} scans/s, {r['complete']}/{a.scans} complete, "
+                      f"statuses {r['statuses']}, mislabelled {len(r['mislabelled'])}; latency median "
+                      f"{r['latency_median']:.2f} s, p90 {r['latency_p90']:.2f} s, max {r['latency_max']:.2f} s; "
+                      f"CPU per scan: workers {' + '.join(f'{1e3 * c:.0f}' for c in r['cpu_workers_per_scan'])} ms, "
+                      f"coordinator + scheduler {1e3 * r['cpu_coordinator_per_scan']:.0f} ms", flush=True)
+    finally:
+        shutil.rmtree(keys, ignore_errors=True)
     med = statistics.median(r["scans_per_s"] for r in runs)
     print(f"\nmedian {med:.1f} scans/s finalized; complete {sum(r['complete'] for r in runs)}/"
           f"{a.scans * a.repeats}; mislabelled {sum(len(r['mislabelled']) for r in runs)}; "
