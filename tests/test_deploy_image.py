@@ -19,7 +19,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from test_cli import csr_sorted, emulator_events
 
 ROOT = Path(__file__).resolve().parents[1]
