@@ -34,7 +34,14 @@ def set_read_only(path: Path, read_only: bool) -> None:
     """As root, remount the tmpfs at ``path`` (root ignores permission bits); otherwise take
     the write permission away from the directory."""
     if ROOT:
-        subprocess.run(["mount", "-o", f"remount,{'ro' if read_only else 'rw'}", str(path)], check=True)
+        # a file still open for writing there (a preview being drawn) makes the remount fail
+        # with "mount point is busy": try again until it is closed
+        deadline = time.monotonic() + 60
+        while subprocess.run(["mount", "-o", f"remount,{'ro' if read_only else 'rw'}", str(path)],
+                             capture_output=True, check=False).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not remount {path} {'ro' if read_only else 'rw'} within 60 s")
+            time.sleep(0.2)
     else:
         path.chmod(0o555 if read_only else 0o755)
 

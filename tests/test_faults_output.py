@@ -171,6 +171,10 @@ def test_pending_lists_held_scans_and_finishes_one_elsewhere(client2, scripted_s
                 assert "last error:" in listed and "--finish pend --to DIR" in listed
                 assert main(["pending", "--finish", "pend", "--to", str(tmp_path / "elsewhere")]) == 0
                 assert f"pend: written to {tmp_path / 'elsewhere' / 'pend.h5'}" in capsys.readouterr().out
+                # a scan no session holds: an error naming it, not a silent success
+                assert main(["pending", "--finish", "nosuch", "--to", str(tmp_path / "elsewhere")]) == 2
+                err = capsys.readouterr().err
+                assert err.startswith("stemstream pending: error:") and "nosuch" in err, err
                 r = s.wait("pend", timeout=10)
             finally:
                 set_read_only(out, False)

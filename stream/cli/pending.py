@@ -98,7 +98,7 @@ def _run(args) -> int:
         return 0 if not (args.finish or args.drop or args.retry is not None) else 2
     scan = args.finish or args.drop or args.retry or None
     op = "finish" if args.finish else "drop" if args.drop else "retry" if args.retry is not None else None
-    out, status = [], 0
+    out, status, refused = [], 0, []
     for about in found:
         try:
             if op is not None:
@@ -107,9 +107,8 @@ def _run(args) -> int:
                     req["to"] = args.to
                 answer = ask(about["address"], req)
                 if not answer.get("ok"):
-                    if scan is not None and len(found) > 1:
-                        continue  # another session may hold it
-                    raise PendingError(answer.get("error", "refused"))
+                    refused.append(f"session {about['pid']}: {answer.get('error', 'refused')}")
+                    continue  # another session may hold it
                 if op == "finish":
                     return _wait_finished(about, scan, args.wait)
                 print(f"session {about['pid']}: {op} {', '.join(answer['scans']) or 'nothing held'}")
@@ -120,6 +119,9 @@ def _run(args) -> int:
             status = 1
             continue
         out.append((about, answer))
+    if op is not None and refused and len(refused) == len(found):  # no session took it
+        raise PendingError(refused[0] if len(found) == 1 else
+                           f"no running session holds scan {scan} ({'; '.join(refused)})")
     if op is None:
         if args.json:
             print(json.dumps([{"session": a, **ans} for a, ans in out], indent=2, default=str))
