@@ -182,10 +182,10 @@ class EarlyWriter:
         if e is None or e.failed or not e.token:
             return e if e is not None and e.token else None
         from distributed import wait
-        pending = [e.last] + [p for _, parts in e.blocks for p in parts]
-        why = ""
+        why = "" if e.last is not None else "nothing written"
         try:
-            wait(pending, timeout=timeout)
+            if e.last is not None:
+                wait([e.last] + [p for _, parts in e.blocks for p in parts], timeout=timeout)
         except Exception as ex:  # noqa: BLE001 - a timeout: written at the end instead
             why = f"its blocks did not finish within {timeout:.0f} s ({type(ex).__name__})"
         if not why and e.last.status != "finished":
