@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ScriptedSource
-from faults import assert_same_file, wait_for
+from faults import assert_same_file, set_read_only, wait_for, writable_dir
 from stream.config import MemorySpec
 from stream.session import Session
 from stream.session.early import stored_before
@@ -159,6 +159,40 @@ def test_written_while_scanning_equals_written_at_the_end(written, case):
     assert_matches(on, reference(*events, GEOM, keep=keep), on.path)
     if case.startswith("duplicated"):
         assert on.duplicated_frames == (DUP_EARLY if case == "duplicated_early" else DUP_TAIL)
+
+
+def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(client2, written, tmp_path):
+    """The output goes read-only while the scan's events are being written early: the
+    finished file waits in staging (the early file, adopted), is published once the output
+    is writable again, equal to the same scan written at the end; nothing is left in staging
+    and no second copy appears."""
+    staging = tmp_path / "staging"
+    src = ScriptedSource(2)
+    try:
+        with writable_dir(tmp_path) as out:
+            cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, spill_dir=str(staging)))
+            cfg.output = replace(cfg.output, dir=str(out))
+            with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+                src.wait_for_receivers()
+                src.start("in_order", GEOM)
+                events = events_of("in_order")
+                src.frames("in_order", GEOM, *events, batch=8)
+                written_early(s, "in_order")
+                set_read_only(out, True)
+                try:
+                    src.end("in_order", GEOM.n_frames)
+                    held = wait_for(lambda: [p for p in s.pending() if p["attempts"] >= 1], 120)
+                    assert "staging" in held[0]["where"], held[0]
+                    assert len(list(staging.glob(".in_order.h5.*.partial"))) == 1  # the one finished file
+                finally:
+                    set_read_only(out, False)
+                r = s.wait("in_order", timeout=120)
+            assert r.path == out / "in_order.h5" and [p.name for p in out.glob("*.h5")] == ["in_order.h5"]
+            assert r.timings["early_frames"] > 0
+            assert_same_file(r.path, written["in_order"][1].path, skip=SKIP)
+            assert not list(staging.glob("*.partial")) and not list(staging.glob(".*.partial"))
+    finally:
+        src.close()
 
 
 def test_stored_before_counts_the_stored_frames_below_a_frame_number():
