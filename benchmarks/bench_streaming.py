@@ -285,6 +285,7 @@ def early_table(a, argv):
                         r = s.wait(f"{sid}-0000", timeout=600)
                         rows.setdefault((scan, early), []).append(
                             {"latency": r.timings["written"] - sent["time"], "achieved": sent["rate"],
+                             "tail": r.timings["written"] - r.timings["last_frame"],
                              "lost": r.n_missing, "events": r.events, "early_frames": r.timings.get("early_frames", 0),
                              "stored": r.n_frames, "load": os.getloadavg()[0]})
     finally:
@@ -292,8 +293,9 @@ def early_table(a, argv):
         if cl is not None:
             cl.close()
     print("| scan | electrons | achieved frames/s (on, off) | frames lost | file after last frame, written "
-          "while scanning (s) | written at the end (s) | frames written early |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "while scanning (s) | written at the end (s) | after the last frame processed: on, off (s) "
+          "| frames written early |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     out = []
     for scan in a.scans:
         on, off = rows[(scan, True)], rows[(scan, False)]
@@ -303,7 +305,9 @@ def early_table(a, argv):
         early_share = statistics.median(x["early_frames"] / x["stored"] for x in on)
         print(f"| {scan} | {on[0]['events'] / 1e6:.1f} M | {statistics.median(x['achieved'] for x in on):,.0f}, "
               f"{statistics.median(x['achieved'] for x in off):,.0f} | {max(x['lost'] for x in on + off)} | "
-              f"{med['on']:.2f} ({rng['on']}) | {med['off']:.2f} ({rng['off']}) | {early_share:.0%} |")
+              f"{med['on']:.2f} ({rng['on']}) | {med['off']:.2f} ({rng['off']}) | "
+              f"{statistics.median(x['tail'] for x in on):.2f}, {statistics.median(x['tail'] for x in off):.2f} | "
+              f"{early_share:.0%} |")
         out.append({"scan": scan, "on": on, "off": off})
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     if a.json:

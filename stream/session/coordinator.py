@@ -1052,7 +1052,7 @@ class Session:
                 h.staged = None
             else:
                 return self._maybe_fallback(r, worker, fallback)
-        early = self._early.finish(st, live, timeout) if self._early is not None else None
+        early = self._early.finish(st, live, timeout, h.stop) if self._early is not None else None
         if early is not None:
             h.early_written = early.stored
             if early.failed:  # thrown away: written at the end as if none had started

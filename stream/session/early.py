@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +107,9 @@ class EarlyWriter:
             if e.failed:
                 return
         holders = [w for w, n in st.worker_frames.items() if n]
-        if st.lost or any(w not in live for w in holders):  # their frames will be missing
-            if e is not None:
-                self._stop(st.scan_id, "a worker holding frames of it left")
+        if st.lost or any(w not in live for w in holders) or (e is not None and e.writer not in live):
+            if e is not None:  # frames will be missing, or the file is gone with its writer
+                self._stop(st.scan_id, "a worker of it left")
             return
         start = e.frames if e is not None else 0
         end = st.complete_prefix(start)
@@ -172,7 +173,7 @@ class EarlyWriter:
             fire_and_forget(self._on(e.writer, discard_early, e.token))
         del blocks  # what has not run yet never will
 
-    def finish(self, st, live: list[str], timeout: float) -> EarlyScan | None:
+    def finish(self, st, live, timeout: float, stop: threading.Event | None = None) -> EarlyScan | None:
         """The scan closed (a writer thread): wait for its blocks under way; returns its
         early file (None if none was started), usable unless ``failed`` (then it is thrown
         away already; else the caller writes it on ``writer``, or ``drop``s it). Must come
@@ -182,16 +183,21 @@ class EarlyWriter:
         if e is None or e.failed or not e.token:
             return e if e is not None and e.token else None
         from distributed import wait
-        why = "" if e.last is not None else "nothing written"
-        try:
-            if e.last is not None:
-                wait([e.last] + [p for _, parts in e.blocks for p in parts], timeout=timeout)
-        except Exception as ex:  # noqa: BLE001 - a timeout: written at the end instead
-            why = f"its blocks did not finish within {timeout:.0f} s ({type(ex).__name__})"
+        why = "nothing written" if e.last is None else "a worker of it left" \
+            if st.lost or e.writer not in live else ""
+        deadline = time.monotonic() + timeout
+        pending = [] if why else [e.last] + [p for _, parts in e.blocks for p in parts]
+        while pending and not why:  # (a task of a worker that left would never end)
+            try:
+                wait(pending, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+                break
+            except TimeoutError:
+                if stop is not None and stop.is_set():
+                    why = "a worker of it left"
+                elif time.monotonic() >= deadline:
+                    why = f"its blocks did not finish within {timeout:.0f} s"
         if not why and e.last.status != "finished":
             why = f"a block {e.last.status}"
-        elif not why and (st.lost or e.writer not in live):
-            why = "a worker of it left"
         elif not why and st.repeated(0, e.frames):
             why = "frames written early arrived again"
         if why:
