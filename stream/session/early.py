@@ -32,7 +32,7 @@ from stream.session.worker import early_events_on_worker
 from stream.transport.protocol import Geometry
 
 log = logging.getLogger("stemstream.session")
-IN_FLIGHT = 2  # blocks of one scan under way at once
+IN_FLIGHT = 3  # blocks of one scan under way at once (as at the end: finalize.IN_FLIGHT)
 TICK_S = 0.05  # the complete frames of the open scans are looked at this often
 
 
