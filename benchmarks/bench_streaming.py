@@ -286,6 +286,9 @@ def early_table(a, argv):
                         rows.setdefault((scan, early), []).append(
                             {"latency": r.timings["written"] - sent["time"], "achieved": sent["rate"],
                              "tail": r.timings["written"] - r.timings["last_frame"],
+                             "closing": r.timings["closed"] - r.timings["last_frame"],
+                             "merging": r.timings["merged"] - r.timings["closed"],
+                             "writing": r.timings["written"] - r.timings["merged"],
                              "lost": r.n_missing, "events": r.events, "early_frames": r.timings.get("early_frames", 0),
                              "stored": r.n_frames, "load": os.getloadavg()[0]})
     finally:
@@ -309,6 +312,17 @@ def early_table(a, argv):
               f"{statistics.median(x['tail'] for x in on):.2f}, {statistics.median(x['tail'] for x in off):.2f} | "
               f"{early_share:.0%} |")
         out.append({"scan": scan, "on": on, "off": off})
+    print("\nAfter the last frame processed (medians, s): until the coordinator closed the scan; from "
+          "then until the states were merged (the early blocks under way finished, the scan closed on "
+          "the workers, their small states merged); the rest of the events, the head and the rename\n")
+    print("| scan | written while scanning | until closed | closed → merged | events and head written |")
+    print("|---|:---:|---:|---:|---:|")
+    for scan in a.scans:
+        for early in (True, False):
+            runs = rows[(scan, early)]
+            print(f"| {scan} | {'on' if early else 'off'} | "
+                  + " | ".join(f"{statistics.median(x[k] for x in runs):.2f}" for k in ("closing", "merging", "writing"))
+                  + " |")
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     if a.json:
         import json
