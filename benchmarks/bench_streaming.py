@@ -17,6 +17,11 @@ as cores, so the emulator's share of the machine is visible. ``--pinned`` adds a
 run with the emulator alone on CPU 1 (``taskset``; it sends its pre-generated scan from
 memory) and everything else (scheduler, coordinator, workers, every thread) on CPU 0: the
 pipeline's own ceiling on one core, with nothing else of ours on it.
+
+``--early-table`` instead measures the file's latency against the scan's size with the
+events written while the scan runs (``[output] write_while_scanning``) on and off, side by
+side in one run on one cluster: ``--scans 128x128 512x512 1024x1024`` at the first of
+``--rates`` (300,000 frames/s by default there), ``--repeats`` runs each.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from stream.config import load_config  # noqa: E402
 from stream.transport.net import free_port_block  # noqa: E402
 from stream.session import Session, expand_sources  # noqa: E402
 
+RATES = ["87000", "150000", "300000", "450000", "max"]
 SENT = re.compile(r"\] sent ([\d,]+) frames, ([\d,]+) electrons in ([\d.]+) s \(([\d,]+) frames/s\)")
 
 
@@ -118,7 +124,7 @@ def main(argv=None):
     ap.add_argument("--dose", type=float, default=100.0)
     ap.add_argument("--sources", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rates", nargs="+", default=["87000", "150000", "300000", "450000", "max"])
+    ap.add_argument("--rates", nargs="+", default=RATES)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="/tmp/stemstream-bench-streaming")
     ap.add_argument("--events-in-memory-mb", type=float, default=None,
@@ -128,7 +134,13 @@ def main(argv=None):
     ap.add_argument("--pinned", action="store_true",
                     help="add an unpaced run with the emulator alone on CPU 1, the pipeline on CPU 0")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")
+    ap.add_argument("--early-table", action="store_true",
+                    help="latency against scan size, events written while scanning on and off")
+    ap.add_argument("--scans", nargs="+", default=["128x128", "512x512", "1024x1024"],
+                    help="scan sizes of --early-table")
     a = ap.parse_args(argv)
+    if a.early_table:
+        return early_table(a, argv)
 
     port = free_port_block(a.sources)
     bind = f"tcp://127.0.0.1:{port}"
@@ -242,6 +254,88 @@ def main(argv=None):
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def early_table(a, argv):
+    """The file's latency after the last frame against the scan's size, the events written
+    while the scan runs on and off (one session each, on one cluster), at ``a.rates[0]``."""
+    from dataclasses import replace
+
+    from stream.session import cluster as dask_cluster
+
+    rate = "300000" if a.rates is RATES else a.rates[0]
+    port = free_port_block(a.sources)
+    bind = f"tcp://127.0.0.1:{port}"
+    cfg = load_config(None)
+    cfg.cluster.workers = a.workers
+    print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
+    print(f"scans {', '.join(a.scans)}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
+          f"{a.workers} workers, {os.cpu_count()} cores, target {rate} frames/s; {a.repeats} runs each; "
+          f"load average {os.getloadavg()[0]:.2f} at the start\n")
+    client, cl = dask_cluster.connect(cfg.cluster, cfg.security)
+    rows = {}
+    try:
+        for scan in a.scans:
+            for early in (True, False):
+                c = replace(cfg, output=replace(cfg.output, write_while_scanning=early, dir=a.out))
+                with Session(expand_sources([bind], a.sources), config=c, client=client, console=False) as s:
+                    for i in range(a.repeats):
+                        sid = f"early-{scan}-{'on' if early else 'off'}-{i}"
+                        sent = run_emulator(replace_scan(a, scan), bind, sid, rate)
+                        r = s.wait(f"{sid}-0000", timeout=600)
+                        rows.setdefault((scan, early), []).append(
+                            {"latency": r.timings["written"] - sent["time"], "achieved": sent["rate"],
+                             "tail": r.timings["written"] - r.timings["last_frame"],
+                             "closing": r.timings["closed"] - r.timings["last_frame"],
+                             "merging": r.timings["merged"] - r.timings["closed"],
+                             "writing": r.timings["written"] - r.timings["merged"],
+                             "lost": r.n_missing, "events": r.events, "early_frames": r.timings.get("early_frames", 0),
+                             "stored": r.n_frames, "load": os.getloadavg()[0]})
+    finally:
+        client.close()
+        if cl is not None:
+            cl.close()
+    print("| scan | electrons | achieved frames/s (on, off) | frames lost | file after last frame, written "
+          "while scanning (s) | written at the end (s) | after the last frame processed: on, off (s) "
+          "| frames written early |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    out = []
+    for scan in a.scans:
+        on, off = rows[(scan, True)], rows[(scan, False)]
+        med = {k: statistics.median(x["latency"] for x in runs) for k, runs in (("on", on), ("off", off))}
+        rng = {k: f"{min(x['latency'] for x in runs):.2f}..{max(x['latency'] for x in runs):.2f}"
+               for k, runs in (("on", on), ("off", off))}
+        early_share = statistics.median(x["early_frames"] / x["stored"] for x in on)
+        print(f"| {scan} | {on[0]['events'] / 1e6:.1f} M | {statistics.median(x['achieved'] for x in on):,.0f}, "
+              f"{statistics.median(x['achieved'] for x in off):,.0f} | {max(x['lost'] for x in on + off)} | "
+              f"{med['on']:.2f} ({rng['on']}) | {med['off']:.2f} ({rng['off']}) | "
+              f"{statistics.median(x['tail'] for x in on):.2f}, {statistics.median(x['tail'] for x in off):.2f} | "
+              f"{early_share:.0%} |")
+        out.append({"scan": scan, "on": on, "off": off})
+    print("\nAfter the last frame processed (medians, s): until the coordinator closed the scan; from "
+          "then until the states were merged (the early blocks under way finished, the scan closed on "
+          "the workers, their small states merged); the rest of the events, the head and the rename\n")
+    print("| scan | written while scanning | until closed | closed → merged | events and head written |")
+    print("|---|:---:|---:|---:|---:|")
+    for scan in a.scans:
+        for early in (True, False):
+            runs = rows[(scan, early)]
+            print(f"| {scan} | {'on' if early else 'off'} | "
+                  + " | ".join(f"{statistics.median(x[k] for x in runs):.2f}" for k in ("closing", "merging", "writing"))
+                  + " |")
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    if a.json:
+        import json
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": " ".join(argv or sys.argv[1:]), "rows": out}, indent=1))
+    return out
+
+
+def replace_scan(a, scan):
+    """The arguments with another scan size."""
+    b = argparse.Namespace(**vars(a))
+    b.scan = scan
+    return b
 
 
 if __name__ == "__main__":

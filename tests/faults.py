@@ -104,6 +104,45 @@ def assert_same_scan(path, reference_path) -> None:
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+def file_contents(path, skip=()) -> dict:
+    """Everything a reader sees of an HDF5 file, by path: each group's and dataset's
+    attributes, each dataset's values, dtype, shape, maxshape, chunking and filters. ``skip``:
+    paths of attributes (``/provenance@host``) or whole groups (``/provenance/timings``) to
+    leave out."""
+    out = {}
+
+    def attrs(name, obj):
+        for key, value in obj.attrs.items():
+            where = f"/{name}@{key}".replace("//", "/")
+            if where not in skip:
+                out[where] = value
+
+    def visit(name, obj):
+        if any(f"/{name}" == s or f"/{name}".startswith(s + "/") for s in skip):
+            return
+        attrs(name, obj)
+        if isinstance(obj, h5py.Dataset):
+            out[f"/{name}"] = (obj[()], obj.dtype, obj.shape, obj.maxshape, obj.chunks, obj.compression,
+                               obj.compression_opts, obj.shuffle, obj.fletcher32, obj.scaleoffset)
+    with h5py.File(path, "r") as f:
+        attrs("", f)
+        f.visititems(visit)
+    return out
+
+
+def assert_same_file(path, reference_path, skip=()) -> None:
+    """Every dataset (values, dtype, shape, maxshape, chunking, filters) and every attribute
+    the same as in the reference file, except ``skip`` (``file_contents``)."""
+    got, want = file_contents(path, skip), file_contents(reference_path, skip)
+    assert sorted(got) == sorted(want), set(got) ^ set(want)
+    for name, value in want.items():
+        if isinstance(value, tuple):
+            np.testing.assert_array_equal(got[name][0], value[0], err_msg=name)
+            assert got[name][1:] == value[1:], (name, got[name][1:], value[1:])
+        else:
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 def wait_for(predicate, timeout_s: float, every_s: float = 0.1):
     """predicate()'s value once it is truthy; AssertionError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -157,3 +157,36 @@ def test_blocks_compressed_elsewhere_make_the_same_file(tmp_path, monkeypatch, l
         with storage.ScanWriter(tmp_path / "s2.h5", **f) as w:
             w.put_block(block)
     assert not (tmp_path / "s2.h5").exists()
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_a_file_grown_while_its_scan_runs_equals_one_written_at_once(tmp_path, monkeypatch, level):
+    """ScanWriter(growing=True): events appended before their number is known (blocks that
+    cut the 7-event chunks anywhere), then the head, then the rest as compressed blocks: the
+    same file, dataset by dataset and attribute by attribute, as write_scan of the same
+    fields; fewer events than one chunk are refused."""
+    import stream.files.storage as storage
+    from faults import assert_same_file
+    monkeypatch.setattr(storage, "EVENTS_CHUNK", 7)
+    f = fields(n_events=100)
+    f["compression_level"] = level
+    indices = f.pop("indices")
+    at_once = storage.write_scan(tmp_path / "once" / "s1.h5", indices=indices, **f)
+    w = storage.ScanWriter(tmp_path / "grown" / "s1.h5", compression_level=level, growing=True)
+    for a, b in [(0, 3), (3, 10), (10, 11), (11, 40), (40, 52)]:
+        w.append(indices[a:b])
+    head = {k: v for k, v in f.items() if k != "compression_level"}
+    w.finish_head(**head)
+    for a, b in [(52, 60), (60, 97), (97, 100)]:
+        w.put_block(storage.compress_block(indices[a:b], a, 100, level))
+    grown = w.close()
+    assert_same_file(grown, at_once)
+    with h5py.File(grown, "r") as h:
+        assert h["events/indices"].maxshape == (None,) and h["events/indices"].chunks == (7,)
+    small = storage.ScanWriter(tmp_path / "small" / "s1.h5", compression_level=level, growing=True)
+    small.append(indices[:3])
+    head["offsets"] = np.array([0, 3, 5])
+    with pytest.raises(ValueError, match="at least 7"):
+        small.finish_head(**head)
+    small.discard()
+    assert not list((tmp_path / "small").iterdir())

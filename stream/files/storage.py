@@ -287,11 +287,12 @@ def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: 
     return ds
 
 
-def _chunked(group: h5py.Group, name: str, shape, dtype, chunk_len: int, level: int) -> h5py.Dataset:
+def _chunked(group: h5py.Group, name: str, shape, dtype, chunk_len: int, level: int,
+             maxshape=None) -> h5py.Dataset:
     chunks = (chunk_len,) + tuple(shape[1:])
     if level == 0:
-        return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
-    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks,
+        return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, maxshape=maxshape)
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, maxshape=maxshape,
                                 compression="gzip", compression_opts=level, shuffle=True)
 
 
@@ -334,11 +335,13 @@ def _deflate_pool() -> ThreadPoolExecutor:
         return _POOL[0]
 
 
-def compress_block(indices: np.ndarray, start: int, n_events: int, level: int) -> EventBlock:
+def compress_block(indices: np.ndarray, start: int, n_events: int | None, level: int) -> EventBlock:
     """The whole chunks of events ``indices`` (uint32, at file position ``start`` of a file
-    of ``n_events``), compressed in this process's threads; the rest raw."""
+    of ``n_events``), compressed in this process's threads; the rest raw. ``n_events`` None:
+    not known yet (a file written while its scan runs, chunks of ``EVENTS_CHUNK``): the
+    events after the last whole chunk stay raw."""
     indices = np.asarray(indices, np.uint32)
-    L = events_chunk_len(n_events)
+    L = EVENTS_CHUNK if n_events is None else events_chunk_len(n_events)
     end = start + len(indices)
     c0 = -(-start // L) * L
     c1 = end if end == n_events else end // L * L  # the short last chunk is whole too
@@ -377,10 +380,16 @@ class ScanWriter:
     says how many events there will be. ``staging``: a local directory to build the file in
     (checked for room first); ``close()`` then publishes it (``publish``) and, if that fails
     (PublishError), keeps it in ``self.tmp`` for ``publish`` to try again.
+
+    ``growing=True`` (and no other field): a file whose events are appended while its scan
+    runs, their number unknown (chunks of ``EVENTS_CHUNK``; the scan must end with at least
+    that many events); ``finish_head`` then writes everything else, and the rest of the
+    events follow as usual. The result is the same, dataset for dataset, as a file written
+    at once from the same events.
     """
 
     def __init__(self, path: str | Path, *, compression_level: int, offsets=None, copy_from=None,
-                 staging: str | Path | None = None, **fields):
+                 staging: str | Path | None = None, growing: bool = False, **fields):
         self.path = Path(path)
         self.staging = Path(staging) if staging else None
         where = self.staging or self.path.parent
@@ -393,7 +402,7 @@ class ScanWriter:
         self.tmp = where / f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial"
         self.level = compression_level
         self.final: Path | None = None
-        self.n_events = 0 if copy_from is not None else int(np.asarray(offsets)[-1])
+        self.n_events = None if growing else 0 if copy_from is not None else int(np.asarray(offsets)[-1])
         self.given = self.written = 0  # events appended; events in the file
         self._carry = np.zeros(0, np.uint32)  # appended, less than a chunk, not compressed yet
         try:
@@ -401,21 +410,42 @@ class ScanWriter:
         except OSError as e:
             raise publish_error(e, self.tmp) from None
         try:
-            self._indices = _write_head(self._file, offsets, copy_from, compression_level, **fields)
+            self._indices = _growing_indices(self._file, compression_level) if growing else \
+                _write_head(self._file, offsets, copy_from, compression_level, **fields)
         except BaseException:
             self.discard()
             raise
+
+    def finish_head(self, *, offsets, **fields) -> None:
+        """A ``growing`` file: everything but the events still to come (the fields of
+        ``write_scan``); from now on ``offsets`` says how many events there are."""
+        n = int(np.asarray(offsets)[-1])
+        if self.n_events is not None:
+            raise ValueError(f"{self.tmp}: its head is written already")
+        if n < max(self.given, EVENTS_CHUNK):
+            raise ValueError(f"{self.tmp}: {n} events in the scan, {self.given} appended already "
+                             f"(a growing file needs at least {EVENTS_CHUNK})")
+        if self.staging is not None:
+            check_space(self.staging, _upper_bound(offsets, fields) - 4 * self.given)
+        self.n_events = n
+        _write_head(self._file, offsets, None, self.level, grown=self._indices, **fields)
+
+    def _room(self, end: int) -> None:
+        """A growing file's indices long enough for events ``[0, end)``."""
+        if self._indices.shape[0] < end:
+            self._indices.resize((end,))
 
     def append(self, indices: np.ndarray) -> None:
         """The next events (uint32 flat pixel indices), in file order: whole HDF5 chunks are
         compressed and written now, the rest waits for the next events."""
         indices = np.asarray(indices, np.uint32)
-        if self.given + len(indices) > self.n_events:
+        if self.n_events is not None and self.given + len(indices) > self.n_events:
             raise ValueError(f"{self.tmp}: more events than the {self.n_events} the offsets announce")
         if not len(indices):
             return
         self.given += len(indices)
         if self.level == 0:
+            self._room(self.given)
             self._indices[self.given - len(indices):self.given] = indices
             self.written = self.given
             return
@@ -432,7 +462,7 @@ class ScanWriter:
         if block.chunks:
             if len(self._carry) or self.written != self.given:
                 raise ValueError(f"{self.tmp}: compressed chunks at {self.given}, not a chunk boundary")
-            if self.given + block.n_chunked > self.n_events:
+            if self.n_events is not None and self.given + block.n_chunked > self.n_events:
                 raise ValueError(f"{self.tmp}: more events than the {self.n_events} the offsets announce")
             self.given += block.n_chunked
             self._write_chunks(block)
@@ -440,6 +470,8 @@ class ScanWriter:
 
     def _write_chunks(self, block: EventBlock) -> None:
         L = self._indices.chunks[0] if block.chunks else 1
+        if block.chunks:
+            self._room(min(self.written + len(block.chunks) * L, self.n_events or (1 << 62)))
         for i, payload in enumerate(block.chunks):
             self._indices.id.write_direct_chunk((self.written + i * L,), payload)
         self.written += block.n_chunked
@@ -516,14 +548,24 @@ def _upper_bound(offsets, fields: dict) -> int:
     return n + (1 << 20)
 
 
+def _growing_indices(f: h5py.File, level: int) -> h5py.Dataset:
+    """``/events/indices`` of a file whose number of events is not known yet: empty,
+    extensible, chunked and filtered as ``_write_head`` makes it for a scan of at least
+    ``EVENTS_CHUNK`` events."""
+    return _chunked(f.create_group("events"), "indices", (0,), np.uint32, EVENTS_CHUNK, level,
+                    maxshape=(None,))
+
+
 def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, reason, geometry,
                 metadata, results, provenance, completeness=None, completeness_summary=None,
-                counting=None):
+                counting=None, grown=None):
     """Everything of a scan file but the event indices; returns the (empty) indices dataset.
     copy_from: a scan file whose /events and /completeness are copied as they are (raw
     compressed chunks, nothing decoded) instead of ``offsets``/``completeness`` (and its
     ``/counting``). counting: (attributes, arrays) of the ``/counting`` group, for a scan
-    counted from raw frames."""
+    counted from raw frames. grown: the ``_growing_indices`` already written into (then
+    sized to the scan's events). ``/events/indices`` is extensible (maxshape None) either
+    way, so that both kinds of file are the same."""
     put_attrs(f, format=FORMAT, format_version=FORMAT_VERSION, scan_id=scan_id,
                    status=status, reason=reason)
     write_attrs(f.create_group("geometry"), geometry)
@@ -536,13 +578,17 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
     else:
         offsets = np.asarray(offsets, np.uint64)
         n = int(offsets[-1])
-        ev = f.create_group("events")
+        ev = f.require_group("events")
         put_attrs(ev, layout="csr", sorted_within_frame=True, n_events=n,
                         frame_shape=geometry["frame_shape"], scan_shape=geometry["scan_shape"],
                         frames_per_position=geometry["frames_per_position"])
         write_compressed(ev, "offsets", offsets, 1 << 18, level)
-        indices = ev.create_dataset("indices", data=np.zeros(0, np.uint32)) if n == 0 else \
-            _chunked(ev, "indices", (n,), np.uint32, events_chunk_len(n), level)
+        if grown is not None:
+            indices = grown
+            indices.resize((n,))
+        else:
+            indices = ev.create_dataset("indices", data=np.zeros(0, np.uint32)) if n == 0 else \
+                _chunked(ev, "indices", (n,), np.uint32, events_chunk_len(n), level, maxshape=(None,))
     if counting is not None:
         attrs, arrays = counting
         g = f.create_group("counting")

@@ -49,6 +49,7 @@ from stream.config import (ConfigError, PipelineConfig, build_operators, calibra
 from stream.session.ask import ControlError, ControlServer
 from stream.session.finalize import (SMALL_SCAN_EVENTS, ScanInfo, ScanResult, config_json, drop_staged,
                                      finalize_on_cluster, publish_staged, result_of, written_here)
+from stream.session.early import TICK_S, EarlyWriter
 from stream.session.held import BACKOFF_S, NO_WORKER, REMIND_S, HeldScan, MovingFile, loud_lines, rescue_dir
 from stream.session.lifecycle import DONE, SILENT_S, ScanStatus, ScanTracker
 from stream.files.storage import move_into
@@ -215,6 +216,7 @@ class Session:
         self._links: dict[str, dict] = {}  # worker -> its receiver's last links report
         self._links_said: dict[str, str] | None = None  # unreached sources when last told
         self._ever_linked: set[str] = set()  # sources a receiver was connected to at some time
+        self._early: EarlyWriter | None = None  # writes the events while scans run ([output] write_while_scanning)
 
     # -------------------------------------------------------------- start / stop
     def __enter__(self):
@@ -301,6 +303,8 @@ class Session:
                                 keys=receiver_keys, announce_address=self.announce_address,
                                 source_plan=plan)
         self._client.register_plugin(plugin, name=self._plugin_name)
+        if self.config.output.write_while_scanning:
+            self._early = EarlyWriter(self._client, self._plugin_name, self.config)
         self.workers = sorted(self._client.scheduler_info()["workers"])
         self._client.subscribe_topic("all", self._on_dask_event)  # workers that join or leave, and why
         threading.Thread(target=self._watch_workers, name="stemstream-workers", daemon=True).start()
@@ -544,7 +548,8 @@ class Session:
         """Plain-value status of every scan seen (for dashboards and tests)."""
         return [{"scan_id": s.scan_id, "state": s.state, "frames_received": s.frames_received,
                  "n_frames": s.n_frames, "events": s.events, "missing_so_far": s.missing_so_far(),
-                 "duplicates": s.duplicates, "worker_events": dict(s.worker_events)}
+                 "duplicates": s.duplicates, "worker_events": dict(s.worker_events),
+                 "written_early": self._early.progress(s.scan_id) if self._early is not None else 0}
                 for s in list(self._tracker.scans.values())]
 
     def receivers(self) -> list[dict]:
@@ -667,7 +672,7 @@ class Session:
 
     def _coordinate(self) -> None:
         live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
-        next_live = next_forget = next_announce = time.monotonic()
+        next_live = next_forget = next_announce = next_early = time.monotonic()
         next_links = next_live + LINK_GRACE_S  # connecting takes a moment; then say what is not
         warned = set()
         poller = zmq.Poller()
@@ -698,6 +703,10 @@ class Session:
                     self.console.say("WARNING: end or abort messages of a scan no source announced with "
                                      "start were dropped (further ones are counted, not shown)")
                 self._retry_due(now)
+                if self._early is not None and now >= next_early:
+                    next_early = now + TICK_S
+                    self._early.tick(self._tracker.active(), self._live_workers(), self._writing,
+                                     str(self.config.output.dir))
                 self.console.progress(self._tracker.active())
                 self._say_waiting(now)
                 if now >= next_announce:  # for receivers that joined late or missed a message
@@ -1043,7 +1052,25 @@ class Session:
                 h.staged = None
             else:
                 return self._maybe_fallback(r, worker, fallback)
-        small = st.events <= SMALL_SCAN_EVENTS
+        early = self._early.finish(st, live, timeout, h.stop) if self._early is not None else None
+        if early is not None:
+            h.early_written = early.stored
+            if early.failed:  # thrown away: written at the end as if none had started
+                early = None
+        try:
+            return self._write_closed(h, live, out, fallback, timeout, early)
+        except BaseException:
+            if early is not None and early.token not in h.early_used:
+                self._early.drop(early)
+            raise
+
+    def _write_closed(self, h: HeldScan, live: set, out: str, fallback: str, timeout: float, early) -> ScanResult:
+        """``_write`` once no finished file is waiting: close the scan on the workers, then
+        finalize it (``early``: its events written while it ran, on ``early.writer``)."""
+        st, client = h.status, self._client
+        small = st.events <= SMALL_SCAN_EVENTS and early is None
+        if early is not None:
+            h.planned = early.writer  # the end goes on writing that file
         if small and h.planned is None:  # the writer first: the others close straight to it
             h.planned = min(live or [None], key=lambda w: (self._writing.get(w, 0),
                                                            -st.worker_events.get(w, 0), str(w)))
@@ -1064,7 +1091,8 @@ class Session:
         info = ScanInfo(st.scan_id, st.geometry, st.metadata, st.close_reason, st.abort_reason,
                         dict(st.frames_sent), st.rejects,
                         {"opened": st.opened, "first_frame": st.first_frame_time,
-                         "last_frame": st.last_frame_time, "closed": st.closed_time}, sorted(closed),
+                         "last_frame": st.last_frame_time, "closed": st.closed_time,
+                         "early_written": h.early_written}, sorted(closed),
                         errors=list(st.errors), out_dir=out, lost=dict(st.lost),
                         reported=None if reported is None else np.packbits(reported, axis=-1),
                         late=None if late is None else np.packbits(late, axis=-1),
@@ -1073,9 +1101,15 @@ class Session:
         if writer not in h.writers:
             h.writers.append(writer)
         self._writing[writer] = self._writing.get(writer, 0) + 1
+        token = early.token if early is not None and writer == early.writer else ""
+        if token:
+            h.early_used.add(token)
+        elif early is not None:  # its writer cannot write the end
+            h.early_used.add(early.token)
+            self._early.drop(early)
         try:
             r = finalize_on_cluster(client, info, self.config, closed, writer, timeout,
-                                    small=small, stop=h.stop, travelling=h.travelling)
+                                    small=small, stop=h.stop, travelling=h.travelling, early=token)
         finally:
             self._writing[writer] -= 1
         if r.path is None and r.staged:

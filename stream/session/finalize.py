@@ -11,6 +11,7 @@ holds a whole scan's events at once, and the work of the events is spread over t
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import socket
 import tempfile
@@ -33,9 +34,10 @@ from stream.config import PipelineConfig, build_operators
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
 from stream.transport.spill import SpillFile
-from stream.files.storage import (EventBlock, JSONText, PublishError, ScanWriter, compress_block, publish,
-                                  read_images)
+from stream.files.storage import (EVENTS_CHUNK, EventBlock, JSONText, PublishError, ScanWriter, check_space,
+                                  compress_block, publish, read_images)
 
+log = logging.getLogger("stemstream.finalize")
 IN_FLIGHT = 3  # blocks on their way to the writer at once
 SMALL_SCAN_EVENTS = 4_000_000  # up to this many electrons a scan is written by one task
 
@@ -343,22 +345,34 @@ class WritePlan:
 
 
 def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplicated: bool,
-                   *light: WorkerScan) -> WritePlan | None:
+                   *light: WorkerScan, early: str = "") -> WritePlan | None:
     """On the writer: merge the workers' states (``without_events``), finalize every operator
     and start the scan file (the rest of it is written while the events come); returns how
     the events are to come. None, doing nothing, if frames arrived more than once and the
-    states are not ``deduplicated`` yet (``keep_owned``)."""
+    states are not ``deduplicated`` yet (``keep_owned``). ``early``: the token of the file
+    ``write_early`` wrote while the scan ran: kept, and only the frames after it planned,
+    if its events are exactly those the states hold; else thrown away."""
     if not deduplicated and claim_frames(*map(received_counts, light)) is not None:
         return None
     _busy(info.write_id, +1)
     try:
-        return _open_scan_file(info, config, token, light)
+        return _open_scan_file(info, config, token, light, take_early(early))
     except BaseException:
         _busy(info.write_id, -1)
         raise
 
 
-def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -> WritePlan:
+def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light,
+                    early: _EarlyFile | None = None) -> WritePlan:
+    try:
+        return _open_scan_file_(info, config, token, light, early)
+    except BaseException:
+        if early is not None and early.writer is not None and not early.adopted:
+            early.writer.discard()
+        raise
+
+
+def _open_scan_file_(info: ScanInfo, config: PipelineConfig, token: str, light, early) -> WritePlan:
     t0 = time.time()
     ops, states = merge_states(list(light), config, info.geometry)
     results, completeness, summary = {}, {}, {}
@@ -393,19 +407,34 @@ def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -
     summary_attrs = {k: v for k, v in summary.items() if k not in listed}  # those are datasets
     lost_cause = "; ".join(f"worker {w}: {c}" for w, c in info.lost.items())
     summary_attrs.update(n_lost=len(lost), lost_cause=lost_cause, n_late=len(late))
-    timings = dict(info.timings, finalize_start=t0, merged=time.time())
+    keep = _early_kept(early, counts, completeness["received"].data, config)
+    timings = dict(info.timings, finalize_start=t0, merged=time.time(), early_frames=keep)
+    timings.setdefault("early_written", 0)
     provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
                   "numpy": np.__version__, "host": socket.gethostname(), "workers": info.workers,
                   "config": JSONText(info.config_json or config_json(config)), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
                   "rejected_messages": info.rejects, "rejects": dict(info.reject_reasons),
                   "late_frames": info.late_frames, "errors": errors}
-    writer = ScanWriter(Path(info.out_dir or config.output.dir) / f"{info.scan_id}.h5", staging=staging_dir(config),
-                        scan_id=info.scan_id,
-                        status=status, reason=reason, geometry=info.geometry.for_sector(None).to_wire(),
-                        metadata=info.metadata, results=results, offsets=offsets,
-                        completeness=completeness, completeness_summary=summary_attrs,
-                        provenance={**provenance, "timings": timings}, counting=counting,
-                        compression_level=config.output.compression_level)
+    head = {"scan_id": info.scan_id, "status": status, "reason": reason,
+            "geometry": info.geometry.for_sector(None).to_wire(), "metadata": info.metadata,
+            "results": results, "offsets": offsets, "completeness": completeness,
+            "completeness_summary": summary_attrs, "provenance": {**provenance, "timings": timings},
+            "counting": counting}
+    path = Path(info.out_dir or config.output.dir) / f"{info.scan_id}.h5"
+    if keep:  # the events of stored frames [0, keep) are in it already
+        writer = early.writer
+        early.adopted = True
+        try:
+            writer.path = path
+            writer.finish_head(**head)
+        except BaseException:
+            writer.discard()
+            raise
+    else:
+        if early is not None and early.writer is not None:
+            early.writer.discard()
+        writer = ScanWriter(path, staging=staging_dir(config), compression_level=config.output.compression_level,
+                            **head)
     g = info.geometry
     result = ScanResult(info.scan_id, None, status, reason, n_frames=g.n_frames,
                         frames_received=summary["n_frames_received"],
@@ -425,9 +454,153 @@ def _open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, light) -
             writer.discard()
             raise RuntimeError(f"scan {info.scan_id}: given up while its file was opened")
         _OPEN[token] = _OpenScan(writer, offsets, result, info.write_id)
-    blocks = [(lo, hi, int(offsets[lo])) for lo, hi in
-              plan_blocks(counts, max(1, int(config.memory.write_block_mb * 1e6 / 4)))]
+    blocks = [(lo + keep, hi + keep, int(offsets[lo + keep])) for lo, hi in
+              plan_blocks(counts[keep:], max(1, int(config.memory.write_block_mb * 1e6 / 4)))]
     return WritePlan(token, blocks, store, int(offsets[-1]), config.output.compression_level)
+
+
+@dataclass
+class EarlySpec:
+    """What the writer needs to write a scan's events while the scan runs (``write_early``):
+    the file's name, where to build it (``[memory] spill_dir``, '' : the worker's local
+    directory) and the compression level."""
+
+    scan_id: str
+    geometry: Geometry
+    path: str
+    spill_dir: str
+    level: int
+
+
+@dataclass
+class _EarlyFile:
+    """A scan file written while its scan runs, on this worker: the events of stored frames
+    ``[0, stored)`` (frame numbers ``[0, frames)``), their count per stored frame, or the
+    error that stopped it."""
+
+    spec: EarlySpec
+    store: EventStore
+    writer: ScanWriter | None = None
+    counts: np.ndarray | None = None
+    stored: int = 0
+    frames: int = 0
+    error: str = ""
+    adopted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def status(self) -> dict:
+        return {"stored": self.stored, "frames": self.frames, "error": self.error,
+                "events": self.writer.given if self.writer is not None else 0}
+
+
+_EARLY: dict[str, _EarlyFile] = {}  # token -> file being written while its scan runs
+_EARLY_GONE: dict[str, None] = {}  # tokens taken or discarded (the last 1024): later blocks do nothing
+
+
+def _early_gone(token: str) -> None:
+    _EARLY_GONE[token] = None
+    for old in list(_EARLY_GONE)[:-1024]:
+        del _EARLY_GONE[old]
+
+
+def write_early(token: str, spec: EarlySpec, lo: int, hi: int, frames: int, after, *parts) -> dict:
+    """On the writer, while the scan runs: stored frames ``[lo, hi)`` (every part of frame
+    numbers below ``frames`` was received) from each worker's ``Receiver.events_in`` parts
+    (None: the scan was not open there) into the scan's growing file (``token``), in
+    canonical CSR. ``after``: the previous block's call (keeps the order). Returns the
+    file's ``status``. An error is logged once, throws the file away and raises (the
+    coordinator sees the failed task and submits no more; the scan is written at its end as
+    if none had been started)."""
+    with _OPEN_LOCK:
+        early = _EARLY.get(token)
+        if early is None:
+            if token in _EARLY_GONE:
+                return {"stored": 0, "frames": 0, "events": 0, "error": "discarded"}
+            g = spec.geometry
+            early = _EARLY[token] = _EarlyFile(spec, EventStore(g.scan_shape, g.frame_shape,
+                                                                g.frames_per_position, g.flyback))
+    with early.lock:
+        if early.error:
+            return early.status()
+        try:
+            if any(p is None for p in parts):
+                raise RuntimeError("the scan was no longer open on a worker that received its frames")
+            if lo != early.stored:
+                raise RuntimeError(f"a block from stored frame {lo} where {early.stored} is next")
+            offsets, indices = early.store.csr([c for p in parts for c in p], lo, hi)
+            if early.writer is None:
+                early.writer = ScanWriter(spec.path, compression_level=spec.level, growing=True,
+                                          staging=spec.spill_dir or staging_dir(None))
+                early.counts = np.zeros(early.store.n_stored, np.int64)
+            check_space(early.writer.tmp.parent, 4 * len(indices) + (1 << 20))
+            early.writer.append(indices)
+            early.counts[lo:hi] = np.diff(offsets)
+            early.stored, early.frames = hi, frames
+        except Exception as e:  # noqa: BLE001 - the end writes the scan as if none had started
+            early.error = f"{type(e).__name__}: {e}"
+            log.warning("scan %s: writing its events while it runs stopped (%s); its file is written "
+                        "when it ends", spec.scan_id, early.error)
+            if early.writer is not None:
+                early.writer.discard()
+                early.writer = None
+            raise RuntimeError(f"scan {spec.scan_id}: {early.error}") from None
+        return early.status()
+
+
+def discard_early(token: str) -> None:
+    """On the writer: throw away the file ``write_early`` started (blocks still to come do
+    nothing)."""
+    with _OPEN_LOCK:
+        early = _EARLY.pop(token, None)
+        _early_gone(token)
+    if early is not None:
+        with early.lock:
+            early.error = early.error or "discarded"
+            if early.writer is not None:
+                early.writer.discard()
+                early.writer = None
+
+
+def take_early(token: str) -> _EarlyFile | None:
+    """On the writer, at the scan's end: the file ``write_early`` wrote (None: none, or it
+    stopped)."""
+    if not token:
+        return None
+    with _OPEN_LOCK:
+        early = _EARLY.pop(token, None)
+        _early_gone(token)
+    if early is None:
+        return None
+    with early.lock:  # a block still being written finishes first
+        if early.error or early.writer is None:
+            return None
+        return early
+
+
+def _early_kept(early: _EarlyFile | None, counts: np.ndarray, received: np.ndarray,
+                config: PipelineConfig) -> int:
+    """Stored frames of the early file to keep: all it holds when its events are exactly
+    those the merged states hold (same counts per stored frame, no frame part received twice
+    in them, the file's chunk length and level), else 0."""
+    if early is None:
+        return 0
+    s = early.stored
+    why = "" if s else "nothing written"
+    if not why and int(counts.sum()) < EVENTS_CHUNK:
+        why = "fewer events than one chunk"
+    elif not why and early.spec.level != config.output.compression_level:
+        why = "another compression level"
+    elif not why and not np.array_equal(counts[:s], early.counts[:s]):
+        why = "the workers hold other events for its frames (a worker lost?)"
+    elif not why and early.frames and int(received[:, :early.frames].max()) > 1:
+        why = "frames in it arrived more than once"
+    elif not why and early.writer.given != int(counts[:s].sum()):
+        why = "its event count is off"
+    if why:
+        log.info("scan %s: the events written while it ran are not used (%s); written at the end",
+                 early.spec.scan_id, why)
+        return 0
+    return s
 
 
 def build_block(plan: WritePlan, k: int, here: WorkerScan | None, *parts: list) -> tuple:
@@ -506,10 +679,10 @@ def config_json(config: PipelineConfig) -> str:
     return json.dumps(config.to_dict(), default=str)
 
 
-def staging_dir(config: PipelineConfig) -> str:
+def staging_dir(config: PipelineConfig | None) -> str:
     """Where this process builds scan files before publishing them: ``[memory] spill_dir``,
     else the dask worker's local directory, else the system's temporary directory."""
-    if config.memory.spill_dir:
+    if config is not None and config.memory.spill_dir:
         return config.memory.spill_dir
     try:
         from distributed import get_worker
@@ -583,7 +756,8 @@ def result_of(future, timeout: float, stop: threading.Event | None = None, what:
 
 def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: dict,
                         writer: str, timeout: float, small: bool = False,
-                        stop: threading.Event | None = None, travelling: set = frozenset()) -> ScanResult:
+                        stop: threading.Event | None = None, travelling: set = frozenset(),
+                        early: str = "") -> ScanResult:
     """``finalize_scan`` with every worker's state left where it is.
 
     closed: worker address → future of its ``WorkerScan`` (on that worker); writer: the
@@ -594,11 +768,12 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     ``small``: the other workers send their whole states to the writer, which does
     everything in one task (fewer round trips; for scans of a few million electrons).
     ``stop``: set by another thread when a worker of the scan left; raises WorkerLost.
-    ``travelling``: workers whose closed state is already ``portable``."""
+    ``travelling``: workers whose closed state is already ``portable``. ``early``: the
+    token of the file ``write_early`` wrote on ``writer`` while the scan ran (not ``small``)."""
     deadline = time.monotonic() + timeout
 
-    def on(worker, fn, *args):
-        return client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
+    def on(worker, fn, *args, **kwargs):
+        return client.submit(fn, *args, **kwargs, workers=[worker], allow_other_workers=False, pure=False)
 
     def wait(future):
         return result_of(future, max(0.0, deadline - time.monotonic()), stop, f"scan {info.scan_id}")
@@ -607,8 +782,8 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     token = uuid.uuid4().hex
     futures = []
 
-    def on_(worker, fn, *args):  # a task to cancel if the scan fails
-        futures.append(on(worker, fn, *args))
+    def on_(worker, fn, *args, **kwargs):  # a task to cancel if the scan fails
+        futures.append(on(worker, fn, *args, **kwargs))
         return futures[-1]
 
     if small:
@@ -622,12 +797,12 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     try:
         kept = closed
         plan = wait(on_(writer, open_scan_file, info, config, token, False,
-                        *(on(w, without_events, kept[w]) for w in workers)))
+                        *(on(w, without_events, kept[w]) for w in workers), early=early))
         if plan is None:  # frames arrived more than once: the workers drop the extra copies first
             owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
             kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
             plan = wait(on_(writer, open_scan_file, info, config, token, True,
-                            *(on(w, without_events, kept[w]) for w in workers)))
+                            *(on(w, without_events, kept[w]) for w in workers), early=early))
         builders = [w for w in workers if w != writer] + [writer]  # the writer has the most to do
         writes = []
         for k, (lo, hi, _) in enumerate(plan.blocks):
@@ -641,6 +816,9 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     except BaseException:
         client.cancel(futures)  # what has not started never will
         try:
+            if early:  # (if it was not taken yet)
+                from distributed import fire_and_forget
+                fire_and_forget(on(writer, discard_early, early))
             result_of(on(writer, discard_scan_file, token), 10.0)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass

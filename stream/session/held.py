@@ -63,6 +63,8 @@ class HeldScan(Retried):
     planned: str | None = None  # the writer chosen when it was closed (small scans)
     travelling: set = field(default_factory=set)  # workers whose state is ready to travel (portable)
     write_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per scan, every attempt
+    early_used: set = field(default_factory=set)  # tokens of files written while it ran, handed to an attempt
+    early_written: int = 0  # stored frames written while it ran (kept or not)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def where(self) -> str:

@@ -129,6 +129,25 @@ class ScanStatus:
         """(n_sources, n_frames) bool: frame parts some receiver processed and reported."""
         return None if self._received is None else self._received["received"] > 0
 
+    def complete_prefix(self, start: int = 0) -> int:
+        """The first frame number >= ``start`` that some source's part has not been reported
+        for yet (``n_frames`` if none): frames ``[start, it)`` arrived from every source."""
+        if self._received is None:
+            return start
+        rec, n, step = self._received["received"], self.n_frames, 1 << 14
+        lo = start
+        while lo < n:  # windows: the answer is usually near the receivers' front
+            hi = min(n, lo + step)
+            gap = np.flatnonzero((rec[:, lo:hi] == 0).any(axis=0))
+            if len(gap):
+                return lo + int(gap[0])
+            lo, step = hi, step * 2
+        return n
+
+    def repeated(self, lo: int, hi: int) -> bool:
+        """Some part of frames ``[lo, hi)`` was reported more than once."""
+        return self._received is not None and hi > lo and int(self._received["received"][:, lo:hi].max()) > 1
+
     @property
     def all_ended(self) -> bool:
         return self.geometry is not None and len(self.frames_sent) == self.geometry.n_sources

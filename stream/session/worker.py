@@ -4,6 +4,7 @@ scan's state from the receiver that holds it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,7 @@ from stream.sources.build import build_source
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
 
+log = logging.getLogger("stemstream.worker")
 STAGE_EXECUTOR = "stemstream-stages"  # the worker executor (one thread) downstream stages run in
 
 
@@ -83,6 +85,19 @@ def apply_on_worker(plugin_name: str, scan_id: str, op):
     """An ad-hoc operator over this worker's events of the open scan ``scan_id``
     (``Receiver.apply``): (state, frame parts, events), or None if the scan is not open here."""
     return _receiver(plugin_name).apply(scan_id, op)
+
+
+def early_events_on_worker(plugin_name: str, scan_id: str, lo: int, hi: int):
+    """The chunks of stored frames ``[lo, hi)`` of the open scan ``scan_id`` this worker's
+    receiver holds (``Receiver.events_in``), for ``finalize.write_early``; None when the
+    scan is not open here or they cannot be read (never raises: the file written while the
+    scan runs is then dropped, the scan is written at its end)."""
+    try:
+        return _receiver(plugin_name).events_in(scan_id, lo, hi)
+    except Exception:  # noqa: BLE001 - reported by write_early as a part that is not there
+        log.warning("scan %s: events of stored frames %d..%d could not be read", scan_id, lo, hi,
+                    exc_info=True)
+        return None
 
 
 def source_command(plugin_name: str, name: str, *args, dask_worker=None):

@@ -250,6 +250,19 @@ class Receiver:
             events += c.n_events
         return state, frames, events
 
+    def events_in(self, scan_id: str, lo: int, hi: int) -> list[Chunk] | None:
+        """The frame parts of stored frames ``[lo, hi)`` this receiver holds of the open scan
+        ``scan_id`` (in memory or spilled), as chunks; None when the scan is not open here.
+        Every frame already reported is in them. The chunk list is copied under the lock;
+        the chunks never change once stored, so they are read outside it."""
+        with self._lock:
+            work = self._scans.get(scan_id)
+            if work is None or work.store is None:
+                return None
+            state = work.states[work.store.name]
+            held = {"chunks": list(state["chunks"]), "spans": list(state["spans"])}
+        return work.store.events_in(held, lo, hi)
+
     # -------------------------------------------------------------- the receive loop
     def _run(self) -> None:
         ctx = zmq.Context.instance()

@@ -1,0 +1,204 @@
+"""A scan's events written while it runs ([output] write_while_scanning) make the same file
+as the same stream written at its end: every dataset (values, dtype, shape, maxshape,
+chunking, filters) and every attribute but the timings, the host and the switch itself.
+
+Real sockets (a scripted detector in this process), a real cluster of two worker
+processes, real HDF5 files. Each stream is run twice, with the switch on and off; the
+file must also hold exactly the events sent (computed here from the stream), and early
+writing must really have happened (``timings.early_written``: stored frames written while
+the scan ran; ``early_frames``: those kept in the file)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ScriptedSource
+from faults import assert_same_file, set_read_only, wait_for, writable_dir
+from stream.config import MemorySpec
+from stream.session import Session
+from stream.session.early import stored_before
+from stream.transport.protocol import Geometry
+from test_pipeline import assert_events_stored, assert_matches, config, reference, synthetic_events
+
+# 4160 frames of 2 sources, ~2.5 M electrons: a few 1 M-event chunks, blocks of 250 k events
+GEOM = Geometry((40, 50), (40, 36), frames_per_position=2, flyback=2,
+                mrad_per_px=0.5, convergence_mrad=4.0, center=(19.5, 17.5))
+DOSE = 600
+SKIP = {"/provenance/timings", "/provenance@host", "/provenance@config"}
+
+
+def run(client, src, out, early: bool, memory_mb: float, cases: dict) -> dict:
+    """Every case's scan, one after the other, through one session with early writing on or
+    off: case -> ScanResult."""
+    cfg = config(out, timeout_s=30, memory=MemorySpec(events_in_memory_mb=memory_mb, write_block_mb=1.0))
+    cfg.output = replace(cfg.output, write_while_scanning=early)
+    results = {}
+    with Session(src.addresses, config=cfg, client=client, console=False) as s:
+        src.wait_for_receivers()
+        for case, script in cases.items():
+            src.start(case, GEOM)
+            script(src, s, early, case, events_of(case))
+            results[case] = s.wait(case, timeout=120)
+    return results
+
+
+def events_of(case):
+    return synthetic_events(GEOM, seed=len(case), dose=DOSE)
+
+
+def written_early(s, name, at_least=1):
+    """Wait until the session has given ``at_least`` stored frames to blocks written early."""
+    return wait_for(lambda: [st["written_early"] for st in s.status()
+                             if st["scan_id"] == name and st["written_early"] >= at_least], 60)[0]
+
+
+def in_order(src, s, early, name, events):
+    src.frames(name, GEOM, *events, batch=8)
+    if early:
+        written_early(s, name, at_least=stored_before(GEOM, GEOM.n_frames) // 2)
+    src.end(name, GEOM.n_frames)
+
+
+def out_of_order(src, s, early, name, events):
+    src.frames(name, GEOM, *events, batch=5, order=np.random.default_rng(4).permutation)
+    if early:
+        written_early(s, name)
+    src.end(name, GEOM.n_frames)
+
+
+HOLE = list(range(3001, 3012))
+
+
+def missing(src, s, early, name, events):
+    src.frames(name, GEOM, *events, batch=8, only=[f for f in range(GEOM.n_frames) if f not in HOLE])
+    if early:
+        written_early(s, name)
+    src.end(name, GEOM.n_frames)
+
+
+DUP_EARLY = list(range(10, 30))
+
+
+def duplicated_in_the_early_part(src, s, early, name, events):
+    src.frames(name, GEOM, *events, batch=8)
+    if early:
+        written_early(s, name, at_least=stored_before(GEOM, 100))
+    src.frames(name, GEOM, *events, batch=3, only=DUP_EARLY)  # resent after they were written
+    src.end(name, GEOM.n_frames)
+
+
+TAIL = 200
+DUP_TAIL = list(range(GEOM.n_frames - 150, GEOM.n_frames - 140))
+
+
+def duplicated_at_the_end(src, s, early, name, events):
+    """The last 200 frames (fewer events than a block: never written early) come after
+    early writing started, some of them twice: the file written early is kept, the end
+    drops the extra copies."""
+    src.frames(name, GEOM, *events, batch=8, only=range(GEOM.n_frames - TAIL))
+    if early:
+        written_early(s, name)
+    src.frames(name, GEOM, *events, batch=8, only=range(GEOM.n_frames - TAIL, GEOM.n_frames))
+    src.frames(name, GEOM, *events, batch=2, only=DUP_TAIL)
+    src.end(name, GEOM.n_frames)
+
+
+CASES = {"in_order": in_order, "out_of_order": out_of_order, "missing": missing,
+         "duplicated_early": duplicated_in_the_early_part, "duplicated_end": duplicated_at_the_end}
+KEPT = {"duplicated_early": False}  # frames resent into the part written early: thrown away
+
+
+@pytest.fixture(scope="module")
+def written(client2, tmp_path_factory):
+    """case -> (ScanResult with early writing on, the same with it off): the cases through
+    one pair of sessions, and an out-of-order scan through a pair whose receivers keep at
+    most 50 kB of events in memory (the rest in their spill files)."""
+    src = ScriptedSource(2)
+    try:
+        out = {}
+        on = run(client2, src, tmp_path_factory.mktemp("on"), True, 128.0, CASES)
+        off = run(client2, src, tmp_path_factory.mktemp("off"), False, 128.0, CASES)
+        out.update({case: (on[case], off[case]) for case in CASES})
+        spill = {"spilled": out_of_order}
+        on = run(client2, src, tmp_path_factory.mktemp("spill_on"), True, 0.05, spill)
+        off = run(client2, src, tmp_path_factory.mktemp("spill_off"), False, 0.05, spill)
+        out["spilled"] = (on["spilled"], off["spilled"])
+        return out
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("case", [*CASES, "spilled"])
+def test_written_while_scanning_equals_written_at_the_end(written, case):
+    on, off = written[case]
+    events = events_of(case)
+    assert on.events > 2 * (1 << 20)  # more than two HDF5 chunks of events
+    # early writing happened, and its file was kept (or, with frames resent into it, not)
+    assert on.timings["early_written"] > 0
+    assert (on.timings["early_frames"] > 0) == KEPT.get(case, True), on.timings
+    assert off.timings["early_written"] == off.timings["early_frames"] == 0
+    assert_same_file(on.path, off.path, skip=SKIP)
+    configs = []
+    for r in (on, off):
+        with h5py.File(r.path, "r") as f:
+            configs.append(json.loads(f["provenance"].attrs["config"]))
+    assert [c["output"].pop("write_while_scanning") for c in configs] == [True, False]
+    assert [c["output"].pop("dir") for c in configs] != [None, None]
+    assert configs[0] == configs[1]
+    # and it holds what was sent, computed here from the stream
+    keep = np.ones(GEOM.n_frames, bool)
+    if case == "missing":
+        keep[HOLE] = False
+        assert on.missing_frames == HOLE
+    assert_events_stored(on.path, *events, GEOM, keep=keep)
+    assert_matches(on, reference(*events, GEOM, keep=keep), on.path)
+    if case.startswith("duplicated"):
+        assert on.duplicated_frames == (DUP_EARLY if case == "duplicated_early" else DUP_TAIL)
+
+
+def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(client2, written, tmp_path):
+    """The output goes read-only while the scan's events are being written early: the
+    finished file waits in staging (the early file, adopted), is published once the output
+    is writable again, equal to the same scan written at the end; nothing is left in staging
+    and no second copy appears."""
+    staging = tmp_path / "staging"
+    src = ScriptedSource(2)
+    try:
+        with writable_dir(tmp_path) as out:
+            cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, spill_dir=str(staging)))
+            cfg.output = replace(cfg.output, dir=str(out))
+            with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+                src.wait_for_receivers()
+                src.start("in_order", GEOM)
+                events = events_of("in_order")
+                src.frames("in_order", GEOM, *events, batch=8)
+                written_early(s, "in_order")
+                set_read_only(out, True)
+                try:
+                    src.end("in_order", GEOM.n_frames)
+                    held = wait_for(lambda: [p for p in s.pending() if p["attempts"] >= 1], 120)
+                    assert "staging" in held[0]["where"], held[0]
+                    assert len(list(staging.glob(".in_order.h5.*.partial"))) == 1  # the one finished file
+                finally:
+                    set_read_only(out, False)
+                r = s.wait("in_order", timeout=120)
+            assert r.path == out / "in_order.h5" and [p.name for p in out.glob("*.h5")] == ["in_order.h5"]
+            assert r.timings["early_frames"] > 0
+            assert_same_file(r.path, written["in_order"][1].path, skip=SKIP)
+            assert not list(staging.glob("*.partial")) and not list(staging.glob(".*.partial"))
+    finally:
+        src.close()
+
+
+def test_stored_before_counts_the_stored_frames_below_a_frame_number():
+    """Against the frames one by one: position·fpp + k, flyback frames dropped."""
+    for g in (GEOM, Geometry((3, 4), (8, 8)), Geometry((3, 4), (8, 8), frames_per_position=3, flyback=1)):
+        fpp, nx, w = g.frames_per_position, g.scan_shape[1], g.scan_shape[1] + g.flyback
+        stored = [(f // fpp) % w < nx for f in range(g.n_frames)]
+        for frames in range(g.n_frames + 1):
+            assert stored_before(g, frames) == sum(stored[:frames]), (g, frames)
