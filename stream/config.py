@@ -131,7 +131,7 @@ class OutputSpec:
     previews: bool = True
     compression_level: int = 2
     fallback_dir: str = ""  # where a scan file goes when dir cannot be written ("" : held on the workers)
-    write_while_scanning: bool = True  # events written while the scan runs (docs/CONFIG.md)
+    write_while_scanning: bool = False  # events written while the scan runs (docs/CONFIG.md; off until it pays)
 
 
 @dataclass
