@@ -69,6 +69,14 @@ def _any(p, b, m, half):
 
 
 @njit(**NJIT)
+def _piece(first, length, size, i, n, step):
+    """(start, bytes) of the i-th of the ``n`` pieces of ``size`` bytes of the run
+    ``first .. first+length``, counted from its end when ``step`` < 0."""
+    b = first + (i if step > 0 else n - 1 - i) * size
+    return b, min(size, first + length - b)
+
+
+@njit(**NJIT)
 def _value(p, b, j, enc, half):
     """Count of pixel ``j`` (stream order) of the whole raw words starting at ``p[b]``."""
     if enc == U08:
@@ -145,14 +153,12 @@ def payload_events_kernel(rows, offset, enc, num, den, segs, half, f0, counts, o
             nbytes = npx * den // num
             nblocks = (nbytes + BLOCK - 1) // BLOCK
             for bi in range(nblocks):
-                bk = b0 + (bi if step > 0 else nblocks - 1 - bi) * BLOCK
-                mb = min(BLOCK, b0 + nbytes - bk)
+                bk, mb = _piece(b0, nbytes, BLOCK, bi, nblocks, step)
                 if _any(p, bk, mb, half) == 0:
                     continue
                 nchunks = (mb + CHUNK - 1) // CHUNK
                 for ci in range(nchunks):
-                    b = bk + (ci if step > 0 else nchunks - 1 - ci) * CHUNK
-                    m = min(CHUNK, bk + mb - b)
+                    b, m = _piece(bk, mb, CHUNK, ci, nchunks, step)
                     if _any(p, b, m, half) == 0:
                         continue
                     e = _chunk_events(p, b, m, enc, num, den, half, dst + step * ((b - b0) * num // den), step,
