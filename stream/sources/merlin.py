@@ -35,8 +35,12 @@ log = logging.getLogger("stemstream.sources.merlin")
 RC_TEXT = {0: "ok", 1: "system busy", 2: "command not recognised", 3: "parameter out of range"}
 # frames per forwarded block, at most: 64 makes a message's fixed cost (a few hundred µs of CPU,
 # both ends) small per frame; a scan is cut into at least 4 blocks per worker, so small ones are
-# still shared by all workers. Fewer when fewer are waiting: a block is what has arrived.
+# still shared by all workers.
 BLOCK_FRAMES = 64
+BLOCK_BYTES = 8 << 20  # and at most this many bytes of frame messages
+# A leader faster than Merlin would forward every frame alone, as it comes, at a message's cost
+# per frame: it waits up to this long for a block to fill (the latency it adds, at most)
+HOLD_S = 0.01
 FIRST_EVENTS = 1 << 16  # room for the events of a block, to start with (it grows as frames need)
 FORWARD_DOMAIN = "stemstream-merlin-forward"  # the ZAP domain of the leader's PUSH socket
 
@@ -214,6 +218,7 @@ class MerlinLeader(threading.Thread):
         self.host, self.port = tcp_address(plan.data, "--connect", 6342)
         self._stop_event = threading.Event()
         self._count = 0
+        self._forwarded = 0.0  # when the last block left
         self.acq: _Acquisition | None = None
         self.error: BaseException | None = None
 
@@ -337,24 +342,39 @@ class MerlinLeader(threading.Thread):
 
     def _serve(self, reader: MpxReader) -> None:
         last = time.monotonic()
+        waiting = False  # frames are here, but fewer than a block: wait a little for more
         while not self._stop_event.is_set():
-            if reader.fill(0.1):
+            try:
+                came = reader.fill(HOLD_S if waiting else 0.1)
+            except ConnectionError:
+                self._take(reader, flush=True)  # the whole frames that came before it closed
+                raise
+            if came:
                 last = time.monotonic()
             elif self.acq is not None and self.acq.received and \
                     time.monotonic() - last > self.plan.gap_timeout_s:  # (before the first frame
                 # Merlin waits for its trigger, as long as it takes)
                 self._end_acquisition(f"no frame from Merlin for {self.plan.gap_timeout_s:g} s "
                                       "(the acquisition was stopped or aborted)")
-            while (n := reader.peek()) is not None:
-                head = bytes(reader.body(n)[:4])
-                if head == b"HDR,":
-                    self._header(bytes(reader.body(n)))
-                    reader.consume(MPX_PREFIX_LEN + n)
-                elif head == b"MQ1,":
-                    reader.consume(self._frames(reader, n))
-                else:
-                    raise MibError(f"a message that is neither an acquisition header nor a frame "
-                                   f"({head!r}): lost sync")
+            waiting = self._take(reader, flush=not came)
+
+    def _take(self, reader: MpxReader, flush: bool) -> bool:
+        """Handle the whole messages in the buffer; True when a part block of frames is
+        left there to wait for the rest (not ``flush``)."""
+        while (n := reader.peek()) is not None:
+            head = bytes(reader.body(n)[:4])
+            if head == b"HDR,":
+                self._header(bytes(reader.body(n)))
+                reader.consume(MPX_PREFIX_LEN + n)
+            elif head == b"MQ1,":
+                taken = self._frames(reader, n, flush)
+                if not taken:
+                    return True
+                reader.consume(taken)
+            else:
+                raise MibError(f"a message that is neither an acquisition header nor a frame "
+                               f"({head!r}): lost sync")
+        return False
 
     def _header(self, raw: bytes) -> None:
         if self.acq is not None:
@@ -374,8 +394,10 @@ class MerlinLeader(threading.Thread):
                         f"{shape[0]}x{shape[1]} = {shape[0] * shape[1]} positions; check "
                         "--scan against NUMFRAMESTOACQUIRE")
 
-    def _frames(self, reader: MpxReader, n_body: int) -> int:
-        """Forward the frames at the head of the buffer; returns the bytes taken."""
+    def _frames(self, reader: MpxReader, n_body: int, flush: bool = True) -> int:
+        """Forward the frames at the head of the buffer; returns the bytes taken: none when
+        fewer than a block are here and not ``flush`` (more are coming) and the last block
+        left less than HOLD_S ago."""
         acq = self.acq
         body = reader.body(n_body)
         if acq is None:
@@ -409,8 +431,13 @@ class MerlinLeader(threading.Thread):
                                f"{fh.frame_shape} within an acquisition")
             acq.fh, acq.events = fh, PayloadEvents(fh)
         fh, g = acq.fh, acq.geometry
-        block = max(1, min(BLOCK_FRAMES, acq.n_frames // (4 * max(1, self.plan.n_workers))))
-        rows = reader.frames(n_body, max(1, min(block, acq.n_frames - acq.received)))
+        block = max(1, min(BLOCK_FRAMES, BLOCK_BYTES // n_body, acq.n_frames // (4 * max(1, self.plan.n_workers)),
+                           acq.n_frames - acq.received))
+        if not flush and reader.available // (MPX_PREFIX_LEN + n_body) < block \
+                and time.monotonic() - self._forwarded < HOLD_S:
+            return 0
+        self._forwarded = time.monotonic()
+        rows = reader.frames(n_body, block)
         k = len(rows)
         first = acq.received
         acq.received += k
