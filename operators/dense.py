@@ -28,7 +28,7 @@ from operators.kernels import NJIT
 def totals_kernel(frames, totals):
     """totals[i] = electrons of frame i (the sum of its counts); a row whose pixels are all
     zero costs one vectorised max. Returns the sum over the frames."""
-    n, rows, w = frames.shape
+    n, rows = frames.shape[0], frames.shape[1]
     t = 0
     for i in range(n):
         s = 0
