@@ -276,7 +276,7 @@ from stream.session.worker import warm_up
 spec = CountingSpec()
 spec.calibration = Calibration(np.full((576, 576), 19.5, np.float32), 8.0, 400.0, attrs={"thresholds_source": "x"})
 cfg = validate(PipelineConfig(counting=spec))
-kernels = [dense.counts_kernel, ec.count_integer_kernel]
+kernels = [dense.events_kernel, dense.counts_kernel, dense.totals_kernel, ec.count_integer_kernel]
 warm_up(cfg)
 before = [len(k.signatures) for k in kernels]
 g = Geometry((4, 4), (576, 576), n_sources=4, sector=(144, 288))

@@ -25,22 +25,25 @@ from stream.transport.net import free_port_block
 N = 16  # frames of the acquisition: a 4 x 4 scan on Merlin's 256 x 256 chip
 
 
-def acquisition(seed=3):
-    """The emulator's scan and its dense reference (N, 256, 256) electrons per pixel."""
+def acquisition(seed=3, heavy=None):
+    """The emulator's scan and its dense reference (N, 256, 256) electrons per pixel;
+    ``heavy`` = (frame, electrons) gives that frame that many."""
     rng = np.random.default_rng(seed)
     counts = rng.poisson(40, N).astype(np.uint32)
+    if heavy is not None:
+        counts[heavy[0]] = heavy[1]
     indices = rng.integers(0, 256 * 256, int(counts.sum())).astype(np.uint32)
     dense = np.bincount(np.repeat(np.arange(N), counts) * 65536 + indices, minlength=N * 65536)
     return _Scan("a", counts, indices, (256, 256), {"scan_shape": (4, 4)}), dense.reshape(N, 256, 256)
 
 
-def run_merlin(curve: bool, strangers, max_message_bytes=0, done=None, timeout_s=30):
+def run_merlin(curve: bool, strangers, max_message_bytes=0, done=None, timeout_s=30, heavy=None):
     """A Merlin acquisition through a leader (worker w0) to the worker w1's source, with
     ``strangers(forward_address, plan)`` connected to the forwarding socket before the
     frames flow; until the end message, or ``done(notices)``. Returns (messages the two
     workers received, what each stranger received, notices)."""
     m = MerlinEmulator(f"tcp://127.0.0.1:{free_port_block(1)}", f"tcp://127.0.0.1:{free_port_block(1)}")
-    scan, _ = acquisition()
+    scan, _ = acquisition(heavy=heavy)
     plan = SourcePlan("merlin", (4, 4), m.data, leader="w0", prefix="t",
                       forward=f"tcp://127.0.0.1:{free_port_block(1)}", gap_timeout_s=5.0,
                       max_message_bytes=max_message_bytes)
@@ -103,12 +106,13 @@ def strangers_plain_and_forged(ctx, plan):
 
 
 def frames_of(msgs):
-    """The dense reference rebuilt from the received blocks: (N, 256, 256)."""
-    out = np.zeros((N, 256, 256), np.int64)
+    """The dense frames rebuilt from the received blocks of events: (N, 256, 256)."""
+    out = np.zeros((N, 256 * 256), np.int64)
     for msg in msgs:
-        if msg.kind == "dense":
-            out[msg.first:msg.first + msg.count] += msg.dense
-    return out
+        if msg.kind == "frames":
+            frame = np.repeat(np.arange(msg.first, msg.first + msg.count), msg.counts)
+            np.add.at(out, (frame, msg.indices), 1)
+    return out.reshape(N, 256, 256)
 
 
 def test_a_stranger_pulling_from_the_merlin_forwarding_socket_gets_nothing():
@@ -138,6 +142,20 @@ def test_a_merlin_frame_beyond_the_message_budget_opens_no_scan():
     assert got == []
     refused = [n for n in notices if "per-message budget" in n]
     assert len(refused) == 1 and "256x256 Merlin frame of 131,072 bytes" in refused[0], notices
+
+
+def test_a_merlin_frame_with_more_electrons_than_a_message_may_carry_is_named_and_skipped():
+    """A 200 kB budget lets 50,000 events into one message: frame 5 holds 60,000 electrons
+    (the frame itself, 131,072 bytes of values, is within the budget). It is not forwarded,
+    one console line names it, and every other frame arrives whole."""
+    got, _, notices = run_merlin(True, lambda ctx, plan: [], max_message_bytes=200_000, heavy=(5, 60_000))
+    _, dense = acquisition(heavy=(5, 60_000))
+    received = frames_of(got)
+    assert received[5].sum() == 0
+    dense[5] = 0
+    np.testing.assert_array_equal(received, dense)
+    refused = [n for n in notices if "frame 5 holds more than 50,000 electrons" in n]
+    assert len(refused) == 1, notices
 
 
 # ------------------------------------------------------------------ DECTRIS: decoded sizes

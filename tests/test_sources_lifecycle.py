@@ -140,6 +140,52 @@ def test_dectris_stream_that_never_connects_is_one_line_naming_it():
         src.close()
 
 
+@pytest.mark.peers
+def test_dectris_source_reads_nothing_once_held_until_told_the_series():
+    """Active mode, the same series id armed again (LiberTEM-live's DectrisSim replays one
+    dump): the session holds the sources, arms, then tells them the new scan id. A source
+    already waiting for messages when the hold came must not read the new series' header and
+    images under the previous scan's id (they were rejected as late, and the new scan lost
+    its start); it reads them only after ``expect``, as the new scan."""
+    import zmq
+
+    from stream.sources.base import SourcePlan
+    from stream.sources.dectris import DectrisSource
+    from stream.sources.simplon import detector_config, end_part, header_parts, image_parts
+
+    port = free_port_block(1)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.bind(f"tcp://127.0.0.1:{port}")
+    src = DectrisSource(SourcePlan("dectris", (1, 2), f"tcp://127.0.0.1:{port}", mode="active", prefix="p"), "w0")
+    src.open(ctx, lambda *a: None, lambda n: None)
+    frames = np.ones((2, 4, 4), np.uint16)
+    acquisition = [header_parts(1, detector_config(2, (4, 4), np.dtype(np.uint16), "exte", "none"))]
+    acquisition += [image_parts(1, i, f, "none") for i, f in enumerate(frames)] + [[end_part(1)]]
+    try:
+        src.command("expect", 1, "p-1")
+        deadline = time.monotonic() + 10
+        while not src._connected and time.monotonic() < deadline:  # the stream is up
+            src.receive(50)
+        got = []
+        waiting = threading.Thread(target=lambda: got.extend(src.receive(3000)))
+        waiting.start()  # the source waits in its poll
+        time.sleep(0.3)
+        src.command("hold")  # the session is about to arm: series 1 again
+        for parts in acquisition:
+            push.send_multipart(parts)
+        waiting.join()
+        assert got == [], [m.kind for m in got]
+        src.command("expect", 1, "p-1.1")
+        while not any(m.kind == "end" for m in got) and time.monotonic() < deadline:
+            got += src.receive(100)
+        assert [(m.kind, m.scan_id) for m in got] == [("start", "p-1.1"), ("dense", "p-1.1"),
+                                                      ("dense", "p-1.1"), ("end", "p-1.1")]
+    finally:
+        src.close()
+        push.close(0)
+
+
 def test_trigger_timeout_names_the_data_address(tmp_path, client2):
     """Merlin armed for an external trigger that never comes: acquire() fails naming the
     data address after [detector] trigger_timeout_s, and the session can go on."""

@@ -148,11 +148,13 @@ def warm_up(config: PipelineConfig) -> float:
 
 
 def warm_up_sources() -> None:
-    """Compile the detector sources' kernels (raw 1-bit MIB frames)."""
+    """Compile the detector sources' kernels (MIB payloads to events; one kernel for every
+    counter depth)."""
     from stream.sources import mib
+    from stream.sources.mib_events import payload_events
 
     fh = mib.parse_frame_header(mib.frame_header(1, 1, raw=True))
-    mib.decode_payloads(np.zeros((1, fh.payload_size), np.uint8), fh)
+    payload_events(np.zeros((1, fh.payload_size), np.uint8), fh)
 
 
 def warm_up_dense(config: PipelineConfig) -> None:

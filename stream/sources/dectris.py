@@ -200,10 +200,16 @@ class DectrisSource(Source):
         if not self._pull.poll(timeout_ms):
             return out
         for _ in range(256):
-            try:
-                parts = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+            # under the lock that ``hold`` takes: once the session holds (it is about to
+            # arm), not one more message is read until it says which series to expect; else
+            # the new series, arriving while this loop runs, went to the previous scan's id
+            with self._lock:
+                if self._hold:
+                    break
+                try:
+                    parts = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
             try:
                 self._handle(parts, out)
             except (SimplonError, ProtocolError, ValueError) as e:

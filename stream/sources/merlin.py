@@ -2,12 +2,12 @@
 session uses, and the source the workers run on its TCP data stream.
 
 Merlin's data port takes one TCP consumer. One worker, the *leader*, holds that connection
-(one thread): it splits the stream into frames, decodes their pixels into little-endian
-counts, and forwards blocks of consecutive frames as ``dense`` messages (``values``
-"counts") on a ZeroMQ PUSH socket. Every worker's source, the leader's included, pulls from
-it (ZeroMQ hands each block to one of them in turn), turns the counts into events and hands
-them to its receiver, so the electrons and the operators are shared by all workers
-(docs/MERLIN.md). The data channel gives no sign of a stopped or aborted acquisition: a gap
+(one thread): it splits the stream into frames, turns their pixel payloads straight into
+events (``mib_events``: a pixel that counted k electrons gives k events; no dense frame is
+made) and forwards blocks of consecutive frames as ``frames`` messages on a ZeroMQ PUSH
+socket. Every worker's source, the leader's included, pulls from it (ZeroMQ hands each
+block to one of them in turn) and hands them to its receiver, so the electrons and the
+operators are shared by all workers (docs/MERLIN.md). The data channel gives no sign of a stopped or aborted acquisition: a gap
 of ``gap_timeout_s`` without a frame, a new acquisition header or a closed connection ends
 the acquisition as aborted, with the frames that did not come named in the scan file.
 """
@@ -25,14 +25,23 @@ import zmq
 
 from stream.security import ClientKeys, Gatekeeper, as_client, as_server
 from stream.sources.base import DetectorError, Source, SourcePlan, budget_error, tcp_address
-from stream.sources.mib import (MPX_PREFIX_LEN, AcquisitionHeader, FrameHeader, MibError,
-                                decode_payloads, mpx_prefix, parse_frame_header, parse_mpx_prefix)
-from stream.transport.protocol import ProtocolError, decode, encode_abort, encode_dense, encode_end, encode_start
+from stream.sources.mib import (MPX_PREFIX_LEN, AcquisitionHeader, FrameHeader, MibError, mpx_prefix,
+                                parse_frame_header, parse_mpx_prefix)
+from stream.sources.mib_events import PayloadEvents
+from stream.transport.protocol import (MAX_DENSE_EVENTS, ProtocolError, decode, encode_abort, encode_end,
+                                       encode_frames, encode_start)
 
 log = logging.getLogger("stemstream.sources.merlin")
 RC_TEXT = {0: "ok", 1: "system busy", 2: "command not recognised", 3: "parameter out of range"}
-BLOCK_BYTES = 8 << 20  # values per forwarded block, at most
-BLOCK_FRAMES = 16  # frames per forwarded block, at most: small scans are still shared by all workers
+# frames per forwarded block, at most: 64 makes a message's fixed cost (a few hundred µs of CPU,
+# both ends) small per frame; a scan is cut into at least 4 blocks per worker, so small ones are
+# still shared by all workers.
+BLOCK_FRAMES = 64
+BLOCK_BYTES = 8 << 20  # and at most this many bytes of frame messages
+# A leader faster than Merlin would forward every frame alone, as it comes, at a message's cost
+# per frame: it waits up to this long for a block to fill (the latency it adds, at most)
+HOLD_S = 0.01
+FIRST_EVENTS = 1 << 16  # room for the events of a block, to start with (it grows as frames need)
 FORWARD_DOMAIN = "stemstream-merlin-forward"  # the ZAP domain of the leader's PUSH socket
 
 
@@ -191,6 +200,7 @@ class _Acquisition:
         self.scan_id, self.header, self.geometry, self.n_frames = scan_id, header, geometry, n_frames
         self.received = 0
         self.fh: FrameHeader | None = None
+        self.events: PayloadEvents | None = None  # the payload decoder of ``fh``'s layout
         self.overflow = False
         self.refused = False  # its frames are beyond the per-message budget
 
@@ -208,6 +218,7 @@ class MerlinLeader(threading.Thread):
         self.host, self.port = tcp_address(plan.data, "--connect", 6342)
         self._stop_event = threading.Event()
         self._count = 0
+        self._forwarded = 0.0  # when the last block left
         self.acq: _Acquisition | None = None
         self.error: BaseException | None = None
 
@@ -331,24 +342,39 @@ class MerlinLeader(threading.Thread):
 
     def _serve(self, reader: MpxReader) -> None:
         last = time.monotonic()
+        waiting = False  # frames are here, but fewer than a block: wait a little for more
         while not self._stop_event.is_set():
-            if reader.fill(0.1):
+            try:
+                came = reader.fill(HOLD_S if waiting else 0.1)
+            except ConnectionError:
+                self._take(reader, flush=True)  # the whole frames that came before it closed
+                raise
+            if came:
                 last = time.monotonic()
             elif self.acq is not None and self.acq.received and \
                     time.monotonic() - last > self.plan.gap_timeout_s:  # (before the first frame
                 # Merlin waits for its trigger, as long as it takes)
                 self._end_acquisition(f"no frame from Merlin for {self.plan.gap_timeout_s:g} s "
                                       "(the acquisition was stopped or aborted)")
-            while (n := reader.peek()) is not None:
-                head = bytes(reader.body(n)[:4])
-                if head == b"HDR,":
-                    self._header(bytes(reader.body(n)))
-                    reader.consume(MPX_PREFIX_LEN + n)
-                elif head == b"MQ1,":
-                    reader.consume(self._frames(reader, n))
-                else:
-                    raise MibError(f"a message that is neither an acquisition header nor a frame "
-                                   f"({head!r}): lost sync")
+            waiting = self._take(reader, flush=not came)
+
+    def _take(self, reader: MpxReader, flush: bool) -> bool:
+        """Handle the whole messages in the buffer; True when a part block of frames is
+        left there to wait for the rest (not ``flush``)."""
+        while (n := reader.peek()) is not None:
+            head = bytes(reader.body(n)[:4])
+            if head == b"HDR,":
+                self._header(bytes(reader.body(n)))
+                reader.consume(MPX_PREFIX_LEN + n)
+            elif head == b"MQ1,":
+                taken = self._frames(reader, n, flush)
+                if not taken:
+                    return True
+                reader.consume(taken)
+            else:
+                raise MibError(f"a message that is neither an acquisition header nor a frame "
+                               f"({head!r}): lost sync")
+        return False
 
     def _header(self, raw: bytes) -> None:
         if self.acq is not None:
@@ -368,8 +394,10 @@ class MerlinLeader(threading.Thread):
                         f"{shape[0]}x{shape[1]} = {shape[0] * shape[1]} positions; check "
                         "--scan against NUMFRAMESTOACQUIRE")
 
-    def _frames(self, reader: MpxReader, n_body: int) -> int:
-        """Forward the frames at the head of the buffer; returns the bytes taken."""
+    def _frames(self, reader: MpxReader, n_body: int, flush: bool = True) -> int:
+        """Forward the frames at the head of the buffer; returns the bytes taken: none when
+        fewer than a block are here and not ``flush`` (more are coming) and the last block
+        left less than HOLD_S ago."""
         acq = self.acq
         body = reader.body(n_body)
         if acq is None:
@@ -401,19 +429,21 @@ class MerlinLeader(threading.Thread):
             elif fh.frame_shape != acq.geometry.frame_shape:
                 raise MibError(f"frame shape changed from {acq.geometry.frame_shape} to "
                                f"{fh.frame_shape} within an acquisition")
-            acq.fh = fh
+            acq.fh, acq.events = fh, PayloadEvents(fh)
         fh, g = acq.fh, acq.geometry
-        per_frame = fh.frame_shape[0] * fh.frame_shape[1] * fh.value_dtype.itemsize
-        limit = max(1, min(BLOCK_BYTES // per_frame, BLOCK_FRAMES, acq.n_frames - acq.received))
-        rows = reader.frames(n_body, limit)
+        block = max(1, min(BLOCK_FRAMES, BLOCK_BYTES // n_body, acq.n_frames // (4 * max(1, self.plan.n_workers)),
+                           acq.n_frames - acq.received))
+        if not flush and reader.available // (MPX_PREFIX_LEN + n_body) < block \
+                and time.monotonic() - self._forwarded < HOLD_S:
+            return 0
+        self._forwarded = time.monotonic()
+        rows = reader.frames(n_body, block)
         k = len(rows)
         first = acq.received
         acq.received += k
         usable = max(0, min(k, g.n_frames - first))  # frames beyond the scan are dropped
         if usable:
-            start = MPX_PREFIX_LEN + fh.header_size
-            values = decode_payloads(rows[:usable, start:start + fh.payload_size], fh)
-            self._send(encode_dense(acq.scan_id, 0, g, first, values, "counts"))
+            self._forward_events(acq, rows[:usable], MPX_PREFIX_LEN + fh.header_size, first)
         if usable < k and not acq.overflow:
             acq.overflow = True
             self.notice(f"WARNING [{acq.scan_id}] Merlin sends more frames ({acq.n_frames}) than the "
@@ -422,6 +452,31 @@ class MerlinLeader(threading.Thread):
             self._send(encode_end(acq.scan_id, 0, min(acq.n_frames, g.n_frames)))
             self.acq = None
         return k * (MPX_PREFIX_LEN + n_body)
+
+    def _forward_events(self, acq: _Acquisition, rows: np.ndarray, offset: int, first: int) -> None:
+        """The events of frame messages ``rows`` (frames ``first ..``), as ``frames``
+        messages of at most the per-message budget of events; a frame whose events alone
+        exceed it is not sent (the scan names it missing) and the console says so once."""
+        budget = MAX_DENSE_EVENTS
+        if self.plan.max_message_bytes:
+            budget = max(1, min(budget, self.plan.max_message_bytes // 4))
+        counts = np.zeros(len(rows), np.uint32)
+        f = 0
+        while f < len(rows):
+            out = np.empty(min(budget, getattr(self, "_room", FIRST_EVENTS)), np.uint32)
+            done, e = acq.events.events(rows, offset, f, counts, out, 0)
+            if done > f:
+                self._send(encode_frames(acq.scan_id, 0, acq.geometry, first + f, counts[f:done], out[:e]))
+                f = done
+            elif len(out) < budget:  # frame f alone needs more room
+                self._room = min(budget, 4 * len(out))
+            else:
+                if not acq.refused:
+                    acq.refused = True
+                    self.notice(f"ERROR [{acq.scan_id}] frame {first + f} holds more than {budget:,} "
+                                "electrons, beyond the per-message budget ([limits] max_message_mb); "
+                                "it is not processed (the scan names it missing; further ones are not shown)")
+                f += 1
 
 
 class MerlinSource(Source):
