@@ -3,10 +3,10 @@
 :class:`FusedStreaming` wraps already-configured :class:`~operators.virtual.VirtualDetectors`,
 :class:`~operators.com.CenterOfMass` and :class:`~operators.diffraction.DiffractionSum`
 operators and computes all their states in a single numba loop: each event's pixel is looked
-up once in a per-pixel code table (which mask combination it belongs to, whether it is inside
-the centre-of-mass radius), its pixel of the summed pattern is incremented, and its y and x
-are added to the centre-of-mass sums. ``finalize`` hands the state to the wrapped operators'
-own ``finalize``, so result names, dtypes, units, attrs and values are exactly theirs.
+up once in a per-pixel table (which mask combination it belongs to, whether it is inside the
+centre-of-mass radius; with a summed pattern, the pixel's electrons of the chunk too), and its
+y and x are added to the centre-of-mass sums. ``finalize`` hands the state to the wrapped
+operators' own ``finalize``, so result names, dtypes, units, attrs and values are exactly theirs.
 
 Examples
 --------
@@ -29,10 +29,7 @@ Examples
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 from operators.base import Operator, Result, State
 from operators.chunk import Chunk
@@ -43,36 +40,11 @@ MAX_CODES = 256
 # Up to this many codes, a frame's per-code counts are packed into one 64-bit register
 # (64 // n_codes bits each) instead of a histogram in memory.
 MAX_PACKED = 8
-# Events ahead whose pixels are prefetched (summed pattern and class table): the events outside
-# the bright-field disk land anywhere in the int64 pattern, larger than an L2 cache (2.6 MB
-# at 576 x 576), and unsorted events anywhere in the class table too. 32 was the fastest of
-# 0, 16, 24, 32, 48, 64 on unsorted 4-sector events (benchmarks/bench_fused.py).
-PREFETCH_AHEAD = 32
-
-
-def _prefetch_codegen(context, builder, signature, args):
-    aryty = signature.args[0]
-    ary = context.make_array(aryty)(context, builder, args[0])
-    ptr = builder.gep(ary.data, [args[1]])
-    try:  # LLVM >= 15 (opaque pointers)
-        ptr_t, fname = ir.PointerType(), "llvm.prefetch.p0"
-    except TypeError:
-        ptr_t, fname = ir.IntType(8).as_pointer(), "llvm.prefetch.p0i8"
-    i32 = ir.IntType(32)
-    fnty = ir.FunctionType(ir.VoidType(), [ptr_t, i32, i32, i32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, fname)
-    # (address, rw=1 write, locality=3 keep in all caches, cache type=1 data)
-    builder.call(fn, [builder.bitcast(ptr, ptr_t), i32(1), i32(3), i32(1)])
-    return context.get_dummy_value()
-
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Ask the CPU to bring ``arr[idx]`` into the caches for writing. A hint: never faults,
-    no bounds check, no effect on results."""
-    if isinstance(arr, types.Array) and isinstance(idx, types.Integer):
-        return types.void(arr, idx), _prefetch_codegen
-    return None
+# The cells (uint16 per pixel, used with a summed pattern): the pixel's class field in the low
+# bits (packed path: its counter's bit offset, < 64; histogram path: its class, < 256), the
+# electrons of the current call above, which overflow into the int64 total every 1024 (256).
+PACKED_BITS = 6
+HIST_BITS = 8
 
 
 def _division_magic(n_pix, w):
@@ -84,42 +56,30 @@ def _division_magic(n_pix, w):
 
 
 @njit(inline="always", **NJIT)
-def _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s, total, com, all_in):
+def _packed_run(indices, a, stop, table, inside_shift, m, s, total, com, all_in):
     """Events a..stop (all pixel indices valid, stop - a < 2**bits): per-class counts packed
     in one register, CoM sums of the classes inside the radius (of every event if ``all_in``
     is not None; ``com`` and ``all_in`` are None or not at compile time, like ``total``).
-    shift (n_pix,) uint8: per pixel the bit offset of its class's field (class x bits).
-    Returns (packed counts, sum y, sum idx)."""
+    The class field of a pixel in ``table`` is the bit offset of its class's counter
+    (class x bits). Returns (packed counts, sum y, sum idx)."""
     acc = np.uint64(0)
     cy = np.uint64(0)
     ci = np.uint64(0)
     one = np.uint64(1)
-    ahead = np.uint64(PREFETCH_AHEAD)
-    mid = min(stop, pf_end)
-    for e in range(a, mid):
-        nxt = np.uint64(indices[e + ahead])
-        if total is not None:
-            _prefetch(total, nxt)
-        _prefetch(shift, nxt)
+    cmask = np.uint16((1 << PACKED_BITS) - 1)
+    inc = np.uint16(1 << PACKED_BITS)
+    for e in range(a, stop):
         idx = np.uint64(indices[e])
-        sh = shift[idx]
-        acc += one << np.uint64(sh)
+        v = table[idx]
+        # (the cells' update is written out here and in _hist_run: as a function, even
+        # inlined, numba increfs ``total`` at every event, 6x slower)
         if total is not None:
-            total[idx] += 1
-        if com is not None:
-            if all_in is not None:
-                cy += (idx * m) >> s
-                ci += idx
-            else:
-                f = np.uint64(sh < inside_shift)
-                cy += f * ((idx * m) >> s)
-                ci += f * idx
-    for e in range(max(a, mid), stop):  # the last events of the chunk: nothing ahead
-        idx = np.uint64(indices[e])
-        sh = shift[idx]
+            nv = np.uint16(v + inc)  # (numba widens uint16 sums: wrap it here)
+            table[idx] = nv
+            if nv < inc:  # the count wrapped: its 2**(16 - PACKED_BITS) go to the total now
+                total[idx] += 1 << (16 - PACKED_BITS)
+        sh = v & cmask
         acc += one << np.uint64(sh)
-        if total is not None:
-            total[idx] += 1
         if com is not None:
             if all_in is not None:
                 cy += (idx * m) >> s
@@ -132,25 +92,25 @@ def _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s, total, com,
 
 
 @njit(inline="always", **NJIT)
-def _hist_run(indices, a, stop, pf_end, code, hist, n_inside, m, s, total, com):
-    """As _packed_run for many codes: counts into hist (2, n_codes), alternating rows, since
-    consecutive events of a sorted frame mostly share a code and incrementing one counter
-    twice in a row waits on store-to-load forwarding."""
+def _hist_run(indices, a, stop, table, hist, n_inside, m, s, total, com):
+    """As _packed_run for many codes (the class field is the code): counts into hist
+    (2, n_codes), alternating rows, since consecutive events of a sorted frame mostly share
+    a code and incrementing one counter twice in a row waits on store-to-load forwarding."""
     cy = np.uint64(0)
     ci = np.uint64(0)
-    ahead = np.uint64(PREFETCH_AHEAD)
     one = np.uint64(1)
+    cmask = np.uint16((1 << HIST_BITS) - 1)
+    inc = np.uint16(1 << HIST_BITS)
     for e in range(a, stop):
-        if e < pf_end:
-            nxt = np.uint64(indices[e + ahead])
-            if total is not None:
-                _prefetch(total, nxt)
-            _prefetch(code, nxt)
         idx = np.uint64(indices[e])
-        c = code[idx]
-        hist[e & one, c] += 1
+        v = table[idx]
         if total is not None:
-            total[idx] += 1
+            nv = np.uint16(v + inc)
+            table[idx] = nv
+            if nv < inc:
+                total[idx] += 1 << (16 - HIST_BITS)
+        c = v & cmask
+        hist[e & one, c] += 1
         if com is not None:
             f = np.uint64(c < n_inside)
             cy += f * ((idx * m) >> s)
@@ -181,14 +141,41 @@ def _checked_run(indices, a, stop, code, hist, n_inside, m, s, total, com):
 
 
 @njit(**NJIT)
-def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cptr, crow,
-                  cweight, g_row, g_field, g_weight, m, s, uw, images, n, sy, sx, total,
-                  all_in):
+def fold_cells(cells, cbits, total, indices):
+    """Move the counts of ``cells`` (above the low ``cbits`` bits of each) into ``total``
+    and zero them, keeping the low bits. indices: the pixels that may hold counts (entries
+    >= the detector size ignored), walked instead of every pixel when there are fewer than
+    a quarter as many, or None (every pixel)."""
+    cmask = np.uint16((1 << cbits) - 1)
+    cb = np.uint16(cbits)
+    n_pix = np.uint64(cells.shape[0])
+    if indices is not None and np.uint64(4 * indices.shape[0]) < n_pix:
+        for e in range(np.uint64(indices.shape[0])):
+            idx = np.uint64(indices[e])
+            if idx < n_pix:  # a bad index was counted and skipped, not put in the cells
+                v = cells[idx]
+                total[idx] += v >> cb
+                cells[idx] = v & cmask
+    else:
+        for j in range(n_pix):
+            v = cells[j]
+            total[j] += v >> cb
+            cells[j] = v & cmask
+
+
+@njit(**NJIT)
+def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow, cweight,
+                  g_row, g_field, g_weight, m, s, uw, images, n, sy, sx, total, table, all_in):
     """One pass over the events of the non-flyback frames of a chunk.
 
     code (n_pix,) uint8: per pixel its class; classes < n_inside are inside the CoM radius.
-    shift (n_pix,) uint8: code x bits, the field of the class in a packed counter (used
-    with at most MAX_PACKED classes).
+    table (n_pix,): per pixel its class field: its class with more than MAX_PACKED classes
+    (a histogram), else its bit offset in a packed counter (class x bits). Without a summed
+    pattern (``total`` None) that is all (uint8); with one, the cells (uint16): the field in
+    the low PACKED_BITS (HIST_BITS) bits, above it the pixel's count in this call (zero on
+    entry, zero again on return: :func:`fold_cells`), so that the summed pattern's random
+    increments stay in a table a quarter the size of ``total`` (int64), which a core's L2
+    cache holds.
     cptr, crow, cweight: per class, the (image row, fixed-point weight) pairs it adds to.
     g_row, g_field, g_weight: the same as groups: image row g_row[g] adds g_weight[g] times
     the events of the classes whose packed fields g_field[g] (uint64 mask) covers; g_field
@@ -220,7 +207,6 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
     hist = np.zeros((2, n_codes), dtype=np.int64)
     u_inside = np.uint8(n_inside)
     n_ev = indices.shape[0]
-    pf_end = np.uint64(max(n_ev - PREFETCH_AHEAD, 0))
     # One vectorised look at the chunk's largest index lets the event loops trust them all;
     # only a chunk holding a bad one looks frame by frame.
     mx = np.uint32(0)
@@ -253,8 +239,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
             cn = np.uint64(0)
             while a < b:
                 stop = min(b, a + block)
-                acc, y1, i1 = _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s,
-                                          total, n, all_in)
+                acc, y1, i1 = _packed_run(indices, a, stop, table, inside_shift, m, s, total,
+                                          n, all_in)
                 cy += y1
                 ci += i1
                 for g in range(n_groups):
@@ -271,7 +257,7 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
                 sx[p] += np.int64(ci - cy * uw)
             continue
         else:
-            cy, ci = _hist_run(indices, a, b, pf_end, code, hist, u_inside, m, s, total, n)
+            cy, ci = _hist_run(indices, a, b, table, hist, u_inside, m, s, total, n)
         cn = np.int64(0)
         for c in range(n_codes):
             # Branch-free: whether a code occurs in a frame is as good as random.
@@ -286,6 +272,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
             sy[p] += np.int64(cy)
             # sum of x = sum of (idx - y w): one multiply per frame instead of per event.
             sx[p] += np.int64(ci - cy * uw)
+    if total is not None:
+        fold_cells(table, PACKED_BITS if g_field is not None else HIST_BITS, total, indices)
     return bad_ev, bad_fr
 
 
@@ -319,11 +307,15 @@ class FusedStreaming(Operator):
     order), ``n``, ``sum_y``, ``sum_x`` (ny*nx,) int64 with a CoM, ``sum`` (h*w,) int64 with
     a diffraction sum; :meth:`split_state` gives each wrapped operator its own state.
 
-    Per event: one uint8 code lookup (the pixel's class: mask combination and inside the
-    CoM radius or not), one count of the class (in a register while there are at most 8
-    classes, ``self.n_codes``), one increment of the summed pattern and the CoM sums; per
-    frame the class counts are expanded into the k images and the CoM count. The pixels of
-    the summed pattern and the code table are prefetched 32 events ahead.
+    Per event: one lookup of the pixel's class (mask combination and inside the CoM radius
+    or not), one count of the class (in a register while there are at most 8 classes,
+    ``self.n_codes``), the CoM sums, and with a summed pattern one increment of the pixel's
+    cell: a uint16 per pixel holding its class in the low bits and its electrons of the
+    chunk above (0.66 MB at 576 x 576, in a core's L2 cache where the int64 pattern, 2.6 MB,
+    is not); a cell's count that wraps adds its 1024 (256 with more than 8 classes) to the
+    pattern at once, and every cell's count is added to it at the end of ``process``, so
+    the state is exact after every call. Per frame the class counts are expanded into the
+    k images and the CoM count.
 
     Out-of-range input raises ValueError after the rest of the chunk was accumulated, as in
     the separate operators; one difference: with a virtual detector or a CoM, frames at
@@ -433,20 +425,27 @@ class FusedStreaming(Operator):
         # The packed path (at most MAX_PACKED classes): per pixel the bit offset of its
         # class's counter field, and the image updates as groups of fields of one weight.
         bits = min(64 // n_codes, 32)
-        self._shift = (self._code * np.uint8(bits if n_codes <= MAX_PACKED else 0)).astype(np.uint8)
+        packed = n_codes <= MAX_PACKED
+        field = self._code * np.uint8(bits) if packed else self._code
+        self._table = field.astype(np.uint8)
         groups: dict[tuple[int, int], int] = {}
-        for c in range(n_codes if n_codes <= MAX_PACKED else 0):
+        for c in range(n_codes if packed else 0):
             for t in range(self._cptr[c], self._cptr[c + 1]):
                 key = (int(self._crow[t]), int(self._cweight[t]))
                 groups[key] = groups.get(key, 0) | (((1 << bits) - 1) << (bits * c))
         self._g_row = np.array([k[0] for k in groups], dtype=np.int64)
         self._g_weight = np.array([k[1] for k in groups], dtype=np.int64)
-        self._g_field = (np.array(list(groups.values()), dtype=np.uint64)
-                         if n_codes <= MAX_PACKED else None)
-        self._kernel_args = (self._n_pos, self._code, self._shift, self.n_inside, self._cptr,
-                             self._crow, self._cweight, self._g_row, self._g_field,
-                             self._g_weight, self._magic[0], self._magic[1],
-                             np.uint64(self.frame_shape[1]))
+        self._g_field = np.array(list(groups.values()), dtype=np.uint64) if packed else None
+        # With a summed pattern the event loop reads the cells instead (uint16: the class
+        # field in the low cbits bits, the call's counts above; a field of 0 to 8 bits).
+        self._cells = self._table.astype(np.uint16) if self.diffraction is not None else None
+        self._cells_free: list[np.ndarray] = []
+        self._kernel_args = (self._n_pos, self._code, self.n_inside, self._cptr, self._crow,
+                             self._cweight, self._g_row, self._g_field, self._g_weight,
+                             self._magic[0], self._magic[1], np.uint64(self.frame_shape[1]))
+
+    def __getstate__(self):  # the cells in use stay behind when the operator travels
+        return {**self.__dict__, "_cells_free": []}
 
     def new_state(self) -> State:
         state = {}
@@ -463,10 +462,21 @@ class FusedStreaming(Operator):
     def process(self, state: State, chunk: Chunk) -> None:
         com = self.com is not None
         n = state["n"] if com else None
-        bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices, *self._kernel_args,
-                            state.get("images", self._no_images), n,
-                            state["sum_y"] if com else None, state["sum_x"] if com else None,
-                            state.get("sum"), n if self.n_inside == self.n_codes else None)
+        table = self._table
+        if self._cells is not None:  # a copy per concurrent call (nogil kernels, threads)
+            try:
+                table = self._cells_free.pop()
+            except IndexError:
+                table = self._cells.copy()
+        try:
+            bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices,
+                                *self._kernel_args, state.get("images", self._no_images), n,
+                                state["sum_y"] if com else None,
+                                state["sum_x"] if com else None, state.get("sum"), table,
+                                n if self.n_inside == self.n_codes else None)
+        finally:
+            if table is not self._table:
+                self._cells_free.append(table)
         if bad[0] or bad[1]:
             raise_if_bad(self.label, *bad, self.n_pixels, int(self._n_pos))
 
