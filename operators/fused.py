@@ -237,17 +237,16 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
             bad_ev += bad
         elif g_field is not None:
             cn = np.uint64(0)
-            if total is None and all_in is not None:  # (two tests: numba prunes each)
-                if n_groups == 0:
-                    # The CoM alone, of every event: no class to look up, and its sums in a
-                    # loop over contiguous indices the compiler vectorises. (With other tasks
-                    # the same loop beside theirs measured no faster.)
-                    for e in range(a, b):
-                        idx = np.uint64(indices[e])
-                        cy += (idx * m) >> s
-                        ci += idx
-                    cn = b - a
-                    a = b
+            if total is None and all_in is not None and n_groups == 0:
+                # The CoM alone, of every event: no class to look up, and its sums in a loop
+                # over contiguous indices the compiler vectorises. (With other tasks the same
+                # loop beside theirs measured no faster.)
+                for e in range(a, b):
+                    idx = np.uint64(indices[e])
+                    cy += (idx * m) >> s
+                    ci += idx
+                cn = b - a
+                a = b
             while a < b:
                 stop = min(b, a + block)
                 acc, y1, i1 = _packed_run(indices, a, stop, table, inside_shift, m, s, total,
