@@ -29,7 +29,10 @@ Examples
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from operators.base import Operator, Result, State
 from operators.chunk import Chunk
@@ -45,6 +48,37 @@ MAX_PACKED = 8
 # electrons of the current call above, which overflow into the int64 total every 1024 (256).
 PACKED_BITS = 6
 HIST_BITS = 8
+# Events ahead whose pixels of the int64 summed pattern are prefetched when a chunk is counted
+# into it directly (fewer events than pixels): they land anywhere in an array larger than an L2
+# cache (2.6 MB at 576 x 576). 32 was the fastest of 0, 16, 24, 32, 48, 64 on unsorted
+# 4-sector events (benchmarks/bench_fused.py).
+PREFETCH_AHEAD = 32
+
+
+def _prefetch_codegen(context, builder, signature, args):
+    aryty = signature.args[0]
+    ary = context.make_array(aryty)(context, builder, args[0])
+    ptr = builder.gep(ary.data, [args[1]])
+    try:  # LLVM >= 15 (opaque pointers)
+        ptr_t, fname = ir.PointerType(), "llvm.prefetch.p0"
+    except TypeError:
+        ptr_t, fname = ir.IntType(8).as_pointer(), "llvm.prefetch.p0i8"
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [ptr_t, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, fname)
+    # (address, rw=1 write, locality=3 keep in all caches, cache type=1 data)
+    builder.call(fn, [builder.bitcast(ptr, ptr_t), i32(1), i32(3), i32(1)])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Ask the CPU to bring ``arr[idx]`` into the caches for writing. A hint: never faults,
+    no bounds check, no effect on results."""
+    if isinstance(arr, types.Array) and isinstance(idx, types.Integer):
+        return types.void(arr, idx), _prefetch_codegen
+    return None
+
 
 
 def _division_magic(n_pix, w):
@@ -56,12 +90,13 @@ def _division_magic(n_pix, w):
 
 
 @njit(inline="always", **NJIT)
-def _packed_run(indices, a, stop, table, inside_shift, m, s, total, com, all_in):
+def _packed_run(indices, a, stop, pf_end, table, cells, use_cells, inside_shift, m, s, total,
+                com, all_in):
     """Events a..stop (all pixel indices valid, stop - a < 2**bits): per-class counts packed
     in one register, CoM sums of the classes inside the radius (of every event if ``all_in``
-    is not None; ``com`` and ``all_in`` are None or not at compile time, like ``total``).
-    The class field of a pixel in ``table`` is the bit offset of its class's counter
-    (class x bits). Returns (packed counts, sum y, sum idx)."""
+    is not None; ``com``, ``all_in``, ``total`` and ``cells`` are None or not at compile
+    time). The class field of a pixel is the bit offset of its class's counter (class x
+    bits). Returns (packed counts, sum y, sum idx)."""
     acc = np.uint64(0)
     cy = np.uint64(0)
     ci = np.uint64(0)
@@ -70,14 +105,21 @@ def _packed_run(indices, a, stop, table, inside_shift, m, s, total, com, all_in)
     inc = np.uint16(1 << PACKED_BITS)
     for e in range(a, stop):
         idx = np.uint64(indices[e])
-        v = table[idx]
-        # (the cells' update is written out here and in _hist_run: as a function, even
-        # inlined, numba increfs ``total`` at every event, 6x slower)
-        if total is not None:
+        # (written out here and in _hist_run: as a function, even inlined, numba increfs the
+        # arrays at every event, 6x slower)
+        if cells is not None and use_cells:
+            v = cells[idx]
+        else:
+            if total is not None and e < pf_end:
+                _prefetch(total, np.uint64(indices[e + np.uint64(PREFETCH_AHEAD)]))
+            v = np.uint16(table[idx])
+        if cells is not None and use_cells:
             nv = np.uint16(v + inc)  # (numba widens uint16 sums: wrap it here)
-            table[idx] = nv
+            cells[idx] = nv
             if nv < inc:  # the count wrapped: its 2**(16 - PACKED_BITS) go to the total now
                 total[idx] += 1 << (16 - PACKED_BITS)
+        elif total is not None:
+            total[idx] += 1
         sh = v & cmask
         acc += one << np.uint64(sh)
         if com is not None:
@@ -92,7 +134,8 @@ def _packed_run(indices, a, stop, table, inside_shift, m, s, total, com, all_in)
 
 
 @njit(inline="always", **NJIT)
-def _hist_run(indices, a, stop, table, hist, n_inside, m, s, total, com):
+def _hist_run(indices, a, stop, pf_end, table, cells, use_cells, hist, n_inside, m, s, total,
+              com):
     """As _packed_run for many codes (the class field is the code): counts into hist
     (2, n_codes), alternating rows, since consecutive events of a sorted frame mostly share
     a code and incrementing one counter twice in a row waits on store-to-load forwarding."""
@@ -103,12 +146,19 @@ def _hist_run(indices, a, stop, table, hist, n_inside, m, s, total, com):
     inc = np.uint16(1 << HIST_BITS)
     for e in range(a, stop):
         idx = np.uint64(indices[e])
-        v = table[idx]
-        if total is not None:
+        if cells is not None and use_cells:
+            v = cells[idx]
+        else:
+            if total is not None and e < pf_end:
+                _prefetch(total, np.uint64(indices[e + np.uint64(PREFETCH_AHEAD)]))
+            v = np.uint16(table[idx])
+        if cells is not None and use_cells:
             nv = np.uint16(v + inc)
-            table[idx] = nv
+            cells[idx] = nv
             if nv < inc:
                 total[idx] += 1 << (16 - HIST_BITS)
+        elif total is not None:
+            total[idx] += 1
         c = v & cmask
         hist[e & one, c] += 1
         if com is not None:
@@ -141,41 +191,32 @@ def _checked_run(indices, a, stop, code, hist, n_inside, m, s, total, com):
 
 
 @njit(**NJIT)
-def fold_cells(cells, cbits, total, indices):
+def fold_cells(cells, cbits, total):
     """Move the counts of ``cells`` (above the low ``cbits`` bits of each) into ``total``
-    and zero them, keeping the low bits. indices: the pixels that may hold counts (entries
-    >= the detector size ignored), walked instead of every pixel when there are fewer than
-    a quarter as many, or None (every pixel)."""
+    and zero them, keeping the low bits: one vectorised pass over every pixel."""
     cmask = np.uint16((1 << cbits) - 1)
     cb = np.uint16(cbits)
-    n_pix = np.uint64(cells.shape[0])
-    if indices is not None and np.uint64(4 * indices.shape[0]) < n_pix:
-        for e in range(np.uint64(indices.shape[0])):
-            idx = np.uint64(indices[e])
-            if idx < n_pix:  # a bad index was counted and skipped, not put in the cells
-                v = cells[idx]
-                total[idx] += v >> cb
-                cells[idx] = v & cmask
-    else:
-        for j in range(n_pix):
-            v = cells[j]
-            total[j] += v >> cb
-            cells[j] = v & cmask
+    for j in range(np.uint64(cells.shape[0])):
+        v = cells[j]
+        total[j] += v >> cb
+        cells[j] = v & cmask
 
 
 @njit(**NJIT)
 def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow, cweight,
-                  g_row, g_field, g_weight, m, s, uw, images, n, sy, sx, total, table, all_in):
+                  g_row, g_field, g_weight, m, s, uw, images, n, sy, sx, total, table, cells,
+                  all_in):
     """One pass over the events of the non-flyback frames of a chunk.
 
     code (n_pix,) uint8: per pixel its class; classes < n_inside are inside the CoM radius.
-    table (n_pix,): per pixel its class field: its class with more than MAX_PACKED classes
-    (a histogram), else its bit offset in a packed counter (class x bits). Without a summed
-    pattern (``total`` None) that is all (uint8); with one, the cells (uint16): the field in
-    the low PACKED_BITS (HIST_BITS) bits, above it the pixel's count in this call (zero on
-    entry, zero again on return: :func:`fold_cells`), so that the summed pattern's random
-    increments stay in a table a quarter the size of ``total`` (int64), which a core's L2
-    cache holds.
+    table (n_pix,) uint8: per pixel its class field: its class with more than MAX_PACKED
+    classes (a histogram), else its bit offset in a packed counter (class x bits).
+    cells (n_pix,) uint16 or None: with a summed pattern, the same field in the low
+    PACKED_BITS (HIST_BITS) bits and above it the pixel's count in this call (zero on entry,
+    zero again on return: :func:`fold_cells`), so that the pattern's random increments stay
+    in a table a quarter the size of ``total`` (int64), which a core's L2 cache holds. Used
+    for chunks of at least one event per pixel; smaller ones count into ``total`` directly
+    (the fold, a pass over every pixel, would cost more than it saves).
     cptr, crow, cweight: per class, the (image row, fixed-point weight) pairs it adds to.
     g_row, g_field, g_weight: the same as groups: image row g_row[g] adds g_weight[g] times
     the events of the classes whose packed fields g_field[g] (uint64 mask) covers; g_field
@@ -207,6 +248,11 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
     hist = np.zeros((2, n_codes), dtype=np.int64)
     u_inside = np.uint8(n_inside)
     n_ev = indices.shape[0]
+    pf_end = np.uint64(max(n_ev - PREFETCH_AHEAD, 0))
+    # The cells pay for their fold (a pass over every pixel) from about one event per pixel
+    # (at 100 e-/frame, 0.3 per pixel in a chunk, counting into the int64 total directly was
+    # 12 % faster; at 1000, 3 per pixel, the cells 5-8 %: benchmarks/bench_fused.py).
+    use_cells = total is not None and n_ev >= n_pix
     # One vectorised look at the chunk's largest index lets the event loops trust them all;
     # only a chunk holding a bad one looks frame by frame.
     mx = np.uint32(0)
@@ -249,8 +295,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
                 a = b
             while a < b:
                 stop = min(b, a + block)
-                acc, y1, i1 = _packed_run(indices, a, stop, table, inside_shift, m, s, total,
-                                          n, all_in)
+                acc, y1, i1 = _packed_run(indices, a, stop, pf_end, table, cells, use_cells,
+                                          inside_shift, m, s, total, n, all_in)
                 cy += y1
                 ci += i1
                 for g in range(n_groups):
@@ -267,7 +313,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
                 sx[p] += np.int64(ci - cy * uw)
             continue
         else:
-            cy, ci = _hist_run(indices, a, b, table, hist, u_inside, m, s, total, n)
+            cy, ci = _hist_run(indices, a, b, pf_end, table, cells, use_cells, hist, u_inside,
+                               m, s, total, n)
         cn = np.int64(0)
         for c in range(n_codes):
             # Branch-free: whether a code occurs in a frame is as good as random.
@@ -282,8 +329,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
             sy[p] += np.int64(cy)
             # sum of x = sum of (idx - y w): one multiply per frame instead of per event.
             sx[p] += np.int64(ci - cy * uw)
-    if total is not None:
-        fold_cells(table, PACKED_BITS if g_field is not None else HIST_BITS, total, indices)
+    if total is not None and use_cells:
+        fold_cells(cells, PACKED_BITS if g_field is not None else HIST_BITS, total)
     return bad_ev, bad_fr
 
 
@@ -319,13 +366,14 @@ class FusedStreaming(Operator):
 
     Per event: one lookup of the pixel's class (mask combination and inside the CoM radius
     or not), one count of the class (in a register while there are at most 8 classes,
-    ``self.n_codes``), the CoM sums, and with a summed pattern one increment of the pixel's
-    cell: a uint16 per pixel holding its class in the low bits and its electrons of the
-    chunk above (0.66 MB at 576 x 576, in a core's L2 cache where the int64 pattern, 2.6 MB,
-    is not); a cell's count that wraps adds its 1024 (256 with more than 8 classes) to the
-    pattern at once, and every cell's count is added to it at the end of ``process``, so
-    the state is exact after every call. Per frame the class counts are expanded into the
-    k images and the CoM count.
+    ``self.n_codes``), the CoM sums, and with a summed pattern one increment of the pixel:
+    in a chunk of at least one event per detector pixel, of its cell, a uint16 per pixel
+    holding its class in the low bits and its electrons of the chunk above (0.66 MB at
+    576 x 576, in a core's L2 cache where the int64 pattern, 2.6 MB, is not; a count that
+    wraps adds its 1024, or 256 with more than 8 classes, to the pattern at once, and every
+    cell's count is added to it at the end of ``process``, so the state is exact after every
+    call); in a smaller chunk, of the int64 pattern itself, 32 events ahead prefetched. Per
+    frame the class counts are expanded into the k images and the CoM count.
 
     Out-of-range input raises ValueError after the rest of the chunk was accumulated, as in
     the separate operators; one difference: with a virtual detector or a CoM, frames at
@@ -472,21 +520,21 @@ class FusedStreaming(Operator):
     def process(self, state: State, chunk: Chunk) -> None:
         com = self.com is not None
         n = state["n"] if com else None
-        table = self._table
+        cells = None
         if self._cells is not None:  # a copy per concurrent call (nogil kernels, threads)
             try:
-                table = self._cells_free.pop()
+                cells = self._cells_free.pop()
             except IndexError:
-                table = self._cells.copy()
+                cells = self._cells.copy()
         try:
             bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices,
                                 *self._kernel_args, state.get("images", self._no_images), n,
                                 state["sum_y"] if com else None,
-                                state["sum_x"] if com else None, state.get("sum"), table,
-                                n if self.n_inside == self.n_codes else None)
+                                state["sum_x"] if com else None, state.get("sum"), self._table,
+                                cells, n if self.n_inside == self.n_codes else None)
         finally:
-            if table is not self._table:
-                self._cells_free.append(table)
+            if cells is not None:
+                self._cells_free.append(cells)
         if bad[0] or bad[1]:
             raise_if_bad(self.label, *bad, self.n_pixels, int(self._n_pos))
 

@@ -312,6 +312,7 @@ def test_summed_pattern_exact_when_cells_wrap(case):
     frames, idxs = [], []
     for seed, bad in ((1, ()), (2, ()), (3, (n_pix, 2**32 - 1))):
         chunk, f, i = _heavy_chunk(frame_shape, scan_shape, counts_at, 5000, seed, bad)
+        assert chunk.n_events >= n_pix  # counted in the cells (smaller chunks: the total)
         frames.append(f)
         idxs.append(i)
         if bad:
@@ -350,26 +351,21 @@ def test_chunks_without_events_or_frames_change_nothing():
     assert state["sum"].sum() == 3 and state["sum"][5] == 2 and state["sum"][700] == 1
 
 
-@pytest.mark.parametrize("n_events", [0, 1, 50, 185, 186, 2000])  # 744 pixels: 4 x 186
-@pytest.mark.parametrize("bits", [PACKED_BITS, HIST_BITS])
-def test_fold_cells_equals_numpy(n_events, bits):
-    """fold_cells walks the given indices (fewer than a quarter of the pixels) or every
-    pixel: either way each cell's count goes to the total and the class bits stay."""
-    rng = np.random.default_rng(n_events + bits)
-    n_pix = 744
+@pytest.mark.parametrize("bits", [0, PACKED_BITS, HIST_BITS])
+def test_fold_cells_equals_numpy(bits):
+    """fold_cells moves each cell's count to the total and keeps the class bits."""
+    rng = np.random.default_rng(bits)
+    n_pix = 745  # not a multiple of a vector's lanes
     cls = rng.integers(0, 1 << bits, n_pix)
-    idx = rng.integers(0, n_pix, n_events)
-    idx[:2] = [n_pix - 1, 0][:n_events]  # the edges
-    count = np.bincount(idx, minlength=n_pix) * 7 % (1 << (16 - bits))
+    count = rng.integers(0, 1 << (16 - bits), n_pix)
+    count[[0, -1]] = (1 << (16 - bits)) - 1  # the largest count, at both ends
     cells = (cls | (count << bits)).astype(np.uint16)
     total = rng.integers(-(2**40), 2**40, n_pix)
     want = total + count
-    bad = np.array([n_pix, n_pix + 1, 2**32 - 1], np.int64)  # skipped by the sparse walk
-    fold_cells(cells, bits, total, np.r_[idx, bad][rng.permutation(n_events + 3)]
-               .astype(np.uint32))
+    fold_cells(cells, bits, total)
     np.testing.assert_array_equal(total, want)
     np.testing.assert_array_equal(cells, cls)
-    fold_cells(cells, bits, total, None)  # nothing left to move
+    fold_cells(cells, bits, total)  # nothing left to move
     np.testing.assert_array_equal(total, want)
 
 
