@@ -3,10 +3,10 @@
 :class:`FusedStreaming` wraps already-configured :class:`~operators.virtual.VirtualDetectors`,
 :class:`~operators.com.CenterOfMass` and :class:`~operators.diffraction.DiffractionSum`
 operators and computes all their states in a single numba loop: each event's pixel is looked
-up once in a per-pixel code table (which mask combination it belongs to, whether it is inside
-the centre-of-mass radius), its pixel of the summed pattern is incremented, and its y and x
-are added to the centre-of-mass sums. ``finalize`` hands the state to the wrapped operators'
-own ``finalize``, so result names, dtypes, units, attrs and values are exactly theirs.
+up once in a per-pixel table (which mask combination it belongs to, whether it is inside the
+centre-of-mass radius; with a summed pattern, the pixel's electrons of the chunk too), and its
+y and x are added to the centre-of-mass sums. ``finalize`` hands the state to the wrapped
+operators' own ``finalize``, so result names, dtypes, units, attrs and values are exactly theirs.
 
 Examples
 --------
@@ -43,10 +43,15 @@ MAX_CODES = 256
 # Up to this many codes, a frame's per-code counts are packed into one 64-bit register
 # (64 // n_codes bits each) instead of a histogram in memory.
 MAX_PACKED = 8
-# Events ahead whose pixels are prefetched (summed pattern and class table): the events outside
-# the bright-field disk land anywhere in the int64 pattern, larger than an L2 cache (2.6 MB
-# at 576 x 576), and unsorted events anywhere in the class table too. 32 was the fastest of
-# 0, 16, 24, 32, 48, 64 on unsorted 4-sector events (benchmarks/bench_fused.py).
+# The cells (uint16 per pixel, used with a summed pattern): the pixel's class field in the low
+# bits (packed path: its counter's bit offset, < 64; histogram path: its class, < 256), the
+# electrons of the current call above, which overflow into the int64 total every 1024 (256).
+PACKED_BITS = 6
+HIST_BITS = 8
+# Events ahead whose pixels of the int64 summed pattern are prefetched when a chunk is counted
+# into it directly (fewer events than pixels): they land anywhere in an array larger than an L2
+# cache (2.6 MB at 576 x 576). 32 was the fastest of 0, 16, 24, 32, 48, 64 on unsorted
+# 4-sector events (benchmarks/bench_fused.py).
 PREFETCH_AHEAD = 32
 
 
@@ -75,6 +80,7 @@ def _prefetch(typingctx, arr, idx):
     return None
 
 
+
 def _division_magic(n_pix, w):
     """(M, s) with (idx * M) >> s == idx // w for every 0 <= idx < n_pix < 2**31 (uint64)."""
     n_bits = max(1, int(n_pix - 1).bit_length())
@@ -84,42 +90,38 @@ def _division_magic(n_pix, w):
 
 
 @njit(inline="always", **NJIT)
-def _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s, total, com, all_in):
+def _packed_run(indices, a, stop, pf_end, table, cells, use_cells, inside_shift, m, s, total,
+                com, all_in):
     """Events a..stop (all pixel indices valid, stop - a < 2**bits): per-class counts packed
     in one register, CoM sums of the classes inside the radius (of every event if ``all_in``
-    is not None; ``com`` and ``all_in`` are None or not at compile time, like ``total``).
-    shift (n_pix,) uint8: per pixel the bit offset of its class's field (class x bits).
-    Returns (packed counts, sum y, sum idx)."""
+    is not None; ``com``, ``all_in``, ``total`` and ``cells`` are None or not at compile
+    time). The class field of a pixel is the bit offset of its class's counter (class x
+    bits). Returns (packed counts, sum y, sum idx)."""
     acc = np.uint64(0)
     cy = np.uint64(0)
     ci = np.uint64(0)
     one = np.uint64(1)
-    ahead = np.uint64(PREFETCH_AHEAD)
-    mid = min(stop, pf_end)
-    for e in range(a, mid):
-        nxt = np.uint64(indices[e + ahead])
-        if total is not None:
-            _prefetch(total, nxt)
-        _prefetch(shift, nxt)
+    cmask = np.uint16((1 << PACKED_BITS) - 1)
+    inc = np.uint16(1 << PACKED_BITS)
+    for e in range(a, stop):
         idx = np.uint64(indices[e])
-        sh = shift[idx]
-        acc += one << np.uint64(sh)
-        if total is not None:
+        # (written out here and in _hist_run: as a function, even inlined, numba increfs the
+        # arrays at every event, 6x slower)
+        if cells is not None and use_cells:
+            v = cells[idx]
+        else:
+            if total is not None and e < pf_end:
+                _prefetch(total, np.uint64(indices[e + np.uint64(PREFETCH_AHEAD)]))
+            v = np.uint16(table[idx])
+        if cells is not None and use_cells:
+            nv = np.uint16(v + inc)  # (numba widens uint16 sums: wrap it here)
+            cells[idx] = nv
+            if nv < inc:  # the count wrapped: its 2**(16 - PACKED_BITS) go to the total now
+                total[idx] += 1 << (16 - PACKED_BITS)
+        elif total is not None:
             total[idx] += 1
-        if com is not None:
-            if all_in is not None:
-                cy += (idx * m) >> s
-                ci += idx
-            else:
-                f = np.uint64(sh < inside_shift)
-                cy += f * ((idx * m) >> s)
-                ci += f * idx
-    for e in range(max(a, mid), stop):  # the last events of the chunk: nothing ahead
-        idx = np.uint64(indices[e])
-        sh = shift[idx]
+        sh = v & cmask
         acc += one << np.uint64(sh)
-        if total is not None:
-            total[idx] += 1
         if com is not None:
             if all_in is not None:
                 cy += (idx * m) >> s
@@ -132,25 +134,33 @@ def _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s, total, com,
 
 
 @njit(inline="always", **NJIT)
-def _hist_run(indices, a, stop, pf_end, code, hist, n_inside, m, s, total, com):
-    """As _packed_run for many codes: counts into hist (2, n_codes), alternating rows, since
-    consecutive events of a sorted frame mostly share a code and incrementing one counter
-    twice in a row waits on store-to-load forwarding."""
+def _hist_run(indices, a, stop, pf_end, table, cells, use_cells, hist, n_inside, m, s, total,
+              com):
+    """As _packed_run for many codes (the class field is the code): counts into hist
+    (2, n_codes), alternating rows, since consecutive events of a sorted frame mostly share
+    a code and incrementing one counter twice in a row waits on store-to-load forwarding."""
     cy = np.uint64(0)
     ci = np.uint64(0)
-    ahead = np.uint64(PREFETCH_AHEAD)
     one = np.uint64(1)
+    cmask = np.uint16((1 << HIST_BITS) - 1)
+    inc = np.uint16(1 << HIST_BITS)
     for e in range(a, stop):
-        if e < pf_end:
-            nxt = np.uint64(indices[e + ahead])
-            if total is not None:
-                _prefetch(total, nxt)
-            _prefetch(code, nxt)
         idx = np.uint64(indices[e])
-        c = code[idx]
-        hist[e & one, c] += 1
-        if total is not None:
+        if cells is not None and use_cells:
+            v = cells[idx]
+        else:
+            if total is not None and e < pf_end:
+                _prefetch(total, np.uint64(indices[e + np.uint64(PREFETCH_AHEAD)]))
+            v = np.uint16(table[idx])
+        if cells is not None and use_cells:
+            nv = np.uint16(v + inc)
+            cells[idx] = nv
+            if nv < inc:
+                total[idx] += 1 << (16 - HIST_BITS)
+        elif total is not None:
             total[idx] += 1
+        c = v & cmask
+        hist[e & one, c] += 1
         if com is not None:
             f = np.uint64(c < n_inside)
             cy += f * ((idx * m) >> s)
@@ -181,14 +191,32 @@ def _checked_run(indices, a, stop, code, hist, n_inside, m, s, total, com):
 
 
 @njit(**NJIT)
-def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cptr, crow,
-                  cweight, g_row, g_field, g_weight, m, s, uw, images, n, sy, sx, total,
+def fold_cells(cells, cbits, total):
+    """Move the counts of ``cells`` (above the low ``cbits`` bits of each) into ``total``
+    and zero them, keeping the low bits: one vectorised pass over every pixel."""
+    cmask = np.uint16((1 << cbits) - 1)
+    cb = np.uint16(cbits)
+    for j in range(np.uint64(cells.shape[0])):
+        v = cells[j]
+        total[j] += v >> cb
+        cells[j] = v & cmask
+
+
+@njit(**NJIT)
+def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow, cweight,
+                  g_row, g_field, g_weight, m, s, uw, images, n, sy, sx, total, table, cells,
                   all_in):
     """One pass over the events of the non-flyback frames of a chunk.
 
     code (n_pix,) uint8: per pixel its class; classes < n_inside are inside the CoM radius.
-    shift (n_pix,) uint8: code x bits, the field of the class in a packed counter (used
-    with at most MAX_PACKED classes).
+    table (n_pix,) uint8: per pixel its class field: its class with more than MAX_PACKED
+    classes (a histogram), else its bit offset in a packed counter (class x bits).
+    cells (n_pix,) uint16 or None: with a summed pattern, the same field in the low
+    PACKED_BITS (HIST_BITS) bits and above it the pixel's count in this call (zero on entry,
+    zero again on return: :func:`fold_cells`), so that the pattern's random increments stay
+    in a table a quarter the size of ``total`` (int64), which a core's L2 cache holds. Used
+    for chunks of at least one event per pixel; smaller ones count into ``total`` directly
+    (the fold, a pass over every pixel, would cost more than it saves).
     cptr, crow, cweight: per class, the (image row, fixed-point weight) pairs it adds to.
     g_row, g_field, g_weight: the same as groups: image row g_row[g] adds g_weight[g] times
     the events of the classes whose packed fields g_field[g] (uint64 mask) covers; g_field
@@ -221,6 +249,10 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
     u_inside = np.uint8(n_inside)
     n_ev = indices.shape[0]
     pf_end = np.uint64(max(n_ev - PREFETCH_AHEAD, 0))
+    # The cells pay for their fold (a pass over every pixel) from about one event per pixel
+    # (at 100 e-/frame, 0.3 per pixel in a chunk, counting into the int64 total directly was
+    # 12 % faster; at 1000, 3 per pixel, the cells 5-8 %: benchmarks/bench_fused.py).
+    use_cells = total is not None and n_ev >= n_pix
     # One vectorised look at the chunk's largest index lets the event loops trust them all;
     # only a chunk holding a bad one looks frame by frame.
     mx = np.uint32(0)
@@ -251,10 +283,20 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
             bad_ev += bad
         elif g_field is not None:
             cn = np.uint64(0)
+            if total is None and all_in is not None and n_groups == 0:
+                # The CoM alone, of every event: no class to look up, and its sums in a loop
+                # over contiguous indices the compiler vectorises. (With other tasks the same
+                # loop beside theirs measured no faster.)
+                for e in range(a, b):
+                    idx = np.uint64(indices[e])
+                    cy += (idx * m) >> s
+                    ci += idx
+                cn = b - a
+                a = b
             while a < b:
                 stop = min(b, a + block)
-                acc, y1, i1 = _packed_run(indices, a, stop, pf_end, shift, inside_shift, m, s,
-                                          total, n, all_in)
+                acc, y1, i1 = _packed_run(indices, a, stop, pf_end, table, cells, use_cells,
+                                          inside_shift, m, s, total, n, all_in)
                 cy += y1
                 ci += i1
                 for g in range(n_groups):
@@ -271,7 +313,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
                 sx[p] += np.int64(ci - cy * uw)
             continue
         else:
-            cy, ci = _hist_run(indices, a, b, pf_end, code, hist, u_inside, m, s, total, n)
+            cy, ci = _hist_run(indices, a, b, pf_end, table, cells, use_cells, hist, u_inside,
+                               m, s, total, n)
         cn = np.int64(0)
         for c in range(n_codes):
             # Branch-free: whether a code occurs in a frame is as good as random.
@@ -286,6 +329,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, shift, n_inside, cpt
             sy[p] += np.int64(cy)
             # sum of x = sum of (idx - y w): one multiply per frame instead of per event.
             sx[p] += np.int64(ci - cy * uw)
+    if total is not None and use_cells:
+        fold_cells(cells, PACKED_BITS if g_field is not None else HIST_BITS, total)
     return bad_ev, bad_fr
 
 
@@ -319,11 +364,16 @@ class FusedStreaming(Operator):
     order), ``n``, ``sum_y``, ``sum_x`` (ny*nx,) int64 with a CoM, ``sum`` (h*w,) int64 with
     a diffraction sum; :meth:`split_state` gives each wrapped operator its own state.
 
-    Per event: one uint8 code lookup (the pixel's class: mask combination and inside the
-    CoM radius or not), one count of the class (in a register while there are at most 8
-    classes, ``self.n_codes``), one increment of the summed pattern and the CoM sums; per
-    frame the class counts are expanded into the k images and the CoM count. The pixels of
-    the summed pattern and the code table are prefetched 32 events ahead.
+    Per event: one lookup of the pixel's class (mask combination and inside the CoM radius
+    or not), one count of the class (in a register while there are at most 8 classes,
+    ``self.n_codes``), the CoM sums, and with a summed pattern one increment of the pixel:
+    in a chunk of at least one event per detector pixel, of its cell, a uint16 per pixel
+    holding its class in the low bits and its electrons of the chunk above (0.66 MB at
+    576 x 576, in a core's L2 cache where the int64 pattern, 2.6 MB, is not; a count that
+    wraps adds its 1024, or 256 with more than 8 classes, to the pattern at once, and every
+    cell's count is added to it at the end of ``process``, so the state is exact after every
+    call); in a smaller chunk, of the int64 pattern itself, 32 events ahead prefetched. Per
+    frame the class counts are expanded into the k images and the CoM count.
 
     Out-of-range input raises ValueError after the rest of the chunk was accumulated, as in
     the separate operators; one difference: with a virtual detector or a CoM, frames at
@@ -433,20 +483,27 @@ class FusedStreaming(Operator):
         # The packed path (at most MAX_PACKED classes): per pixel the bit offset of its
         # class's counter field, and the image updates as groups of fields of one weight.
         bits = min(64 // n_codes, 32)
-        self._shift = (self._code * np.uint8(bits if n_codes <= MAX_PACKED else 0)).astype(np.uint8)
+        packed = n_codes <= MAX_PACKED
+        field = self._code * np.uint8(bits) if packed else self._code
+        self._table = field.astype(np.uint8)
         groups: dict[tuple[int, int], int] = {}
-        for c in range(n_codes if n_codes <= MAX_PACKED else 0):
+        for c in range(n_codes if packed else 0):
             for t in range(self._cptr[c], self._cptr[c + 1]):
                 key = (int(self._crow[t]), int(self._cweight[t]))
                 groups[key] = groups.get(key, 0) | (((1 << bits) - 1) << (bits * c))
         self._g_row = np.array([k[0] for k in groups], dtype=np.int64)
         self._g_weight = np.array([k[1] for k in groups], dtype=np.int64)
-        self._g_field = (np.array(list(groups.values()), dtype=np.uint64)
-                         if n_codes <= MAX_PACKED else None)
-        self._kernel_args = (self._n_pos, self._code, self._shift, self.n_inside, self._cptr,
-                             self._crow, self._cweight, self._g_row, self._g_field,
-                             self._g_weight, self._magic[0], self._magic[1],
-                             np.uint64(self.frame_shape[1]))
+        self._g_field = np.array(list(groups.values()), dtype=np.uint64) if packed else None
+        # With a summed pattern the event loop reads the cells instead (uint16: the class
+        # field in the low cbits bits, the call's counts above; a field of 0 to 8 bits).
+        self._cells = self._table.astype(np.uint16) if self.diffraction is not None else None
+        self._cells_free: list[np.ndarray] = []
+        self._kernel_args = (self._n_pos, self._code, self.n_inside, self._cptr, self._crow,
+                             self._cweight, self._g_row, self._g_field, self._g_weight,
+                             self._magic[0], self._magic[1], np.uint64(self.frame_shape[1]))
+
+    def __getstate__(self):  # the cells in use stay behind when the operator travels
+        return {**self.__dict__, "_cells_free": []}
 
     def new_state(self) -> State:
         state = {}
@@ -463,10 +520,21 @@ class FusedStreaming(Operator):
     def process(self, state: State, chunk: Chunk) -> None:
         com = self.com is not None
         n = state["n"] if com else None
-        bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices, *self._kernel_args,
-                            state.get("images", self._no_images), n,
-                            state["sum_y"] if com else None, state["sum_x"] if com else None,
-                            state.get("sum"), n if self.n_inside == self.n_codes else None)
+        cells = None
+        if self._cells is not None:  # a copy per concurrent call (nogil kernels, threads)
+            try:
+                cells = self._cells_free.pop()
+            except IndexError:
+                cells = self._cells.copy()
+        try:
+            bad = _fused_kernel(chunk.positions, chunk.offsets, chunk.indices,
+                                *self._kernel_args, state.get("images", self._no_images), n,
+                                state["sum_y"] if com else None,
+                                state["sum_x"] if com else None, state.get("sum"), self._table,
+                                cells, n if self.n_inside == self.n_codes else None)
+        finally:
+            if cells is not None:
+                self._cells_free.append(cells)
         if bad[0] or bad[1]:
             raise_if_bad(self.label, *bad, self.n_pixels, int(self._n_pos))
 

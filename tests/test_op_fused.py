@@ -9,7 +9,8 @@ from operators.com import CenterOfMass
 from operators.completeness import Completeness
 from operators.diffraction import DiffractionSum
 from operators.events import EventStore
-from operators.fused import FusedStreaming, _division_magic, fuse_operators
+from operators.fused import (HIST_BITS, PACKED_BITS, FusedStreaming, _division_magic,
+                             fold_cells, fuse_operators)
 from operators.virtual import VirtualDetectors, annulus_mask, disk_mask
 from stream.transport.protocol import Geometry
 
@@ -235,6 +236,176 @@ def test_flyback_frames_and_bad_events():
     assert state["sum"].sum() == 4 and state["sum"][19] == 2
     with pytest.raises(ValueError, match=r"1 frame\(s\) with a position >= 2"):
         op.process(op.new_state(), Chunk.from_counts([0], [0], [2], [1], np.array([1], np.uint32)))
+
+
+def _heavy_chunk(frame_shape, scan_shape, counts_at, n_random, seed, bad=()):
+    """One chunk, raster positions, flyback-free, events shuffled within frames: pixel p hit
+    ``counts_at[p]`` times (spread over the frames, all of them in frame 0 for the first),
+    ``n_random`` uniform events, and the out-of-range ``bad`` indices in the last frame."""
+    rng = np.random.default_rng(seed)
+    n_pos = scan_shape[0] * scan_shape[1]
+    n_pix = frame_shape[0] * frame_shape[1]
+    idx, frame = [], []
+    for k, (p, c) in enumerate(counts_at.items()):
+        idx.append(np.full(c, p))
+        frame.append(np.zeros(c, np.int64) if k == 0 else rng.integers(0, n_pos, c))
+    idx.append(rng.integers(0, n_pix, n_random))
+    frame.append(rng.integers(0, n_pos, n_random))
+    idx.append(np.asarray(bad, np.int64))
+    frame.append(np.full(len(bad), n_pos - 1))
+    idx, frame = np.concatenate(idx), np.concatenate(frame)
+    order = np.lexsort((rng.random(len(idx)), frame))
+    counts = np.bincount(frame, minlength=n_pos)
+    chunk = Chunk.from_counts(np.arange(n_pos), np.zeros(n_pos, np.int16), np.arange(n_pos),
+                              counts, idx[order].astype(np.uint32))
+    return chunk, frame[order], idx[order]
+
+
+def _numpy_state(frame, idx, frame_shape, n_pos, masks, inside):
+    """The state every fused configuration below must hold, from plain numpy."""
+    h, w = frame_shape
+    ok = idx < h * w
+    frame, idx = frame[ok], idx[ok]
+    images = np.array([np.bincount(frame, weights=m.reshape(-1)[idx], minlength=n_pos)
+                       for m in masks], np.int64).reshape(len(masks), n_pos)
+    i = inside.reshape(-1)[idx]
+    return dict(images=images, sum=np.bincount(idx, minlength=h * w),
+                n=np.bincount(frame[i], minlength=n_pos),
+                sum_y=np.bincount(frame[i], weights=idx[i] // w, minlength=n_pos).astype(np.int64),
+                sum_x=np.bincount(frame[i], weights=idx[i] % w, minlength=n_pos).astype(np.int64))
+
+
+CELL_CASES = {  # name -> (number of masks, CoM radius or None, with virtual detectors)
+    "sum alone": (0, None),
+    "2 annuli, all-in CoM, sum (packed)": (2, None),
+    "3 annuli, CoM in 5 px, sum (packed)": (3, 5.0),
+    "10 rings, CoM in 7.5 px, sum (histogram)": (10, 7.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CELL_CASES))
+def test_summed_pattern_exact_when_cells_wrap(case):
+    """The summed pattern counts in uint16 cells during a chunk (1024 electrons per pixel
+    before a wrap on the packed path, 256 with a histogram) and adds them to its int64 total
+    at the end: pixels hit 2**16 + 5 times in one frame, 2**16 - 1 and exactly at and around
+    the wrap points across frames, and thousands of random events, in two chunks and a
+    third whose bad index raises, must all be counted exactly, in every task together."""
+    frame_shape, scan_shape = FRAME, (3, 4)
+    n_masks, radius = CELL_CASES[case]
+    c = (11.25, 14.5)
+    masks = [annulus_mask(frame_shape, c, 1.5 * i, 1.5 * (i + 1)) for i in range(n_masks)]
+    vd = (VirtualDetectors(np.stack(masks), [f"m{i}" for i in range(n_masks)], scan_shape)
+          if masks else None)
+    com = CenterOfMass(scan_shape, frame_shape, center=c, radius=radius) if masks else None
+    op = FusedStreaming(vd, com, DiffractionSum(frame_shape))
+    assert (op.n_codes > 8) == ("histogram" in case)
+    wrap = 1 << (16 - (HIST_BITS if op.n_codes > 8 else PACKED_BITS))
+    centre, n_pix = 11 * 31 + 14, frame_shape[0] * frame_shape[1]
+    counts_at = {centre: 2**16 + 5, 0: 2**16 - 1, n_pix - 1: wrap, 37: wrap - 1, 38: wrap + 1,
+                 39: 2 * wrap, 40: 3 * wrap + 1}
+    n_pos = scan_shape[0] * scan_shape[1]
+    inside = np.ones(frame_shape, bool)
+    if radius is not None:
+        yy, xx = np.mgrid[:frame_shape[0], :frame_shape[1]]
+        inside = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= radius ** 2
+    state = op.new_state()
+    frames, idxs = [], []
+    for seed, bad in ((1, ()), (2, ()), (3, (n_pix, 2**32 - 1))):
+        chunk, f, i = _heavy_chunk(frame_shape, scan_shape, counts_at, 5000, seed, bad)
+        assert chunk.n_events >= n_pix  # counted in the cells (smaller chunks: the total)
+        frames.append(f)
+        idxs.append(i)
+        if bad:
+            with pytest.raises(ValueError, match=r"2 event\(s\) with a pixel index >= 744"):
+                op.process(state, chunk)
+        else:
+            op.process(state, chunk)
+        want = _numpy_state(np.concatenate(frames), np.concatenate(idxs), frame_shape, n_pos,
+                            masks, inside)
+        assert want["sum"][centre] >= len(frames) * (2**16 + 5)
+        for k, v in state.items():
+            np.testing.assert_array_equal(v, want[k], err_msg=f"{k} after chunk {seed}")
+    # the cells went back to zero counts for the next call, on a fresh state too
+    fresh = op.new_state()
+    op.process(fresh, chunk.select(np.arange(chunk.n_frames) < n_pos - 1))
+    keep = frames[-1] < n_pos - 1
+    want = _numpy_state(frames[-1][keep], idxs[-1][keep], frame_shape, n_pos, masks, inside)
+    for k, v in fresh.items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+
+def test_chunks_without_events_or_frames_change_nothing():
+    scan_shape = (2, 3)
+    virtual, com, ds, _ = configs(scan_shape)["2annuli+com_r+sum"]
+    op = FusedStreaming(virtual, com, ds)
+    state = op.new_state()
+    op.process(state, Chunk.from_counts(np.arange(6), np.zeros(6, np.int16), np.arange(6),
+                                        np.zeros(6, np.int64), np.zeros(0, np.uint32)))
+    op.process(state, Chunk.from_counts(np.zeros(0, np.int64), np.zeros(0, np.int16),
+                                        np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                        np.zeros(0, np.uint32)))
+    for k, v in state.items():
+        assert not v.any(), k
+    chunk = Chunk.from_counts([0], [0], [4], [3], np.array([5, 5, 700], np.uint32))
+    op.process(state, chunk)
+    assert state["sum"].sum() == 3 and state["sum"][5] == 2 and state["sum"][700] == 1
+
+
+@pytest.mark.parametrize("bits", [0, PACKED_BITS, HIST_BITS])
+def test_fold_cells_equals_numpy(bits):
+    """fold_cells moves each cell's count to the total and keeps the class bits."""
+    rng = np.random.default_rng(bits)
+    n_pix = 745  # not a multiple of a vector's lanes
+    cls = rng.integers(0, 1 << bits, n_pix)
+    count = rng.integers(0, 1 << (16 - bits), n_pix)
+    count[[0, -1]] = (1 << (16 - bits)) - 1  # the largest count, at both ends
+    cells = (cls | (count << bits)).astype(np.uint16)
+    total = rng.integers(-(2**40), 2**40, n_pix)
+    want = total + count
+    fold_cells(cells, bits, total)
+    np.testing.assert_array_equal(total, want)
+    np.testing.assert_array_equal(cells, cls)
+    fold_cells(cells, bits, total)  # nothing left to move
+    np.testing.assert_array_equal(total, want)
+
+
+def test_concurrent_calls_and_pickling_keep_the_cells_apart():
+    """Kernels release the GIL: threads processing into their own states each get their
+    own cells; an operator that travels (pickle) takes none along."""
+    import pickle
+    import threading
+
+    frame_shape, scan_shape = FRAME, (3, 4)
+    ds = DiffractionSum(frame_shape)
+    op = FusedStreaming(None, CenterOfMass(scan_shape, frame_shape), ds)
+    n_pix, n_pos = 744, 12
+    chunks = [_heavy_chunk(frame_shape, scan_shape, {s: 3000 + s}, 20000, s)
+              for s in range(8)]
+    states = [op.new_state() for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def work(t):
+        start.wait()
+        for _ in range(5):
+            for chunk, _, _ in chunks[2 * t:2 * t + 2]:
+                op.process(states[t], chunk)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for t in range(4):
+        idx = np.concatenate([chunks[k][2] for k in (2 * t, 2 * t + 1)])
+        frame = np.concatenate([chunks[k][1] for k in (2 * t, 2 * t + 1)])
+        np.testing.assert_array_equal(states[t]["sum"], 5 * np.bincount(idx, minlength=n_pix))
+        np.testing.assert_array_equal(states[t]["n"], 5 * np.bincount(frame, minlength=n_pos))
+    assert 1 <= len(op._cells_free) <= 4
+    twin = pickle.loads(pickle.dumps(op))
+    assert twin._cells_free == []
+    state = twin.new_state()
+    twin.process(state, chunks[0][0])
+    np.testing.assert_array_equal(state["sum"], np.bincount(chunks[0][2], minlength=n_pix))
 
 
 def test_bad_configurations():
