@@ -553,3 +553,92 @@ def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
     finally:
         browser.close()
         cli.kill()
+
+
+# the page's own record of every new bright field it received: (ms since epoch, the values)
+WATCH_JS = """(name) => { window.__seen = []; let last = null;
+  window.__watch = setInterval(() => { const m = Bokeh.documents[0].get_model_by_name(name);
+    const d = m ? m.data.image[0] : null;
+    if (d && d !== last && d.length > 1) {
+      last = d; window.__seen.push([Date.now(), Array.from(d, v => Number.isNaN(v) ? null : v)]); } }, 10); }"""
+
+
+@pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
+@pytest.mark.parametrize("seconds, min_rate", [(8.0, None), pytest.param(12.0, 2.0, marks=pytest.mark.slow)])
+def test_the_page_fills_in_repeatedly_while_the_scan_streams(client2, scripted_source, tmp_path, seconds, min_rate):
+    """The emulator's scan sent over ``seconds`` (live rate 4 per second); the page, open
+    before it, records every new bright field it receives. While frames arrive it shows several
+    partial images, each with more positions than the last and, where it has a value, the
+    value of the written file; the slow variant asserts at least ``min_rate`` a second."""
+    from browser import Browser
+
+    g = VIEW_GEOM
+    counts, indices, md = emulated(g, seed=11, dose=80)
+    src = scripted_source(2)
+    browser = Browser()
+    try:
+        with Session(src.addresses, config=session_config(tmp_path, live_rate=4.0), client=client2, console=False,
+                     view="127.0.0.1:0") as s:
+            page = browser.page(s.viewer.url)
+            page.wait_for(lambda: page.prop("src-bf", "data") is not None, 60, "the bright field's panel, built "
+                          "before the scan")
+            time.sleep(1.0)
+            page.js(WATCH_JS, "src-bf")
+            src.wait_for_receivers()
+            src.start("filling", g, md)
+            batches = np.array_split(np.arange(g.n_frames), int(seconds * 4))
+            t_first = time.time()
+            for k, frames in enumerate(batches):
+                src.frames("filling", g, counts, indices, only=frames, batch=len(frames))
+                time.sleep(max(0.0, t_first + (k + 1) * seconds / len(batches) - time.time()))
+            t_last = time.time()
+            src.end("filling", g.n_frames)
+            r = s.wait("filling", timeout=60)
+            with h5py.File(r.path) as f:
+                bf = f["results/bf"][()].astype(float)
+            page.wait_for(lambda: _img_when(page, "src-bf", lambda a: np.array_equal(a, bf)), 60,
+                          "the whole bright field")
+            seen = page.js("() => window.__seen")
+            page.screenshot(ARTIFACTS / "viewer" / "filling.png")
+    finally:
+        browser.close()
+    partial = []
+    for t_ms, values in seen:
+        img = np.array([np.nan if v is None else v for v in values], float).reshape(g.scan_shape)
+        if t_first <= t_ms / 1000 <= t_last and 0 < np.isfinite(img).sum() < img.size:
+            partial.append(img)
+    filled = [int(np.isfinite(a).sum()) for a in partial]
+    assert len(partial) >= 3, f"only {len(partial)} partial images seen in {seconds:g} s: {filled}"
+    assert filled == sorted(filled) and len(set(filled)) == len(filled), filled
+    before = np.zeros(g.scan_shape)
+    for img in partial:  # counts only grow, up to the file's (a frame's parts come from both sources)
+        have = np.isfinite(img)
+        assert (img[have] <= bf[have]).all() and (img[have] >= before[have]).all()
+        before = np.where(have, img, before)
+    if min_rate is not None:
+        rate = len(partial) / (t_last - t_first)
+        assert rate >= min_rate, f"{rate:.2f} partial images a second ({filled})"
+
+
+def test_stemstream_view_with_a_wrong_key_is_refused_in_one_line(client2, tmp_path):
+    """``stemstream view`` with another key directory than the session's: the session's live
+    channel refuses it in the CURVE handshake, and the command says so in one line naming the
+    fix (exit 2) instead of showing an empty page for ever."""
+    from test_cli import Cli
+
+    from stream.transport.net import free_port_block
+
+    pub = f"tcp://127.0.0.1:{free_port_block(1)}"
+    cfg = session_config(tmp_path)
+    cfg = validate(PipelineConfig(**{**cfg.__dict__, "live": LiveSpec(rate_hz=2.0, publish=pub)}))
+    with Session([f"tcp://127.0.0.1:{free_port_block(1)}"], config=cfg, client=client2, console=False):
+        cli = Cli(["view", "--subscribe", pub, "--curve-keys", tmp_path / "not-the-sessions-keys",
+                   "--view", "127.0.0.1:0"])
+        try:
+            assert cli.wait(120) == 2, (cli.stdout, cli.stderr)
+        finally:
+            cli.kill()
+    errors = [x for x in cli.err if x.strip()]
+    assert len(errors) == 1, cli.stderr
+    assert errors[0].startswith("stemstream view: error: the session's live channel") and "refused" in errors[0]
+    assert "--curve-keys" in errors[0] and "live_clients" in errors[0] and str(tmp_path) in errors[0]

@@ -20,6 +20,9 @@ import numpy as np
 from stream.files.previews import com_rgb
 
 MAX_SIDE = 512  # images larger than this are binned for the page (the files keep every pixel)
+# while a scan runs, images are binned to this: a browser redraws four 256² images several
+# times a second but 512² ones about once (bench_viewer.py); the panels are 300 px wide
+LIVE_MAX_SIDE = 256
 
 
 def bin_factor(shape, max_side: int = MAX_SIDE) -> int:

@@ -22,7 +22,8 @@ import numpy as np
 from stream.config import ConfigError, calibration, detector_regions
 from stream.files.previews import missing_positions
 from stream.files.recording import open_recording
-from stream.viewer.display import binned, com_rgba
+from stream.transport.protocol import Geometry
+from stream.viewer.display import LIVE_MAX_SIDE, MAX_SIDE, bin_factor, binned, com_rgba
 from stream.viewer.shapes import DetectorAxes, ScanAxes
 
 LIVE, CLOSING = "receiving", "closing"
@@ -88,12 +89,16 @@ class ScanView:
         return self.summary.state in (LIVE, CLOSING)
 
     def display(self, name: str) -> tuple[np.ndarray, int]:
-        """(page copy of image ``name`` — float32, binned past 512 px — , bin factor)."""
+        """(page copy of image ``name`` — float32, binned past 512 px, 256 px while the scan
+        runs — , bin factor)."""
         with self._lock:
             hit = self._cache.get(("display", name))
             if hit is None:
                 img = self.images[name]
-                hit = (img.data, 1) if img.kind == "rgba" else binned(img.data)
+                side = LIVE_MAX_SIDE if self.live else MAX_SIDE
+                f = bin_factor(img.data.shape, side)
+                # colours are not averaged: every f-th one (a 1024² wheel image is 4 MB a page)
+                hit = (np.ascontiguousarray(img.data[::f, ::f]), f) if img.kind == "rgba" else binned(img.data, f)
                 self._cache[("display", name)] = hit
             return hit
 
@@ -282,6 +287,32 @@ class SessionFeed:
 
     def rejects(self) -> dict:
         return self.session.rejects()
+
+    def expected_images(self) -> dict:
+        """The panels the next scan will have, empty: the newest scan's, else those of the
+        configuration (its virtual detectors, the centre of mass, the diffraction sum). A page
+        builds them before the first frames come, which in a browser takes seconds."""
+        scans = self.scans()
+        if scans:
+            v = self.view(scans[0].scan_id)
+            if v is not None and v.images:
+                return {n: Image(np.full((1, 1), np.nan), img.kind, img.unit, img.title) for n, img in v.images.items()
+                        if n not in ("phase", "grains")}
+        cfg = self.session.config
+        probe = Geometry((2, 2), (64, 64), mrad_per_px=cfg.detector.mrad_per_px or 1.0, convergence_mrad=4.0)
+        try:
+            names = [d["name"] for d in detector_regions(cfg, probe, max_masks=0)]
+        except ConfigError:
+            names = []
+        names += [n for v in cfg.virtual if v.shape == "masks" for n in (v.names or [])]
+        one = np.zeros((1, 1), np.int64)
+        results = {n: one for n in names}
+        if cfg.com.enabled:
+            suffix = "_mrad" if cfg.detector.mrad_per_px else ""
+            results.update({f"com_y{suffix}": one.astype(float), f"com_x{suffix}": one.astype(float)})
+        if cfg.diffraction_sum.enabled:
+            results["diffraction_sum"] = one
+        return scan_images(results, np.ones((1, 1), bool))
 
     # ------------------------------------------------------------ one scan
     def view(self, scan_id: str) -> ScanView | None:

@@ -43,6 +43,7 @@ from stream.viewer.panels import PALETTES, ImagePanel, RegionTools
 
 log = logging.getLogger("stemstream.viewer")
 REFRESH_MS = 250  # how often a page looks for news (the feed rebuilds a live view at most every 0.2 s)
+LIST_S = 2.0  # the scan list's frame counts follow this often while a scan runs
 RECOMPUTE_S = 1.0  # drawn apertures of a running scan are recomputed this often
 PATTERN_MODES = ["Disk", "Annulus", "Polygon", "Zoom"]
 REGION_MODES = ["Rectangle", "Lasso", "Polygon", "Brush", "Zoom"]
@@ -88,7 +89,9 @@ class ViewerPage:
         self._setting = False
         self._closed = threading.Event()
         self._summaries_key = None
+        self._list_states, self._list_at = None, 0.0
         self._build(title)
+        self._prebuild()
         doc.add_periodic_callback(self.refresh, REFRESH_MS)
         doc.on_session_destroyed(lambda ctx: self._closed.set())
         self.refresh()
@@ -184,6 +187,23 @@ class ViewerPage:
         self.save_button.on_click(self._on_save)
         self.export_button.on_click(self._on_export)
 
+    def _prebuild(self) -> None:
+        """The panels of the next scan before it starts: building figures is the slow part of
+        a page (seconds in the browser), so the first frames only fill them in."""
+        expected = getattr(self.feed, "expected_images", None)
+        if expected is None or self.feed.current() is not None:
+            return
+        try:
+            images = expected()
+        except Exception:  # noqa: BLE001 - only a head start: the first scan builds them anyway
+            log.debug("viewer: no panels before the first scan", exc_info=True)
+            return
+        for name, image in images.items():
+            self._panel(name, image)
+        if images:
+            self._names = list(images)
+            self._layout(self._names)
+
     def _force(self) -> None:
         self.shown_version = None
 
@@ -259,10 +279,15 @@ class ViewerPage:
     # ------------------------------------------------------------------ refresh
     def refresh(self) -> None:
         """Periodic: the scan list, progress, and the images if they changed."""
+        # every property the refresh sets is one websocket message and one update of the page
+        # unless held: combined, the browser gets one message and lays the page out once
+        self.doc.hold("combine")
         try:
             self._refresh()
         except Exception:
             log.exception("viewer refresh failed")
+        finally:
+            self.doc.unhold()
 
     def _refresh(self) -> None:
         scans = self.feed.scans()
@@ -298,13 +323,20 @@ class ViewerPage:
         key = tuple((s.scan_id, s.state, s.frames_received, s.missing, s.stages) for s in scans)
         if key == self._summaries_key:
             return
+        # while frames arrive only their count changes: the table (costly for the browser to lay
+        # out) follows once every LIST_S, the progress line at every refresh
+        states = tuple((s.scan_id, s.state, s.missing, s.stages) for s in scans)
+        now = time.monotonic()
+        if self._summaries_key is not None and states == self._list_states and now - self._list_at < LIST_S:
+            return
+        self._list_states, self._list_at = states, now
         self._summaries_key = key
         self.scans_src.data = {
             "scan": [s.scan_id for s in scans], "status": [s.state for s in scans],
             "frames": [f"{s.frames_received:,}/{s.n_frames:,}" for s in scans],
             "missing": [_fmt_int(s.missing) for s in scans], "electrons": [f"{s.events / 1e6:.2f} M" for s in scans],
             "file": [s.path for s in scans], "stages": [s.stages for s in scans]}
-        self.table.tags = [len(key), hash(key)]  # the grid re-renders rows of an unchanged count only on this
+        self.table.tags = [len(key), hash(key) & 0xFFFFFFFF]  # the grid re-renders rows of an unchanged count only on this
         self._setting = True
         self.scan_select.options = [s.scan_id for s in scans]
         self._setting = False
@@ -342,6 +374,8 @@ class ViewerPage:
         sa, da = view.scan_axes, view.det_axes
         for name in names:
             p, img = self.panels[name], view.images[name]
+            if p.fig.title.text != img.title:  # a panel built before the scan, or another scan's units
+                p.retitle(img.title, img.unit)
             if img.kind == "sig" and da is not None:
                 p.place(*da.extent(), da.unit, "mrad" if da.unit == "mrad" else None)
             elif img.kind != "sig" and sa is not None:
