@@ -510,6 +510,11 @@ def test_the_page_in_chromium_fills_in_and_draws_exact_apertures(client2, script
         print(f"\nviewer screenshots: {shots}")
 
 
+def html_escape(text: str) -> str:
+    import html
+    return html.escape(text)
+
+
 def _img_when(page, source, ok):
     img = page.image(source)
     return img if img is not None and img.size > 1 and ok(img) else None
@@ -546,6 +551,23 @@ def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
                       "the whole bright field, as in the file")
         page.wait_for(lambda: "complete" in (page.prop("scans", "data") or {}).get("status", []), 30,
                       "the scan listed as complete")
+        # the dose (electrons of the file over its positions and the step²) and the advice its
+        # stages stored, with the column precision the median of the columns' Cramér–Rao bounds
+        import json
+        with h5py.File(out / "demo-0000.h5") as f:
+            electrons = int(f["events/offsets"][-1])
+            step = float(f["metadata"].attrs["scan_step_A"])
+            crb_pm = 100 * np.nanmedian(f["stages/columns/position_crb_A"][()])
+            stored = json.loads(f["stages/counting/dose_advice"].attrs["lines"])
+        per = electrons / (24 * 24)
+        text = page.wait_for(lambda: (t := page.prop("dose", "text") or "") and "stage counting" in t and t, 120,
+                             "the dose advice of the written scan")
+        assert f"dose {per / step ** 2:.3g} e⁻/Å² ({per:.3g} e⁻ per probe position)" in text, text
+        assert all(html_escape(line) in text for line in stored), (text, stored)
+        if np.isfinite(crb_pm):
+            assert f"±{crb_pm:.2g} pm" in text, (text, crb_pm)
+        else:  # this small scan's columns stage found none: the advice says so
+            assert "no columns found" in text, text
         page.screenshot(ARTIFACTS / "viewer" / "demo-done.png")
         assert "complete" in cli.stdout and not browser.errors, (cli.stdout, browser.errors)
         os.killpg(cli.p.pid, signal.SIGINT)
@@ -599,6 +621,11 @@ def test_the_page_fills_in_repeatedly_while_the_scan_streams(client2, scripted_s
             page.wait_for(lambda: _img_when(page, "src-bf", lambda a: np.array_equal(a, bf)), 60,
                           "the whole bright field")
             seen = page.js("() => window.__seen")
+            # the centre of mass as arrows: one per position of this small scan, from its centre
+            x0 = page.js("() => Array.from(Bokeh.documents[0].get_model_by_name('com-arrows').data.x0)")
+            step = md["scan_step_A"]
+            np.testing.assert_allclose(sorted(x0), sorted(np.tile((np.arange(g.scan_shape[1]) + 0.5) * step,
+                                                                  g.scan_shape[0])))
             page.screenshot(ARTIFACTS / "viewer" / "filling.png")
     finally:
         browser.close()
@@ -642,3 +669,30 @@ def test_stemstream_view_with_a_wrong_key_is_refused_in_one_line(client2, tmp_pa
     assert len(errors) == 1, cli.stderr
     assert errors[0].startswith("stemstream view: error: the session's live channel") and "refused" in errors[0]
     assert "--curve-keys" in errors[0] and "live_clients" in errors[0] and str(tmp_path) in errors[0]
+
+
+def test_centre_of_mass_arrows_are_block_means_scaled_to_the_block():
+    """The quiver of the centre of mass against plain numpy: block means of a known field
+    (NaN left out), from block centres, the 95th-percentile arrow one block long."""
+    from stream.viewer.display import com_arrows
+
+    rng = np.random.default_rng(4)
+    cy, cx = rng.normal(size=(50, 30)), rng.normal(size=(50, 30)) + 0.5
+    cy[3, 4] = cx[3, 4] = np.nan
+    a = com_arrows(cy, cx, step=0.25, max_side=24)
+    f = 3  # 50 rows in at most 24 blocks
+    assert a["block"] == f and a["length"] == pytest.approx(0.75)
+    want_y, want_x, centres = [], [], []
+    for r in range(0, 50, f):
+        for c in range(0, 30, f):
+            by, bx = cy[r:r + f, c:c + f], cx[r:r + f, c:c + f]
+            want_y.append(np.nanmean(by))
+            want_x.append(np.nanmean(bx))
+            centres.append(((r + min(r + f, 50)) / 2 * 0.25, (c + min(c + f, 30)) / 2 * 0.25))
+    want_y, want_x, centres = np.array(want_y), np.array(want_x), np.array(centres)
+    scale = np.percentile(np.hypot(want_y, want_x), 95)
+    assert a["scale"] == pytest.approx(scale, rel=1e-5)
+    np.testing.assert_allclose(a["y0"], centres[:, 0])
+    np.testing.assert_allclose(a["x0"], centres[:, 1])
+    np.testing.assert_allclose(a["y1"] - a["y0"], want_y / scale * 0.75, rtol=1e-5)
+    np.testing.assert_allclose(a["x1"] - a["x0"], want_x / scale * 0.75, rtol=1e-5)

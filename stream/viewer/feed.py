@@ -22,8 +22,10 @@ import numpy as np
 from stream.config import ConfigError, calibration, detector_regions
 from stream.files.previews import missing_positions
 from stream.files.recording import open_recording
+from stream.stages.runner import STAGES
 from stream.transport.protocol import Geometry
 from stream.viewer.display import LIVE_MAX_SIDE, MAX_SIDE, bin_factor, binned, com_rgba
+from stream.viewer.dose import LiveAdvisor, dose_line, written_advice
 from stream.viewer.shapes import DetectorAxes, ScanAxes
 
 LIVE, CLOSING = "receiving", "closing"
@@ -74,13 +76,14 @@ class ScanView:
     detectors: list = field(default_factory=list)  # (name, inner, outer) radii, page units
     metadata: dict = field(default_factory=dict)
     not_received: np.ndarray | None = None  # (ny, nx) bool: positions drawn as missing (NaN)
+    dose: list = field(default_factory=list)  # the dose and what it can measure (stream/viewer/dose.py)
     _cache: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def fingerprint(self) -> tuple:
         """Changes whenever anything drawn changes (state, stages, every image's content)."""
-        return (self.summary.state, self.summary.stages, self.columns is not None,
+        return (self.summary.state, self.summary.stages, self.columns is not None, tuple(self.dose),
                 tuple((n, img.data.shape, float(np.nansum(img.data)) if img.kind != "rgba" else 0.0)
                       for n, img in self.images.items()))
 
@@ -375,8 +378,30 @@ class SessionFeed:
             det_axes = DetectorAxes(tuple(geometry.frame_shape), cal.center, cal.mrad_per_px)
             detectors = self._detector_outlines(geometry, det_axes)
         self._version += 1
+        dose = self._dose(summary, geometry, metadata, results, hidden) if geometry is not None else []
         return ScanView(sid, summary, self._version, scan_axes, det_axes, images, columns, detectors, metadata,
-                        hidden)
+                        hidden, dose)
+
+    def _dose(self, summary: ScanSummary, geometry, metadata: dict, results: dict, hidden) -> list[str]:
+        """The dose and the science code's advice on it (stream/viewer/dose.py)."""
+        step = _number(metadata.get("scan_step_A"))
+        cfg = self.session.config
+        if summary.state in (LIVE, CLOSING):
+            n_pos = geometry.n_positions - (int(hidden.sum()) if hidden is not None else 0)
+            lines = [dose_line(summary.events, n_pos, step, so_far=True)]
+            if "columns" in cfg.stages.run and n_pos:
+                params = {**STAGES["columns"].params, **cfg.stages.params.get("columns", {})}
+                image = results.get(str(params.get("image") or "adf"))
+                if image is not None and np.ndim(image) == 2:
+                    with self._lock:
+                        self._advisor = getattr(self, "_advisor", None) or LiveAdvisor(params)
+                    img = np.where(hidden, np.nan, np.asarray(image, np.float64)) if hidden is not None else image
+                    lines += self._advisor.lines(summary.scan_id, img, step, summary.events / n_pos)
+            return [x for x in lines if x]
+        lines = [dose_line(summary.events, geometry.n_positions, step)]
+        if summary.path and summary.stages and summary.stages != "running":
+            lines += written_advice(summary.path)
+        return [x for x in lines if x]
 
     def _detector_outlines(self, geometry, ax: DetectorAxes) -> list:
         """(name, inner, outer) radii in page units of the configured disks and annuli (drawn

@@ -19,6 +19,7 @@ import numpy as np
 from bokeh.events import PanEnd, PanStart, Press, PressUp, SelectionGeometry
 from bokeh.layouts import column, row
 from bokeh.models import (
+    Arrow,
     Button,
     Checkbox,
     ColumnDataSource,
@@ -32,13 +33,14 @@ from bokeh.models import (
     Spinner,
     TableColumn,
     TextInput,
+    VeeHead,
     WheelZoomTool,
 )
 
 from operators.apertures import RealSpaceApertures
 from operators.virtual import VirtualDetectors
 from stream.viewer import exports, shapes
-from stream.viewer.display import binned, color_wheel, limits
+from stream.viewer.display import binned, color_wheel, com_arrows, limits
 from stream.viewer.panels import PALETTES, ImagePanel, RegionTools
 
 log = logging.getLogger("stemstream.viewer")
@@ -102,6 +104,7 @@ class ViewerPage:
         self.scan_select = Select(title="scan", options=[], width=260, name="scan-select")
         self.follow = Checkbox(label="follow the running scan", active=True, name="follow")
         self.progress = Div(text="waiting for a scan…", name="progress", width=900)
+        self.dose = Div(text="", name="dose", width=1300)
         self.alert = Div(text="", name="alert", visible=False, width=900,
                          styles={"color": "white", "background": "#c0392b", "padding": "6px",
                                  "font-weight": "bold"})
@@ -169,7 +172,8 @@ class ViewerPage:
                               self.region_mode, row(self.brush_radius, self.live_update)),
                        column(self.name_input, self.save_button, self.export_button))
         apertures = row(column(self.det_status, self.drawn.fig), column(self.region_status, self.region_pattern.fig))
-        self.root = column(row(self.header, self.scan_select, self.follow), self.progress, self.alert, controls,
+        self.root = column(row(self.header, self.scan_select, self.follow), self.progress, self.dose, self.alert,
+                           controls,
                            self.file_status, self.grid, apertures, Div(text="<b>scans</b> (click one to show it)"),
                            self.table, name="root")
         self.doc.add_root(self.root)
@@ -215,6 +219,11 @@ class ViewerPage:
         kind = "labels" if name == "grains" else image.kind
         p = ImagePanel(name, kind, image.title, image.unit, signed=name in ("com_x", "com_y"),
                        palette=self.palette.value)
+        if name == "com":  # the field as arrows over its colours (display.com_arrows)
+            p.arrows = ColumnDataSource({"x0": [], "y0": [], "x1": [], "y1": []}, name="com-arrows")
+            p.fig.add_layout(Arrow(end=VeeHead(size=5, fill_color="black", line_color="black"), source=p.arrows,
+                                   x_start="x0", y_start="y0", x_end="x1", y_end="y1", line_color="black",
+                                   line_width=1.2, name="com-arrows-glyph"))
         if kind in ("nav", "rgba", "labels"):
             p.region_tools = RegionTools(p.fig, self.region_poly, self.region_stroke)
             p.overlay(self.region_overlay, name=f"overlay-{name}")
@@ -319,6 +328,17 @@ class ViewerPage:
             else:
                 self._maybe_recompute(view)
 
+    def _show_arrows(self, p, view, sa) -> None:
+        """The centre of mass as arrows on its colour panel, with their scale in the title."""
+        cy, cx = view.images["com_y"], view.images["com_x"]
+        a = com_arrows(cy.data, cx.data, sa.step)
+        p.arrows.data = {k: a[k] for k in ("x0", "y0", "x1", "y1")}
+        unit = "Å" if sa.unit == "Å" else "positions"
+        title = (f"centre of mass: colour = direction; arrow {a['length']:.3g} {unit} = {a['scale']:.3g} "
+                 f"{cy.unit} (mean of {a['block']}² positions)")
+        if p.fig.title.text != title:
+            p.fig.title.text = title
+
     def _update_list(self, scans) -> None:
         key = tuple((s.scan_id, s.state, s.frames_received, s.missing, s.stages) for s in scans)
         if key == self._summaries_key:
@@ -353,6 +373,9 @@ class ViewerPage:
                               f"{s.duplicated:,} · rejected messages: {html.escape(rejected)}{where}")
         if self.progress.text != text:
             self.progress.text = text
+        dose = "<br>".join(html.escape(x) for x in view.dose)
+        if self.dose.text != dose:
+            self.dose.text = dose
         if s.missing:
             what = "have not arrived although their sources ended" if view.live else "never arrived"
             ranges = f" (frames {html.escape(s.missing_ranges)})" if s.missing_ranges else ""
@@ -374,7 +397,7 @@ class ViewerPage:
         sa, da = view.scan_axes, view.det_axes
         for name in names:
             p, img = self.panels[name], view.images[name]
-            if p.fig.title.text != img.title:  # a panel built before the scan, or another scan's units
+            if p.fig.title.text != img.title and not hasattr(p, "arrows"):  # built before the scan, other units
                 p.retitle(img.title, img.unit)
             if img.kind == "sig" and da is not None:
                 p.place(*da.extent(), da.unit, "mrad" if da.unit == "mrad" else None)
@@ -383,6 +406,8 @@ class ViewerPage:
             data, _ = view.display(name)
             if img.kind == "rgba":
                 p.show(data)
+                if hasattr(p, "arrows") and "com_y" in view.images and sa is not None:
+                    self._show_arrows(p, view, sa)
             elif img.kind == "sig":
                 lo, hi = view.limits(name, *self.pattern_contrast.value, positive=True)
                 p.show(data, lo, hi)
