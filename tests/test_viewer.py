@@ -696,3 +696,102 @@ def test_centre_of_mass_arrows_are_block_means_scaled_to_the_block():
     np.testing.assert_allclose(a["x0"], centres[:, 1])
     np.testing.assert_allclose(a["y1"] - a["y0"], want_y / scale * 0.75, rtol=1e-5)
     np.testing.assert_allclose(a["x1"] - a["x0"], want_x / scale * 0.75, rtol=1e-5)
+
+
+def _segment_distance(py, px, ys, xs):
+    """Distance of points (py, px) to the polyline (ys, xs), exactly (projection on each segment)."""
+    best = np.full(py.shape, np.inf)
+    for k in range(len(ys) - 1):
+        ay, ax_, by, bx = ys[k], xs[k], ys[k + 1], xs[k + 1]
+        dy, dx = by - ay, bx - ax_
+        L2 = dy * dy + dx * dx
+        t = np.clip(((py - ay) * dy + (px - ax_) * dx) / L2, 0, 1) if L2 > 0 else np.zeros(py.shape)
+        best = np.minimum(best, np.hypot(py - (ay + t * dy), px - (ax_ + t * dx)))
+    return best
+
+
+@pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
+def test_annulus_lasso_and_brush_drawn_in_chromium_equal_dense_numpy(client2, scripted_source, tmp_path):
+    """On a written scan, in headless Chromium: an annulus dragged on the pattern, a lasso and a
+    brush stroke dragged on the bright field. Each result equals dense numpy over the scan's
+    electrons with the shape the page drew (its centre and radii as the page's fields show
+    them; the lasso's and the stroke's vertices as the page holds them), the pixels or
+    positions selected by their centres, computed here without the viewer's code."""
+    from browser import Browser
+    from matplotlib.path import Path as MplPath
+
+    g = VIEW_GEOM
+    counts, indices, md = emulated(g, seed=9, dose=80)
+    step = md["scan_step_A"]
+    src = scripted_source(2)
+    browser = Browser()
+    shots = ARTIFACTS / "viewer"
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        with Session(src.addresses, config=session_config(tmp_path), client=client2, console=False,
+                     view="127.0.0.1:0") as s:
+            src.wait_for_receivers()
+            src.start("shapes", g, md)
+            src.frames("shapes", g, counts, indices, batch=16)
+            src.end("shapes", g.n_frames)
+            r = s.wait("shapes", timeout=60)
+            d = dense(counts, indices, g, np.setdiff1d(np.arange(g.n_frames), r.missing_frames))
+            page = browser.page(s.viewer.url)
+            page.wait_for(lambda: _img_when(page, "src-bf", lambda a: np.isfinite(a).all()), 90, "the bright field")
+
+            # annulus: drag from its centre to its outer edge; inner = outer x 0.5
+            page.set("pattern-mode", "active", 1)
+            time.sleep(1.0)
+            a, b = page.screen("fig-diffraction_sum", [[0.8, -1.1], [0.8 + 9.1, -1.1]])
+            page.drag([a, b])
+            page.wait_for(lambda: "annulus" in (page.prop("detector-status", "text") or "")
+                          and _img_when(page, "src-drawn", lambda x: x.shape == g.scan_shape), 90, "the annulus image")
+            cy, cx, inner, outer = (page.prop(f"det-{k}", "value") for k in ("y", "x", "inner", "outer"))
+            hh, ww = np.mgrid[0:64, 0:64]
+            dist = np.hypot((hh - 31.5) * 0.5 - cy, (ww - 31.5) * 0.5 - cx)
+            assert not (np.abs(dist - outer) < 1e-4).any() and not (np.abs(dist - inner) < 1e-4).any()
+            ring = (dist >= inner) & (dist < outer)
+            assert inner == pytest.approx(outer * 0.5, rel=1e-4) and ring.sum() > 50
+            want = (d * ring).sum((2, 3))
+            page.wait_for(lambda: _img_when(page, "src-drawn", lambda x: np.array_equal(x, want)), 90,
+                          "the annulus image equal to dense numpy")
+
+            # lasso around a blob of positions on the bright field
+            rows, cols = np.mgrid[0:g.scan_shape[0], 0:g.scan_shape[1]]
+            pcy, pcx = (rows + 0.5) * step, (cols + 0.5) * step
+            page.set("region-mode", "active", 1)
+            time.sleep(1.0)
+            loop = [(3.3, 2.2), (3.1, 12.6), (9.7, 14.4), (15.2, 8.1), (11.4, 3.7)]  # (row, col) of the corners
+            pts = page.screen("fig-bf", [[c * step, r_ * step] for r_, c in loop + loop[:1]])
+            page.drag(pts, steps=6)
+            page.wait_for(lambda: "lasso" in (page.prop("region-status", "text") or ""), 90, "the lasso region")
+            lasso = page.js("() => { const d = Bokeh.documents[0].get_model_by_name('region-lasso').data;"
+                            " return [Array.from(d.xs[0]), Array.from(d.ys[0])]; }")
+            inside = MplPath(np.column_stack(lasso)).contains_points(
+                np.column_stack([pcx.ravel(), pcy.ravel()])).reshape(g.scan_shape)
+            assert 20 < inside.sum() < inside.size
+            page.wait_for(lambda: _img_when(page, "src-region", lambda x: np.array_equal(x, d[inside].sum(0))), 90,
+                          "the lasso's pattern equal to dense numpy")
+            page.screenshot(shots / "5-lasso.png")
+
+            # brush: a stroke of radius 1.3 positions
+            page.set("region-mode", "active", 3)
+            page.set("brush-radius", "value", 1.3 * step)
+            time.sleep(1.0)
+            stroke = [(18.0, 2.0), (14.0, 9.0), (19.0, 16.0)]
+            pts = page.screen("fig-bf", [[c * step, r_ * step] for r_, c in stroke])
+            page.drag(pts, steps=10)
+            page.wait_for(lambda: "brush" in (page.prop("region-status", "text") or ""), 90, "the brush region")
+            xs, ys = page.js("() => { const d = Bokeh.documents[0].get_model_by_name('region-stroke').data;"
+                             " return [Array.from(d.xs[d.xs.length - 1]), Array.from(d.ys[d.ys.length - 1])]; }")
+            radius = page.prop("brush-radius", "value")
+            dist = _segment_distance(pcy, pcx, np.array(ys, float), np.array(xs, float))
+            assert not (np.abs(dist - radius) < 1e-3).any()
+            brushed = dist <= radius
+            assert brushed.sum() > 20
+            page.wait_for(lambda: _img_when(page, "src-region", lambda x: np.array_equal(x, d[brushed].sum(0))), 90,
+                          "the brushed pattern equal to dense numpy")
+            page.screenshot(shots / "6-brush.png")
+            assert not browser.errors, browser.errors
+    finally:
+        browser.close()

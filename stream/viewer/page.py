@@ -134,6 +134,7 @@ class ViewerPage:
         self.det_poly = ColumnDataSource({"xs": [], "ys": []}, name="detector-polygon")
         self.region_poly = ColumnDataSource({"xs": [], "ys": []}, name="region-polygon")
         self.region_stroke = ColumnDataSource({"xs": [], "ys": []}, name="region-stroke")
+        self.region_lasso = ColumnDataSource({"xs": [], "ys": []}, name="region-lasso")  # the last lasso drawn
         self.det_overlay = ColumnDataSource({"image": [np.zeros((1, 1), np.uint32)]}, name="detector-overlay")
         self.region_overlay = ColumnDataSource({"image": [np.zeros((1, 1), np.uint32)]}, name="region-overlay")
         self.columns_src = ColumnDataSource({"x": [], "y": [], "atoms": []}, name="columns")
@@ -226,6 +227,7 @@ class ViewerPage:
                                    line_width=1.2, name="com-arrows-glyph"))
         if kind in ("nav", "rgba", "labels"):
             p.region_tools = RegionTools(p.fig, self.region_poly, self.region_stroke)
+            p.fig.patches("xs", "ys", source=self.region_lasso, fill_alpha=0, line_color="cyan", line_width=1.5)
             p.overlay(self.region_overlay, name=f"overlay-{name}")
             p.fig.on_event(SelectionGeometry, self._on_region_geometry)
             p.fig.on_event(Press, self._on_region_press)
@@ -523,6 +525,8 @@ class ViewerPage:
         """A rectangle or lasso (a SelectionGeometry's geometry, page units) as the region."""
         self.region_poly.data = {"xs": [], "ys": []}
         self.region_stroke.data = {"xs": [], "ys": []}
+        self.region_lasso.data = {"xs": [list(g["x"])], "ys": [list(g["y"])]} if g.get("type") == "poly" and \
+            {"x", "y"} <= set(g) else {"xs": [], "ys": []}
         if g.get("type") == "rect" and {"x0", "x1", "y0", "y1"} <= set(g):
             (y0, y1), (x0, x1) = sorted((g["y0"], g["y1"])), sorted((g["x0"], g["x1"]))
             self._draw("region", lambda ax: shapes.rectangle(ax, y0, y1, x0, x1),
@@ -545,12 +549,14 @@ class ViewerPage:
     def _on_region_polygon(self, attr, old, new) -> None:
         pts = _finished_polygon(new)
         if pts is not None:
+            self.region_lasso.data = {"xs": [], "ys": []}
             self._draw("region", lambda ax: shapes.scan_polygon(ax, *pts), f"polygon of {len(pts[0])} vertices")
 
     def _on_region_stroke(self, attr, old, new) -> None:
         xs, ys = (new.get("xs") or [[]])[-1], (new.get("ys") or [[]])[-1]
         radius = float(self.brush_radius.value or 0)
         if len(xs):
+            self.region_lasso.data = {"xs": [], "ys": []}
             self._draw("region", lambda ax: shapes.brush(ax, ys, xs, radius),
                        f"brush stroke of {len(xs)} points, radius {radius:g} UNIT")
 
