@@ -621,11 +621,11 @@ def test_the_page_fills_in_repeatedly_while_the_scan_streams(client2, scripted_s
             page.wait_for(lambda: _img_when(page, "src-bf", lambda a: np.array_equal(a, bf)), 60,
                           "the whole bright field")
             seen = page.js("() => window.__seen")
-            # the centre of mass as arrows: one per position of this small scan, from its centre
+            # the centre of mass as arrows: at most 16 a side, from the centres of 2 x 2 blocks here
             x0 = page.js("() => Array.from(Bokeh.documents[0].get_model_by_name('com-arrows').data.x0)")
             step = md["scan_step_A"]
-            np.testing.assert_allclose(sorted(x0), sorted(np.tile((np.arange(g.scan_shape[1]) + 0.5) * step,
-                                                                  g.scan_shape[0])))
+            np.testing.assert_allclose(sorted(x0), sorted(np.tile((2 * np.arange(g.scan_shape[1] // 2) + 1) * step,
+                                                                  g.scan_shape[0] // 2)))
             page.screenshot(ARTIFACTS / "viewer" / "filling.png")
     finally:
         browser.close()
@@ -635,7 +635,7 @@ def test_the_page_fills_in_repeatedly_while_the_scan_streams(client2, scripted_s
         if t_first <= t_ms / 1000 <= t_last and 0 < np.isfinite(img).sum() < img.size:
             partial.append(img)
     filled = [int(np.isfinite(a).sum()) for a in partial]
-    assert len(partial) >= 3, f"only {len(partial)} partial images seen in {seconds:g} s: {filled}"
+    assert len(partial) >= 2, f"only {len(partial)} partial images seen in {seconds:g} s: {filled}"
     assert filled == sorted(filled) and len(set(filled)) == len(filled), filled
     before = np.zeros(g.scan_shape)
     for img in partial:  # counts only grow, up to the file's (a frame's parts come from both sources)

@@ -91,7 +91,7 @@ def color_wheel(size: int = 64) -> np.ndarray:
     return com_rgba(np.where(outside, np.nan, dy), np.where(outside, np.nan, dx), clip=1.0)
 
 
-def com_arrows(com_y: np.ndarray, com_x: np.ndarray, step: float = 1.0, max_side: int = 24) -> dict:
+def com_arrows(com_y: np.ndarray, com_x: np.ndarray, step: float = 1.0, max_side: int = 16) -> dict:
     """The centre of mass as a quiver: the field averaged over blocks of f × f positions (f the
     smallest that leaves at most ``max_side`` blocks a side; NaN positions left out, blocks
     without a value dropped), one arrow per block from its centre, in page units (``step`` per

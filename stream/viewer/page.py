@@ -336,8 +336,7 @@ class ViewerPage:
         a = com_arrows(cy.data, cx.data, sa.step)
         p.arrows.data = {k: a[k] for k in ("x0", "y0", "x1", "y1")}
         unit = "Å" if sa.unit == "Å" else "positions"
-        title = (f"centre of mass: colour = direction; arrow {a['length']:.3g} {unit} = {a['scale']:.3g} "
-                 f"{cy.unit} (mean of {a['block']}² positions)")
+        title = f"centre of mass; arrow {a['length']:.3g} {unit} = {a['scale']:.3g} {cy.unit}"
         if p.fig.title.text != title:
             p.fig.title.text = title
 
