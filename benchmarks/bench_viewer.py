@@ -3,7 +3,7 @@ streams, and whether open pages slow the receivers.
 
     .venv/bin/python benchmarks/bench_viewer.py [--scans 256x256 1024x1024] [--dose 100]
         [--sources 4] [--workers 2] [--rate 87000] [--stream-scan 1024x1024] [--viewers 5]
-        [--repeats 3] [--json benchmarks/results/viewer.json]
+        [--repeats 3] [--live-rate 2] [--json benchmarks/results/viewer.json]
 
 1. Aperture latency, per scan size: a synthetic scan (benchmarks/bench_operators.py's) is
    sent by an emulator process, all frames but the last one, so that the scan stays open with
@@ -16,10 +16,13 @@ streams, and whether open pages slow the receivers.
 2. Update rate: the emulator process streams a scan at ``--rate`` frames/s with one page
    open; the page's bright-field image is checked every 10 ms for new data (updates per
    second while frames arrive) and for the last update after the last frame.
-3. Open pages and the receivers: the same stream, alternately with no page and with
+   Repeated ``--repeats`` times: the page's first scan (its panels built before it), then
+   later ones; the session's ``--live-rate`` bounds what the page can show.
+3. Open pages and the receivers: the same stream, in turn with no page, one page and
    ``--viewers`` pages open (one Chromium, one tab each): frames lost, the rate the emulator
    achieved (PUSH blocks when the receivers fall behind) and the latency from the last frame
-   sent to the scan file, side by side.
+   sent to the scan file, side by side. The pages are served by the viewer's own process
+   (stream/viewer/child.py), as ``--view`` does.
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ def stream_once(s, a, scan_id, pages, browser_cls, watch_updates):
     # the pages open (and the watcher runs) before the emulator starts: a page opens in seconds
     # on a busy machine, longer than a scan streams
     opened = [browser_cls.page(s.viewer.url) for _ in range(pages)]
+    time.sleep(2 if opened else 0)  # as a person opens the page before the scan: its panels drawn
     if watch_updates and opened:
         opened[0].js("""() => { window.__updates = []; let last = null;
             window.__watch = setInterval(() => { const m = Bokeh.documents[0].get_model_by_name('src-bf');
@@ -217,20 +221,23 @@ def part_streaming(a, browser_cls, result):
     from stream.session import expand_sources
     port = free_port_block(a.sources)
     bind = f"tcp://127.0.0.1:{port}"
-    cfg = validate(PipelineConfig(output=OutputSpec(dir=a.out, previews=False)))
+    cfg = validate(PipelineConfig(output=OutputSpec(dir=a.out, previews=False), live=LiveSpec(rate_hz=a.live_rate)))
     with Session(expand_sources([bind], a.sources), config=cfg, workers=a.workers, console=False,
                  view="127.0.0.1:0") as s:
         s._bench_bind = bind
-        rate = stream_once(s, a, "rate-0", 1, browser_cls, True)
-        result["update_rate"] = rate
-        print(f"  update rate while streaming {a.stream_scan[0]}x{a.stream_scan[1]} at {rate['achieved']:,.0f} "
-              f"frames/s: {rate['updates_per_s']:.1f} per s (longest gap {rate['longest_gap_s']:.2f} s); last "
-              f"update {rate['last_update_after_last_frame_s']:.2f} s after the last frame", flush=True)
-        side = {0: [], a.viewers: []}
+        result["update_rate"] = []
+        for i in range(a.repeats):  # the first scan of the page (its panels built before it), then later ones
+            rate = stream_once(s, a, f"rate-{i}", 1, browser_cls, True)
+            result["update_rate"].append(rate)
+            print(f"  update rate while streaming {a.stream_scan[0]}x{a.stream_scan[1]} at {rate['achieved']:,.0f} "
+                  f"frames/s, live rate {a.live_rate:g}/s: {rate['updates_per_s']:.2f} per s (longest gap "
+                  f"{rate['longest_gap_s']:.2f} s); last update {rate['last_update_after_last_frame_s']:.2f} s "
+                  "after the last frame", flush=True)
+        side = {0: [], 1: [], a.viewers: []}
         for i in range(a.repeats):
-            for pages in (0, a.viewers):
+            for pages, runs in side.items():
                 out = stream_once(s, a, f"viewers{pages}-{i}", pages, browser_cls, False)
-                side[pages].append(out)
+                runs.append(out)
                 print(f"  {pages} page(s): lost {out['lost']}, {out['achieved']:,.0f} frames/s, file "
                       f"{out['latency_s']:.2f} s after the last frame", flush=True)
         result["viewers"] = {str(k): v for k, v in side.items()}
@@ -245,6 +252,7 @@ def main(argv=None):
     ap.add_argument("--rate", type=float, default=87000.0)
     ap.add_argument("--stream-scan", type=shape_arg, default=(1024, 1024))
     ap.add_argument("--viewers", type=int, default=5)
+    ap.add_argument("--live-rate", type=float, default=2.0, help="the session's [live] rate_hz")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parts", nargs="+", default=["latency", "streaming"])
     ap.add_argument("--out", default="/tmp/stemstream-bench-viewer")
@@ -293,12 +301,15 @@ def report(a, r):
                 print(f"| {row['scan']} | {row['events'] / 1e6:.0f} M | {src} | {med(x['image_s']):.3f} | "
                       f"{med(x['pattern_s']):.3f} | {med(x['page_s']):.3f} |")
     if "update_rate" in r:
-        u = r["update_rate"]
-        print(f"\nWhile streaming {a.stream_scan[0]}x{a.stream_scan[1]} at {u['achieved']:,.0f} frames/s: "
-              f"the page's images changed {u['updates_per_s']:.1f} times a second (longest gap "
-              f"{u['longest_gap_s']:.2f} s); the last change {u['last_update_after_last_frame_s']:.2f} s after "
-              "the last frame\n")
+        print(f"\nWhile streaming {a.stream_scan[0]}x{a.stream_scan[1]}, live rate {a.live_rate:g}/s, one page "
+              "(the first scan, then the next):\n")
+        print("| scan | achieved frames/s | stream, s | page updates per s | longest gap, s | last update after the last frame, s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for k, u in enumerate(r["update_rate"]):
+            print(f"| {'first' if k == 0 else k + 1} | {u['achieved']:,.0f} | {u['stream_s']:.1f} | "
+                  f"{u['updates_per_s']:.2f} | {u['longest_gap_s']:.2f} | {u['last_update_after_last_frame_s']:.2f} |")
     if "viewers" in r:
+        print()
         print("| pages open | runs | frames lost | achieved frames/s (median) | file after last frame, s (median, range) |")
         print("|---:|---:|---:|---:|---|")
         for pages, runs in r["viewers"].items():

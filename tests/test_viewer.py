@@ -510,6 +510,11 @@ def test_the_page_in_chromium_fills_in_and_draws_exact_apertures(client2, script
         print(f"\nviewer screenshots: {shots}")
 
 
+def html_escape(text: str) -> str:
+    import html
+    return html.escape(text)
+
+
 def _img_when(page, source, ok):
     img = page.image(source)
     return img if img is not None and img.size > 1 and ok(img) else None
@@ -546,6 +551,23 @@ def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
                       "the whole bright field, as in the file")
         page.wait_for(lambda: "complete" in (page.prop("scans", "data") or {}).get("status", []), 30,
                       "the scan listed as complete")
+        # the dose (electrons of the file over its positions and the step²) and the advice its
+        # stages stored, with the column precision the median of the columns' Cramér–Rao bounds
+        import json
+        with h5py.File(out / "demo-0000.h5") as f:
+            electrons = int(f["events/offsets"][-1])
+            step = float(f["metadata"].attrs["scan_step_A"])
+            crb_pm = 100 * np.nanmedian(f["stages/columns/position_crb_A"][()])
+            stored = json.loads(f["stages/counting/dose_advice"].attrs["lines"])
+        per = electrons / (24 * 24)
+        text = page.wait_for(lambda: (t := page.prop("dose", "text") or "") and "stage counting" in t and t, 120,
+                             "the dose advice of the written scan")
+        assert f"dose {per / step ** 2:.3g} e⁻/Å² ({per:.3g} e⁻ per probe position)" in text, text
+        assert all(html_escape(line) in text for line in stored), (text, stored)
+        if np.isfinite(crb_pm):
+            assert f"±{crb_pm:.2g} pm" in text, (text, crb_pm)
+        else:  # this small scan's columns stage found none: the advice says so
+            assert "no columns found" in text, text
         page.screenshot(ARTIFACTS / "viewer" / "demo-done.png")
         assert "complete" in cli.stdout and not browser.errors, (cli.stdout, browser.errors)
         os.killpg(cli.p.pid, signal.SIGINT)
@@ -553,3 +575,223 @@ def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
     finally:
         browser.close()
         cli.kill()
+
+
+# the page's own record of every new bright field it received: (ms since epoch, the values)
+WATCH_JS = """(name) => { window.__seen = []; let last = null;
+  window.__watch = setInterval(() => { const m = Bokeh.documents[0].get_model_by_name(name);
+    const d = m ? m.data.image[0] : null;
+    if (d && d !== last && d.length > 1) {
+      last = d; window.__seen.push([Date.now(), Array.from(d, v => Number.isNaN(v) ? null : v)]); } }, 10); }"""
+
+
+@pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
+@pytest.mark.parametrize("seconds, min_rate", [(8.0, None), pytest.param(12.0, 2.0, marks=pytest.mark.slow)])
+def test_the_page_fills_in_repeatedly_while_the_scan_streams(client2, scripted_source, tmp_path, seconds, min_rate):
+    """The emulator's scan sent over ``seconds`` (live rate 4 per second); the page, open
+    before it, records every new bright field it receives. While frames arrive it shows several
+    partial images, each with more positions than the last and, where it has a value, the
+    value of the written file; the slow variant asserts at least ``min_rate`` a second."""
+    from browser import Browser
+
+    g = VIEW_GEOM
+    counts, indices, md = emulated(g, seed=11, dose=80)
+    src = scripted_source(2)
+    browser = Browser()
+    try:
+        with Session(src.addresses, config=session_config(tmp_path, live_rate=4.0), client=client2, console=False,
+                     view="127.0.0.1:0") as s:
+            page = browser.page(s.viewer.url)
+            page.wait_for(lambda: page.prop("src-bf", "data") is not None, 60, "the bright field's panel, built "
+                          "before the scan")
+            time.sleep(1.0)
+            page.js(WATCH_JS, "src-bf")
+            src.wait_for_receivers()
+            src.start("filling", g, md)
+            batches = np.array_split(np.arange(g.n_frames), int(seconds * 4))
+            t_first = time.time()
+            for k, frames in enumerate(batches):
+                src.frames("filling", g, counts, indices, only=frames, batch=len(frames))
+                time.sleep(max(0.0, t_first + (k + 1) * seconds / len(batches) - time.time()))
+            t_last = time.time()
+            src.end("filling", g.n_frames)
+            r = s.wait("filling", timeout=60)
+            with h5py.File(r.path) as f:
+                bf = f["results/bf"][()].astype(float)
+            page.wait_for(lambda: _img_when(page, "src-bf", lambda a: np.array_equal(a, bf)), 60,
+                          "the whole bright field")
+            seen = page.js("() => window.__seen")
+            # the centre of mass as arrows: at most 16 a side, from the centres of 2 x 2 blocks here
+            x0 = page.js("() => Array.from(Bokeh.documents[0].get_model_by_name('com-arrows').data.x0)")
+            step = md["scan_step_A"]
+            np.testing.assert_allclose(sorted(x0), sorted(np.tile((2 * np.arange(g.scan_shape[1] // 2) + 1) * step,
+                                                                  g.scan_shape[0] // 2)))
+            page.screenshot(ARTIFACTS / "viewer" / "filling.png")
+    finally:
+        browser.close()
+    partial = []
+    for t_ms, values in seen:
+        img = np.array([np.nan if v is None else v for v in values], float).reshape(g.scan_shape)
+        if t_first <= t_ms / 1000 <= t_last and 0 < np.isfinite(img).sum() < img.size:
+            partial.append(img)
+    filled = [int(np.isfinite(a).sum()) for a in partial]
+    assert len(partial) >= 2, f"only {len(partial)} partial images seen in {seconds:g} s: {filled}"
+    assert filled == sorted(filled) and len(set(filled)) == len(filled), filled
+    before = np.zeros(g.scan_shape)
+    for img in partial:  # counts only grow, up to the file's (a frame's parts come from both sources)
+        have = np.isfinite(img)
+        assert (img[have] <= bf[have]).all() and (img[have] >= before[have]).all()
+        before = np.where(have, img, before)
+    if min_rate is not None:
+        rate = len(partial) / (t_last - t_first)
+        assert rate >= min_rate, f"{rate:.2f} partial images a second ({filled})"
+
+
+def test_stemstream_view_with_a_wrong_key_is_refused_in_one_line(client2, tmp_path):
+    """``stemstream view`` with another key directory than the session's: the session's live
+    channel refuses it in the CURVE handshake, and the command says so in one line naming the
+    fix (exit 2) instead of showing an empty page for ever."""
+    from test_cli import Cli
+
+    from stream.transport.net import free_port_block
+
+    pub = f"tcp://127.0.0.1:{free_port_block(1)}"
+    cfg = session_config(tmp_path)
+    cfg = validate(PipelineConfig(**{**cfg.__dict__, "live": LiveSpec(rate_hz=2.0, publish=pub)}))
+    with Session([f"tcp://127.0.0.1:{free_port_block(1)}"], config=cfg, client=client2, console=False):
+        cli = Cli(["view", "--subscribe", pub, "--curve-keys", tmp_path / "not-the-sessions-keys",
+                   "--view", "127.0.0.1:0"])
+        try:
+            assert cli.wait(120) == 2, (cli.stdout, cli.stderr)
+        finally:
+            cli.kill()
+    errors = [x for x in cli.err if x.strip()]
+    assert len(errors) == 1, cli.stderr
+    assert errors[0].startswith("stemstream view: error: the session's live channel") and "refused" in errors[0]
+    assert "--curve-keys" in errors[0] and "live_clients" in errors[0] and str(tmp_path) in errors[0]
+
+
+def test_centre_of_mass_arrows_are_block_means_scaled_to_the_block():
+    """The quiver of the centre of mass against plain numpy: block means of a known field
+    (NaN left out), from block centres, the 95th-percentile arrow one block long."""
+    from stream.viewer.display import com_arrows
+
+    rng = np.random.default_rng(4)
+    cy, cx = rng.normal(size=(50, 30)), rng.normal(size=(50, 30)) + 0.5
+    cy[3, 4] = cx[3, 4] = np.nan
+    a = com_arrows(cy, cx, step=0.25, max_side=24)
+    f = 3  # 50 rows in at most 24 blocks
+    assert a["block"] == f and a["length"] == pytest.approx(0.75)
+    want_y, want_x, centres = [], [], []
+    for r in range(0, 50, f):
+        for c in range(0, 30, f):
+            by, bx = cy[r:r + f, c:c + f], cx[r:r + f, c:c + f]
+            want_y.append(np.nanmean(by))
+            want_x.append(np.nanmean(bx))
+            centres.append(((r + min(r + f, 50)) / 2 * 0.25, (c + min(c + f, 30)) / 2 * 0.25))
+    want_y, want_x, centres = np.array(want_y), np.array(want_x), np.array(centres)
+    scale = np.percentile(np.hypot(want_y, want_x), 95)
+    assert a["scale"] == pytest.approx(scale, rel=1e-5)
+    np.testing.assert_allclose(a["y0"], centres[:, 0])
+    np.testing.assert_allclose(a["x0"], centres[:, 1])
+    np.testing.assert_allclose(a["y1"] - a["y0"], want_y / scale * 0.75, rtol=1e-5)
+    np.testing.assert_allclose(a["x1"] - a["x0"], want_x / scale * 0.75, rtol=1e-5)
+
+
+def _segment_distance(py, px, ys, xs):
+    """Distance of points (py, px) to the polyline (ys, xs), exactly (projection on each segment)."""
+    best = np.full(py.shape, np.inf)
+    for k in range(len(ys) - 1):
+        ay, ax_, by, bx = ys[k], xs[k], ys[k + 1], xs[k + 1]
+        dy, dx = by - ay, bx - ax_
+        L2 = dy * dy + dx * dx
+        t = np.clip(((py - ay) * dy + (px - ax_) * dx) / L2, 0, 1) if L2 > 0 else np.zeros(py.shape)
+        best = np.minimum(best, np.hypot(py - (ay + t * dy), px - (ax_ + t * dx)))
+    return best
+
+
+@pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
+def test_annulus_lasso_and_brush_drawn_in_chromium_equal_dense_numpy(client2, scripted_source, tmp_path):
+    """On a written scan, in headless Chromium: an annulus dragged on the pattern, a lasso and a
+    brush stroke dragged on the bright field. Each result equals dense numpy over the scan's
+    electrons with the shape the page drew (its centre and radii as the page's fields show
+    them; the lasso's and the stroke's vertices as the page holds them), the pixels or
+    positions selected by their centres, computed here without the viewer's code."""
+    from browser import Browser
+    from matplotlib.path import Path as MplPath
+
+    g = VIEW_GEOM
+    counts, indices, md = emulated(g, seed=9, dose=80)
+    step = md["scan_step_A"]
+    src = scripted_source(2)
+    browser = Browser()
+    shots = ARTIFACTS / "viewer"
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        with Session(src.addresses, config=session_config(tmp_path), client=client2, console=False,
+                     view="127.0.0.1:0") as s:
+            src.wait_for_receivers()
+            src.start("shapes", g, md)
+            src.frames("shapes", g, counts, indices, batch=16)
+            src.end("shapes", g.n_frames)
+            r = s.wait("shapes", timeout=60)
+            d = dense(counts, indices, g, np.setdiff1d(np.arange(g.n_frames), r.missing_frames))
+            page = browser.page(s.viewer.url)
+            page.wait_for(lambda: _img_when(page, "src-bf", lambda a: np.isfinite(a).all()), 90, "the bright field")
+
+            # annulus: drag from its centre to its outer edge; inner = outer x 0.5
+            page.set("pattern-mode", "active", 1)
+            time.sleep(1.0)
+            a, b = page.screen("fig-diffraction_sum", [[0.8, -1.1], [0.8 + 9.1, -1.1]])
+            page.drag([a, b])
+            page.wait_for(lambda: "annulus" in (page.prop("detector-status", "text") or "")
+                          and _img_when(page, "src-drawn", lambda x: x.shape == g.scan_shape), 90, "the annulus image")
+            cy, cx, inner, outer = (page.prop(f"det-{k}", "value") for k in ("y", "x", "inner", "outer"))
+            hh, ww = np.mgrid[0:64, 0:64]
+            dist = np.hypot((hh - 31.5) * 0.5 - cy, (ww - 31.5) * 0.5 - cx)
+            assert not (np.abs(dist - outer) < 1e-4).any() and not (np.abs(dist - inner) < 1e-4).any()
+            ring = (dist >= inner) & (dist < outer)
+            assert inner == pytest.approx(outer * 0.5, rel=1e-4) and ring.sum() > 50
+            want = (d * ring).sum((2, 3))
+            page.wait_for(lambda: _img_when(page, "src-drawn", lambda x: np.array_equal(x, want)), 90,
+                          "the annulus image equal to dense numpy")
+
+            # lasso around a blob of positions on the bright field
+            rows, cols = np.mgrid[0:g.scan_shape[0], 0:g.scan_shape[1]]
+            pcy, pcx = (rows + 0.5) * step, (cols + 0.5) * step
+            page.set("region-mode", "active", 1)
+            time.sleep(1.0)
+            loop = [(3.3, 2.2), (3.1, 12.6), (9.7, 14.4), (15.2, 8.1), (11.4, 3.7)]  # (row, col) of the corners
+            pts = page.screen("fig-bf", [[c * step, r_ * step] for r_, c in loop + loop[:1]])
+            page.drag(pts, steps=6)
+            page.wait_for(lambda: "lasso" in (page.prop("region-status", "text") or ""), 90, "the lasso region")
+            lasso = page.js("() => { const d = Bokeh.documents[0].get_model_by_name('region-lasso').data;"
+                            " return [Array.from(d.xs[0]), Array.from(d.ys[0])]; }")
+            inside = MplPath(np.column_stack(lasso)).contains_points(
+                np.column_stack([pcx.ravel(), pcy.ravel()])).reshape(g.scan_shape)
+            assert 20 < inside.sum() < inside.size
+            page.wait_for(lambda: _img_when(page, "src-region", lambda x: np.array_equal(x, d[inside].sum(0))), 90,
+                          "the lasso's pattern equal to dense numpy")
+            page.screenshot(shots / "5-lasso.png")
+
+            # brush: a stroke of radius 1.3 positions
+            page.set("region-mode", "active", 3)
+            page.set("brush-radius", "value", 1.3 * step)
+            time.sleep(1.0)
+            stroke = [(18.0, 2.0), (14.0, 9.0), (19.0, 16.0)]
+            pts = page.screen("fig-bf", [[c * step, r_ * step] for r_, c in stroke])
+            page.drag(pts, steps=10)
+            page.wait_for(lambda: "brush" in (page.prop("region-status", "text") or ""), 90, "the brush region")
+            xs, ys = page.js("() => { const d = Bokeh.documents[0].get_model_by_name('region-stroke').data;"
+                             " return [Array.from(d.xs[d.xs.length - 1]), Array.from(d.ys[d.ys.length - 1])]; }")
+            radius = page.prop("brush-radius", "value")
+            dist = _segment_distance(pcy, pcx, np.array(ys, float), np.array(xs, float))
+            assert not (np.abs(dist - radius) < 1e-3).any()
+            brushed = dist <= radius
+            assert brushed.sum() > 20
+            page.wait_for(lambda: _img_when(page, "src-region", lambda x: np.array_equal(x, d[brushed].sum(0))), 90,
+                          "the brushed pattern equal to dense numpy")
+            page.screenshot(shots / "6-brush.png")
+            assert not browser.errors, browser.errors
+    finally:
+        browser.close()

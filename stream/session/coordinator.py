@@ -173,6 +173,7 @@ class Session:
         self._own_client = client is None
         self._cluster = None
         self._ctx = self._pull = self._pub = None
+        self.live_address: str | None = None  # the live results channel (--publish, or the viewer's)
         self._tracker = ScanTracker(cfg.scan.timeout_s, announce_grace_s=cfg.limits.announce_grace_s)
         self._control = None  # PUB: announced, closing and dropped scans, to the receivers
         self._gate: Gatekeeper | None = None
@@ -282,12 +283,16 @@ class Session:
         port = self._pull.bind_to_random_port(f"tcp://{host}")
         self.control_address = f"tcp://{host}:{port}"
         self.announce_address = f"tcp://{host}:{self._control.bind_to_random_port(f'tcp://{host}')}"
-        if self.config.live.publish:
+        if self.config.live.publish or self._view[0]:
             self._pub = self._ctx.socket(zmq.PUB)
             if live_kp is not None:
                 as_server(self._pub, live_kp, LIVE)
             try:
-                self._pub.bind(self.config.live.publish)
+                if self.config.live.publish:
+                    self._pub.bind(self.config.live.publish)
+                    self.live_address = self.config.live.publish
+                else:  # the viewer's process subscribes to it (stream/viewer/child.py)
+                    self.live_address = f"tcp://127.0.0.1:{self._pub.bind_to_random_port('tcp://127.0.0.1')}"
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
@@ -344,6 +349,16 @@ class Session:
             self.console.say(f"WARNING: refused a connection to {what} from a program without an "
                              f"accepted key ({key.decode(errors='replace')}); see docs/SECURITY.md "
                              "(further refusals are counted, not shown)")
+
+    @property
+    def scheduler_address(self) -> str | None:
+        """The address of the session's dask scheduler (None before start)."""
+        return None if self._client is None else self._client.scheduler.address
+
+    @property
+    def scheduler_security(self):
+        """The ``distributed.Security`` this session joined its scheduler with (None before start)."""
+        return None if self._client is None else self._client.security
 
     def describe_security(self) -> str:
         """One line: how each channel is protected (for the start message)."""

@@ -4,9 +4,11 @@ feed.py gathers what the pages show from the session once for all of them; page.
 open page (images, progress, scan list, drawn apertures); panels.py one image with its axes,
 colour bar and scale bar; shapes.py turns drawn shapes into masks; display.py prepares images
 for the page; exports.py writes drawn apertures and region patterns; server.py the web server
-and its token. docs/VIEWER.md describes it for users.
+and its token; child.py the process that serves ``--view`` beside the session; attach.py
+what it (or ``stemstream view``) reads of a session in another process. docs/VIEWER.md describes it for users.
 """
 
-from stream.viewer.server import ViewerError, ViewerServer, start_viewer
+from stream.viewer.child import ViewerProcess, start_viewer
+from stream.viewer.server import ViewerError, ViewerServer
 
-__all__ = ["ViewerError", "ViewerServer", "start_viewer"]
+__all__ = ["ViewerError", "ViewerProcess", "ViewerServer", "start_viewer"]

@@ -33,6 +33,7 @@ from stream.session import adhoc
 from stream.session.finalize import ScanResult
 from stream.session.offline import apply_to_range
 from stream.transport import control
+from stream.transport.links import LinkWatch
 from stream.transport.protocol import Geometry, ProtocolError
 from stream.viewer.feed import read_stage_outputs
 
@@ -52,10 +53,12 @@ class AttachedSession:
     a ``tls://`` scheduler with ``tls_ca_file``, ``tls_cert``, ``tls_key``.
     recent: how many of the scan files already in ``out`` are listed at the start (newest).
     client: a dask Client of the session's cluster to use instead of ``scheduler`` (kept open).
+    security: a ``distributed.Security`` to join ``scheduler`` with instead of ``[security]``'s
+    files (the session's own, in memory, when the session started this viewer).
     """
 
     def __init__(self, subscribe: str | None = None, out: str | None = None, scheduler: str | None = None,
-                 config: str | None = None, recent: int = 32, client=None):
+                 config: str | None = None, recent: int = 32, client=None, security=None):
         if not subscribe and not out:
             raise ConfigError("stemstream view needs the session's --subscribe tcp://HOST:PORT (its "
                               "--publish address) or its --out directory, or both")
@@ -71,6 +74,7 @@ class AttachedSession:
         self._stages: dict[str, tuple[float, list | None]] = {}
         self._rejects: dict[str, int] = {}
         self._bad_messages = 0
+        self.refused: str | None = None  # why the live channel's handshake failed (a wrong key), if it did
         self._stop = threading.Event()
         self._client, self._own_client = client, client is None
         if scheduler and client is None:
@@ -79,7 +83,7 @@ class AttachedSession:
             from stream.security.tls import client_security
             sec = self.config.security
             try:
-                self._client = Client(scheduler, timeout=30, security=client_security(
+                self._client = Client(scheduler, timeout=30, security=security or client_security(
                     scheduler, sec.tls_ca_file, sec.tls_cert, sec.tls_key))
             except SecurityError as e:
                 raise ConfigError(str(e)) from None
@@ -205,9 +209,12 @@ class AttachedSession:
         sub.setsockopt(zmq.RCVHWM, 8)  # only the newest snapshots matter
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         as_client(sub, self._live_keys)  # None: plain
+        watch = LinkWatch(sub)  # a refused key is otherwise silent: the page would just stay empty
         sub.connect(address)
         try:
             while not self._stop.is_set():
+                if watch.poll() or watch.dropped:
+                    self.refused = _refusal(watch)
                 if not sub.poll(200):
                     continue
                 try:
@@ -217,6 +224,7 @@ class AttachedSession:
                     self._bad_messages += 1
                     log.warning("viewer: skipped a live message it cannot read: %s", e)
         finally:
+            watch.close()
             sub.close(0)
 
     def _on_message(self, h: dict, arrays: dict) -> None:
@@ -280,6 +288,19 @@ class AttachedSession:
             self._seen[str(path)] = path.stat().st_mtime
 
 
+def _refusal(watch: LinkWatch) -> str | None:
+    """Why the live channel's handshake fails, when it does: a CURVE server that does not know
+    this viewer's key refuses it, and one whose key is not the one this viewer expects cannot
+    read its hello and drops the connection (ZeroMQ then retries for ever, silently)."""
+    if watch.connected:
+        return None
+    if watch.failed:
+        return next(iter(watch.failed.values()))
+    if watch.dropped:
+        return "the connection was dropped in the handshake"
+    return None
+
+
 def read_attrs_only(group) -> dict:
     """A group's attributes as plain values (its datasets are not read)."""
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v)
@@ -338,10 +359,21 @@ def run_view(args, config=None) -> int:
           f"{save}/; Ctrl-C to stop", flush=True)
     try:
         while True:
-            time.sleep(1)
+            time.sleep(0.5)
+            if attached.refused:
+                raise ConfigError(refused_message(args.subscribe, attached.refused, attached.config))
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
         attached.close()
     return 0
+
+
+def refused_message(subscribe: str, why: str, config) -> str:
+    """One line: the session's live channel refused this viewer, and what to do."""
+    from stream.security.keys import key_dir
+    keys = key_dir(config.security.keys or None)
+    return (f"the session's live channel {subscribe} refused this viewer ({why}): give --curve-keys DIR of "
+            f"the session's key directory, or add this viewer's public key ({keys}/viewer.key) to the "
+            "session's [security] live_clients")

@@ -20,6 +20,9 @@ import numpy as np
 from stream.files.previews import com_rgb
 
 MAX_SIDE = 512  # images larger than this are binned for the page (the files keep every pixel)
+# while a scan runs, images are binned to this: a browser redraws four 256² images several
+# times a second but 512² ones about once (bench_viewer.py); the panels are 300 px wide
+LIVE_MAX_SIDE = 256
 
 
 def bin_factor(shape, max_side: int = MAX_SIDE) -> int:
@@ -86,3 +89,29 @@ def color_wheel(size: int = 64) -> np.ndarray:
     dy, dx = (y - c) / c, (x - c) / c
     outside = np.hypot(dy, dx) > 1
     return com_rgba(np.where(outside, np.nan, dy), np.where(outside, np.nan, dx), clip=1.0)
+
+
+def com_arrows(com_y: np.ndarray, com_x: np.ndarray, step: float = 1.0, max_side: int = 16) -> dict:
+    """The centre of mass as a quiver: the field averaged over blocks of f × f positions (f the
+    smallest that leaves at most ``max_side`` blocks a side; NaN positions left out, blocks
+    without a value dropped), one arrow per block from its centre, in page units (``step`` per
+    position, y down as the images). Lengths are proportional to the magnitude, the largest
+    (the 95th percentile of the blocks) one block long: ``scale`` is the magnitude (unit of
+    ``com_*``) of an arrow one block long. Returns {"x0", "y0", "x1", "y1"} (n,) float64,
+    "scale", "block" (positions per block side), "length" (page units of one block)."""
+    cy, cx = np.asarray(com_y, np.float64), np.asarray(com_x, np.float64)
+    f = max(1, -(-max(cy.shape) // max_side))
+    my, _ = binned(cy, f)
+    mx, _ = binned(cx, f)
+    ny, nx = cy.shape
+    rows, cols = np.mgrid[0:my.shape[0], 0:my.shape[1]]
+    # block centres: partial blocks at the edges are centred on the positions they hold
+    yc = (rows * f + (np.minimum((rows + 1) * f, ny) - rows * f) / 2) * step
+    xc = (cols * f + (np.minimum((cols + 1) * f, nx) - cols * f) / 2) * step
+    ok = np.isfinite(my) & np.isfinite(mx)
+    mag = np.hypot(my, mx)[ok]
+    scale = float(np.percentile(mag, 95)) if mag.size and np.percentile(mag, 95) > 0 else 1.0
+    k = f * step / scale  # page units per unit of the field
+    y0, x0 = yc[ok], xc[ok]
+    return {"x0": x0, "y0": y0, "x1": x0 + k * mx[ok].astype(np.float64), "y1": y0 + k * my[ok].astype(np.float64),
+            "scale": scale, "block": f, "length": f * step}

@@ -22,7 +22,10 @@ import numpy as np
 from stream.config import ConfigError, calibration, detector_regions
 from stream.files.previews import missing_positions
 from stream.files.recording import open_recording
-from stream.viewer.display import binned, com_rgba
+from stream.stages.runner import STAGES
+from stream.transport.protocol import Geometry
+from stream.viewer.display import LIVE_MAX_SIDE, MAX_SIDE, bin_factor, binned, com_rgba
+from stream.viewer.dose import LiveAdvisor, dose_line, written_advice
 from stream.viewer.shapes import DetectorAxes, ScanAxes
 
 LIVE, CLOSING = "receiving", "closing"
@@ -73,13 +76,14 @@ class ScanView:
     detectors: list = field(default_factory=list)  # (name, inner, outer) radii, page units
     metadata: dict = field(default_factory=dict)
     not_received: np.ndarray | None = None  # (ny, nx) bool: positions drawn as missing (NaN)
+    dose: list = field(default_factory=list)  # the dose and what it can measure (stream/viewer/dose.py)
     _cache: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def fingerprint(self) -> tuple:
         """Changes whenever anything drawn changes (state, stages, every image's content)."""
-        return (self.summary.state, self.summary.stages, self.columns is not None,
+        return (self.summary.state, self.summary.stages, self.columns is not None, tuple(self.dose),
                 tuple((n, img.data.shape, float(np.nansum(img.data)) if img.kind != "rgba" else 0.0)
                       for n, img in self.images.items()))
 
@@ -88,12 +92,16 @@ class ScanView:
         return self.summary.state in (LIVE, CLOSING)
 
     def display(self, name: str) -> tuple[np.ndarray, int]:
-        """(page copy of image ``name`` — float32, binned past 512 px — , bin factor)."""
+        """(page copy of image ``name`` — float32, binned past 512 px, 256 px while the scan
+        runs — , bin factor)."""
         with self._lock:
             hit = self._cache.get(("display", name))
             if hit is None:
                 img = self.images[name]
-                hit = (img.data, 1) if img.kind == "rgba" else binned(img.data)
+                side = LIVE_MAX_SIDE if self.live else MAX_SIDE
+                f = bin_factor(img.data.shape, side)
+                # colours are made averaged (scan_images); were they not, every f-th one
+                hit = (np.ascontiguousarray(img.data[::f, ::f]), f) if img.kind == "rgba" else binned(img.data, f)
                 self._cache[("display", name)] = hit
             return hit
 
@@ -139,10 +147,13 @@ def _com_names(results: dict) -> tuple[str, str, str]:
     return "com_y", "com_x", "px"
 
 
-def scan_images(results: dict, not_received: np.ndarray | None, stages: dict | None = None) -> dict:
+def scan_images(results: dict, not_received: np.ndarray | None, stages: dict | None = None,
+                colour_side: int = MAX_SIDE) -> dict:
     """The panels of a scan in display order from its results (live or final): every virtual
     image, the centre of mass as colours and as components, stage images (phase, grains),
-    then the diffraction sum. Positions in ``not_received`` (ny, nx) bool are NaN."""
+    then the diffraction sum. Positions in ``not_received`` (ny, nx) bool are NaN. The colours
+    are made from the components averaged to at most ``colour_side`` a side (what the page
+    shows: colouring a 1024² scan's every position took 0.3 s of each live view)."""
     out = {}
     hide = not_received if not_received is not None and not_received.any() else None
 
@@ -156,7 +167,9 @@ def scan_images(results: dict, not_received: np.ndarray | None, stages: dict | N
     ky, kx, unit = _com_names(results)
     if ky in results and kx in results:
         cy, cx = nav(results[ky]), nav(results[kx])
-        out["com"] = Image(com_rgba(cy, cx), "rgba", unit, "centre of mass (direction → colour)")
+        f = bin_factor(cy.shape, colour_side)
+        colours = com_rgba(cy, cx) if f == 1 else com_rgba(binned(cy, f)[0], binned(cx, f)[0])
+        out["com"] = Image(colours, "rgba", unit, "centre of mass (direction → colour)")
         out["com_x"] = Image(cx, "nav", unit, f"centre of mass x ({unit})")
         out["com_y"] = Image(cy, "nav", unit, f"centre of mass y ({unit}, down)")
     for name, (a, unit, title) in (stages or {}).items():
@@ -283,6 +296,32 @@ class SessionFeed:
     def rejects(self) -> dict:
         return self.session.rejects()
 
+    def expected_images(self) -> dict:
+        """The panels the next scan will have, empty: the newest scan's, else those of the
+        configuration (its virtual detectors, the centre of mass, the diffraction sum). A page
+        builds them before the first frames come, which in a browser takes seconds."""
+        scans = self.scans()
+        if scans:
+            v = self.view(scans[0].scan_id)
+            if v is not None and v.images:
+                return {n: Image(np.full((1, 1), np.nan), img.kind, img.unit, img.title) for n, img in v.images.items()
+                        if n not in ("phase", "grains")}
+        cfg = self.session.config
+        probe = Geometry((2, 2), (64, 64), mrad_per_px=cfg.detector.mrad_per_px or 1.0, convergence_mrad=4.0)
+        try:
+            names = [d["name"] for d in detector_regions(cfg, probe, max_masks=0)]
+        except ConfigError:
+            names = []
+        names += [n for v in cfg.virtual if v.shape == "masks" for n in (v.names or [])]
+        one = np.zeros((1, 1), np.int64)
+        results = {n: one for n in names}
+        if cfg.com.enabled:
+            suffix = "_mrad" if cfg.detector.mrad_per_px else ""
+            results.update({f"com_y{suffix}": one.astype(float), f"com_x{suffix}": one.astype(float)})
+        if cfg.diffraction_sum.enabled:
+            results["diffraction_sum"] = one
+        return scan_images(results, np.ones((1, 1), bool))
+
     # ------------------------------------------------------------ one scan
     def view(self, scan_id: str) -> ScanView | None:
         """The scan as the page shows it now (None for an unknown scan)."""
@@ -317,7 +356,7 @@ class SessionFeed:
             geometry, metadata = (info[1], info[2]) if info else (None, {})
             results = self.session.live(sid) if summary.state == LIVE else {}
             hidden = live_not_received(results)
-            images = scan_images(results, hidden)
+            images = scan_images(results, hidden, colour_side=LIVE_MAX_SIDE)
             columns = None
         else:
             r = self.session.results.get(sid)
@@ -344,8 +383,30 @@ class SessionFeed:
             det_axes = DetectorAxes(tuple(geometry.frame_shape), cal.center, cal.mrad_per_px)
             detectors = self._detector_outlines(geometry, det_axes)
         self._version += 1
+        dose = self._dose(summary, geometry, metadata, results, hidden) if geometry is not None else []
         return ScanView(sid, summary, self._version, scan_axes, det_axes, images, columns, detectors, metadata,
-                        hidden)
+                        hidden, dose)
+
+    def _dose(self, summary: ScanSummary, geometry, metadata: dict, results: dict, hidden) -> list[str]:
+        """The dose and the science code's advice on it (stream/viewer/dose.py)."""
+        step = _number(metadata.get("scan_step_A"))
+        cfg = self.session.config
+        if summary.state in (LIVE, CLOSING):
+            n_pos = geometry.n_positions - (int(hidden.sum()) if hidden is not None else 0)
+            lines = [dose_line(summary.events, n_pos, step, so_far=True)]
+            if "columns" in cfg.stages.run and n_pos:
+                params = {**STAGES["columns"].params, **cfg.stages.params.get("columns", {})}
+                image = results.get(str(params.get("image") or "adf"))
+                if image is not None and np.ndim(image) == 2:
+                    with self._lock:
+                        self._advisor = getattr(self, "_advisor", None) or LiveAdvisor(params)
+                    img = np.where(hidden, np.nan, np.asarray(image, np.float64)) if hidden is not None else image
+                    lines += self._advisor.lines(summary.scan_id, img, step, summary.events / n_pos)
+            return [x for x in lines if x]
+        lines = [dose_line(summary.events, geometry.n_positions, step)]
+        if summary.path and summary.stages and summary.stages != "running":
+            lines += written_advice(summary.path)
+        return [x for x in lines if x]
 
     def _detector_outlines(self, geometry, ax: DetectorAxes) -> list:
         """(name, inner, outer) radii in page units of the configured disks and annuli (drawn

@@ -19,6 +19,7 @@ import numpy as np
 from bokeh.events import PanEnd, PanStart, Press, PressUp, SelectionGeometry
 from bokeh.layouts import column, row
 from bokeh.models import (
+    Arrow,
     Button,
     Checkbox,
     ColumnDataSource,
@@ -32,17 +33,19 @@ from bokeh.models import (
     Spinner,
     TableColumn,
     TextInput,
+    VeeHead,
     WheelZoomTool,
 )
 
 from operators.apertures import RealSpaceApertures
 from operators.virtual import VirtualDetectors
 from stream.viewer import exports, shapes
-from stream.viewer.display import binned, color_wheel, limits
+from stream.viewer.display import binned, color_wheel, com_arrows, limits
 from stream.viewer.panels import PALETTES, ImagePanel, RegionTools
 
 log = logging.getLogger("stemstream.viewer")
 REFRESH_MS = 250  # how often a page looks for news (the feed rebuilds a live view at most every 0.2 s)
+LIST_S = 2.0  # the scan list's frame counts follow this often while a scan runs
 RECOMPUTE_S = 1.0  # drawn apertures of a running scan are recomputed this often
 PATTERN_MODES = ["Disk", "Annulus", "Polygon", "Zoom"]
 REGION_MODES = ["Rectangle", "Lasso", "Polygon", "Brush", "Zoom"]
@@ -88,7 +91,9 @@ class ViewerPage:
         self._setting = False
         self._closed = threading.Event()
         self._summaries_key = None
+        self._list_states, self._list_at = None, 0.0
         self._build(title)
+        self._prebuild()
         doc.add_periodic_callback(self.refresh, REFRESH_MS)
         doc.on_session_destroyed(lambda ctx: self._closed.set())
         self.refresh()
@@ -99,6 +104,7 @@ class ViewerPage:
         self.scan_select = Select(title="scan", options=[], width=260, name="scan-select")
         self.follow = Checkbox(label="follow the running scan", active=True, name="follow")
         self.progress = Div(text="waiting for a scan…", name="progress", width=900)
+        self.dose = Div(text="", name="dose", width=1300)
         self.alert = Div(text="", name="alert", visible=False, width=900,
                          styles={"color": "white", "background": "#c0392b", "padding": "6px",
                                  "font-weight": "bold"})
@@ -128,6 +134,7 @@ class ViewerPage:
         self.det_poly = ColumnDataSource({"xs": [], "ys": []}, name="detector-polygon")
         self.region_poly = ColumnDataSource({"xs": [], "ys": []}, name="region-polygon")
         self.region_stroke = ColumnDataSource({"xs": [], "ys": []}, name="region-stroke")
+        self.region_lasso = ColumnDataSource({"xs": [], "ys": []}, name="region-lasso")  # the last lasso drawn
         self.det_overlay = ColumnDataSource({"image": [np.zeros((1, 1), np.uint32)]}, name="detector-overlay")
         self.region_overlay = ColumnDataSource({"image": [np.zeros((1, 1), np.uint32)]}, name="region-overlay")
         self.columns_src = ColumnDataSource({"x": [], "y": [], "atoms": []}, name="columns")
@@ -166,7 +173,8 @@ class ViewerPage:
                               self.region_mode, row(self.brush_radius, self.live_update)),
                        column(self.name_input, self.save_button, self.export_button))
         apertures = row(column(self.det_status, self.drawn.fig), column(self.region_status, self.region_pattern.fig))
-        self.root = column(row(self.header, self.scan_select, self.follow), self.progress, self.alert, controls,
+        self.root = column(row(self.header, self.scan_select, self.follow), self.progress, self.dose, self.alert,
+                           controls,
                            self.file_status, self.grid, apertures, Div(text="<b>scans</b> (click one to show it)"),
                            self.table, name="root")
         self.doc.add_root(self.root)
@@ -184,6 +192,23 @@ class ViewerPage:
         self.save_button.on_click(self._on_save)
         self.export_button.on_click(self._on_export)
 
+    def _prebuild(self) -> None:
+        """The panels of the next scan before it starts: building figures is the slow part of
+        a page (seconds in the browser), so the first frames only fill them in."""
+        expected = getattr(self.feed, "expected_images", None)
+        if expected is None or self.feed.current() is not None:
+            return
+        try:
+            images = expected()
+        except Exception:  # noqa: BLE001 - only a head start: the first scan builds them anyway
+            log.debug("viewer: no panels before the first scan", exc_info=True)
+            return
+        for name, image in images.items():
+            self._panel(name, image)
+        if images:
+            self._names = list(images)
+            self._layout(self._names)
+
     def _force(self) -> None:
         self.shown_version = None
 
@@ -195,8 +220,14 @@ class ViewerPage:
         kind = "labels" if name == "grains" else image.kind
         p = ImagePanel(name, kind, image.title, image.unit, signed=name in ("com_x", "com_y"),
                        palette=self.palette.value)
+        if name == "com":  # the field as arrows over its colours (display.com_arrows)
+            p.arrows = ColumnDataSource({"x0": [], "y0": [], "x1": [], "y1": []}, name="com-arrows")
+            p.fig.add_layout(Arrow(end=VeeHead(size=5, fill_color="black", line_color="black"), source=p.arrows,
+                                   x_start="x0", y_start="y0", x_end="x1", y_end="y1", line_color="black",
+                                   line_width=1.2, name="com-arrows-glyph"))
         if kind in ("nav", "rgba", "labels"):
             p.region_tools = RegionTools(p.fig, self.region_poly, self.region_stroke)
+            p.fig.patches("xs", "ys", source=self.region_lasso, fill_alpha=0, line_color="cyan", line_width=1.5)
             p.overlay(self.region_overlay, name=f"overlay-{name}")
             p.fig.on_event(SelectionGeometry, self._on_region_geometry)
             p.fig.on_event(Press, self._on_region_press)
@@ -259,10 +290,15 @@ class ViewerPage:
     # ------------------------------------------------------------------ refresh
     def refresh(self) -> None:
         """Periodic: the scan list, progress, and the images if they changed."""
+        # every property the refresh sets is one websocket message and one update of the page
+        # unless held: combined, the browser gets one message and lays the page out once
+        self.doc.hold("combine")
         try:
             self._refresh()
         except Exception:
             log.exception("viewer refresh failed")
+        finally:
+            self.doc.unhold()
 
     def _refresh(self) -> None:
         scans = self.feed.scans()
@@ -294,17 +330,34 @@ class ViewerPage:
             else:
                 self._maybe_recompute(view)
 
+    def _show_arrows(self, p, view, sa) -> None:
+        """The centre of mass as arrows on its colour panel, with their scale in the title."""
+        cy, cx = view.images["com_y"], view.images["com_x"]
+        a = com_arrows(cy.data, cx.data, sa.step)
+        p.arrows.data = {k: a[k] for k in ("x0", "y0", "x1", "y1")}
+        unit = "Å" if sa.unit == "Å" else "positions"
+        title = f"centre of mass; arrow {a['length']:.3g} {unit} = {a['scale']:.3g} {cy.unit}"
+        if p.fig.title.text != title:
+            p.fig.title.text = title
+
     def _update_list(self, scans) -> None:
         key = tuple((s.scan_id, s.state, s.frames_received, s.missing, s.stages) for s in scans)
         if key == self._summaries_key:
             return
+        # while frames arrive only their count changes: the table (costly for the browser to lay
+        # out) follows once every LIST_S, the progress line at every refresh
+        states = tuple((s.scan_id, s.state, s.missing, s.stages) for s in scans)
+        now = time.monotonic()
+        if self._summaries_key is not None and states == self._list_states and now - self._list_at < LIST_S:
+            return
+        self._list_states, self._list_at = states, now
         self._summaries_key = key
         self.scans_src.data = {
             "scan": [s.scan_id for s in scans], "status": [s.state for s in scans],
             "frames": [f"{s.frames_received:,}/{s.n_frames:,}" for s in scans],
             "missing": [_fmt_int(s.missing) for s in scans], "electrons": [f"{s.events / 1e6:.2f} M" for s in scans],
             "file": [s.path for s in scans], "stages": [s.stages for s in scans]}
-        self.table.tags = [len(key), hash(key)]  # the grid re-renders rows of an unchanged count only on this
+        self.table.tags = [len(key), hash(key) & 0xFFFFFFFF]  # the grid re-renders rows of an unchanged count only on this
         self._setting = True
         self.scan_select.options = [s.scan_id for s in scans]
         self._setting = False
@@ -321,6 +374,9 @@ class ViewerPage:
                               f"{s.duplicated:,} · rejected messages: {html.escape(rejected)}{where}")
         if self.progress.text != text:
             self.progress.text = text
+        dose = "<br>".join(html.escape(x) for x in view.dose)
+        if self.dose.text != dose:
+            self.dose.text = dose
         if s.missing:
             what = "have not arrived although their sources ended" if view.live else "never arrived"
             ranges = f" (frames {html.escape(s.missing_ranges)})" if s.missing_ranges else ""
@@ -342,6 +398,8 @@ class ViewerPage:
         sa, da = view.scan_axes, view.det_axes
         for name in names:
             p, img = self.panels[name], view.images[name]
+            if p.fig.title.text != img.title and not hasattr(p, "arrows"):  # built before the scan, other units
+                p.retitle(img.title, img.unit)
             if img.kind == "sig" and da is not None:
                 p.place(*da.extent(), da.unit, "mrad" if da.unit == "mrad" else None)
             elif img.kind != "sig" and sa is not None:
@@ -349,6 +407,8 @@ class ViewerPage:
             data, _ = view.display(name)
             if img.kind == "rgba":
                 p.show(data)
+                if hasattr(p, "arrows") and "com_y" in view.images and sa is not None:
+                    self._show_arrows(p, view, sa)
             elif img.kind == "sig":
                 lo, hi = view.limits(name, *self.pattern_contrast.value, positive=True)
                 p.show(data, lo, hi)
@@ -464,6 +524,8 @@ class ViewerPage:
         """A rectangle or lasso (a SelectionGeometry's geometry, page units) as the region."""
         self.region_poly.data = {"xs": [], "ys": []}
         self.region_stroke.data = {"xs": [], "ys": []}
+        self.region_lasso.data = {"xs": [list(g["x"])], "ys": [list(g["y"])]} if g.get("type") == "poly" and \
+            {"x", "y"} <= set(g) else {"xs": [], "ys": []}
         if g.get("type") == "rect" and {"x0", "x1", "y0", "y1"} <= set(g):
             (y0, y1), (x0, x1) = sorted((g["y0"], g["y1"])), sorted((g["x0"], g["x1"]))
             self._draw("region", lambda ax: shapes.rectangle(ax, y0, y1, x0, x1),
@@ -486,12 +548,14 @@ class ViewerPage:
     def _on_region_polygon(self, attr, old, new) -> None:
         pts = _finished_polygon(new)
         if pts is not None:
+            self.region_lasso.data = {"xs": [], "ys": []}
             self._draw("region", lambda ax: shapes.scan_polygon(ax, *pts), f"polygon of {len(pts[0])} vertices")
 
     def _on_region_stroke(self, attr, old, new) -> None:
         xs, ys = (new.get("xs") or [[]])[-1], (new.get("ys") or [[]])[-1]
         radius = float(self.brush_radius.value or 0)
         if len(xs):
+            self.region_lasso.data = {"xs": [], "ys": []}
             self._draw("region", lambda ax: shapes.brush(ax, ys, xs, radius),
                        f"brush stroke of {len(xs)} points, radius {radius:g} UNIT")
 

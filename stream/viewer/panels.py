@@ -110,12 +110,18 @@ class ImagePanel:
         self.y_range.update(start=y0 + height, end=y0, bounds=(y0, y0 + height))
         self.fig.frame_width, self.fig.frame_height = frame_size(width, height)
         self.fig.xaxis.axis_label = self.fig.yaxis.axis_label = unit
-        if scale_unit == "mrad":
-            self.scalebar.update(unit="mrad", dimensional=Metric(base_unit="rad", exclude=_NOT_RAD), visible=True)
-        elif scale_unit == "Å":
-            self.scalebar.update(unit="Å", dimensional=Metric(base_unit="Å", exclude=_NOT_A), visible=True)
-        else:
-            self.scalebar.visible = False
+        # a new Metric is a new model, which makes Bokeh walk the whole document (0.2 s a panel)
+        if scale_unit == "mrad" and self.scalebar.unit != "mrad":
+            self.scalebar.update(unit="mrad", dimensional=Metric(base_unit="rad", exclude=_NOT_RAD))
+        elif scale_unit == "Å" and self.scalebar.unit != "Å":
+            self.scalebar.update(unit="Å", dimensional=Metric(base_unit="Å", exclude=_NOT_A))
+        self.scalebar.visible = scale_unit in ("mrad", "Å")
+
+    def retitle(self, title: str, unit: str) -> None:
+        self.fig.title.text = title
+        self.unit = unit
+        if self.mapper is not None:
+            self.colorbar.title = unit
 
     def overlay(self, source: ColumnDataSource, name: str | None = None):
         """An RGBA image from ``source`` drawn over this one, placed with it."""

@@ -228,19 +228,3 @@ def add_view_arg(p) -> None:
                    help="serve the live viewer in the browser there, e.g. 127.0.0.1:8800 (docs/VIEWER.md); "
                         "any other host than loopback needs the token printed with the URL "
                         f"(or ${TOKEN_ENV})")
-
-
-def start_viewer(session, address: str, token: str | None = None) -> ViewerServer:
-    """Serve the viewer of a running Session (its ``view=`` argument); writes drawn apertures
-    into ``OUT/viewer/``. Raises ConfigError for an address it cannot serve."""
-    from stream.config import ConfigError
-    from stream.viewer.feed import SessionFeed
-
-    try:
-        server = ViewerServer(SessionFeed(session), address, token,
-                              save_dir=Path(session.config.output.dir) / "viewer",
-                              title=f"stemstream — {', '.join(session.connect)}")
-        return server.start()
-    except ViewerError as e:
-        raise ConfigError(str(e)) from None
-
