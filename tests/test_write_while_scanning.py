@@ -11,6 +11,7 @@ the scan ran; ``early_frames``: those kept in the file)."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import h5py
@@ -171,7 +172,7 @@ def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(
     try:
         with writable_dir(tmp_path) as out:
             cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, spill_dir=str(staging)))
-            cfg.output = replace(cfg.output, dir=str(out))
+            cfg.output = replace(cfg.output, dir=str(out), write_while_scanning=True)
             with Session(src.addresses, config=cfg, client=client2, console=False) as s:
                 src.wait_for_receivers()
                 src.start("in_order", GEOM)
@@ -191,6 +192,42 @@ def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(
             assert r.timings["early_frames"] > 0
             assert_same_file(r.path, written["in_order"][1].path, skip=SKIP)
             assert not list(staging.glob("*.partial")) and not list(staging.glob(".*.partial"))
+    finally:
+        src.close()
+
+
+def test_a_scan_that_closes_with_blocks_queued_keeps_what_was_written_and_ends_the_same(client2, written, tmp_path):
+    """Half the scan arrives and is written early; then both workers are kept busy (one
+    thread each: a sleeping task) while the other half arrives, so that the blocks of it wait
+    behind the sleeps, and the scan closes. The waiting blocks are cancelled, not waited for:
+    the file keeps the early part up to the last block written, the end writes the rest, and
+    the file is the one written all at the end."""
+    src = ScriptedSource(2)
+    try:
+        cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0))
+        cfg.output = replace(cfg.output, write_while_scanning=True)
+        events = events_of("in_order")
+        half = GEOM.n_frames // 2
+        with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+            src.wait_for_receivers()
+            src.start("in_order", GEOM)
+            src.frames("in_order", GEOM, *events, batch=8, only=range(half))
+            written_early(s, "in_order")
+            time.sleep(2.0)  # the blocks of the first half are written
+            before = written_early(s, "in_order")
+            workers = list(client2.scheduler_info()["workers"])
+            busy = [client2.submit(time.sleep, 5, workers=[w], pure=False) for w in workers]
+            time.sleep(0.5)
+            src.frames("in_order", GEOM, *events, batch=8, only=range(half, GEOM.n_frames))
+            time.sleep(1.0)  # blocks of the second half are submitted, and wait
+            src.end("in_order", GEOM.n_frames)
+            r = s.wait("in_order", timeout=120)
+            del busy
+        assert r.timings["early_cancelled"] >= 1, r.timings
+        assert r.timings["early_frames"] == r.timings["early_written"] == before > 0, (before, r.timings)
+        assert before <= stored_before(GEOM, half)
+        assert_same_file(r.path, written["in_order"][1].path, skip=SKIP)
+        assert_events_stored(r.path, *events, GEOM)
     finally:
         src.close()
 
