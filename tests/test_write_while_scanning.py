@@ -239,3 +239,27 @@ def test_stored_before_counts_the_stored_frames_below_a_frame_number():
         stored = [(f // fpp) % w < nx for f in range(g.n_frames)]
         for frames in range(g.n_frames + 1):
             assert stored_before(g, frames) == sum(stored[:frames]), (g, frames)
+
+
+def test_the_end_waits_for_the_block_being_written_early_a_bounded_time(tmp_path, monkeypatch):
+    """``take_early`` (the writer, at the scan's end) waits for the block being written at
+    most ``wait_s``; past that it gives the early file up, and the block, when it ends,
+    deletes the file it was writing (nothing is left in staging)."""
+    import threading
+
+    from stream.files.storage import EVENTS_CHUNK, ScanWriter, compress_block
+    from stream.session.finalize import EarlySpec, take_early, write_early
+
+    spec = EarlySpec("slow", Geometry((3, 4), (8, 8)), str(tmp_path / "slow.h5"), str(tmp_path), 2)
+    n = EVENTS_CHUNK + 5
+    built = (np.array([0, n]), compress_block(np.arange(n, dtype=np.uint32) % 64, 0, None, 2))
+    put = ScanWriter.put_block
+    monkeypatch.setattr(ScanWriter, "put_block", lambda self, block: (time.sleep(1.5), put(self, block)))
+    writing = threading.Thread(target=write_early, args=("tok", spec, 0, 1, 1, None, built))
+    writing.start()
+    time.sleep(0.3)  # the block is being written
+    t0 = time.monotonic()
+    assert take_early("tok", wait_s=0.2) is None
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    writing.join()
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.partial"))
