@@ -290,6 +290,7 @@ def early_table(a, argv):
                              "merging": r.timings["merged"] - r.timings["closed"],
                              "writing": r.timings["written"] - r.timings["merged"],
                              "lost": r.n_missing, "events": r.events, "early_frames": r.timings.get("early_frames", 0),
+                             "cancelled": r.timings.get("early_cancelled", 0),
                              "stored": r.n_frames, "load": os.getloadavg()[0]})
     finally:
         client.close()
@@ -297,7 +298,7 @@ def early_table(a, argv):
             cl.close()
     print("| scan | electrons | achieved frames/s (on, off) | frames lost | file after last frame, written "
           "while scanning (s) | written at the end (s) | after the last frame processed: on, off (s) "
-          "| frames written early |")
+          "| frames written early (blocks cancelled at close) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     out = []
     for scan in a.scans:
@@ -310,10 +311,10 @@ def early_table(a, argv):
               f"{statistics.median(x['achieved'] for x in off):,.0f} | {max(x['lost'] for x in on + off)} | "
               f"{med['on']:.2f} ({rng['on']}) | {med['off']:.2f} ({rng['off']}) | "
               f"{statistics.median(x['tail'] for x in on):.2f}, {statistics.median(x['tail'] for x in off):.2f} | "
-              f"{early_share:.0%} |")
+              f"{early_share:.0%} ({statistics.median(x['cancelled'] for x in on):g}) |")
         out.append({"scan": scan, "on": on, "off": off})
     print("\nAfter the last frame processed (medians, s): until the coordinator closed the scan; from "
-          "then until the states were merged (the early blocks under way finished, the scan closed on "
+          "then until the states were merged (the early block being written finished, the scan closed on "
           "the workers, their small states merged); the rest of the events, the head and the rename\n")
     print("| scan | written while scanning | until closed | closed → merged | events and head written |")
     print("|---|:---:|---:|---:|---:|")

@@ -11,6 +11,7 @@ the scan ran; ``early_frames``: those kept in the file)."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import h5py
@@ -171,7 +172,7 @@ def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(
     try:
         with writable_dir(tmp_path) as out:
             cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, spill_dir=str(staging)))
-            cfg.output = replace(cfg.output, dir=str(out))
+            cfg.output = replace(cfg.output, dir=str(out), write_while_scanning=True)
             with Session(src.addresses, config=cfg, client=client2, console=False) as s:
                 src.wait_for_receivers()
                 src.start("in_order", GEOM)
@@ -195,6 +196,42 @@ def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(
         src.close()
 
 
+def test_a_scan_that_closes_with_blocks_queued_keeps_what_was_written_and_ends_the_same(client2, written, tmp_path):
+    """Half the scan arrives and is written early; then both workers are kept busy (one
+    thread each: a sleeping task) while the other half arrives, so that the blocks of it wait
+    behind the sleeps, and the scan closes. The waiting blocks are cancelled, not waited for:
+    the file keeps the early part up to the last block written, the end writes the rest, and
+    the file is the one written all at the end."""
+    src = ScriptedSource(2)
+    try:
+        cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0))
+        cfg.output = replace(cfg.output, write_while_scanning=True)
+        events = events_of("in_order")
+        half = GEOM.n_frames // 2
+        with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+            src.wait_for_receivers()
+            src.start("in_order", GEOM)
+            src.frames("in_order", GEOM, *events, batch=8, only=range(half))
+            written_early(s, "in_order")
+            time.sleep(2.0)  # the blocks of the first half are written
+            before = written_early(s, "in_order")
+            workers = list(client2.scheduler_info()["workers"])
+            busy = [client2.submit(time.sleep, 5, workers=[w], pure=False) for w in workers]
+            time.sleep(0.5)
+            src.frames("in_order", GEOM, *events, batch=8, only=range(half, GEOM.n_frames))
+            time.sleep(1.0)  # blocks of the second half are submitted, and wait
+            src.end("in_order", GEOM.n_frames)
+            r = s.wait("in_order", timeout=120)
+            del busy
+        assert r.timings["early_cancelled"] >= 1, r.timings
+        assert r.timings["early_frames"] == r.timings["early_written"] == before > 0, (before, r.timings)
+        assert before <= stored_before(GEOM, half)
+        assert_same_file(r.path, written["in_order"][1].path, skip=SKIP)
+        assert_events_stored(r.path, *events, GEOM)
+    finally:
+        src.close()
+
+
 def test_stored_before_counts_the_stored_frames_below_a_frame_number():
     """Against the frames one by one: position·fpp + k, flyback frames dropped."""
     for g in (GEOM, Geometry((3, 4), (8, 8)), Geometry((3, 4), (8, 8), frames_per_position=3, flyback=1)):
@@ -202,3 +239,27 @@ def test_stored_before_counts_the_stored_frames_below_a_frame_number():
         stored = [(f // fpp) % w < nx for f in range(g.n_frames)]
         for frames in range(g.n_frames + 1):
             assert stored_before(g, frames) == sum(stored[:frames]), (g, frames)
+
+
+def test_the_end_waits_for_the_block_being_written_early_a_bounded_time(tmp_path, monkeypatch):
+    """``take_early`` (the writer, at the scan's end) waits for the block being written at
+    most ``wait_s``; past that it gives the early file up, and the block, when it ends,
+    deletes the file it was writing (nothing is left in staging)."""
+    import threading
+
+    from stream.files.storage import EVENTS_CHUNK, ScanWriter, compress_block
+    from stream.session.finalize import EarlySpec, take_early, write_early
+
+    spec = EarlySpec("slow", Geometry((3, 4), (8, 8)), str(tmp_path / "slow.h5"), str(tmp_path), 2)
+    n = EVENTS_CHUNK + 5
+    built = (np.array([0, n]), compress_block(np.arange(n, dtype=np.uint32) % 64, 0, None, 2))
+    put = ScanWriter.put_block
+    monkeypatch.setattr(ScanWriter, "put_block", lambda self, block: (time.sleep(1.5), put(self, block)))
+    writing = threading.Thread(target=write_early, args=("tok", spec, 0, 1, 1, None, built))
+    writing.start()
+    time.sleep(0.3)  # the block is being written
+    t0 = time.monotonic()
+    assert take_early("tok", wait_s=0.2) is None
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    writing.join()
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.partial"))

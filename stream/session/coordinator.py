@@ -1067,9 +1067,9 @@ class Session:
                 h.staged = None
             else:
                 return self._maybe_fallback(r, worker, fallback)
-        early = self._early.finish(st, live, timeout, h.stop) if self._early is not None else None
+        early = self._early.finish(st, live) if self._early is not None else None
         if early is not None:
-            h.early_written = early.stored
+            h.early_written, h.early_cancelled = early.written, early.cancelled
             if early.failed:  # thrown away: written at the end as if none had started
                 early = None
         try:
@@ -1107,7 +1107,8 @@ class Session:
                         dict(st.frames_sent), st.rejects,
                         {"opened": st.opened, "first_frame": st.first_frame_time,
                          "last_frame": st.last_frame_time, "closed": st.closed_time,
-                         "early_written": h.early_written}, sorted(closed),
+                         "early_written": h.early_written, "early_cancelled": h.early_cancelled},
+                        sorted(closed),
                         errors=list(st.errors), out_dir=out, lost=dict(st.lost),
                         reported=None if reported is None else np.packbits(reported, axis=-1),
                         late=None if late is None else np.packbits(late, axis=-1),

@@ -4,12 +4,19 @@ The coordinator knows, from the receivers' ``frames`` reports, which frame parts
 delivered (a receiver reports frames only once their events are stored). The frames before
 the first one some source has not delivered yet are complete: once they hold a block of
 events (``[memory] write_block_mb``, the first block at least one HDF5 chunk of the events,
-so that the file's chunking is the one a file written at the end has), every worker that
-received frames hands its parts of them (``Receiver.events_in``) to one writer worker, which
-merges them into the file's order, compresses them and appends them to the scan's file
+so that the file's chunking is the one a file written at the end has), the workers in turn
+build blocks as ``finalize_on_cluster`` does at the end: every worker that received frames
+hands its parts (``Receiver.events_in``) to the block's builder, which merges them into the
+file's order (``finalize.early_csr``) and, once the block's first file position is known (a
+tiny task per block adds the previous block's event count: ``early_end``), compresses its
+whole chunks (``early_compress``); one writer worker appends them to the scan's file
 (``finalize.write_early``; it stays under a temporary name in staging). At most
 ``IN_FLIGHT`` blocks are under way; the coordinator's thread only submits and looks at the
 futures' states.
+
+When the scan closes, the blocks not written yet are cancelled (what has not started never
+will; the one being written is waited for on the writer, at most ``finalize.EARLY_WAIT_S``)
+and the end goes on from the last block written.
 
 The file written this way is an optimisation that can always be thrown away: at the end the
 writer keeps it only if its events are exactly those the workers' states hold
@@ -21,18 +28,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.files.storage import EVENTS_CHUNK
-from stream.session.finalize import EarlySpec, discard_early, write_early
+from stream.session.finalize import EarlySpec, discard_early, early_compress, early_csr, early_end, write_early
 from stream.session.worker import early_events_on_worker
 from stream.transport.protocol import Geometry
 
 log = logging.getLogger("stemstream.session")
-IN_FLIGHT = 3  # blocks of one scan under way at once (as at the end: finalize.IN_FLIGHT)
+IN_FLIGHT = 4  # blocks of one scan under way at once (two per worker of a pair)
 TICK_S = 0.05  # the complete frames of the open scans are looked at this often
 
 
@@ -46,25 +52,40 @@ def stored_before(g: Geometry, frames: int) -> int:
 
 
 @dataclass
+class EarlyBlock:
+    """A block under way: its write on the writer, every task of it, its end (stored frame)."""
+
+    write: object
+    tasks: list
+    stored: int
+
+
+@dataclass
 class EarlyScan:
     """One scan being written while it runs: its file on ``writer`` (``token``), the frame
-    numbers ``[0, frames)`` (stored frames ``[0, stored)``) given to blocks, and the blocks
-    under way as (write future, part futures)."""
+    numbers ``[0, frames)`` (stored frames ``[0, stored)``) given to blocks, the stored
+    frames ``[0, written)`` of the blocks written, the blocks under way, the last block's
+    write (the next one waits for it) and the file position after the last block (an int,
+    or the future of ``early_end``)."""
 
     token: str
     writer: str
     spec: EarlySpec
     frames: int = 0
     stored: int = 0
+    written: int = 0
     blocks: list = field(default_factory=list)
-    last: object = None  # the last block's write future (the next one waits for it)
+    last: object = None
+    position: object = 0
+    n_blocks: int = 0
+    cancelled: int = 0  # blocks cancelled when the scan closed
     failed: str = ""
 
 
 class EarlyWriter:
     """The coordinator's side of writing while scanning. ``tick`` (the coordinator's thread)
-    submits blocks; ``finish`` (a writer thread, when the scan closed) waits for them and
-    says whether the file can be used."""
+    submits blocks; ``finish`` (a writer thread, when the scan closed) cancels those not
+    written yet and says whether the file can be used."""
 
     def __init__(self, client, plugin_name: str, config):
         self.client = client
@@ -78,7 +99,7 @@ class EarlyWriter:
         """Stored frames of an open scan given to blocks written while it runs (0: none, or
         stopped)."""
         e = self._scans.get(scan_id)
-        return 0 if e is None or e.failed else e.stored
+        return 0 if e is None or e.failed else e.written
 
     def _on(self, worker, fn, *args):
         return self.client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
@@ -103,8 +124,9 @@ class EarlyWriter:
         if e is not None:
             if e.failed:
                 return
-            self._reap(e)
-            if e.failed:
+            why = self._reap(e)
+            if why:
+                self._stop(st.scan_id, why)
                 return
         holders = [w for w, n in st.worker_frames.items() if n]
         if st.lost or any(w not in live for w in holders) or (e is not None and e.writer not in live):
@@ -134,27 +156,35 @@ class EarlyWriter:
             with self._lock:
                 self._scans[st.scan_id] = e
         step = max(1, int(self.block_events / per_frame))
+        builders = sorted(w for w in live if w != e.writer) + [e.writer]  # the writer has the most to do
         while len(e.blocks) < IN_FLIGHT and per_frame * (end - e.frames) >= self.block_events:
             hi_f = min(end, e.frames + step)
             lo, hi = e.stored, stored_before(g, hi_f)
             if hi > lo:
+                at = builders[e.n_blocks % len(builders)]
+                e.n_blocks += 1
                 parts = [self._on(w, early_events_on_worker, self.plugin_name, st.scan_id, lo, hi)
                          for w in holders]
-                e.last = self._on(e.writer, write_early, e.token, e.spec, lo, hi, hi_f, e.last, *parts)
-                e.blocks.append((e.last, parts))
+                csr = self._on(at, early_csr, e.spec, lo, hi, *parts)
+                built = self._on(at, early_compress, csr, e.position, e.spec.level)
+                e.position = self._on(at, early_end, e.position, csr)
+                e.last = self._on(e.writer, write_early, e.token, e.spec, lo, hi, hi_f, e.last, built)
+                e.blocks.append(EarlyBlock(e.last, [*parts, csr, built, e.position, e.last], hi))
             e.frames, e.stored = hi_f, hi
 
-    def _reap(self, e: EarlyScan) -> None:
-        """Forget the blocks written (their parts are released); stop on one that failed."""
+    @staticmethod
+    def _reap(e: EarlyScan) -> str:
+        """Forget the blocks written (their tasks are released); why to stop if one failed."""
         keep = []
-        for write, parts in e.blocks:
-            if write.status == "finished":
-                continue
-            if write.status in ("error", "cancelled", "lost"):
-                self._stop(e.spec.scan_id, f"a block {write.status}")
-                return
-            keep.append((write, parts))
+        for b in e.blocks:
+            if b.write.status == "finished":
+                e.written = max(e.written, b.stored)
+            elif b.write.status in ("error", "cancelled", "lost"):
+                return f"a block {b.write.status}"
+            else:
+                keep.append(b)
         e.blocks = keep
+        return ""
 
     def _stop(self, scan_id: str, why: str) -> None:
         """No more early blocks for this scan; its early file is thrown away."""
@@ -173,32 +203,25 @@ class EarlyWriter:
             fire_and_forget(self._on(e.writer, discard_early, e.token))
         del blocks  # what has not run yet never will
 
-    def finish(self, st, live, timeout: float, stop: threading.Event | None = None) -> EarlyScan | None:
-        """The scan closed (a writer thread): wait for its blocks under way; returns its
+    def finish(self, st, live) -> EarlyScan | None:
+        """The scan closed (a writer thread): cancel its blocks not written yet (never waits:
+        the writer waits for the one being written, ``finalize.take_early``); returns its
         early file (None if none was started), usable unless ``failed`` (then it is thrown
-        away already; else the caller writes it on ``writer``, or ``drop``s it). Must come
-        before the workers close the scan (the blocks read it)."""
+        away already; else the caller goes on writing it on ``writer``, from its last block
+        written, or ``drop``s it). Must come before the workers close the scan."""
         with self._lock:
             e = self._scans.pop(st.scan_id, None)
         if e is None or e.failed or not e.token:
             return e if e is not None and e.token else None
-        from distributed import wait
-        why = "nothing written" if e.last is None else "a worker of it left" \
-            if st.lost or e.writer not in live else ""
-        deadline = time.monotonic() + timeout
-        pending = [] if why else [e.last] + [p for _, parts in e.blocks for p in parts]
-        while pending and not why:  # (a task of a worker that left would never end)
-            try:
-                wait(pending, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
-                break
-            except TimeoutError:
-                if stop is not None and stop.is_set():
-                    why = "a worker of it left"
-                elif time.monotonic() >= deadline:
-                    why = f"its blocks did not finish within {timeout:.0f} s"
-        if not why and e.last.status != "finished":
-            why = f"a block {e.last.status}"
-        elif not why and st.repeated(0, e.frames):
+        why = self._reap(e)
+        if e.blocks:  # what has not started never will; a task under way ends on its own
+            e.cancelled = len(e.blocks)
+            self.client.cancel([t for b in e.blocks for t in b.tasks])
+            log.info("scan %s: %d blocks not written while it ran are left to its end",
+                     st.scan_id, e.cancelled)
+        why = why or ("nothing written" if e.last is None else "a worker of it left"
+                      if st.lost or e.writer not in live else "")
+        if not why and st.repeated(0, e.frames):
             why = "frames written early arrived again"
         if why:
             e.failed = why

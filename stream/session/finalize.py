@@ -410,6 +410,7 @@ def _open_scan_file_(info: ScanInfo, config: PipelineConfig, token: str, light, 
     keep = _early_kept(early, counts, completeness["received"].data, config)
     timings = dict(info.timings, finalize_start=t0, merged=time.time(), early_frames=keep)
     timings.setdefault("early_written", 0)
+    timings.setdefault("early_cancelled", 0)
     provenance = {"software": "stemstream", "version": __version__, "python": platform.python_version(),
                   "numpy": np.__version__, "host": socket.gethostname(), "workers": info.workers,
                   "config": JSONText(info.config_json or config_json(config)), "frames_sent_per_source": {str(k): v for k, v in info.frames_sent.items()},
@@ -486,6 +487,7 @@ class _EarlyFile:
     frames: int = 0
     error: str = ""
     adopted: bool = False
+    abandoned: bool = False  # take_early stopped waiting for the block being written
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def status(self) -> dict:
@@ -493,6 +495,7 @@ class _EarlyFile:
                 "events": self.writer.given if self.writer is not None else 0}
 
 
+EARLY_WAIT_S = 10.0  # at a scan's end, the block being written early is waited for this long at most
 _EARLY: dict[str, _EarlyFile] = {}  # token -> file being written while its scan runs
 _EARLY_GONE: dict[str, None] = {}  # tokens taken or discarded (the last 1024): later blocks do nothing
 
@@ -503,37 +506,59 @@ def _early_gone(token: str) -> None:
         del _EARLY_GONE[old]
 
 
-def write_early(token: str, spec: EarlySpec, lo: int, hi: int, frames: int, after, *parts) -> dict:
+def _early_store(spec: EarlySpec) -> EventStore:
+    g = spec.geometry
+    return EventStore(g.scan_shape, g.frame_shape, g.frames_per_position, g.flyback)
+
+
+def early_csr(spec: EarlySpec, lo: int, hi: int, *parts) -> tuple[np.ndarray, np.ndarray]:
+    """On any worker, while the scan runs: stored frames ``[lo, hi)`` in canonical CSR
+    (offsets from 0, uint32 indices) from each worker's ``Receiver.events_in`` parts.
+    Raises if a part is None (the scan was not open there: the early file is dropped)."""
+    if any(p is None for p in parts):
+        raise RuntimeError(f"scan {spec.scan_id}: no longer open on a worker that received its frames")
+    return _early_store(spec).csr([c for p in parts for c in p], lo, hi)
+
+
+def early_end(start: int, csr: tuple[np.ndarray, np.ndarray]) -> int:
+    """The file position after a block that starts at ``start`` (events)."""
+    return int(start) + int(csr[0][-1])
+
+
+def early_compress(csr: tuple[np.ndarray, np.ndarray], start: int, level: int) -> tuple:
+    """On the worker that built ``early_csr``: its whole chunks of the growing file's grid
+    (``EVENTS_CHUNK``) compressed, from file position ``start``; returns (offsets,
+    EventBlock) for ``write_early``."""
+    offsets, indices = csr
+    return offsets, compress_block(indices, int(start), None, level)
+
+
+def write_early(token: str, spec: EarlySpec, lo: int, hi: int, frames: int, after, built) -> dict:
     """On the writer, while the scan runs: stored frames ``[lo, hi)`` (every part of frame
-    numbers below ``frames`` was received) from each worker's ``Receiver.events_in`` parts
-    (None: the scan was not open there) into the scan's growing file (``token``), in
-    canonical CSR. ``after``: the previous block's call (keeps the order). Returns the
-    file's ``status``. An error is logged once, throws the file away and raises (the
-    coordinator sees the failed task and submits no more; the scan is written at its end as
-    if none had been started)."""
+    numbers below ``frames`` was received), built and compressed by ``early_compress`` on
+    some worker, into the scan's growing file (``token``). ``after``: the previous block's
+    call (keeps the order). Returns the file's ``status``. An error is logged once, throws
+    the file away and raises (the coordinator sees the failed task and submits no more; the
+    scan is written at its end as if none had been started)."""
     with _OPEN_LOCK:
         early = _EARLY.get(token)
         if early is None:
             if token in _EARLY_GONE:
                 return {"stored": 0, "frames": 0, "events": 0, "error": "discarded"}
-            g = spec.geometry
-            early = _EARLY[token] = _EarlyFile(spec, EventStore(g.scan_shape, g.frame_shape,
-                                                                g.frames_per_position, g.flyback))
+            early = _EARLY[token] = _EarlyFile(spec, _early_store(spec))
     with early.lock:
         if early.error:
             return early.status()
         try:
-            if any(p is None for p in parts):
-                raise RuntimeError("the scan was no longer open on a worker that received its frames")
+            offsets, block = built
             if lo != early.stored:
                 raise RuntimeError(f"a block from stored frame {lo} where {early.stored} is next")
-            offsets, indices = early.store.csr([c for p in parts for c in p], lo, hi)
             if early.writer is None:
                 early.writer = ScanWriter(spec.path, compression_level=spec.level, growing=True,
                                           staging=spec.spill_dir or staging_dir(None))
                 early.counts = np.zeros(early.store.n_stored, np.int64)
-            check_space(early.writer.tmp.parent, 4 * len(indices) + (1 << 20))
-            early.writer.append(indices)
+            check_space(early.writer.tmp.parent, 4 * int(offsets[-1]) + (1 << 20))
+            early.writer.put_block(block)
             early.counts[lo:hi] = np.diff(offsets)
             early.stored, early.frames = hi, frames
         except Exception as e:  # noqa: BLE001 - the end writes the scan as if none had started
@@ -544,6 +569,10 @@ def write_early(token: str, spec: EarlySpec, lo: int, hi: int, frames: int, afte
                 early.writer.discard()
                 early.writer = None
             raise RuntimeError(f"scan {spec.scan_id}: {early.error}") from None
+        finally:
+            if early.abandoned and early.writer is not None:  # take_early gave up waiting for it
+                early.writer.discard()
+                early.writer = None
         return early.status()
 
 
@@ -561,9 +590,10 @@ def discard_early(token: str) -> None:
                 early.writer = None
 
 
-def take_early(token: str) -> _EarlyFile | None:
-    """On the writer, at the scan's end: the file ``write_early`` wrote (None: none, or it
-    stopped)."""
+def take_early(token: str, wait_s: float = EARLY_WAIT_S) -> _EarlyFile | None:
+    """On the writer, at the scan's end: the file ``write_early`` wrote up to the last block
+    written (None: none, or it stopped). Blocks not started by now never will be; the one
+    being written is waited for, at most ``wait_s`` s (then the file is thrown away)."""
     if not token:
         return None
     with _OPEN_LOCK:
@@ -571,10 +601,17 @@ def take_early(token: str) -> _EarlyFile | None:
         _early_gone(token)
     if early is None:
         return None
-    with early.lock:  # a block still being written finishes first
+    if not early.lock.acquire(timeout=wait_s):
+        early.abandoned = True  # the block being written throws the file away when it ends
+        log.warning("scan %s: a block written while it ran did not end within %.0f s; the scan is "
+                    "written at its end", early.spec.scan_id, wait_s)
+        return None
+    try:
         if early.error or early.writer is None:
             return None
         return early
+    finally:
+        early.lock.release()
 
 
 def _early_kept(early: _EarlyFile | None, counts: np.ndarray, received: np.ndarray,

@@ -65,6 +65,7 @@ class HeldScan(Retried):
     write_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per scan, every attempt
     early_used: set = field(default_factory=set)  # tokens of files written while it ran, handed to an attempt
     early_written: int = 0  # stored frames written while it ran (kept or not)
+    early_cancelled: int = 0  # blocks of them not written yet when it closed (left to its end)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def where(self) -> str:
