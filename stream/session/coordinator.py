@@ -207,6 +207,9 @@ class Session:
         self._config_json = config_json(self.config)  # /provenance of every scan file
         self._plugin_name = f"stemstream-receiver-{uuid.uuid4().hex[:8]}"
         self._thread = None
+        self._live_thread = None  # publishes live images and 'done' messages (the PUB socket's thread)
+        self._live_dirty: set = set()  # scans with live states newer than their last publication
+        self._live_active: list = []  # the scans receiving, as the coordinator's last turn saw them
         self._failure: BaseException | None = None
         self._stage_runs: dict[str, object] = {}  # scan id -> future of its stages (last KEEP_RESULTS)
         self.series = SeriesCollector()  # tilt series being collected (stream/stages/series.py)
@@ -321,6 +324,9 @@ class Session:
             self.console.say(f"WARNING: no control socket for 'stemstream pending': {e}")
         self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
         self._thread.start()
+        if self._pub is not None:  # the live channel's socket belongs to this thread alone
+            self._live_thread = threading.Thread(target=self._live_loop, name="stemstream-live", daemon=True)
+            self._live_thread.start()
 
     def _session_keys(self):
         """(receiver keys, this session's server keypair, the live channel's keypair, the viewer
@@ -401,6 +407,9 @@ class Session:
         if self._thread is not None and self._thread.is_alive():
             self._stop.set()
             self._thread.join(30)
+        if self._live_thread is not None:
+            self._stop.set()
+            self._live_thread.join(30)
         if self._pull is not None and not (self._thread and self._thread.is_alive()):
             self._drain_reports()  # this thread owns the sockets from here on
             for st in self._tracker.due():
@@ -419,7 +428,8 @@ class Session:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        while self._pub is not None and not self._outbox.empty():  # the last 'done' messages
+        while self._pub is not None and not (self._live_thread and self._live_thread.is_alive()) \
+                and not self._outbox.empty():  # the last 'done' messages (this thread owns the socket now)
             self._pub.send_multipart(self._outbox.get())
         if self._client is not None and self._thread is not None:
             try:
@@ -686,9 +696,8 @@ class Session:
                 self._cond.notify_all()
 
     def _coordinate(self) -> None:
-        live_period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
-        next_live = next_forget = next_announce = next_early = time.monotonic()
-        next_links = next_live + LINK_GRACE_S  # connecting takes a moment; then say what is not
+        next_forget = next_announce = next_early = time.monotonic()
+        next_links = next_forget + LINK_GRACE_S  # connecting takes a moment; then say what is not
         warned = set()
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
@@ -729,19 +738,13 @@ class Session:
                     active = [st.scan_id for st in self._tracker.active()]
                     if active:
                         self._tell_receivers("announced", active)
-                if live_period and now >= next_live:
-                    next_live = now + live_period
-                    self._publish_live()
+                self._live_active = self._tracker.active()  # for the live thread (a new list each turn)
                 if now >= next_forget:
                     next_forget = now + 10
                     self._tracker.forget_done()
                 if now >= next_links:
                     next_links = now + 1.0
                     self._check_links()
-                while not self._outbox.empty():  # ZMQ sockets belong to one thread: this one
-                    parts = self._outbox.get()
-                    if self._pub is not None:
-                        self._pub.send_multipart(parts)
             except Exception as e:  # noqa: BLE001 - the coordinator must go on
                 log.exception("coordinator turn failed")
                 if type(e).__name__ not in warned:
@@ -933,6 +936,7 @@ class Session:
         with self._live_lock:
             if st.state != "receiving":
                 return
+            self._live_dirty.add(sid)
             held = self._live.setdefault(sid, {}).setdefault(report["worker"], {})
             lo, hi, n_pos = report["lo"], report["hi"], st.geometry.n_positions
             for key, value in arrays.items():
@@ -943,10 +947,35 @@ class Session:
                 else:
                     held[key] = value
 
+    def _live_loop(self) -> None:
+        """The live channel's thread: the 'done' messages as they come, and every ``1 /
+        [live] rate_hz`` s the partial images of each scan whose live states changed. Merging
+        and encoding a large scan's images takes long (60 MB at 1024² positions): here it
+        delays neither the reports nor the scans' closing."""
+        period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
+        next_live = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                parts = self._outbox.get(timeout=0.05)
+                self._pub.send_multipart(parts)
+                continue
+            except queue.Empty:
+                pass
+            if period and time.monotonic() >= next_live:
+                next_live = time.monotonic() + period
+                try:
+                    self._publish_live()
+                except Exception:  # noqa: BLE001 - a picture missed; the next one comes
+                    log.exception("publishing live images failed")
+
     def _publish_live(self) -> None:
         if self._pub is None:
             return
-        for st in self._tracker.active():
+        for st in list(self._live_active):
+            with self._live_lock:
+                if st.scan_id not in self._live_dirty:
+                    continue  # nothing new since its last picture
+                self._live_dirty.discard(st.scan_id)
             images = self.live(st.scan_id)
             if images:
                 header = {"proto": LIVE_PROTO, "kind": "live", "scan_id": st.scan_id,
@@ -1046,7 +1075,7 @@ class Session:
         """Publish the finished file of a held scan, or finalize it from the workers' states
         (closing it on the workers first), into its target; a file that cannot go there goes
         to the fallback directory when one is configured."""
-        st, client = h.status, self._client
+        st = h.status
         out = h.target or str(self.config.output.dir)
         fallback = "" if h.target else self.config.output.fallback_dir
         timeout = self.config.scan.finalize_timeout_s
