@@ -98,7 +98,10 @@ def _voro_indices(pos, atoms):
     return index, area
 
 
-@pytest.mark.parametrize("name", ["fcc", "hcp", "bcc", "glass"])
+# fcc and bcc take a minute between them: the default run checks hcp and the glass, make
+# test-all every lattice
+@pytest.mark.parametrize("name", [pytest.param("fcc", marks=pytest.mark.slow), "hcp",
+                                  pytest.param("bcc", marks=pytest.mark.slow), "glass"])
 def test_voronoi_cells_equal_voro_plus_plus(name):
     """Cells of the whole tessellation (no face removed, nothing recomputed: the definition
     voro++ has) of interior atoms: perfect lattices give identical indices for every cell

@@ -184,8 +184,10 @@ def test_a_receiver_that_goes_away_mid_scan_is_said_and_ends_the_wait():
     from sim_detector.publisher import StallError
 
     rng = np.random.default_rng(11)
-    g = Geometry((64, 64), (32, 32))
-    counts, indices = random_scan(rng, g, mean=5)
+    # 26 MB of events: far more than the kernel's socket buffers on loopback hold (a smaller
+    # scan could be taken whole by them before the receiver goes, and nothing would stall)
+    g = Geometry((128, 128), (32, 32))
+    counts, indices = random_scan(rng, g, mean=400)
     port = free_port_block(1)
     from stream.security import ClientKeys, SourceKeys, as_client, generate
     source, receiver = generate(), generate()  # keys of this test alone: no other receiver gets in
@@ -193,6 +195,7 @@ def test_a_receiver_that_goes_away_mid_scan_is_said_and_ends_the_wait():
                    curve=SourceKeys(source, frozenset({receiver.public}))) as pub:
         pull = zmq.Context.instance().socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, 2)
+        pull.setsockopt(zmq.RCVBUF, 1 << 16)
         as_client(pull, ClientKeys(receiver, source.public))
         pull.connect(pub.addresses[0])
         assert pub.wait_for_receivers(10)
