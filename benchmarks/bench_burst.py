@@ -113,6 +113,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--previews", action="store_true", help="draw PNG previews too (off the writing path)")
+    ap.add_argument("--live-rate", type=float, default=None,
+                    help="[live] rate_hz: partial images per second (0: none; default: the configuration's)")
     ap.add_argument("--out", default="/tmp/stemstream-bench-burst")
     a = ap.parse_args(argv)
     port = free_port_block(1)
@@ -122,10 +124,13 @@ def main(argv=None):
     cfg = load_config(None)
     cfg.output.previews = a.previews
     cfg.security.keys = keys
+    if a.live_rate is not None:
+        cfg.live.rate_hz = a.live_rate
     command = f"python benchmarks/bench_burst.py {' '.join(argv)}".rstrip()
     print(f"command: {command}")
     print(f"{a.scans} scans of {a.scan} positions, detector {a.detector}, {a.dose:g} e-/frame (emulated "
-          f"MgO), {a.workers} workers, {os.cpu_count()} cores, previews {'on' if a.previews else 'off'}; "
+          f"MgO), {a.workers} workers, {os.cpu_count()} cores, previews {'on' if a.previews else 'off'}, "
+          f"live images {cfg.live.rate_hz:g}/s; "
           f"load average {os.getloadavg()[0]:.1f} at the start\n")
     runs = []
     try:

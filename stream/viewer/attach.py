@@ -206,7 +206,7 @@ class AttachedSession:
         ctx = zmq.Context.instance()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 8)  # only the newest snapshots matter
+        sub.setsockopt(zmq.RCVHWM, 4)  # only the newest snapshots matter
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         as_client(sub, self._live_keys)  # None: plain
         watch = LinkWatch(sub)  # a refused key is otherwise silent: the page would just stay empty
@@ -217,12 +217,31 @@ class AttachedSession:
                     self.refused = _refusal(watch)
                 if not sub.poll(200):
                     continue
-                try:
-                    header, arrays = control.decode(sub.recv_multipart(copy=False))
-                    self._on_message(header, arrays)
-                except Exception as e:  # noqa: BLE001 - a bad message is counted and skipped
-                    self._bad_messages += 1
-                    log.warning("viewer: skipped a live message it cannot read: %s", e)
+                # what queued while the last picture was made: every 'done', but of each scan's
+                # live images only the newest (a 1024² scan's are 78 MB, twice a second)
+                batch, newest = [], {}
+                while len(batch) < 64:
+                    try:
+                        parts = sub.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        header, arrays = control.decode(parts)
+                    except Exception as e:  # noqa: BLE001 - a bad message is counted and skipped
+                        self._bad_messages += 1
+                        log.warning("viewer: skipped a live message it cannot read: %s", e)
+                        continue
+                    if header.get("kind") == "live":
+                        newest[str(header.get("scan_id"))] = len(batch)
+                    batch.append((header, arrays))
+                for i, (header, arrays) in enumerate(batch):
+                    if header.get("kind") == "live" and newest.get(str(header.get("scan_id"))) != i:
+                        continue  # superseded by a newer picture of the same scan
+                    try:
+                        self._on_message(header, arrays)
+                    except Exception as e:  # noqa: BLE001 - a bad message is counted and skipped
+                        self._bad_messages += 1
+                        log.warning("viewer: skipped a live message it cannot read: %s", e)
         finally:
             watch.close()
             sub.close(0)
