@@ -423,7 +423,8 @@ def _timed_scan(s, src, sid, counts, indices, geometry):
 
 def test_a_flood_of_junk_makes_no_file_and_does_not_slow_the_next_scan(client2, scripted_source, tmp_path, capsys):
     """5,000 junk messages with new scan ids: no file, a bounded number of console lines, every
-    one counted, and the next real scan written within 2x the latency of a clean run."""
+    one counted, and the next real scan written within 2x the latency of a clean run (or 0.3 s
+    more: a clean run takes some 60 ms)."""
     g = replace(GEOM, scan_shape=(48, 48), frames_per_position=1, flyback=0)  # GEOM's detector
     counts, indices = synthetic_events(g, seed=2, dose=60)
     src, broken = scripted_source(1), scripted_source(1)  # the detector, and a broken source
@@ -444,8 +445,10 @@ def test_a_flood_of_junk_makes_no_file_and_does_not_slow_the_next_scan(client2, 
     out = capsys.readouterr().out.splitlines()
     assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == ["after.h5", "clean-0.h5", "clean-1.h5",
                                                                        "marker.h5"]
-    assert after <= 2 * np.mean(clean), (after, clean, " ".join(f"{k} {v - r.timings['opened']:.3f}"
-                                                                for k, v in r.timings.items()))
+    # within 2x a clean run's latency, or 0.3 s more than it: clean runs take some 60 ms, where
+    # one scheduling hiccup on a busy machine doubles them (the flood once cost 72 s)
+    assert after <= max(2 * np.mean(clean), np.mean(clean) + 0.3), \
+        (after, clean, " ".join(f"{k} {v - r.timings['opened']:.3f}" for k, v in r.timings.items()))
     assert_matches(r, reference(counts, indices, g))
     # every junk message is counted under one reason or another (the end and abort messages
     # of unknown scans wait a minute for their start at the coordinator: not yet counted)
