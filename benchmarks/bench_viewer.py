@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from bench_operators import synthetic_scan
+from test_viewer import wait_frames
 
 from operators.apertures import RealSpaceApertures
 from operators.virtual import VirtualDetectors
@@ -106,16 +107,6 @@ def emulator(bind, n_sources, scan, dose, scan_id, rate, hold_last, queue, go):
         queue.put(("sent", time.time()))
 
 
-def wait_frames(s, scan_id, n, timeout_s=600):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        st = [x for x in s.status() if x["scan_id"] == scan_id]
-        if st and st[0]["frames_received"] >= n:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{n} frames of {scan_id} not received within {timeout_s} s")
-
-
 def timed_apply(s, scan_id, op, repeats):
     times, run = [], None
     for _ in range(repeats):
@@ -158,7 +149,7 @@ def part_latency(a, browser_cls, rows):
             _, n_events = q.get(timeout=900)
             q.get(timeout=900)
             n = scan[0] * scan[1]
-            wait_frames(s, sid, n - 1)
+            wait_frames(s, sid, n - 1, timeout_s=600)
             g = geometry(scan, a.sources)
             det = shapes.disk(shapes.DetectorAxes(FRAME, g.center, MRAD), 0.0, 0.0, 4.0)
             region = np.zeros(scan, bool)
