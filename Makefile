@@ -38,7 +38,7 @@ system-packages:
 	bash .ci/install-system-packages
 
 test: $(PEERS) system-packages
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=25
 
 test-all: $(PEERS) $(ATOMAP) system-packages
 	$(BIN)/python -m pytest -q

@@ -98,14 +98,17 @@ DUP_TAIL = list(range(GEOM.n_frames - 150, GEOM.n_frames - 140))
 
 
 def duplicated_at_the_end(src, s, early, name, events):
-    """The last 200 frames (fewer events than a block: never written early) come after
-    early writing started, some of them twice: the file written early is kept, the end
-    drops the extra copies."""
-    src.frames(name, GEOM, *events, batch=8, only=range(GEOM.n_frames - TAIL))
+    """The last 200 frames come after early writing started, some of them twice: the file
+    written early is kept, the end drops the extra copies. The tail's first frame is held
+    back until the copies have come, so that early writing (which stops at the first frame
+    some source has not delivered) cannot reach them first, however fast it runs."""
+    gate = GEOM.n_frames - TAIL
+    src.frames(name, GEOM, *events, batch=8, only=range(gate))
     if early:
         written_early(s, name)
-    src.frames(name, GEOM, *events, batch=8, only=range(GEOM.n_frames - TAIL, GEOM.n_frames))
+    src.frames(name, GEOM, *events, batch=8, only=range(gate + 1, GEOM.n_frames))
     src.frames(name, GEOM, *events, batch=2, only=DUP_TAIL)
+    src.frames(name, GEOM, *events, batch=1, only=[gate])
     src.end(name, GEOM.n_frames)
 
 
