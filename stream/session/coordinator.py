@@ -920,9 +920,13 @@ class Session:
             if refusal is not None:
                 self._refuse_scan(sid, *refusal)
                 return
+        before = self._tracker.scans.get(sid)
+        done_before = before is not None and before.sending_done
         st = self._tracker.handle(report)
         if new and st is not None:  # receivers that did not see its start open it now
             self._tell_receivers("announced", [sid])
+        if st is not None and st.sending_done and not done_before and self.config.live.rate_hz > 0:
+            self._tell_receivers("ended", [sid])  # no more live snapshots of it: its file comes next
         if kind == "abort" and st is not None:
             self.console.say(f"[{st.scan_id}] aborted by source {report['source']}: {report.get('reason')}")
 
@@ -934,7 +938,7 @@ class Session:
         if st is None or st.geometry is None:
             return
         with self._live_lock:
-            if st.state != "receiving":
+            if st.state != "receiving" or st.sending_done:  # (one in flight when it ended)
                 return
             self._live_dirty.add(sid)
             held = self._live.setdefault(sid, {}).setdefault(report["worker"], {})
@@ -973,8 +977,8 @@ class Session:
             return
         for st in list(self._live_active):
             with self._live_lock:
-                if st.scan_id not in self._live_dirty:
-                    continue  # nothing new since its last picture
+                if st.scan_id not in self._live_dirty or st.sending_done:
+                    continue  # nothing new since its last picture; or its file comes next
                 self._live_dirty.discard(st.scan_id)
             images = self.live(st.scan_id)
             if images:

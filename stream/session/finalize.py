@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -767,11 +768,35 @@ def portable(ws: WorkerScan) -> WorkerScan:
     return replace(ws, operators=[], states=states)
 
 
+_BUILT: OrderedDict = OrderedDict()  # (configuration, geometry) -> operators, on this worker
+_BUILT_LOCK = threading.Lock()
+OPERATOR_CACHE = 8  # geometries whose operators a writer keeps built (bursts of similar scans)
+
+
+def writer_operators(info: ScanInfo, config: PipelineConfig) -> list:
+    """The operators of the scan's configuration and geometry, built once per pair on this
+    worker: building them costs tens of ms (masks, kernel choice, fusion), as much as writing
+    a small scan's file, and the writer of a burst's scan often holds none of its frames.
+    Operators hold no per-scan state (their states are separate), so scans share them."""
+    key = (info.config_json or config_json(config), info.geometry)
+    with _BUILT_LOCK:
+        ops = _BUILT.get(key)
+        if ops is not None:
+            _BUILT.move_to_end(key)
+            return ops
+    ops = build_operators(config, info.geometry)
+    with _BUILT_LOCK:
+        _BUILT[key] = ops
+        while len(_BUILT) > OPERATOR_CACHE:
+            _BUILT.popitem(last=False)
+    return ops
+
+
 def finalize_small(info: ScanInfo, config: PipelineConfig, here: WorkerScan | None,
                    *others: WorkerScan) -> ScanResult:
     """On the writer: a small scan finalized and written in one task, from this worker's
     state (``here``, as it is; None if it holds none) and the others' ``portable`` states."""
-    ops = here.operators if here is not None and here.operators else build_operators(config, info.geometry)
+    ops = here.operators if here is not None and here.operators else writer_operators(info, config)
     others = [replace(ws, operators=ops) if ws.states else ws for ws in others]
     return finalize_scan(info, config, *(ws for ws in (here, *others) if ws is not None))
 

@@ -152,6 +152,12 @@ class ScanStatus:
     def all_ended(self) -> bool:
         return self.geometry is not None and len(self.frames_sent) == self.geometry.n_sources
 
+    @property
+    def sending_done(self) -> bool:
+        """Every source sent its ``end``, or one aborted: no source sends more of it, the scan
+        is about to close (once the receivers drained) and its file is its final picture."""
+        return self.all_ended or bool(self.abort_reason)
+
     def release(self) -> None:
         """Drop the per-frame bookkeeping once the scan is done (the file has it)."""
         self._completeness = self._received = self._late = None
