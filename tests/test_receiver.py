@@ -23,14 +23,14 @@ def rig(scripted_source):
     """A source, a receiver connected to it, and the coordinator's end of the report socket."""
     made = []
 
-    def make(max_frames=10_000, max_latency_ms=50.0, live_rate=0.0):
+    def make(max_frames=10_000, max_latency_ms=50.0, live_rate=0.0, control_pub=None):
         src = scripted_source(1, curve=False)  # the receiver alone: plain sockets
         ctx = zmq.Context.instance()
         pull = ctx.socket(zmq.PULL)
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         cfg = validate(PipelineConfig(chunking=ChunkingSpec(max_frames=max_frames, max_latency_ms=max_latency_ms),
                                       scan=ScanSpec(timeout_s=5), live=LiveSpec(rate_hz=live_rate)))
-        rec = Receiver(src.addresses, f"tcp://127.0.0.1:{port}", cfg, worker="w0")
+        rec = Receiver(src.addresses, f"tcp://127.0.0.1:{port}", cfg, worker="w0", announce_address=control_pub)
         rec.start()
         src.wait_for_receivers()
         made.append((rec, pull))
@@ -131,6 +131,45 @@ def test_live_snapshots_send_only_the_positions_that_changed(rig):
     assert arrays["fused/n"].shape == (8,) and arrays["fused/sum"].shape == (24 * 24,)
     np.testing.assert_array_equal(arrays["fused/sum"], np.bincount(indices[counts[:8].sum():counts[:16].sum()],
                                                                  minlength=24 * 24))
+
+
+def test_no_live_snapshot_of_a_scan_every_source_ended(rig):
+    """The coordinator's ``ended`` on the control channel: that scan's file comes next, so its
+    detector-sized sums are not copied and sent again; a scan still running keeps getting
+    snapshots (docs/PROTOCOL.md, receiver reports)."""
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    control_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        src, rec, pull = rig(max_latency_ms=10, live_rate=20.0, control_pub=f"tcp://127.0.0.1:{control_port}")
+        counts, indices = events(5)
+        for sid in ("ended", "running"):
+            src.start(sid, G)
+            src.frames(sid, G, counts, indices, only=range(8))
+        got = reports(pull, lambda g: {h["scan_id"] for h, _ in g if h["kind"] == "live"} == {"ended", "running"})
+        assert {h["scan_id"] for h, _ in got if h["kind"] == "live"} == {"ended", "running"}
+        deadline = time.monotonic() + 5
+        while "ended" not in rec._ended:  # (a SUB socket joins a moment after connecting)
+            assert time.monotonic() < deadline, "the receiver never heard 'ended'"
+            pub.send_multipart(control.encode({"kind": "ended", "scan_ids": ["ended"]}))
+            time.sleep(0.05)
+        time.sleep(0.2)  # a snapshot taken before it heard comes first
+        reports(pull, lambda g: False, timeout_s=0.3)
+        for sid in ("ended", "running"):  # frames still queued when the sources ended
+            src.frames(sid, G, counts, indices, only=range(8, 16))
+        got = reports(pull, lambda g: frames_reported(g) >= 16 and
+                      sum(h["kind"] == "live" for h, _ in g) >= 3, timeout_s=3)
+        live = [h for h, _ in got if h["kind"] == "live"]
+        assert frames_reported(got) == 16  # both scans' frames were processed ...
+        assert live and {h["scan_id"] for h in live} == {"running"}  # ... only the running one is shown
+        header, arrays = next((h, a) for h, a in got if h["kind"] == "live")
+        np.testing.assert_array_equal(arrays["fused/sum"], np.bincount(indices[:counts[:16].sum()],
+                                                                     minlength=24 * 24))
+        ws = rec.close_scan("ended")  # its final state has every frame: the file is complete
+        fused = next(op for op in ws.operators if op.name == "fused")
+        np.testing.assert_array_equal(fused.finalize(ws.states["fused"])["diffraction_sum"].data,
+                                      np.bincount(indices[:counts[:16].sum()], minlength=24 * 24).reshape(24, 24))
+    finally:
+        pub.close(0)
 
 
 WARM_UP_CHECK = """

@@ -652,7 +652,8 @@ class Session:
         """Partial results of a scan that is still running (merged over workers): name →
         array, as ``ScanResult.results``; empty until the first live snapshot arrives (about
         ``1 / [live] rate_hz`` after its first frames) and once the scan has finished (its
-        images are then in ``wait(scan_id).results``). KeyError naming the scans there are for
+        images are then in ``wait(scan_id).results``); it stops changing once every source
+        ended (its file comes next). KeyError naming the scans there are for
         a scan id this session has not seen."""
         with self._cond:
             finished = scan_id in self._results
