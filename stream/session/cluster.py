@@ -11,8 +11,22 @@ import contextlib
 import signal
 import threading
 
+import dask
+
 from stream.config import ClusterSpec, ConfigError, SecuritySpec
 from stream.security import SecurityError
+
+
+MONITOR = "distributed.admin.system-monitor.interval"
+
+
+def _system_monitor() -> dict:
+    """dask's system monitor (CPU, memory, network and disk figures for the dashboard) every
+    2 s instead of dask's 0.5 s in the local cluster's scheduler, nannies and workers: its
+    psutil calls were a few % of the session's CPU in a burst of small scans (BENCHMARKS.md).
+    A user's own setting of it wins; memory limits are watched as often as before."""
+    interval = dask.config.get(MONITOR)
+    return {MONITOR: "2s" if interval == "500ms" else interval}
 
 
 @contextlib.contextmanager
@@ -45,7 +59,7 @@ def connect(cl: ClusterSpec, security: SecuritySpec | None = None):
         sec = temporary_security() if security.dask_tls else None
     except SecurityError as e:
         raise ConfigError(str(e)) from None
-    with _workers_ignore_ctrl_c():
+    with _workers_ignore_ctrl_c(), dask.config.set(_system_monitor()):
         cluster = LocalCluster(n_workers=cl.workers, threads_per_worker=cl.threads_per_worker,
                                processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                memory_limit=cl.memory_limit, security=sec)
