@@ -32,6 +32,7 @@ from operators.events import EventStore, plan_blocks
 
 from stream import __version__
 from stream.config import PipelineConfig, build_operators
+from stream.transport.compact import narrow_map, widen_map
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
 from stream.transport.spill import SpillFile
@@ -104,6 +105,13 @@ class ScanResult:
     write_error: str = ""  # why it could not be published there
     geometry: Geometry | None = None  # scan and detector geometry (calibration as streamed)
     metadata: dict = field(default_factory=dict)  # the scan's metadata (scan_step_A: Å per position)
+
+    def __getstate__(self) -> dict:
+        # pickled when it goes to the session: integer images narrowed (stream.transport.compact)
+        return dict(self.__dict__, results=narrow_map(self.results))
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, results=widen_map(state["results"]))
 
     @property
     def result_objects(self) -> dict:

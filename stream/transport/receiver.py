@@ -34,6 +34,7 @@ from operators.events import EventStore
 
 from stream.security.curve import ReceiverKeys, as_client
 from stream.transport import control
+from stream.transport.compact import narrow_map, widen_map
 from stream.transport.links import LinkWatch
 from stream.transport.protocol import (MAX_DENSE_EVENTS, Geometry, Message, ProtocolError, decode,
                                        frame_positions)
@@ -104,6 +105,13 @@ class WorkerScan:
     operators: list
     states: dict
     errors: list
+
+    def __getstate__(self) -> dict:
+        # pickled when dask moves it to the writer: integer sums narrowed (stream.transport.compact)
+        return dict(self.__dict__, states=narrow_map(self.states))
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, states=widen_map(state["states"]))
 
 
 @sizeof.register(Chunk)

@@ -1,0 +1,61 @@
+"""Integer arrays narrowed for their trip between processes (stream.transport.compact): the
+same values, dtype and shape come back, in fewer bytes; scan states and results use it when
+pickled (dask moves them that way)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+from stream.session.finalize import ScanResult
+from stream.transport.compact import MIN_BYTES, Narrowed, narrow, widen
+from stream.transport.receiver import WorkerScan
+
+
+def sparse_sum(seed=0, shape=(576, 576), events=100_000):
+    """A small scan's summed pattern: int64 counts of a few per pixel (np.add.at, not the code
+    under test)."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros(shape[0] * shape[1], np.int64)
+    np.add.at(total, rng.integers(0, total.size, events), 1)
+    return total.reshape(shape)
+
+
+def test_narrowed_arrays_come_back_exact():
+    cases = [sparse_sum(), -sparse_sum(1), sparse_sum(2) * 300, sparse_sum(3).astype(">i8") + 70_000,
+             np.full(20_000, 2**40, np.int64), np.arange(100_000, dtype=np.uint32)[::-1].copy(),
+             np.asfortranarray(sparse_sum(4).astype(np.int32))]
+    narrowest = [1, 1, 2, 4, 8, 4, 1]  # bytes per value on the way
+    for a, size in zip(cases, narrowest):
+        n = narrow(a)
+        on_the_way = n.data if isinstance(n, Narrowed) else n
+        assert on_the_way.dtype.itemsize == size, (a.dtype, a.min(), a.max())
+        back = widen(pickle.loads(pickle.dumps(n)))
+        assert back.dtype == a.dtype and back.shape == a.shape
+        np.testing.assert_array_equal(back, a)
+
+
+def test_small_float_and_non_array_values_travel_as_they_are():
+    small = np.arange(MIN_BYTES // 8 - 1, dtype=np.int64)
+    floats = np.linspace(0, 1, 100_000)
+    for v in (small, floats, [1, 2], "text", None):
+        assert narrow(v) is v
+
+
+def test_a_workers_scan_state_and_a_result_pickle_smaller_and_exact():
+    total = sparse_sum(5)
+    ws = WorkerScan("s", "w0", None, [], {"fused": {"sum": total, "n": np.arange(1024)}, "events": {"chunks": []}}, [])
+    raw = len(pickle.dumps(total, protocol=5))
+    packed = pickle.dumps(ws, protocol=5)
+    assert len(packed) < raw / 4  # counts of a few per pixel: one byte each
+    back = pickle.loads(packed)
+    assert back.states["fused"]["sum"].dtype == np.int64
+    np.testing.assert_array_equal(back.states["fused"]["sum"], total)
+    np.testing.assert_array_equal(back.states["fused"]["n"], np.arange(1024))
+    assert ws.states["fused"]["sum"] is total  # the worker's own state is left as it was
+    r = ScanResult("s", None, "complete", "", results={"diffraction_sum": total, "com_x": np.zeros((32, 32))})
+    back = pickle.loads(pickle.dumps(r, protocol=5))
+    assert back.results["diffraction_sum"].dtype == np.int64 and back.results["com_x"].dtype == np.float64
+    np.testing.assert_array_equal(back.results["diffraction_sum"], total)
+    assert r.results["diffraction_sum"] is total
