@@ -6,6 +6,7 @@ file equal dataset by dataset to a clean run of the same scan)."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import h5py
@@ -124,16 +125,19 @@ def test_a_fallback_directory_takes_the_file_and_it_moves_back(client2, scripted
         assert not (tmp_path / "fallback" / "fell.h5").exists()
 
 
+@pytest.mark.parametrize("console", [True, False])
 def test_stopping_the_session_waits_for_a_held_scan_then_rescues_it(client2, scripted_source, tmp_path,
-                                                                    monkeypatch, capsys):
+                                                                    monkeypatch, capsys, caplog, console):
     """The session is asked to stop while a scan is held: it says so and retries; when the
     output stays read-only past the wait, the scan goes to ~/stemstream-rescued. Lost:
-    nothing. Survived: the scan, equal to a clean run, in the rescue directory."""
+    nothing. Survived: the scan, equal to a clean run, in the rescue directory. Without a
+    console (a program using the Session) the same lines are warnings in its log."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    caplog.set_level(logging.WARNING, logger="stemstream.session")
     events = synthetic_events(GEOM, seed=34)
     src = scripted_source(1)
     with writable_dir(tmp_path) as out:
-        s = session(tmp_path, out, src, client2).start()
+        s = session(tmp_path, out, src, client2, console=console).start()
         try:
             src.wait_for_receivers()
             _, reference_copy = clean_copy(s, src, events, tmp_path)
@@ -146,9 +150,16 @@ def test_stopping_the_session_waits_for_a_held_scan_then_rescues_it(client2, scr
     rescued = tmp_path / "home" / "stemstream-rescued" / "stop.h5"
     assert s.results["stop"].path == rescued and s.results["stop"].status == "complete"
     assert_same_scan(rescued, reference_copy)
-    said = capsys.readouterr().out
+    printed = capsys.readouterr().out
+    logged = "\n".join(f"{r.levelname} {r.getMessage()}" for r in caplog.records if r.name == "stemstream.session")
+    said = printed if console else logged
     assert "stopping: 1 scan(s) not written yet (stop:" in said
+    assert "ERROR [stop] its file cannot be written" in said  # the first failed attempt
+    assert "[stop] written after" in said  # the retry that wrote it (to the rescue directory)
     assert "LOST" not in said
+    if not console:
+        assert "[stop]" not in printed
+        assert "WARNING stopping: 1 scan(s)" in logged and "ERROR ERROR [stop] its file cannot" in logged
 
 
 def test_pending_lists_held_scans_and_finishes_one_elsewhere(client2, scripted_source, tmp_path, capsys):

@@ -91,7 +91,10 @@ def expand_sources(connect: list[str], sources: int = 1) -> list[str]:
 
 
 class Console:
-    """Progress lines: one per active scan about once a second, and one per finished scan."""
+    """Progress lines: one per active scan about once a second, and one per finished scan.
+    Disabled (``Session(console=False)``), what it would say goes to the ``stemstream.session``
+    log instead (no progress lines): warnings and errors (a scan that cannot be written, its
+    retries, a stop that waits for them) at their level, the rest at INFO."""
 
     def __init__(self, enabled: bool = True, stream=None):
         self.enabled = enabled
@@ -99,9 +102,16 @@ class Console:
         self._last = 0.0
         self._seen: dict[str, tuple[float, int]] = {}  # scan -> (time, frames) at the last line
 
-    def say(self, text: str) -> None:
+    def say(self, text: str, level: int | None = None) -> None:
+        """One line; ``level``: its log level when the console is disabled (default: from
+        its ERROR / WARNING prefix, else INFO)."""
         if self.enabled:
             print(text, file=self.stream, flush=True)
+            return
+        if level is None:
+            level = logging.ERROR if text.startswith("ERROR") else \
+                logging.WARNING if text.startswith("WARNING") else logging.INFO
+        log.log(level, "%s", text)
 
     def progress(self, scans: list[ScanStatus]) -> None:
         now = time.time()
@@ -479,13 +489,13 @@ class Session:
                     self.console.say(f"stopping: {len(held)} scan(s) not written yet ("
                                      + ", ".join(f"{h.scan_id}: {h.error or 'writing'}" for h in held)
                                      + "); retrying. 'stemstream pending' shows them; stop again to "
-                                     f"write them to {rescue_dir()}")
+                                     f"write them to {rescue_dir()}", logging.WARNING)
                 self._retry_due(now, moves=False)
                 self._serve_pending()
                 self._handle_events()
                 time.sleep(0.1)
         except KeyboardInterrupt:
-            self.console.say(f"stopped again: writing the scans still held to {rescue_dir()}")
+            self.console.say(f"stopped again: writing the scans still held to {rescue_dir()}", logging.WARNING)
         self._rescue()
 
     def _rescue(self) -> None:
@@ -1073,7 +1083,8 @@ class Session:
             self._held.pop(h.scan_id, None)
             h.busy = False
         if h.attempts:
-            self.console.say(f"[{h.scan_id}] written after {h.attempts + 1} attempts: {result.path}")
+            self.console.say(f"[{h.scan_id}] written after {h.attempts + 1} attempts: {result.path}",
+                             logging.WARNING)  # (after the warnings of its failed attempts)
         self._finish(h.status, result)
 
     def _write(self, h: HeldScan) -> ScanResult:
