@@ -16,7 +16,6 @@ import dask
 from stream.config import ClusterSpec, ConfigError, SecuritySpec
 from stream.security import SecurityError
 
-
 MONITOR = "distributed.admin.system-monitor.interval"
 
 
