@@ -255,6 +255,9 @@ class AttachedSession:
                 # the arrays stay the received message's buffers (read-only): nothing here writes
                 # them, and a 1024² snapshot at every position is 78 MB to copy
                 self._live[sid] = (time.monotonic(), h, arrays)
+                # a scan id used again (a file of that name was already in --out): the running
+                # scan is shown, not the old file, until its own 'done'
+                self._results.pop(sid, None)
                 self._rejects = {str(k): int(v) for k, v in (h.get("rejects") or {}).items()}
         elif kind == "done":
             path = h.get("path")
