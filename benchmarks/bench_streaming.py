@@ -71,6 +71,36 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CpuTrace:
+    """CPU seconds of processes sampled every ``every_s`` in a thread of its own, so that the
+    CPU of any wall-clock window can be read afterwards (a process that ended keeps its last
+    value)."""
+
+    def __init__(self, pids, every_s: float = 0.02):
+        self.pids, self.samples = list(pids), []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        last = [0.0] * len(self.pids)
+        while not self._stop.is_set():
+            last = [max(a, cpu_s(p)) for a, p in zip(last, self.pids)]
+            self.samples.append((time.time(), last))
+            self._stop.wait(0.02)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        """CPU seconds each process used from wall time t0 to t1 (linear between samples)."""
+        import numpy as np
+        t = np.array([x for x, _ in self.samples])
+        c = np.array([y for _, y in self.samples])
+        return [float(np.interp(t1, t, c[:, k]) - np.interp(t0, t, c[:, k])) for k in range(len(self.pids))]
+
+
 def pin_tree(cpus) -> None:
     """Every thread of this process and of its descendants (nannies, workers) on ``cpus``."""
     import psutil
@@ -174,9 +204,16 @@ def main(argv=None):
                 w0 = client.run(_proc_times)
                 c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 me0 = _proc_times()
-                sent = run_emulator(a, bind, sid, rate, snapshot, emu_cpu)
-                achieved, t_sent = sent["rate"], sent["time"]
-                r = s.wait(f"{sid}-0000", timeout=300)  # the emulator numbers its scans
+                trace = CpuTrace(pids)
+                try:
+                    sent = run_emulator(a, bind, sid, rate, snapshot, emu_cpu)
+                    achieved, t_sent = sent["rate"], sent["time"]
+                    r = s.wait(f"{sid}-0000", timeout=300)  # the emulator numbers its scans
+                finally:
+                    trace.stop()
+                # the receiving side's CPU from the first frame received to the last: the cost
+                # of the frames themselves, whatever the emulator's queues held meanwhile
+                receiving = trace.between(r.timings["first_frame"], r.timings["last_frame"])
                 c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 w1 = client.run(_proc_times)
                 (ta, ca), (tb, cb) = sent["cpu0"], sent["cpu"]
@@ -192,6 +229,12 @@ def main(argv=None):
                              # where the latency goes: the receivers' backlog, closing and merging
                              # the small states, then the events block by block
                              "catch_up": r.timings["last_frame"] - t_sent,
+                             # the pipeline's own rate: what the emulator's queues hold is not in it
+                             "received_rate": r.frames_received / max(1e-9, r.timings["last_frame"]
+                                                                     - r.timings["first_frame"]),
+                             "us_emulator": (sent["cpu"][1][0] - sent["cpu0"][1][0]) * 1e6 / r.frames_received,
+                             "us_coordinator": receiving[0] * 1e6 / r.frames_received,
+                             "us_workers": [c * 1e6 / r.frames_received for c in receiving[1:]],
                              "merge": r.timings["merged"] - r.timings["last_frame"],
                              "events_written": r.timings["written"] - r.timings["merged"]})
             if emu_cpu is not None:
@@ -199,12 +242,13 @@ def main(argv=None):
             med = {k: statistics.median(x[k] for x in runs)
                    for k in ("achieved", "latency", "cpu_emulator", "cpu_coordinator", "catch_up",
                              "merge", "events_written", "streaming_s", "cores_emulator",
-                             "cores_coordinator")}
+                             "cores_coordinator", "received_rate", "us_emulator", "us_coordinator")}
             lost = max(x["lost"] for x in runs)
             held = rate != "max" and med["achieved"] >= 0.95 * float(rate) and lost == 0
             cpu_w = [statistics.median(x["cpu_workers"][k] for x in runs) for k in range(a.workers)]
             med["cores_workers"] = [statistics.median(x["cores_workers"][k] for x in runs)
                                     for k in range(a.workers)]
+            med["us_workers"] = [statistics.median(x["us_workers"][k] for x in runs) for k in range(a.workers)]
             rows.append((label, med, lost, held, cpu_w, runs))
         mem_workers = client.run(_vm_hwm_mb)
     mem_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -236,6 +280,19 @@ def main(argv=None):
               f"{' + '.join(f'{c:.2f}' for c in med['cores_workers'])} | "
               f"{med['cores_coordinator']:.2f} | {total:.2f} | "
               f"{med['cores_emulator'] / total:.0%} |")
+    print("\nWhere the cycles go (issue 19, item 3): CPU microseconds per frame of each process — the "
+          "emulator's while it sends (its scan generated to its last frame sent), the others' from the "
+          "first frame received to the last (what the emulator's socket queues hold is not in the "
+          "emulator's rate) — and the rate the machine's cores would give at that cost "
+          f"({os.cpu_count()} cores / total); medians\n")
+    print("| target frames/s | sent frames/s | received frames/s (first to last frame) | emulator µs "
+          "| workers µs | coordinator + scheduler µs | total µs | ceiling on these cores, frames/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for rate, med, *_ in rows:
+        total = med["us_emulator"] + sum(med["us_workers"]) + med["us_coordinator"]
+        print(f"| {rate} | {med['achieved']:,.0f} | {med['received_rate']:,.0f} | {med['us_emulator']:.2f} | "
+              f"{' + '.join(f'{c:.2f}' for c in med['us_workers'])} | {med['us_coordinator']:.2f} | "
+              f"{total:.2f} | {os.cpu_count() * 1e6 / total:,.0f} |")
     held = [r[0] for r in rows if r[3]]
     print(f"\nhighest target rate held with zero frames lost: {held[-1] if held else 'none'}")
     print(f"peak resident memory: workers {', '.join(f'{m:.0f}' for m in mem_workers.values())} MB; "

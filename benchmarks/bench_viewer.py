@@ -223,7 +223,9 @@ def part_streaming(a, browser_cls, result):
             print(f"  update rate while streaming {a.stream_scan[0]}x{a.stream_scan[1]} at {rate['achieved']:,.0f} "
                   f"frames/s, live rate {a.live_rate:g}/s: {rate['updates_per_s']:.2f} per s (longest gap "
                   f"{rate['longest_gap_s']:.2f} s); last update {rate['last_update_after_last_frame_s']:.2f} s "
-                  "after the last frame", flush=True)
+                  f"after the last frame; frames lost {rate['lost']}", flush=True)
+        if "streaming" not in a.parts:  # --parts rate: the update rate only
+            return
         side = {0: [], 1: [], a.viewers: []}
         for i in range(a.repeats):
             for pages, runs in side.items():
@@ -245,10 +247,12 @@ def main(argv=None):
     ap.add_argument("--viewers", type=int, default=5)
     ap.add_argument("--live-rate", type=float, default=2.0, help="the session's [live] rate_hz")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--parts", nargs="+", default=["latency", "streaming"])
+    ap.add_argument("--parts", nargs="+", default=["latency", "streaming"],
+                    help="latency, streaming (the update rate, then 0, 1 and --viewers pages), rate (the update rate only)")
     ap.add_argument("--out", default="/tmp/stemstream-bench-viewer")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
+    a.out = str(Path(a.out) / time.strftime("%Y%m%d-%H%M%S"))  # this run's files only: the scan ids repeat
     from browser import Browser
 
     mp.set_start_method("fork", force=True)
@@ -264,7 +268,7 @@ def main(argv=None):
     try:
         if "latency" in a.parts:
             part_latency(a, browser, result["latency"])
-        if "streaming" in a.parts:
+        if "streaming" in a.parts or "rate" in a.parts:
             part_streaming(a, browser, result)
     finally:
         browser.close()
@@ -294,10 +298,10 @@ def report(a, r):
     if "update_rate" in r:
         print(f"\nWhile streaming {a.stream_scan[0]}x{a.stream_scan[1]}, live rate {a.live_rate:g}/s, one page "
               "(the first scan, then the next):\n")
-        print("| scan | achieved frames/s | stream, s | page updates per s | longest gap, s | last update after the last frame, s |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| scan | achieved frames/s | stream, s | frames lost | page updates per s | longest gap, s | last update after the last frame, s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for k, u in enumerate(r["update_rate"]):
-            print(f"| {'first' if k == 0 else k + 1} | {u['achieved']:,.0f} | {u['stream_s']:.1f} | "
+            print(f"| {'first' if k == 0 else k + 1} | {u['achieved']:,.0f} | {u['stream_s']:.1f} | {u['lost']} | "
                   f"{u['updates_per_s']:.2f} | {u['longest_gap_s']:.2f} | {u['last_update_after_last_frame_s']:.2f} |")
     if "viewers" in r:
         print()

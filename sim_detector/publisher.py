@@ -190,6 +190,7 @@ class Publisher:
         self._gate = None
         self._monitors = []  # per source: connections accepted and closed, handshakes failed (zmq socket monitor)
         self.receivers = [0] * n_sources  # receivers connected to each source now
+        self.accepted = [0] * n_sources  # connections each source accepted so far
         self._failed_handshakes = 0
         try:
             if curve is not None:
@@ -262,6 +263,7 @@ class Publisher:
                 except zmq.Again:
                     break
                 self.receivers[k] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event, 0)
+                self.accepted[k] += event == zmq.EVENT_ACCEPTED
                 self._failed_handshakes += bool(event & failed)
 
     def unconnected(self) -> list[str]:

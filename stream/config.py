@@ -138,6 +138,7 @@ class OutputSpec:
 class LiveSpec:
     rate_hz: float = 2.0
     publish: str | None = None  # bind address of the live results PUB socket, e.g. tcp://127.0.0.1:6100
+    max_side: int = 0  # the publish channel's images: 0 = every position; N = averaged to at most N a side
 
 
 @dataclass
@@ -414,6 +415,9 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
                "[memory] write_block_mb must be > 0 (MB of events per block written to the scan file)"),
               (0 <= cfg.output.compression_level <= 9, "[output] compression_level must be 0..9"),
               (cfg.live.rate_hz >= 0, "[live] rate_hz must be >= 0 (0 turns live results off)"),
+              (isinstance(cfg.live.max_side, int) and not isinstance(cfg.live.max_side, bool)
+               and cfg.live.max_side >= 0,
+               "[live] max_side must be a whole number >= 0 (0: images at every position; e.g. 256)"),
               (cfg.com.radius_px is None or cfg.com.radius_px > 0, "[com] radius_px must be > 0"),
               (cfg.limits.scan_state_mb >= 0, "[limits] scan_state_mb must be >= 0 (0: a quarter of "
                                               "the worker's memory limit)"),

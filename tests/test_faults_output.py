@@ -196,6 +196,30 @@ def test_pending_lists_held_scans_and_finishes_one_elsewhere(client2, scripted_s
     assert main(["pending", "--finish", "pend", "--to", str(tmp_path)]) == 2  # no session now
 
 
+def test_pending_with_two_sessions_neither_holding_the_scan_is_an_error(monkeypatch, capsys):
+    """`pending --finish/--drop/--retry SCAN` asks every session; when each of two refuses, the
+    command names the scan and both refusals (exit 2), not a silent success. The sessions'
+    control answers are stood in for here (one function's logic; the real sockets are in the
+    test above)."""
+    import stream.session.ask as ask_mod
+    from stream.cli.commands import main
+    found = [{"pid": 101, "address": "ipc://a"}, {"pid": 202, "address": "ipc://b"}]
+    asked = []
+
+    def ask(address, req):
+        asked.append((address, req["op"], req["scan"]))
+        return {"ok": False, "error": f"no held scan {req['scan']} here"}
+    monkeypatch.setattr(ask_mod, "sessions", lambda: found)
+    monkeypatch.setattr(ask_mod, "ask", ask)
+    for op in (["--finish", "nosuch", "--to", "/tmp"], ["--drop", "nosuch"], ["--retry", "nosuch"]):
+        capsys.readouterr()
+        assert main(["pending", *op]) == 2, op
+        err = capsys.readouterr().err
+        assert err.startswith("stemstream pending: error: no running session holds scan nosuch"), err
+        assert "session 101" in err and "session 202" in err, err
+    assert {a for a, _, _ in asked} == {"ipc://a", "ipc://b"}
+
+
 def test_the_publish_step_never_leaves_a_partial_file(tmp_path):
     """storage.publish onto a full file system: a PublishError naming the path and the fix,
     nothing left in the target directory, the staged file intact (plain file I/O: no HDF5

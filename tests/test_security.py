@@ -26,6 +26,7 @@ from stream.transport import control
 from stream.transport.net import free_port_block
 from stream.transport.protocol import encode_end, encode_frames, encode_start
 from sim_detector.publisher import Publisher
+from faults import wait_for
 from test_pipeline import GEOM, assert_matches, config, poll, reference, synthetic_events
 
 REPORTS = "stemstream-reports"
@@ -751,10 +752,14 @@ def test_a_message_larger_than_max_message_mb_is_not_taken(lone_receiver):
     from stream.transport.protocol import Geometry
     src, rec, pull, pub = lone_receiver(max_message_mb=0.1)
     big = Geometry((64, 64), (64, 64))
+    src.publisher.count_receivers()  # (reads the sockets' monitors)
+    accepted = src.publisher.accepted[0]
     src.send(0, encode_start("big", 0, big, {}))
     src.send(0, encode_frames("big", 0, big, 0, np.array([40_000], np.uint32),
                               np.zeros(40_000, np.uint32)))  # a 160 kB part
-    src.wait_for_receivers()  # again
+    # the source has seen the old connection close and the new one come (what it sends
+    # before that goes down the dropped connection, and is lost with it)
+    wait_for(lambda: src.publisher.count_receivers() == [1] and src.publisher.accepted[0] > accepted, 30)
     counts, indices = synthetic_events(GEOM, seed=7)
     src.start("small", GEOM)
     src.frames("small", GEOM, counts, indices, batch=8)

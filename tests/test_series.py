@@ -386,6 +386,8 @@ def test_euler_angles_from_metadata_dual_axis_and_never_overwrite(tmp_path):
 
 # ------------------------------------------------------------------ the emulated Pt particle
 
+@pytest.mark.slow  # ~35 s quiet plus its kernels' first compile; the default run keeps the
+# tomography command, the streamed series and test_tomography's traced Pt particle
 def test_emulated_pt_particle_tilt_series(tmp_path):
     """Issue 7: an emulated Pt nanoparticle tilt series (±70°, 3° steps, 47 scans of 53² at
     0.4 Å, 200 e⁻/frame, drift of up to ±1.5 px per scan), collected in random order,

@@ -131,6 +131,98 @@ def test_centre_of_mass_colours_and_binning():
     assert b[0, 0] == pytest.approx(np.nanmean(img[:4, :4])) and b[1, 1] == pytest.approx(img[4:, 4:].mean())
 
 
+
+@pytest.mark.parametrize("shape, factor", [((9, 7), 2), ((8, 8), 4), ((5, 6), 1), ((1, 11), 3)])
+def test_block_means_are_numpy_nanmeans_of_the_blocks(shape, factor):
+    """operators.blocks.block_mean against numpy's nanmean of each block, slice by slice
+    (partial blocks at the edges, NaN and hidden pixels left out, empty blocks NaN)."""
+    from operators.blocks import block_mean
+    rng = np.random.default_rng(sum(shape) + factor)
+    counts = rng.poisson(3.0, shape)
+    hide = rng.random(shape) < 0.3
+    comp = rng.normal(size=shape)
+    comp[rng.random(shape) < 0.2] = np.nan
+    for image, h in ((counts, hide), (comp, None), (comp.astype(np.float32), hide)):
+        ref_in = np.where(hide, np.nan, image.astype(np.float64)) if h is not None else image.astype(np.float64)
+        got = block_mean(image, factor, h)
+        assert got.dtype == np.float32 and got.shape == (-(-shape[0] // factor), -(-shape[1] // factor))
+        for by in range(got.shape[0]):
+            for bx in range(got.shape[1]):
+                block = ref_in[by * factor:(by + 1) * factor, bx * factor:(bx + 1) * factor]
+                if np.isfinite(block).any():
+                    assert got[by, bx] == pytest.approx(np.nanmean(block), rel=1e-6)
+                else:
+                    assert np.isnan(got[by, bx])
+    with pytest.raises(ValueError, match="2-D"):
+        block_mean(np.zeros(4), 2)
+
+
+def test_live_images_at_the_pages_size_are_block_means_of_the_electrons_received(client2, scripted_source, tmp_path):
+    """``[live] max_side``: the live channel carries each image averaged over blocks (the
+    variant the session's own viewer gets, stream/session/live_view.py). Against dense numpy of
+    the frames sent: each block's mean over the positions with electrons, the positions
+    received (one bit each), and what the feed makes of it — the images, the positions shown
+    as missing at every position, the dose so far."""
+    from stream.session.live_view import unpack_received
+    from stream.transport.net import free_port_block
+    from stream.viewer.attach import AttachedSession
+    from stream.viewer.feed import SessionFeed
+
+    counts, indices, md = emulated(GEOM, seed=6)
+    pub = f"tcp://127.0.0.1:{free_port_block(1)}"
+    cfg = session_config(tmp_path)
+    cfg = validate(PipelineConfig(**{**cfg.__dict__, "live": LiveSpec(rate_hz=5.0, publish=pub, max_side=8)}))
+    src = scripted_source(2)
+    with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+        attached = AttachedSession(pub, None)
+        try:
+            src.wait_for_receivers()
+            src.start("small", GEOM, md)
+            first = np.arange(0, 101)  # 7 rows and 3 positions: blocks partly received
+            src.frames("small", GEOM, counts, indices, only=first, batch=6)
+            wait_frames(s, "small", len(first))
+            d = dense(counts, indices, GEOM, first)
+            received = d.sum((2, 3)) > 0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 30:  # the receivers' states follow the frame counts
+                live = attached.live("small")
+                if "received_positions" in live and \
+                        (unpack_received(live["received_positions"], GEOM.scan_shape) == received).all():
+                    break
+                time.sleep(0.1)
+            from stream.config import calibration, detector_regions
+            disk = next(x for x in detector_regions(cfg, GEOM) if x["name"] == "bf")
+            cy, cx = calibration(cfg, GEOM).center
+            yy, xx = np.mgrid[0:GEOM.frame_shape[0], 0:GEOM.frame_shape[1]]
+            inside = np.hypot(yy - cy, xx - cx) <= disk["outer_px"]  # closed disk (operators.virtual)
+            bf_full = (d * inside).sum((2, 3))
+            f = 2  # 16 x 14 positions to at most 8 a side
+            assert live["bf"].dtype == np.float32 and live["bf"].shape == (8, 7)
+            np.testing.assert_array_equal(unpack_received(live["received_positions"], GEOM.scan_shape), received)
+            bf_ref = np.where(received, bf_full, np.nan)
+            for by in range(8):
+                for bx in range(7):
+                    block = bf_ref[by * f:(by + 1) * f, bx * f:(bx + 1) * f]
+                    want = np.nanmean(block) if np.isfinite(block).any() else np.nan
+                    np.testing.assert_allclose(live["bf"][by, bx], want, rtol=1e-6)
+            # the diffraction sum: 40 x 36 pixels averaged over 5 x 5 to 8 x 8, of the dense sum
+            ds = d.sum((0, 1)).astype(float)
+            ref = np.array([[ds[y * 5:(y + 1) * 5, x * 5:(x + 1) * 5].mean() for x in range(8)] for y in range(8)])
+            np.testing.assert_allclose(live["diffraction_sum"], ref, rtol=1e-6)
+            assert not {"com_n", "com_sum_y", "com_sum_x"} & set(live)
+            feed = SessionFeed(attached)
+            view = feed.view("small")
+            np.testing.assert_array_equal(view.not_received, ~received)
+            np.testing.assert_allclose(view.images["bf"].data, live["bf"], rtol=1e-6, equal_nan=True)
+            per = int(counts[first].sum()) / received.sum()
+            assert view.dose[0].startswith(f"dose so far {per / md['scan_step_A'] ** 2:.3g} e⁻/Å²"), view.dose
+            src.frames("small", GEOM, counts, indices, only=np.arange(len(first), GEOM.n_frames), batch=9)
+            src.end("small", GEOM.n_frames)
+            s.wait("small", timeout=60)
+        finally:
+            attached.close()
+
+
 # ------------------------------------------------------------------ files the viewer writes
 
 def test_saved_apertures_are_a_configuration_process_takes(tmp_path):

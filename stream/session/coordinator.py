@@ -50,12 +50,13 @@ from stream.session.ask import ControlError, ControlServer
 from stream.session.finalize import (SMALL_SCAN_EVENTS, ScanInfo, ScanResult, config_json, drop_staged,
                                      finalize_on_cluster, publish_staged, result_of, written_here)
 from stream.session.early import TICK_S, EarlyWriter
+from stream.session.live_view import VIEW_MAX_SIDE, display_snapshot, warm_up
 from stream.session.held import BACKOFF_S, NO_WORKER, REMIND_S, HeldScan, MovingFile, loud_lines, rescue_dir
 from stream.session.lifecycle import DONE, SILENT_S, ScanStatus, ScanTracker
 from stream.files.storage import move_into
 from stream.files.previews import write_scan_previews
 from stream.stages.series import SeriesCollector
-from stream.stages.runner import run_stages
+from stream.stages.runner import STAGES, run_stages
 from stream.stages.tomo import reconstruct_series
 from stream.session.worker import STAGE_EXECUTOR, ReceiverPlugin, close_on_worker, source_command
 from stream.session.detector import DetectorLink, detector_workers, source_plan
@@ -184,6 +185,8 @@ class Session:
         self._cluster = None
         self._ctx = self._pull = self._pub = None
         self.live_address: str | None = None  # the live results channel (--publish, or the viewer's)
+        self._view_pub = None  # the viewer's own live channel (images at the page's size), with view=
+        self.view_address: str | None = None  # its address (127.0.0.1, a free port)
         self._tracker = ScanTracker(cfg.scan.timeout_s, announce_grace_s=cfg.limits.announce_grace_s)
         self._control = None  # PUB: announced, closing and dropped scans, to the receivers
         self._gate: Gatekeeper | None = None
@@ -296,19 +299,22 @@ class Session:
         port = self._pull.bind_to_random_port(f"tcp://{host}")
         self.control_address = f"tcp://{host}:{port}"
         self.announce_address = f"tcp://{host}:{self._control.bind_to_random_port(f'tcp://{host}')}"
-        if self.config.live.publish or self._view[0]:
+        if self.config.live.publish:
             self._pub = self._ctx.socket(zmq.PUB)
             if live_kp is not None:
                 as_server(self._pub, live_kp, LIVE)
             try:
-                if self.config.live.publish:
-                    self._pub.bind(self.config.live.publish)
-                    self.live_address = self.config.live.publish
-                else:  # the viewer's process subscribes to it (stream/viewer/child.py)
-                    self.live_address = f"tcp://127.0.0.1:{self._pub.bind_to_random_port('tcp://127.0.0.1')}"
+                self._pub.bind(self.config.live.publish)
+                self.live_address = self.config.live.publish
             except zmq.ZMQError as e:
                 raise ConfigError(f"cannot bind the live results socket {self.config.live.publish}: "
                                   f"{e.strerror}; choose another --publish address") from None
+        if self._view[0]:  # the viewer's process subscribes to its own (stream/viewer/child.py)
+            self._view_pub = self._ctx.socket(zmq.PUB)
+            if live_kp is not None:
+                as_server(self._view_pub, live_kp, LIVE)
+            self.view_address = f"tcp://127.0.0.1:{self._view_pub.bind_to_random_port('tcp://127.0.0.1')}"
+            self.live_address = self.live_address or self.view_address
         if self._cluster is None:  # a cluster started elsewhere: a batch system stops it with us
             stopping.install(self._client, f"{self._plugin_name}-stop", self.config.cluster.stop_grace_s)
         plan = None
@@ -334,7 +340,7 @@ class Session:
             self.console.say(f"WARNING: no control socket for 'stemstream pending': {e}")
         self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
         self._thread.start()
-        if self._pub is not None:  # the live channel's socket belongs to this thread alone
+        if self._pub is not None or self._view_pub is not None:  # the live sockets belong to this thread alone
             self._live_thread = threading.Thread(target=self._live_loop, name="stemstream-live", daemon=True)
             self._live_thread.start()
 
@@ -438,9 +444,11 @@ class Session:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        while self._pub is not None and not (self._live_thread and self._live_thread.is_alive()) \
+        while self._live_sockets() and not (self._live_thread and self._live_thread.is_alive()) \
                 and not self._outbox.empty():  # the last 'done' messages (this thread owns the socket now)
-            self._pub.send_multipart(self._outbox.get())
+            parts = self._outbox.get()
+            for sock in self._live_sockets():
+                sock.send_multipart(parts)
         if self._client is not None and self._thread is not None:
             try:
                 self._client.unsubscribe_topic("all")
@@ -456,7 +464,7 @@ class Session:
             self._pending_ctl.close()
         if self.detector is not None:
             self.detector.close()
-        for sock in (self._pull, self._pub, self._control):
+        for sock in (self._pull, self._pub, self._view_pub, self._control):
             if sock is not None:
                 sock.close(linger=1000)
         if self._gate is not None:
@@ -968,11 +976,14 @@ class Session:
         and encoding a large scan's images takes long (60 MB at 1024² positions): here it
         delays neither the reports nor the scans' closing."""
         period = 1.0 / self.config.live.rate_hz if self.config.live.rate_hz > 0 else None
+        if period and (self._view_pub is not None or self.config.live.max_side):
+            warm_up()  # (about 1 s on a busy machine: not at the first picture)
         next_live = time.monotonic()
         while not self._stop.is_set():
             try:
                 parts = self._outbox.get(timeout=0.05)
-                self._pub.send_multipart(parts)
+                for sock in self._live_sockets():
+                    sock.send_multipart(parts)
                 continue
             except queue.Empty:
                 pass
@@ -983,8 +994,25 @@ class Session:
                 except Exception:  # noqa: BLE001 - a picture missed; the next one comes
                     log.exception("publishing live images failed")
 
+    def _live_sockets(self) -> list:
+        return [sock for sock in (self._pub, self._view_pub) if sock is not None]
+
+    @property
+    def _dose_image(self) -> str | None:
+        """The image whose received rows the viewer's first-look dose advice needs at every
+        position: the ``columns`` stage's, when it runs (stream/viewer/dose.py)."""
+        if "columns" not in self.config.stages.run:
+            return None
+        params = {**STAGES["columns"].params, **self.config.stages.params.get("columns", {})}
+        return str(params.get("image") or "adf")
+
     def _publish_live(self) -> None:
-        if self._pub is None:
+        """Each changed scan's merged images: on ``--publish`` at every position (or at most
+        ``[live] max_side`` a side), on the viewer's channel at the page's size
+        (stream/session/live_view.py, docs/PROTOCOL.md)."""
+        channels = [(sock, side) for sock, side in ((self._pub, self.config.live.max_side),
+                                                    (self._view_pub, VIEW_MAX_SIDE)) if sock is not None]
+        if not channels:
             return
         for st in list(self._live_active):
             with self._live_lock:
@@ -992,12 +1020,22 @@ class Session:
                     continue  # nothing new since its last picture; or its file comes next
                 self._live_dirty.discard(st.scan_id)
             images = self.live(st.scan_id)
-            if images:
-                header = {"proto": LIVE_PROTO, "kind": "live", "scan_id": st.scan_id,
-                          "frames_received": st.frames_received, "n_frames": st.n_frames,
-                          "events": st.events, "missing_so_far": st.missing_so_far()}
-                header.update(_live_context(st, self._tracker.rejects, self._plugin_name))
-                self._pub.send_multipart(control.encode(header, images))
+            if not images or st.geometry is None:
+                continue
+            header = {"proto": LIVE_PROTO, "kind": "live", "scan_id": st.scan_id,
+                      "frames_received": st.frames_received, "n_frames": st.n_frames,
+                      "events": st.events, "missing_so_far": st.missing_so_far()}
+            header.update(_live_context(st, self._tracker.rejects, self._plugin_name))
+            small = {}
+            for sock, side in channels:
+                if not side:
+                    sock.send_multipart(control.encode(header, images))
+                    continue
+                if side not in small:  # made once for the channels of one size
+                    arrays, info = display_snapshot(images, st.geometry.scan_shape, st.geometry.frame_shape,
+                                                    side, self._dose_image)
+                    small[side] = control.encode({**header, "display": info}, arrays)
+                sock.send_multipart(small[side])
 
     def links(self) -> dict[str, str]:
         """Sources no receiver is connected to now, each with why as far as known (empty

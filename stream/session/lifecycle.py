@@ -109,7 +109,8 @@ class ScanStatus:
         if self._received is None:
             return 0
         r = self._received["received"]
-        return int(np.maximum(r.astype(np.int64) - 1, 0).sum())
+        # sum(max(r - 1, 0)) without a temporary as large as the scan (read at every live snapshot)
+        return int(r.sum(dtype=np.int64)) - int(np.count_nonzero(r))
 
     def missing_so_far(self) -> int:
         """Frames announced by the sources' ``end`` messages that have not all arrived yet:

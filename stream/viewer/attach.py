@@ -142,6 +142,8 @@ class AttachedSession:
         return "receiving", g, ({"scan_step_A": h["scan_step_A"]} if h.get("scan_step_A") else {})
 
     def live(self, scan_id: str) -> dict:
+        """The newest snapshot's arrays (read-only), those of the display variant included
+        (``received_positions``, ``dose_block``: stream/session/live_view.py)."""
         with self._lock:
             hit = self._live.get(scan_id)
         return {} if hit is None else dict(hit[2])
@@ -250,7 +252,12 @@ class AttachedSession:
         sid, kind = str(h["scan_id"]), h.get("kind")
         if kind == "live":
             with self._lock:
-                self._live[sid] = (time.monotonic(), h, {k: np.array(v) for k, v in arrays.items()})
+                # the arrays stay the received message's buffers (read-only): nothing here writes
+                # them, and a 1024² snapshot at every position is 78 MB to copy
+                self._live[sid] = (time.monotonic(), h, arrays)
+                # a scan id used again (a file of that name was already in --out): the running
+                # scan is shown, not the old file, until its own 'done'
+                self._results.pop(sid, None)
                 self._rejects = {str(k): int(v) for k, v in (h.get("rejects") or {}).items()}
         elif kind == "done":
             path = h.get("path")

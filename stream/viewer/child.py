@@ -111,13 +111,13 @@ class ViewerProcess:
 
 def start_viewer(session, address: str, token: str | None = None):
     """Serve the viewer of a running Session (its ``view=`` argument) from a process of its
-    own, subscribed to the session's live channel (stream/viewer/child.py); drawn apertures
-    are written into ``OUT/viewer/``. Raises ConfigError for an address it cannot serve."""
+    own, subscribed to the live channel the session binds for it (images at the page's size,
+    stream/session/live_view.py); drawn apertures are written into ``OUT/viewer/``. Raises ConfigError for an address it cannot serve."""
     from stream.config import ConfigError
     from stream.viewer.server import ViewerError
 
     try:
-        server = ViewerProcess(session.config, session.live_address, session.config.output.dir,
+        server = ViewerProcess(session.config, session.view_address, session.config.output.dir,
                                session.scheduler_address, address, token,
                                title=f"stemstream — {', '.join(session.connect)}",
                                security=session.scheduler_security)

@@ -17,36 +17,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from operators.blocks import bin_factor as _bin_factor
+from operators.blocks import block_mean
 from stream.files.previews import com_rgb
+from stream.session.live_view import VIEW_MAX_SIDE
 
 MAX_SIDE = 512  # images larger than this are binned for the page (the files keep every pixel)
 # while a scan runs, images are binned to this: a browser redraws four 256² images several
-# times a second but 512² ones about once (bench_viewer.py); the panels are 300 px wide
-LIVE_MAX_SIDE = 256
+# times a second but 512² ones about once (bench_viewer.py); the panels are 300 px wide. The
+# session publishes its viewer's live images at this size already (stream/session/live_view.py)
+LIVE_MAX_SIDE = VIEW_MAX_SIDE
 
 
 def bin_factor(shape, max_side: int = MAX_SIDE) -> int:
     """The smallest integer factor that brings both sides of ``shape`` to ≤ ``max_side``."""
-    return max(1, -(-max(shape) // max_side))
+    return _bin_factor(shape, max_side)
 
 
 def binned(image: np.ndarray, factor: int | None = None) -> tuple[np.ndarray, int]:
-    """(image averaged over factor × factor blocks as float32, factor); NaN pixels are left out
-    of their block's mean (a block of NaN stays NaN). Edges that do not fill a block are kept
-    as partial blocks."""
-    image = np.asarray(image, dtype=np.float64)
-    factor = bin_factor(image.shape) if factor is None else int(factor)
+    """(image averaged over factor × factor blocks as float32, factor; default: the factor
+    that brings it to ``MAX_SIDE``); NaN pixels are left out of their block's mean (a block of
+    NaN stays NaN). Edges that do not fill a block are kept as partial blocks
+    (operators.blocks.block_mean)."""
+    factor = bin_factor(np.shape(image)) if factor is None else int(factor)
     if factor == 1:
-        return image.astype(np.float32), 1
-    h, w = image.shape
-    ph, pw = -h % factor, -w % factor
-    padded = np.pad(image, ((0, ph), (0, pw)), constant_values=np.nan)
-    blocks = padded.reshape((h + ph) // factor, factor, (w + pw) // factor, factor)
-    finite = np.isfinite(blocks)
-    n = finite.sum(axis=(1, 3))
-    total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, total / n, np.nan).astype(np.float32), factor
+        return np.asarray(image, dtype=np.float32), 1
+    return block_mean(image, factor), factor
 
 
 def limits(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,

@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 
+from stream.session.live_view import received_block
+
 log = logging.getLogger("stemstream.viewer")
 LIVE_EVERY_S = 5.0
-LIVE_MAX_SIDE = 128  # the live advice looks at most at this many received rows and columns
 
 
 def dose_line(events: float, positions: float, step_A: float | None, so_far: bool = False) -> str:
@@ -72,7 +73,8 @@ class LiveAdvisor:
     def _run(self, scan_id, image, step_A, per_position) -> None:
         lines = []
         try:
-            crop = received_block(image)
+            block = received_block(image)  # at most 128 x 128 (stream.session.live_view)
+            crop = None if block is None else image[block]
             if crop is not None:
                 from operators.imaging.dose import dose_advice
                 a = dose_advice(crop, min_distance_px=float(self.params.get("min_distance_px", 3.0)),
@@ -87,23 +89,3 @@ class LiveAdvisor:
             for old in list(self._last)[:-4]:
                 del self._last[old]
             self._busy = False
-
-
-def received_block(image: np.ndarray, max_side: int = LIVE_MAX_SIDE, min_side: int = 16) -> np.ndarray | None:
-    """The rows of ``image`` (NaN: not received) that are complete, at most ``max_side`` of the
-    last ones and the middle ``max_side`` columns; None when fewer than ``min_side``."""
-    full = np.isfinite(image).all(axis=1)
-    rows = np.flatnonzero(full)
-    if len(rows) < min_side:
-        return None
-    # the last run of consecutive complete rows: a gap would join rows that are not neighbours
-    start = len(rows) - 1
-    while start > 0 and rows[start - 1] == rows[start] - 1:
-        start -= 1
-    rows = rows[start:][-max_side:]
-    if len(rows) < min_side:
-        return None
-    nx = image.shape[1]
-    c0 = max(0, (nx - max_side) // 2)
-    block = image[rows][:, c0:c0 + max_side]
-    return block if block.shape[1] >= min_side else None

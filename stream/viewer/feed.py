@@ -22,6 +22,7 @@ import numpy as np
 from stream.config import ConfigError, calibration, detector_regions
 from stream.files.previews import missing_positions
 from stream.files.recording import open_recording
+from stream.session.live_view import DOSE_BLOCK, RECEIVED, not_received, unpack_received
 from stream.stages.runner import STAGES
 from stream.transport.protocol import Geometry
 from stream.viewer.display import LIVE_MAX_SIDE, MAX_SIDE, bin_factor, binned, com_rgba
@@ -157,9 +158,9 @@ def scan_images(results: dict, not_received: np.ndarray | None, stages: dict | N
     out = {}
     hide = not_received if not_received is not None and not_received.any() else None
 
-    def nav(a):
+    def nav(a):  # (images averaged for display carry NaN where no position was received already)
         a = np.asarray(a, np.float64)
-        return a if hide is None else np.where(hide, np.nan, a)
+        return a if hide is None or a.shape != hide.shape else np.where(hide, np.nan, a)
     for name, a in results.items():
         if np.ndim(a) == 2 and not name.startswith(("com_", "aperture_", "diffraction_")) \
                 and np.asarray(a).dtype.kind in "iuf":
@@ -180,15 +181,15 @@ def scan_images(results: dict, not_received: np.ndarray | None, stages: dict | N
     return out
 
 
-def live_not_received(results: dict) -> np.ndarray | None:
-    """Positions without a single electron counted yet (the live states carry no completeness):
-    zero in every count image."""
-    counts = [np.asarray(a) for n, a in results.items()
-              if np.ndim(a) == 2 and (n == "com_n" or not n.startswith(("com_", "aperture_", "diffraction_")))
-              and np.asarray(a).dtype.kind in "iu"]
-    if not counts:
-        return None
-    return np.all([c == 0 for c in counts], axis=0)
+def live_extras(results: dict, geometry) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(positions without an electron yet (ny, nx) bool or None, the dose block or None) of a
+    live snapshot; the display variant's own arrays (``received_positions``, ``dose_block``,
+    stream/session/live_view.py) are taken out of ``results``. A snapshot at every position
+    has neither: its count images say what was received."""
+    bits, block = results.pop(RECEIVED, None), results.pop(DOSE_BLOCK, None)
+    if bits is not None and geometry is not None:
+        return ~unpack_received(bits, geometry.scan_shape), block
+    return not_received(results, geometry.scan_shape if geometry is not None else None), block
 
 
 def read_stage_outputs(path, step_A: float | None) -> tuple[dict, dict | None, list[str]]:
@@ -354,8 +355,8 @@ class SessionFeed:
         if summary.state in (LIVE, CLOSING):
             info = self.session.scan_info(sid)
             geometry, metadata = (info[1], info[2]) if info else (None, {})
-            results = self.session.live(sid) if summary.state == LIVE else {}
-            hidden = live_not_received(results)
+            results = dict(self.session.live(sid)) if summary.state == LIVE else {}
+            hidden, block = live_extras(results, geometry)
             images = scan_images(results, hidden, colour_side=LIVE_MAX_SIDE)
             columns = None
         else:
@@ -375,6 +376,7 @@ class SessionFeed:
             # is the session's, else (a file's map alone) the most any position got
             hidden = missing_positions(pf, r.expected_frames_per_position if r is not None and r.results else None)
             images = scan_images(results, hidden, stages)
+            block = None
         scan_axes = det_axes = None
         detectors = []
         if geometry is not None:
@@ -383,12 +385,14 @@ class SessionFeed:
             det_axes = DetectorAxes(tuple(geometry.frame_shape), cal.center, cal.mrad_per_px)
             detectors = self._detector_outlines(geometry, det_axes)
         self._version += 1
-        dose = self._dose(summary, geometry, metadata, results, hidden) if geometry is not None else []
+        dose = self._dose(summary, geometry, metadata, results, hidden, block) if geometry is not None else []
         return ScanView(sid, summary, self._version, scan_axes, det_axes, images, columns, detectors, metadata,
                         hidden, dose)
 
-    def _dose(self, summary: ScanSummary, geometry, metadata: dict, results: dict, hidden) -> list[str]:
-        """The dose and the science code's advice on it (stream/viewer/dose.py)."""
+    def _dose(self, summary: ScanSummary, geometry, metadata: dict, results: dict, hidden,
+              block=None) -> list[str]:
+        """The dose and the science code's advice on it (stream/viewer/dose.py); ``block``: the
+        received rows of the advice's image at every position, when the images are averaged."""
         step = _number(metadata.get("scan_step_A"))
         cfg = self.session.config
         if summary.state in (LIVE, CLOSING):
@@ -397,10 +401,15 @@ class SessionFeed:
             if "columns" in cfg.stages.run and n_pos:
                 params = {**STAGES["columns"].params, **cfg.stages.params.get("columns", {})}
                 image = results.get(str(params.get("image") or "adf"))
-                if image is not None and np.ndim(image) == 2:
+                if block is not None:
+                    img = np.asarray(block, np.float64)
+                elif image is not None and np.shape(image) == tuple(geometry.scan_shape):
+                    img = np.where(hidden, np.nan, np.asarray(image, np.float64)) if hidden is not None else image
+                else:
+                    img = None  # averaged for display: too coarse for columns
+                if img is not None:
                     with self._lock:
                         self._advisor = getattr(self, "_advisor", None) or LiveAdvisor(params)
-                    img = np.where(hidden, np.nan, np.asarray(image, np.float64)) if hidden is not None else image
                     lines += self._advisor.lines(summary.scan_id, img, step, summary.events / n_pos)
             return [x for x in lines if x]
         lines = [dose_line(summary.events, geometry.n_positions, step)]

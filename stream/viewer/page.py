@@ -40,7 +40,7 @@ from bokeh.models import (
 from operators.apertures import RealSpaceApertures
 from operators.virtual import VirtualDetectors
 from stream.viewer import exports, shapes
-from stream.viewer.display import binned, color_wheel, com_arrows, limits
+from stream.viewer.display import bin_factor, binned, color_wheel, com_arrows, limits
 from stream.viewer.panels import PALETTES, ImagePanel, RegionTools
 
 log = logging.getLogger("stemstream.viewer")
@@ -333,7 +333,9 @@ class ViewerPage:
     def _show_arrows(self, p, view, sa) -> None:
         """The centre of mass as arrows on its colour panel, with their scale in the title."""
         cy, cx = view.images["com_y"], view.images["com_x"]
-        a = com_arrows(cy.data, cx.data, sa.step)
+        # a running scan's components come averaged over f x f positions (stream/session/live_view.py)
+        f = bin_factor(sa.shape, max(cy.data.shape))
+        a = com_arrows(cy.data, cx.data, sa.step * f)
         p.arrows.data = {k: a[k] for k in ("x0", "y0", "x1", "y1")}
         unit = "Å" if sa.unit == "Å" else "positions"
         title = f"centre of mass; arrow {a['length']:.3g} {unit} = {a['scale']:.3g} {cy.unit}"
