@@ -39,6 +39,18 @@ def test_bad_connect_or_sources_is_a_config_error(connect, sources, words):
         Session(connect, sources=sources, console=False)
 
 
+@pytest.mark.parametrize("rate, view, expected", [(2.0, None, 2.0), (2.0, "127.0.0.1:0", 4.0),
+                                                   (0.0, "127.0.0.1:0", 0.0), (10.0, "127.0.0.1:0", 10.0)])
+def test_a_viewer_gets_live_images_at_least_four_times_a_second(rate, view, expected):
+    """docs/VIEWER.md: a session serving the viewer raises [live] rate_hz to 4 (the page's
+    >= 2 fills a second), keeps a higher one, and 0 (live results off) stays off."""
+    from dataclasses import replace
+
+    from stream.config import LiveSpec
+    cfg = replace(PipelineConfig(), live=LiveSpec(rate_hz=rate))
+    assert Session("tcp://127.0.0.1:1", config=cfg, view=view).config.live.rate_hz == expected
+
+
 def test_live_of_an_unknown_scan_says_so():
     s = Session("tcp://127.0.0.1:6001", console=False)
     with pytest.raises(KeyError, match="no scan 'nope' in this session; running: none"):

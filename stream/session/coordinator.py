@@ -50,7 +50,7 @@ from stream.session.ask import ControlError, ControlServer
 from stream.session.finalize import (SMALL_SCAN_EVENTS, ScanInfo, ScanResult, config_json, drop_staged,
                                      finalize_on_cluster, publish_staged, result_of, written_here)
 from stream.session.early import TICK_S, EarlyWriter
-from stream.session.live_view import VIEW_MAX_SIDE, display_snapshot, warm_up
+from stream.session.live_view import VIEW_MAX_SIDE, VIEW_RATE_HZ, display_snapshot, warm_up
 from stream.session.held import BACKOFF_S, NO_WORKER, REMIND_S, HeldScan, MovingFile, loud_lines, rescue_dir
 from stream.session.lifecycle import DONE, SILENT_S, ScanStatus, ScanTracker
 from stream.files.storage import move_into
@@ -151,7 +151,8 @@ class Session:
     images of the last 16 scans only (a session may run for weeks).
     view: ``HOST:PORT`` to serve the live viewer in the browser (docs/VIEWER.md), e.g.
         ``"127.0.0.1:8800"``; any other host than loopback needs ``view_token`` (one is made
-        up and printed when not given). ``session.viewer.url`` is its address.
+        up and printed when not given). ``session.viewer.url`` is its address. With a viewer,
+        live images come at least 4 times a second (``[live] rate_hz`` raised to 4 unless 0).
     Raises ConfigError for a configuration or address it cannot use.
     """
 
@@ -165,6 +166,8 @@ class Session:
         if scheduler is not None or workers is not None:
             cfg = replace(cfg, cluster=replace(cfg.cluster, scheduler=scheduler or cfg.cluster.scheduler,
                                                workers=workers or cfg.cluster.workers))
+        if view and 0 < cfg.live.rate_hz < VIEW_RATE_HZ:  # someone watches: the page fills in >= 2/s
+            cfg = replace(cfg, live=replace(cfg.live, rate_hz=VIEW_RATE_HZ))
         self.config = validate(cfg)
         if isinstance(connect, (str, bytes)):  # one address, not a sequence of characters
             connect = [connect.decode() if isinstance(connect, bytes) else connect]

@@ -16,6 +16,7 @@ import numpy as np
 from operators.blocks import bin_factor, block_mean
 
 VIEW_MAX_SIDE = 256  # the session's own viewer gets live images at most this size a side
+VIEW_RATE_HZ = 4.0  # and at least this often: jitter kept the page under 2 fills a second at 2
 RECEIVED = "received_positions"  # the array of the positions received, one bit each (np.packbits)
 DOSE_BLOCK = "dose_block"  # the array of the last complete rows of one image, full resolution
 DOSE_BLOCK_SIDE = 128  # the live dose advice looks at most at this many rows and columns
