@@ -123,3 +123,57 @@ def test_an_image_beyond_the_limit_gives_none():
     ref_counts, ref_indices = reference_events(frames[:2])
     np.testing.assert_array_equal(counts, list(ref_counts) + [0])
     np.testing.assert_array_equal(indices, ref_indices)
+
+
+def test_the_source_converts_what_is_queued_in_one_batch(monkeypatch):
+    """A worker's DECTRIS source reads the images queued on its socket and hands them on as
+    ``frames`` messages, one per run of consecutive frame numbers, in stream order: images
+    out of order, a corrupt one (refused alone, named), the series end after them."""
+    import time
+
+    import zmq
+
+    from stream.sources import dectris
+    from stream.sources.base import UNDECODABLE, SourcePlan
+    from stream.sources.dectris import DectrisSource
+    from stream.sources.simplon import detector_config, end_part, header_parts, image_parts
+    from stream.transport.net import free_port_block
+
+    frames = edge_frames(np.uint16, (48, 40), n=8, seed=3)
+    order = [0, 1, 2, 6, 7, 3, 5, 4]  # runs 0-2, 6-7, 3, (5 corrupt), 4
+    msgs = [header_parts(9, detector_config(8, (48, 40), np.dtype(np.uint16)))]
+    for i in order:
+        parts = image_parts(9, i, frames[i], "bslz4")
+        if i == 5:
+            parts[2] = parts[2][:12] + bytes(len(parts[2]) - 12)  # the LZ4 blocks zeroed
+        msgs.append(parts)
+    msgs.append([end_part(9)])
+    monkeypatch.setattr(dectris, "BATCH_S", 10.0)  # a loaded machine's pauses must not cut the batch
+    port = free_port_block(1)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.bind(f"tcp://127.0.0.1:{port}")
+    rejects = []
+    src = DectrisSource(SourcePlan("dectris", (2, 4), f"tcp://127.0.0.1:{port}", prefix="p"), "w0")
+    src.open(ctx, lambda *a: rejects.append(a), lambda n: None)
+    try:
+        deadline = time.monotonic() + 10
+        while not src.command("connected") and time.monotonic() < deadline:
+            src.receive(20)
+        for parts in msgs:
+            push.send_multipart(parts)
+        time.sleep(0.5)  # all queued: one receive takes them
+        got = []
+        while not any(m.kind == "end" for m in got) and time.monotonic() < deadline:
+            got += src.receive(100)
+    finally:
+        src.close()
+        push.close(0)
+    assert [(m.kind, m.header.get("first"), m.header.get("count")) for m in got] == [
+        ("start", None, None), ("frames", 0, 3), ("frames", 6, 2), ("frames", 3, 1), ("frames", 4, 1), ("end", None, None)]
+    assert [(r[0], r[2]) for r in rejects] == [(UNDECODABLE, "p-9")] and "image 5 of DECTRIS series 9" in rejects[0][1]
+    for m in got[1:-1]:
+        ref_counts, ref_indices = reference_events(frames[m.first:m.first + m.count])
+        np.testing.assert_array_equal(m.counts, ref_counts)
+        np.testing.assert_array_equal(m.indices, ref_indices)
+        assert m.header["events"] == len(m.indices) and m.geometry.frame_shape == (48, 40)
