@@ -177,3 +177,29 @@ def test_the_source_converts_what_is_queued_in_one_batch(monkeypatch):
         np.testing.assert_array_equal(m.counts, ref_counts)
         np.testing.assert_array_equal(m.indices, ref_indices)
         assert m.header["events"] == len(m.indices) and m.geometry.frame_shape == (48, 40)
+
+
+WARM_UP = """
+import sys
+import numpy as np
+from stream.session.worker import warm_up_sources
+from stream.sources import bslz4_events as k, simplon
+warm_up_sources()
+before = len(k.images_events.signatures)
+for dtype in (np.uint8, np.uint16, np.uint32):
+    frames = np.random.default_rng(0).poisson(0.05, (3, 40, 48)).astype(dtype)
+    k.bslz4_events([simplon.encode_image(f, "bslz4")[0] for f in frames], 40 * 48, frames.dtype.itemsize, 1 << 20)
+print("signatures", before, len(k.images_events.signatures))
+sys.exit(0 if before == len(k.images_events.signatures) == 1 else 1)
+"""
+
+
+def test_warm_up_compiles_the_kernel_real_images_need():
+    """In a fresh process: after the workers' warm-up, images off the wire of every bit depth
+    need no new compilation (the first images of a scan never wait for the compiler)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, "-c", WARM_UP], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr

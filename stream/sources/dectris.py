@@ -322,9 +322,7 @@ class DectrisSource(Source):
         if scan_id is None:
             self._stale(series)
             return
-        dimage_d, shape, dtype, bslz4 = self._image_kind(parts[1])
-        too_big = budget_error(f"a {shape[0]}x{shape[1]} {dtype.name} image", shape[0] * shape[1] * dtype.itemsize,
-                               self.plan)
+        dimage_d, shape, dtype, bslz4, too_big = self._image_kind(parts[1])
         if too_big:  # refused before it is decompressed or a scan is opened for it
             self._reject(OVER_BUDGET, f"image {frame} of DECTRIS series {series}: {too_big}", scan_id)
             return
@@ -359,16 +357,19 @@ class DectrisSource(Source):
             return
         out.append(dense_message(scan_id, g, frame, image[None]))  # the receiver makes events
 
-    def _image_kind(self, part) -> tuple[dict, tuple[int, int], np.dtype, bool]:
-        """(dimage_d, shape, dtype, bitshuffle-LZ4?) of an image's second part; the parts a
-        DCU sends repeat (only ``size`` changes), so they are parsed once each."""
+    def _image_kind(self, part) -> tuple:
+        """(dimage_d, shape, dtype, bitshuffle-LZ4?, why it is over the budget or None) of
+        an image's second part; the parts a DCU sends repeat (only ``size`` changes), so
+        they are parsed once each."""
         key = bytes(part)
         kind = self._kinds.get(key)
         if kind is None:
             dimage_d = parse_json(part)
             shape, dtype = image_shape_dtype(dimage_d)
             enc = str(dimage_d.get("encoding", "<"))
-            kind = (dimage_d, shape, dtype, enc.startswith("bs") and "lz4" in enc)
+            too_big = budget_error(f"a {shape[0]}x{shape[1]} {dtype.name} image",
+                                   shape[0] * shape[1] * dtype.itemsize, self.plan)
+            kind = (dimage_d, shape, dtype, enc.startswith("bs") and "lz4" in enc, too_big)
             if len(self._kinds) >= 1024:
                 self._kinds.clear()
             self._kinds[key] = kind
