@@ -376,9 +376,9 @@ class DectrisSource(Source):
         return kind
 
     def _flush_batch(self, out: list) -> None:
-        """The queued bitshuffle-LZ4 images, as events (one numba call), onto ``out``: one
-        ``frames`` message per run of consecutive frame numbers (all of them when this
-        worker gets every image; one per image when the DCU alternates between workers)."""
+        """The queued bitshuffle-LZ4 images, as events (one numba call), onto ``out`` as one
+        ``frames`` message (with its frame numbers when they are not consecutive: a DCU
+        hands its images to the workers in turn)."""
         batch, self._batch = self._batch, None
         if batch is None:
             return
@@ -389,22 +389,19 @@ class DectrisSource(Source):
         h, w = g.frame_shape
         counts, indices, status = bslz4_events(blobs, h * w, dtype.itemsize, limit, self._expect_events)
         self._expect_events = max(16, int(len(indices) / len(frames) * 1.25))
-        ends = np.cumsum(counts, dtype=np.int64)
-        run = 0
-        for i in range(len(frames) + 1):
-            if i < len(frames) and status[i] == OK and (i == run or frames[i] == frames[i - 1] + 1):
-                continue
-            if i > run:  # frames[run:i] are consecutive and decoded
-                lo = int(ends[run - 1]) if run else 0
-                out.append(Message("frames", scan_id, 0, {"first": frames[run], "count": i - run,
-                                                          "events": int(ends[i - 1]) - lo},
-                                   geometry=g, counts=counts[run:i], indices=indices[lo:int(ends[i - 1])]))
-            run = i
-            if i < len(frames) and status[i] != OK:
-                reason = "too_many_events" if status[i] == TOO_MANY else UNDECODABLE
-                self._reject(reason, f"image {frames[i]} of DECTRIS series {series}: {STATUS_TEXT[status[i]]}",
-                             scan_id)
-                run = i + 1
+        ids = np.array(frames, np.int64)
+        bad = np.flatnonzero(status != OK)
+        for i in bad.tolist():
+            reason = "too_many_events" if status[i] == TOO_MANY else UNDECODABLE
+            self._reject(reason, f"image {frames[i]} of DECTRIS series {series}: {STATUS_TEXT[status[i]]}", scan_id)
+        if len(bad):  # they gave no events (counts 0): their frames stay missing
+            keep = status == OK
+            ids, counts = ids[keep], counts[keep]
+        if not len(ids):
+            return
+        consecutive = bool((np.diff(ids) == 1).all())
+        out.append(Message("frames", scan_id, 0, {"first": int(ids[0]), "count": len(ids), "events": len(indices)},
+                           geometry=g, counts=counts, indices=indices, frame_ids=None if consecutive else ids))
 
 
 class DectrisControl:
