@@ -57,8 +57,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from operators.chunk import Chunk  # noqa: E402
 from operators.dense import counts_to_events  # noqa: E402
 from stream.config import DetectorSpec, PipelineConfig, build_operators  # noqa: E402
-from stream.sources import mib, simplon  # noqa: E402
-from stream.sources.bslz4_events import bslz4_events  # noqa: E402
+from stream.sources import bslz4_events, mib, simplon  # noqa: E402
 from stream.sources.merlin import BLOCK_FRAMES  # noqa: E402
 from stream.sources.mib_events import PayloadEvents  # noqa: E402
 from stream.transport.protocol import Geometry, decode, encode_dense, encode_frames  # noqa: E402
@@ -181,7 +180,7 @@ def per_core(case: str, frames: np.ndarray, block: int = BLOCK_FRAMES, repeats: 
                 t["before: events"] += t5 - t4
             else:
                 t0 = CLOCK()
-                counts, indices, status = bslz4_events([blobs[i][0] for i in range(lo, hi)], h * w, 2, 1 << 30)
+                counts, indices, status = bslz4_events.bslz4_events([blobs[i][0] for i in range(lo, hi)], h * w, 2, 1 << 30)
                 t1 = CLOCK()
                 values = np.stack([simplon.decode_image(blobs[i][0], meta) for i in range(lo, hi)])
                 t2 = CLOCK()
