@@ -161,6 +161,7 @@ def test_dectris_source_reads_nothing_once_held_until_told_the_series():
     port = free_port_block(1)
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 10_000)  # a lost connection fails the test, not hangs it
     push.bind(f"tcp://127.0.0.1:{port}")
     src = DectrisSource(SourcePlan("dectris", (1, 2), f"tcp://127.0.0.1:{port}", mode="active", prefix="p"), "w0")
     src.open(ctx, lambda *a: None, lambda n: None)
@@ -170,7 +171,7 @@ def test_dectris_source_reads_nothing_once_held_until_told_the_series():
     try:
         src.command("expect", 1, "p-1")
         deadline = time.monotonic() + 10
-        while not src._connected and time.monotonic() < deadline:  # the stream is up
+        while not src.command("connected") and time.monotonic() < deadline:  # the stream is up
             src.receive(50)
         got = []
         waiting = threading.Thread(target=lambda: got.extend(src.receive(3000)))
