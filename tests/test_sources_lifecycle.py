@@ -106,7 +106,8 @@ def test_detector_flags_need_a_detector():
 def test_dectris_stream_that_never_connects_is_one_line_naming_it():
     """A wrong stream port is silent in ZeroMQ (it retries for ever): the source says once,
     after its grace, which address it cannot reach and what to check; then, once, that it
-    connected."""
+    connected. Its ``connected`` answer (what the session waits for before arming) is False
+    until then."""
     import zmq
 
     from stream.sources.base import SourcePlan
@@ -123,6 +124,7 @@ def test_dectris_stream_that_never_connects_is_one_line_naming_it():
         while not notes and time.monotonic() < deadline:
             src.receive(50)
         assert len(notes) == 1, notes
+        assert src.command("connected") is False
         assert notes[0].startswith(f"WARNING: DECTRIS stream tcp://127.0.0.1:{port}: not connected after 0.5 s "
                                    "(worker w0); check the DCU's stream address"), notes
         for _ in range(10):
@@ -133,6 +135,9 @@ def test_dectris_stream_that_never_connects_is_one_line_naming_it():
         try:
             while len(notes) < 2 and time.monotonic() < deadline:
                 src.receive(50)
+            while not src.command("connected") and time.monotonic() < deadline:  # the handshake follows
+                src.receive(50)
+            assert src.command("connected") is True
         finally:
             push.close(0)
         assert notes[1:] == [f"DECTRIS stream tcp://127.0.0.1:{port} connected (worker w0)"], notes
@@ -156,6 +161,7 @@ def test_dectris_source_reads_nothing_once_held_until_told_the_series():
     port = free_port_block(1)
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 10_000)  # a lost connection fails the test, not hangs it
     push.bind(f"tcp://127.0.0.1:{port}")
     src = DectrisSource(SourcePlan("dectris", (1, 2), f"tcp://127.0.0.1:{port}", mode="active", prefix="p"), "w0")
     src.open(ctx, lambda *a: None, lambda n: None)
@@ -165,7 +171,7 @@ def test_dectris_source_reads_nothing_once_held_until_told_the_series():
     try:
         src.command("expect", 1, "p-1")
         deadline = time.monotonic() + 10
-        while not src._connected and time.monotonic() < deadline:  # the stream is up
+        while not src.command("connected") and time.monotonic() < deadline:  # the stream is up
             src.receive(50)
         got = []
         waiting = threading.Thread(target=lambda: got.extend(src.receive(3000)))

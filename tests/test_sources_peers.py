@@ -105,7 +105,9 @@ def test_dectris_simulator_bslz4_through_two_workers(tmp_path, client2, mode):
         with Session([], config=config_for(tmp_path, det, (192, 192)), client=client2, console=False) as s:
             if mode == "active":
                 r = s.acquire(timeout=120)
-            else:  # someone else arms
+            else:  # someone else arms, once both workers' streams are connected (else the
+                # first to connect takes every image, and the test of the sharing fails)
+                assert s.detector.wait_connected(30) == []
                 req = urllib.request.Request(f"{sim.dcu}/detector/api/1.8.0/command/arm", method="PUT")
                 urllib.request.urlopen(req, timeout=10).read()
                 r = s.wait(timeout=120)

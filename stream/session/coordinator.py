@@ -614,9 +614,10 @@ class Session:
             raise ConfigError("acquire() needs a DECTRIS or Merlin detector ([detector] kind)")
         return self.detector.acquire(timeout)
 
-    def source_command(self, name: str, *args) -> None:
-        """Send a control request to every worker's detector source (and wait for them)."""
-        self._client.run(source_command, self._plugin_name, name, *args)
+    def source_command(self, name: str, *args) -> dict:
+        """Send a control request to every worker's detector source (and wait for them);
+        returns each worker's answer."""
+        return self._client.run(source_command, self._plugin_name, name, *args)
 
     def rejects(self) -> dict[str, int]:
         """Rejected messages so far, by reason (docs/PROTOCOL.md)."""

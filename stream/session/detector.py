@@ -97,6 +97,18 @@ class DetectorLink:
         if self.merlin is not None:
             self.merlin.get("COUNTERDEPTH")
 
+    def wait_connected(self, timeout_s: float = 10.0) -> list[str]:
+        """DECTRIS: wait until every worker's stream socket has completed its handshake with
+        the DCU's (the workers' own monitors say so). ZeroMQ hands each image to a worker
+        connected when it is pushed: one that connects after the series began gets none of
+        it. Returns the workers still not connected after ``timeout_s`` (empty: all are)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            late = sorted(w for w, ok in self.session.source_command("connected").items() if not ok)
+            if not late or time.monotonic() >= deadline:
+                return late
+            time.sleep(0.02)
+
     def close(self) -> None:
         if self.merlin is not None:
             self.merlin.close()
@@ -113,6 +125,11 @@ class DetectorLink:
         ny, nx = self.plan.scan_shape
         scan_id = None
         if self.plan.kind == "dectris":
+            late = self.wait_connected(self.spec.request_timeout_s)
+            if late:  # the others take every image; the scan is still whole
+                s.console.say(f"WARNING: DECTRIS stream {self.plan.data} not connected on worker(s) "
+                              f"{', '.join(late)} after {self.spec.request_timeout_s:g} s; arming anyway, "
+                              "the connected workers take every image")
             series, scan_id = self.control.start_acquisition()
             s.console.say(f"[{scan_id}] armed DECTRIS series {series} at {self.plan.dcu} "
                           f"({ny}x{nx} images, trigger {self.control.trigger_mode})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -148,13 +149,17 @@ def warm_up(config: PipelineConfig) -> float:
 
 
 def warm_up_sources() -> None:
-    """Compile the detector sources' kernels (MIB payloads to events; one kernel for every
-    counter depth)."""
+    """Compile the detector sources' kernels (MIB payloads to events, one kernel for every
+    counter depth; DECTRIS bitshuffle-LZ4 images to events, one for every bit depth)."""
     from stream.sources import mib
+    from stream.sources.bslz4_events import bslz4_events
     from stream.sources.mib_events import payload_events
 
     fh = mib.parse_frame_header(mib.frame_header(1, 1, raw=True))
     payload_events(np.zeros((1, fh.payload_size), np.uint8), fh)
+    # 8 uint16 pixels, one in-line LZ4 block of 16 literal bytes (bit plane 0: pixel 0 is 1)
+    blob = struct.pack(">QII", 16, 16, 18) + bytes([0xF0, 1, 1]) + bytes(15)
+    bslz4_events([blob], 8, 2, 1 << 20)
 
 
 def warm_up_dense(config: PipelineConfig) -> None:

@@ -20,18 +20,25 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from stream.sources.base import (STALE, UNDECODABLE, DetectorError, DetectorRefused, Source, SourcePlan,
                                  budget_error, dense_message, end_message, start_message)
+from stream.sources.bslz4_events import OK, STATUS_TEXT, TOO_MANY, bslz4_events
 from stream.sources.simplon import SimplonError, decode_image, image_shape_dtype, parse_json
-from stream.transport.protocol import ProtocolError
+from stream.transport.protocol import MAX_DENSE_EVENTS, Message, ProtocolError
 from stream.transport.receiver import OVER_BUDGET
 
 log = logging.getLogger("stemstream.sources.dectris")
 API = "1.8.0"
 DEFAULT_STREAM_PORT = 9999
+# A worker reads what is already queued on its socket, at most this many messages or this
+# long, and converts the bitshuffle-LZ4 images among them in one call: the latency this adds
+# to an image is bounded by both (docs/DECTRIS.md, "Speed")
+BATCH_MESSAGES = 64
+BATCH_S = 0.005  # a tenth of [chunking] max_latency_ms's default
 
 
 def dcu_url(text: str) -> str:
@@ -150,7 +157,11 @@ class DectrisSource(Source):
         self._geometry = {}
         self._warned: set = set()
         self._connected = False
+        self._ready = False  # the stream's ZeroMQ handshake done (and not disconnected since)
         self._opened = 0.0
+        self._batch = None  # (scan id, geometry, dtype, series, frame numbers, blobs) not yet converted
+        self._kinds: dict[bytes, tuple] = {}  # an image's dimage_d part -> what _image_kind makes of it
+        self._expect_events = 64  # events per image to allocate for (the last batch's mean)
 
     connect_grace_s = 5.0  # then one line if the stream never connected (ZeroMQ retries silently)
 
@@ -162,7 +173,8 @@ class DectrisSource(Source):
         self._pull.setsockopt(zmq.LINGER, 0)
         if self.plan.max_message_bytes:  # a larger part drops the connection (ZeroMQ reconnects)
             self._pull.setsockopt(zmq.MAXMSGSIZE, self.plan.max_message_bytes)
-        self._monitor = self._pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                                      | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._pull.connect(self.plan.data)
         self._opened = time.monotonic()
 
@@ -173,15 +185,19 @@ class DectrisSource(Source):
 
     def command(self, name: str, *args):
         """From the session (another thread): ``hold`` (stop reading: we are about to arm),
-        ``expect`` (series, scan_id): read again and keep only that series."""
+        ``expect`` (series, scan_id): read again and keep only that series; ``connected``:
+        whether this worker's stream has completed its handshake with the DCU (ZeroMQ hands
+        images only to the workers connected when they are pushed)."""
         with self._lock:
+            if name == "connected":
+                return self._ready
             if name == "hold":
                 self._hold = True
             elif name == "expect":
                 self._expect = (int(args[0]), str(args[1]))
                 self._hold = False
             else:
-                raise ValueError(f"DECTRIS source takes hold or expect, not {name!r}")
+                raise ValueError(f"DECTRIS source takes hold, expect or connected, not {name!r}")
 
     def scan_closed(self, scan_id: str) -> None:
         with self._lock:
@@ -199,21 +215,25 @@ class DectrisSource(Source):
         out = []
         if not self._pull.poll(timeout_ms):
             return out
-        for _ in range(256):
+        deadline = time.monotonic() + BATCH_S
+        for _ in range(BATCH_MESSAGES):
             # under the lock that ``hold`` takes: once the session holds (it is about to
             # arm), not one more message is read until it says which series to expect; else
             # the new series, arriving while this loop runs, went to the previous scan's id
             with self._lock:
                 if self._hold:
                     break
-                try:
-                    parts = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                try:  # copy=True: a sparse image's parts are small, and bytes cost less than frames
+                    parts = self._pull.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
             try:
                 self._handle(parts, out)
             except (SimplonError, ProtocolError, ValueError) as e:
                 self._reject(UNDECODABLE, f"DECTRIS stream {self.plan.data}: {e}", None)
+            if time.monotonic() > deadline:
+                break
+        self._flush_batch(out)
         return out
 
     def _watch_connection(self) -> None:
@@ -222,6 +242,8 @@ class DectrisSource(Source):
         max_message_mb): so every lost connection is made again here."""
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
+            if event in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
+                self._ready = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
             if event == zmq.EVENT_DISCONNECTED:
                 try:
                     self._pull.disconnect(self.plan.data)
@@ -261,6 +283,7 @@ class DectrisSource(Source):
         if htype.startswith("dimage-"):
             self._image(first, parts, out)
             return
+        self._flush_batch(out)  # what came before this message is handed on before it
         if htype.startswith("dheader-"):
             if self._scan_id(int(first.get("series", -1))) is None:  # an earlier series' header
                 self._stale(int(first.get("series", -1)))
@@ -299,16 +322,17 @@ class DectrisSource(Source):
         if scan_id is None:
             self._stale(series)
             return
-        dimage_d = parse_json(parts[1])
-        shape, dtype = image_shape_dtype(dimage_d)
-        too_big = budget_error(f"a {shape[0]}x{shape[1]} {dtype.name} image", shape[0] * shape[1] * dtype.itemsize,
-                               self.plan)
+        dimage_d, shape, dtype, bslz4, too_big = self._image_kind(parts[1])
         if too_big:  # refused before it is decompressed or a scan is opened for it
             self._reject(OVER_BUDGET, f"image {frame} of DECTRIS series {series}: {too_big}", scan_id)
             return
         g = self._geometry.get(shape)
         if g is None:
             g = self._geometry[shape] = self.plan.geometry(shape)
+        batch = self._batch
+        if batch is not None and (batch[0] != scan_id or batch[1] is not g or batch[2] != dtype or not bslz4):
+            self._flush_batch(out)  # one batch holds images of one scan and kind
+            batch = None
         self._scan_series[scan_id] = series
         if scan_id not in self._started and self._pending_meta:
             meta = dict(self._pending_meta, detector="dectris", series=series,
@@ -320,12 +344,64 @@ class DectrisSource(Source):
             raise ProtocolError("frame_out_of_range", f"image {frame} of series {series}, but the "
                                 f"scan {g.scan_shape[0]}x{g.scan_shape[1]} has {g.n_frames} frames "
                                 "(check --scan against the detector's nimages x ntrigger)", scan_id)
+        if bslz4:  # converted with the others queued, in _flush_batch
+            if batch is None:
+                batch = self._batch = (scan_id, g, dtype, series, [], [])
+            batch[4].append(frame)
+            batch[5].append(parts[2])
+            return
         try:
             image = decode_image(parts[2], dimage_d)
         except SimplonError as e:
             self._reject(UNDECODABLE, f"image {frame} of series {series}: {e}", scan_id)
             return
         out.append(dense_message(scan_id, g, frame, image[None]))  # the receiver makes events
+
+    def _image_kind(self, part) -> tuple:
+        """(dimage_d, shape, dtype, bitshuffle-LZ4?, why it is over the budget or None) of
+        an image's second part; the parts a DCU sends repeat (only ``size`` changes), so
+        they are parsed once each."""
+        key = bytes(part)
+        kind = self._kinds.get(key)
+        if kind is None:
+            dimage_d = parse_json(part)
+            shape, dtype = image_shape_dtype(dimage_d)
+            enc = str(dimage_d.get("encoding", "<"))
+            too_big = budget_error(f"a {shape[0]}x{shape[1]} {dtype.name} image",
+                                   shape[0] * shape[1] * dtype.itemsize, self.plan)
+            kind = (dimage_d, shape, dtype, enc.startswith("bs") and "lz4" in enc, too_big)
+            if len(self._kinds) >= 1024:
+                self._kinds.clear()
+            self._kinds[key] = kind
+        return kind
+
+    def _flush_batch(self, out: list) -> None:
+        """The queued bitshuffle-LZ4 images, as events (one numba call), onto ``out`` as one
+        ``frames`` message (with its frame numbers when they are not consecutive: a DCU
+        hands its images to the workers in turn)."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        scan_id, g, dtype, series, frames, blobs = batch
+        limit = MAX_DENSE_EVENTS
+        if self.plan.max_message_bytes:
+            limit = max(1, min(limit, self.plan.max_message_bytes // 4))
+        h, w = g.frame_shape
+        counts, indices, status = bslz4_events(blobs, h * w, dtype.itemsize, limit, self._expect_events)
+        self._expect_events = max(16, int(len(indices) / len(frames) * 1.25))
+        ids = np.array(frames, np.int64)
+        bad = np.flatnonzero(status != OK)
+        for i in bad.tolist():
+            reason = "too_many_events" if status[i] == TOO_MANY else UNDECODABLE
+            self._reject(reason, f"image {frames[i]} of DECTRIS series {series}: {STATUS_TEXT[status[i]]}", scan_id)
+        if len(bad):  # they gave no events (counts 0): their frames stay missing
+            keep = status == OK
+            ids, counts = ids[keep], counts[keep]
+        if not len(ids):
+            return
+        consecutive = bool((np.diff(ids) == 1).all())
+        out.append(Message("frames", scan_id, 0, {"first": int(ids[0]), "count": len(ids), "events": len(indices)},
+                           geometry=g, counts=counts, indices=indices, frame_ids=None if consecutive else ids))
 
 
 class DectrisControl:

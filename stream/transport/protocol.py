@@ -216,6 +216,9 @@ class Message:
     indices: np.ndarray | None = None
     metadata: dict = field(default_factory=dict)
     dense: np.ndarray | None = None
+    # a detector source's ``frames`` message whose frames are not first .. first+count−1 (a
+    # DCU hands its images to the workers in turn): their frame numbers, int64; never on the wire
+    frame_ids: np.ndarray | None = None
 
     @property
     def first(self) -> int:
@@ -224,6 +227,21 @@ class Message:
     @property
     def count(self) -> int:
         return self.header["count"]
+
+    def frame_numbers(self) -> np.ndarray:
+        """The frame number of each frame of a ``frames`` or ``dense`` message, int64."""
+        if self.frame_ids is not None:
+            return self.frame_ids
+        return np.arange(self.first, self.first + self.count, dtype=np.int64)
+
+    def ranges(self) -> list[list[int]]:
+        """[source, first, count] of each run of consecutive frame numbers."""
+        if self.frame_ids is None:
+            return [[self.source, self.first, self.count]]
+        ids = self.frame_ids
+        cuts = np.flatnonzero(np.diff(ids) != 1) + 1
+        starts, stops = np.r_[0, cuts], np.r_[cuts, len(ids)]
+        return [[self.source, int(ids[a]), int(b - a)] for a, b in zip(starts.tolist(), stops.tolist())]
 
 
 # ---------------------------------------------------------------- encoding

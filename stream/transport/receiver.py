@@ -227,7 +227,7 @@ class Receiver:
             if held is not None:  # its announcement never came here: they arrived too late to count
                 self._reject(LATE, f"{len(held.msgs)} frames message(s) of scan {scan_id} still waiting for "
                              "its announcement when it closed", scan_id, len(held.msgs),
-                             ranges=[[m.source, m.first, m.count] for m in held.msgs])
+                             ranges=[r for m in held.msgs for r in m.ranges()])
             work = self._scans.pop(scan_id, None)
             if work is None:
                 return WorkerScan(scan_id, self.worker, None, [], {}, [])
@@ -495,7 +495,7 @@ class Receiver:
         with self._lock:
             if sid in self._closed:
                 self._reject(LATE, f"{msg.kind} message of scan {sid}, which is closed", sid,
-                             ranges=[[msg.source, msg.first, msg.count]] if msg.kind in ("frames", "dense") else None)
+                             ranges=msg.ranges() if msg.kind in ("frames", "dense") else None)
                 return
             if sid in self._refused:
                 reason, detail = self._refused[sid]
@@ -777,7 +777,7 @@ class Receiver:
             work.touched = [lo if t[0] is None else min(t[0], lo), hi if t[1] is None else max(t[1], hi)]
         work.frames_processed += sum(m.count for m in msgs)
         self._send({"kind": "frames", "scan_id": work.scan_id,
-                    "ranges": [[m.source, m.first, m.count] for m in msgs],
+                    "ranges": [r for m in msgs for r in m.ranges()],
                     "events": int(chunk.n_events)})
 
     def _count_new_events(self, work: ScanWork) -> None:
@@ -855,9 +855,10 @@ def chunk_from_messages(msgs: list[Message], geometry: Geometry) -> Chunk:
     counts = np.concatenate([m.counts for m in msgs]) if len(msgs) > 1 else msgs[0].counts
     indices = np.concatenate([m.indices for m in msgs]) if len(msgs) > 1 else msgs[0].indices
     n = np.array([m.count for m in msgs])
-    firsts = np.repeat(np.array([m.first for m in msgs], np.int64), n)
-    # frame = first of its message + its rank inside the message
-    within = np.arange(len(firsts), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-    frames = firsts + within
+    if any(m.frame_ids is not None for m in msgs):  # a detector source's images out of turn
+        frames = np.concatenate([m.frame_numbers() for m in msgs])
+    else:  # frame = first of its message + its rank inside the message
+        firsts = np.repeat(np.array([m.first for m in msgs], np.int64), n)
+        frames = firsts + np.arange(len(firsts), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
     sources = np.repeat(np.array([m.source for m in msgs], np.int16), n)
     return Chunk.from_counts(frames, sources, frame_positions(frames, geometry), counts, indices)
