@@ -218,7 +218,7 @@ def test_a_dectris_part_beyond_the_budget_drops_the_connection_which_is_made_aga
     plan = SourcePlan("dectris", (1, 2), f"tcp://127.0.0.1:{port}", prefix="d", max_message_bytes=4000)
     src = DectrisSource(plan, "w0")
     notices, rejects, got = [], [], []
-    images = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
+    images = (np.arange(2 * 16 * 16) % 3).astype(np.uint16).reshape(2, 16, 16)  # 255 e- each: in budget
     series = [header_parts(1, detector_config(2, (16, 16), np.uint16)),
               *(image_parts(1, i, images[i], "bslz4") for i in range(2)), [end_part(1)]]
 
@@ -240,6 +240,12 @@ def test_a_dectris_part_beyond_the_budget_drops_the_connection_which_is_made_aga
         src.close()
         push.close(0)
         ctx.term()
-    assert [m.kind for m in got] == ["start", "dense", "dense", "end"]
-    np.testing.assert_array_equal(np.concatenate([m.dense for m in got if m.kind == "dense"]), images)
+    kinds = [m.kind for m in got]  # bitshuffle-LZ4 images become events, in batches
+    assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) == {"frames"}, kinds
+    counts = np.concatenate([m.counts for m in got if m.kind == "frames"])
+    np.testing.assert_array_equal(counts, images.reshape(2, -1).sum(1))
+    indices = np.concatenate([m.indices for m in got if m.kind == "frames"])
+    split = np.split(indices, np.cumsum(counts)[:-1])
+    for image, events in zip(images, split):  # a pixel that counted k electrons: k events
+        np.testing.assert_array_equal(np.sort(events), np.repeat(np.arange(image.size), image.ravel()))
     assert rejects == []  # the oversized part never reached the decoder
