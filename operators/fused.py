@@ -103,7 +103,23 @@ def _packed_run(indices, a, stop, pf_end, table, cells, use_cells, inside_shift,
     one = np.uint64(1)
     cmask = np.uint16((1 << PACKED_BITS) - 1)
     inc = np.uint16(1 << PACKED_BITS)
-    for e in range(a, stop):
+    rest = a
+    if total is not None and not (cells is not None and use_cells) and stop <= pf_end:
+        # Counting into the total, every event's prefetch within the chunk: the same work
+        # without the test per event (10 % at 100 e-/frame, unsorted 4-sector events).
+        rest = stop
+        for e in range(a, stop):
+            idx = np.uint64(indices[e])
+            _prefetch(total, np.uint64(indices[e + np.uint64(PREFETCH_AHEAD)]))
+            v = np.uint16(table[idx])
+            total[idx] += 1
+            sh = v & cmask
+            acc += one << np.uint64(sh)
+            if com is not None and all_in is None:
+                f = np.uint64(sh < inside_shift)
+                cy += f * ((idx * m) >> s)
+                ci += f * idx
+    for e in range(rest, stop):
         idx = np.uint64(indices[e])
         # (written out here and in _hist_run: as a function, even inlined, numba increfs the
         # arrays at every event, 6x slower)
