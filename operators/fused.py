@@ -103,7 +103,23 @@ def _packed_run(indices, a, stop, pf_end, table, cells, use_cells, inside_shift,
     one = np.uint64(1)
     cmask = np.uint16((1 << PACKED_BITS) - 1)
     inc = np.uint16(1 << PACKED_BITS)
-    for e in range(a, stop):
+    rest = a
+    if total is not None and not (cells is not None and use_cells) and stop <= pf_end:
+        # Counting into the total, every event's prefetch within the chunk: the same work
+        # without the test per event (10 % at 100 e-/frame, unsorted 4-sector events).
+        rest = stop
+        for e in range(a, stop):
+            idx = np.uint64(indices[e])
+            _prefetch(total, np.uint64(indices[e + np.uint64(PREFETCH_AHEAD)]))
+            v = np.uint16(table[idx])
+            total[idx] += 1
+            sh = v & cmask
+            acc += one << np.uint64(sh)
+            if com is not None and all_in is None:
+                f = np.uint64(sh < inside_shift)
+                cy += f * ((idx * m) >> s)
+                ci += f * idx
+    for e in range(rest, stop):
         idx = np.uint64(indices[e])
         # (written out here and in _hist_run: as a function, even inlined, numba increfs the
         # arrays at every event, 6x slower)
@@ -122,14 +138,19 @@ def _packed_run(indices, a, stop, pf_end, table, cells, use_cells, inside_shift,
             total[idx] += 1
         sh = v & cmask
         acc += one << np.uint64(sh)
-        if com is not None:
-            if all_in is not None:
-                cy += (idx * m) >> s
-                ci += idx
-            else:
-                f = np.uint64(sh < inside_shift)
-                cy += f * ((idx * m) >> s)
-                ci += f * idx
+        if com is not None and all_in is None:
+            f = np.uint64(sh < inside_shift)
+            cy += f * ((idx * m) >> s)
+            ci += f * idx
+    if com is not None and all_in is not None:
+        # The CoM of every event in a second pass over the run (its indices still in L1): a
+        # loop the compiler vectorises, and the first loop has fewer values to hold in
+        # registers (with these sums in it, it reloaded more spilled ones at every event).
+        # 16-19 % faster at 1000 e-/frame, 0-7 % at 100, on unsorted 4-sector events.
+        for e in range(a, stop):
+            idx = np.uint64(indices[e])
+            cy += (idx * m) >> s
+            ci += idx
     return acc, cy, ci
 
 
@@ -285,8 +306,8 @@ def _fused_kernel(positions, offsets, indices, n_pos, code, n_inside, cptr, crow
             cn = np.uint64(0)
             if total is None and all_in is not None and n_groups == 0:
                 # The CoM alone, of every event: no class to look up, and its sums in a loop
-                # over contiguous indices the compiler vectorises. (With other tasks the same
-                # loop beside theirs measured no faster.)
+                # over contiguous indices the compiler vectorises (with other tasks,
+                # _packed_run runs the same loop after theirs).
                 for e in range(a, b):
                     idx = np.uint64(indices[e])
                     cy += (idx * m) >> s
