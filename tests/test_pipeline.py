@@ -306,7 +306,9 @@ def test_bad_messages_are_counted_and_change_nothing(client2, scripted_source, t
             src.send(0, parts)
         src.end("good", GEOM.n_frames)
         r = s.wait("good", timeout=60)
-        rejects = poll(s.rejects, lambda v: sum(v.values()) >= 2 * len(bad) + 2)
+        poll(s.rejects, lambda v: sum(v.values()) >= 2 * len(bad))  # (was +2: it always waited 20 s)
+        time.sleep(0.5)  # any reject beyond the expected ones would show now
+        rejects = s.rejects()
     assert r.status == "complete"
     assert_matches(r, reference(counts, indices, GEOM), r.path)
     expected = {}
