@@ -790,3 +790,14 @@ def test_the_security_flags_of_process_reach_the_session(tmp_path):
     s = session_from_args(args)
     assert s.connect == ["tcp://127.0.0.1:7000", "tcp://10.0.0.5:6001"]
     assert s.config.security.plain_sources == ["tcp://10.0.0.5:6001"]
+
+
+def test_a_key_that_starts_with_a_dash_is_a_value_not_an_option():
+    """Z85 has '-' in its alphabet: about one key in 85 starts with it, and argparse took such a
+    key for an option (seen in CI)."""
+    from stream.cli.commands import build_parser
+    key = "-" + "a" * 39
+    args = build_parser().parse_args(["process", "--curve-server-key", key])
+    assert args.curve_server_key == key
+    args = build_parser().parse_args(["simulate", "--curve-client-key", key, "--curve-client-key", key])
+    assert args.curve_client_key == [key, key]

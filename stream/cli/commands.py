@@ -26,13 +26,24 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None:
+            args = _fix_negative_values(list(args))
+        return super().parse_known_args(args, namespace)
 
-def _fix_negative_values(argv: list[str], options=("--tilts",)) -> list[str]:
-    """Let ``--tilts -60:60:3`` work: argparse would take -60:60:3 for an option."""
+
+_KEY_OPTIONS = ("--curve-server-key", "--curve-client-key")
+
+
+def _fix_negative_values(argv: list[str]) -> list[str]:
+    """Let ``--tilts -60:60:3`` and a Z85 key that starts with '-' work: argparse would take
+    either for an option."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in options and i + 1 < len(argv) and argv[i + 1][:1] == "-" and argv[i + 1][1:2].isdigit():
-            out.append(f"{argv[i]}={argv[i + 1]}")
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if nxt[:1] == "-" and ((argv[i] == "--tilts" and nxt[1:2].isdigit())
+                               or (argv[i] in _KEY_OPTIONS and len(nxt) == 40)):
+            out.append(f"{argv[i]}={nxt}")
             i += 2
         else:
             out.append(argv[i])
@@ -584,8 +595,7 @@ def _interrupt(*_):
 def main(argv: list[str] | None = None) -> int:
     from stream.config import ConfigError
 
-    argv = _fix_negative_values(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     signal.signal(signal.SIGTERM, _interrupt)  # a batch system's stop ends as cleanly as Ctrl-C
     try:
         if args.command == "simulate":
