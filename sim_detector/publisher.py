@@ -24,6 +24,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from stream.security.curve import Gatekeeper, SourceKeys, as_server
+from stream.transport.links import close_monitor, open_monitor
 from stream.transport.protocol import (Geometry, encode_abort, encode_dense, encode_end, encode_frames,
                                        encode_start)
 
@@ -208,7 +209,7 @@ class Publisher:
                     as_server(s, curve.keypair, SourceKeys.DOMAIN)
                     events |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                 self._socks.append(s)
-                self._monitors.append(s.get_monitor_socket(events))  # (one monitor per socket)
+                self._monitors.append(open_monitor(s, events))  # (one monitor per socket)
                 try:
                     s.bind(addr)
                 except zmq.ZMQError as e:
@@ -234,10 +235,8 @@ class Publisher:
         return self._failed_handshakes
 
     def close(self, linger_s: float | None = None):
-        for s in self._socks[:len(self._monitors)]:
-            s.disable_monitor()
-        for m in self._monitors:
-            m.close(linger=0)
+        for s, m in zip(self._socks, self._monitors):
+            close_monitor(s, m)
         self._monitors = []
         for s in self._socks:
             if linger_s is not None:

@@ -652,7 +652,7 @@ def test_demo_with_view_fills_in_the_page_and_stays_open(tmp_path):
             crb_pm = 100 * np.nanmedian(f["stages/columns/position_crb_A"][()])
             stored = json.loads(f["stages/counting/dose_advice"].attrs["lines"])
         per = electrons / (24 * 24)
-        text = page.wait_for(lambda: (t := page.prop("dose", "text") or "") and "stage counting" in t and t, 120,
+        text = page.wait_for(lambda: t if "stage counting" in (t := page.prop("dose", "text") or "") else None, 120,
                              "the dose advice of the written scan")
         assert f"dose {per / step ** 2:.3g} e⁻/Å² ({per:.3g} e⁻ per probe position)" in text, text
         assert all(html_escape(line) in text for line in stored), (text, stored)

@@ -28,6 +28,7 @@ from stream.sources.base import (STALE, UNDECODABLE, DetectorError, DetectorRefu
                                  budget_error, dense_message, end_message, start_message)
 from stream.sources.bslz4_events import OK, STATUS_TEXT, TOO_MANY, bslz4_events
 from stream.sources.simplon import SimplonError, decode_image, image_shape_dtype, parse_json
+from stream.transport.links import close_monitor, open_monitor
 from stream.transport.protocol import MAX_DENSE_EVENTS, Message, ProtocolError
 from stream.transport.receiver import OVER_BUDGET
 
@@ -173,15 +174,16 @@ class DectrisSource(Source):
         self._pull.setsockopt(zmq.LINGER, 0)
         if self.plan.max_message_bytes:  # a larger part drops the connection (ZeroMQ reconnects)
             self._pull.setsockopt(zmq.MAXMSGSIZE, self.plan.max_message_bytes)
-        self._monitor = self._pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-                                                      | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = open_monitor(self._pull, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                     | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._pull.connect(self.plan.data)
         self._opened = time.monotonic()
 
     def close(self) -> None:
-        for s in (self._monitor, self._pull):
-            if s is not None:
-                s.close(0)
+        if self._monitor is not None:
+            close_monitor(self._pull, self._monitor)
+        if self._pull is not None:
+            self._pull.close(0)
 
     def command(self, name: str, *args):
         """From the session (another thread): ``hold`` (stop reading: we are about to arm),

@@ -28,6 +28,7 @@ from stream.sources.base import DetectorError, Source, SourcePlan, budget_error,
 from stream.sources.mib import (MPX_PREFIX_LEN, AcquisitionHeader, FrameHeader, MibError, mpx_prefix,
                                 parse_frame_header, parse_mpx_prefix)
 from stream.sources.mib_events import PayloadEvents
+from stream.transport.links import close_monitor, open_monitor
 from stream.transport.protocol import (MAX_DENSE_EVENTS, ProtocolError, decode, encode_abort, encode_end,
                                        encode_frames, encode_start)
 
@@ -251,15 +252,14 @@ class MerlinLeader(threading.Thread):
     def run(self) -> None:
         ctx, gate, push = self._forward_socket()
         # set before bind: no worker's handshake is missed
-        monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        monitor = open_monitor(push, zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
             push.bind(self.plan.forward)
         except zmq.ZMQError as e:
             self.error = e
             self.notice(f"ERROR: Merlin leader cannot bind {self.plan.forward}: {e.strerror}; "
                         "restart the session (it picks another port)")
-            push.disable_monitor()
-            monitor.close(0)
+            close_monitor(push, monitor)
             self._close_forward(ctx, gate, push)
             return
         self.push = push
@@ -318,8 +318,7 @@ class MerlinLeader(threading.Thread):
                     recv_monitor_message(monitor)
                     ready += 1
         finally:
-            push.disable_monitor()
-            monitor.close(0)
+            close_monitor(push, monitor)
         if ready < self.plan.n_workers and not self._stop_event.is_set():
             self.notice(f"WARNING: {ready} of {self.plan.n_workers} workers connected to the Merlin "
                         f"forwarding socket {self.plan.forward} within {timeout_s:g} s; the frames go to "

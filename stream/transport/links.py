@@ -8,6 +8,8 @@ whenever they change, and the coordinator says which sources no receiver reaches
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 
 import zmq
@@ -16,6 +18,36 @@ from zmq.utils.monitor import parse_monitor_message
 _FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed",
            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed (protocol error)",
            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the source refused authentication"}
+
+
+_MONITORS = itertools.count()
+
+
+def open_monitor(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """A PAIR socket that receives ``sock``'s monitor events (``zmq.EVENT_*`` flags).
+
+    ZeroMQ's I/O thread sends each event with a blocking send, so a full monitor queue (an
+    unread monitor while a peer reconnects every 100 ms for two minutes, or a stranger's
+    failed handshakes) would freeze every socket of the context, and so would a monitor
+    closed before monitoring stops (libzmq #3575). Here the queue has no bound (an event is
+    about 50 bytes) and :func:`close_monitor` stops monitoring before it closes the PAIR.
+    """
+    addr = f"inproc://stemstream-monitor-{os.getpid()}-{next(_MONITORS)}"
+    sock.monitor(addr, events)
+    pair = sock.context.socket(zmq.PAIR)
+    pair.setsockopt(zmq.RCVHWM, 0)  # before connect: the inproc pipe takes its bound then
+    pair.setsockopt(zmq.LINGER, 0)
+    pair.connect(addr)
+    return pair
+
+
+def close_monitor(sock: zmq.Socket, pair: zmq.Socket) -> None:
+    """Stop monitoring ``sock``, then close its monitor ``pair`` (this order: see open_monitor)."""
+    try:
+        if not sock.closed:
+            sock.disable_monitor()
+    finally:
+        pair.close(linger=0)
 
 
 class LinkWatch:
@@ -32,7 +64,7 @@ class LinkWatch:
         for e in _FAILED:
             events |= e
         self._sock = sock
-        self.monitor = sock.get_monitor_socket(events)
+        self.monitor = open_monitor(sock, events)
         self.connected: set[str] = set()
         self.failed: dict[str, str] = {}
         self.dropped: dict[str, float] = {}
@@ -65,10 +97,7 @@ class LinkWatch:
         return {"kind": "links", "connected": sorted(self.connected), "failed": dict(self.failed)}
 
     def close(self) -> None:
-        try:
-            self._sock.disable_monitor()
-        finally:
-            self.monitor.close(linger=0)
+        close_monitor(self._sock, self.monitor)
 
 
 def unreached(addresses: list[str], links: dict[str, dict]) -> dict[str, str]:
