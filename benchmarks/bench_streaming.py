@@ -325,6 +325,10 @@ def early_table(a, argv):
     bind = f"tcp://127.0.0.1:{port}"
     cfg = load_config(None)
     cfg.cluster.workers = a.workers
+    if a.events_in_memory_mb is not None:
+        cfg.memory.events_in_memory_mb = a.events_in_memory_mb
+    if a.write_block_mb is not None:
+        cfg.memory.write_block_mb = a.write_block_mb
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scans {', '.join(a.scans)}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores, target {rate} frames/s; {a.repeats} runs each; "

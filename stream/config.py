@@ -123,6 +123,7 @@ class MemorySpec:
     events_in_memory_mb: float = 128.0  # per receiver, over its open scans; past it events go to disk
     spill_dir: str = ""  # where they go; "" is the dask worker's local directory
     write_block_mb: float = 16.0  # events (4 B each) per block when the scan file is written
+    early_block_mb: float = 4.0  # the same, for blocks written while the scan runs ([output] write_while_scanning)
 
 
 @dataclass
@@ -131,7 +132,7 @@ class OutputSpec:
     previews: bool = True
     compression_level: int = 2
     fallback_dir: str = ""  # where a scan file goes when dir cannot be written ("" : held on the workers)
-    write_while_scanning: bool = False  # events written while the scan runs (docs/CONFIG.md; off until it pays)
+    write_while_scanning: bool = True  # events written while the scan runs (docs/CONFIG.md)
 
 
 @dataclass
@@ -413,6 +414,8 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
                "[memory] events_in_memory_mb must be > 0 (MB of events a receiver keeps in memory)"),
               (cfg.memory.write_block_mb > 0,
                "[memory] write_block_mb must be > 0 (MB of events per block written to the scan file)"),
+              (cfg.memory.early_block_mb > 0,
+               "[memory] early_block_mb must be > 0 (MB of events per block written while the scan runs)"),
               (0 <= cfg.output.compression_level <= 9, "[output] compression_level must be 0..9"),
               (cfg.live.rate_hz >= 0, "[live] rate_hz must be >= 0 (0 turns live results off)"),
               (isinstance(cfg.live.max_side, int) and not isinstance(cfg.live.max_side, bool)

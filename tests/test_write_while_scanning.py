@@ -36,7 +36,7 @@ SKIP = {"/provenance/timings", "/provenance@host", "/provenance@config"}
 def run(client, src, out, early: bool, memory_mb: float, cases: dict) -> dict:
     """Every case's scan, one after the other, through one session with early writing on or
     off: case -> ScanResult."""
-    cfg = config(out, timeout_s=30, memory=MemorySpec(events_in_memory_mb=memory_mb, write_block_mb=1.0))
+    cfg = config(out, timeout_s=30, memory=MemorySpec(events_in_memory_mb=memory_mb, write_block_mb=1.0, early_block_mb=1.0))
     cfg.output = replace(cfg.output, write_while_scanning=early)
     results = {}
     with Session(src.addresses, config=cfg, client=client, console=False) as s:
@@ -174,7 +174,7 @@ def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(
     src = ScriptedSource(2)
     try:
         with writable_dir(tmp_path) as out:
-            cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, spill_dir=str(staging)))
+            cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, early_block_mb=1.0, spill_dir=str(staging)))
             cfg.output = replace(cfg.output, dir=str(out), write_while_scanning=True)
             with Session(src.addresses, config=cfg, client=client2, console=False) as s:
                 src.wait_for_receivers()
@@ -207,7 +207,7 @@ def test_a_scan_that_closes_with_blocks_queued_keeps_what_was_written_and_ends_t
     the file is the one written all at the end."""
     src = ScriptedSource(2)
     try:
-        cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0))
+        cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, early_block_mb=1.0))
         cfg.output = replace(cfg.output, write_while_scanning=True)
         events = events_of("in_order")
         half = GEOM.n_frames // 2

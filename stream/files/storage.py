@@ -479,6 +479,13 @@ class ScanWriter:
             self._indices.id.write_direct_chunk((self.written + i * L,), payload)
         self.written += block.n_chunked
 
+    def sync(self) -> None:
+        """What is written so far onto the disk (HDF5's buffers, then fsync): a file grown
+        while its scan runs then has only its head and last blocks left to sync at ``close``."""
+        self._file.flush()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+
     def close(self) -> Path:
         """Check that every announced event came, then give the file its name (``path``, or
         ``<stem>-2.h5``, … : never overwrites) and return it. Built in staging, the file is
@@ -607,14 +614,25 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
     return indices
 
 
+INCOMPRESSIBLE = 0.75  # a result whose first chunk keeps more than this share is stored raw
+
+
 def _write_results(g: h5py.Group, items: dict, level: int) -> None:
     """Result arrays; numeric ones of 64 kB or more compressed like the events, about
-    1 MB per chunk (images and the summed pattern shrink 4x, tables stay as they are)."""
+    1 MB per chunk (images and the summed pattern shrink 4x, tables stay as they are),
+    unless their first chunk keeps more than ``INCOMPRESSIBLE`` of its size: the floating
+    centre-of-mass images shrink by a fifth only, and compressing them took about 0.1 s of a
+    1024² scan's end (BENCHMARKS.md)."""
     for name, res in items.items():
         data = np.asarray(res.data)
         if data.ndim and data.nbytes >= 1 << 16 and data.dtype.kind in "biuf":
             rows = max(1, (1 << 20) // max(1, data[0].nbytes))
-            d = write_compressed(g, name, data, rows, level)
+            first = np.ascontiguousarray(data[:rows])
+            if level and data.dtype.kind == "f" and \
+                    len(_shuffle_deflate(first, level)) > INCOMPRESSIBLE * first.nbytes:
+                d = write_compressed(g, name, data, rows, 0)
+            else:
+                d = write_compressed(g, name, data, rows, level)
         else:
             d = g.create_dataset(name, data=data)
         put_attrs(d, kind=res.kind, unit=res.unit, description=res.description)

@@ -3,7 +3,7 @@
 The coordinator knows, from the receivers' ``frames`` reports, which frame parts every source
 delivered (a receiver reports frames only once their events are stored). The frames before
 the first one some source has not delivered yet are complete: once they hold a block of
-events (``[memory] write_block_mb``, the first block at least one HDF5 chunk of the events,
+events (``[memory] early_block_mb``, the first block at least one HDF5 chunk of the events,
 so that the file's chunking is the one a file written at the end has), the workers in turn
 build blocks as ``finalize_on_cluster`` does at the end: every worker that received frames
 hands its parts (``Receiver.events_in``) to the block's builder, which merges them into the
@@ -91,7 +91,11 @@ class EarlyWriter:
         self.client = client
         self.plugin_name = plugin_name
         self.config = config
-        self.block_events = max(1, int(config.memory.write_block_mb * 1e6 / 4))
+        # a block is due once the complete frames hold early_block_mb; when the blocks fall
+        # behind, what completed meanwhile goes in fewer, larger ones (up to write_block_mb):
+        # small blocks keep the scan's tail short, large ones cost fewer round trips
+        self.block_events = max(1, int(config.memory.early_block_mb * 1e6 / 4))
+        self.max_block_events = max(self.block_events, int(config.memory.write_block_mb * 1e6 / 4))
         self._scans: dict[str, EarlyScan] = {}
         self._lock = threading.Lock()
 
@@ -145,8 +149,10 @@ class EarlyWriter:
                     self._scans[st.scan_id] = EarlyScan("", "", None, failed="frames arrived twice")
             return
         per_frame = st.events / max(1, st.frames_received)  # electrons per frame, all sources
-        if per_frame <= 0 or per_frame * (end - start) < (self.block_events if e is not None else
-                                                          max(self.block_events, EVENTS_CHUNK)):
+        first = max(self.block_events, EVENTS_CHUNK)
+        if e is None and per_frame * g.n_frames < 2 * first:
+            return  # a scan of a block or two: its end is quicker than a block written early
+        if per_frame <= 0 or per_frame * (end - start) < (self.block_events if e is not None else first):
             return
         if e is None:
             writer = min(live, key=lambda w: (writing.get(w, 0), -st.worker_events.get(w, 0), str(w)))
@@ -155,7 +161,7 @@ class EarlyWriter:
             e = EarlyScan(uuid.uuid4().hex, writer, spec)
             with self._lock:
                 self._scans[st.scan_id] = e
-        step = max(1, int(self.block_events / per_frame))
+        step = max(1, int(self.max_block_events / per_frame))
         builders = sorted(w for w in live if w != e.writer) + [e.writer]  # the writer has the most to do
         while len(e.blocks) < IN_FLIGHT and per_frame * (end - e.frames) >= self.block_events:
             hi_f = min(end, e.frames + step)

@@ -568,6 +568,7 @@ def write_early(token: str, spec: EarlySpec, lo: int, hi: int, frames: int, afte
                 early.counts = np.zeros(early.store.n_stored, np.int64)
             check_space(early.writer.tmp.parent, 4 * int(offsets[-1]) + (1 << 20))
             early.writer.put_block(block)
+            early.writer.sync()  # off the scan's end: the close's fsync has the rest only
             early.counts[lo:hi] = np.diff(offsets)
             early.stored, early.frames = hi, frames
         except Exception as e:  # noqa: BLE001 - the end writes the scan as if none had started
