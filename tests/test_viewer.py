@@ -682,8 +682,8 @@ WATCH_JS = """(name) => { window.__seen = []; let last = null;
 def test_the_page_fills_in_repeatedly_while_the_scan_streams(client2, scripted_source, tmp_path, seconds, min_rate):
     """The emulator's scan sent over ``seconds`` (live rate 4 per second); the page, open
     before it, records every new bright field it receives. While frames arrive it shows several
-    partial images, each with more positions than the last and, where it has a value, the
-    value of the written file; the slow variant asserts at least ``min_rate`` a second."""
+    partial images, each with more electrons than the last and, where it has a value, at most
+    the value of the written file; the slow variant asserts at least ``min_rate`` a second."""
     from browser import Browser
 
     g = VIEW_GEOM
@@ -728,7 +728,11 @@ def test_the_page_fills_in_repeatedly_while_the_scan_streams(client2, scripted_s
             partial.append(img)
     filled = [int(np.isfinite(a).sum()) for a in partial]
     assert len(partial) >= 2, f"only {len(partial)} partial images seen in {seconds:g} s: {filled}"
-    assert filled == sorted(filled) and len(set(filled)) == len(filled), filled
+    # positions only fill, and each picture holds more electrons than the last: a frame's two
+    # sources' parts can come in different snapshots, so the positions need not grow every time
+    assert filled == sorted(filled), filled
+    electrons = [float(np.nansum(a)) for a in partial]
+    assert all(b > a for a, b in zip(electrons, electrons[1:])), (filled, electrons)
     before = np.zeros(g.scan_shape)
     for img in partial:  # counts only grow, up to the file's (a frame's parts come from both sources)
         have = np.isfinite(img)

@@ -617,6 +617,15 @@ def _write_head(f: h5py.File, offsets, copy_from, level, *, scan_id, status, rea
 INCOMPRESSIBLE = 0.75  # a result whose first chunk keeps more than this share is stored raw
 
 
+def _incompressible(first: np.ndarray, level: int) -> bool:
+    """Whether a floating-point array's first chunk ``first`` keeps more than
+    ``INCOMPRESSIBLE`` of its size through shuffle + deflate (integers always compress)."""
+    if first.dtype.kind != "f":
+        return False
+    first = np.ascontiguousarray(first)
+    return len(_shuffle_deflate(first, level)) > INCOMPRESSIBLE * first.nbytes
+
+
 def _write_results(g: h5py.Group, items: dict, level: int) -> None:
     """Result arrays; numeric ones of 64 kB or more compressed like the events, about
     1 MB per chunk (images and the summed pattern shrink 4x, tables stay as they are),
@@ -627,12 +636,8 @@ def _write_results(g: h5py.Group, items: dict, level: int) -> None:
         data = np.asarray(res.data)
         if data.ndim and data.nbytes >= 1 << 16 and data.dtype.kind in "biuf":
             rows = max(1, (1 << 20) // max(1, data[0].nbytes))
-            first = np.ascontiguousarray(data[:rows])
-            if level and data.dtype.kind == "f" and \
-                    len(_shuffle_deflate(first, level)) > INCOMPRESSIBLE * first.nbytes:
-                d = write_compressed(g, name, data, rows, 0)
-            else:
-                d = write_compressed(g, name, data, rows, level)
+            raw = level and _incompressible(data[:rows], level)
+            d = write_compressed(g, name, data, rows, 0 if raw else level)
         else:
             d = g.create_dataset(name, data=data)
         put_attrs(d, kind=res.kind, unit=res.unit, description=res.description)
