@@ -115,6 +115,14 @@ def pin_tree(cpus) -> None:
             pass
 
 
+def memory_args(cfg, a) -> None:
+    """--events-in-memory-mb and --write-block-mb into the configuration, where given."""
+    if a.events_in_memory_mb is not None:
+        cfg.memory.events_in_memory_mb = a.events_in_memory_mb
+    if a.write_block_mb is not None:
+        cfg.memory.write_block_mb = a.write_block_mb
+
+
 def run_emulator(args, bind, scan_id, rate, on_generated=None, cpu=None):
     """Run `stemstream simulate` (on CPU ``cpu`` alone if given, by taskset); call
     ``on_generated(pid)`` when its scan is generated and about to stream. Returns (achieved
@@ -175,10 +183,7 @@ def main(argv=None):
     port = free_port_block(a.sources)
     bind = f"tcp://127.0.0.1:{port}"
     cfg = load_config(None)  # the defaults: previews included (drawn by the coordinator)
-    if a.events_in_memory_mb is not None:
-        cfg.memory.events_in_memory_mb = a.events_in_memory_mb
-    if a.write_block_mb is not None:
-        cfg.memory.write_block_mb = a.write_block_mb
+    memory_args(cfg, a)
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scan {a.scan}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate; "
@@ -325,10 +330,7 @@ def early_table(a, argv):
     bind = f"tcp://127.0.0.1:{port}"
     cfg = load_config(None)
     cfg.cluster.workers = a.workers
-    if a.events_in_memory_mb is not None:
-        cfg.memory.events_in_memory_mb = a.events_in_memory_mb
-    if a.write_block_mb is not None:
-        cfg.memory.write_block_mb = a.write_block_mb
+    memory_args(cfg, a)
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scans {', '.join(a.scans)}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores, target {rate} frames/s; {a.repeats} runs each; "

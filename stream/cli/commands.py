@@ -28,14 +28,14 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         if args is not None:
-            args = _fix_negative_values(list(args))
+            args = _values_not_options(list(args))
         return super().parse_known_args(args, namespace)
 
 
 _KEY_OPTIONS = ("--curve-server-key", "--curve-client-key")
 
 
-def _fix_negative_values(argv: list[str]) -> list[str]:
+def _values_not_options(argv: list[str]) -> list[str]:
     """Let ``--tilts -60:60:3`` and a Z85 key that starts with '-' work: argparse would take
     either for an option."""
     out, i = [], 0
