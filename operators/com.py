@@ -29,11 +29,12 @@ Examples
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from operators.base import Operator, Result, State
 from operators.chunk import Chunk
 from operators.fused import one_pass
-from operators.kernels import center_of, shape2
+from operators.kernels import NJIT, center_of, shape2
 
 
 def com_from_sums(n, sy, sx, center, rotation_deg=0.0, flip=False):
@@ -53,22 +54,34 @@ def com_from_sums(n, sy, sx, center, rotation_deg=0.0, flip=False):
     See the module docstring for the exact convention.
     """
     n = np.asarray(n)
+    sy, sx = np.asarray(sy), np.asarray(sx)
+    if not (n.shape == sy.shape == sx.shape):
+        raise ValueError(f"com_from_sums: n, sy, sx must have one shape, got {n.shape}, {sy.shape}, {sx.shape}")
     cy, cx = (float(c) for c in center)
-    nf = n.astype(np.float64)
-    empty = n == 0
-    safe = np.where(empty, 1.0, nf)
-    dy = np.asarray(sy, dtype=np.float64) / safe - cy
-    dx = np.asarray(sx, dtype=np.float64) / safe - cx
-    if flip:
-        dx = -dx
-    t = np.deg2rad(float(rotation_deg))
     # Exact values at multiples of 90 deg so that known answers are exact, not 1e-16 off.
-    c, s = _cos_sin_exact(t, float(rotation_deg))
-    out_x = dx * c + dy * s
-    out_y = -dx * s + dy * c
-    out_y[empty] = np.nan
-    out_x[empty] = np.nan
+    c, s = _cos_sin_exact(np.deg2rad(float(rotation_deg)), float(rotation_deg))
+    out_y, out_x = np.empty(n.shape), np.empty(n.shape)
+    _com_kernel(n.ravel(), sy.ravel(), sx.ravel(), cy, cx, float(c), float(s), bool(flip),
+                out_y.reshape(-1), out_x.reshape(-1))
     return out_y, out_x
+
+
+@njit(**NJIT)
+def _com_kernel(n, sy, sx, cy, cx, c, s, flip, out_y, out_x):
+    # one pass, the same float64 operations in the same order as the numpy expressions
+    # (dy = sy / n - cy, ...; x' = dx c + dy s; y' = -dx s + dy c), so results are identical
+    for i in range(n.shape[0]):
+        if n[i] == 0:
+            out_y[i] = np.nan
+            out_x[i] = np.nan
+            continue
+        nf = np.float64(n[i])
+        dy = np.float64(sy[i]) / nf - cy
+        dx = np.float64(sx[i]) / nf - cx
+        if flip:
+            dx = -dx
+        out_x[i] = dx * c + dy * s
+        out_y[i] = -dx * s + dy * c
 
 
 def _cos_sin_exact(t, deg):

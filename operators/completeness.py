@@ -51,6 +51,40 @@ def _repeat_kernel(frames, sources, seen, out):
             seen[s, f] = True
 
 
+@njit(**NJIT)
+def _tally_kernel(received, nx, flyback, fpp, per_source, frame_flags, position_frames):
+    """One pass over ``received`` (n_sources, n_frames): per source [parts received, parts
+    received more than once, extra copies]; per frame bit 1 if some part is missing, bit 2 if
+    some part came more than once; per position (flyback excluded) the distinct parts."""
+    n_sources, n_frames = received.shape
+    cols = nx + flyback
+    f = 0
+    for row in range(n_frames // (cols * fpp)):
+        for col in range(cols):
+            for _ in range(fpp):
+                got = 0
+                flags = 0
+                for s in range(n_sources):
+                    r = received[s, f]
+                    if r == 0:
+                        flags |= 1
+                    else:
+                        got += 1
+                        if r > 1:
+                            flags |= 2
+                            per_source[s, 1] += 1
+                            per_source[s, 2] += r - 1
+                frame_flags[f] = flags
+                if col < nx:
+                    position_frames[row * nx + col] += got
+                f += 1
+    for s in range(n_sources):
+        n = 0
+        for g in range(n_frames):
+            n += received[s, g] != 0
+        per_source[s, 0] = n
+
+
 def _check_parts(frames, sources, n_sources, n_frames, where):
     frames = np.asarray(frames, dtype=np.int64)
     sources = np.asarray(sources, dtype=np.int64)
@@ -163,12 +197,20 @@ class Completeness(Operator):
         np.minimum(total, SATURATED, out=total)
         dest["received"][...] = total
 
+    def _tally(self, state: State):
+        """(per source [received, duplicated, extra copies] (n_sources, 3) int64, per frame
+        flags (1 missing, 2 duplicated) uint8, position_frames (ny, nx) int64): one pass."""
+        ny, nx = self.scan_shape
+        rec = np.ascontiguousarray(state["received"])
+        per_source = np.zeros((self.n_sources, 3), np.int64)
+        flags = np.empty(self.n_frames, np.uint8)
+        pf = np.zeros(ny * nx, np.int64)
+        _tally_kernel(rec, nx, self.flyback, self.fpp, per_source, flags, pf)
+        return per_source, flags, pf.reshape(ny, nx)
+
     def position_frames(self, state: State) -> np.ndarray:
         """(ny, nx) int64 distinct frame parts received per position (flyback excluded)."""
-        ny, nx = self.scan_shape
-        got = (state["received"] > 0).sum(axis=0, dtype=np.int64)
-        got = got.reshape(ny, nx + self.flyback, self.fpp)[:, :nx, :]
-        return got.sum(axis=2)
+        return self._tally(state)[2]
 
     def summary(self, state: State) -> dict:
         """Plain-Python report: counts, missing and duplicated frames.
@@ -183,33 +225,32 @@ class Completeness(Operator):
         distinct parts). A frame is missing if any source's part is missing, duplicated if
         any part arrived more than once. Use n_missing / n_duplicated for the numbers.
         """
-        rec = state["received"]
-        per_source = []
-        for s in range(self.n_sources):
-            r = rec[s]
-            n_rec = int(np.count_nonzero(r))
-            dup = r > 1
-            per_source.append({"source": s, "received": n_rec, "missing": self.n_frames - n_rec,
-                               "duplicated": int(np.count_nonzero(dup)),
-                               "extra_copies": int((r[dup].astype(np.int64) - 1).sum())})
-        missing = np.nonzero((rec == 0).any(axis=0))[0]
-        duplicated = np.nonzero((rec > 1).any(axis=0))[0]
-        pf = self.position_frames(state)
+        return self.report(state)[1]
+
+    def report(self, state: State) -> tuple[dict[str, Result], dict]:
+        """(``finalize``'s results, ``summary``) from one pass over the arrivals."""
+        per, flags, pf = self._tally(state)
+        missing = np.flatnonzero(flags & 1)
+        duplicated = np.flatnonzero(flags & 2)
         out = {"n_frames": self.n_frames, "n_sources": self.n_sources,
                "complete": bool(len(missing) == 0),
-               "per_source": per_source}
-        out["n_frames_received"] = int(np.count_nonzero((rec > 0).all(axis=0)))
+               "per_source": [{"source": s, "received": int(per[s, 0]),
+                               "missing": self.n_frames - int(per[s, 0]),
+                               "duplicated": int(per[s, 1]), "extra_copies": int(per[s, 2])}
+                              for s in range(self.n_sources)]}
+        out["n_frames_received"] = self.n_frames - len(missing)
         for key, frames in (("missing", missing), ("duplicated", duplicated)):
             out[f"n_{key}"] = int(len(frames))
-            out[f"{key}_frames"] = [int(f) for f in frames[:self.max_listed]]
+            out[f"{key}_frames"] = frames[:self.max_listed].tolist()
             out[f"{key}_truncated"] = bool(len(frames) > self.max_listed)
             out[f"{key}_ranges"] = runs(frames)
         out["incomplete_positions"] = int(np.count_nonzero(pf < self.fpp * self.n_sources))
-        return out
+        return self._results(state, out, pf, missing, duplicated), out
 
     def finalize(self, state: State) -> dict[str, Result]:
-        s = self.summary(state)
-        rec = state["received"]
+        return self.report(state)[0]
+
+    def _results(self, state: State, s: dict, pf, missing, duplicated) -> dict[str, Result]:
         attrs = {"n_frames": s["n_frames"], "n_sources": s["n_sources"],
                  "frames_per_position": self.fpp, "flyback": self.flyback,
                  "complete": s["complete"], "n_frames_received": s["n_frames_received"],
@@ -222,13 +263,13 @@ class Completeness(Operator):
             "received": Result(state["received"].copy(), "table", "arrivals",
                                "arrivals of each (source, frame) part; frame = "
                                "(row*(nx+flyback)+col)*fpp + k; saturates at 65535", attrs),
-            "position_frames": Result(self.position_frames(state), "nav", "frame parts",
+            "position_frames": Result(pf, "nav", "frame parts",
                                       f"distinct frame parts received per position; "
                                       f"{self.fpp * self.n_sources} when complete", dict(attrs)),
-            "missing_frames": Result(np.nonzero((rec == 0).any(axis=0))[0].astype(np.int64),
+            "missing_frames": Result(missing.astype(np.int64),
                                      "table", "frame", "frames of which some source's part never "
                                      "arrived, sorted", {"n_missing": s["n_missing"]}),
-            "duplicated_frames": Result(np.nonzero((rec > 1).any(axis=0))[0].astype(np.int64),
+            "duplicated_frames": Result(duplicated.astype(np.int64),
                                         "table", "frame", "frames of which some source's part "
                                         "arrived more than once, sorted",
                                         {"n_duplicated": s["n_duplicated"]}),

@@ -99,12 +99,12 @@ def import_stempy(src, out, flyback: int | None = None, compression_level: int =
     comp = Completeness(1, g.scan_shape, g.frames_per_position, g.flyback)
     state = comp.new_state()
     comp.add_range(state, 0, 0, g.n_frames)
-    summary = comp.summary(state)
+    completeness, summary = comp.report(state)
     try:
         written = write_scan(out, scan_id=rec.scan_id, status="complete",
                              reason=f"imported from the stempy file {Path(src).name}",
                              geometry=g.to_wire(), metadata=rec.metadata, results={}, offsets=offsets,
-                             indices=indices, completeness=comp.finalize(state),
+                             indices=indices, completeness=completeness,
                              completeness_summary={k: v for k, v in summary.items()
                                                    if not k.endswith(("_frames", "_ranges"))},
                              provenance={"software": "stemstream", "imported_from": str(Path(src).resolve())},

@@ -282,12 +282,19 @@ def _what_never_came(info: ScanInfo) -> str:
 @dataclass
 class _OpenScan:
     """A scan file being written on this worker: its writer, the events' layout, and the
-    result to return when the last block is in."""
+    result to return when the last block is in. ``head``: what ``write_head`` has still to
+    write (everything but the events), None once written; until then ``writer`` is None, or
+    the file grown while the scan ran."""
 
-    writer: ScanWriter
+    writer: ScanWriter | None
     offsets: np.ndarray
     result: ScanResult
     write_id: str = ""
+    head: dict | None = None
+    head_error: str = ""
+    staging: str = ""
+    level: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _OPEN: dict[str, _OpenScan] = {}  # token -> scan file being written in this process
@@ -394,8 +401,7 @@ def _open_scan_file_(info: ScanInfo, config: PipelineConfig, token: str, light, 
                 record = op.describe(states[op.name])
                 counting = (record.attrs, record.arrays)
         elif isinstance(op, Completeness):
-            completeness = op.finalize(states[op.name])
-            summary = op.summary(states[op.name])
+            completeness, summary = op.report(states[op.name])
         else:
             results.update(op.finalize(states[op.name]))
     offsets = np.zeros(len(counts) + 1, np.int64)
@@ -430,21 +436,14 @@ def _open_scan_file_(info: ScanInfo, config: PipelineConfig, token: str, light, 
             "results": results, "offsets": offsets, "completeness": completeness,
             "completeness_summary": summary_attrs, "provenance": {**provenance, "timings": timings},
             "counting": counting}
-    path = Path(info.out_dir or config.output.dir) / f"{info.scan_id}.h5"
+    head["path"] = Path(info.out_dir or config.output.dir) / f"{info.scan_id}.h5"
     if keep:  # the events of stored frames [0, keep) are in it already
         writer = early.writer
         early.adopted = True
-        try:
-            writer.path = path
-            writer.finish_head(**head)
-        except BaseException:
-            writer.discard()
-            raise
     else:
         if early is not None and early.writer is not None:
             early.writer.discard()
-        writer = ScanWriter(path, staging=staging_dir(config), compression_level=config.output.compression_level,
-                            **head)
+        writer = None
     g = info.geometry
     result = ScanResult(info.scan_id, None, status, reason, n_frames=g.n_frames,
                         frames_received=summary["n_frames_received"],
@@ -461,9 +460,11 @@ def _open_scan_file_(info: ScanInfo, config: PipelineConfig, token: str, light, 
     with _OPEN_LOCK:
         if token in _DISCARDED:  # the coordinator gave up on this file while it was opening
             _DISCARDED.discard(token)
-            writer.discard()
+            if writer is not None:
+                writer.discard()
             raise RuntimeError(f"scan {info.scan_id}: given up while its file was opened")
-        _OPEN[token] = _OpenScan(writer, offsets, result, info.write_id)
+        _OPEN[token] = _OpenScan(writer, offsets, result, info.write_id, head=head,
+                                 staging=staging_dir(config), level=config.output.compression_level)
     blocks = [(lo + keep, hi + keep, int(offsets[lo + keep])) for lo, hi in
               plan_blocks(counts[keep:], max(1, int(config.memory.write_block_mb * 1e6 / 4)))]
     return WritePlan(token, blocks, store, int(offsets[-1]), config.output.compression_level)
@@ -650,6 +651,38 @@ def _early_kept(early: _EarlyFile | None, counts: np.ndarray, received: np.ndarr
     return s
 
 
+def write_head(token: str) -> None:
+    """On the writer: everything of the scan file ``open_scan_file`` planned but its events
+    still to come (results, completeness, offsets, provenance). A task of its own, so that
+    the workers build the last blocks meanwhile; ``write_block`` and ``close_scan_file``
+    write it first if it was not (one process: ``finalize_scan``)."""
+    with _OPEN_LOCK:
+        scan = _OPEN[token]
+    _head_written(scan)
+
+
+def _head_written(scan: _OpenScan) -> ScanWriter:
+    with scan.lock:
+        if scan.head_error:
+            raise RuntimeError(f"scan {scan.result.scan_id}: its file could not be started ({scan.head_error})")
+        if scan.head is not None:
+            head, scan.head = scan.head, None
+            try:
+                if scan.writer is not None:  # grown while the scan ran
+                    scan.writer.path = head.pop("path")
+                    scan.writer.finish_head(**head)
+                else:
+                    scan.writer = ScanWriter(head.pop("path"), staging=scan.staging,
+                                             compression_level=scan.level, **head)
+            except BaseException as e:
+                scan.head_error = f"{type(e).__name__}: {e}"
+                if scan.writer is not None:
+                    scan.writer.discard()
+                    scan.writer = None
+                raise
+        return scan.writer
+
+
 def build_block(plan: WritePlan, k: int, here: WorkerScan | None, *parts: list) -> tuple:
     """On any worker: block ``k`` of the plan from this worker's scan (``here``) and the
     other workers' ``events_in``: canonical CSR, its whole file chunks compressed. Returns
@@ -671,8 +704,9 @@ def write_block(token: str, lo: int, hi: int, after, built: tuple[np.ndarray, Ev
         bad = lo + int(np.flatnonzero(offsets != expected)[0]) - 1
         raise RuntimeError(f"scan {scan.result.scan_id}: the workers sent other events for stored "
                            f"frame {bad} than they counted; the file is not written")
-    scan.writer.put_block(block)
-    return scan.writer.given
+    writer = _head_written(scan)
+    writer.put_block(block)
+    return writer.given
 
 
 def close_scan_file(token: str, after=None) -> ScanResult:
@@ -682,7 +716,12 @@ def close_scan_file(token: str, after=None) -> ScanResult:
     with _OPEN_LOCK:
         scan = _OPEN.pop(token)
     try:
-        scan.result.path = scan.writer.close()
+        writer = _head_written(scan)
+    except BaseException:
+        _busy(scan.write_id, -1)
+        raise
+    try:
+        scan.result.path = writer.close()
     except PublishError as e:
         with _OPEN_LOCK:
             _STAGED[token] = scan
@@ -747,7 +786,10 @@ def discard_scan_file(token: str) -> None:
             _DISCARDED.add(token)
     if scan is not None:
         _busy(scan.write_id, -1)
-        scan.writer.discard()
+        with scan.lock:  # a head not written yet never will be
+            scan.head, scan.head_error = None, scan.head_error or "given up"
+            if scan.writer is not None:
+                scan.writer.discard()
 
 
 def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerScan) -> ScanResult:
@@ -755,6 +797,7 @@ def finalize_scan(info: ScanInfo, config: PipelineConfig, *worker_scans: WorkerS
     worker_scans = drop_duplicates(list(worker_scans))
     plan = open_scan_file(info, config, uuid.uuid4().hex, True, *map(without_events, worker_scans))
     try:
+        write_head(plan.token)
         for k, (lo, hi, _) in enumerate(plan.blocks):
             built = build_block(plan, k, None, *(events_in(ws, lo, hi) for ws in worker_scans))
             write_block(plan.token, lo, hi, None, built)
@@ -880,10 +923,15 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
             at = builders[k % len(builders)]
             parts = [on(w, events_in, kept[w], lo, hi) for w in workers if w != at]
             built = on(at, build_block, plan, k, kept.get(at), *parts)
-            writes.append(on_(writer, write_block, token, lo, hi, writes[-1] if writes else None, built))
-            if len(writes) > IN_FLIGHT:
-                wait(writes[-IN_FLIGHT - 1])
-        return wait(on_(writer, close_scan_file, token, writes[-1] if writes else None))
+            if not writes:  # the head, once the writer gave its part of the first block: the
+                # other workers build that block while it is written
+                writes.append(on_(writer, write_head, token))
+            writes.append(on_(writer, write_block, token, lo, hi, writes[-1], built))
+            if len(writes) > IN_FLIGHT + 1:
+                wait(writes[-IN_FLIGHT - 2])
+        if not writes:
+            writes.append(on_(writer, write_head, token))
+        return wait(on_(writer, close_scan_file, token, writes[-1]))
     except BaseException:
         client.cancel(futures)  # what has not started never will
         try:

@@ -114,7 +114,7 @@ def write_result(path: str, flyback: int | None, config: PipelineConfig, states:
         comp = Completeness(1, g.scan_shape, g.frames_per_position, g.flyback)
         state = comp.new_state()
         comp.add_range(state, 0, 0, g.n_frames)
-        completeness, summary = comp.finalize(state), comp.summary(state)
+        completeness, summary = comp.report(state)
         status, reason = "complete", f"converted from the stempy file {Path(path).name}"
         n_events, position_frames = len(indices), completeness["position_frames"].data
         out = write_scan(Path(config.output.dir) / f"{rec.scan_id}.h5", status=status, reason=reason,
