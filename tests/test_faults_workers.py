@@ -223,7 +223,11 @@ def test_a_worker_stopped_for_15_s_while_the_emulator_streams(client2, tmp_path)
 def test_with_every_worker_stopped_the_source_blocks_and_nothing_is_dropped(client2, tmp_path):
     """Back-pressure: both workers stopped, a source sends without blocking until every
     receiver's queues are full, then cannot send (PUSH blocks, never drops). Lost: nothing.
-    Survived: the whole scan once they resume. Prints how much stopped workers absorb."""
+    Survived: the whole scan once they resume. Prints how much stopped workers absorb.
+    The source is a CURVE server with the key directory's source key, as `stemstream
+    simulate` binds: the session's receivers are CURVE clients by default, and a plain PUSH
+    never completes a handshake with them (nothing ever arrives)."""
+    from stream.security import Gatekeeper, SourceKeys, as_server, source_keys
     from stream.transport.protocol import Geometry, encode_end, encode_frames, encode_start
     g = Geometry((128, 128), (64, 64), mrad_per_px=1.0, convergence_mrad=8.0)  # far more than the queues hold
     rng = np.random.default_rng(5)
@@ -231,9 +235,13 @@ def test_with_every_worker_stopped_the_source_blocks_and_nothing_is_dropped(clie
     indices = rng.integers(0, 64 * 64, int(counts.sum())).astype(np.uint32)
     off = np.r_[0, np.cumsum(counts)]
     port = free_port_block(1)
-    ctx = zmq.Context.instance()
+    keys = source_keys()
+    ctx = zmq.Context()  # its own: one ZAP handler (the Gatekeeper) per context
+    gate = Gatekeeper(ctx)
+    gate.allow(SourceKeys.DOMAIN, keys.clients)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 16)
+    as_server(push, keys.keypair, SourceKeys.DOMAIN)
     push.bind(f"tcp://127.0.0.1:{port}")
     cfg = config(tmp_path, timeout_s=5.0)
     cfg.virtual.clear()
@@ -242,29 +250,38 @@ def test_with_every_worker_stopped_the_source_blocks_and_nothing_is_dropped(clie
     batch = 64
     messages = [encode_frames("bp", 0, g, a, counts[a:a + batch], indices[off[a]:off[min(a + batch, g.n_frames)]])
                 for a in range(0, g.n_frames, batch)]
-    with Session([f"tcp://127.0.0.1:{port}"], config=cfg, client=client2, console=False) as s:
-        wait_for(lambda: len([r for r in s.receivers() if r["silent_s"] < 1]) == 2, 120)
-        time.sleep(0.5)
-        push.send_multipart(encode_start("bp", 0, g, {}))
-        pids = list(worker_pids(client2).values())
-        with stopped(pids[0]), stopped(pids[1]):
-            sent, blocked_since = 0, None
-            while sent < len(messages):
+    try:
+        with Session([f"tcp://127.0.0.1:{port}"], config=cfg, client=client2, console=False) as s:
+            wait_for(lambda: len([r for r in s.receivers() if r["silent_s"] < 1]) == 2, 120)
+            assert push.poll(60_000, zmq.POLLOUT), f"no receiver reached the source: {s.links()}"
+            time.sleep(0.5)  # the other receiver connects too: round-robin spreads
+            push.setsockopt(zmq.SNDTIMEO, 120_000)  # receivers that never resume fail the test, not hang it
+            push.send_multipart(encode_start("bp", 0, g, {}))
+            pids = list(worker_pids(client2).values())
+            with stopped(pids[0]), stopped(pids[1]):
+                sent, blocked_since = 0, None
+                while sent < len(messages):
+                    try:
+                        push.send_multipart(messages[sent], flags=zmq.NOBLOCK)
+                        sent, blocked_since = sent + 1, None
+                    except zmq.Again:
+                        blocked_since = blocked_since or time.monotonic()
+                        if time.monotonic() - blocked_since > 2.0:
+                            break
+                        time.sleep(0.01)
+                absorbed = sent
+            assert absorbed < len(messages), "the stopped workers took the whole scan: make it larger"
+            for k, m in enumerate(messages[absorbed:] + [encode_end("bp", 0, g.n_frames)]):
                 try:
-                    push.send_multipart(messages[sent], flags=zmq.NOBLOCK)
-                    sent, blocked_since = sent + 1, None
+                    push.send_multipart(m)  # blocks until the receivers take more
                 except zmq.Again:
-                    blocked_since = blocked_since or time.monotonic()
-                    if time.monotonic() - blocked_since > 2.0:
-                        break
-                    time.sleep(0.01)
-            absorbed = sent
-        assert absorbed < len(messages), "the stopped workers took the whole scan: make it larger"
-        for m in messages[absorbed:]:
-            push.send_multipart(m)  # blocks until the receivers take more
-        push.send_multipart(encode_end("bp", 0, g.n_frames))
-        r = s.wait("bp", timeout=300)
-    push.close(linger=1000)
+                    pytest.fail(f"the resumed receivers took nothing for 120 s ({absorbed + k} of "
+                                f"{len(messages)} messages sent): {s.receivers()}, unreached: {s.links()}")
+            r = s.wait("bp", timeout=300)
+    finally:
+        push.close(linger=1000)
+        gate.stop()
+        ctx.term()
     assert r.status == "complete" and r.events == int(counts.sum())
     mb = sum(len(bytes(memoryview(p))) for m in messages[:absorbed] for p in m) / 1e6
     print(f"\nboth workers stopped: the source blocked after {absorbed} of {len(messages)} messages "

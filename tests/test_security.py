@@ -771,6 +771,51 @@ def test_a_message_larger_than_max_message_mb_is_not_taken(lone_receiver):
     assert [h["reason"] for h in got if h["kind"] == "reject"] == ["connection_dropped"]
 
 
+
+def test_a_source_that_fails_the_handshake_is_tried_again_without_a_reject():
+    """A receiver that expects a CURVE source meets a plain one (the usual mistake): its links
+    report names the failed handshake and no connection_dropped reject is counted (the
+    handshake never completed: no message was in flight). ZeroMQ never retries after a
+    failed handshake; the receiver does, so once the source binds the same address with
+    CURVE and the right keys, its frames arrive, every one."""
+    from stream.config import ChunkingSpec, LiveSpec, PipelineConfig, validate
+    from stream.security import ReceiverKeys, SourceKeys
+    from stream.transport.receiver import Receiver
+    source, receiver = generate(), generate()
+    addr = f"tcp://127.0.0.1:{free_port_block(1)}"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    cfg = validate(PipelineConfig(chunking=ChunkingSpec(max_frames=16, max_latency_ms=20), live=LiveSpec(rate_hz=0)))
+    rec = Receiver([addr], f"tcp://127.0.0.1:{port}", cfg, worker="w0",
+                   keys=ReceiverKeys({addr: ClientKeys(receiver, source.public)}, None))
+    try:
+        with Publisher(addr, linger_s=0) as plain:  # no CURVE
+            rec.start()
+            got = _reports(pull, lambda g: False, timeout_s=3.0)
+            plain.count_receivers()  # (reads the socket's monitor)
+            attempts = plain.accepted[0]
+        failed = [h["failed"].get(addr, "") for h in got if h["kind"] == "links"]
+        assert any(f.startswith("the handshake failed") for f in failed), got
+        assert not [h for h in got if h["kind"] == "reject"], got
+        assert attempts >= 2  # the receiver tried again (ZeroMQ alone would not have)
+        counts, indices = synthetic_events(GEOM, seed=8)
+        with Publisher(addr, linger_s=2.0, curve=SourceKeys(source, frozenset({receiver.public}))) as pub:
+            assert pub.wait_for_receivers(10)
+            pub.send(0, encode_start("fixed", 0, GEOM, {}))
+            off = np.r_[0, np.cumsum(counts)]
+            for a in range(0, GEOM.n_frames, 16):
+                b = min(a + 16, GEOM.n_frames)
+                pub.send(0, encode_frames("fixed", 0, GEOM, a, counts[a:b], indices[off[a]:off[b]]))
+            pub.send(0, encode_end("fixed", 0, GEOM.n_frames))
+            got = _reports(pull, lambda g: sum(c for h in g if h["kind"] == "frames" for _, _, c in h["ranges"])
+                           >= GEOM.n_frames)
+        assert sum(c for h in got if h["kind"] == "frames" for _, _, c in h["ranges"]) == GEOM.n_frames
+        assert sum(h["events"] for h in got if h["kind"] == "frames") == counts.sum()
+        assert not [h for h in got if h["kind"] == "reject"], got
+    finally:
+        rec.stop()
+        pull.close(0)
+
 def test_the_security_flags_of_process_reach_the_session(tmp_path):
     """--insecure-source adds plain sources (expanded by --sources, and no default source);
     --curve-keys, --curve-server-key and the TLS flags land in [security]."""

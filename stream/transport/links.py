@@ -54,8 +54,10 @@ class LinkWatch:
     """The endpoints of ``sock`` (a connecting socket) that completed the ZeroMQ handshake and
     are still connected, the last handshake failure of each endpoint, and ``dropped``: the
     endpoints whose connection closed and that ZeroMQ has not started connecting again (after
-    a protocol error, such as a part beyond MAXMSGSIZE, it never does), with when (monotonic
-    s). Call ``poll()`` from the socket's thread; it returns True when the links changed.
+    a protocol error, such as a part beyond MAXMSGSIZE, or a failed handshake, it never does),
+    with when (monotonic s), and ``dropped_connected``: those of them whose connection had
+    completed its handshake (messages may have been in flight; after a failed handshake none
+    were). Call ``poll()`` from the socket's thread; it returns True when the links changed.
     (One monitor per socket: ZeroMQ keeps only the last one.)"""
 
     def __init__(self, sock: zmq.Socket):
@@ -68,6 +70,7 @@ class LinkWatch:
         self.connected: set[str] = set()
         self.failed: dict[str, str] = {}
         self.dropped: dict[str, float] = {}
+        self.dropped_connected: set[str] = set()
 
     def poll(self) -> bool:
         changed = False
@@ -80,8 +83,11 @@ class LinkWatch:
             event = msg["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self.dropped[ep] = time.monotonic()
+                if ep in self.connected:
+                    self.dropped_connected.add(ep)
             elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
                 self.dropped.pop(ep, None)
+                self.dropped_connected.discard(ep)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 changed |= ep not in self.connected or ep in self.failed
                 self.connected.add(ep)

@@ -332,7 +332,7 @@ class Receiver:
                 ready = dict(poller.poll(0 if self.source is not None and not full else poll_ms))
                 if links.monitor in ready and links.poll():
                     self._send(links.report())
-                self._reconnect(pull, links.dropped)
+                self._reconnect(pull, links)
                 if sub is not None and sub in ready:
                     while True:
                         try:
@@ -403,20 +403,25 @@ class Receiver:
         as_client(pull, self.keys.sources.get(addr) if self.keys is not None else None)
         pull.connect(addr)
 
-    def _reconnect(self, pull: zmq.Socket, dropped: dict, wait_s: float = 0.5) -> None:
+    def _reconnect(self, pull: zmq.Socket, links: LinkWatch, wait_s: float = 0.5) -> None:
         """Connect again to a source ZeroMQ gave up on: after a protocol error (a message part
         beyond ``[limits] max_message_mb``, a corrupt stream) it does not, and that source's
-        later frames would never arrive here."""
+        later frames would never arrive here. Nor after a failed handshake (a plain source, the
+        wrong key): that source is retried too, without a reject (no message was in flight;
+        the links report names the failure)."""
         now = time.monotonic()
-        for addr, when in list(dropped.items()):
+        for addr, when in list(links.dropped.items()):
             if now - when < wait_s or addr not in self.connect:
                 continue
-            del dropped[addr]
+            del links.dropped[addr]
             try:
                 pull.disconnect(addr)
             except zmq.ZMQError:
                 pass  # already gone
             self._connect(pull, addr)
+            if addr not in links.dropped_connected:
+                continue
+            links.dropped_connected.discard(addr)
             limit = self.config.limits.max_message_bytes(self.config.chunking) / 1e6
             self._reject(CONNECTION_DROPPED, f"the connection to {addr} failed on a protocol error (a "
                          f"message part beyond [limits] max_message_mb = {limit:g} MB, or a corrupt "
