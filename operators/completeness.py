@@ -240,7 +240,7 @@ class Completeness(Operator):
                               for s in range(self.n_sources)]}
         out["n_frames_received"] = self.n_frames - len(missing)
         for key, frames in (("missing", missing), ("duplicated", duplicated)):
-            out[f"n_{key}"] = int(len(frames))
+            out[f"n_{key}"] = len(frames)
             out[f"{key}_frames"] = frames[:self.max_listed].tolist()
             out[f"{key}_truncated"] = bool(len(frames) > self.max_listed)
             out[f"{key}_ranges"] = runs(frames)

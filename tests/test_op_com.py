@@ -134,7 +134,7 @@ def test_com_from_sums_bit_for_bit_as_numpy(rot, flip, kind):
         sy = sy + rng.random(n.shape) * n
     got_y, got_x = com_from_sums(n, sy, sx, center=(288.5, 287.25), rotation_deg=rot, flip=flip)
     q = rot / 90.0
-    c, s = ([(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)][int(round(q)) % 4] if q == round(q)
+    c, s = ([(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)][round(q) % 4] if q == round(q)
             else (np.cos(np.deg2rad(rot)), np.sin(np.deg2rad(rot))))
     empty = n == 0
     safe = np.where(empty, 1.0, n.astype(np.float64))
