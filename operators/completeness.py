@@ -70,6 +70,7 @@ def _tally_kernel(received, nx, flyback, fpp, per_source, frame_flags, position_
                         flags |= 1
                     else:
                         got += 1
+                        per_source[s, 0] += 1
                         if r > 1:
                             flags |= 2
                             per_source[s, 1] += 1
@@ -78,11 +79,6 @@ def _tally_kernel(received, nx, flyback, fpp, per_source, frame_flags, position_
                 if col < nx:
                     position_frames[row * nx + col] += got
                 f += 1
-    for s in range(n_sources):
-        n = 0
-        for g in range(n_frames):
-            n += received[s, g] != 0
-        per_source[s, 0] = n
 
 
 def _check_parts(frames, sources, n_sources, n_frames, where):
@@ -230,8 +226,8 @@ class Completeness(Operator):
     def report(self, state: State) -> tuple[dict[str, Result], dict]:
         """(``finalize``'s results, ``summary``) from one pass over the arrivals."""
         per, flags, pf = self._tally(state)
-        missing = np.flatnonzero(flags & 1)
-        duplicated = np.flatnonzero(flags & 2)
+        missing = np.flatnonzero(flags & 1).astype(np.int64, copy=False)  # sorted frame numbers
+        duplicated = np.flatnonzero(flags & 2).astype(np.int64, copy=False)
         out = {"n_frames": self.n_frames, "n_sources": self.n_sources,
                "complete": bool(len(missing) == 0),
                "per_source": [{"source": s, "received": int(per[s, 0]),
@@ -266,10 +262,10 @@ class Completeness(Operator):
             "position_frames": Result(pf, "nav", "frame parts",
                                       f"distinct frame parts received per position; "
                                       f"{self.fpp * self.n_sources} when complete", dict(attrs)),
-            "missing_frames": Result(missing.astype(np.int64),
+            "missing_frames": Result(missing,
                                      "table", "frame", "frames of which some source's part never "
                                      "arrived, sorted", {"n_missing": s["n_missing"]}),
-            "duplicated_frames": Result(duplicated.astype(np.int64),
+            "duplicated_frames": Result(duplicated,
                                         "table", "frame", "frames of which some source's part "
                                         "arrived more than once, sorted",
                                         {"n_duplicated": s["n_duplicated"]}),
