@@ -203,8 +203,8 @@ def cmd_process(args) -> int:
             while True:
                 session.wait(timeout=None)
         except KeyboardInterrupt:
-            session.console.say("stopping")
             session.interrupt()  # the scan files are finished; previews not drawn yet are not
+            session.console.say("stopping")
         finally:  # a batch system's SIGTERM is followed by SIGKILL: do not wait for a person then
             session.close(wait_held_s=TERM_WAIT_S if _TERMINATED else None)
     except DetectorError as e:

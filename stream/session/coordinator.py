@@ -765,8 +765,8 @@ class Session:
                 if now >= next_forget:
                     next_forget = now + 10
                     self._tracker.forget_done()
-                if now >= next_links:
-                    next_links = now + 1.0
+                if now >= next_links and not self._interrupted.is_set():  # stopping: sources going
+                    next_links = now + 1.0  # away is expected, and "stopping" stays the last line
                     self._check_links()
             except Exception as e:  # noqa: BLE001 - the coordinator must go on
                 log.exception("coordinator turn failed")
