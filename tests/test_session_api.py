@@ -57,6 +57,48 @@ def test_live_of_an_unknown_scan_says_so():
         s.live("nope")
 
 
+class _SlowStream:
+    """A console stream whose every write takes a moment, as a busy terminal's can: lines
+    written by two threads would mix if a line were more than one write."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def write(self, text):
+        time.sleep(1e-4)
+        self.parts.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_console_lines_from_two_threads_never_mix_and_unless_holds_a_line_back():
+    import threading
+
+    stream = _SlowStream()
+    console = coordinator.Console(stream=stream)
+    said = {f"{who} says line {i}" for who in ("coordinator", "main") for i in range(100)}
+
+    def talk(who):
+        for i in range(100):
+            console.say(f"{who} says line {i}")
+
+    threads = [threading.Thread(target=talk, args=(who,)) for who in ("coordinator", "main")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = "".join(stream.parts).split("\n")
+    assert lines[-1] == "" and set(lines[:-1]) == said and len(lines) == len(said) + 1
+
+    stopped = threading.Event()
+    console.say("a source closed", unless=stopped)
+    stopped.set()
+    console.say("stopping")
+    console.say("another source closed", unless=stopped)  # after 'stopping': held back
+    assert "".join(stream.parts).endswith("a source closed\nstopping\n")
+
+
 def _wait_for(predicate, timeout_s):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -102,17 +102,23 @@ class Console:
         self.stream = stream or sys.stdout
         self._last = 0.0
         self._seen: dict[str, tuple[float, int]] = {}  # scan -> (time, frames) at the last line
+        self._lock = threading.Lock()  # lines from the coordinator and the main thread never mix
 
-    def say(self, text: str, level: int | None = None) -> None:
+    def say(self, text: str, level: int | None = None, unless: threading.Event | None = None) -> None:
         """One line; ``level``: its log level when the console is disabled (default: from
-        its ERROR / WARNING prefix, else INFO)."""
-        if self.enabled:
-            print(text, file=self.stream, flush=True)
-            return
-        if level is None:
-            level = logging.ERROR if text.startswith("ERROR") else \
-                logging.WARNING if text.startswith("WARNING") else logging.INFO
-        log.log(level, "%s", text)
+        its ERROR / WARNING prefix, else INFO). ``unless``: not said once this event is set,
+        checked as the line is written (a line said after it was set comes first)."""
+        with self._lock:
+            if unless is not None and unless.is_set():
+                return
+            if self.enabled:  # one write: print() writes the text and its newline apart
+                self.stream.write(text + "\n")
+                self.stream.flush()
+                return
+            if level is None:
+                level = logging.ERROR if text.startswith("ERROR") else \
+                    logging.WARNING if text.startswith("WARNING") else logging.INFO
+            log.log(level, "%s", text)
 
     def progress(self, scans: list[ScanStatus]) -> None:
         now = time.time()
@@ -765,8 +771,8 @@ class Session:
                 if now >= next_forget:
                     next_forget = now + 10
                     self._tracker.forget_done()
-                if now >= next_links and not self._interrupted.is_set():  # stopping: sources going
-                    next_links = now + 1.0  # away is expected, and "stopping" stays the last line
+                if now >= next_links:
+                    next_links = now + 1.0
                     self._check_links()
             except Exception as e:  # noqa: BLE001 - the coordinator must go on
                 log.exception("coordinator turn failed")
@@ -1046,6 +1052,11 @@ class Session:
         when every source is reached)."""
         return unreached(self.connect, dict(self._links))
 
+    def _say_link(self, text: str) -> None:
+        # once the operator stops the session, sources going away is expected: not said, and
+        # "stopping" stays the last word about them
+        self.console.say(text, unless=self._interrupted)
+
     def _check_links(self) -> None:
         """Say which sources no receiver reaches, when that changes (first after
         LINK_GRACE_S): ZeroMQ retries a wrong address silently for ever. A source that was
@@ -1059,7 +1070,7 @@ class Session:
         gone = [a for a in missing if a in self._ever_linked and a not in (self._links_said or {})]
         if never.keys() - (self._links_said or {}).keys():  # sources not named yet
             first = urlsplit(self.connect[0])
-            self.console.say(
+            self._say_link(
                 f"waiting for the detector: no receiver could connect to {len(never)} of {len(self.connect)} "
                 "source(s) yet: " + "; ".join(f"{address_ranges([a for a in never if never[a] == why])} ({why})"
                                               for why in dict.fromkeys(never.values()))
@@ -1069,12 +1080,12 @@ class Session:
                   "firewall is in between; the receivers keep trying")
         if gone:
             active = [st.scan_id for st in self._tracker.active() if not st.all_ended]  # (not: sent all, then left)
-            self.console.say(
+            self._say_link(
                 (f"WARNING: during scan {', '.join(active)}, " if active else "")
                 + f"the source(s) {address_ranges(gone)} closed their connection (the detector or emulator "
                   "ended or stopped); the receivers reconnect when they are back")
         if not missing and self._links_said:
-            self.console.say(f"connected to all {len(self.connect)} source(s)")
+            self._say_link(f"connected to all {len(self.connect)} source(s)")
         self._links_said = missing
 
     # -------------------------------------------------------------- finalization
