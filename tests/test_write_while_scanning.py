@@ -235,6 +235,44 @@ def test_a_scan_that_closes_with_blocks_queued_keeps_what_was_written_and_ends_t
         src.close()
 
 
+def _slow_block_writes(seconds):
+    """In a worker process: every block written to a scan file takes ``seconds`` longer (0:
+    as it was)."""
+    from stream.files.storage import ScanWriter
+    put = getattr(ScanWriter, "_put_block_fast", ScanWriter.put_block)
+    ScanWriter._put_block_fast = put
+    ScanWriter.put_block = put if not seconds else lambda self, block: (time.sleep(seconds), put(self, block))[1]
+
+
+def test_blocks_built_when_the_scan_closes_are_written_not_done_again(client2, written, tmp_path):
+    """The workers build blocks faster than the writer writes them (every write 0.4 s
+    longer), so that when the scan closes blocks are merged and compressed but not written:
+    they are written before the end goes on (the file keeps more frames than were written
+    when it closed), the blocks not built are left to the end, and the file is the one
+    written all at the end."""
+    src = ScriptedSource(2)
+    client2.run(_slow_block_writes, 0.4)
+    try:
+        cfg = config(tmp_path, timeout_s=30, memory=MemorySpec(write_block_mb=1.0, early_block_mb=1.0))
+        cfg.output = replace(cfg.output, write_while_scanning=True)
+        events = events_of("in_order")
+        with Session(src.addresses, config=cfg, client=client2, console=False) as s:
+            src.wait_for_receivers()
+            src.start("in_order", GEOM)
+            src.frames("in_order", GEOM, *events, batch=8)
+            written_early(s, "in_order")  # the first block is written: the next ones are built
+            time.sleep(0.3)
+            before = written_early(s, "in_order")
+            src.end("in_order", GEOM.n_frames)
+            r = s.wait("in_order", timeout=120)
+        assert r.timings["early_frames"] == r.timings["early_written"] > before > 0, (before, r.timings)
+        assert_same_file(r.path, written["in_order"][1].path, skip=SKIP)
+        assert_events_stored(r.path, *events, GEOM)
+    finally:
+        client2.run(_slow_block_writes, 0)
+        src.close()
+
+
 def test_stored_before_counts_the_stored_frames_below_a_frame_number():
     """Against the frames one by one: position·fpp + k, flyback frames dropped."""
     for g in (GEOM, Geometry((3, 4), (8, 8)), Geometry((3, 4), (8, 8), frames_per_position=3, flyback=1)):

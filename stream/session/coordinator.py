@@ -66,6 +66,7 @@ LIVE_PROTO = "stemstream-live/1"
 KEEP_RESULTS = 16  # finished scans whose images Session.results keeps (all keep their summary)
 BACKOFF_LAST = BACKOFF_S[-1]
 WRITERS = 4  # scans written at once (the threads mostly wait for the workers)
+EARLY_SETTLE_S = 5.0  # at a scan's end, the blocks built early are waited for this long before the rest
 GONE_AFTER_S = 10.0  # a worker missing from the scheduler's list this long has left
 PREVIEW_BACKLOG = 8  # scans whose previews may wait to be drawn; more are skipped
 LINK_GRACE_S = 5.0  # after this, sources no receiver could connect to are named on the console
@@ -1221,6 +1222,9 @@ class Session:
         elif early is not None:  # its writer cannot write the end
             h.early_used.add(early.token)
             self._early.drop(early)
+        if token:  # the blocks built when it closed are written first (the workers closed meanwhile)
+            self._early.settle(early, EARLY_SETTLE_S)
+            info.timings["early_written"] = h.early_written = early.written
         try:
             r = finalize_on_cluster(client, info, self.config, closed, writer, timeout,
                                     small=small, stop=h.stop, travelling=h.travelling, early=token)

@@ -14,7 +14,8 @@ whole chunks (``early_compress``); one writer worker appends them to the scan's 
 ``IN_FLIGHT`` blocks are under way; the coordinator's thread only submits and looks at the
 futures' states.
 
-When the scan closes, the blocks not written yet are cancelled (what has not started never
+When the scan closes, the blocks already built (merged and compressed) are written, at
+most ``coordinator.EARLY_SETTLE_S``; the later ones are cancelled (what has not started never
 will; the one being written is waited for on the writer, at most ``finalize.EARLY_WAIT_S``)
 and the end goes on from the last block written.
 
@@ -53,9 +54,11 @@ def stored_before(g: Geometry, frames: int) -> int:
 
 @dataclass
 class EarlyBlock:
-    """A block under way: its write on the writer, every task of it, its end (stored frame)."""
+    """A block under way: its write on the writer, its compressed events (``early_compress``),
+    every task of it, its end (stored frame)."""
 
     write: object
+    built: object
     tasks: list
     stored: int
 
@@ -79,6 +82,7 @@ class EarlyScan:
     position: object = 0
     n_blocks: int = 0
     cancelled: int = 0  # blocks cancelled when the scan closed
+    kept: list = field(default_factory=list)  # blocks built when it closed: written, not cancelled
     failed: str = ""
 
 
@@ -175,7 +179,7 @@ class EarlyWriter:
                 built = self._on(at, early_compress, csr, e.position, e.spec.level)
                 e.position = self._on(at, early_end, e.position, csr)
                 e.last = self._on(e.writer, write_early, e.token, e.spec, lo, hi, hi_f, e.last, built)
-                e.blocks.append(EarlyBlock(e.last, [*parts, csr, built, e.position, e.last], hi))
+                e.blocks.append(EarlyBlock(e.last, built, [*parts, csr, built, e.position, e.last], hi))
             e.frames, e.stored = hi_f, hi
 
     @staticmethod
@@ -210,21 +214,25 @@ class EarlyWriter:
         del blocks  # what has not run yet never will
 
     def finish(self, st, live) -> EarlyScan | None:
-        """The scan closed (a writer thread): cancel its blocks not written yet (never waits:
-        the writer waits for the one being written, ``finalize.take_early``); returns its
-        early file (None if none was started), usable unless ``failed`` (then it is thrown
-        away already; else the caller goes on writing it on ``writer``, from its last block
-        written, or ``drop``s it). Must come before the workers close the scan."""
+        """The scan closed (a writer thread): its blocks already built (merged and
+        compressed) are kept, to be written; the later ones are cancelled (never waits: the
+        caller ``settle``s the kept ones before the end, and the writer waits for the one
+        being written, ``finalize.take_early``); returns its early file (None if none was
+        started), usable unless ``failed`` (then it is thrown away already; else the caller
+        goes on writing it on ``writer``, from its last block written, or ``drop``s it).
+        Must come before the workers close the scan (a block built needs them no more)."""
         with self._lock:
             e = self._scans.pop(st.scan_id, None)
         if e is None or e.failed or not e.token:
             return e if e is not None and e.token else None
         why = self._reap(e)
+        n_built = next((i for i, b in enumerate(e.blocks) if b.built.status != "finished"), len(e.blocks))
+        e.kept, e.blocks = e.blocks[:n_built], e.blocks[n_built:]
         if e.blocks:  # what has not started never will; a task under way ends on its own
             e.cancelled = len(e.blocks)
             self.client.cancel([t for b in e.blocks for t in b.tasks])
-            log.info("scan %s: %d blocks not written while it ran are left to its end",
-                     st.scan_id, e.cancelled)
+            log.info("scan %s: %d blocks not written while it ran are left to its end (%d built "
+                     "are written)", st.scan_id, e.cancelled, len(e.kept))
         why = why or ("nothing written" if e.last is None else "a worker of it left"
                       if st.lost or e.writer not in live else "")
         if not why and st.repeated(0, e.frames):
@@ -235,6 +243,22 @@ class EarlyWriter:
                         st.scan_id, why)
             self.drop(e)
         return e
+
+    def settle(self, e: EarlyScan, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the blocks ``finish`` kept to be written, and count
+        them in ``written``: the end goes on after them. A block that failed throws the file
+        away on the writer (the end then writes the whole scan); one still under way after the
+        time out is waited for there, at most ``finalize.EARLY_WAIT_S``."""
+        if not e.kept:
+            return
+        from distributed import wait
+        try:
+            wait([b.write for b in e.kept], timeout=timeout_s)
+        except TimeoutError:
+            pass
+        e.blocks, e.kept = e.kept, []
+        self._reap(e)  # written ones counted; a failed one is the writer's to report
+        e.blocks = []
 
     def drop(self, e: EarlyScan) -> None:
         """Throw away the early file ``finish`` returned (it was not used)."""
