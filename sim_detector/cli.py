@@ -139,6 +139,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", type=nonneg_arg, default=0, metavar="S",
                    help="give up if a source has no receiver for S seconds, before or during a scan "
                         "(0: wait as long as it takes, saying every few seconds what is not connected)")
+    g.add_argument("--linger", type=nonneg_arg, default=10.0, metavar="S",
+                   help="at exit, wait up to S seconds for the receivers to take the messages still "
+                        "queued to them (a stalled receiver); what is left then is dropped, and said (default 10)")
     g.add_argument("--heartbeat", type=nonneg_arg, default=0, metavar="S",
                    help="ZeroMQ heartbeats every S seconds; a receiver silent for 5·S is dropped with "
                         "the frames queued to it (a vanished host, but also a stalled one). 0: never (default)")
@@ -280,7 +283,7 @@ def run_simulate(args) -> int:
         if args.as_detector != "stemstream":  # a detector's protocol: no CURVE (docs/SECURITY.md)
             return run_as_detector(args, specimen, beam, det, scan, say)
         publisher = Publisher(args.bind, args.sources, curve=source_security(args),
-                              heartbeat_s=args.heartbeat)
+                              heartbeat_s=args.heartbeat, linger_s=args.linger)
     except (SimulateError, BindError, SecurityError) as e:
         print(f"stemstream simulate: error: {e}", file=sys.stderr)
         return 2
@@ -351,7 +354,8 @@ def run_simulate(args) -> int:
     finally:
         if truth_file is not None:
             truth_file.close()
-        publisher.close()
+        if not publisher.close():
+            warn(publisher.dropped_note("simulate", "; raise --linger to wait longer for a stalled receiver"))
         # Nothing is left to clean up: the exit's last garbage collection would only walk the
         # scan's objects (0.5 CPU-s after a 1024² scan, on cores a pipeline on this machine
         # needs right then to finish that scan's file).

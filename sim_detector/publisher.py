@@ -185,6 +185,7 @@ class Publisher:
                  curve: SourceKeys | None = None, heartbeat_s: float = 0.0):
         self.addresses = source_addresses(bind, n_sources)
         self.n_sources = n_sources
+        self.linger_s = float(linger_s)
         self.curve = curve
         self._ctx = zmq.Context()
         self._socks = []
@@ -234,19 +235,30 @@ class Publisher:
         self._poll_monitors()
         return self._failed_handshakes
 
-    def close(self, linger_s: float | None = None):
+    def dropped_note(self, prog: str, hint: str = "") -> str:
+        """The line to print when ``close`` returned False."""
+        return (f"{prog}: WARNING: messages were still queued to a receiver after {self.linger_s:g} s "
+                f"and were dropped at exit (the receivers report those frames missing){hint}")
+
+    def close(self, linger_s: float | None = None) -> bool:
+        """Close the sources, waiting up to the linger (``linger_s``, else the one given at
+        construction) for the receivers to take what is still queued. False if that time
+        ran out: messages still queued then were dropped (ZeroMQ does not say which)."""
         for s, m in zip(self._socks, self._monitors):
             close_monitor(s, m)
         self._monitors = []
+        linger = self.linger_s if linger_s is None else linger_s
         for s in self._socks:
-            if linger_s is not None:
-                s.setsockopt(zmq.LINGER, int(linger_s * 1000))
+            s.setsockopt(zmq.LINGER, int(linger * 1000))
             s.close()
+        had = bool(self._socks)
         self._socks = []
         if self._gate is not None:
             self._gate.stop()
             self._gate = None
-        self._ctx.term()
+        t0 = time.monotonic()
+        self._ctx.term()  # returns once every queue is empty, or when the linger ran out
+        return not (had and linger > 0 and time.monotonic() - t0 >= 0.98 * linger)
 
     def count_receivers(self) -> list[int]:
         """Receivers connected to each source now (from the sockets' monitors)."""

@@ -194,7 +194,8 @@ def test_a_worker_stopped_for_15_s_while_the_emulator_streams(client2, tmp_path)
     cfg.com.radius_px = None
     cfg.aperture.clear()
     common = [sys.executable, "-m", "stream.cli", "simulate", "--scan", "128x128", "--detector", "128x128",
-              "--dose", "100", "--seed", "11", "--bind", addr, "--batch", "64", "--quiet", "--wait", "60"]
+              "--dose", "100", "--seed", "11", "--bind", addr, "--batch", "64", "--quiet", "--wait", "60",
+              "--linger", "60"]  # what is queued to the stopped worker waits for it at the emulator's exit
     with Session([addr], config=cfg, client=client2) as s:
         emulator = subprocess.Popen(common + ["--rate", "4000", "--scan-id", "stall"])
         poll(lambda: frames_of(s, "stall-0000"), lambda v: v and v["frames_received"] >= 2000, timeout_s=120)

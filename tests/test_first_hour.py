@@ -226,6 +226,42 @@ def test_emulator_says_when_the_processing_stops_mid_scan(tmp_path):
     assert len(sim.err) == 1 and "gave up after 12 s" in sim.err[0] and "Traceback" not in sim.stderr
 
 
+@pytest.mark.parametrize("stalled", [True, False])
+def test_emulator_says_when_it_drops_what_a_stalled_receiver_never_took(tmp_path, stalled):
+    """The whole scan fits in the sockets' queues (64 messages of 400 kB) but the receiver
+    takes none of it: at exit the emulator waits --linger 1 s, then says that what was still
+    queued was dropped. A receiver that takes everything gets no such line."""
+    port = free_port_block(1)
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1)
+    pull.connect(f"tcp://127.0.0.1:{port}")
+    sim = Cli(["simulate", "--specimen", "mgo", "--scan", "32x960", "--detector", "64x64", "--dose", "200",
+               "--rate", "max", "--batch", "512", "--bind", f"tcp://127.0.0.1:{port}", "--wait", "60",
+               "--linger", "1", "--insecure"], cwd=tmp_path)  # (plain: the test's PULL is the receiver)
+    try:
+        got = 0
+        while sim.p.poll() is None and (not stalled or got < 1):  # stalled: the start only
+            if pull.poll(100):
+                pull.recv_multipart()
+                got += 1
+        code = sim.p.wait(120)
+        while not stalled and pull.poll(500):  # what reached this socket before the emulator ended
+            pull.recv_multipart()
+            got += 1
+    finally:
+        pull.close(0)
+        _kill_group(sim.p)
+    time.sleep(0.2)  # the reader threads
+    assert code == 0, sim.stdout + sim.stderr
+    dropped = [ln for ln in sim.out if "were dropped at exit" in ln]
+    if stalled:
+        assert len(dropped) == 1 and dropped[0].startswith("simulate: WARNING: messages were still queued to a "
+                                                           "receiver after 1 s"), sim.stdout
+        assert "raise --linger" in dropped[0]
+    else:
+        assert not dropped and got == 2 + 32 * 960 // 512, sim.stdout  # start, every batch, end
+
+
 # ------------------------------------------------------------------ small helpers with a big effect
 
 def test_rates_and_counts_read_right():

@@ -146,7 +146,8 @@ def run_replay(args) -> int:
         print("stemstream replay: interrupted; receivers were sent an abort", file=sys.stderr)
         return 130
     finally:
-        publisher.close()
+        if not publisher.close():
+            print(publisher.dropped_note("replay"), flush=True)
     rate = totals["frames"] / totals["seconds"] if totals["seconds"] else float("nan")
     print(f"replay: done: {totals['scans']} scan(s), {totals['frames']:,} frames, {totals['events']:,} electrons "
           f"in {totals['seconds']:.2f} s of streaming ({rate:,.0f} frames/s)", flush=True)
