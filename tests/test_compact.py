@@ -59,3 +59,26 @@ def test_a_workers_scan_state_and_a_result_pickle_smaller_and_exact():
     assert back.results["diffraction_sum"].dtype == np.int64 and back.results["com_x"].dtype == np.float64
     np.testing.assert_array_equal(back.results["diffraction_sum"], total)
     assert r.results["diffraction_sum"] is total
+
+
+def test_a_control_message_carries_narrowed_arrays_and_gives_back_the_originals():
+    """A live snapshot's integer sums travel narrowed between a receiver and the coordinator
+    (stream.transport.control): fewer bytes on the wire, the same values, dtype and shape out;
+    floats and unnarrowed arrays as they were."""
+    from stream.transport import control
+
+    images = np.stack([sparse_sum(6, (1, 70_000))[0], sparse_sum(7, (1, 70_000))[0]])[:, 5:60_005]  # a view
+    floats = np.linspace(0, 1, 20_000)
+    arrays = {"fused/images": narrow(images), "fused/sum": narrow(sparse_sum(8) * 1000), "com": floats}
+    parts = control.encode({"kind": "live", "lo": 5}, arrays)
+    assert sum(memoryview(p).nbytes for p in parts[1:]) < (images.nbytes + 576 * 576 * 8) / 3 + floats.nbytes
+    header, back = control.decode([bytes(memoryview(p)) for p in parts])
+    assert header == {"kind": "live", "lo": 5}
+    assert back["fused/images"].dtype == np.int64 and back["fused/sum"].dtype == np.int64
+    np.testing.assert_array_equal(back["fused/images"], images)
+    np.testing.assert_array_equal(back["fused/sum"], sparse_sum(8) * 1000)
+    np.testing.assert_array_equal(back["com"], floats)
+    header, as_sent = control.decode([bytes(memoryview(p)) for p in parts], widen=False)
+    assert header["widen"] == {"fused/images": "<i8", "fused/sum": "<i8"}
+    assert as_sent["fused/images"].dtype.itemsize < 8 and as_sent["com"].dtype == np.float64
+    np.testing.assert_array_equal(as_sent["fused/images"], images)

@@ -902,7 +902,7 @@ class Session:
 
     def _handle_report(self, parts, warned: set) -> str | None:
         try:
-            report, arrays = control.decode(parts)
+            report, arrays = control.decode(parts, widen=False)  # (_on_live widens as it copies)
             self._on_report(report, arrays, warned)
             return report.get("kind")
         except Exception as e:  # noqa: BLE001 - one odd report must not stop the session
@@ -973,13 +973,15 @@ class Session:
             self._live_dirty.add(sid)
             held = self._live.setdefault(sid, {}).setdefault(report["worker"], {})
             lo, hi, n_pos = report["lo"], report["hi"], st.geometry.n_positions
+            dtypes = report.get("widen", {})  # integer sums travel narrowed (control.encode)
             for key, value in arrays.items():
+                dtype = np.dtype(dtypes.get(key, value.dtype))
                 if key in report["nav"]:
                     if key not in held:
-                        held[key] = np.zeros(value.shape[:-1] + (n_pos,), value.dtype)
+                        held[key] = np.zeros(value.shape[:-1] + (n_pos,), dtype)
                     held[key][..., lo:hi] = value
                 else:
-                    held[key] = value
+                    held[key] = value.astype(dtype, copy=False)
 
     def _live_loop(self) -> None:
         """The live channel's thread: the 'done' messages as they come, and every ``1 /
