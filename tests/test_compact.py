@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pickle
 
+import msgpack
 import numpy as np
+import pytest
 
 from stream.session.finalize import ScanResult
 from stream.transport.compact import MIN_BYTES, Narrowed, narrow, widen
@@ -82,3 +84,9 @@ def test_a_control_message_carries_narrowed_arrays_and_gives_back_the_originals(
     assert header["widen"] == {"fused/images": "<i8", "fused/sum": "<i8"}
     assert as_sent["fused/images"].dtype.itemsize < 8 and as_sent["com"].dtype == np.float64
     np.testing.assert_array_equal(as_sent["fused/images"], images)
+    spec_parts = list(parts)
+    head = msgpack.unpackb(bytes(memoryview(parts[0])))
+    head["arrays"][0]["as"] = "<U100000"  # not an integer type: a forged report, refused
+    spec_parts[0] = msgpack.packb(head)
+    with pytest.raises(ValueError, match="'as' must be an integer dtype"):
+        control.decode([bytes(memoryview(p)) for p in spec_parts], widen=False)

@@ -29,13 +29,15 @@ def encode(header: dict, arrays: dict[str, np.ndarray | Narrowed] | None = None)
 def decode(parts, widen: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """The header and the arrays (read-only views of the parts). Narrowed arrays are given
     back in their own dtype (``widen``), else as they travelled, their own dtype in the
-    header's ``widen`` map (name → dtype; for a receiver that copies them into its arrays
-    anyway)."""
+    header's ``widen`` map (name → dtype; for a caller that copies them into arrays of its
+    own anyway). Raises ValueError for an ``as`` that is not an integer dtype."""
     header = msgpack.unpackb(getattr(parts[0], "buffer", parts[0]), raw=False)
     arrays, narrowed = {}, {}
     for spec, part in zip(header.pop("arrays", []), parts[1:]):
         buf = getattr(part, "buffer", part)
         value = np.frombuffer(buf, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
+        if "as" in spec and (np.dtype(spec["as"]).kind not in "iu" or np.dtype(spec["as"]).itemsize > 8):
+            raise ValueError(f"array {spec['name']!r}: 'as' must be an integer dtype, not {spec['as']!r}")
         if "as" in spec and widen:
             value = value.astype(np.dtype(spec["as"]))
         elif "as" in spec:
