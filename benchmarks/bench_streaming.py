@@ -30,9 +30,11 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -164,7 +166,10 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rates", nargs="+", default=RATES)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="/tmp/stemstream-bench-streaming")
+    ap.add_argument("--out", default=None,
+                    help="where the scan files go (default: a temporary directory, removed at the end)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep every scan file (default: each is deleted once measured; a 1024² scan is 190 MB)")
     ap.add_argument("--events-in-memory-mb", type=float, default=None,
                     help="[memory] events_in_memory_mb of the receivers (default: the configuration's)")
     ap.add_argument("--write-block-mb", type=float, default=None,
@@ -177,8 +182,24 @@ def main(argv=None):
     ap.add_argument("--scans", nargs="+", default=["128x128", "512x512", "1024x1024"],
                     help="scan sizes of --early-table")
     a = ap.parse_args(argv)
-    if a.early_table:
-        return early_table(a, argv)
+    temporary = a.out is None
+    if temporary:
+        a.out = tempfile.mkdtemp(prefix="stemstream-bench-streaming-")
+    try:
+        return early_table(a, argv) if a.early_table else rates_table(a, argv)
+    finally:
+        if temporary and not a.keep:
+            shutil.rmtree(a.out, ignore_errors=True)
+
+
+def measured(r, a) -> None:
+    """A scan's file is measured: deleted unless ``--keep`` (the runs must not fill the disk)."""
+    if r.path is not None and not a.keep:
+        Path(r.path).unlink(missing_ok=True)
+
+
+def rates_table(a, argv):
+    """The rates of ``a.rates``, ``a.repeats`` runs each, in one session."""
 
     port = free_port_block(a.sources)
     bind = f"tcp://127.0.0.1:{port}"
@@ -214,6 +235,7 @@ def main(argv=None):
                     sent = run_emulator(a, bind, sid, rate, snapshot, emu_cpu)
                     achieved, t_sent = sent["rate"], sent["time"]
                     r = s.wait(f"{sid}-0000", timeout=300)  # the emulator numbers its scans
+                    measured(r, a)
                 finally:
                     trace.stop()
                 # the receiving side's CPU from the first frame received to the last: the cost
@@ -346,6 +368,7 @@ def early_table(a, argv):
                         sid = f"early-{scan}-{'on' if early else 'off'}-{i}"
                         sent = run_emulator(replace_scan(a, scan), bind, sid, rate)
                         r = s.wait(f"{sid}-0000", timeout=600)
+                        measured(r, a)
                         rows.setdefault((scan, early), []).append(
                             {"latency": r.timings["written"] - sent["time"], "achieved": sent["rate"],
                              "tail": r.timings["written"] - r.timings["last_frame"],
