@@ -2,7 +2,7 @@
 dask cluster (separate worker processes) → scan file on disk, at rising target rates.
 
     .venv/bin/python benchmarks/bench_auth.py [--scan 512x512] [--dose 100] [--sources 4]
-        [--workers 2] [--rates 87000 150000 300000 450000 max] [--repeats 3] [--out /tmp/bench-stream]
+        [--workers 2] [--rates 87000 150000 300000 450000 max] [--repeats 3] [--out DIR]
         [--auth on off]
 
 ``--auth on`` is the default configuration: CURVE on the emulator's sources and every channel
@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rates", nargs="+", default=["87000", "150000", "300000", "450000", "max"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="/tmp/stemstream-bench-streaming")
+    ap.add_argument("--out", default=None, help="where the scan files go and stay (default: a temporary directory, removed at the end)")
     ap.add_argument("--events-in-memory-mb", type=float, default=None,
                     help="[memory] events_in_memory_mb of the receivers (default: the configuration's)")
     ap.add_argument("--write-block-mb", type=float, default=None,
@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--auth", nargs="+", default=["on", "off"], choices=["on", "off"],
                     help="on: CURVE and dask TLS (the defaults); off: plain (default: both, side by side)")
     a = ap.parse_args(argv)
+    scratch = None if a.out else tempfile.mkdtemp(prefix="stemstream-bench-auth-")
+    a.out = a.out or scratch
 
     cfg = load_config(None)  # the defaults: previews included (drawn by the coordinator)
     if a.events_in_memory_mb is not None:
@@ -128,6 +130,8 @@ def main(argv=None):
         for s, _, _ in modes.values():
             s.close()
         shutil.rmtree(keys, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     mem_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem_emu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     load1 = os.getloadavg()

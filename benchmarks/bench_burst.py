@@ -115,8 +115,10 @@ def main(argv=None):
     ap.add_argument("--previews", action="store_true", help="draw PNG previews too (off the writing path)")
     ap.add_argument("--live-rate", type=float, default=None,
                     help="[live] rate_hz: partial images per second (0: none; default: the configuration's)")
-    ap.add_argument("--out", default="/tmp/stemstream-bench-burst")
+    ap.add_argument("--out", default=None, help="where the scan files go and stay (default: a temporary directory, removed at the end)")
     a = ap.parse_args(argv)
+    scratch = None if a.out else tempfile.mkdtemp(prefix="stemstream-bench-burst-")
+    a.out = a.out or scratch
     port = free_port_block(1)
     bind = f"tcp://127.0.0.1:{port}"
     keys = tempfile.mkdtemp(prefix="stemstream-bench-keys-")  # this benchmark's keys only
@@ -145,6 +147,8 @@ def main(argv=None):
                       f"coordinator + scheduler {1e3 * r['cpu_coordinator_per_scan']:.0f} ms", flush=True)
     finally:
         shutil.rmtree(keys, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     med = statistics.median(r["scans_per_s"] for r in runs)
     print(f"\nmedian {med:.1f} scans/s finalized; complete {sum(r['complete'] for r in runs)}/"
           f"{a.scans * a.repeats}; mislabelled {sum(len(r['mislabelled']) for r in runs)}; "

@@ -250,15 +250,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parts", nargs="+", default=["latency", "streaming"],
                     help="latency, streaming (the update rate, then 0, 1 and --viewers pages), rate (the update rate only)")
-    ap.add_argument("--out", default="/tmp/stemstream-bench-viewer")
+    ap.add_argument("--out", default=None, help="where the scan files go and stay (default: a temporary directory, removed at the end)")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
-    a.out = str(Path(a.out) / time.strftime("%Y%m%d-%H%M%S"))  # this run's files only: the scan ids repeat
+    import shutil
+    import tempfile
+    scratch = None if a.out else tempfile.mkdtemp(prefix="stemstream-bench-viewer-out-")
+    a.out = str(Path(a.out or scratch) / time.strftime("%Y%m%d-%H%M%S"))  # this run's files only: the scan ids repeat
     from browser import Browser
 
     mp.set_start_method("fork", force=True)
-    import shutil
-    import tempfile
     keys_home = tempfile.mkdtemp(prefix="stemstream-bench-viewer-")  # this run's keys only
     os.environ["XDG_CONFIG_HOME"] = keys_home
     cmd = f"python benchmarks/bench_viewer.py {' '.join(argv or sys.argv[1:])}"
@@ -273,6 +274,8 @@ def main(argv=None):
             part_streaming(a, browser, result)
     finally:
         browser.close()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(keys_home, ignore_errors=True)
     result["load_average_end"] = os.getloadavg()[0]
     report(a, result)
