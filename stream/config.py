@@ -113,7 +113,7 @@ class ScanSpec:
 class ClusterSpec:
     scheduler: str | None = None  # address of a running scheduler; None starts a LocalCluster
     workers: int = 2
-    threads_per_worker: int = 1
+    threads_per_worker: int = 3  # a scan's blocks written while it runs overlap their merges, compression and syncs
     memory_limit: str | int | float = "auto"  # per worker, as dask takes it: "4GB", 4e9, 0 (none)
     stop_grace_s: float = 25.0  # a batch system's SIGTERM waits this long for open scans (stream/session/stopping.py)
 
