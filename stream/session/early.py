@@ -256,9 +256,10 @@ class EarlyWriter:
             wait([b.write for b in e.kept], timeout=timeout_s)
         except TimeoutError:
             pass
-        e.blocks, e.kept = e.kept, []
-        self._reap(e)  # written ones counted; a failed one is the writer's to report
-        e.blocks = []
+        for b in e.kept:  # a failed one is the writer's to report (take_early)
+            if b.write.status == "finished":
+                e.written = max(e.written, b.stored)
+        e.kept = []
 
     def drop(self, e: EarlyScan) -> None:
         """Throw away the early file ``finish`` returned (it was not used)."""

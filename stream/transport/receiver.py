@@ -435,8 +435,7 @@ class Receiver:
             return
         # narrowed (a live snapshot's integer sums fit in 1-4 bytes): a third of the bytes to
         # copy, encrypt and decrypt at 2 snapshots a second of 8 MB at 1024² positions
-        arrays = {k: narrow(v) for k, v in (arrays or {}).items()}
-        arrays = {k: v if isinstance(v, Narrowed) else np.array(v) for k, v in arrays.items()}
+        arrays = {k: n if isinstance(n := narrow(v), Narrowed) else np.array(v) for k, v in (arrays or {}).items()}
         self._outbox.append(control.encode(dict(header, worker=self.worker), arrays))
 
     def _heartbeat(self, input_waiting: bool) -> None:
