@@ -101,20 +101,30 @@ def test_frames_arrive_exactly_over_real_sockets():
 
 
 def test_rate_control_within_5_percent_at_87k_frames_per_second():
+    """The emulator keeps the pace: the frames it has sent against the time each message left lie
+    on a line of slope 87,000 frames/s (Theil-Sen, so a moment the shared machine takes the CPU
+    away, after which the emulator catches up, does not move it); over the whole scan it is never
+    ahead of the pace, and a real receiver gets every frame. The send times are taken where the
+    message leaves, because a receiver in this process reads in bursts when the machine is busy."""
+    from scipy.stats import theilslopes
+
     rng = np.random.default_rng(3)
     g = Geometry((290, 300), (64, 64))  # 87,000 frames: one second at the target rate
     counts, indices = random_scan(rng, g, mean=10)
     port = free_port_block(1)
     with Publisher(f"tcp://127.0.0.1:{port}") as pub:
+        left, send = [], pub._send
+        pub._send = lambda *a, **kw: (send(*a, **kw), left.append(time.perf_counter()))[0]
         sources = prepare_sources(counts, indices, g, 1)
         t, out = publish_in_thread(pub, "rate", sources, {}, rate=87_000, batch=512)
-        msgs, times = receive_all(pub.addresses, stop_after_ends=1)
+        msgs, _ = receive_all(pub.addresses, stop_after_ends=1)
         t.join()
-    frame_msgs = [(m, tm) for m, tm in zip(msgs, times) if m.kind == "frames"]
-    (m0, t0), (m1, t1) = frame_msgs[0], frame_msgs[-1]
-    measured = (m1.first + m1.count - m0.first - m0.count) / (t1 - t0)  # frames after the first message
-    assert abs(measured / 87_000 - 1) < 0.05, measured
-    assert abs(out["stats"].rate / 87_000 - 1) < 0.05, out["stats"].rate
+    assert len(left) == len(msgs)  # one source: messages arrive in the order they left
+    frames = [(m.first + m.count, tm) for m, tm in zip(msgs, left) if m.kind == "frames"]
+    assert frames[-1][0] == g.n_frames
+    pace = theilslopes(*zip(*frames))[0]
+    assert abs(pace / 87_000 - 1) < 0.05, pace
+    assert out["stats"].frames == g.n_frames and out["stats"].rate < 87_000 * 1.05, out["stats"].rate
 
 
 def test_port_in_use_is_a_clear_error():
