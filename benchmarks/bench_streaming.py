@@ -22,6 +22,10 @@ pipeline's own ceiling on one core, with nothing else of ours on it.
 events written while the scan runs (``[output] write_while_scanning``) on and off, side by
 side in one run on one cluster: ``--scans 128x128 512x512 1024x1024`` at the first of
 ``--rates`` (300,000 frames/s by default there), ``--repeats`` runs each.
+
+``--plain-sources``: the emulator's links without CURVE (``simulate --insecure``, the
+receivers told so by ``[security] plain_sources``), as a DECTRIS or Merlin detector delivers
+its frames; every other channel as configured.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,14 +130,14 @@ def memory_args(cfg, a) -> None:
         cfg.memory.write_block_mb = a.write_block_mb
 
 
-def run_emulator(args, bind, scan_id, rate, on_generated=None, cpu=None):
+def run_emulator(args, bind, scan_id, rate, on_generated=None, cpu=None, plain=False):
     """Run `stemstream simulate` (on CPU ``cpu`` alone if given, by taskset); call
     ``on_generated(pid)`` when its scan is generated and about to stream. Returns (achieved
     frames/s, wall time of the last frame sent, emulator pid)."""
     cmd = [sys.executable, "-m", "stream.cli", "simulate", "--specimen", args.specimen,
            "--scan", args.scan, "--detector", args.detector, "--dose", str(args.dose),
            "--sources", str(args.sources), "--bind", bind, "--rate", str(rate),
-           "--scan-id", scan_id, "--wait", "60"]
+           "--scan-id", scan_id, "--wait", "60"] + (["--insecure"] if plain else [])
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -179,6 +184,9 @@ def main(argv=None):
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")
     ap.add_argument("--early-table", action="store_true",
                     help="latency against scan size, events written while scanning on and off")
+    ap.add_argument("--plain-sources", action="store_true",
+                    help="the emulator's links without CURVE (simulate --insecure, [security] "
+                         "plain_sources), as a DECTRIS or Merlin detector delivers; everything else as configured")
     ap.add_argument("--scans", nargs="+", default=["128x128", "512x512", "1024x1024"],
                     help="scan sizes of --early-table")
     a = ap.parse_args(argv)
@@ -205,6 +213,8 @@ def rates_table(a, argv):
     bind = f"tcp://127.0.0.1:{port}"
     cfg = load_config(None)  # the defaults: previews included (drawn by the coordinator)
     memory_args(cfg, a)
+    if a.plain_sources:  # the detector link without CURVE, as DECTRIS and Merlin deliver
+        cfg = replace(cfg, security=replace(cfg.security, plain_sources=expand_sources([bind], a.sources)))
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scan {a.scan}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores; median of {a.repeats} runs per rate; "
@@ -232,7 +242,7 @@ def rates_table(a, argv):
                 me0 = _proc_times()
                 trace = CpuTrace(pids)
                 try:
-                    sent = run_emulator(a, bind, sid, rate, snapshot, emu_cpu)
+                    sent = run_emulator(a, bind, sid, rate, snapshot, emu_cpu, a.plain_sources)
                     achieved, t_sent = sent["rate"], sent["time"]
                     r = s.wait(f"{sid}-0000", timeout=300)  # the emulator numbers its scans
                     measured(r, a)
@@ -343,8 +353,6 @@ def rates_table(a, argv):
 def early_table(a, argv):
     """The file's latency after the last frame against the scan's size, the events written
     while the scan runs on and off (one session each, on one cluster), at ``a.rates[0]``."""
-    from dataclasses import replace
-
     from stream.session import cluster as dask_cluster
 
     rate = "300000" if a.rates is RATES else a.rates[0]
@@ -353,6 +361,8 @@ def early_table(a, argv):
     cfg = load_config(None)
     cfg.cluster.workers = a.workers
     memory_args(cfg, a)
+    if a.plain_sources:  # the detector link without CURVE, as DECTRIS and Merlin deliver
+        cfg = replace(cfg, security=replace(cfg.security, plain_sources=expand_sources([bind], a.sources)))
     print(f"command: python benchmarks/bench_streaming.py {' '.join(argv or sys.argv[1:])}")
     print(f"scans {', '.join(a.scans)}, detector {a.detector}, {a.dose:g} e-/frame, {a.sources} sources, "
           f"{a.workers} workers, {os.cpu_count()} cores, target {rate} frames/s; {a.repeats} runs each; "
@@ -366,7 +376,7 @@ def early_table(a, argv):
                 with Session(expand_sources([bind], a.sources), config=c, client=client, console=False) as s:
                     for i in range(a.repeats):
                         sid = f"early-{scan}-{'on' if early else 'off'}-{i}"
-                        sent = run_emulator(replace_scan(a, scan), bind, sid, rate)
+                        sent = run_emulator(replace_scan(a, scan), bind, sid, rate, plain=a.plain_sources)
                         r = s.wait(f"{sid}-0000", timeout=600)
                         measured(r, a)
                         rows.setdefault((scan, early), []).append(

@@ -124,6 +124,7 @@ class MemorySpec:
     spill_dir: str = ""  # where they go; "" is the dask worker's local directory
     write_block_mb: float = 16.0  # events (4 B each) per block when the scan file is written
     early_block_mb: float = 4.0  # the same, for blocks written while the scan runs ([output] write_while_scanning)
+    handoff_dir: str = "/dev/shm"  # a memory file system through which workers of one host hand events over; "": dask
 
 
 @dataclass
@@ -416,6 +417,10 @@ def validate(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
                "[memory] write_block_mb must be > 0 (MB of events per block written to the scan file)"),
               (cfg.memory.early_block_mb > 0,
                "[memory] early_block_mb must be > 0 (MB of events per block written while the scan runs)"),
+              (isinstance(cfg.memory.handoff_dir, str)
+               and (cfg.memory.handoff_dir == "" or Path(cfg.memory.handoff_dir).is_absolute()),
+               "[memory] handoff_dir must be an absolute path (a memory file system such as /dev/shm), "
+               "or \"\" to hand events between workers over dask's connections"),
               (0 <= cfg.output.compression_level <= 9, "[output] compression_level must be 0..9"),
               (cfg.live.rate_hz >= 0, "[live] rate_hz must be >= 0 (0 turns live results off)"),
               (isinstance(cfg.live.max_side, int) and not isinstance(cfg.live.max_side, bool)

@@ -297,7 +297,8 @@ def test_memory_defaults_and_parsing(tmp_path):
     ("[memory]\nspill_dir = 3\n", r"spill_dir = 3 has the wrong type; expected a string"),
     ("[memory]\nwrite_block_mb = 0\n", r"\[memory\] write_block_mb must be > 0"),
     ("[memory]\nearly_block_mb = 0\n", r"\[memory\] early_block_mb must be > 0"),
-    ("[memory]\nspill = '/tmp'\n", r"unknown key\(s\) spill; valid keys are early_block_mb, events_in_memory_mb, spill_dir, write_block_mb"),
+    ("[memory]\nhandoff_dir = 'shm'\n", r"\[memory\] handoff_dir must be an absolute path .* or \"\""),
+    ("[memory]\nspill = '/tmp'\n", r"unknown key\(s\) spill; valid keys are early_block_mb, events_in_memory_mb, handoff_dir, spill_dir, write_block_mb"),
     ("spill_dir = '/tmp'\n", r"did you mean spill_dir under \[memory\]"),
 ])
 def test_bad_memory_settings_name_the_key(tmp_path, text, match):

@@ -33,10 +33,11 @@ DOSE = 600
 SKIP = {"/provenance/timings", "/provenance@host", "/provenance@config"}
 
 
-def run(client, src, out, early: bool, memory_mb: float, cases: dict) -> dict:
+def run(client, src, out, early: bool, memory_mb: float, cases: dict, handoff_dir="/dev/shm") -> dict:
     """Every case's scan, one after the other, through one session with early writing on or
     off: case -> ScanResult."""
-    cfg = config(out, timeout_s=30, memory=MemorySpec(events_in_memory_mb=memory_mb, write_block_mb=1.0, early_block_mb=1.0))
+    cfg = config(out, timeout_s=30, memory=MemorySpec(events_in_memory_mb=memory_mb, write_block_mb=1.0,
+                                                      early_block_mb=1.0, handoff_dir=handoff_dir))
     cfg.output = replace(cfg.output, write_while_scanning=early)
     results = {}
     with Session(src.addresses, config=cfg, client=client, console=False) as s:
@@ -120,25 +121,47 @@ KEPT = {"duplicated_early": False}  # frames resent into the part written early:
 @pytest.fixture(scope="module")
 def written(client2, tmp_path_factory):
     """case -> (ScanResult with early writing on, the same with it off): the cases through
-    one pair of sessions, and an out-of-order scan through a pair whose receivers keep at
-    most 50 kB of events in memory (the rest in their spill files)."""
+    one pair of sessions, an out-of-order scan through a pair whose receivers keep at most
+    50 kB of events in memory (the rest in their spill files), an in-order one through a pair
+    that hands no events over in memory; "handoffs", "handoffs_over_dask": each worker's
+    handoffs (transport.handoff) during the first pair's early run and the last one's."""
     src = ScriptedSource(2)
     try:
         out = {}
+        before = handoffs(client2)
         on = run(client2, src, tmp_path_factory.mktemp("on"), True, 128.0, CASES)
+        out["handoffs"] = handoffs(client2, before)
         off = run(client2, src, tmp_path_factory.mktemp("off"), False, 128.0, CASES)
         out.update({case: (on[case], off[case]) for case in CASES})
         spill = {"spilled": out_of_order}
         on = run(client2, src, tmp_path_factory.mktemp("spill_on"), True, 0.05, spill)
         off = run(client2, src, tmp_path_factory.mktemp("spill_off"), False, 0.05, spill)
         out["spilled"] = (on["spilled"], off["spilled"])
+        before = handoffs(client2)
+        on = run(client2, src, tmp_path_factory.mktemp("dask_on"), True, 128.0, {"over_dask": in_order}, "")
+        out["handoffs_over_dask"] = handoffs(client2, before)
+        off = run(client2, src, tmp_path_factory.mktemp("dask_off"), False, 128.0, {"over_dask": in_order}, "")
+        out["over_dask"] = (on["over_dask"], off["over_dask"])
         return out
     finally:
         src.close()
 
 
-@pytest.mark.parametrize("case", [*CASES, "spilled"])
+def handoffs(client, before=None) -> dict:
+    """Handoffs (put, loaded) of every worker process, since ``before`` if given."""
+    def counts():
+        from stream.transport.handoff import COUNTS
+        return dict(COUNTS)
+    now = client.run(counts)
+    if before is None:
+        return now
+    return {w: {k: now[w][k] - before[w][k] for k in now[w]} for w in now}
+
+
+@pytest.mark.parametrize("case", [*CASES, "spilled", "over_dask"])
 def test_written_while_scanning_equals_written_at_the_end(written, case):
+    """over_dask: an in-order stream with [memory] handoff_dir = "" (the parts of the blocks
+    move over dask's connections), against the same stream written at the end."""
     on, off = written[case]
     events = events_of(case)
     assert on.events > 2 * (1 << 20)  # more than two HDF5 chunks of events
@@ -163,6 +186,24 @@ def test_written_while_scanning_equals_written_at_the_end(written, case):
     assert_matches(on, reference(*events, GEOM, keep=keep), on.path)
     if case.startswith("duplicated"):
         assert on.duplicated_frames == (DUP_EARLY if case == "duplicated_early" else DUP_TAIL)
+
+
+def test_the_workers_hand_the_blocks_parts_over_in_memory_and_leave_no_file(written, client2):
+    """On one host the worker that does not build a block hands its parts over through
+    /dev/shm to the one that does (the scan's writer), which loads each once; the files of
+    blocks cancelled at a scan's close are removed with it: none is left. With handoff_dir =
+    "" nothing goes through /dev/shm."""
+    import os
+
+    from stream.transport.handoff import PREFIX
+
+    a, b = written["handoffs"].values()  # a scan's writer loads what the other worker put
+    assert a["loaded"] + b["loaded"] > 0, written["handoffs"]
+    assert a["loaded"] <= b["put"] and b["loaded"] <= a["put"], written["handoffs"]  # cancelled at close: not loaded
+    assert all(c == {"put": 0, "loaded": 0} for c in written["handoffs_over_dask"].values())
+    pids = set(client2.run(os.getpid).values())
+    left = [n for n in os.listdir("/dev/shm") if n.startswith(PREFIX) and int(n[len(PREFIX):].split("-")[0]) in pids]
+    assert left == []
 
 
 def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(client2, written, tmp_path):

@@ -33,6 +33,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distributed.comm import get_address_host
+
 from stream.files.storage import EVENTS_CHUNK
 from stream.session.finalize import EarlySpec, discard_early, early_compress, early_csr, early_end, write_early
 from stream.session.worker import early_events_on_worker
@@ -50,6 +52,11 @@ def stored_before(g: Geometry, frames: int) -> int:
     raster, k = divmod(int(frames), fpp)
     row, col = divmod(raster, nx + g.flyback)
     return fpp * (row * nx + min(col, nx)) + (k if col < nx else 0)
+
+
+def _host(address: str) -> str:
+    """The host of a dask worker's address (``tls://10.0.0.5:40123`` -> ``10.0.0.5``)."""
+    return get_address_host(address)
 
 
 @dataclass
@@ -166,15 +173,19 @@ class EarlyWriter:
             with self._lock:
                 self._scans[st.scan_id] = e
         step = max(1, int(self.max_block_events / per_frame))
-        builders = sorted(w for w in live if w != e.writer) + [e.writer]  # the writer has the most to do
+        # Workers of the writer's host hand their parts over in memory (transport.handoff):
+        # then the writer builds every block, and the built blocks need no move either.
+        # Otherwise the workers take turns, the writer last (it has the most to do).
+        shared = self.config.memory.handoff_dir if all(_host(w) == _host(e.writer) for w in holders) else ""
+        builders = [e.writer] if shared else sorted(w for w in live if w != e.writer) + [e.writer]
         while len(e.blocks) < IN_FLIGHT and per_frame * (end - e.frames) >= self.block_events:
             hi_f = min(end, e.frames + step)
             lo, hi = e.stored, stored_before(g, hi_f)
             if hi > lo:
                 at = builders[e.n_blocks % len(builders)]
                 e.n_blocks += 1
-                parts = [self._on(w, early_events_on_worker, self.plugin_name, st.scan_id, lo, hi)
-                         for w in holders]
+                parts = [self._on(w, early_events_on_worker, self.plugin_name, st.scan_id, lo, hi,
+                                  shared if w != at else "") for w in holders]
                 csr = self._on(at, early_csr, e.spec, lo, hi, *parts)
                 built = self._on(at, early_compress, csr, e.position, e.spec.level)
                 e.position = self._on(at, early_end, e.position, csr)

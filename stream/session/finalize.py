@@ -35,6 +35,7 @@ from stream.config import PipelineConfig, build_operators
 from stream.transport.compact import narrow_map, widen_map
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
+from stream.transport.handoff import Handoff
 from stream.transport.spill import SpillFile
 from stream.files.storage import (EVENTS_CHUNK, EventBlock, JSONText, PublishError, ScanWriter, check_space,
                                   compress_block, publish, read_images)
@@ -527,6 +528,7 @@ def early_csr(spec: EarlySpec, lo: int, hi: int, *parts) -> tuple[np.ndarray, np
     Raises if a part is None (the scan was not open there: the early file is dropped)."""
     if any(p is None for p in parts):
         raise RuntimeError(f"scan {spec.scan_id}: no longer open on a worker that received its frames")
+    parts = [p.load() if isinstance(p, Handoff) else p for p in parts]  # a worker of this host's
     return _early_store(spec).csr([c for p in parts for c in p], lo, hi)
 
 

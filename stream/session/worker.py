@@ -4,9 +4,13 @@ scan's state from the receiver that holds it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import struct
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,6 +24,7 @@ from stream.config import PipelineConfig, build_operators
 from stream.security import ReceiverKeys
 from stream.session.finalize import portable
 from stream.sources.build import build_source
+from stream.transport import handoff
 from stream.transport.protocol import Geometry, decode, encode_frames
 from stream.transport.receiver import Receiver, WorkerScan, chunk_from_messages
 
@@ -77,7 +82,15 @@ def _receiver(plugin_name: str) -> Receiver:
 
 def close_on_worker(plugin_name: str, scan_id: str, travel: bool = False) -> WorkerScan:
     """Close ``scan_id`` on this worker's receiver; the result stays on this worker.
-    ``travel``: ready to go to another worker that writes the file (stream.session.finalize.portable)."""
+    ``travel``: ready to go to another worker that writes the file (stream.session.finalize.portable).
+    The scan's events handed off here for blocks that were cancelled are removed."""
+    with _handed_lock:
+        _handoffs_closed[scan_id] = None
+        while len(_handoffs_closed) > 1024:
+            _handoffs_closed.popitem(last=False)
+        for path in _handed.pop(scan_id, []):
+            with contextlib.suppress(FileNotFoundError):  # loaded: the builder unlinked it
+                os.unlink(path)
     ws = _receiver(plugin_name).close_scan(scan_id)
     return portable(ws) if travel else ws
 
@@ -88,17 +101,46 @@ def apply_on_worker(plugin_name: str, scan_id: str, op):
     return _receiver(plugin_name).apply(scan_id, op)
 
 
-def early_events_on_worker(plugin_name: str, scan_id: str, lo: int, hi: int):
+def early_events_on_worker(plugin_name: str, scan_id: str, lo: int, hi: int, handoff_dir: str = ""):
     """The chunks of stored frames ``[lo, hi)`` of the open scan ``scan_id`` this worker's
     receiver holds (``Receiver.events_in``), for ``finalize.write_early``; None when the
     scan is not open here or they cannot be read (never raises: the file written while the
-    scan runs is then dropped, the scan is written at its end)."""
+    scan runs is then dropped, the scan is written at its end). With ``handoff_dir`` (the
+    block's builder runs on this host) they go into a file there (``transport.handoff``) and
+    this returns its Handoff; if that fails, the chunks themselves."""
     try:
-        return _receiver(plugin_name).events_in(scan_id, lo, hi)
+        parts = _receiver(plugin_name).events_in(scan_id, lo, hi)
     except Exception:  # noqa: BLE001 - reported by write_early as a part that is not there
         log.warning("scan %s: events of stored frames %d..%d could not be read", scan_id, lo, hi,
                     exc_info=True)
         return None
+    if not handoff_dir:
+        return parts
+    if time.monotonic() >= _next_sweep[0]:  # files of blocks cancelled at a scan's close
+        _next_sweep[0] = time.monotonic() + 10.0
+        handoff.sweep(handoff_dir)
+    try:
+        h = handoff.put(parts, handoff_dir)
+    except OSError as e:
+        if handoff_dir not in _HANDOFF_FAILED:
+            _HANDOFF_FAILED.add(handoff_dir)
+            log.warning("events cannot be handed to the other workers through %s (%s); they go "
+                        "over dask's connections (set [memory] handoff_dir to a memory file system "
+                        "with room, or \"\" to stop trying)", handoff_dir, e.strerror or e)
+        return parts
+    with _handed_lock:
+        if scan_id not in _handoffs_closed:
+            _handed.setdefault(scan_id, []).append(h.path)
+            return h
+    os.unlink(h.path)  # the scan closed meanwhile: its block was cancelled
+    return parts
+
+
+_HANDOFF_FAILED: set[str] = set()  # directories already warned about
+_next_sweep = [0.0]
+_handed: dict[str, list[str]] = {}  # scan -> its handoff files (removed at its close if not loaded)
+_handoffs_closed: OrderedDict[str, None] = OrderedDict()  # scans closed here (the latest 1024)
+_handed_lock = threading.Lock()
 
 
 def source_command(plugin_name: str, name: str, *args, dask_worker=None):

@@ -33,7 +33,7 @@ from operators.chunk import Chunk
 
 # On-disk layout of one chunk: these arrays, in this order, back to back; lengths per chunk
 # are n (frames), n + 1 (offsets) or e (events).
-_LAYOUT = (("frames", np.int64), ("sources", np.int16), ("positions", np.int64),
+CHUNK_LAYOUT = (("frames", np.int64), ("sources", np.int16), ("positions", np.int64),
            ("offsets", np.int64), ("indices", np.uint32))
 _FIX = "free space there, or set [memory] spill_dir to a writable local directory with room"
 
@@ -70,12 +70,12 @@ class SpillFile:
 
         Raises OSError (disk full, I/O error) naming the directory and the fix; the chunk is
         then not spilled and the caller keeps it."""
-        arrays = [np.ascontiguousarray(getattr(chunk, name), dtype=dtype) for name, dtype in _LAYOUT]
+        arrays = [np.ascontiguousarray(getattr(chunk, name), dtype=dtype) for name, dtype in CHUNK_LAYOUT]
         with self._write_lock:
             offset = self.size
             try:
                 for a in arrays:
-                    _pwrite_all(self.fd, a, offset)
+                    pwrite_all(self.fd, a, offset)
                     offset += a.nbytes
             except OSError as e:
                 # self.size unchanged: the next write overwrites the partial bytes
@@ -121,9 +121,9 @@ class SpilledChunk:
         """The chunk as it was written: fresh, writable arrays."""
         n, offset = self.n_frames, self.offset
         arrays = []
-        for (name, dtype), length in zip(_LAYOUT, (n, n, n, n + 1, self.n_events)):
+        for (name, dtype), length in zip(CHUNK_LAYOUT, (n, n, n, n + 1, self.n_events)):
             a = np.empty(length, dtype=dtype)
-            _pread_all(self.file.fd, a, offset)  # pread: no shared file position, thread-safe
+            pread_all(self.file.fd, a, offset)  # pread: no shared file position, thread-safe
             offset += a.nbytes
             arrays.append(a)
         return Chunk(*arrays)
@@ -136,7 +136,7 @@ class SpilledChunk:
         return f"SpilledChunk({self.n_frames} frames, {self.n_events} events, at {self.offset})"
 
 
-def _pwrite_all(fd: int, a: np.ndarray, offset: int) -> None:
+def pwrite_all(fd: int, a: np.ndarray, offset: int) -> None:
     """Write all of contiguous ``a`` at byte ``offset`` (pwrite may write less than asked)."""
     view = memoryview(a).cast("B")
     while len(view):
@@ -144,7 +144,7 @@ def _pwrite_all(fd: int, a: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _pread_all(fd: int, a: np.ndarray, offset: int) -> None:
+def pread_all(fd: int, a: np.ndarray, offset: int) -> None:
     """Fill contiguous ``a`` from byte ``offset``, reading straight into its buffer."""
     view = memoryview(a).cast("B")
     while len(view):

@@ -1,0 +1,145 @@
+"""Event chunks handed to another worker process on the same host through shared memory.
+
+While a scan runs, every early block (``session/early.py``) needs the parts of its frames that
+the other workers' receivers hold. dask moves a task's result between workers over their
+(TLS) connection: on two cores that cost the workers' event loops about 2.5 ns per byte, a
+fifth of the cores at 300,000 frames/s (BENCHMARKS.md). Between processes of one host a file
+in a memory file system (``[memory] handoff_dir``, ``/dev/shm``) does it for a memory copy:
+the holder writes its parts there (:func:`put`) and dask moves only the small
+:class:`Handoff` naming the file; the builder maps the file and unlinks it (``load``), so its
+memory returns as soon as the block is built.
+
+A file nobody loads (its block was cancelled when the scan closed, or its builder died) is
+removed by the next :func:`sweep` on its host once it is ``STALE_S`` old (a block takes well
+under a second; one that waited that long is written again at the scan's end anyway).
+
+Examples
+--------
+>>> import tempfile
+>>> from operators.chunk import Chunk
+>>> chunk = Chunk.from_counts([0, 1], [0, 0], [0, 1], [2, 1], [5, 9, 3])
+>>> h = put([chunk], tempfile.gettempdir())
+>>> [c.indices.tolist() for c in h.load()]       # the file is gone after load
+[[5, 9, 3]]
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from operators.chunk import Chunk
+from stream.transport.spill import CHUNK_LAYOUT, pwrite_all
+
+PREFIX = "stemstream-handoff-"
+_NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]{{32}}$")
+STALE_S = 60.0  # a holder's file not loaded by then belongs to a block that never ran
+COUNTS = {"put": 0, "loaded": 0}  # this process's handoffs (diagnostics, tests)
+_counts_lock = threading.Lock()
+
+
+def _count(what: str) -> None:
+    with _counts_lock:
+        COUNTS[what] += 1
+
+
+def host_id() -> str:
+    """This host's identity for this boot: two processes that agree share its memory file
+    systems (a container that shares the boot but not /dev/shm fails in ``load``, by name)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        import socket
+        return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Chunks written to ``path`` on host ``host``: per chunk its frames and events."""
+
+    path: str
+    host: str
+    sizes: tuple  # ((n_frames, n_events), ...)
+
+    def load(self) -> list[Chunk]:
+        """The chunks, views of the file mapped copy-on-write (no copy is made; writable, as
+        the kernels are compiled for), which is unlinked at once.
+
+        Raises RuntimeError naming the file and the reason (another host, or gone)."""
+        if self.host != host_id():
+            raise RuntimeError(f"events handed off in {self.path} on another host; set [memory] "
+                               "handoff_dir = \"\" where workers do not share a host's memory")
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise RuntimeError(f"events handed off in {self.path}: {e.strerror or e} (removed "
+                               "as stale, or not visible from this process)") from None
+        try:
+            size = os.fstat(fd).st_size
+            mem = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else bytearray()
+        finally:
+            os.close(fd)
+            os.unlink(self.path)
+        chunks, offset = [], 0
+        for n, e in self.sizes:
+            arrays = []
+            for (_, dtype), length in zip(CHUNK_LAYOUT, (n, n, n, n + 1, e)):
+                offset = _aligned(offset)
+                arrays.append(np.frombuffer(mem, dtype=dtype, count=length, offset=offset))
+                offset += arrays[-1].nbytes
+            chunks.append(Chunk(*arrays))
+        _count("loaded")
+        return chunks
+
+
+def put(chunks: list[Chunk], directory: str) -> Handoff:
+    """Write ``chunks`` to a new file (mode 0600) in ``directory``; OSError (full, missing,
+    read-only) leaves no file behind and the caller sends the chunks as they are."""
+    path = os.path.join(directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        offset = 0
+        for c in chunks:
+            for name, dtype in CHUNK_LAYOUT:
+                a = np.ascontiguousarray(getattr(c, name), dtype=dtype)
+                offset = _aligned(offset)
+                pwrite_all(fd, a, offset)
+                offset += a.nbytes
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    _count("put")
+    return Handoff(path, host_id(), tuple((c.n_frames, c.n_events) for c in chunks))
+
+
+def _aligned(offset: int) -> int:
+    """Every array starts on 8 bytes: the kernels are compiled for aligned arrays."""
+    return -(-offset // 8) * 8
+
+
+def sweep(directory: str, stale_s: float = STALE_S) -> int:
+    """Remove the handoff files in ``directory`` older than ``stale_s``; returns how many."""
+    removed, now = 0, time.time()
+    try:
+        names = [n for n in os.listdir(directory) if _NAME.match(n)]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime >= stale_s:
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            continue  # loaded meanwhile, or not ours to remove
+    return removed
