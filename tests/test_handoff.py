@@ -102,6 +102,12 @@ def test_sweep_removes_only_stale_handoff_files(tmp_path):
     assert sweep(str(tmp_path / "missing")) == 0
 
 
+def test_on_one_host_compares_the_hosts_of_dask_addresses():
+    assert handoff.on_one_host(["tls://127.0.0.1:4001", "tcp://127.0.0.1:4002"])
+    assert not handoff.on_one_host(["tls://10.0.0.5:4001", "tls://10.0.0.6:4001"])
+    assert handoff.on_one_host([])
+
+
 class _Receiver:
     """Stands in for a worker's receiver: holds the chunks of one scan."""
 
@@ -118,9 +124,8 @@ class _Receiver:
 def test_the_worker_hands_over_or_falls_back_and_removes_what_was_not_loaded(tmp_path, monkeypatch, caplog):
     sent = chunks(2)
     monkeypatch.setattr(worker, "_receiver", lambda name: _Receiver(sent))
-    monkeypatch.setattr(worker, "_HANDOFF_FAILED", set())
-    monkeypatch.setattr(worker, "_handed", {})
-    monkeypatch.setattr(worker, "_handoffs_closed", type(worker._handoffs_closed)())
+    for name, fresh in (("_failed", set()), ("_filed", {}), ("_released", type(handoff._released)())):
+        monkeypatch.setattr(handoff, name, fresh)
     assert worker.early_events_on_worker("p", "s", 0, 10) is sent  # no handoff_dir: as they are
     loaded = worker.early_events_on_worker("p", "s", 0, 10, str(tmp_path))
     same(loaded.load(), sent)

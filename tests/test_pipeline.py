@@ -524,6 +524,37 @@ def test_closing_right_after_the_last_frame_keeps_a_complete_scan_complete(clien
         s.wait(timeout=1)
 
 
+def _slow_flushes(seconds):
+    """In a worker process: every chunk a receiver processes takes ``seconds`` longer (0: as
+    it was)."""
+    from stream.transport.receiver import Receiver
+    flush = getattr(Receiver, "_flush_fast", Receiver._flush)
+    Receiver._flush_fast = flush
+    Receiver._flush = flush if not seconds else lambda self, *a, **kw: (time.sleep(seconds), flush(self, *a, **kw))[1]
+
+
+def test_closing_while_the_receivers_still_process_the_last_frames_waits_for_them(client2, scripted_source, tmp_path):
+    """The receivers take 0.4 s more over each chunk, so that their last reports come after a
+    silence: closing the session waits until each has said it reported all it had read (its
+    heartbeat), and the scan is complete."""
+    counts, indices = synthetic_events(GEOM, seed=17)
+    src = scripted_source(2)
+    s = Session(src.addresses, config=config(tmp_path, timeout_s=60), client=client2, console=False).start()
+    try:
+        src.wait_for_receivers()
+        client2.run(_slow_flushes, 0.4)
+        src.start("slow", GEOM)
+        src.frames("slow", GEOM, counts, indices)
+        src.end("slow", GEOM.n_frames)
+        time.sleep(0.2)  # the receivers have read the frames and are processing them
+        s.close()
+    finally:
+        client2.run(_slow_flushes, 0)
+    r = s.wait(timeout=1)
+    assert r.status == "complete", r.reason
+    assert_matches(r, reference(counts, indices, GEOM), r.path)
+
+
 def test_events_that_disagree_with_their_counts_refuse_the_file(tmp_path):
     """In one process (stream.session.finalize.finalize_scan): a worker state whose stored events no
     longer match the counts the file's offsets were written from (a chunk lost after

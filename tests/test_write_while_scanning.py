@@ -21,7 +21,7 @@ import pytest
 from conftest import ScriptedSource
 from faults import assert_same_file, set_read_only, wait_for, writable_dir
 from stream.config import MemorySpec
-from stream.session import Session
+from stream.session import Session, coordinator
 from stream.session.early import stored_before
 from stream.transport.protocol import Geometry
 from test_pipeline import assert_events_stored, assert_matches, config, reference, synthetic_events
@@ -123,8 +123,10 @@ def written(client2, tmp_path_factory):
     """case -> (ScanResult with early writing on, the same with it off): the cases through
     one pair of sessions, an out-of-order scan through a pair whose receivers keep at most
     50 kB of events in memory (the rest in their spill files), an in-order one through a pair
-    that hands no events over in memory; "handoffs", "handoffs_over_dask": each worker's
-    handoffs (transport.handoff) during the first pair's early run and the last one's."""
+    that hands no events over in memory, and the in-order scan written at its end block by
+    block; "handoffs", "handoffs_at_end", "handoffs_over_dask": each worker's handoffs
+    (transport.handoff) during the first pair's run with early writing, the run block by
+    block, and the pair without handoffs."""
     src = ScriptedSource(2)
     try:
         out = {}
@@ -133,14 +135,20 @@ def written(client2, tmp_path_factory):
         out["handoffs"] = handoffs(client2, before)
         off = run(client2, src, tmp_path_factory.mktemp("off"), False, 128.0, CASES)
         out.update({case: (on[case], off[case]) for case in CASES})
+        before = handoffs(client2)
+        with pytest.MonkeyPatch.context() as mp:  # written at the end block by block, not in one task
+            mp.setattr(coordinator, "SMALL_SCAN_EVENTS", 0)
+            blocks = run(client2, src, tmp_path_factory.mktemp("blocks"), False, 128.0, {"in_order": in_order})
+        out["handoffs_at_end"] = handoffs(client2, before)
+        out["in_blocks_at_the_end"] = (on["in_order"], blocks["in_order"])
         spill = {"spilled": out_of_order}
         on = run(client2, src, tmp_path_factory.mktemp("spill_on"), True, 0.05, spill)
         off = run(client2, src, tmp_path_factory.mktemp("spill_off"), False, 0.05, spill)
         out["spilled"] = (on["spilled"], off["spilled"])
         before = handoffs(client2)
         on = run(client2, src, tmp_path_factory.mktemp("dask_on"), True, 128.0, {"over_dask": in_order}, "")
-        out["handoffs_over_dask"] = handoffs(client2, before)
         off = run(client2, src, tmp_path_factory.mktemp("dask_off"), False, 128.0, {"over_dask": in_order}, "")
+        out["handoffs_over_dask"] = handoffs(client2, before)
         out["over_dask"] = (on["over_dask"], off["over_dask"])
         return out
     finally:
@@ -158,12 +166,14 @@ def handoffs(client, before=None) -> dict:
     return {w: {k: now[w][k] - before[w][k] for k in now[w]} for w in now}
 
 
-@pytest.mark.parametrize("case", [*CASES, "spilled", "over_dask"])
+@pytest.mark.parametrize("case", [*CASES, "spilled", "over_dask", "in_blocks_at_the_end"])
 def test_written_while_scanning_equals_written_at_the_end(written, case):
     """over_dask: an in-order stream with [memory] handoff_dir = "" (the parts of the blocks
-    move over dask's connections), against the same stream written at the end."""
+    move over dask's connections), against the same stream written at the end;
+    in_blocks_at_the_end: the in-order stream written at its end block by block (as a scan
+    of more than SMALL_SCAN_EVENTS is), against it written while it ran."""
     on, off = written[case]
-    events = events_of(case)
+    events = events_of("in_order" if case == "in_blocks_at_the_end" else case)
     assert on.events > 2 * (1 << 20)  # more than two HDF5 chunks of events
     # early writing happened, and its file was kept (or, with frames resent into it, not)
     assert on.timings["early_written"] > 0
@@ -190,9 +200,9 @@ def test_written_while_scanning_equals_written_at_the_end(written, case):
 
 def test_the_workers_hand_the_blocks_parts_over_in_memory_and_leave_no_file(written, client2):
     """On one host the worker that does not build a block hands its parts over through
-    /dev/shm to the one that does (the scan's writer), which loads each once; the files of
-    blocks cancelled at a scan's close are removed with it: none is left. With handoff_dir =
-    "" nothing goes through /dev/shm."""
+    /dev/shm to the one that does (while the scan runs, the scan's writer; at its end, each
+    in turn), which loads each once; the files of blocks cancelled at a scan's close are
+    removed with it: none is left. With handoff_dir = "" nothing goes through /dev/shm."""
     import os
 
     from stream.transport.handoff import PREFIX
@@ -200,6 +210,10 @@ def test_the_workers_hand_the_blocks_parts_over_in_memory_and_leave_no_file(writ
     a, b = written["handoffs"].values()  # a scan's writer loads what the other worker put
     assert a["loaded"] + b["loaded"] > 0, written["handoffs"]
     assert a["loaded"] <= b["put"] and b["loaded"] <= a["put"], written["handoffs"]  # cancelled at close: not loaded
+    # written at the end: the workers build in turn, each loading every part the other put
+    a, b = written["handoffs_at_end"].values()
+    assert a["loaded"] > 0 and b["loaded"] > 0 and (a["loaded"], b["loaded"]) == (b["put"], a["put"]), \
+        written["handoffs_at_end"]
     assert all(c == {"put": 0, "loaded": 0} for c in written["handoffs_over_dask"].values())
     pids = set(client2.run(os.getpid).values())
     left = [n for n in os.listdir("/dev/shm") if n.startswith(PREFIX) and int(n[len(PREFIX):].split("-")[0]) in pids]

@@ -540,11 +540,19 @@ class Session:
                                  f"{self.config.output.dir} yourself (it is a complete scan file)")
 
     def _drain_reports(self, quiet_s: float = 0.3, max_s: float = 2.0) -> None:
-        """Handle every report already on its way (until ``quiet_s`` without one other than
-        heartbeats, which never stop; at most ``max_s``: a detector still sending must not
-        keep a stopping session open)."""
+        """Handle every report already on its way: until ``quiet_s`` without one other than
+        heartbeats (which never stop), and while scans are open until every live receiver
+        has said (heartbeat ``empty_at``, ``pending``) that it read and reported all that
+        reached it before this began: on a busy machine a receiver's last reports can come
+        after a silence. At most ``max_s``: a detector still sending must not keep a
+        stopping session open."""
+        since = time.time()
         deadline, end = time.monotonic() + quiet_s, time.monotonic() + max_s
-        while time.monotonic() < min(deadline, end) and self._pull.poll(50):
+        while time.monotonic() < end:
+            if not self._pull.poll(50):
+                if not self._receivers_behind(since):
+                    return
+                continue
             while True:
                 try:
                     parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -552,6 +560,15 @@ class Session:
                     break
                 if self._handle_report(parts, set()) != "heartbeat":
                     deadline = time.monotonic() + quiet_s
+            if time.monotonic() >= deadline and not self._receivers_behind(since):
+                return
+
+    def _receivers_behind(self, since: float) -> bool:
+        """Whether an open scan may still have frames a live receiver read before ``since``
+        (wall-clock s) and has not reported."""
+        open_ids = {st.scan_id for st in self._tracker.active()}
+        return bool(open_ids) and any(rv.empty_at < since or open_ids & rv.pending
+                                      for rv in self._tracker.live())
 
     # -------------------------------------------------------------- results
     def wait(self, scan_id: str | None = None, timeout: float | None = None) -> ScanResult:

@@ -33,11 +33,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed.comm import get_address_host
-
 from stream.files.storage import EVENTS_CHUNK
 from stream.session.finalize import EarlySpec, discard_early, early_compress, early_csr, early_end, write_early
 from stream.session.worker import early_events_on_worker
+from stream.transport.handoff import on_one_host
 from stream.transport.protocol import Geometry
 
 log = logging.getLogger("stemstream.session")
@@ -52,11 +51,6 @@ def stored_before(g: Geometry, frames: int) -> int:
     raster, k = divmod(int(frames), fpp)
     row, col = divmod(raster, nx + g.flyback)
     return fpp * (row * nx + min(col, nx)) + (k if col < nx else 0)
-
-
-def _host(address: str) -> str:
-    """The host of a dask worker's address (``tls://10.0.0.5:40123`` -> ``10.0.0.5``)."""
-    return get_address_host(address)
 
 
 @dataclass
@@ -176,7 +170,7 @@ class EarlyWriter:
         # Workers of the writer's host hand their parts over in memory (transport.handoff):
         # then the writer builds every block, and the built blocks need no move either.
         # Otherwise the workers take turns, the writer last (it has the most to do).
-        shared = self.config.memory.handoff_dir if all(_host(w) == _host(e.writer) for w in holders) else ""
+        shared = self.config.memory.handoff_dir if on_one_host([e.writer, *holders]) else ""
         builders = [e.writer] if shared else sorted(w for w in live if w != e.writer) + [e.writer]
         while len(e.blocks) < IN_FLIGHT and per_frame * (end - e.frames) >= self.block_events:
             hi_f = min(end, e.frames + step)

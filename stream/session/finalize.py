@@ -35,7 +35,8 @@ from stream.config import PipelineConfig, build_operators
 from stream.transport.compact import narrow_map, widen_map
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
-from stream.transport.handoff import Handoff
+from stream.transport import handoff
+from stream.transport.handoff import Handoff, on_one_host
 from stream.transport.spill import SpillFile
 from stream.files.storage import (EVENTS_CHUNK, EventBlock, JSONText, PublishError, ScanWriter, check_space,
                                   compress_block, publish, read_images)
@@ -227,10 +228,13 @@ def without_events(ws: WorkerScan) -> WorkerScan:
                       {**ws.states, store.name: light}, ws.errors)
 
 
-def events_in(ws: WorkerScan, lo: int, hi: int) -> list[Chunk]:
-    """The frame parts of stored frames ``[lo, hi)`` this worker holds, as chunks."""
+def events_in(ws: WorkerScan, lo: int, hi: int, handoff_dir: str = "", key: str = ""):
+    """The frame parts of stored frames ``[lo, hi)`` this worker holds, as chunks; with
+    ``handoff_dir`` (the builder is on this host) handed over there under ``key``
+    (``transport.handoff.offer``)."""
     store = _store(ws)
-    return store.events_in(ws.states[store.name], lo, hi) if store else []
+    parts = store.events_in(ws.states[store.name], lo, hi) if store else []
+    return handoff.offer(parts, handoff_dir, key) if handoff_dir and parts else parts
 
 
 def _unpack(bits: np.ndarray | None, shape) -> np.ndarray:
@@ -690,6 +694,7 @@ def build_block(plan: WritePlan, k: int, here: WorkerScan | None, *parts: list) 
     other workers' ``events_in``: canonical CSR, its whole file chunks compressed. Returns
     (offsets of the block's frames from 0, EventBlock)."""
     lo, hi, first = plan.blocks[k]
+    parts = [p.load() if isinstance(p, Handoff) else p for p in parts]  # from a worker of this host
     chunks = [c for p in parts for c in p] + (events_in(here, lo, hi) if here is not None else [])
     offsets, indices = plan.store.csr(chunks, lo, hi)
     return offsets, compress_block(indices, first, plan.n_events, plan.level)
@@ -910,6 +915,7 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         except BaseException:
             client.cancel(futures)
             raise
+    shared = config.memory.handoff_dir if on_one_host(workers) else ""
     try:
         kept = closed
         plan = wait(on_(writer, open_scan_file, info, config, token, False,
@@ -923,7 +929,7 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         writes = []
         for k, (lo, hi, _) in enumerate(plan.blocks):
             at = builders[k % len(builders)]
-            parts = [on(w, events_in, kept[w], lo, hi) for w in workers if w != at]
+            parts = [on(w, events_in, kept[w], lo, hi, shared, token) for w in workers if w != at]
             built = on(at, build_block, plan, k, kept.get(at), *parts)
             if not writes:  # the head, once the writer gave its part of the first block: the
                 # other workers build that block while it is written
@@ -944,3 +950,7 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
         raise
+    finally:
+        if shared:  # forget the parts handed over; remove those of blocks never built
+            from distributed import fire_and_forget
+            fire_and_forget([on(w, handoff.release, token) for w in workers])

@@ -4,13 +4,9 @@ scan's state from the receiver that holds it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import struct
-import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -84,13 +80,7 @@ def close_on_worker(plugin_name: str, scan_id: str, travel: bool = False) -> Wor
     """Close ``scan_id`` on this worker's receiver; the result stays on this worker.
     ``travel``: ready to go to another worker that writes the file (stream.session.finalize.portable).
     The scan's events handed off here for blocks that were cancelled are removed."""
-    with _handed_lock:
-        _handoffs_closed[scan_id] = None
-        while len(_handoffs_closed) > 1024:
-            _handoffs_closed.popitem(last=False)
-        for path in _handed.pop(scan_id, []):
-            with contextlib.suppress(FileNotFoundError):  # loaded: the builder unlinked it
-                os.unlink(path)
+    handoff.release(scan_id)
     ws = _receiver(plugin_name).close_scan(scan_id)
     return portable(ws) if travel else ws
 
@@ -114,33 +104,7 @@ def early_events_on_worker(plugin_name: str, scan_id: str, lo: int, hi: int, han
         log.warning("scan %s: events of stored frames %d..%d could not be read", scan_id, lo, hi,
                     exc_info=True)
         return None
-    if not handoff_dir:
-        return parts
-    if time.monotonic() >= _next_sweep[0]:  # files of blocks cancelled at a scan's close
-        _next_sweep[0] = time.monotonic() + 10.0
-        handoff.sweep(handoff_dir)
-    try:
-        h = handoff.put(parts, handoff_dir)
-    except OSError as e:
-        if handoff_dir not in _HANDOFF_FAILED:
-            _HANDOFF_FAILED.add(handoff_dir)
-            log.warning("events cannot be handed to the other workers through %s (%s); they go "
-                        "over dask's connections (set [memory] handoff_dir to a memory file system "
-                        "with room, or \"\" to stop trying)", handoff_dir, e.strerror or e)
-        return parts
-    with _handed_lock:
-        if scan_id not in _handoffs_closed:
-            _handed.setdefault(scan_id, []).append(h.path)
-            return h
-    os.unlink(h.path)  # the scan closed meanwhile: its block was cancelled
-    return parts
-
-
-_HANDOFF_FAILED: set[str] = set()  # directories already warned about
-_next_sweep = [0.0]
-_handed: dict[str, list[str]] = {}  # scan -> its handoff files (removed at its close if not loaded)
-_handoffs_closed: OrderedDict[str, None] = OrderedDict()  # scans closed here (the latest 1024)
-_handed_lock = threading.Lock()
+    return handoff.offer(parts, handoff_dir, scan_id) if handoff_dir and parts is not None else parts
 
 
 def source_command(plugin_name: str, name: str, *args, dask_worker=None):

@@ -9,9 +9,12 @@ the holder writes its parts there (:func:`put`) and dask moves only the small
 :class:`Handoff` naming the file; the builder maps the file and unlinks it (``load``), so its
 memory returns as soon as the block is built.
 
-A file nobody loads (its block was cancelled when the scan closed, or its builder died) is
-removed by the next :func:`sweep` on its host once it is ``STALE_S`` old (a block takes well
-under a second; one that waited that long is written again at the scan's end anyway).
+:func:`offer` is what a worker calls: it files each handoff under a key (the scan, or the
+writing of its file), falls back to the chunks themselves when the directory cannot take them
+(warned once per directory), and :func:`release` removes the key's files nobody loaded (their
+block was cancelled). A file whose worker died before that is removed by the next
+:func:`sweep` on its host once it is ``STALE_S`` old (a block takes well under a second; one
+that waited that long is written again at the scan's end anyway).
 
 Examples
 --------
@@ -25,20 +28,24 @@ Examples
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from distributed.comm import get_address_host
 
 from operators.chunk import Chunk
 from stream.transport.spill import CHUNK_LAYOUT, pwrite_all
 
+log = logging.getLogger("stemstream.transport")
 PREFIX = "stemstream-handoff-"
 _NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]{{32}}$")
 STALE_S = 60.0  # a holder's file not loaded by then belongs to a block that never ran
@@ -143,3 +150,53 @@ def sweep(directory: str, stale_s: float = STALE_S) -> int:
         except OSError:
             continue  # loaded meanwhile, or not ours to remove
     return removed
+
+
+_filed: dict[str, list[str]] = {}  # key -> its handoff files (removed by release if not loaded)
+_released: OrderedDict[str, None] = OrderedDict()  # keys released here (the latest 1024)
+_failed: set[str] = set()  # directories already warned about
+_next_sweep = [0.0]
+_lock = threading.Lock()
+
+
+def offer(chunks: list[Chunk], directory: str, key: str) -> Handoff | list[Chunk]:
+    """``chunks`` handed over through ``directory`` (a Handoff), filed under ``key``; the
+    chunks themselves if the directory cannot take them (logged once per directory) or
+    ``key`` was released meanwhile (its block was cancelled)."""
+    if time.monotonic() >= _next_sweep[0]:  # the files of workers that died
+        _next_sweep[0] = time.monotonic() + 10.0
+        sweep(directory)
+    try:
+        h = put(chunks, directory)
+    except OSError as e:
+        if directory not in _failed:
+            _failed.add(directory)
+            log.warning("events cannot be handed to the other workers through %s (%s); they go "
+                        "over dask's connections (set [memory] handoff_dir to a memory file system "
+                        "with room, or \"\" to stop trying)", directory, e.strerror or e)
+        return chunks
+    with _lock:
+        if key not in _released:
+            _filed.setdefault(key, []).append(h.path)
+            return h
+    os.unlink(h.path)
+    return chunks
+
+
+def release(key: str) -> None:
+    """Remove the files offered under ``key`` that nobody loaded; later offers under it
+    keep no file."""
+    with _lock:
+        _released[key] = None
+        while len(_released) > 1024:
+            _released.popitem(last=False)
+        for path in _filed.pop(key, []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # loaded: the builder unlinked it
+                pass
+
+
+def on_one_host(addresses) -> bool:
+    """Whether the dask addresses (``tls://10.0.0.5:40123``) all name the same host."""
+    return len({get_address_host(a) for a in addresses}) <= 1
