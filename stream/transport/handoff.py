@@ -28,6 +28,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -50,14 +51,15 @@ PREFIX = "stemstream-handoff-"
 _NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]{{32}}$")
 STALE_S = 60.0  # a holder's file not loaded by then belongs to a block that never ran
 COUNTS = {"put": 0, "loaded": 0}  # this process's handoffs (diagnostics, tests)
-_counts_lock = threading.Lock()
+_lock = threading.Lock()
 
 
 def _count(what: str) -> None:
-    with _counts_lock:
+    with _lock:
         COUNTS[what] += 1
 
 
+@functools.cache
 def host_id() -> str:
     """This host's identity for this boot: two processes that agree share its memory file
     systems (a container that shares the boot but not /dev/shm fails in ``load``, by name)."""
@@ -156,7 +158,6 @@ _filed: dict[str, list[str]] = {}  # key -> its handoff files (removed by releas
 _released: OrderedDict[str, None] = OrderedDict()  # keys released here (the latest 1024)
 _failed: set[str] = set()  # directories already warned about
 _next_sweep = [0.0]
-_lock = threading.Lock()
 
 
 def offer(chunks: list[Chunk], directory: str, key: str) -> Handoff | list[Chunk]:
