@@ -68,13 +68,18 @@ def test_loaded_chunks_are_writable_views_equal_to_what_was_put(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_handoff_from_another_host_or_gone_is_refused_naming_the_file(tmp_path):
+def test_a_handoff_from_another_host_gone_or_not_one_is_refused_naming_the_file(tmp_path):
     h = put(chunks(), str(tmp_path))
     with pytest.raises(RuntimeError, match=f"{h.path} on another host; set \\[memory\\] handoff_dir"):
         Handoff(h.path, "some-other-boot-id", h.sizes).load()
     os.unlink(h.path)
     with pytest.raises(RuntimeError, match=f"{h.path}: No such file"):
         h.load()
+    other = tmp_path / "results.h5"
+    other.write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="is not a handoff file"):
+        Handoff(str(other), h.host, h.sizes).load()
+    assert other.exists()
 
 
 def test_a_failed_put_leaves_no_file(tmp_path, monkeypatch):

@@ -83,6 +83,8 @@ class Handoff:
         the kernels are compiled for), which is unlinked at once.
 
         Raises RuntimeError naming the file and the reason (another host, or gone)."""
+        if not _NAME.match(os.path.basename(self.path)):  # never unlink a file that is not one
+            raise RuntimeError(f"{self.path} is not a handoff file ({PREFIX}PID-ID)")
         if self.host != host_id():
             raise RuntimeError(f"events handed off in {self.path} on another host; set [memory] "
                                "handoff_dir = \"\" where workers do not share a host's memory")
