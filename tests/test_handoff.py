@@ -68,6 +68,12 @@ def test_loaded_chunks_are_writable_views_equal_to_what_was_put(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_chunks_of_parts_handed_over_or_not_come_in_their_order(tmp_path):
+    a, b = chunks(3), chunks(4)
+    same(handoff.chunks_of([put(a, str(tmp_path)), b]), a + b)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_handoff_from_another_host_gone_or_not_one_is_refused_naming_the_file(tmp_path):
     h = put(chunks(), str(tmp_path))
     with pytest.raises(RuntimeError, match=f"{h.path} on another host; set \\[memory\\] handoff_dir"):

@@ -36,7 +36,6 @@ from stream.transport.compact import narrow_map, widen_map
 from stream.transport.protocol import Geometry
 from stream.transport.receiver import WorkerScan
 from stream.transport import handoff
-from stream.transport.handoff import Handoff, on_one_host
 from stream.transport.spill import SpillFile
 from stream.files.storage import (EVENTS_CHUNK, EventBlock, JSONText, PublishError, ScanWriter, check_space,
                                   compress_block, publish, read_images)
@@ -532,8 +531,7 @@ def early_csr(spec: EarlySpec, lo: int, hi: int, *parts) -> tuple[np.ndarray, np
     Raises if a part is None (the scan was not open there: the early file is dropped)."""
     if any(p is None for p in parts):
         raise RuntimeError(f"scan {spec.scan_id}: no longer open on a worker that received its frames")
-    parts = [p.load() if isinstance(p, Handoff) else p for p in parts]  # a worker of this host's
-    return _early_store(spec).csr([c for p in parts for c in p], lo, hi)
+    return _early_store(spec).csr(handoff.chunks_of(parts), lo, hi)
 
 
 def early_end(start: int, csr: tuple[np.ndarray, np.ndarray]) -> int:
@@ -694,8 +692,7 @@ def build_block(plan: WritePlan, k: int, here: WorkerScan | None, *parts: list) 
     other workers' ``events_in``: canonical CSR, its whole file chunks compressed. Returns
     (offsets of the block's frames from 0, EventBlock)."""
     lo, hi, first = plan.blocks[k]
-    parts = [p.load() if isinstance(p, Handoff) else p for p in parts]  # from a worker of this host
-    chunks = [c for p in parts for c in p] + (events_in(here, lo, hi) if here is not None else [])
+    chunks = handoff.chunks_of(parts) + (events_in(here, lo, hi) if here is not None else [])
     offsets, indices = plan.store.csr(chunks, lo, hi)
     return offsets, compress_block(indices, first, plan.n_events, plan.level)
 
@@ -915,7 +912,7 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
         except BaseException:
             client.cancel(futures)
             raise
-    shared = config.memory.handoff_dir if on_one_host(workers) else ""
+    shared = config.memory.handoff_dir if handoff.on_one_host(workers) else ""
     try:
         kept = closed
         plan = wait(on_(writer, open_scan_file, info, config, token, False,

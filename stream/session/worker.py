@@ -104,7 +104,7 @@ def early_events_on_worker(plugin_name: str, scan_id: str, lo: int, hi: int, han
         log.warning("scan %s: events of stored frames %d..%d could not be read", scan_id, lo, hi,
                     exc_info=True)
         return None
-    return handoff.offer(parts, handoff_dir, scan_id) if handoff_dir and parts is not None else parts
+    return handoff.offer(parts, handoff_dir, scan_id) if handoff_dir and parts else parts
 
 
 def source_command(plugin_name: str, name: str, *args, dask_worker=None):

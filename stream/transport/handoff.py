@@ -111,6 +111,11 @@ class Handoff:
         return chunks
 
 
+def chunks_of(parts) -> list[Chunk]:
+    """The chunks of workers' parts, each a list of chunks or a :class:`Handoff` (loaded)."""
+    return [c for p in parts for c in (p.load() if isinstance(p, Handoff) else p)]
+
+
 def put(chunks: list[Chunk], directory: str) -> Handoff:
     """Write ``chunks`` to a new file (mode 0600) in ``directory``; OSError (full, missing,
     read-only) leaves no file behind and the caller sends the chunks as they are."""
