@@ -21,7 +21,11 @@ pipeline's own ceiling on one core, with nothing else of ours on it.
 ``--early-table`` instead measures the file's latency against the scan's size with the
 events written while the scan runs (``[output] write_while_scanning``) on and off, side by
 side in one run on one cluster: ``--scans 128x128 512x512 1024x1024`` at the first of
-``--rates`` (300,000 frames/s by default there), ``--repeats`` runs each.
+``--rates`` (300,000 frames/s by default there), ``--repeats`` runs each (``--early-only``:
+without the runs written at the end). It also says how far the receivers were behind the
+emulator halfway through its sending and when it sent its last frame (frames processed, as
+the coordinator heard of them, against the emulator's steady pace): a lag that grows over the
+scan is a throughput deficit, one only at the end a burst.
 
 ``--plain-sources``: the emulator's links without CURVE (``simulate --insecure``, the
 receivers told so by ``[security] plain_sources``), as a DECTRIS or Merlin detector delivers
@@ -123,11 +127,14 @@ def pin_tree(cpus) -> None:
 
 
 def memory_args(cfg, a) -> None:
-    """--events-in-memory-mb and --write-block-mb into the configuration, where given."""
+    """--events-in-memory-mb, --write-block-mb and --early-block-mb into the configuration,
+    where given."""
     if a.events_in_memory_mb is not None:
         cfg.memory.events_in_memory_mb = a.events_in_memory_mb
     if a.write_block_mb is not None:
         cfg.memory.write_block_mb = a.write_block_mb
+    if a.early_block_mb is not None:
+        cfg.memory.early_block_mb = a.early_block_mb
 
 
 def run_emulator(args, bind, scan_id, rate, on_generated=None, cpu=None, plain=False):
@@ -179,6 +186,8 @@ def main(argv=None):
                     help="[memory] events_in_memory_mb of the receivers (default: the configuration's)")
     ap.add_argument("--write-block-mb", type=float, default=None,
                     help="[memory] write_block_mb (default: the configuration's)")
+    ap.add_argument("--early-block-mb", type=float, default=None,
+                    help="[memory] early_block_mb (default: the configuration's)")
     ap.add_argument("--pinned", action="store_true",
                     help="add an unpaced run with the emulator alone on CPU 1, the pipeline on CPU 0")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/results/...)")
@@ -189,6 +198,8 @@ def main(argv=None):
                          "plain_sources), as a DECTRIS or Merlin detector delivers; everything else as configured")
     ap.add_argument("--scans", nargs="+", default=["128x128", "512x512", "1024x1024"],
                     help="scan sizes of --early-table")
+    ap.add_argument("--early-only", action="store_true",
+                    help="--early-table without the runs written at the end")
     a = ap.parse_args(argv)
     temporary = a.out is None
     if temporary:
@@ -371,16 +382,20 @@ def early_table(a, argv):
     rows = {}
     try:
         for scan in a.scans:
-            for early in (True, False):
+            for early in (True,) if a.early_only else (True, False):
                 c = replace(cfg, output=replace(cfg.output, write_while_scanning=early, dir=a.out))
                 with Session(expand_sources([bind], a.sources), config=c, client=client, console=False) as s:
                     for i in range(a.repeats):
                         sid = f"early-{scan}-{'on' if early else 'off'}-{i}"
-                        sent = run_emulator(replace_scan(a, scan), bind, sid, rate, plain=a.plain_sources)
+                        behind = Behind(s, f"{sid}-0000")
+                        sent = run_emulator(replace_scan(a, scan), bind, sid, rate, plain=a.plain_sources,
+                                            on_generated=behind.started)
                         r = s.wait(f"{sid}-0000", timeout=600)
                         measured(r, a)
                         rows.setdefault((scan, early), []).append(
                             {"latency": r.timings["written"] - sent["time"], "achieved": sent["rate"],
+                             "behind_half": behind.at(0.5, sent["time"]),
+                             "behind_end": r.timings["last_frame"] - sent["time"],
                              "tail": r.timings["written"] - r.timings["last_frame"],
                              "closing": r.timings["closed"] - r.timings["last_frame"],
                              "merging": r.timings["merged"] - r.timings["closed"],
@@ -394,20 +409,25 @@ def early_table(a, argv):
             cl.close()
     print("| scan | electrons | achieved frames/s (on, off) | frames lost | file after last frame, written "
           "while scanning (s) | written at the end (s) | after the last frame processed: on, off (s) "
-          "| frames written early (blocks cancelled at close) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| frames written early (blocks cancelled at close) | behind the emulator halfway, at its last "
+          "frame: on, off (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     out = []
+    def med(runs, key, fmt):  # median of ``key`` over the runs, "-" for none (--early-only)
+        return format(statistics.median(x[key] for x in runs), fmt) if runs else "-"
+
+    def spread(runs):
+        return f" ({min(x['latency'] for x in runs):.2f}..{max(x['latency'] for x in runs):.2f})" if runs else ""
+
     for scan in a.scans:
-        on, off = rows[(scan, True)], rows[(scan, False)]
-        med = {k: statistics.median(x["latency"] for x in runs) for k, runs in (("on", on), ("off", off))}
-        rng = {k: f"{min(x['latency'] for x in runs):.2f}..{max(x['latency'] for x in runs):.2f}"
-               for k, runs in (("on", on), ("off", off))}
+        on, off = rows[(scan, True)], rows.get((scan, False), [])
         early_share = statistics.median(x["early_frames"] / x["stored"] for x in on)
-        print(f"| {scan} | {on[0]['events'] / 1e6:.1f} M | {statistics.median(x['achieved'] for x in on):,.0f}, "
-              f"{statistics.median(x['achieved'] for x in off):,.0f} | {max(x['lost'] for x in on + off)} | "
-              f"{med['on']:.2f} ({rng['on']}) | {med['off']:.2f} ({rng['off']}) | "
-              f"{statistics.median(x['tail'] for x in on):.2f}, {statistics.median(x['tail'] for x in off):.2f} | "
-              f"{early_share:.0%} ({statistics.median(x['cancelled'] for x in on):g}) |")
+        print(f"| {scan} | {on[0]['events'] / 1e6:.1f} M | {med(on, 'achieved', ',.0f')}, "
+              f"{med(off, 'achieved', ',.0f')} | {max(x['lost'] for x in on + off)} | "
+              f"{med(on, 'latency', '.2f')}{spread(on)} | {med(off, 'latency', '.2f')}{spread(off)} | "
+              f"{med(on, 'tail', '.2f')}, {med(off, 'tail', '.2f')} | "
+              f"{early_share:.0%} ({med(on, 'cancelled', 'g')}) | {med(on, 'behind_half', '.2f')}, "
+              f"{med(on, 'behind_end', '.2f')}; {med(off, 'behind_half', '.2f')}, {med(off, 'behind_end', '.2f')} |")
         out.append({"scan": scan, "on": on, "off": off})
     print("\nAfter the last frame processed (medians, s): until the coordinator closed the scan; from "
           "then until the states were merged (the early block being written finished, the scan closed on "
@@ -416,7 +436,9 @@ def early_table(a, argv):
     print("|---|:---:|---:|---:|---:|")
     for scan in a.scans:
         for early in (True, False):
-            runs = rows[(scan, early)]
+            runs = rows.get((scan, early))
+            if not runs:
+                continue
             print(f"| {scan} | {'on' if early else 'off'} | "
                   + " | ".join(f"{statistics.median(x[k] for x in runs):.2f}" for k in ("closing", "merging", "writing"))
                   + " |")
@@ -426,6 +448,40 @@ def early_table(a, argv):
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"command": " ".join(argv or sys.argv[1:]), "rows": out}, indent=1))
     return out
+
+
+class Behind:
+    """How far the pipeline is behind the emulator while a scan streams: ``s.status()``'s
+    frames processed, sampled every 20 ms, against the frames the emulator had sent at its
+    steady pace since it started (the clock starts at its "generated" line)."""
+
+    def __init__(self, session, scan_id: str):
+        self.session, self.scan_id = session, scan_id
+        self.samples, self.t0 = [], None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def started(self, pid) -> None:  # run_emulator's on_generated: the first call only
+        if self.t0 is None:
+            self.t0 = time.time()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            for st in self.session.status():
+                if st["scan_id"] == self.scan_id:
+                    self.samples.append((time.time(), st["frames_received"], st["n_frames"]))
+
+    def at(self, share: float, t_end: float) -> float:
+        """Seconds behind when ``share`` of the sending time to ``t_end`` had passed."""
+        self._stop.set()
+        self._thread.join()
+        if self.t0 is None or not self.samples:
+            return float("nan")
+        span = t_end - self.t0
+        t = self.t0 + share * span
+        got = max([f for when, f, _ in self.samples if when <= t] or [0])
+        return share * span - got / self.samples[-1][2] * span
 
 
 def replace_scan(a, scan):
