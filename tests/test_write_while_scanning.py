@@ -220,6 +220,16 @@ def test_the_workers_hand_the_blocks_parts_over_in_memory_and_leave_no_file(writ
     assert left == []
 
 
+def test_the_sessions_workers_and_its_own_process_are_frozen_for_the_garbage_collector(written, client2):
+    """stream/session/quiet_gc.py: once a session has started, the objects its workers and
+    its own process held then are out of the collector's reach (a full collection would
+    walk them all with the GIL held: 0.1-0.2 s each)."""
+    import gc
+
+    assert all(n > 50_000 for n in client2.run(gc.get_freeze_count).values())
+    assert gc.get_freeze_count() > 50_000
+
+
 def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(client2, written, tmp_path):
     """The output goes read-only while the scan's events are being written early: the
     finished file waits in staging (the early file, adopted), is published once the output

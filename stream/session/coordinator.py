@@ -19,6 +19,7 @@ the workers with the plugin) and, on the live channel, the configured viewers
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import sys
@@ -39,7 +40,7 @@ from sim_detector.publisher import address_ranges
 
 from stream.security import (ClientKeys, Gatekeeper, ReceiverKeys, SecurityError, as_server, ensure_keys,
                              generate, read_public)
-from stream.session import cluster, stopping
+from stream.session import cluster, quiet_gc, stopping
 from stream.transport import control
 from stream.transport.links import unreached
 from stream.transport.protocol import Geometry
@@ -348,6 +349,7 @@ class Session:
                                                       "connect": self.connect})
         except (ControlError, zmq.ZMQError, OSError) as e:  # the session still works without it
             self.console.say(f"WARNING: no control socket for 'stemstream pending': {e}")
+        quiet_gc.freeze()  # set up (the scheduler too, if it runs here): no full collection walks it again
         self._thread = threading.Thread(target=self._loop, name="stemstream-coordinator", daemon=True)
         self._thread.start()
         if self._pub is not None or self._view_pub is not None:  # the live sockets belong to this thread alone
@@ -1533,6 +1535,9 @@ class Session:
         try:
             # after interrupt() the operator waits for nothing but the files: "stopping" stays the last line
             r.previews = scan_previews(r, self.config, stop=self._interrupted.is_set)
+            # the figures' reference cycles (tens of thousands of objects at 1024²) go now, not in
+            # a full collection that stops this process at the next scan's end (stream/session/quiet_gc.py)
+            gc.collect()
         except OSError as e:  # the output went read-only or full: the scan file is safe, say so in one line
             log.info("previews of scan %s not written", r.scan_id, exc_info=True)
             self.console.say(f"WARNING [{r.scan_id}] previews not written: {e}; the scan file is not affected")

@@ -18,6 +18,7 @@ from operators.electron_counting import ElectronCounter
 
 from stream.config import PipelineConfig, build_operators
 from stream.security import ReceiverKeys
+from stream.session import quiet_gc
 from stream.session.finalize import portable
 from stream.sources.build import build_source
 from stream.transport import handoff
@@ -63,6 +64,7 @@ class ReceiverPlugin(WorkerPlugin):
         self.receiver.start()
         if STAGE_EXECUTOR not in worker.executors:  # one thread for downstream stages
             worker.executors[STAGE_EXECUTOR] = ThreadPoolExecutor(1, thread_name_prefix=STAGE_EXECUTOR)
+        quiet_gc.freeze()  # set up: no full collection walks all this again (a receiver's pause)
 
     def teardown(self, worker):
         if self.receiver is not None:
