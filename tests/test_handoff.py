@@ -19,6 +19,7 @@ from operators.chunk import Chunk
 from stream.session import worker
 from stream.transport import handoff
 from stream.transport.handoff import PREFIX, Handoff, put, sweep
+from stream.transport.receiver import WorkerScan
 
 
 def chunks(seed=0):
@@ -86,6 +87,74 @@ def test_a_handoff_from_another_host_gone_or_not_one_is_refused_naming_the_file(
     with pytest.raises(RuntimeError, match="is not a handoff file"):
         Handoff(str(other), h.host, h.sizes).load()
     assert other.exists()
+
+
+def light_state(seed=0) -> WorkerScan:
+    """A worker's closed scan as the writer gets it: int64 sums (narrowed on the way), a
+    float image, a non-contiguous view, a stored-events state with its counts only."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 200, 4096)
+    return WorkerScan("s", "w0", None, [], {
+        "fused": {"bf": rng.integers(0, 70, (64, 64)), "com_x": rng.normal(size=(64, 64)),
+                  "strided": rng.integers(0, 9, (64, 64))[:, ::2], "n": 7},
+        "events": {"chunks": [], "spans": [], "counts": counts}}, ["an error"])
+
+
+def same_state(a: WorkerScan, b: WorkerScan) -> None:
+    assert (a.scan_id, a.worker, a.errors) == (b.scan_id, b.worker, b.errors)
+    assert a.states.keys() == b.states.keys()
+    for op, state in a.states.items():
+        assert state.keys() == b.states[op].keys()
+        for k, v in state.items():
+            w = b.states[op][k]
+            if isinstance(v, np.ndarray):
+                assert v.dtype == w.dtype and v.shape == w.shape and w.flags.writeable, (op, k)
+            np.testing.assert_array_equal(v, w)
+
+
+def _load_object_in_child(h, q) -> None:
+    ws = h.load()
+    q.put({op: {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in st.items()}
+           for op, st in ws.states.items()})
+
+
+def test_a_state_comes_back_exactly_in_another_process_with_its_arrays_in_the_file(tmp_path):
+    sent = light_state()
+    h = handoff.put_object(sent, str(tmp_path))
+    assert stat.S_IMODE(os.stat(h.path).st_mode) == 0o600
+    # the contiguous arrays are in the file, not in the pickle that travels (a strided view
+    # is pickled as a copy)
+    assert len(h.pickled) < sent.states["fused"]["strided"].nbytes + 4096
+    assert sum(h.sizes) >= sent.states["fused"]["com_x"].nbytes + sent.states["events"]["counts"].nbytes
+    q = multiprocessing.get_context("spawn").Queue()
+    p = multiprocessing.get_context("spawn").Process(target=_load_object_in_child, args=(h, q))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(60)
+    assert got == {op: {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in st.items()}
+                   for op, st in sent.states.items()}
+    assert not os.path.exists(h.path)
+
+
+def test_the_light_state_of_a_closed_scan_is_handed_over_or_falls_back(tmp_path, caplog):
+    """``finalize.without_events`` with a handoff directory: the writer loads the same state
+    it would have got over dask (``handoff.loaded``); a directory that cannot take it gives
+    the state itself; a released key keeps no file."""
+    from stream.session.finalize import without_events
+
+    sent = light_state(1)
+    h = without_events(sent, str(tmp_path), "scan-a")
+    assert isinstance(h, handoff.HandedObject)
+    same_state(sent, handoff.loaded(h))
+    assert list(tmp_path.iterdir()) == []
+    same_state(sent, handoff.loaded(without_events(sent)))  # on the writer itself: no file
+    with caplog.at_level("WARNING", logger="stemstream.transport"):
+        fallback = without_events(sent, str(tmp_path / "missing"), "scan-a")
+    assert isinstance(fallback, WorkerScan) and "over dask's connections" in caplog.text
+    same_state(sent, fallback)
+    handoff.release("scan-b")
+    assert isinstance(without_events(sent, str(tmp_path), "scan-b"), WorkerScan)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_put_leaves_no_file(tmp_path, monkeypatch):

@@ -215,16 +215,18 @@ def _store(ws: WorkerScan) -> EventStore | None:
     return next((op for op in ws.operators if isinstance(op, EventStore)), None)
 
 
-def without_events(ws: WorkerScan) -> WorkerScan:
+def without_events(ws: WorkerScan, handoff_dir: str = "", key: str = ""):
     """The worker's scan without its events (their counts per stored frame stay): what
-    travels to the writer before the events do."""
+    travels to the writer before the events do; with ``handoff_dir`` (the writer is on
+    this host) handed over there under ``key`` (``transport.handoff.offer_object``;
+    ``open_scan_file`` loads it)."""
     store = _store(ws)
-    if store is None:
-        return ws
-    light = store.without_events(ws.states[store.name])
-    light["counts"] = light["counts"].copy()  # merging adds into it
-    return WorkerScan(ws.scan_id, ws.worker, ws.geometry, ws.operators,
-                      {**ws.states, store.name: light}, ws.errors)
+    if store is not None:
+        light = store.without_events(ws.states[store.name])
+        light["counts"] = light["counts"].copy()  # merging adds into it
+        ws = WorkerScan(ws.scan_id, ws.worker, ws.geometry, ws.operators,
+                        {**ws.states, store.name: light}, ws.errors)
+    return handoff.offer_object(ws, handoff_dir, key) if handoff_dir else ws
 
 
 def events_in(ws: WorkerScan, lo: int, hi: int, handoff_dir: str = "", key: str = ""):
@@ -365,13 +367,15 @@ class WritePlan:
 
 
 def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplicated: bool,
-                   *light: WorkerScan, early: str = "") -> WritePlan | None:
-    """On the writer: merge the workers' states (``without_events``), finalize every operator
-    and start the scan file (the rest of it is written while the events come); returns how
+                   *light, early: str = "") -> WritePlan | None:
+    """On the writer: merge the workers' states (``without_events``: WorkerScans, or their
+    handoffs), finalize every operator and start the scan file (the rest of it is written
+    while the events come); returns how
     the events are to come. None, doing nothing, if frames arrived more than once and the
     states are not ``deduplicated`` yet (``keep_owned``). ``early``: the token of the file
     ``write_early`` wrote while the scan ran: kept, and only the frames after it planned,
     if its events are exactly those the states hold; else thrown away."""
+    light = [handoff.loaded(x) for x in light]
     if not deduplicated and claim_frames(*map(received_counts, light)) is not None:
         return None
     _busy(info.write_id, +1)
@@ -879,10 +883,12 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
     """``finalize_scan`` with every worker's state left where it is.
 
     closed: worker address → future of its ``WorkerScan`` (on that worker); writer: the
-    worker that writes the file. Small states go to the writer first. Then the events, one
-    block of frames at a time, at most ``IN_FLIGHT`` blocks under way: the workers take
-    their parts of a block to one of them (in turn), which builds and compresses it, and
-    the writer writes it. No process holds a whole scan, and the workers share the work.
+    worker that writes the file. Small states go to the writer first (on one host through
+    ``[memory] handoff_dir``). Then the events, one block of frames at a time, at most
+    ``IN_FLIGHT`` blocks under way: the workers take their parts of a block to its builder,
+    which builds and compresses it, and the writer writes it. On one host the writer builds
+    them all, the parts coming through ``handoff_dir``; on several the workers take turns.
+    No process holds a whole scan.
     ``small``: the other workers send their whole states to the writer, which does
     everything in one task (fewer round trips; for scans of a few million electrons).
     ``stop``: set by another thread when a worker of the scan left; raises WorkerLost.
@@ -913,16 +919,21 @@ def finalize_on_cluster(client, info: ScanInfo, config: PipelineConfig, closed: 
             client.cancel(futures)
             raise
     shared = config.memory.handoff_dir if handoff.on_one_host(workers) else ""
+
+    def light(kept):  # the states without their events, on the writer's host through memory
+        return [on(w, without_events, kept[w], shared if w != writer else "", token) for w in workers]
+
     try:
         kept = closed
-        plan = wait(on_(writer, open_scan_file, info, config, token, False,
-                        *(on(w, without_events, kept[w]) for w in workers), early=early))
+        plan = wait(on_(writer, open_scan_file, info, config, token, False, *light(kept), early=early))
         if plan is None:  # frames arrived more than once: the workers drop the extra copies first
             owners = on(writer, claim_frames, *(on(w, received_counts, closed[w]) for w in workers))
             kept = {w: on(w, keep_owned, closed[w], owners, i) for i, w in enumerate(workers)}
-            plan = wait(on_(writer, open_scan_file, info, config, token, True,
-                            *(on(w, without_events, kept[w]) for w in workers), early=early))
-        builders = [w for w in workers if w != writer] + [writer]  # the writer has the most to do
+            plan = wait(on_(writer, open_scan_file, info, config, token, True, *light(kept), early=early))
+        # On one host the writer builds every block, the others handing their parts over in
+        # memory (transport.handoff): no built block moves. Else the workers take turns, the
+        # writer last (it has the most to do).
+        builders = [writer] if shared else [w for w in workers if w != writer] + [writer]
         writes = []
         for k, (lo, hi, _) in enumerate(plan.blocks):
             at = builders[k % len(builders)]

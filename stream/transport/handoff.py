@@ -7,7 +7,10 @@ fifth of the cores at 300,000 frames/s (BENCHMARKS.md). Between processes of one
 in a memory file system (``[memory] handoff_dir``, ``/dev/shm``) does it for a memory copy:
 the holder writes its parts there (:func:`put`) and dask moves only the small
 :class:`Handoff` naming the file; the builder maps the file and unlinks it (``load``), so its
-memory returns as soon as the block is built.
+memory returns as soon as the block is built. At a scan's end a worker's closed state without
+its events (its images, counts and completeness: tens of MB at 1024² positions) goes to the
+writer the same way (:func:`put_object`: the object's pickle travels, its arrays stay in the
+file).
 
 :func:`offer` is what a worker calls: it files each handoff under a key (the scan, or the
 writing of its file), falls back to the chunks themselves when the directory cannot take them
@@ -32,6 +35,7 @@ import functools
 import logging
 import mmap
 import os
+import pickle
 import re
 import threading
 import time
@@ -50,7 +54,7 @@ log = logging.getLogger("stemstream.transport")
 PREFIX = "stemstream-handoff-"
 _NAME = re.compile(rf"{PREFIX}(\d+)-[0-9a-f]{{32}}$")
 STALE_S = 60.0  # a holder's file not loaded by then belongs to a block that never ran
-COUNTS = {"put": 0, "loaded": 0}  # this process's handoffs (diagnostics, tests)
+COUNTS = {"put": 0, "loaded": 0, "objects": 0}  # this process's handoffs: files, files loaded, of them objects
 _lock = threading.Lock()
 
 
@@ -83,22 +87,7 @@ class Handoff:
         the kernels are compiled for), which is unlinked at once.
 
         Raises RuntimeError naming the file and the reason (another host, or gone)."""
-        if not _NAME.match(os.path.basename(self.path)):  # never unlink a file that is not one
-            raise RuntimeError(f"{self.path} is not a handoff file ({PREFIX}PID-ID)")
-        if self.host != host_id():
-            raise RuntimeError(f"events handed off in {self.path} on another host; set [memory] "
-                               "handoff_dir = \"\" where workers do not share a host's memory")
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise RuntimeError(f"events handed off in {self.path}: {e.strerror or e} (removed "
-                               "as stale, or not visible from this process)") from None
-        try:
-            size = os.fstat(fd).st_size
-            mem = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else bytearray()
-        finally:
-            os.close(fd)
-            os.unlink(self.path)
+        mem = _mapped(self.path, self.host)
         chunks, offset = [], 0
         for n, e in self.sizes:
             arrays = []
@@ -111,6 +100,57 @@ class Handoff:
         return chunks
 
 
+@dataclass(frozen=True)
+class HandedObject:
+    """An object handed over through ``path`` on host ``host``: its pickle (protocol 5)
+    travels here, the buffers of its arrays (``sizes``, bytes each) are in the file."""
+
+    path: str
+    host: str
+    pickled: bytes
+    sizes: tuple
+
+    def load(self):
+        """The object, its arrays views of the file mapped copy-on-write (writable, no copy),
+        which is unlinked at once. Raises RuntimeError as :meth:`Handoff.load`."""
+        mem = memoryview(_mapped(self.path, self.host))
+        buffers, offset = [], 0
+        for n in self.sizes:
+            offset = _aligned(offset)
+            buffers.append(mem[offset:offset + n])
+            offset += n
+        _count("loaded")
+        _count("objects")
+        # the pickle came over dask's connection, as every task's arguments do; the file
+        # gives only the arrays' bytes
+        return pickle.loads(self.pickled, buffers=buffers)
+
+
+def _mapped(path: str, host: str):
+    """The handoff file ``path`` of host ``host`` mapped copy-on-write, and unlinked."""
+    if not _NAME.match(os.path.basename(path)):  # never unlink a file that is not one
+        raise RuntimeError(f"{path} is not a handoff file ({PREFIX}PID-ID)")
+    if host != host_id():
+        raise RuntimeError(f"events handed off in {path} on another host; set [memory] "
+                           "handoff_dir = \"\" where workers do not share a host's memory")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise RuntimeError(f"events handed off in {path}: {e.strerror or e} (removed "
+                           "as stale, or not visible from this process)") from None
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else bytearray()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def loaded(x):
+    """``x`` itself, or the object a :class:`HandedObject` hands over."""
+    return x.load() if isinstance(x, HandedObject) else x
+
+
 def chunks_of(parts) -> list[Chunk]:
     """The chunks of workers' parts, each a list of chunks or a :class:`Handoff` (loaded)."""
     return [c for p in parts for c in (p.load() if isinstance(p, Handoff) else p)]
@@ -119,23 +159,38 @@ def chunks_of(parts) -> list[Chunk]:
 def put(chunks: list[Chunk], directory: str) -> Handoff:
     """Write ``chunks`` to a new file (mode 0600) in ``directory``; OSError (full, missing,
     read-only) leaves no file behind and the caller sends the chunks as they are."""
+    arrays = [np.ascontiguousarray(getattr(c, name), dtype=dtype) for c in chunks for name, dtype in CHUNK_LAYOUT]
+    path = _write(directory, arrays)
+    return Handoff(path, host_id(), tuple((c.n_frames, c.n_events) for c in chunks))
+
+
+def put_object(obj, directory: str) -> HandedObject:
+    """Write the arrays of ``obj`` (as pickle protocol 5 lets them out of its pickle) to a
+    new file (mode 0600) in ``directory``; OSError as :func:`put`."""
+    buffers = []
+    pickled = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    path = _write(directory, raws)
+    return HandedObject(path, host_id(), pickled, tuple(r.nbytes for r in raws))
+
+
+def _write(directory: str, buffers: list) -> str:
+    """A new handoff file in ``directory`` holding ``buffers``, each from 8 bytes; its path."""
     path = os.path.join(directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         offset = 0
-        for c in chunks:
-            for name, dtype in CHUNK_LAYOUT:
-                a = np.ascontiguousarray(getattr(c, name), dtype=dtype)
-                offset = _aligned(offset)
-                pwrite_all(fd, a, offset)
-                offset += a.nbytes
+        for b in buffers:
+            offset = _aligned(offset)
+            pwrite_all(fd, b, offset)
+            offset += memoryview(b).nbytes
     except BaseException:
         os.unlink(path)
         raise
     finally:
         os.close(fd)
     _count("put")
-    return Handoff(path, host_id(), tuple((c.n_frames, c.n_events) for c in chunks))
+    return path
 
 
 def _aligned(offset: int) -> int:
@@ -171,24 +226,34 @@ def offer(chunks: list[Chunk], directory: str, key: str) -> Handoff | list[Chunk
     """``chunks`` handed over through ``directory`` (a Handoff), filed under ``key``; the
     chunks themselves if the directory cannot take them (logged once per directory) or
     ``key`` was released meanwhile (its block was cancelled)."""
+    return _offer(put, chunks, directory, key)
+
+
+def offer_object(obj, directory: str, key: str):
+    """``obj`` handed over through ``directory`` (a HandedObject, :func:`loaded` on the
+    other side), filed under ``key``; ``obj`` itself where :func:`offer` gives the chunks."""
+    return _offer(put_object, obj, directory, key)
+
+
+def _offer(write, what, directory: str, key: str):
     if time.monotonic() >= _next_sweep[0]:  # the files of workers that died
         _next_sweep[0] = time.monotonic() + 10.0
         sweep(directory)
     try:
-        h = put(chunks, directory)
+        h = write(what, directory)
     except OSError as e:
         if directory not in _failed:
             _failed.add(directory)
             log.warning("events cannot be handed to the other workers through %s (%s); they go "
                         "over dask's connections (set [memory] handoff_dir to a memory file system "
                         "with room, or \"\" to stop trying)", directory, e.strerror or e)
-        return chunks
+        return what
     with _lock:
         if key not in _released:
             _filed.setdefault(key, []).append(h.path)
             return h
     os.unlink(h.path)
-    return chunks
+    return what
 
 
 def release(key: str) -> None:
