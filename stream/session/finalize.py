@@ -370,9 +370,9 @@ def open_scan_file(info: ScanInfo, config: PipelineConfig, token: str, deduplica
                    *light, early: str = "") -> WritePlan | None:
     """On the writer: merge the workers' states (``without_events``: WorkerScans, or their
     handoffs), finalize every operator and start the scan file (the rest of it is written
-    while the events come); returns how
-    the events are to come. None, doing nothing, if frames arrived more than once and the
-    states are not ``deduplicated`` yet (``keep_owned``). ``early``: the token of the file
+    while the events come); returns how the events are to come. None, doing nothing, if
+    frames arrived more than once and the states are not ``deduplicated`` yet
+    (``keep_owned``). ``early``: the token of the file
     ``write_early`` wrote while the scan ran: kept, and only the frames after it planned,
     if its events are exactly those the states hold; else thrown away."""
     light = [handoff.loaded(x) for x in light]
