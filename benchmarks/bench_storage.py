@@ -52,7 +52,8 @@ from operators.events import EventStore
 from stream.config import OutputSpec, PipelineConfig, build_operators, validate
 from stream.transport.protocol import Geometry
 from stream.files.recording import open_recording
-from stream.files.storage import EVENTS_CHUNK, _shuffle_deflate, describe
+from stream.files.chunk_codec import shuffle_deflate
+from stream.files.storage import EVENTS_CHUNK, describe
 
 DEFAULT_LEVEL = OutputSpec().compression_level  # the pipeline's
 
@@ -112,7 +113,7 @@ def delta_bytes_per_electron(counts, indices, level=DEFAULT_LEVEL) -> float:
     d[1:] = indices[1:] - indices[:-1]  # uint32 wrap-around at frame starts is overwritten next
     first = off[:-1][counts > 0]
     d[first] = indices[first]
-    size = sum(len(_shuffle_deflate(d[a:a + EVENTS_CHUNK], level)) for a in range(0, len(d), EVENTS_CHUNK))
+    size = sum(len(shuffle_deflate(d[a:a + EVENTS_CHUNK], level)) for a in range(0, len(d), EVENTS_CHUNK))
     return size / len(indices)
 
 

@@ -233,6 +233,20 @@ def test_the_sessions_workers_and_its_own_process_are_frozen_for_the_garbage_col
     assert gc.get_freeze_count() > 50_000
 
 
+def test_the_sessions_workers_keep_freed_memory_for_reuse(written, client2):
+    """stream/session/heap.py: dask's nanny starts the workers with MALLOC_TRIM_THRESHOLD_,
+    under which every array of 128 kB or more is faulted in afresh; the receiver plugin lifts
+    it when it is set up (what that does is checked in a fresh interpreter in
+    tests/test_heap.py)."""
+    import os
+
+    from stream.session import heap
+
+    assert set(client2.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
+    done = client2.run(lambda: list(heap._done))  # what the plugin's call did (not called here)
+    assert all(d == [True] for d in done.values()), done
+
+
 def test_a_scan_written_early_into_a_read_only_output_is_held_then_written_once(client2, written, tmp_path):
     """The output goes read-only while the scan's events are being written early: the
     finished file waits in staging (the early file, adopted), is published once the output

@@ -19,14 +19,14 @@ import os
 import shutil
 import threading
 import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-from isal import isal_zlib
+
+from stream.files.chunk_codec import shuffle_deflate
 
 FORMAT = "stemstream-scan"
 FORMAT_VERSION = 1
@@ -250,18 +250,6 @@ def read_attrs(group: h5py.Group) -> dict:
     return out
 
 
-def _deflate(buf, level: int) -> bytes:
-    """A zlib stream of ``buf``, as HDF5's gzip filter stores it: ISA-L for levels 1-3 (its
-    levels; 6-8x faster than zlib at the same size on event data), zlib above."""
-    return isal_zlib.compress(buf, level) if level <= 3 else zlib.compress(buf, level)
-
-
-def _shuffle_deflate(block: np.ndarray, level: int) -> bytes:
-    """One HDF5 chunk through the shuffle then deflate filters, as the library would."""
-    planes = block.reshape(-1).view(np.uint8).reshape(block.size, block.itemsize).T  # byte planes
-    return _deflate(np.ascontiguousarray(planes), level)
-
-
 def write_compressed(group: h5py.Group, name: str, data: np.ndarray, chunk_len: int,
                      level: int, threads: int | None = None) -> h5py.Dataset:
     """A dataset with the standard shuffle + gzip filters, chunked along its first axis
@@ -304,7 +292,7 @@ def _padded_chunk(block: np.ndarray, chunk_len: int, level: int) -> bytes:
     whole, the dataset's extent cuts them)."""
     if len(block) < chunk_len:
         block = np.concatenate([block, np.zeros((chunk_len - len(block),) + block.shape[1:], block.dtype)])
-    return _shuffle_deflate(block, level)
+    return shuffle_deflate(block, level)
 
 
 def events_chunk_len(n_events: int) -> int:
@@ -623,7 +611,7 @@ def _incompressible(first: np.ndarray, level: int) -> bool:
     if first.dtype.kind != "f":
         return False
     first = np.ascontiguousarray(first)
-    return len(_shuffle_deflate(first, level)) > INCOMPRESSIBLE * first.nbytes
+    return len(shuffle_deflate(first, level)) > INCOMPRESSIBLE * first.nbytes
 
 
 def _write_results(g: h5py.Group, items: dict, level: int) -> None:
@@ -735,3 +723,4 @@ def describe(path: str | Path) -> dict:
         if "counting" in f:  # its attributes; the dark and gain maps stay in the file
             out["counting"] = {k: _plain(v) for k, v in f["counting"].attrs.items()}
     return out
+

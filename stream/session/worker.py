@@ -17,8 +17,9 @@ from operators.dense import counts_to_events
 from operators.electron_counting import ElectronCounter
 
 from stream.config import PipelineConfig, build_operators
+from stream.files.chunk_codec import shuffle
 from stream.security import ReceiverKeys
-from stream.session import quiet_gc
+from stream.session import heap, quiet_gc
 from stream.session.finalize import portable
 from stream.sources.build import build_source
 from stream.transport import handoff
@@ -52,6 +53,7 @@ class ReceiverPlugin(WorkerPlugin):
         self.receiver: Receiver | None = None
 
     async def setup(self, worker):
+        heap.keep_freed_memory()  # the chunks' arrays reused, not faulted in afresh (dask's nanny trims)
         # compile the kernels before the first frame, off the worker's event loop
         await asyncio.get_running_loop().run_in_executor(None, warm_up, self.config)
         memory_limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
@@ -150,6 +152,8 @@ def warm_up(config: PipelineConfig) -> float:
             op.process(state, chunk)
         op.merge(state, other)
         op.finalize(state)
+    for dtype in (np.uint16, np.uint32, np.float64):  # the scan file's chunks
+        shuffle(np.zeros(2, dtype))
     warm_up_dense(config)
     if config.detector.kind != "stemstream":  # raw Merlin bits
         warm_up_sources()
