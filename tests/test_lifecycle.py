@@ -40,6 +40,24 @@ def test_closes_when_every_source_ended_and_every_frame_arrived():
     assert t.due() == []  # returned once
 
 
+def test_duplicates_and_frames_received_agree_with_a_dense_count_of_random_overlapping_reports():
+    """As the reports come, against the copies of every frame part counted densely."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    t = ScanTracker(timeout_s=5, clock=Clock())
+    reports(t, geometry("a"))
+    copies = np.zeros((G.n_sources, G.n_frames), np.int64)
+    for _ in range(60):
+        source, first = int(rng.integers(0, 2)), int(rng.integers(0, G.n_frames))
+        count = int(rng.integers(1, G.n_frames - first + 1))
+        reports(t, frames("a", source, first, count))
+        copies[source, first:first + count] += 1
+        st = t.scans["a"]
+        assert st.duplicates == int(np.maximum(copies - 1, 0).sum())
+        assert st.frames_received == int((copies > 0).sum()) // G.n_sources
+
+
 def test_frames_may_arrive_after_the_end_message():
     t = ScanTracker(timeout_s=5, clock=Clock())
     reports(t, geometry("a"), {"kind": "end", "scan_id": "a", "source": 0, "frames_sent": 20},

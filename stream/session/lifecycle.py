@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from operators.completeness import Completeness
+from operators.completeness import SATURATED, Completeness
 
 from stream.transport.protocol import Geometry, ProtocolError
 
@@ -91,6 +91,7 @@ class ScanStatus:
     _completeness: Completeness | None = None
     _received: dict | None = None
     _distinct: np.ndarray | None = None  # distinct frames received per source
+    _extra: int = 0  # frame parts received again (what ``duplicates`` says), kept as reports come
     _late: np.ndarray | None = None  # (n_sources, n_frames) bool: parts dropped as late
 
     @property
@@ -106,11 +107,9 @@ class ScanStatus:
 
     @property
     def duplicates(self) -> int:
-        if self._received is None:
-            return 0
-        r = self._received["received"]
-        # sum(max(r - 1, 0)) without a temporary as large as the scan (read at every live snapshot)
-        return int(r.sum(dtype=np.int64)) - int(np.count_nonzero(r))
+        # counted as the reports come: summing the scan-sized counts took 1.7 ms at 1024²,
+        # and status() and every live snapshot read it
+        return 0 if self._received is None else self._extra
 
     def missing_so_far(self) -> int:
         """Frames announced by the sources' ``end`` messages that have not all arrived yet:
@@ -388,7 +387,11 @@ class ScanTracker:
         for source, first, count in report["ranges"]:
             if not (0 <= source < rec.shape[0] and 0 <= first and first + count <= rec.shape[1]):
                 raise ProtocolError("bad_geometry", f"frames {first}+{count} of source {source}")
-            st._distinct[source] += count - np.count_nonzero(rec[source, first:first + count])
+            seen = rec[source, first:first + count]
+            before = np.count_nonzero(seen)
+            st._distinct[source] += count - before
+            # one more copy of each frame seen before, but where its count is saturated
+            st._extra += before - np.count_nonzero(seen == SATURATED)
             st._completeness.add_range(st._received, source, first, count)
 
     def due(self) -> list[ScanStatus]:
