@@ -55,6 +55,7 @@ def test_duplicates_and_frames_received_agree_with_a_dense_count_of_random_overl
         copies[source, first:first + count] += 1
         st = t.scans["a"]
         assert st.duplicates == int(np.maximum(copies - 1, 0).sum())
+        assert type(st.duplicates) is int  # it goes into msgpack'd live messages
         assert st.frames_received == int((copies > 0).sum()) // G.n_sources
 
 

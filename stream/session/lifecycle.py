@@ -388,10 +388,10 @@ class ScanTracker:
             if not (0 <= source < rec.shape[0] and 0 <= first and first + count <= rec.shape[1]):
                 raise ProtocolError("bad_geometry", f"frames {first}+{count} of source {source}")
             seen = rec[source, first:first + count]
-            before = np.count_nonzero(seen)
+            before = int(np.count_nonzero(seen))
             st._distinct[source] += count - before
             # one more copy of each frame seen before, but where its count is saturated
-            st._extra += before - np.count_nonzero(seen == SATURATED)
+            st._extra += before - int(np.count_nonzero(seen == SATURATED))
             st._completeness.add_range(st._received, source, first, count)
 
     def due(self) -> list[ScanStatus]:
