@@ -723,4 +723,3 @@ def describe(path: str | Path) -> dict:
         if "counting" in f:  # its attributes; the dark and gain maps stay in the file
             out["counting"] = {k: _plain(v) for k, v in f["counting"].attrs.items()}
     return out
-
