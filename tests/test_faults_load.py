@@ -15,7 +15,7 @@ import pytest
 from conftest import dense_scan
 from faults import fuzz_messages, rss_and_fds
 from stream.config import ChunkingSpec, OutputSpec, PipelineConfig, ScanSpec, validate
-from stream.session import Session
+from stream.session import Session, heap
 from stream.transport.protocol import Geometry
 from test_pipeline import GEOM, assert_matches, config, poll, reference, synthetic_events
 
@@ -149,5 +149,7 @@ def test_a_soak_of_300_scans_keeps_worker_memory_and_files_flat(client2, scripte
         fds = [m[w][1] for m in marks]
         print(f"\nworker {w}: RSS {', '.join(f'{x:.0f}' for x in rss)} MB, open files {fds} "
               "(after 30, 130, 230, 330 scans)")
-        assert max(rss[1:]) - rss[0] < 100 and max(fds) - fds[0] <= 4
+        # the workers keep up to heap.TRIM_MAX of freed memory for the next scans (page faults
+        # cost more than the memory: stream/session/heap.py), which the first hundred fill
+        assert max(rss[1:]) - rss[0] < 100 + heap.TRIM_MAX / 1e6 and max(fds) - fds[0] <= 4
         assert rss[-1] - rss[1] < 50  # no growth from the second hundred on
