@@ -14,6 +14,7 @@ and about 3x less where electrons spread over the detector, at the same size
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import numpy as np
@@ -76,18 +77,14 @@ def shuffle_deflate(data: np.ndarray, level: int) -> bytes:
     n = raw.nbytes // m if m else 0
     planes = [memoryview(raw[k * n:(k + 1) * n]) for k in range(m)] if n else [memoryview(raw)]
     stored = [_stored(p) for p in planes]
+    last = len(planes) - 1
     out = [_HEADER]
-    k = 0
-    while k < len(planes):  # runs of planes of one kind, each a deflate segment
-        j = k
-        while j + 1 < len(planes) and stored[j + 1] == stored[k]:
-            j += 1
-        segment = memoryview(raw)[k * n:(j + 1) * n] if n else memoryview(raw)
-        c = zlib.compressobj(0, zlib.DEFLATED, -15) if stored[k] else _compressor(level)
-        out.append(c.compress(segment))
+    for keep_raw, run in itertools.groupby(range(len(planes)), stored.__getitem__):
+        run = list(run)  # neighbouring planes of one kind: one deflate segment
+        c = zlib.compressobj(0, zlib.DEFLATED, -15) if keep_raw else _compressor(level)
+        out.append(c.compress(memoryview(raw)[run[0] * n:(run[-1] + 1) * n] if n else raw))
         # a full flush ends the segment on a byte boundary with its last block not final, so
         # the next segment's blocks follow on; the last one finishes the stream
-        out.append(c.flush(zlib.Z_FINISH if j == len(planes) - 1 else zlib.Z_FULL_FLUSH))
-        k = j + 1
+        out.append(c.flush(zlib.Z_FINISH if run[-1] == last else zlib.Z_FULL_FLUSH))
     out.append(isal_zlib.adler32(raw).to_bytes(4, "big"))
     return b"".join(out)
