@@ -33,6 +33,25 @@ def _sort_check_kernel(offsets, indices, n_pix):
 
 
 @njit(**NJIT)
+def _stored_kernel(frames, nx, flyback, fpp, positions, stored):
+    """``stored[i]``: the CSR row of frame number ``frames[i]`` (position·fpp + frame % fpp,
+    -1 for flyback; frame numbers >= 0). With ``positions`` (one per frame, or empty: not
+    checked) returns how many of them disagree with their frame's position."""
+    wrong = 0
+    check = positions.shape[0] > 0
+    for i in range(frames.shape[0]):
+        f = frames[i]
+        raster = f // fpp
+        row = raster // (nx + flyback)
+        col = raster - row * (nx + flyback)
+        pos = row * nx + col if col < nx else -1
+        if check and pos != positions[i]:
+            wrong += 1
+        stored[i] = pos * fpp + (f - raster * fpp) if pos >= 0 else -1
+    return wrong
+
+
+@njit(**NJIT)
 def _count_kernel(stored, offsets, counts):
     for i in range(stored.shape[0]):
         s = stored[i]
@@ -123,10 +142,12 @@ class EventStore(Operator):
         return np.where(col < nx, row * nx + col, -1)
 
     def stored_frames(self, frames: np.ndarray) -> np.ndarray:
-        """Stored CSR row (position*fpp + frame % fpp) of each frame number; -1 for flyback."""
-        frames = np.asarray(frames, dtype=np.int64)
-        pos = self.positions_of(frames)
-        return np.where(pos >= 0, pos * self.fpp + frames % self.fpp, -1)
+        """Stored CSR row (position*fpp + frame % fpp) of each frame number (>= 0); -1 for
+        flyback."""
+        frames = np.ascontiguousarray(frames, dtype=np.int64)
+        stored = np.empty(len(frames), np.int64)
+        _stored_kernel(frames, self.scan_shape[1], self.flyback, self.fpp, frames[:0], stored)
+        return stored
 
     def new_state(self) -> State:
         return {"chunks": [], "spans": [], "counts": np.zeros(self.n_stored, dtype=np.int64)}
@@ -144,7 +165,10 @@ class EventStore(Operator):
                              f"scan's 0..{self.n_frames - 1}")
         if len(frames) and int(np.min(chunk.sources)) < 0:
             raise ValueError(f"{where}: negative source numbers in the chunk")
-        if not np.array_equal(self.positions_of(frames), chunk.positions):
+        stored = np.empty(len(frames), np.int64)
+        positions = np.ascontiguousarray(chunk.positions, dtype=np.int64)
+        if len(positions) != len(frames) or _stored_kernel(frames, self.scan_shape[1], self.flyback, self.fpp,
+                                                           positions, stored):
             raise ValueError(f"{where}: chunk positions disagree with its frame numbers for "
                              f"scan {self.scan_shape}, fpp {self.fpp}, flyback {self.flyback}")
         indices = np.array(chunk.indices, dtype=np.uint32, copy=True)
@@ -153,7 +177,6 @@ class EventStore(Operator):
         if bad:
             raise ValueError(f"{where}: {bad} event(s) with a pixel index >= {self.n_pixels} "
                              f"(the detector size); chunk not stored")
-        stored = self.stored_frames(frames)
         _count_kernel(stored, offsets, state["counts"])
         kept = stored[stored >= 0]
         state["spans"].append((int(kept.min()), int(kept.max()) + 1) if len(kept) else (0, 0))

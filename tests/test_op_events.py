@@ -135,6 +135,32 @@ def test_repeat_mask_removes_duplicates_before_other_operators():
     np.testing.assert_array_equal(op.finalize(state)["bf"].data.ravel(), ref)
 
 
+@pytest.mark.parametrize("fpp,flyback", [(1, 0), (1, 3), (2, 0), (3, 2)])
+def test_stored_frames_follow_the_raster_with_flyback_and_frames_per_position(fpp, flyback):
+    """The CSR row of every frame number, against the raster walked in Python: rows of
+    ``nx + flyback`` positions, ``fpp`` frames at each; flyback frames get -1. A chunk whose
+    positions agree is stored; one wrong position among them is refused."""
+    ny, nx = 3, 5
+    op = EventStore((ny, nx), (4, 4), frames_per_position=fpp, flyback=flyback)
+    expect, positions, f = [], [], 0
+    for row in range(ny):
+        for col in range(nx + flyback):
+            for k in range(fpp):
+                expect.append((row * nx + col) * fpp + k if col < nx else -1)
+                positions.append(row * nx + col if col < nx else -1)
+                f += 1
+    frames = np.arange(f)
+    np.testing.assert_array_equal(op.stored_frames(frames), expect)
+    np.testing.assert_array_equal(op.stored_frames(frames[::-1]), expect[::-1])
+    state = op.new_state()
+    op.process(state, Chunk.from_counts(frames, np.zeros(f), positions, np.ones(f, int), np.arange(f) % 16))
+    wrong = list(positions)
+    wrong[f - 2] += 1
+    with pytest.raises(ValueError, match="positions disagree"):
+        op.process(state, Chunk.from_counts(frames, np.zeros(f), wrong, np.ones(f, int), np.arange(f) % 16))
+    assert len(state["chunks"]) == 1
+
+
 def test_bad_chunks_are_not_stored():
     op = EventStore((2, 2), (4, 4), flyback=1)
     state = op.new_state()
