@@ -134,13 +134,6 @@ class EventStore(Operator):
         self.n_stored = self.n_positions * self.fpp
         self.n_pixels = self.frame_shape[0] * self.frame_shape[1]
 
-    def positions_of(self, frames: np.ndarray) -> np.ndarray:
-        """Flat scan position of each frame number; -1 for flyback frames."""
-        ny, nx = self.scan_shape
-        raster = np.asarray(frames, dtype=np.int64) // self.fpp
-        row, col = np.divmod(raster, nx + self.flyback)
-        return np.where(col < nx, row * nx + col, -1)
-
     def stored_frames(self, frames: np.ndarray) -> np.ndarray:
         """Stored CSR row (position*fpp + frame % fpp) of each frame number (>= 0); -1 for
         flyback."""
