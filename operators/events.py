@@ -152,7 +152,7 @@ class EventStore(Operator):
         inconsistent with the scan.
         """
         where = f"EventStore {self.name!r}"
-        frames = np.asarray(chunk.frames, dtype=np.int64)
+        frames = np.ascontiguousarray(chunk.frames, dtype=np.int64)  # one compiled layout for the kernel
         if len(frames) and (frames.min() < 0 or frames.max() >= self.n_frames):
             raise ValueError(f"{where}: frame numbers {frames.min()}..{frames.max()} outside the "
                              f"scan's 0..{self.n_frames - 1}")
